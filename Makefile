@@ -1,0 +1,34 @@
+# The two set-up commands from the README. Each creates .venv if needed and installs into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test lint install
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[all,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST is the embedded default; Debian packages it (no download needed).
+fashion-mnist:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y dataset-fashion-mnist || (apt-get update && apt-get install -y dataset-fashion-mnist); \
+	  else echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist' or put the four .gz files in data/fashion-mnist"; fi; \
+	fi
+
+quickstart: $(STAMP) fashion-mnist
+	$(BIN)/edgeexit quickstart
+
+test: $(STAMP) fashion-mnist
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""Latency profiling, exit statistics and budget-optimal threshold selection."""

@@ -1,0 +1,338 @@
+"""Budget-optimal exit thresholds (numpy only).
+
+Problem: given every exit's confidence and correctness on the calibration split and a per-unit
+latency table, choose thresholds th_1..th_{K-1} (a threshold > 1 skips that exit, so its head costs
+nothing) maximising accuracy subject to mean (or p95) latency <= budget.
+
+Method (ARCHITECTURE §6):
+1. *Lagrangian sweep*: maximise Σ_s [correct_s − λ·cost_s] for λ on a log grid. For fixed λ this is
+   solved by coordinate ascent in which each step is an **exact** line search over one exit's
+   threshold: the samples reaching that exit are fixed by the earlier thresholds, and what happens
+   to a sample that does not exit there is fixed by the later ones, so the objective as a function
+   of the threshold is a prefix sum over samples sorted by confidence — every distinct confidence
+   value and "skip" are compared in O(N log N).
+2. *Constrained refinement*: from the best feasible Lagrangian point (and from the MSDNet geometric
+   solution, so the result is never worse than that baseline on the calibration split), coordinate
+   ascent on the constrained problem with the same exact line search: each step takes the most
+   accurate threshold for one exit that keeps the budget.
+Every step only improves the objective, so the search terminates; tests compare it with brute force.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgeexit.calibrate.thresholds import SKIP, geometric_thresholds
+from edgeexit.errors import UserError
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s)?\s*$")
+
+
+def parse_budget_ms(text: str | float) -> float:
+    """'5ms', '800us', '0.005s' (or a bare number of milliseconds) → milliseconds."""
+    if isinstance(text, int | float):
+        value, unit = float(text), "ms"
+    else:
+        m = _BUDGET.match(str(text))
+        if not m:
+            raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us or 0.005s")
+        value, unit = float(m.group(1)), (m.group(2) or "ms")
+    ms = value * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit]
+    if not ms > 0:
+        raise UserError(f"budget must be positive, got '{text}'")
+    return ms
+
+
+@dataclass
+class CostModel:
+    """Latency of the cascade pieces in ms: per segment, per head, per evaluated-exit decision, per frame."""
+
+    segment_ms: np.ndarray
+    head_ms: np.ndarray
+    decision_ms: float = 0.0
+    overhead_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.segment_ms = np.asarray(self.segment_ms, dtype=np.float64)
+        self.head_ms = np.asarray(self.head_ms, dtype=np.float64)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.segment_ms)
+
+    def exit_costs(self, evaluated: np.ndarray) -> np.ndarray:
+        """Latency of a sample leaving at exit k (0-based), given which heads are evaluated."""
+        per = self.segment_ms + np.where(evaluated, self.head_ms + self.decision_ms, 0.0)
+        return self.overhead_ms + np.cumsum(per)
+
+    def full_ms(self) -> float:
+        """Backbone + final head only (every intermediate exit skipped): the plain model."""
+        return float(self.overhead_ms + self.segment_ms.sum() + self.head_ms[-1] + self.decision_ms)
+
+    def min_ms(self) -> float:
+        """Cheapest possible cascade: everything leaves at exit 1."""
+        return float(self.overhead_ms + self.segment_ms[0] + self.head_ms[0] + self.decision_ms)
+
+
+@dataclass
+class Solution:
+    thresholds: np.ndarray
+    accuracy: float
+    latency_ms: float  # by the chosen metric
+    mean_ms: float
+    p95_ms: float
+    exit_shares: list[float] = field(default_factory=list)
+
+    @property
+    def evaluated_exits(self) -> list[int]:
+        return [k + 1 for k, t in enumerate(self.thresholds) if t <= 1.0 or k == len(self.thresholds) - 1]
+
+    def to_dict(self) -> dict:
+        return {
+            "thresholds": [
+                float(min(t, SKIP)) if np.isfinite(t) else (0.0 if t < 0 else SKIP) for t in self.thresholds
+            ],
+            "evaluated_exits": self.evaluated_exits,
+            "accuracy": self.accuracy,
+            "latency_ms": self.latency_ms,
+            "mean_ms": self.mean_ms,
+            "p95_ms": self.p95_ms,
+            "exit_shares": self.exit_shares,
+        }
+
+
+def _evaluated(th: np.ndarray) -> np.ndarray:
+    ev = th <= 1.0
+    ev[-1] = True
+    return ev
+
+
+def _exits(conf: np.ndarray, th: np.ndarray) -> np.ndarray:
+    take = conf >= th[None, :]
+    take[:, -1] = True
+    return take.argmax(axis=1)
+
+
+def evaluate(conf: np.ndarray, correct: np.ndarray, cost: CostModel, th, metric: str = "mean") -> Solution:
+    th = np.asarray(th, dtype=np.float64).copy()
+    th[-1] = -np.inf
+    e = _exits(conf, th)
+    lat = cost.exit_costs(_evaluated(th))[e]
+    acc = float(correct[np.arange(len(e)), e].mean())
+    mean, p95 = float(lat.mean()), float(np.percentile(lat, 95))
+    shares = (np.bincount(e, minlength=conf.shape[1]) / len(e)).tolist()
+    return Solution(th, acc, mean if metric == "mean" else p95, mean, p95, shares)
+
+
+class _Problem:
+    def __init__(self, conf: np.ndarray, correct: np.ndarray, cost: CostModel) -> None:
+        self.conf = np.asarray(conf, dtype=np.float64)
+        self.correct = np.asarray(correct, dtype=np.float64)
+        self.cost = cost
+        self.n, self.k = self.conf.shape
+        self.rows = np.arange(self.n)
+
+    def line(self, th: np.ndarray, k: int):
+        """For exit k: candidate thresholds and, for each, the total correct count and total latency.
+
+        Candidate 0 is 'skip'; the others are the distinct confidences of the samples reaching k
+        (a threshold equal to one of them lets exactly the samples at or above it leave).
+        """
+        t = th.copy()
+        t[k] = SKIP
+        reach = np.ones(self.n, dtype=bool)
+        for j in range(k):
+            reach &= ~(self.conf[:, j] >= t[j])
+        e_cont = _exits(self.conf, np.where(np.arange(self.k) == self.k - 1, -np.inf, t))
+        ev = _evaluated(t)
+        costs_skip = self.cost.exit_costs(ev)
+        ev_k = ev.copy()
+        ev_k[k] = True
+        costs_eval = self.cost.exit_costs(ev_k)
+        base_correct = self.correct[self.rows, e_cont]
+        # Samples not reaching k are unaffected by th[k] (apart from nothing: they left earlier).
+        out_c = base_correct[~reach].sum()
+        out_l_skip = costs_skip[e_cont[~reach]].sum()
+        out_l_eval = costs_eval[e_cont[~reach]].sum()
+        r = np.flatnonzero(reach)
+        conf_r = self.conf[r, k]
+        order = np.argsort(-conf_r, kind="stable")
+        conf_sorted = conf_r[order]
+        exit_c = self.correct[r, k][order]
+        exit_l = np.full(len(r), costs_eval[k])
+        cont_c = base_correct[r][order]
+        cont_l = costs_eval[e_cont[r]][order]
+        # Leaving the top-m samples: m = 0..len(r). Only m at the end of a run of equal confidences
+        # corresponds to a threshold.
+        pc_exit = np.concatenate([[0.0], np.cumsum(exit_c)])
+        pc_cont = np.concatenate([[0.0], np.cumsum(cont_c)])
+        pl_exit = np.concatenate([[0.0], np.cumsum(exit_l)])
+        pl_cont = np.concatenate([[0.0], np.cumsum(cont_l)])
+        m = np.flatnonzero(np.r_[conf_sorted[1:] != conf_sorted[:-1], True]) + 1 if len(r) else np.array([], int)
+        corr = out_c + pc_exit[m] + (pc_cont[-1] - pc_cont[m])
+        lat = out_l_eval + pl_exit[m] + (pl_cont[-1] - pl_cont[m])
+        cand = conf_sorted[m - 1] if len(m) else np.array([])
+        skip_corr = out_c + cont_c.sum()
+        skip_lat = out_l_skip + costs_skip[e_cont[r]].sum()
+        return (np.r_[SKIP, cand], np.r_[skip_corr, corr] / self.n, np.r_[skip_lat, lat] / self.n)
+
+    def lagrangian(self, th: np.ndarray, lam: float, max_passes: int = 30) -> np.ndarray:
+        th = th.copy()
+        for _ in range(max_passes):
+            changed = False
+            for k in range(self.k - 1):
+                cand, acc, lat = self.line(th, k)
+                j = int(np.argmax(acc - lam * lat - 1e-12 * np.arange(len(acc))))
+                if (
+                    cand[j] != th[k]
+                    and (acc - lam * lat)[j] > (acc - lam * lat)[cand == th[k]].max(initial=-np.inf) + 1e-12
+                ):
+                    th[k] = cand[j]
+                    changed = True
+            if not changed:
+                break
+        return th
+
+    def constrained(self, th: np.ndarray, budget: float, max_passes: int = 30, pairs: bool = False) -> np.ndarray:
+        """Mean-latency constraint: coordinate ascent on accuracy with exact feasible line searches."""
+        th = th.copy()
+        for _ in range(max_passes):
+            changed = False
+            for k in range(self.k - 1):
+                cand, acc, lat = self.line(th, k)
+                feasible = lat <= budget + 1e-9
+                if not feasible.any():
+                    continue
+                # best accuracy, then lowest latency
+                score = np.where(feasible, acc - 1e-9 * lat, -np.inf)
+                j = int(np.argmax(score))
+                cur = np.flatnonzero(cand == th[k])
+                cur_score = score[cur].max() if len(cur) else -np.inf
+                if score[j] > cur_score + 1e-12:
+                    th[k] = cand[j]
+                    changed = True
+            if not changed and not (pairs and self._pair_move(th, budget)):
+                break
+        return th
+
+    def _pair_move(self, th: np.ndarray, budget: float, grid: int = 24) -> bool:
+        """Escape a coordinate-wise optimum: for each pair of exits, try every threshold of the first
+        (on a quantile grid, plus skip) with an exact line search on the second. Improves ``th`` in place."""
+        cur = evaluate(self.conf, self.correct, self.cost, th)
+        best_key, best_th = (cur.accuracy, -cur.mean_ms), None
+        for a in range(self.k - 1):
+            cands = np.unique(np.r_[SKIP, np.quantile(self.conf[:, a], np.linspace(0, 1, grid))])
+            for b in range(self.k - 1):
+                if a == b:
+                    continue
+                for c in cands:
+                    t = th.copy()
+                    t[a] = c
+                    cand, acc, lat = self.line(t, b)
+                    ok = np.flatnonzero(lat <= budget + 1e-9)
+                    if not len(ok):
+                        continue
+                    j = ok[np.lexsort((lat[ok], -acc[ok]))[0]]
+                    if (acc[j], -lat[j]) > best_key and acc[j] > best_key[0] + 1e-12:
+                        best_key = (acc[j], -lat[j])
+                        best_th = t.copy()
+                        best_th[b] = cand[j]
+        if best_th is None:
+            return False
+        th[:] = best_th
+        return True
+
+
+def optimize(
+    conf: np.ndarray, correct: np.ndarray, cost: CostModel, budget_ms: float, metric: str = "mean", lambdas: int = 40
+) -> tuple[Solution, list[Solution]]:
+    """Best thresholds within the budget, and the accuracy-latency frontier found on the way."""
+    prob = _Problem(conf, correct, cost)
+    k = prob.k
+    if budget_ms < cost.min_ms() - 1e-9:
+        raise UserError(
+            f"budget {budget_ms:.3f} ms is below the cheapest possible cascade "
+            f"({cost.min_ms():.3f} ms: segment 1 + head 1 for every image)"
+        )
+    start = np.full(k, SKIP)
+    start[-1] = -np.inf
+    full = cost.full_ms()
+    frontier: list[Solution] = []
+    th = start.copy()
+    for mu in np.r_[0.0, np.logspace(-3, 2, lambdas)]:
+        th = prob.lagrangian(th, mu / full)
+        frontier.append(evaluate(conf, correct, cost, th, metric))
+    feasible = sorted((s for s in frontier if s.latency_ms <= budget_ms), key=lambda s: -s.accuracy)
+    starts = [s.thresholds for s in feasible[:4]]
+    base = msdnet_baseline(conf, correct, cost, budget_ms, metric)
+    if base is not None:
+        starts.append(base.thresholds)
+    cheapest = np.full(k, SKIP)
+    cheapest[0] = 0.0
+    cheapest[-1] = -np.inf
+    starts.append(cheapest)
+    best: Solution | None = None
+    for s in starts:
+        if metric == "mean":
+            s = prob.constrained(np.asarray(s, dtype=np.float64), budget_ms)
+        else:
+            s = _refine_quantile(conf, correct, cost, np.asarray(s, dtype=np.float64), budget_ms)
+        sol = evaluate(conf, correct, cost, s, metric)
+        if sol.latency_ms <= budget_ms + 1e-9 and (
+            best is None or (sol.accuracy, -sol.latency_ms) > (best.accuracy, -best.latency_ms)
+        ):
+            best = sol
+    if best is None:
+        raise UserError(
+            f"no thresholds meet {metric} latency {budget_ms:.3f} ms (the cheapest cascade's {metric} is "
+            f"{evaluate(conf, correct, cost, cheapest, metric).latency_ms:.3f} ms)"
+        )
+    if metric == "mean":  # pairwise moves from the best single-coordinate optimum
+        best = evaluate(conf, correct, cost, prob.constrained(best.thresholds, budget_ms, pairs=True), metric)
+    frontier.sort(key=lambda s: s.latency_ms)
+    return best, frontier
+
+
+def _refine_quantile(conf, correct, cost, th, budget, grid: int = 48, max_passes: int = 10) -> np.ndarray:
+    """p95 constraint: coordinate search over a quantile grid, each candidate evaluated exactly."""
+    th = th.copy()
+    th[-1] = -np.inf
+    qs = np.linspace(0, 1, grid)
+    for _ in range(max_passes):
+        changed = False
+        for k in range(conf.shape[1] - 1):
+            cands = np.unique(np.r_[SKIP, np.quantile(conf[:, k], qs), th[k]])
+            best_j, best_key = None, None
+            for c in cands:
+                t = th.copy()
+                t[k] = c
+                s = evaluate(conf, correct, cost, t, "p95")
+                if s.latency_ms <= budget + 1e-9:
+                    key = (s.accuracy, -s.latency_ms)
+                    if best_key is None or key > best_key:
+                        best_j, best_key = c, key
+            if best_j is not None and best_j != th[k]:
+                cur = evaluate(conf, correct, cost, th, "p95")
+                if cur.latency_ms > budget + 1e-9 or best_key > (cur.accuracy, -cur.latency_ms):
+                    th[k] = best_j
+                    changed = True
+        if not changed:
+            break
+    return th
+
+
+MSDNET_QS = np.round(np.r_[np.arange(0.02, 1.0, 0.02), np.arange(1.0, 4.01, 0.1)], 4)
+
+
+def msdnet_baseline(conf, correct, cost: CostModel, budget_ms: float, metric: str = "mean") -> Solution | None:
+    """MSDNet's geometric thresholds (every exit evaluated unless nobody may leave there), best q in budget."""
+    best = None
+    for q in MSDNET_QS:
+        th = geometric_thresholds(conf, float(q))
+        s = evaluate(conf, correct, cost, th, metric)
+        if s.latency_ms <= budget_ms + 1e-9 and (best is None or s.accuracy > best.accuracy):
+            best = s
+    return best

@@ -1,0 +1,99 @@
+"""Calibration table and accuracy–latency plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+
+def calibration_table(result: dict) -> Table:
+    pred, meas = result["predicted"], result["measured"]
+    units = result["latency"]["units"]
+    t = Table(
+        title=f"Calibration on {result['device']['backend']} ({result['device']['device'] or result['device']['cpu']})"
+        f" — budget {result['budget_ms']:.3f} ms ({result['metric']})"
+    )
+    t.add_column("exit", justify="right")
+    t.add_column("threshold", justify="right")
+    t.add_column("evaluated", justify="center")
+    t.add_column("share exiting", justify="right")
+    t.add_column("cum. latency ms", justify="right")
+    t.add_column("measured share", justify="right")
+    cum = result["latency"]["frame_overhead_ms"]
+    field = "mean_ms" if result["metric"] == "mean" else "p95_ms"
+    for k, th in enumerate(result["thresholds"]):
+        cum += units[f"seg_{k + 1:02d}"][field]
+        evaluated = (k + 1) in result["evaluated_exits"]
+        if evaluated:
+            cum += units[f"head_{k + 1:02d}"][field] + result["latency"]["decision_ms"]
+        last = k == len(result["thresholds"]) - 1
+        t.add_row(
+            str(k + 1),
+            "accept all" if last else ("skip" if th > 1 else f"{th:.4f}"),
+            "yes" if evaluated else "-",
+            f"{100 * pred['exit_shares'][k]:.1f}%",
+            f"{cum:.3f}",
+            f"{100 * meas['exit_shares'][k]:.1f}%",
+        )
+    lines = [
+        f"predicted (calibration half): accuracy {100 * pred['accuracy']:.2f}%, {result['metric']} "
+        f"{pred['latency_ms']:.3f} ms",
+        f"measured (verification half, real cascade): accuracy {100 * meas['accuracy']:.2f}%, mean "
+        f"{meas['mean_ms']:.3f} ms, p95 {meas['p95_ms']:.3f} ms",
+    ]
+    if result.get("baseline_msdnet"):
+        b = result["baseline_msdnet"]
+        lines.append(
+            f"MSDNet geometric thresholds at the same budget: accuracy {100 * b['accuracy']:.2f}%, "
+            f"mean {b['latency_ms']:.3f} ms"
+        )
+    full = result["full_model"]["measured"]
+    lines.append(
+        f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
+        f"{full['mean_ms'] / max(1e-9, meas['mean_ms']):.2f}×"
+    )
+    iso = result.get("iso_accuracy")
+    if iso:
+        lines.append(
+            f"within 0.5 pt of the final exit: {iso['measured']['mean_ms']:.3f} ms = "
+            f"{iso['latency_fraction_of_full']:.2f}× the full model's latency"
+        )
+    if result.get("note"):
+        lines.append(result["note"])
+    t.caption = "\n".join(lines)
+    return t
+
+
+def calibration_plot(result: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fr = result["frontier"]
+    ax.plot([p["latency_ms"] for p in fr], [100 * p["accuracy"] for p in fr], ".-", label="edgeexit optimiser (calib.)")
+    ms = result["msdnet_curve"]
+    ax.plot([p["latency_ms"] for p in ms], [100 * p["accuracy"] for p in ms], "x--", label="MSDNet geometric (calib.)")
+    ax.axvline(result["budget_ms"], color="gray", lw=0.8, ls=":", label="budget")
+    ax.plot(
+        [result["measured"]["latency_ms"]],
+        [100 * result["measured"]["accuracy"]],
+        "r*",
+        ms=12,
+        label="chosen, measured (verification)",
+    )
+    if result.get("baseline_msdnet"):
+        b = result["baseline_msdnet"]
+        ax.plot([b["latency_ms"]], [100 * b["accuracy"]], "kP", ms=8, label="MSDNet, measured")
+    full = result["full_model"]["measured"]
+    ax.plot([full["mean_ms"]], [100 * full["accuracy"]], "gs", label="full model, measured")
+    ax.set_xlabel(f"{result['metric']} latency per image (ms)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

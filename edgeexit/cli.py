@@ -1,0 +1,514 @@
+"""`edgeexit` command line: train, eval, export, calibrate, run, bench, info, quickstart.
+
+Heavy libraries (torch, onnx, onnxruntime, tensorrt, cv2, matplotlib) are imported inside the
+commands, so `edgeexit --help` is fast and works without the optional extras.
+Exit codes: 0 success, 1 failure while working, 2 bad usage or bad input (one-line reason).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from edgeexit import __version__
+from edgeexit.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    help="Train multi-exit (MLCSD) classifiers and deploy them as calibrated early-exit cascades.\n\n"
+    "Flow: [bold]train[/] → model.pt → [bold]export[/] → NAME.edgeexit/ → [bold]calibrate[/] --budget 5ms → "
+    "[bold]run[/] / Cascade in your app. [bold]quickstart[/] does all of it on Fashion-MNIST.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _fail(code: int, message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def command(fn):
+    """Turn expected failures into one-line messages: UserError → exit 2, anything else → exit 1.
+
+    Set EDGEEXIT_DEBUG=1 to see the traceback of an unexpected failure.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except UserError as e:
+            _fail(2, str(e))
+        except KeyboardInterrupt:
+            _fail(1, "interrupted")
+        except Exception as e:
+            if os.environ.get("EDGEEXIT_DEBUG"):
+                raise
+            from edgeexit.errors import describe
+
+            _fail(1, describe(e))
+
+    return wrapper
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    from edgeexit.util import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
+    console.print(f"wrote {path}")
+
+
+def _parse_budget(text: str) -> float:
+    from edgeexit.calibrate.optimizer import parse_budget_ms
+
+    return parse_budget_ms(text)
+
+
+def _parse_fraction(text: str) -> float | None:
+    """'50%' → 0.5; anything else → None (a time budget)."""
+    t = text.strip()
+    if not t.endswith("%"):
+        return None
+    try:
+        value = float(t[:-1]) / 100
+    except ValueError:
+        raise UserError(f"cannot read budget '{text}': write it like 50%") from None
+    if not 0 < value:
+        raise UserError(f"budget must be positive, got '{text}'")
+    return value
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        out_console.print(f"edgeexit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    pass
+
+
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data", help="fashion-mnist, cifar10, cifar100, tiny-imagenet, or a path to an ImageFolder (class folders)."
+    ),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
+    ),
+]
+JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")]
+
+
+@app.command()
+@command
+def train(
+    data: DataOpt = "fashion-mnist",
+    method: Annotated[str, typer.Option(help="ce (MEN), sd (final exit teaches), byot, or mlcsd.")] = "mlcsd",
+    exits: Annotated[int | None, typer.Option(help="8 = paper layout (two taps per stage), 4 = stage outputs.")] = None,
+    width: Annotated[float | None, typer.Option(help="Channel width multiplier (1.0 = ResNet18).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 240 paper, 2 Fashion-MNIST).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size per process.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (SGD, momentum 0.9).")] = None,
+    teacher_weights: Annotated[
+        str | None,
+        typer.Option("--teacher-weights", help="mlcsd: 'learned' (default) or 'frozen' (the authors' released code)."),
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help="Distillation temperature T.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="KD weight α.")] = None,
+    beta: Annotated[float | None, typer.Option(help="Feature weight β.")] = None,
+    gamma: Annotated[float | None, typer.Option(help="Weight of the non-final exits' CE (γ).")] = None,
+    val_size: Annotated[
+        int | None,
+        typer.Option(
+            "--val-size", help="Held-out images taken from the training set for model selection and calibration."
+        ),
+    ] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop + flip.")] = None,
+    limit_train: Annotated[int | None, typer.Option("--limit-train", help="Train on the first N images only.")] = None,
+    limit_eval: Annotated[int | None, typer.Option("--limit-eval", help="Validate on N held-out images only.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for weights, split, shuffling and augmentation.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    out: Annotated[Path, typer.Option(help="Run folder: model.pt (best) and last.pt (resume).")] = Path("runs/exp"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt exactly.")] = False,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Train a multi-exit ResNet18 with MLCSD or a baseline; writes OUT/model.pt.
+
+    Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
+    """
+    from edgeexit.train.losses import METHODS
+    from edgeexit.train.trainer import TrainConfig, TrainingError
+    from edgeexit.train.trainer import train as run_train
+
+    if method not in METHODS:
+        raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
+    if exits is not None and exits not in (4, 8):
+        raise UserError("--exits must be 4 or 8")
+    if teacher_weights not in (None, "learned", "frozen"):
+        raise UserError("--teacher-weights must be 'learned' or 'frozen'")
+    for name, v in (("--epochs", epochs), ("--batch-size", batch_size), ("--limit-train", limit_train)):
+        if v is not None and v <= 0:
+            raise UserError(f"{name} must be positive")
+    cfg = TrainConfig.from_recipe(
+        data,
+        method,
+        out=str(out),
+        data_dir=str(data_dir) if data_dir else None,
+        seed=seed,
+        limit_train=limit_train,
+        limit_eval=limit_eval,
+        device=device,
+        resume=resume,
+        exits=exits,
+        width=width,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        val_size=val_size,
+        augment=augment,
+        teacher_weights=teacher_weights,
+        temperature=temperature,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+    )
+    try:
+        result = run_train(cfg, console=console)
+    except TrainingError as e:
+        _fail(1, str(e))
+    if result["rank"] == 0:
+        last = result["history"][-1] if result["history"] else {}
+        console.print(
+            f"[green]done[/]: {out / 'model.pt'}  best held-out average {result['best_val_average']:.4f}, "
+            f"final exit {last.get('val_exit_accuracy', [float('nan')])[-1]:.4f}, "
+            f"{result['images_per_s']:.0f} img/s"
+        )
+        _write_json(json_out, result)
+
+
+@app.command("eval")
+@command
+def eval_(
+    checkpoint: Annotated[Path, typer.Argument(help="model.pt written by `edgeexit train`.")],
+    data: Annotated[str | None, typer.Option("--data", help="Dataset (default: the one it was trained on).")] = None,
+    limit_eval: Annotated[int | None, typer.Option("--limit-eval", help="Evaluate on the first N test images.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    plot: Annotated[Path | None, typer.Option(help="Write the budgeted-batch curve as a PNG here.")] = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Anytime accuracy of every exit and the MSDNet budgeted-batch curve on the test split.
+
+    Thresholds for the budgeted curve are chosen on the held-out split recorded in the checkpoint.
+    """
+    import numpy as np
+
+    from edgeexit.data import load_dataset
+    from edgeexit.data.datasets import load_heldout
+    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgeexit.train.evaluation import evaluate
+    from edgeexit.train.trainer import resolve_device
+
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    name = data or ckpt.get("dataset") or ckpt.get("split", {}).get("dataset")
+    if not name:
+        raise UserError("the checkpoint records no dataset; pass --data")
+    ddir = str(data_dir) if data_dir else ckpt.get("split", {}).get("data_dir")
+    test = load_dataset(name, "test", ddir, image_size=ckpt["preprocessing"]["input_size"])
+    _check_compatible(test, ckpt)
+    if limit_eval:
+        test = test.subset(np.arange(min(limit_eval, len(test))))
+    val = load_heldout(ckpt["split"], ddir, name) if name == ckpt.get("dataset") else None
+    result = evaluate(model, test, val, device=resolve_device(device))
+    result["checkpoint"] = str(checkpoint)
+    result["dataset"] = name
+    from edgeexit.train.report import budgeted_plot, eval_table
+
+    out_console.print(eval_table(result))
+    if plot:
+        budgeted_plot(result, plot)
+        console.print(f"wrote {plot}")
+    _write_json(json_out, result)
+
+
+def _check_compatible(ds, ckpt: dict) -> None:
+    pre = ckpt["preprocessing"]
+    if ds.in_chans != pre["in_chans"] or ds.num_classes != ckpt["config"]["num_classes"]:
+        raise UserError(
+            f"dataset has {ds.in_chans} channels / {ds.num_classes} classes but the model expects "
+            f"{pre['in_chans']} / {ckpt['config']['num_classes']}"
+        )
+
+
+@app.command()
+@command
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="model.pt written by `edgeexit train`.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Artifact folder (default: model.edgeexit beside the checkpoint).")
+    ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="onnx (ONNX files only) or engine (ONNX + one TensorRT plan per unit; needs tensorrt and a GPU).",
+        ),
+    ] = "onnx",
+    half: Annotated[bool, typer.Option("--half", help="Build FP16 TensorRT engines.")] = False,
+    batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT optimisation profile.")] = 64,
+    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 2.0,
+    opset: Annotated[int, typer.Option(help="ONNX opset (17-20).")] = 17,
+    simplify: Annotated[
+        bool, typer.Option("--simplify/--no-simplify", help="Simplify each unit with onnxslim.")
+    ] = True,
+    parity_samples: Annotated[
+        int, typer.Option("--parity-samples", help="Held-out images for the parity check.")
+    ] = 256,
+    tolerance: Annotated[float, typer.Option(help="Max abs logit difference ONNX Runtime vs PyTorch.")] = 1e-3,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Split the model into per-stage units, write one ONNX file per unit, check parity, build engines.
+
+    The artifact is a folder with manifest.json, seg_KK.onnx and head_KK.onnx (and *.engine). It is
+    written to a temporary folder and renamed at the end, so a failed export leaves nothing behind.
+    """
+    from edgeexit.export.exporter import export_checkpoint
+
+    if format not in ("onnx", "engine"):
+        raise UserError(f"unknown --format '{format}': use onnx or engine")
+    manifest, path = export_checkpoint(
+        checkpoint,
+        out=out,
+        fmt=format,
+        half=half,
+        max_batch=batch,
+        workspace_gib=workspace,
+        opset=opset,
+        simplify=simplify,
+        parity_samples=parity_samples,
+        tolerance=tolerance,
+        force=force,
+        data_dir=str(data_dir) if data_dir else None,
+        console=console,
+    )
+    from edgeexit.export.report import info_table
+
+    out_console.print(info_table(manifest, path))
+    console.print(f"[green]exported[/] {path}")
+    _write_json(json_out, {"artifact": str(path), "manifest": manifest})
+
+
+@app.command()
+@command
+def calibrate(
+    artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder written by `edgeexit export`.")],
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="Latency budget per image: 5ms, 800us, 0.005s, or 50% (of the full model's latency measured here)."
+        ),
+    ] = "",
+    metric: Annotated[str, typer.Option(help="Budget on the mean or the p95 latency.")] = "mean",
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    data: Annotated[
+        str | None, typer.Option("--data", help="Dataset (default: the one the model was trained on).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
+    limit: Annotated[int | None, typer.Option("--limit", help="Use at most N images per calibration half.")] = None,
+    verify_limit: Annotated[int, typer.Option("--verify-limit", help="Images run end to end for verification.")] = 1000,
+    repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (at least 1 s is spent anyway).")] = 200,
+    policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
+    plot: Annotated[
+        Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Measure latency on this device, then choose exit thresholds that maximise accuracy within a budget.
+
+    Thresholds are chosen on half of the held-out split and verified on the other half by running the
+    real cascade end to end. The result is written into the artifact's manifest.
+    """
+    from edgeexit.calibrate.run import run_calibration
+
+    if not budget:
+        raise UserError("--budget is required, e.g. --budget 5ms (see `edgeexit bench` for the full-cascade latency)")
+    if metric not in ("mean", "p95"):
+        raise UserError("--metric must be mean or p95")
+    if split not in ("heldout", "test"):
+        raise UserError("--split must be heldout or test")
+    fraction = _parse_fraction(budget)
+    result = run_calibration(
+        artifact,
+        budget_ms=None if fraction else _parse_budget(budget),
+        budget_fraction=fraction,
+        metric=metric,
+        backend=backend,
+        data=data,
+        split=split,
+        limit=limit,
+        verify_limit=verify_limit,
+        repeats=repeats,
+        policy=policy,
+        data_dir=str(data_dir) if data_dir else None,
+        plot=plot,
+        console=console,
+    )
+    from edgeexit.calibrate.report import calibration_table
+
+    out_console.print(calibration_table(result))
+    _write_json(json_out, result)
+
+
+@app.command()
+@command
+def run(
+    artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder.")],
+    source: Annotated[str, typer.Option(help="A folder of images, a video file, or a camera index (0).")] = "0",
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames.")] = None,
+    deadline_ms: Annotated[float | None, typer.Option("--deadline-ms", help="Anytime deadline per frame.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
+    save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Classify frames from a folder, a video or a camera with the calibrated cascade.
+
+    Prints one line per frame and a summary (exit histogram, mean and p95 latency).
+    """
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.sources import run_source
+
+    cascade = Cascade.load(artifact, backend=backend)
+    summary = run_source(
+        cascade,
+        source,
+        max_frames=max_frames,
+        deadline_ms=deadline_ms,
+        save_video=save_video,
+        echo=None if quiet else out_console.print,
+    )
+    from edgeexit.runtime.sources import summary_table
+
+    out_console.print(summary_table(summary))
+    _write_json(json_out, summary)
+
+
+@app.command()
+@command
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder.")],
+    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    batch: Annotated[int, typer.Option(help="Batch size for the per-unit timings.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Repetitions per unit.")] = 200,
+    images: Annotated[int, typer.Option(help="Held-out images for the early-exit latency.")] = 500,
+    data_dir: DataDirOpt = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Per-unit and cumulative per-exit latency; full cascade vs early exit at the current thresholds."""
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.bench import bench_cascade, bench_table
+
+    cascade = Cascade.load(artifact, backend=backend)
+    result = bench_cascade(
+        cascade,
+        batch=batch,
+        repeats=repeats,
+        num_images=images,
+        data_dir=str(data_dir) if data_dir else None,
+        console=console,
+    )
+    out_console.print(bench_table(result))
+    _write_json(json_out, result)
+
+
+@app.command()
+@command
+def info(
+    artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder (or a model.pt).")],
+    json_out: JsonOpt = None,
+) -> None:
+    """Show an artifact's units, FLOPs, parameters, file sizes, parity, engines and calibration."""
+    if artifact.suffix == ".pt" and artifact.is_file():
+        from edgeexit.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(artifact)
+        payload = {
+            k: ckpt[k] for k in ("config", "preprocessing", "class_names", "metrics", "split", "units") if k in ckpt
+        }
+        out_console.print_json(json.dumps(payload, default=float))
+        _write_json(json_out, payload)
+        return
+    from edgeexit.export.report import info_table
+    from edgeexit.runtime.manifest import load_manifest
+
+    manifest = load_manifest(artifact)
+    out_console.print(info_table(manifest, artifact))
+    _write_json(json_out, manifest)
+
+
+@app.command()
+@command
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Folder for the run.")] = Path("runs/quickstart"),
+    budget: Annotated[
+        str, typer.Option(help="Latency budget: 2ms, or a share of the full model's measured latency.")
+    ] = "50%",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
+    limit_train: Annotated[
+        int | None, typer.Option("--limit-train", help="Training images (default all 55,000).")
+    ] = 20000,
+    width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """The whole flow on Fashion-MNIST: train → eval → export → calibrate → run, with a summary."""
+    from edgeexit.quickstart import run_quickstart
+
+    fraction = _parse_fraction(budget)
+    run_quickstart(
+        out=out,
+        budget_ms=None if fraction else _parse_budget(budget),
+        budget_fraction=fraction,
+        epochs=epochs,
+        limit_train=limit_train,
+        width=width,
+        data_dir=str(data_dir) if data_dir else None,
+        console=console,
+        out_console=out_console,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

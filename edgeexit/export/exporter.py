@@ -1,0 +1,196 @@
+"""`edgeexit export`: checkpoint -> NAME.edgeexit/ (ONNX per unit, parity, engines, manifest).
+
+Everything is written into a temporary folder beside the destination and renamed at the end, so
+an interrupted or failed export leaves nothing behind (and an existing artifact is only replaced,
+with --force, once the new one is complete).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit import __version__
+from edgeexit.errors import UserError
+from edgeexit.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from edgeexit.util import atomic_write_json
+
+MIN_OPSET, MAX_OPSET = 17, 20
+
+
+def _stage(console, text: str, t0: float) -> None:
+    if console is not None:
+        console.print(f"  {text} [dim]({time.perf_counter() - t0:.1f}s)[/]")
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    out: str | os.PathLike | None = None,
+    fmt: str = "onnx",
+    half: bool = False,
+    max_batch: int = 64,
+    workspace_gib: float = 2.0,
+    opset: int = 17,
+    simplify: bool = True,
+    parity_samples: int = 256,
+    tolerance: float = 1e-3,
+    force: bool = False,
+    data_dir: str | None = None,
+    console=None,
+) -> tuple[dict, Path]:
+    import torch
+
+    from edgeexit.data import normalize
+    from edgeexit.data.datasets import load_heldout
+    from edgeexit.export.onnx_units import export_units
+    from edgeexit.export.parity import check_parity
+    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+    t_start = time.perf_counter()
+    checkpoint = Path(checkpoint)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+    if parity_samples < 1:
+        raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
+    if fmt == "engine":
+        from edgeexit.export.tensorrt import import_tensorrt
+
+        import_tensorrt()  # fail before any work if TensorRT is missing
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    dest = Path(out) if out is not None else checkpoint.with_suffix(".edgeexit")
+    if dest.exists() and not force:
+        raise UserError(f"{dest} exists: pass --force to replace it")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
+
+    try:
+        if console is not None:
+            console.print(f"[bold]export[/] {checkpoint} → {dest}")
+        t0 = time.perf_counter()
+        units = export_units(model, tmp, opset=opset, simplify=simplify)
+        _stage(
+            console,
+            f"{len(units)} ONNX units written (opset {opset}"
+            f"{', simplified with onnxslim' if simplify else ''}, "
+            f"{sum(u['onnx_bytes'] for u in units) / 1e6:.2f} MB)",
+            t0,
+        )
+        cost = {u["name"]: u for u in ckpt.get("units", [])}
+        for u in units:
+            for key in ("macs", "flops", "params"):
+                u[key] = cost.get(u["name"], {}).get(key)
+
+        t0 = time.perf_counter()
+        heldout = load_heldout(ckpt["split"], data_dir, ckpt.get("dataset"))
+        sample = heldout.subset(np.arange(min(parity_samples, len(heldout))))
+        images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
+        parity = check_parity(model, tmp, units, images)
+        parity.update({"split": "held-out", "tolerance": tolerance, "runtime": "onnxruntime-cpu"})
+        for u, d in zip(units, parity["units"], strict=True):
+            u["parity_max_abs_diff"] = d["max_abs_diff"]
+        _stage(
+            console,
+            f"parity on {len(images)} held-out images: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
+            f"predictions agree {min(e['prediction_agreement'] for e in parity['exits']):.4f}",
+            t0,
+        )
+        if parity["max_abs_logit_diff"] > tolerance:
+            worst = max(parity["exits"], key=lambda e: e["max_abs_logit_diff"])
+            raise RuntimeError(
+                f"parity check failed: exit {worst['exit']} differs by "
+                f"{worst['max_abs_logit_diff']:.3g} > tolerance {tolerance}"
+            )
+
+        torch.save(
+            {"format": "edgeexit-weights", "config": ckpt["config"], "state_dict": ckpt["state_dict"]},
+            tmp / "weights.pt",
+        )
+        if fmt == "engine":
+            from edgeexit.export.tensorrt import build_engines
+
+            t0 = time.perf_counter()
+            build_engines(tmp, units, half=half, max_batch=max_batch, workspace_gib=workspace_gib)
+            _stage(console, f"{len(units)} TensorRT plans ({'fp16' if half else 'fp32'}, batch 1..{max_batch})", t0)
+
+        manifest = build_manifest(
+            ckpt,
+            units,
+            parity,
+            opset=opset,
+            simplified=simplify,
+            export_s=time.perf_counter() - t_start,
+            checkpoint=checkpoint,
+        )
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        _publish(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest, dest
+
+
+def _publish(tmp: Path, dest: Path) -> None:
+    """Rename the finished artifact into place; an old one is moved aside first and then removed."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def build_manifest(
+    ckpt: dict, units: list[dict], parity: dict, *, opset: int, simplified: bool, export_s: float, checkpoint: Path
+) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "edgeexit_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "config": ckpt["config"],
+            "method": ckpt.get("method"),
+            "num_exits": len(units) // 2,
+            "checkpoint": str(checkpoint),
+            "metrics": {k: v for k, v in ckpt.get("metrics", {}).items() if k != "history"},
+        },
+        "preprocessing": ckpt["preprocessing"],
+        "class_names": ckpt["class_names"],
+        "dataset": ckpt.get("dataset") or ckpt["split"].get("dataset"),
+        "split": ckpt["split"],
+        "units": units,
+        "parity": parity,
+        "weights": "weights.pt",
+        "export": {
+            "opset": opset,
+            "simplified": simplified,
+            "export_s": round(export_s, 2),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "host": platform.node(),
+            "machine": platform.machine(),
+        },
+        "calibration": None,
+    }

@@ -1,0 +1,131 @@
+"""TensorRT engine building: one raw plan per unit, one timing cache shared by all units.
+
+Written against TensorRT's Python API (>= 8.6: name-based tensors, optimisation profiles,
+``build_serialized_network``). This layer is kept thin: everything that does not need TensorRT
+(profile shapes, manifest entries, compatibility checks) lives in plain functions that are tested
+without it. Plans are written raw (no header), so trtexec and DeepStream read them too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeexit.errors import UserError
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); on x86 "
+    "with an NVIDIA GPU run `pip install tensorrt cuda-python`. `--format onnx` works without it."
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    major = int(trt.__version__.split(".")[0])
+    minor = int(trt.__version__.split(".")[1])
+    if (major, minor) < (8, 6):
+        raise UserError(f"TensorRT {trt.__version__} is too old: edgeexit needs >= 8.6 (name-based tensor API)")
+    return trt
+
+
+def profile_shapes(inputs: list[dict], max_batch: int, opt_batch: int | None = None) -> dict[str, list[list[int]]]:
+    """min/opt/max shapes per input: batch 1 .. max_batch, opt at max_batch unless given."""
+    if max_batch < 1:
+        raise UserError(f"--batch must be at least 1, got {max_batch}")
+    opt = opt_batch or max_batch
+    if not 1 <= opt <= max_batch:
+        raise UserError(f"opt batch {opt} is outside 1..{max_batch}")
+    shapes = {}
+    for i in inputs:
+        rest = [int(d) for d in i["shape"][1:]]
+        shapes[i["name"]] = [[1, *rest], [opt, *rest], [max_batch, *rest]]
+    return shapes
+
+
+def engine_filename(unit_name: str, precision: str) -> str:
+    return f"{unit_name}.{precision}.engine"
+
+
+def gpu_fingerprint() -> dict:
+    """Name and compute capability of GPU 0, through cuda-python (no torch needed)."""
+    from edgeexit.runtime.backends.cuda import cuda_device_info
+
+    return cuda_device_info()
+
+
+def build_engines(
+    folder: Path, units: list[dict], *, half: bool, max_batch: int, workspace_gib: float, progress=None
+) -> None:
+    """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``."""
+    trt = import_tensorrt()
+    device = gpu_fingerprint()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    precision = "fp16" if half else "fp32"
+    if half and not builder.platform_has_fast_fp16:
+        raise UserError(f"{device['name']} has no fast FP16: export without --half")
+    cache_bytes = b""
+    cache_path = folder / "timing.cache"
+    for unit in units:
+        flags = 0
+        if int(trt.__version__.split(".")[0]) < 10:
+            flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(folder / unit["onnx"])):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {unit['onnx']}: {errs}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
+        if half:
+            config.set_flag(trt.BuilderFlag.FP16)
+        cache = config.create_timing_cache(cache_bytes)
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        profile = builder.create_optimization_profile()
+        shapes = profile_shapes(unit["inputs"], max_batch)
+        for name, (mn, opt, mx) in shapes.items():
+            profile.set_shape(name, mn, opt, mx)
+        config.add_optimization_profile(profile)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise RuntimeError(f"TensorRT failed to build {unit['name']}")
+        path = folder / engine_filename(unit["name"], precision)
+        path.write_bytes(bytes(plan))
+        cache_bytes = bytes(config.get_timing_cache().serialize())
+        unit["engines"].append(engine_entry(path.name, precision, trt.__version__, device, shapes))
+        if progress is not None:
+            progress(unit["name"])
+    cache_path.write_bytes(cache_bytes)
+
+
+def engine_entry(path: str, precision: str, trt_version: str, device: dict, shapes: dict) -> dict:
+    """The manifest's record of one plan (ARCHITECTURE §5)."""
+    return {
+        "path": path,
+        "precision": precision,
+        "trt_version": trt_version,
+        "device_name": device["name"],
+        "compute_capability": device["compute_capability"],
+        "batch_profile": {
+            "min": 1,
+            "opt": next(iter(shapes.values()))[1][0] if shapes else 1,
+            "max": next(iter(shapes.values()))[2][0] if shapes else 1,
+        },
+    }
+
+
+def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None:
+    """A plan only runs with the TensorRT version and GPU architecture it was built for."""
+    if entry["trt_version"] != trt_version:
+        raise UserError(
+            f"{entry['path']} was built with TensorRT {entry['trt_version']} but this is TensorRT "
+            f"{trt_version}: rebuild with `edgeexit export MODEL.pt --format engine --force`"
+        )
+    if entry["compute_capability"] != device["compute_capability"]:
+        raise UserError(
+            f"{entry['path']} was built for {entry['device_name']} (sm {entry['compute_capability']}) "
+            f"but this GPU is {device['name']} (sm {device['compute_capability']}): rebuild the engines "
+            "on this device with `edgeexit export MODEL.pt --format engine --force`"
+        )

@@ -1,0 +1,290 @@
+"""Multi-exit CIFAR ResNet18 (MLCSD paper layout) and its stage split.
+
+The network is stored as it is deployed: ``segments[k]`` maps the state after exit k-1 to the
+state at exit k, and ``heads[k]`` reads the *tap* tensor of that state. A state is a tuple of
+tensors: one tensor at a layer boundary, two inside a residual block (block input for the
+shortcut, and the activation after conv1-bn1-relu, which is the tap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+State = tuple[torch.Tensor, ...]
+
+STAGE_WIDTHS = (64, 128, 256, 512)
+BLOCKS_PER_STAGE = (2, 2, 2, 2)
+
+
+@dataclass
+class MultiExitConfig:
+    """Everything needed to rebuild a :class:`MultiExitNet` (plain JSON types only)."""
+
+    exits: int = 8  # 8 = paper layout (two taps per stage), 4 = stage outputs (BYOT placement)
+    width: float = 1.0
+    in_chans: int = 3
+    num_classes: int = 10
+    input_size: list[int] = field(default_factory=lambda: [32, 32])
+    arch: str = "resnet18"
+
+    def __post_init__(self) -> None:
+        if self.exits not in (4, 8):
+            raise ValueError(f"exits must be 4 or 8, got {self.exits}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+        self.input_size = [int(s) for s in self.input_size]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MultiExitConfig:
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock, computable in two halves so a segment can end inside it."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+    def first_half(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def second_half(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second_half(x, self.first_half(x))
+
+
+class Segment(nn.Module):
+    """Backbone segment: state_{k-1} -> state_k.
+
+    ``blocks`` run whole; ``open_block`` (optional) runs only its first half, leaving the state
+    inside that block; ``close_block`` (optional) first finishes a block left open by the previous
+    segment. The tap is always the last tensor of the returned state.
+    """
+
+    def __init__(
+        self,
+        stem: nn.Module | None = None,
+        close_block: BasicBlock | None = None,
+        blocks: list[BasicBlock] | None = None,
+        open_block: BasicBlock | None = None,
+    ) -> None:
+        super().__init__()
+        self.stem = stem
+        self.close_block = close_block
+        self.blocks = nn.ModuleList(blocks or [])
+        self.open_block = open_block
+
+    def forward(self, *state: torch.Tensor) -> State:
+        if self.close_block is not None:
+            x = self.close_block.second_half(state[0], state[1])
+        else:
+            x = state[0]
+        if self.stem is not None:
+            x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        if self.open_block is not None:
+            return (x, self.open_block.first_half(x))
+        return (x,)
+
+
+class ExitHead(nn.Module):
+    """Depthwise-separable stride-2 reductions until ``feat_ch`` channels, then GAP + linear."""
+
+    def __init__(self, in_ch: int, feat_ch: int, num_classes: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = in_ch
+        while ch < feat_ch:
+            out = min(ch * 2, feat_ch)
+            layers += [
+                nn.Conv2d(ch, ch, 3, 2, 1, groups=ch, bias=False),  # depthwise 3x3 s2
+                nn.Conv2d(ch, out, 1, bias=False),  # pointwise
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+            ]
+            ch = out
+        self.reduce = nn.Sequential(*layers)
+        # Adaptive pooling: any input size works (the reference code hard-codes 32x32).
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(feat_ch, num_classes)
+        self.feat_dim = feat_ch
+
+    def features(self, tap: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.reduce(tap)), 1)
+
+    def forward(self, tap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(tap)
+        return self.fc(f), f
+
+
+class MultiExitNet(nn.Module):
+    """CIFAR ResNet18 with ``config.exits`` exits; ``forward`` returns (logits list, features list)."""
+
+    def __init__(self, config: MultiExitConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        widths = [scaled(c, w) for c in STAGE_WIDTHS]
+        stem = nn.Sequential(
+            nn.Conv2d(config.in_chans, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        stages: list[list[BasicBlock]] = []
+        in_ch = widths[0]
+        for i, (ch, n) in enumerate(zip(widths, BLOCKS_PER_STAGE, strict=True)):
+            blocks = []
+            for b in range(n):
+                blocks.append(BasicBlock(in_ch, ch, stride=2 if (i > 0 and b == 0) else 1))
+                in_ch = ch
+            stages.append(blocks)
+
+        segments: list[Segment] = []
+        tap_channels: list[int] = []
+        if config.exits == 8:
+            # Two taps per stage: inside the last block (after conv1-bn1-relu), and stage output.
+            for i, blocks in enumerate(stages):
+                segments.append(Segment(stem=stem if i == 0 else None, blocks=blocks[:-1], open_block=blocks[-1]))
+                segments.append(Segment(close_block=blocks[-1]))
+                tap_channels += [widths[i], widths[i]]
+        else:
+            for i, blocks in enumerate(stages):
+                segments.append(Segment(stem=stem if i == 0 else None, blocks=blocks))
+                tap_channels.append(widths[i])
+        self.segments = nn.ModuleList(segments)
+        self.heads = nn.ModuleList(ExitHead(c, widths[-1], config.num_classes) for c in tap_channels)
+        self.feat_dim = widths[-1]
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        logits, feats = [], []
+        state: State = (x,)
+        for segment, head in zip(self.segments, self.heads, strict=True):
+            state = segment(*state)
+            z, f = head(state[-1])
+            logits.append(z)
+            feats.append(f)
+        return logits, feats
+
+    def unit_names(self) -> list[tuple[str, str, int]]:
+        """(name, kind, exit_index) of every unit in execution order."""
+        out = []
+        for k in range(1, self.num_exits + 1):
+            out += [(f"seg_{k:02d}", "segment", k), (f"head_{k:02d}", "head", k)]
+        return out
+
+
+def count_unit_cost(model: MultiExitNet, input_size: list[int] | None = None) -> list[dict]:
+    """MACs, FLOPs (= 2 x MACs) and parameters of every unit, counted from the modules.
+
+    Conv and linear multiply-accumulates are counted with forward hooks on a real forward pass
+    of a single image; BN/ReLU/pooling/additions are not counted (the usual convention).
+    """
+    cfg = model.config
+    h, w = input_size or cfg.input_size
+    macs: dict[nn.Module, int] = {}
+
+    def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+            macs[mod] = macs.get(mod, 0) + out.numel() * k
+        elif isinstance(mod, nn.Linear):
+            macs[mod] = macs.get(mod, 0) + out.numel() * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    was_training = model.training
+    model.eval()
+    units = []
+    try:
+        with torch.no_grad():
+            state: State = (torch.zeros(1, cfg.in_chans, h, w),)
+            for k, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True), 1):
+                macs.clear()
+                state = segment(*state)
+                units.append(_unit_cost(f"seg_{k:02d}", "segment", k, sum(macs.values()), model, segment))
+                macs.clear()
+                head(state[-1])
+                units.append(_unit_cost(f"head_{k:02d}", "head", k, sum(macs.values()), model, head))
+    finally:
+        for hd in handles:
+            hd.remove()
+        model.train(was_training)
+    return units
+
+
+def _unit_cost(name: str, kind: str, k: int, unit_macs: int, model: MultiExitNet, module: nn.Module) -> dict:
+    return {
+        "name": name,
+        "kind": kind,
+        "exit_index": k,
+        "macs": int(unit_macs),
+        "flops": int(2 * unit_macs),
+        "params": int(sum(p.numel() for p in _own_parameters(model, module))),
+    }
+
+
+def _own_parameters(model: MultiExitNet, module: nn.Module) -> list[nn.Parameter]:
+    """Parameters a unit executes. A block split across two segments counts each half once."""
+    if not isinstance(module, Segment):
+        return list(module.parameters())
+    params: list[nn.Parameter] = []
+    if module.stem is not None:
+        params += list(module.stem.parameters())
+    for b in module.blocks:
+        params += list(b.parameters())
+    if module.open_block is not None:
+        params += [*module.open_block.conv1.parameters(), *module.open_block.bn1.parameters()]
+    if module.close_block is not None:
+        cb = module.close_block
+        params += [*cb.conv2.parameters(), *cb.bn2.parameters(), *cb.shortcut.parameters()]
+    return params
+
+
+def cumulative_exit_flops(units: list[dict]) -> list[float]:
+    """FLOPs to reach and evaluate exit k when every earlier head is evaluated (anytime cascade)."""
+    total, out = 0, []
+    for u in units:
+        total += u["flops"]
+        if u["kind"] == "head":
+            out.append(float(total))
+    return out
+
+
+def build_model(config: MultiExitConfig | dict) -> MultiExitNet:
+    if isinstance(config, dict):
+        config = MultiExitConfig.from_dict(config)
+    return MultiExitNet(config)

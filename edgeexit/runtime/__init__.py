@@ -1,0 +1,10 @@
+"""Cascaded early-exit runtime. Imports and runs with numpy + onnxruntime only (no torch).
+
+from edgeexit.runtime import Cascade
+cascade = Cascade.load("model.edgeexit", backend="auto")
+pred = cascade.predict(frame)      # uint8 HxWxC (RGB unless input_order="BGR") or float CxHxW
+"""
+
+from edgeexit.runtime.cascade import Cascade, Prediction
+
+__all__ = ["Cascade", "Prediction"]

@@ -1,0 +1,86 @@
+"""ONNX Runtime backend: one session per unit; CPU, or the CUDA execution provider when present."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgeexit.errors import UserError
+from edgeexit.runtime.backends import HeadOutput
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("onnxruntime is not installed: `pip install onnxruntime` (or onnxruntime-gpu)") from None
+    return onnxruntime
+
+
+def cuda_provider_available() -> bool:
+    try:
+        return "CUDAExecutionProvider" in _ort().get_available_providers()
+    except UserError:
+        return False
+
+
+class OnnxRuntimeBackend:
+    thread_safe = True  # InferenceSession.run may be called from several threads
+
+    def __init__(self, manifest: dict, cuda: bool = False, threads: int | None = None) -> None:
+        ort = _ort()
+        if cuda and not cuda_provider_available():
+            raise UserError(
+                "onnxruntime-cuda asked for, but this onnxruntime has no CUDAExecutionProvider "
+                "(install onnxruntime-gpu)"
+            )
+        folder = Path(manifest["_folder"])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.version = ort.__version__
+        self.precision = "fp32"
+        self._segments, self._heads = [], []
+        for u in manifest["units"]:
+            sess = ort.InferenceSession(str(folder / u["onnx"]), opts, providers=providers)
+            entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
+            (self._segments if u["kind"] == "segment" else self._heads).append(entry)
+        self.device = _cpu_name() if not cuda else "CUDA (onnxruntime)"
+
+    def from_host(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (x,)
+
+    def run_segment(self, k: int, state: tuple) -> tuple:
+        sess, names, outs = self._segments[k]
+        return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
+
+    def run_head(self, k: int, tap) -> HeadOutput:
+        sess, names, outs = self._heads[k]
+        logits, confidence = sess.run(outs, {names[0]: tap})
+        return HeadOutput(confidence, logits)
+
+    def take(self, state: tuple, rows: np.ndarray) -> tuple:
+        return tuple(s[rows] for s in state)
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._segments, self._heads = [], []
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,104 @@
+"""Frame → network input, from the manifest's `preprocessing` block (numpy only).
+
+Accepted inputs (validated once per call; a bad one raises ValueError naming what was expected):
+- uint8 HxWxC frames (C = 3, in ``input_order``: RGB or BGR as stated at load, or C = 1) or HxW gray;
+  resized (bilinear) to ``input_size``, converted to the model's channels, normalised;
+- float32/float64 CxHxW arrays that are already preprocessed (normalised, at ``input_size``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
+
+
+def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """HxWxC float32 bilinear resize with half-pixel centres (align_corners=False)."""
+    h, w = img.shape[:2]
+    if (h, w) == (out_h, out_w):
+        return img
+    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
+    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
+    y0 = np.floor(ys).astype(np.int64)
+    x0 = np.floor(xs).astype(np.int64)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0).astype(np.float32)[:, None, None]
+    wx = (xs - x0).astype(np.float32)[None, :, None]
+    top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
+    bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+class Preprocessor:
+    def __init__(self, preprocessing: dict, input_order: str = "RGB") -> None:
+        if input_order not in ("RGB", "BGR"):
+            raise ValueError(f"input_order must be RGB or BGR, got {input_order}")
+        self.input_order = input_order
+        self.in_chans = int(preprocessing["in_chans"])
+        self.height, self.width = (int(s) for s in preprocessing["input_size"])
+        self.mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
+        self.chw_shape = (self.in_chans, self.height, self.width)
+
+    def expected(self) -> str:
+        return (
+            f"a uint8 HxWx3 ({self.input_order}) or HxW frame, or a float CxHxW array of shape "
+            f"{self.chw_shape} that is already normalised"
+        )
+
+    def __call__(self, frame) -> np.ndarray:
+        """One frame → float32 (C, H, W)."""
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"expected a numpy array ({self.expected()}), got {type(frame).__name__}")
+        if frame.dtype == np.uint8:
+            return self._from_uint8(frame)
+        if frame.dtype in (np.float32, np.float64, np.float16):
+            if frame.shape != self.chw_shape:
+                raise ValueError(f"float input must be {self.chw_shape} (C, H, W, normalised); got shape {frame.shape}")
+            x = np.ascontiguousarray(frame, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ValueError("input contains NaN or infinite values")
+            return x
+        raise ValueError(f"unsupported dtype {frame.dtype}: expected {self.expected()}")
+
+    def _from_uint8(self, frame: np.ndarray) -> np.ndarray:
+        if frame.ndim == 2:
+            img = frame[:, :, None]
+        elif frame.ndim == 3 and frame.shape[2] in (1, 3):
+            img = frame
+        elif frame.ndim == 3 and frame.shape[0] in (1, 3) and frame.shape[2] not in (1, 3):
+            raise ValueError(
+                f"uint8 frames must be HxWxC (channels last); got shape {frame.shape} which looks "
+                "like CxHxW: use frame.transpose(1, 2, 0)"
+            )
+        else:
+            raise ValueError(f"expected {self.expected()}; got a uint8 array of shape {frame.shape}")
+        if img.shape[0] < 1 or img.shape[1] < 1:
+            raise ValueError(f"empty frame of shape {frame.shape}")
+        x = img.astype(np.float32) * (1.0 / 255.0)
+        if x.shape[2] == 3 and self.input_order == "BGR":
+            x = x[:, :, ::-1]
+        if self.in_chans == 1 and x.shape[2] == 3:
+            x = (x @ LUMA)[:, :, None]
+        elif self.in_chans == 3 and x.shape[2] == 1:
+            x = np.repeat(x, 3, axis=2)
+        x = resize_bilinear(x, self.height, self.width)
+        chw = x.transpose(2, 0, 1)
+        return np.ascontiguousarray((chw - self.mean) / self.std, dtype=np.float32)
+
+    def batch(self, frames) -> np.ndarray:
+        """A list of frames, an NxHxWxC uint8 array, or an NxCxHxW float array → float32 (N, C, H, W)."""
+        if isinstance(frames, np.ndarray) and frames.dtype != np.uint8 and frames.ndim == 4:
+            if frames.shape[1:] != self.chw_shape:
+                raise ValueError(f"float batch must be (N, {', '.join(map(str, self.chw_shape))}); got {frames.shape}")
+            x = np.ascontiguousarray(frames, dtype=np.float32)
+            if not np.isfinite(x).all():
+                raise ValueError("input contains NaN or infinite values")
+            return x
+        if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim in (3, 4):
+            frames = list(frames)
+        if not isinstance(frames, list | tuple) or len(frames) == 0:
+            raise ValueError("predict_batch expects a non-empty list of frames or a 4-D array")
+        return np.stack([self(f) for f in frames])

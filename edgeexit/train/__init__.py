@@ -1,0 +1,1 @@
+"""Losses (ce, sd, byot, mlcsd), recipes, trainer, checkpoints and evaluation."""

@@ -1,0 +1,94 @@
+"""Anytime prediction (accuracy of every exit) and MSDNet budgeted batch classification."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edgeexit.calibrate.thresholds import GEOMETRIC_QS, exit_indices, geometric_thresholds
+from edgeexit.data import ImageDataset, normalize
+from edgeexit.models import MultiExitNet, count_unit_cost, cumulative_exit_flops
+
+
+@torch.no_grad()
+def exit_outputs(
+    model: MultiExitNet, data: ImageDataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None
+) -> dict[str, np.ndarray]:
+    """Every exit's prediction and max-softmax confidence for every sample: arrays (N, K)."""
+    model.eval().to(device)
+    preds, confs, logits_all = [], [], []
+    for start in range(0, len(data), batch_size):
+        x = normalize(data.images[start : start + batch_size].to(device), data.mean, data.std)
+        logits, _ = model(x)
+        z = torch.stack(logits, dim=1).float()  # (B, K, C)
+        p = z.softmax(dim=2)
+        c, y = p.max(dim=2)
+        preds.append(y.cpu())
+        confs.append(c.cpu())
+        logits_all.append(z.cpu())
+        if progress is not None:
+            progress(min(start + batch_size, len(data)))
+    pred = torch.cat(preds).numpy()
+    labels = data.labels.numpy()
+    return {
+        "prediction": pred,
+        "confidence": torch.cat(confs).numpy().astype(np.float64),
+        "correct": pred == labels[:, None],
+        "logits": torch.cat(logits_all).numpy(),
+        "labels": labels,
+    }
+
+
+def anytime_accuracy(correct: np.ndarray) -> list[float]:
+    return [float(a) for a in correct.mean(axis=0)]
+
+
+def budgeted_curve(
+    val_conf: np.ndarray, test_conf: np.ndarray, test_correct: np.ndarray, cumulative_flops: list[float]
+) -> list[dict]:
+    """MSDNet budgeted batch classification: thresholds from the held-out split, measured on test."""
+    cum = np.asarray(cumulative_flops)
+    points = []
+    for q in GEOMETRIC_QS:
+        th = geometric_thresholds(val_conf, float(q))
+        e = exit_indices(test_conf, th)
+        points.append(
+            {
+                "q": float(q),
+                "thresholds": [float(t) if np.isfinite(t) else None for t in th],
+                "expected_flops": float(cum[e].mean()),
+                "accuracy": float(test_correct[np.arange(len(e)), e].mean()),
+                "exit_shares": np.bincount(e, minlength=len(cum)).astype(float).__truediv__(len(e)).tolist(),
+            }
+        )
+    return sorted(points, key=lambda p: p["expected_flops"])
+
+
+def evaluate(
+    model: MultiExitNet,
+    test: ImageDataset,
+    val: ImageDataset | None,
+    device="cpu",
+    batch_size: int = 256,
+    progress=None,
+) -> dict:
+    units = count_unit_cost(model)
+    cum = cumulative_exit_flops(units)
+    out_test = exit_outputs(model, test, batch_size, device, progress)
+    acc = anytime_accuracy(out_test["correct"])
+    result = {
+        "split": "test",
+        "num_samples": int(len(test)),
+        "exits": [
+            {"exit": i + 1, "accuracy": a, "cumulative_flops": c} for i, (a, c) in enumerate(zip(acc, cum, strict=True))
+        ],
+        "average_accuracy": float(np.mean(acc)),
+        "units": units,
+    }
+    if val is not None and len(val) > 0:
+        out_val = exit_outputs(model, val, batch_size, device)
+        result["budgeted"] = budgeted_curve(out_val["confidence"], out_test["confidence"], out_test["correct"], cum)
+        result["threshold_split"] = "held-out validation"
+    else:
+        result["budgeted"] = []
+    return result

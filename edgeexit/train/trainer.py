@@ -1,0 +1,301 @@
+"""Method-agnostic trainer: the task computes the loss; this file moves data and weights.
+
+- The whole training set lives on the training device as uint8; crops and flips are batched
+  tensor ops (no DataLoader workers). On CUDA: channels_last + bf16 autocast; on CPU: fp32.
+- Every epoch's shuffling and augmentation come from a generator seeded by (seed, epoch), so
+  ``--resume`` continues exactly: 1 + 1 epochs resumed equal 2 epochs straight.
+- ``last.pt`` (resume state) is written atomically every epoch; ``model.pt`` holds the weights with
+  the best average exit accuracy on the held-out split (the test split never chooses anything).
+- Under ``torchrun`` (WORLD_SIZE > 1) it runs DistributedDataParallel: NCCL on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from edgeexit.data import ImageDataset, augment, load_dataset, normalize, split_train_val
+from edgeexit.errors import UserError
+from edgeexit.models import MultiExitConfig, build_model
+from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
+from edgeexit.train.losses import LossConfig, build_task
+from edgeexit.train.recipes import Recipe, get_recipe
+
+
+class TrainingError(Exception):
+    """Training stopped (e.g. a NaN loss); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    data: str = "fashion-mnist"
+    method: str = "mlcsd"
+    out: str = "runs/exp"
+    data_dir: str | None = None
+    seed: int = 0
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    device: str = "auto"
+    resume: bool = False
+    recipe: Recipe = field(default_factory=Recipe)
+
+    @classmethod
+    def from_recipe(cls, data: str, method: str, **overrides) -> TrainConfig:
+        recipe = get_recipe(
+            data if data in ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet") else "other", method
+        )
+        recipe_fields = {
+            k: overrides.pop(k)
+            for k in list(overrides)
+            if k in Recipe.__dataclass_fields__ and overrides[k] is not None
+        }
+        loss_fields = {
+            k: overrides.pop(k)
+            for k in list(overrides)
+            if k in LossConfig.__dataclass_fields__ and overrides[k] is not None
+        }
+        for k in [k for k in overrides if k in LossConfig.__dataclass_fields__ or k in Recipe.__dataclass_fields__]:
+            overrides.pop(k)  # None: keep the recipe's value
+        if "epochs" in recipe_fields and recipe.schedule == "multistep" and "milestones" not in recipe_fields:
+            # Scale the paper's milestones (150/180/210 of 240) to a shorter run.
+            scale = recipe_fields["epochs"] / recipe.epochs
+            recipe_fields["milestones"] = [max(1, round(m * scale)) for m in recipe.milestones]
+        recipe = replace(recipe, loss=replace(recipe.loss, **loss_fields), **recipe_fields)
+        return cls(data=data, method=method, recipe=recipe, **overrides)
+
+
+def lr_at(recipe: Recipe, epoch_progress: float) -> float:
+    """Learning rate at a fractional epoch (warm-up, then multistep or cosine)."""
+    if recipe.warmup_epochs > 0 and epoch_progress < recipe.warmup_epochs:
+        return recipe.lr * (epoch_progress + 1e-3) / recipe.warmup_epochs
+    if recipe.schedule == "cosine":
+        t = (epoch_progress - recipe.warmup_epochs) / max(1e-9, recipe.epochs - recipe.warmup_epochs)
+        return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    drops = sum(1 for m in recipe.milestones if epoch_progress >= m)
+    return recipe.lr * (recipe.lr_gamma**drops)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if dist.is_available() and dist.is_initialized() and not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
+    full = load_dataset(cfg.data, "train", cfg.data_dir)
+    val_size = min(cfg.recipe.val_size, len(full) // 5) if len(full) < 5 * cfg.recipe.val_size else cfg.recipe.val_size
+    train_idx, val_idx = split_train_val(len(full), val_size, cfg.seed)
+    if cfg.limit_train:
+        train_idx = train_idx[: cfg.limit_train]
+    split = {
+        "val_indices_seed": cfg.seed,
+        "val_size": int(val_size),
+        "num_train_total": len(full),
+        "dataset": cfg.data,
+        "data_dir": cfg.data_dir,
+    }
+    return full.subset(train_idx), full.subset(val_idx), split
+
+
+@torch.no_grad()
+def validate(model, val: ImageDataset, limit: int | None, device) -> list[float]:
+    data = val.subset(np.arange(min(len(val), limit))) if limit else val
+    return anytime_accuracy(exit_outputs(model, data, 512, device)["correct"])
+
+
+def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
+    """Train and write ``model.pt`` (best on held-out) and ``last.pt`` (resume state) into cfg.out."""
+    rank, world = _distributed()
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    out = Path(cfg.out)
+    r = cfg.recipe
+    torch.manual_seed(cfg.seed)
+    train_set, val_set, split = prepare_data(cfg)
+    mcfg = MultiExitConfig(
+        exits=r.exits,
+        width=r.width,
+        in_chans=train_set.in_chans,
+        num_classes=train_set.num_classes,
+        input_size=train_set.input_size,
+    )
+    model = build_model(mcfg)
+    task = build_task(cfg.method, model, r.loss).to(device)
+    params = [p for p in task.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=r.lr,
+        momentum=r.momentum,
+        nesterov=False,
+    )
+    start_epoch, best, history = 0, -1.0, []
+    if cfg.resume:
+        last = out / "last.pt"
+        if not last.is_file():
+            raise UserError(f"--resume: no {last} to resume from")
+        ckpt = load_checkpoint(last)
+        ts = ckpt.get("train_state")
+        if ts is None:
+            raise UserError(f"{last} has no training state to resume from")
+        task.load_state_dict(ts["task"])
+        opt.load_state_dict(ts["optimizer"])
+        start_epoch, best, history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
+        if start_epoch >= r.epochs:
+            raise UserError(f"{last} already finished {start_epoch} epochs; raise --epochs to continue")
+
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    images = train_set.images.to(device)  # GPU-resident on CUDA
+    labels = train_set.labels.to(device)
+    train_module = task
+    if world > 1:
+        train_module = torch.nn.parallel.DistributedDataParallel(
+            task, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    n = len(train_set)
+    per_rank = n // world
+    steps = per_rank // r.batch_size
+    if steps == 0:
+        raise UserError(f"{n} training images are fewer than one batch of {r.batch_size} per process")
+    show = progress and rank == 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[ips]:.0f} img/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not show,
+        transient=False,
+    )
+    throughput = []
+    with prog:
+        for epoch in range(start_epoch, r.epochs):
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+            perm = torch.randperm(n, generator=gen)[rank * per_rank : (rank + 1) * per_rank].to(device)
+            task.train()
+            bar = prog.add_task(f"epoch {epoch + 1}/{r.epochs}", total=steps, loss=0.0, ips=0.0)
+            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+            for step in range(steps):
+                idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
+                xb = images[idx]
+                if r.augment:
+                    xb = augment(xb, gen, pad=r.pad, flip=r.flip)
+                xb = normalize(xb, train_set.mean, train_set.std)
+                if device.type == "cuda":
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                lr = lr_at(r, epoch + step / steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                task.set_progress(epoch + step / steps)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    result = train_module(xb, labels[idx])
+                loss = result["loss"]
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}); "
+                        f"stopped — the last good checkpoint in {out} is kept. Try a lower --lr."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                seen += len(idx)
+                if step % 10 == 0 or step == steps - 1:
+                    loss_sum = float(loss.detach())
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    prog.update(
+                        bar, completed=step + 1, loss=loss_sum, ips=seen * world / max(1e-9, time.perf_counter() - t0)
+                    )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            epoch_time = time.perf_counter() - t0
+            throughput.append(seen * world / epoch_time)
+            if rank == 0:
+                val_acc = validate(model, val_set, cfg.limit_eval, device)
+                avg = float(np.mean(val_acc))
+                history.append(
+                    {
+                        "epoch": epoch + 1,
+                        "val_exit_accuracy": val_acc,
+                        "val_average": avg,
+                        "loss": loss_sum,
+                        "images_per_s": throughput[-1],
+                        "epoch_time_s": epoch_time,
+                    }
+                )
+                prog.update(bar, description=f"epoch {epoch + 1}/{r.epochs} val avg {avg:.3f} final {val_acc[-1]:.3f}")
+                metrics = {
+                    "val_exit_accuracy": val_acc,
+                    "val_average": avg,
+                    "epoch": epoch + 1,
+                    "images_per_s": throughput[-1],
+                    "history": history,
+                }
+                common = dict(
+                    preprocessing=train_set.preprocessing(),
+                    class_names=train_set.class_names,
+                    split=split,
+                    dataset=cfg.data,
+                )
+                extra = {"method": cfg.method, "train_config": _plain(cfg)}
+                if avg > best:
+                    best = avg
+                    atomic_torch_save(make_checkpoint(model, metrics=metrics, extra=extra, **common), out / "model.pt")
+                state = {
+                    "task": {k: v.detach().cpu().clone() for k, v in task.state_dict().items()},
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "history": history,
+                }
+                atomic_torch_save(
+                    make_checkpoint(model, metrics=metrics, extra={**extra, "train_state": state}, **common),
+                    out / "last.pt",
+                )
+            if world > 1:
+                dist.barrier()
+    return {
+        "history": history,
+        "best_val_average": best,
+        "images_per_s": float(np.mean(throughput)) if throughput else 0.0,
+        "out": str(out),
+        "rank": rank,
+        "world_size": world,
+    }
+
+
+def _plain(cfg: TrainConfig) -> dict:
+    d = asdict(cfg)
+    d.pop("resume", None)
+    return d

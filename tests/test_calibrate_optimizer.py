@@ -1,0 +1,116 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from edgeexit.calibrate.optimizer import CostModel, evaluate, msdnet_baseline, optimize, parse_budget_ms
+from edgeexit.calibrate.thresholds import SKIP, exit_indices, geometric_thresholds
+from edgeexit.errors import UserError
+
+
+def synthetic(n, k, seed):
+    """Exit statistics shaped like a real early-exit net: deeper exits more accurate and confident."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(n)
+    depth = np.linspace(0.3, 1.0, k)
+    conf = np.clip(depth[None] * (1.2 - difficulty[:, None]) + 0.15 * rng.standard_normal((n, k)), 0, 1)
+    correct = rng.random((n, k)) < np.clip(0.25 + 0.75 * conf, 0, 1)
+    cost = CostModel(
+        segment_ms=rng.uniform(0.2, 1.0, k), head_ms=rng.uniform(0.05, 0.3, k), decision_ms=0.01, overhead_ms=0.05
+    )
+    return conf, correct, cost
+
+
+def brute_force(conf, correct, cost, budget, metric="mean"):
+    """Every threshold that matters: skip, or one of the distinct confidences at that exit."""
+    k = conf.shape[1]
+    options = [np.r_[SKIP, np.unique(conf[:, j])] for j in range(k - 1)]
+    best = None
+    for combo in itertools.product(*options):
+        s = evaluate(conf, correct, cost, np.r_[combo, -np.inf], metric)
+        if s.latency_ms <= budget + 1e-9 and (best is None or s.accuracy > best.accuracy + 1e-12):
+            best = s
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("frac", [0.35, 0.6, 0.85])
+def test_optimizer_matches_brute_force_on_small_problems(seed, frac):
+    conf, correct, cost = synthetic(n=24, k=3, seed=seed)
+    conf = np.round(conf, 2)  # few distinct values keeps brute force small
+    budget = cost.min_ms() + frac * (cost.exit_costs(np.ones(3, bool))[-1] - cost.min_ms())
+    best = brute_force(conf, correct, cost, budget)
+    sol, _ = optimize(conf, correct, cost, budget)
+    assert sol.mean_ms <= budget + 1e-9
+    assert sol.accuracy == pytest.approx(best.accuracy, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimizer_near_brute_force_with_four_exits(seed):
+    conf, correct, cost = synthetic(n=40, k=4, seed=100 + seed)
+    conf = np.round(conf * 8) / 8
+    budget = cost.min_ms() + 0.5 * (cost.exit_costs(np.ones(4, bool))[-1] - cost.min_ms())
+    best = brute_force(conf, correct, cost, budget)
+    sol, _ = optimize(conf, correct, cost, budget)
+    assert sol.mean_ms <= budget + 1e-9
+    assert sol.accuracy >= best.accuracy - 1 / 40  # at most one sample from the optimum
+
+
+def test_optimizer_never_worse_than_msdnet_and_respects_p95():
+    conf, correct, cost = synthetic(n=2000, k=8, seed=7)
+    full = cost.full_ms()
+    for frac in (0.4, 0.6, 0.8):
+        for metric in ("mean", "p95"):
+            sol, frontier = optimize(conf, correct, cost, frac * full, metric)
+            base = msdnet_baseline(conf, correct, cost, frac * full, metric)
+            assert sol.latency_ms <= frac * full + 1e-9
+            if base is not None:
+                assert sol.accuracy >= base.accuracy
+            # the reported numbers are what the thresholds really give
+            again = evaluate(conf, correct, cost, sol.thresholds, metric)
+            assert again.accuracy == sol.accuracy and again.latency_ms == sol.latency_ms
+    assert frontier[0].latency_ms <= frontier[-1].latency_ms
+
+
+def test_skipped_heads_cost_nothing():
+    cost = CostModel(segment_ms=[1, 1, 1], head_ms=[0.5, 0.5, 0.5], decision_ms=0.0)
+    conf = np.full((4, 3), 0.5)
+    correct = np.ones((4, 3), bool)
+    s = evaluate(conf, correct, cost, [SKIP, SKIP, -np.inf])
+    assert s.mean_ms == pytest.approx(3.5)  # 3 segments + final head only
+    s = evaluate(conf, correct, cost, [0.9, SKIP, -np.inf])  # head 1 runs, nobody leaves
+    assert s.mean_ms == pytest.approx(4.0)
+    assert s.evaluated_exits == [1, 3]
+
+
+def test_infeasible_budget_names_the_minimum():
+    conf, correct, cost = synthetic(n=50, k=3, seed=1)
+    with pytest.raises(UserError, match=f"{cost.min_ms():.3f} ms"):
+        optimize(conf, correct, cost, cost.min_ms() * 0.5)
+
+
+def test_budget_above_full_cascade_keeps_final_exit_accuracy():
+    conf, correct, cost = synthetic(n=500, k=4, seed=3)
+    sol, _ = optimize(conf, correct, cost, cost.full_ms() * 1.5)
+    assert sol.accuracy >= correct[:, -1].mean()
+
+
+@pytest.mark.parametrize("text,ms", [("5ms", 5.0), ("800us", 0.8), ("0.005s", 5.0), ("2.5", 2.5), (" 1e-3 s", 1.0)])
+def test_parse_budget(text, ms):
+    assert parse_budget_ms(text) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("text", ["fast", "-1ms", "0ms", "5 parsecs"])
+def test_parse_budget_rejects(text):
+    with pytest.raises(UserError):
+        parse_budget_ms(text)
+
+
+def test_geometric_thresholds_follow_the_geometric_shares():
+    rng = np.random.default_rng(0)
+    conf = rng.random((10000, 4))
+    th = geometric_thresholds(conf, 0.5)
+    shares = np.bincount(exit_indices(conf, th), minlength=4) / len(conf)
+    p = 0.5 ** np.arange(1, 5)
+    p /= p.sum()
+    np.testing.assert_allclose(shares[:3], p[:3], atol=0.002)
