@@ -343,8 +343,10 @@ def calibrate(
     ] = None,
     split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
     limit: Annotated[int | None, typer.Option("--limit", help="Use at most N images per calibration half.")] = None,
-    verify_limit: Annotated[int, typer.Option("--verify-limit", help="Images run end to end for verification.")] = 1000,
-    repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (at least 1 s is spent anyway).")] = 200,
+    verify_limit: Annotated[
+        int | None, typer.Option("--verify-limit", help="At most N verification images (default: the whole half).")
+    ] = None,
+    repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (stops after 1 s once 30 are done).")] = 200,
     policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
     plot: Annotated[
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")

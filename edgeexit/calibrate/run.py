@@ -104,7 +104,7 @@ def run_calibration(
     data: str | None = None,
     split: str = "heldout",
     limit: int | None = None,
-    verify_limit: int = 1000,
+    verify_limit: int | None = None,
     repeats: int = 200,
     policy: str = "max_softmax",
     data_dir: str | None = None,

@@ -67,8 +67,15 @@ def export_units(
             out_state = segment(*example)
         out_names = state_names(k, len(out_state))
         for name, kind, module, args, inputs, outputs in (
-            (f"seg_{k:02d}", "segment", SegmentUnit(segment), example, in_names, out_names),
-            (f"head_{k:02d}", "head", HeadUnit(head), (out_state[-1],), [out_names[-1]], ["logits", "confidence"]),
+            (f"seg_{k:02d}", "segment", SegmentUnit(segment).eval(), example, in_names, out_names),
+            (
+                f"head_{k:02d}",
+                "head",
+                HeadUnit(head).eval(),
+                (out_state[-1],),
+                [out_names[-1]],
+                ["logits", "confidence"],
+            ),
         ):
             t0 = time.perf_counter()
             path = folder / f"{name}.onnx"
