@@ -1,0 +1,77 @@
+"""Fixtures: a tiny real model (width 0.0625, trained briefly on real Fashion-MNIST) and its export.
+
+Fashion-MNIST comes from the Debian package `dataset-fashion-mnist` (`make test` installs it). Other
+datasets are built here in their real on-disk formats by the tests that need them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit.errors import UserError
+
+
+@pytest.fixture(scope="session")
+def fashion_test():
+    from edgeexit.data import load_dataset
+
+    try:
+        return load_dataset("fashion-mnist", "test")
+    except UserError as e:
+        pytest.fail(f"Fashion-MNIST is required by the suite: {e}")
+
+
+def tiny_config(out: Path, method: str = "mlcsd", epochs: int = 1, limit_train: int = 1024, **kw):
+    from edgeexit.train.trainer import TrainConfig
+
+    kw = {"width": 0.0625, "batch_size": 64, "lr": 0.05, **kw}
+    cfg = TrainConfig.from_recipe("fashion-mnist", method, out=str(out), epochs=epochs, limit_train=limit_train, **kw)
+    cfg.recipe = replace(cfg.recipe, val_size=600)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fashion_test):
+    """A trained 8-exit model: (run folder, train result)."""
+    from edgeexit.train.trainer import train
+
+    out = tmp_path_factory.mktemp("run")
+    result = train(tiny_config(out, epochs=2, limit_train=2048), progress=False)
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_run):
+    """The tiny model exported (ONNX only): a pristine copy per session; tests copy it before changing it."""
+    from edgeexit.export.exporter import export_checkpoint
+
+    dest = tmp_path_factory.mktemp("export") / "model.edgeexit"
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=128)
+    return dest
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact, tmp_path):
+    import shutil
+
+    dest = tmp_path / "model.edgeexit"
+    shutil.copytree(tiny_artifact, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def test_frames(fashion_test):
+    """1,000 real test images as uint8 HxWx1 frames, with labels."""
+    n = 1000
+    return fashion_test.images[:n].permute(0, 2, 3, 1).numpy(), fashion_test.labels[:n].numpy()
+
+
+def normalised(ds, n=None):
+    from edgeexit.data import normalize
+
+    imgs = ds.images if n is None else ds.images[:n]
+    return normalize(imgs, ds.mean, ds.std).numpy().astype(np.float32)

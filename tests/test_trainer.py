@@ -1,0 +1,117 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from edgeexit.errors import UserError
+from edgeexit.train.checkpoint import load_checkpoint
+from edgeexit.train.trainer import TrainingError, train
+
+
+def test_checkpoint_contract(tiny_run):
+    out, result = tiny_run
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["format"] == "edgeexit-checkpoint" and ckpt["version"] == 1
+    for key in ("config", "state_dict", "preprocessing", "class_names", "metrics", "split"):
+        assert key in ckpt
+    json.dumps(ckpt["config"])  # plain JSON types only
+    json.dumps(ckpt["preprocessing"])
+    assert ckpt["preprocessing"]["input_size"] == [28, 28] and ckpt["preprocessing"]["in_chans"] == 1
+    assert ckpt["split"]["val_size"] == 600 and "val_indices_seed" in ckpt["split"]
+    assert len(ckpt["units"]) == 16
+    assert not list(out.glob("*.tmp"))  # atomic writes leave no temporaries
+    # trained: the held-out accuracy of the final exit is far above chance (0.1)
+    assert ckpt["metrics"]["val_exit_accuracy"][-1] > 0.5
+    assert result["images_per_s"] > 0
+
+
+def test_resume_continues_exactly(tmp_path, fashion_test):
+    straight = tmp_path / "straight"
+    train(tiny_config(straight, epochs=2, limit_train=512), progress=False)
+    resumed = tmp_path / "resumed"
+    cfg = tiny_config(resumed, epochs=2, limit_train=512)
+    _train_epochs(cfg, stop_after=1)  # the same 2-epoch schedule, interrupted after epoch 1
+    cfg.resume = True
+    train(cfg, progress=False)
+    a = load_checkpoint(straight / "last.pt")["state_dict"]
+    b = load_checkpoint(resumed / "last.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _train_epochs(cfg, stop_after: int):
+    """Run the first `stop_after` epochs of cfg's schedule, as an interrupted run would leave it."""
+    from edgeexit.train import trainer
+
+    original = trainer.validate
+    calls = {"n": 0}
+
+    def validate_then_stop(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls["n"] += 1
+        return result
+
+    class Stop(Exception):
+        pass
+
+    real_save = trainer.atomic_torch_save
+
+    def save_and_maybe_stop(obj, path):
+        real_save(obj, path)
+        if Path(path).name == "last.pt" and calls["n"] >= stop_after:
+            raise Stop
+
+    trainer.validate, trainer.atomic_torch_save = validate_then_stop, save_and_maybe_stop
+    try:
+        with pytest.raises(Stop):
+            train(cfg, progress=False)
+    finally:
+        trainer.validate, trainer.atomic_torch_save = original, real_save
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_test):
+    out = tmp_path / "nan"
+    train(tiny_config(out, epochs=1, limit_train=256), progress=False)
+    good = (out / "model.pt").read_bytes()
+    cfg = tiny_config(out, epochs=2, limit_train=256, lr=1e30)
+    with pytest.raises(TrainingError, match="last good checkpoint"):
+        train(cfg, progress=False)
+    assert (out / "model.pt").read_bytes() == good
+
+
+def test_resume_without_state_is_a_user_error(tmp_path):
+    cfg = tiny_config(tmp_path / "none", epochs=1)
+    cfg.resume = True
+    with pytest.raises(UserError, match="no .*last.pt"):
+        train(cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_with_gloo(tmp_path, fashion_test):
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys; sys.path.insert(0, %r)\n"
+        "from conftest import tiny_config\n"
+        "from edgeexit.train.trainer import train\n"
+        "r = train(tiny_config(%r, epochs=1, limit_train=512, device='cpu'), progress=False)\n"
+        "open(%r + str(r['rank']), 'w').write(str(r['world_size']))\n"
+        % (str(Path(__file__).parent), str(tmp_path / "ddp"), str(tmp_path / "rank"))
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "rank0").read_text() == "2" and (tmp_path / "rank1").read_text() == "2"
+    ckpt = load_checkpoint(tmp_path / "ddp" / "model.pt")
+    assert ckpt["metrics"]["val_exit_accuracy"][-1] > 0.1
