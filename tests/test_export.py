@@ -6,8 +6,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import normalised
+
 from edgeexit.errors import UserError
 from edgeexit.export.exporter import export_checkpoint
 from edgeexit.export.tensorrt import (

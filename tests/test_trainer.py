@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from edgeexit.errors import UserError
 from edgeexit.train.checkpoint import load_checkpoint
 from edgeexit.train.trainer import TrainingError, train
@@ -96,12 +96,13 @@ def test_resume_without_state_is_a_user_error(tmp_path):
 def test_two_process_ddp_on_cpu_with_gloo(tmp_path, fashion_test):
     script = tmp_path / "ddp.py"
     script.write_text(
-        "import sys; sys.path.insert(0, %r)\n"
+        "import sys; sys.path.insert(0, {!r})\n"
         "from conftest import tiny_config\n"
         "from edgeexit.train.trainer import train\n"
-        "r = train(tiny_config(%r, epochs=1, limit_train=512, device='cpu'), progress=False)\n"
-        "open(%r + str(r['rank']), 'w').write(str(r['world_size']))\n"
-        % (str(Path(__file__).parent), str(tmp_path / "ddp"), str(tmp_path / "rank"))
+        "r = train(tiny_config({!r}, epochs=1, limit_train=512, device='cpu'), progress=False)\n"
+        "open({!r} + str(r['rank']), 'w').write(str(r['world_size']))\n".format(
+            str(Path(__file__).parent), str(tmp_path / "ddp"), str(tmp_path / "rank")
+        )
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
