@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgeexit.calibrate.run import run_calibration
+from edgeexit.errors import UserError
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.manifest import load_manifest
+
+CONTRACT = {"budget_ms", "metric", "thresholds", "evaluated_exits", "predicted", "measured", "baseline_msdnet"}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_artifact, tmp_path_factory):
+    import shutil
+
+    dest = tmp_path_factory.mktemp("cal") / "model.edgeexit"
+    shutil.copytree(tiny_artifact, dest)
+    result = run_calibration(
+        dest, budget_fraction=0.8, backend="onnxruntime", repeats=60, verify_limit=200, iso_accuracy=False
+    )
+    return dest, result
+
+
+def test_calibration_result_and_manifest(calibrated):
+    dest, result = calibrated
+    assert CONTRACT <= set(result)
+    assert len(result["thresholds"]) == 8 and result["thresholds"][-1] <= 0
+    assert result["evaluated_exits"][-1] == 8
+    assert result["predicted"]["latency_ms"] <= result["budget_ms"] + 1e-9
+    assert 0 < result["measured"]["accuracy"] <= 1 and result["measured"]["latency_ms"] > 0
+    assert result["data"]["calibration_images"] == 300 and result["data"]["verification_images"] == 200
+    m = load_manifest(dest)
+    cal = m["calibration"]
+    assert cal["thresholds"] == result["thresholds"] and cal["backend"] == "onnxruntime-cpu"
+    assert set(cal["latency"]["units"]) == {u["name"] for u in m["units"]}
+    assert cal["device"]["cpu"] and cal["device"]["backend_version"]
+    assert (dest / "calibration.png").stat().st_size > 1000
+    assert list(dest.glob("calibration_stats.*.npz"))
+
+
+def test_a_loaded_cascade_uses_the_calibrated_thresholds(calibrated, test_frames):
+    dest, result = calibrated
+    c = Cascade.load(dest, backend="onnxruntime")
+    assert np.allclose(c.thresholds[:-1], result["thresholds"][:-1])
+    frames, _ = test_frames
+    assert c.predict(frames[0], deadline_ms=100).exit_index >= 1  # the latency table enables deadlines
+
+
+def test_skipped_exits_are_not_evaluated(calibrated):
+    _, result = calibrated
+    for k, th in enumerate(result["thresholds"][:-1], 1):
+        assert (k in result["evaluated_exits"]) == (th <= 1)
+
+
+def test_infeasible_budget_is_exit_2_naming_the_minimum(artifact_copy):
+    with pytest.raises(UserError, match=r"below the cheapest possible cascade \(\d+\.\d+ ms"):
+        run_calibration(
+            artifact_copy, budget_ms=1e-4, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False
+        )
+    assert load_manifest(artifact_copy)["calibration"] is None
+
+
+def test_generous_budget_keeps_final_exit_accuracy(artifact_copy):
+    r = run_calibration(
+        artifact_copy, budget_ms=1000.0, backend="onnxruntime", repeats=30, verify_limit=100, iso_accuracy=False
+    )
+    assert "final-exit accuracy" in r["note"]
+    assert r["predicted"]["accuracy"] >= r["full_model"]["calibration_accuracy"]
+
+
+def test_cli_calibrate_json(artifact_copy, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    out = tmp_path / "c.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(artifact_copy),
+            "--budget",
+            "90%",
+            "--backend",
+            "onnxruntime",
+            "--repeats",
+            "30",
+            "--verify-limit",
+            "100",
+            "--metric",
+            "p95",
+            "--json",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    assert CONTRACT <= set(r) and r["metric"] == "p95"
+    assert r["predicted"]["p95_ms"] <= r["budget_ms"] + 1e-9
+    res = CliRunner().invoke(app, ["calibrate", str(artifact_copy), "--budget", "fast"])
+    assert res.exit_code == 2 and "cannot read budget" in res.output

@@ -1,0 +1,194 @@
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import normalised
+
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.policies import entropy, margin, max_softmax
+from edgeexit.runtime.preprocessing import Preprocessor, resize_bilinear
+from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def torch_outputs(tiny_run, fashion_test):
+    model = model_from_checkpoint(load_checkpoint(tiny_run[0] / "model.pt"))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(normalised(fashion_test, 1000)))[0]
+    return [z.numpy() for z in logits]
+
+
+def test_runtime_imports_and_runs_without_torch(tiny_artifact):
+    code = (
+        "import sys, numpy as np\n"
+        "from edgeexit.runtime import Cascade\n"
+        f"c = Cascade.load({str(tiny_artifact)!r}, backend='onnxruntime', thresholds=[0.5] * 8)\n"
+        "p = c.predict(np.zeros((28, 28), np.uint8))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(p.exit_index, p.class_name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+
+
+def test_all_skipped_equals_pytorch_final_exit(tiny_artifact, test_frames, torch_outputs):
+    frames, _ = test_frames
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K)
+    preds = [c.predict(f) for f in frames]
+    assert all(p.exit_index == K for p in preds)
+    assert np.array_equal([p.label for p in preds], torch_outputs[-1].argmax(1))
+
+
+def test_zero_thresholds_equal_exit_one(tiny_artifact, test_frames, torch_outputs):
+    frames, _ = test_frames
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.0] * K)
+    preds = [c.predict(f) for f in frames]
+    assert all(p.exit_index == 1 for p in preds)
+    assert np.array_equal([p.label for p in preds], torch_outputs[0].argmax(1))
+    conf = torch.softmax(torch.from_numpy(torch_outputs[0]), 1).amax(1).numpy()
+    np.testing.assert_allclose([p.confidence for p in preds], conf, atol=1e-5)
+
+
+def test_predict_batch_equals_predict_and_the_cascade_rule(tiny_artifact, test_frames, torch_outputs):
+    frames, _ = test_frames
+    th = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=th)
+    single = [c.predict(f) for f in frames]
+    batch = c.predict_batch(frames)
+    for a, b in zip(single, batch, strict=True):
+        assert (a.label, a.exit_index) == (b.label, b.exit_index)
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
+    # the same rule computed from PyTorch's logits
+    conf = np.stack([torch.softmax(torch.from_numpy(z), 1).amax(1).numpy() for z in torch_outputs], 1)
+    take = conf >= np.array(th)[None]
+    take[:, -1] = True
+    exits = take.argmax(1)
+    assert np.array_equal([p.exit_index - 1 for p in single], exits)
+    labels = np.stack([z.argmax(1) for z in torch_outputs], 1)[np.arange(len(exits)), exits]
+    assert np.array_equal([p.label for p in single], labels)
+    assert len(set(exits)) > 2  # the thresholds really spread samples over several exits
+
+
+def test_threads_get_what_sequential_calls_get(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    frames = frames[:200]
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.8] * K)
+    expected = [(p.label, p.exit_index) for p in (c.predict(f) for f in frames)]
+    results = {}
+
+    def work(t):
+        results[t] = [(p.label, p.exit_index) for p in (c.predict(f) for f in frames)]
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[t] == expected for t in range(4))
+
+
+def test_torch_backend_matches_onnxruntime(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    frames = frames[:300]
+    th = [0.9, 0.85, 0.8, 0.8, 0.7, 0.7, 0.6, 0.0]
+    a = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=th).predict_batch(frames)
+    b = Cascade.load(tiny_artifact, backend="torch", thresholds=th).predict_batch(frames)
+    agree = np.mean([(x.label, x.exit_index) == (y.label, y.exit_index) for x, y in zip(a, b, strict=True)])
+    assert agree >= 0.99  # a confidence within 1e-6 of a threshold may fall either side
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((2, 3, 28, 28), np.uint8), "shape"),
+        (np.zeros((28, 28, 4), np.uint8), "shape"),
+        (np.zeros((3, 28, 28), np.uint8), "channels last"),
+        (np.zeros((28, 28), np.int32), "dtype"),
+        (np.full((1, 28, 28), np.nan, np.float32), "NaN"),
+        (np.zeros((1, 14, 14), np.float32), r"\(1, 28, 28\)"),
+        ([[1, 2], [3, 4]], "numpy array"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_what_was_expected(tiny_artifact, bad, match):
+    c = Cascade.load(tiny_artifact, backend="onnxruntime")
+    with pytest.raises(ValueError, match=match):
+        c.predict(bad)
+
+
+def test_thresholds_must_match_the_exits(tiny_artifact):
+    with pytest.raises(ValueError, match="one value per exit"):
+        Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.5, 0.5])
+
+
+def test_colour_order_and_size_are_handled(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    c_rgb = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K)
+    c_bgr = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K, input_order="BGR")
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    a, b = c_rgb.predict(rgb), c_bgr.predict(rgb[:, :, ::-1].copy())
+    assert (a.label, a.confidence) == (b.label, pytest.approx(b.confidence, abs=1e-6))
+    gray = frames[0][:, :, 0]
+    g3 = np.repeat(gray[:, :, None], 3, axis=2)
+    assert c_rgb.predict(g3).label == c_rgb.predict(gray).label
+    big = np.kron(gray, np.ones((2, 2), np.uint8))  # 56x56: resized back to 28x28
+    assert c_rgb.predict(big).label == c_rgb.predict(gray).label
+
+
+def test_resize_matches_pytorch_bilinear():
+    rng = np.random.default_rng(1)
+    img = rng.random((37, 23, 3)).astype(np.float32)
+    t = torch.from_numpy(img.transpose(2, 0, 1))[None]
+    for size in ((28, 28), (50, 40), (37, 23)):
+        ref = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+        np.testing.assert_allclose(resize_bilinear(img, *size).transpose(2, 0, 1), ref.numpy(), atol=1e-5)
+
+
+def test_preprocessing_normalises_like_training(fashion_test):
+    pre = Preprocessor(fashion_test.preprocessing())
+    x = pre(fashion_test.images[0].permute(1, 2, 0).numpy())
+    np.testing.assert_allclose(x, normalised(fashion_test, 1)[0], atol=1e-6)
+
+
+def test_deadline_returns_the_best_exit_in_time(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K)
+    with pytest.raises(ValueError, match="calibrate"):
+        c.predict(frames[0], deadline_ms=5)
+    # Pretend every unit takes 1 ms at p95 (the real ones take ~0.05 ms). A unit pair is only started
+    # if elapsed + its p95 fits the deadline.
+    c.set_unit_latency({u["name"]: 1.0 for u in c.manifest["units"]})
+    c.set_thresholds([1.5] * (K - 1) + [0.0])  # exits 1-7 skipped...
+    p = c.predict(frames[0], deadline_ms=1.5)
+    assert p.deadline_hit and p.exit_index == 1  # ...but head 1 runs anyway: nothing else could answer in time
+    # Segment k "takes" k ms at p95 and heads nothing: with heads evaluated and (practically) nobody
+    # confident enough, the deepest pair started is the last one whose p95 fits what is left.
+    c.set_unit_latency(
+        {u["name"]: float(u["exit_index"]) if u["kind"] == "segment" else 0.0 for u in c.manifest["units"]}
+    )
+    c.set_thresholds([1.0] * (K - 1) + [0.0])
+    assert c.predict(frames[0], deadline_ms=2.5).exit_index == 2
+    assert c.predict(frames[0], deadline_ms=4.5).exit_index == 4
+    p = c.predict(frames[0], deadline_ms=1000)
+    assert not p.deadline_hit and p.exit_index == K
+
+
+def test_confidence_policies():
+    logits = np.array([[5.0, 0.0, 0.0], [1.0, 1.0, 1.0], [2.0, 1.9, -3.0]])
+    ms, mg, en = max_softmax(logits), margin(logits), entropy(logits)
+    assert ms[1] == pytest.approx(1 / 3) and mg[1] == pytest.approx(0) and en[1] == pytest.approx(0, abs=1e-9)
+    assert en[0] > 0.8 and mg[2] < 0.1
+    assert all(((v >= 0) & (v <= 1)).all() for v in (ms, mg, en))
+
+
+def test_margin_policy_runs_in_the_cascade(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.5] * K, policy="margin")
+    preds = c.predict_batch(frames[:100])
+    assert {p.exit_index for p in preds} <= set(range(1, K + 1))
+    assert all(p.confidence >= 0.5 or p.exit_index == K for p in preds)
