@@ -192,3 +192,28 @@ def test_margin_policy_runs_in_the_cascade(tiny_artifact, test_frames):
     preds = c.predict_batch(frames[:100])
     assert {p.exit_index for p in preds} <= set(range(1, K + 1))
     assert all(p.confidence >= 0.5 or p.exit_index == K for p in preds)
+
+
+def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
+    from edgeexit.runtime.fusion import fused_path, segment_groups
+
+    frames, _ = test_frames
+    frames = frames[:300]
+    th = [0.9, 2.0, 2.0, 0.8, 2.0, 2.0, 2.0, 0.0]
+    assert segment_groups([t <= 1 for t in th[:-1]] + [True]) == [(0, 0), (1, 3), (4, 7)]
+    plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False)
+    fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)
+    assert fused_path(artifact_copy, 1, 3).is_file() and fused_path(artifact_copy, 4, 7).is_file()
+    a, b = plain.predict_batch(frames), fused.predict_batch(frames)
+    assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
+    np.testing.assert_allclose([p.confidence for p in a], [p.confidence for p in b], atol=1e-5)
+    one = fused.predict(frames[0])
+    assert "seg_05-08" in one.unit_latency_ms or "seg_02-04" in one.unit_latency_ms
+    # a runtime without the onnx package still uses the cached fused graphs
+    code = (
+        "import sys; sys.modules['onnx'] = None\n"
+        "from edgeexit.runtime import Cascade\n"
+        f"c = Cascade.load({str(artifact_copy)!r}, backend='onnxruntime', thresholds={th!r})\n"
+        "assert (4, 7) in c.backend._fused\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

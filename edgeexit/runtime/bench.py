@@ -24,7 +24,7 @@ def bench_cascade(
 ) -> dict:
     from edgeexit.calibrate.profiler import profile_units
 
-    data, why = _heldout_frames(cascade, num_images, data_dir)
+    data, why = _heldout_frames(cascade, num_images, data_dir) if num_images > 0 else (None, "--images 0")
     if data is not None:
         image = cascade.preprocess(data[0][0])
     else:

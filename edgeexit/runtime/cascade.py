@@ -35,10 +35,17 @@ class Cascade:
     """An early-exit cascade over a NAME.edgeexit artifact. Safe to call from several threads."""
 
     def __init__(
-        self, manifest: dict, backend, thresholds=None, policy: str | None = None, input_order: str = "RGB"
+        self,
+        manifest: dict,
+        backend,
+        thresholds=None,
+        policy: str | None = None,
+        input_order: str = "RGB",
+        fuse: bool = True,
     ) -> None:
         self.manifest = manifest
         self.backend = backend
+        self.fuse = fuse
         self.num_exits = num_exits(manifest)
         self.class_names = list(manifest["class_names"])
         calib = manifest.get("calibration") or {}
@@ -63,12 +70,16 @@ class Cascade:
         thresholds=None,
         policy: str | None = None,
         input_order: str = "RGB",
+        fuse: bool = True,
         **backend_options,
     ) -> Cascade:
         """Open NAME.edgeexit. ``backend``: auto (tensorrt > onnxruntime-cuda > onnxruntime-cpu),
-        tensorrt, onnxruntime, onnxruntime-cuda, torch. ``input_order``: channel order of uint8 frames."""
+        tensorrt, onnxruntime, onnxruntime-cuda, torch. ``input_order``: channel order of uint8 frames.
+        ``fuse``: run the segments between two evaluated exits as one graph where the backend can
+        (ONNX Runtime; see runtime/fusion.py)."""
         manifest = load_manifest(artifact)
-        return cls(manifest, create_backend(manifest, backend, **backend_options), thresholds, policy, input_order)
+        backend_impl = create_backend(manifest, backend, **backend_options)
+        return cls(manifest, backend_impl, thresholds, policy, input_order, fuse)
 
     # -- configuration ---------------------------------------------------------------------------
     def set_thresholds(self, thresholds) -> None:
@@ -80,6 +91,11 @@ class Cascade:
         self.thresholds = th
         # A head runs only if its exit can be taken; the last exit always runs and accepts.
         self.evaluated = [bool(t <= 1.0) for t in th[:-1]] + [True]
+        from edgeexit.runtime.fusion import segment_groups
+
+        self._groups = segment_groups(self.evaluated)
+        if hasattr(self.backend, "prepare"):
+            self.backend.prepare(self.evaluated, fuse=self.fuse)
 
     @property
     def backend_name(self) -> str:
@@ -104,7 +120,34 @@ class Cascade:
                 "(`edgeexit calibrate`) or call set_unit_latency()"
             )
         with self._lock:
+            if deadline_ms is None:
+                return self._run_groups(x, t0)
             return self._run_one(x, t0, deadline_ms)
+
+    def _segments(self, k0: int, k1: int, state: tuple) -> tuple:
+        be = self.backend
+        if k0 < k1 and hasattr(be, "run_segments"):
+            return be.run_segments(k0, k1, state)
+        for k in range(k0, k1 + 1):
+            state = be.run_segment(k, state)
+        return state
+
+    def _run_groups(self, x: np.ndarray, t0: float) -> Prediction:
+        """The hot path: run each group of segments up to the next evaluated exit, then its head."""
+        be, names, units_ms = self.backend, self._unit_names, {}
+        state = be.from_host(x)
+        last = self.num_exits - 1
+        for k0, k in self._groups:
+            t = time.perf_counter()
+            state = self._segments(k0, k, state)
+            t2 = time.perf_counter()
+            units_ms[names[2 * k] if k0 == k else f"seg_{k0 + 1:02d}-{k + 1:02d}"] = (t2 - t) * 1e3
+            head = be.run_head(k, state[-1])
+            conf = float(self._confidence(head)[0])
+            units_ms[names[2 * k + 1]] = (time.perf_counter() - t2) * 1e3
+            if k == last or conf >= self.thresholds[k]:
+                return self._prediction(k, conf, head, t0, units_ms)
+        raise AssertionError("unreachable: the last exit always accepts")
 
     def _run_one(self, x: np.ndarray, t0: float, deadline_ms: float | None) -> Prediction:
         be, names, units_ms = self.backend, self._unit_names, {}
@@ -176,10 +219,8 @@ class Cascade:
         active = np.arange(n)
         state = be.from_host(x)
         last = self.num_exits - 1
-        for k in range(self.num_exits):
-            state = be.run_segment(k, state)
-            if not self.evaluated[k]:
-                continue
+        for k0, k in self._groups:
+            state = self._segments(k0, k, state)
             head = be.run_head(k, state[-1])
             conf = self._confidence(head)
             done = np.ones(len(active), dtype=bool) if k == last else conf >= self.thresholds[k]

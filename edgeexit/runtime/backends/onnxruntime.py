@@ -39,6 +39,8 @@ class OnnxRuntimeBackend:
                 "(install onnxruntime-gpu)"
             )
         folder = Path(manifest["_folder"])
+        self._manifest, self._folder = manifest, folder
+        self._fused: dict[tuple[int, int], tuple] = {}
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -49,6 +51,7 @@ class OnnxRuntimeBackend:
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.version = ort.__version__
         self.precision = "fp32"
+        self._opts, self._providers = opts, providers
         self._segments, self._heads = [], []
         for u in manifest["units"]:
             sess = ort.InferenceSession(str(folder / u["onnx"]), opts, providers=providers)
@@ -62,6 +65,36 @@ class OnnxRuntimeBackend:
     def run_segment(self, k: int, state: tuple) -> tuple:
         sess, names, outs = self._segments[k]
         return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
+
+    def prepare(self, evaluated: list[bool], fuse: bool = True) -> None:
+        """Fuse the segments between evaluated exits into one session each (see runtime/fusion.py)."""
+        from edgeexit.runtime.fusion import load_or_build, segment_groups
+
+        if not fuse:
+            return
+        ort = _ort()
+        for k0, k1 in segment_groups(evaluated):
+            if k1 == k0 or (k0, k1) in self._fused:
+                continue
+            try:
+                source = load_or_build(self._folder, self._manifest, k0, k1)
+            except Exception:  # fusion is an optimisation: never fail the cascade for it
+                source = None
+            if source is None:
+                continue
+            sess = ort.InferenceSession(source, self._opts, providers=self._providers)
+            first, last = self._segments[k0], self._segments[k1]
+            self._fused[(k0, k1)] = (sess, first[1], last[2])
+
+    def run_segments(self, k0: int, k1: int, state: tuple) -> tuple:
+        """Segments k0..k1 (inclusive): one fused session when prepared, else one by one."""
+        fused = self._fused.get((k0, k1))
+        if fused is not None:
+            sess, names, outs = fused
+            return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
+        for k in range(k0, k1 + 1):
+            state = self.run_segment(k, state)
+        return state
 
     def run_head(self, k: int, tap) -> HeadOutput:
         sess, names, outs = self._heads[k]
