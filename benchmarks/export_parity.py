@@ -34,12 +34,16 @@ def main() -> None:
     t0 = time.perf_counter()
     manifest, _ = export_checkpoint(args.checkpoint, out=dest)
     export_s = time.perf_counter() - t0
-    print(f"export: {export_s:.1f} s total ({manifest['export']['export_s']} s recorded), "
-          f"{sum(u['onnx_bytes'] for u in manifest['units']) / 1e6:.2f} MB ONNX")
+    print(
+        f"export: {export_s:.1f} s total ({manifest['export']['export_s']} s recorded), "
+        f"{sum(u['onnx_bytes'] for u in manifest['units']) / 1e6:.2f} MB ONNX"
+    )
     print("\n| unit | ONNX KB | export s | MFLOPs | params |\n|---|---|---|---|---|")
     for u in manifest["units"]:
-        print(f"| {u['name']} | {u['onnx_bytes'] / 1024:.1f} | {u['export_s']:.2f} | {u['flops'] / 1e6:.2f} | "
-              f"{u['params']:,} |")
+        print(
+            f"| {u['name']} | {u['onnx_bytes'] / 1024:.1f} | {u['export_s']:.2f} | {u['flops'] / 1e6:.2f} | "
+            f"{u['params']:,} |"
+        )
     model = model_from_checkpoint(load_checkpoint(args.checkpoint))
     test = load_dataset("fashion-mnist", "test")
     x = normalize(test.images[: args.images], test.mean, test.std).numpy()
@@ -47,8 +51,10 @@ def main() -> None:
         ref = [z.numpy() for z in model(torch.from_numpy(x))[0]]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    sess = {u["name"]: ort.InferenceSession(str(dest / u["onnx"]), opts, providers=["CPUExecutionProvider"])
-            for u in manifest["units"]}
+    sess = {
+        u["name"]: ort.InferenceSession(str(dest / u["onnx"]), opts, providers=["CPUExecutionProvider"])
+        for u in manifest["units"]
+    }
     k = len(manifest["units"]) // 2
     print("\n| batch | " + " | ".join(f"exit {i + 1}" for i in range(k)) + " | predictions equal |")
     print("|---" * (k + 2) + "|")
@@ -56,13 +62,13 @@ def main() -> None:
         diff = np.zeros(k)
         equal = True
         for s in range(0, len(x), b):
-            state = [x[s:s + b]]
+            state = [x[s : s + b]]
             for i in range(k):
                 seg, head = manifest["units"][2 * i], manifest["units"][2 * i + 1]
                 state = sess[seg["name"]].run(None, {n["name"]: a for n, a in zip(seg["inputs"], state, strict=True)})
                 logits, _ = sess[head["name"]].run(None, {head["inputs"][0]["name"]: state[-1]})
-                diff[i] = max(diff[i], np.abs(logits - ref[i][s:s + b]).max())
-                equal &= bool(np.array_equal(logits.argmax(1), ref[i][s:s + b].argmax(1)))
+                diff[i] = max(diff[i], np.abs(logits - ref[i][s : s + b]).max())
+                equal &= bool(np.array_equal(logits.argmax(1), ref[i][s : s + b].argmax(1)))
         print(f"| {b} | " + " | ".join(f"{d:.1e}" for d in diff) + f" | {'yes' if equal else 'NO'} |")
 
 

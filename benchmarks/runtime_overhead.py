@@ -48,9 +48,16 @@ def export_monolithic(artifact: Path) -> Path:
 
     cfg = model.config
     path = Path(tempfile.mkdtemp()) / "plain.onnx"
-    torch.onnx.export(Plain(model).eval(), (torch.zeros(1, cfg.in_chans, *cfg.input_size),), str(path), dynamo=False,
-                      input_names=["image"], output_names=["logits", "confidence"], opset_version=17,
-                      dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}, "confidence": {0: "b"}})
+    torch.onnx.export(
+        Plain(model).eval(),
+        (torch.zeros(1, cfg.in_chans, *cfg.input_size),),
+        str(path),
+        dynamo=False,
+        input_names=["image"],
+        output_names=["logits", "confidence"],
+        opset_version=17,
+        dynamic_axes={"image": {0: "b"}, "logits": {0: "b"}, "confidence": {0: "b"}},
+    )
     return path
 
 
@@ -70,7 +77,9 @@ def main() -> None:
     from edgeexit.runtime import Cascade
 
     cascade = Cascade.load(artifact, backend="onnxruntime")
-    unfused = Cascade.load(artifact, backend="onnxruntime", fuse=False, thresholds=[2.0] * (cascade.num_exits - 1) + [0])
+    unfused = Cascade.load(
+        artifact, backend="onnxruntime", fuse=False, thresholds=[2.0] * (cascade.num_exits - 1) + [0]
+    )
     frames, labels, _ = load_frames(cascade.manifest, None, "heldout", None)
     x = cascade.preprocess(frames[0])
     opts = ort.SessionOptions()
@@ -95,16 +104,29 @@ def main() -> None:
         chain = time_call(units_only, lambda: None, args.repeats, 0.0)
         casc_unfused = time_call(lambda: unfused.predict(x), lambda: None, args.repeats, 0.0)
         casc = time_call(lambda: cascade.predict(x), lambda: None, args.repeats, 0.0)
-        rows.append((mono["p50_ms"], chain["p50_ms"], casc_unfused["p50_ms"], casc["p50_ms"],
-                     mono["mean_ms"], casc_unfused["mean_ms"], casc["mean_ms"]))
+        rows.append(
+            (
+                mono["p50_ms"],
+                chain["p50_ms"],
+                casc_unfused["p50_ms"],
+                casc["p50_ms"],
+                mono["mean_ms"],
+                casc_unfused["mean_ms"],
+                casc["mean_ms"],
+            )
+        )
     a = np.median(np.array(rows), axis=0)
     print("| what (batch 1, ORT CPU, 1 thread, median of interleaved rounds) | p50 ms | mean ms | / one model (p50) |")
     print("|---|---|---|---|")
     print(f"| one ONNX model: backbone + final head | {a[0]:.4f} | {a[4]:.4f} | 1.000 |")
     print(f"| 9 units (8 segments + final head) called one by one | {a[1]:.4f} | | {a[1] / a[0]:.3f} |")
-    print(f"| `Cascade.predict`, intermediate exits skipped, `fuse=False` | {a[2]:.4f} | {a[5]:.4f} | {a[2] / a[0]:.3f} |")
-    print(f"| `Cascade.predict`, intermediate exits skipped (fused, default) | {a[3]:.4f} | {a[6]:.4f} | "
-          f"{a[3] / a[0]:.3f} |")
+    print(
+        f"| `Cascade.predict`, intermediate exits skipped, `fuse=False` | {a[2]:.4f} | {a[5]:.4f} | {a[2] / a[0]:.3f} |"
+    )
+    print(
+        f"| `Cascade.predict`, intermediate exits skipped (fused, default) | {a[3]:.4f} | {a[6]:.4f} | "
+        f"{a[3] / a[0]:.3f} |"
+    )
 
     if args.soak:
         cascade.set_thresholds(saved)
@@ -118,8 +140,10 @@ def main() -> None:
             if i % 10000 == 0:
                 peak = max(peak, rss_mb())
         end = rss_mb()
-        print(f"\nsoak: {args.soak} predict calls at the calibrated thresholds: RSS {start:.1f} MB → {end:.1f} MB "
-              f"(growth {end - start:+.1f} MB, peak {max(peak, end):.1f} MB)")
+        print(
+            f"\nsoak: {args.soak} predict calls at the calibrated thresholds: RSS {start:.1f} MB → {end:.1f} MB "
+            f"(growth {end - start:+.1f} MB, peak {max(peak, end):.1f} MB)"
+        )
 
 
 if __name__ == "__main__":

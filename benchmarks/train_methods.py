@@ -36,15 +36,29 @@ def main() -> None:
     for method in args.methods:
         for seed in args.seeds:
             out = Path(args.out) / f"{method}_s{seed}"
-            cfg = TrainConfig.from_recipe("fashion-mnist", method, out=str(out), seed=seed, epochs=args.epochs,
-                                          limit_train=args.limit_train, width=args.width, exits=8)
+            cfg = TrainConfig.from_recipe(
+                "fashion-mnist",
+                method,
+                out=str(out),
+                seed=seed,
+                epochs=args.epochs,
+                limit_train=args.limit_train,
+                width=args.width,
+                exits=8,
+            )
             t0 = time.perf_counter()
             r = train(cfg, progress=False)
             model = model_from_checkpoint(load_checkpoint(out / "model.pt"))
             acc = anytime_accuracy(exit_outputs(model, test)["correct"])
-            rows.setdefault(method, []).append({"seed": seed, "exit_accuracy": acc, "average": float(np.mean(acc)),
-                                                "train_s": time.perf_counter() - t0,
-                                                "images_per_s": r["images_per_s"]})
+            rows.setdefault(method, []).append(
+                {
+                    "seed": seed,
+                    "exit_accuracy": acc,
+                    "average": float(np.mean(acc)),
+                    "train_s": time.perf_counter() - t0,
+                    "images_per_s": r["images_per_s"],
+                }
+            )
             print(f"{method} seed {seed}: avg {np.mean(acc):.4f} final {acc[-1]:.4f}", flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

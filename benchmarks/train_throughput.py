@@ -21,8 +21,9 @@ def measure(width: float, batch: int, steps: int, warmup: int, device: str, in_c
     from edgeexit.train.recipes import get_recipe
 
     dev = torch.device(device)
-    model = build_model(MultiExitConfig(exits=8, width=width, in_chans=in_chans, num_classes=10,
-                                        input_size=[size, size]))
+    model = build_model(
+        MultiExitConfig(exits=8, width=width, in_chans=in_chans, num_classes=10, input_size=[size, size])
+    )
     task = build_task("mlcsd", model, get_recipe("cifar10", "mlcsd").loss).to(dev)
     if dev.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -6,8 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def run_quickstart(
     out: Path,
@@ -24,7 +22,7 @@ def run_quickstart(
     from rich.panel import Panel
 
     from edgeexit.calibrate.report import calibration_table
-    from edgeexit.calibrate.run import run_calibration
+    from edgeexit.calibrate.run import run_calibration, verify
     from edgeexit.data import load_dataset
     from edgeexit.export.exporter import export_checkpoint
     from edgeexit.export.report import info_table
@@ -99,14 +97,8 @@ def run_quickstart(
     cascade = Cascade.load(artifact, backend="onnxruntime")
     frames = test.images[:run_images].permute(0, 2, 3, 1).numpy()
     labels = test.labels[:run_images].numpy()
-    preds = [cascade.predict(f) for f in frames]
-    lat = np.array([p.latency_ms for p in preds])
-    acc = float(np.mean([p.label == y for p, y in zip(preds, labels, strict=True)]))
-    hist = np.bincount([p.exit_index - 1 for p in preds], minlength=cascade.num_exits)
-    cascade.set_thresholds([2.0] * (cascade.num_exits - 1) + [0.0])
-    full = [cascade.predict(f) for f in frames]
-    full_lat = np.array([p.latency_ms for p in full])
-    full_acc = float(np.mean([p.label == y for p, y in zip(full, labels, strict=True)]))
+    calibrated = verify(cascade, frames, labels, cascade.thresholds)
+    full = verify(cascade, frames, labels, [2.0] * (cascade.num_exits - 1) + [0.0])
     cascade.close()
     timings["run_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -117,13 +109,13 @@ def run_quickstart(
         "evaluated_exits": cal["evaluated_exits"],
         "test": {
             "images": run_images,
-            "accuracy": acc,
-            "mean_ms": float(lat.mean()),
-            "p95_ms": float(np.percentile(lat, 95)),
-            "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(hist)},
+            "accuracy": calibrated["accuracy"],
+            "mean_ms": calibrated["mean_ms"],
+            "p95_ms": calibrated["p95_ms"],
+            "exit_histogram": calibrated["exit_histogram"],
         },
-        "full_model_test": {"accuracy": full_acc, "mean_ms": float(full_lat.mean())},
-        "speedup": float(full_lat.mean() / lat.mean()),
+        "full_model_test": {"accuracy": full["accuracy"], "mean_ms": full["mean_ms"]},
+        "speedup": full["mean_ms"] / calibrated["mean_ms"],
         "calibration": {
             "predicted": cal["predicted"],
             "measured": cal["measured"],
@@ -138,10 +130,11 @@ def run_quickstart(
         Panel.fit(
             f"budget [bold]{cal['budget_ms']:.3f} ms[/] per image (mean, ONNX Runtime on this CPU)\n"
             f"thresholds [{th}] — exits evaluated: {cal['evaluated_exits']}\n"
-            f"test ({run_images} images, one frame at a time): accuracy [bold]{100 * acc:.2f}%[/], mean "
-            f"[bold]{lat.mean():.3f} ms[/], p95 {np.percentile(lat, 95):.3f} ms\n"
-            f"full model: accuracy {100 * full_acc:.2f}%, mean {full_lat.mean():.3f} ms → speed-up "
-            f"[bold]{full_lat.mean() / lat.mean():.2f}×[/]\n"
+            f"test ({run_images} images, one frame at a time): accuracy "
+            f"[bold]{100 * calibrated['accuracy']:.2f}%[/], mean [bold]{calibrated['mean_ms']:.3f} ms[/], "
+            f"p95 {calibrated['p95_ms']:.3f} ms\n"
+            f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
+            f"[bold]{summary['speedup']:.2f}×[/]\n"
             f"exit histogram: {json.dumps(summary['test']['exit_histogram'])}\n"
             f"artifact: {artifact}  (embed it: Cascade.load('{artifact}'))\n"
             f"took {timings['total_s'] / 60:.1f} min: "

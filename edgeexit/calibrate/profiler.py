@@ -75,11 +75,15 @@ def profile_units(
 def frame_overhead_ms(cascade, frame, unit_p50: dict, repeats: int = 100) -> float:
     """Per-frame cost outside the units (validation, preprocessing, host↔device copy, bookkeeping):
     median end-to-end ``predict`` with every intermediate exit skipped, minus the units it ran."""
-    saved = cascade.thresholds.copy()
+    saved, saved_fuse = cascade.thresholds.copy(), cascade.fuse
     try:
+        # Unfused, so the overhead is what surrounds the units the cost model adds up (fusion at
+        # run time only makes the real cascade faster than predicted).
+        cascade.fuse = False
         cascade.set_thresholds([2.0] * (cascade.num_exits - 1) + [0.0])
         lat = time_call(lambda: cascade.predict(frame), cascade.backend.synchronize, repeats, 0.5)["p50_ms"]
     finally:
+        cascade.fuse = saved_fuse
         cascade.set_thresholds(saved)
     units = (
         sum(unit_p50[f"seg_{k + 1:02d}"] for k in range(cascade.num_exits)) + unit_p50[f"head_{cascade.num_exits:02d}"]

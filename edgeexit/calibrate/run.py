@@ -67,14 +67,17 @@ def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds)
         correct.append(p.label == y)
         exits.append(p.exit_index)
     lat_a = np.asarray(lat)
+    counts = np.bincount(np.asarray(exits) - 1, minlength=cascade.num_exits)
     return {
         "accuracy": float(np.mean(correct)),
         "latency_ms": float(lat_a.mean()),
         "mean_ms": float(lat_a.mean()),
         "p50_ms": float(np.median(lat_a)),
         "p95_ms": float(np.percentile(lat_a, 95)),
+        "p99_ms": float(np.percentile(lat_a, 99)),
         "samples": len(lat),
-        "exit_shares": (np.bincount(np.asarray(exits) - 1, minlength=cascade.num_exits) / len(exits)).tolist(),
+        "exit_shares": (counts / len(exits)).tolist(),
+        "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(counts)},
     }
 
 

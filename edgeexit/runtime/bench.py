@@ -64,24 +64,11 @@ def bench_cascade(
     result["full_cascade"] = full
     result["backbone_and_final_head_ms"] = plain["mean_ms"]
     if data is not None:
-        frames, labels = data
-        lat, correct, exits = [], [], []
-        for f, y in zip(frames, labels, strict=True):
-            p = cascade.predict(f)
-            lat.append(p.latency_ms)
-            correct.append(p.label == y)
-            exits.append(p.exit_index)
-        a = np.asarray(lat)
-        result["early_exit_ms"] = float(a.mean())
-        result["early_exit"] = {
-            "mean_ms": float(a.mean()),
-            "p50_ms": float(np.median(a)),
-            "p95_ms": float(np.percentile(a, 95)),
-            "p99_ms": float(np.percentile(a, 99)),
-            "accuracy": float(np.mean(correct)),
-            "images": len(a),
-            "exit_histogram": {str(k): int(c) for k, c in zip(*np.unique(exits, return_counts=True), strict=True)},
-        }
+        from edgeexit.calibrate.run import verify
+
+        ee = verify(cascade, *data, cascade.thresholds)
+        result["early_exit_ms"] = ee["mean_ms"]
+        result["early_exit"] = ee
     else:
         result["early_exit_ms"] = None
         result["early_exit_note"] = f"no held-out images here ({why}); per-unit numbers only"

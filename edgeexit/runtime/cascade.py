@@ -126,7 +126,7 @@ class Cascade:
 
     def _segments(self, k0: int, k1: int, state: tuple) -> tuple:
         be = self.backend
-        if k0 < k1 and hasattr(be, "run_segments"):
+        if self.fuse and k0 < k1 and hasattr(be, "run_segments"):
             return be.run_segments(k0, k1, state)
         for k in range(k0, k1 + 1):
             state = be.run_segment(k, state)

@@ -63,7 +63,7 @@ def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
 def _prefix_internal_names(model, prefix: str):
     """add_prefix renames every edge; give the graph's inputs and outputs their names back."""
     graph = model.graph
-    restore = {v.name: v.name[len(prefix):] for v in (*graph.input, *graph.output) if v.name.startswith(prefix)}
+    restore = {v.name: v.name[len(prefix) :] for v in (*graph.input, *graph.output) if v.name.startswith(prefix)}
     for v in (*graph.input, *graph.output):
         v.name = restore.get(v.name, v.name)
     for node in graph.node:
