@@ -1,0 +1,330 @@
+"""Datasets as in-memory uint8 tensors (N, C, H, W), read from their real on-disk formats.
+
+Every dataset edgeexit trains on fits in host memory as uint8 (Tiny-ImageNet's 100k 64x64 RGB
+images are 1.2 GB), so the loaders read everything once and the trainer batches with tensor
+ops: no DataLoader workers, and on CUDA the whole set moves to the GPU once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeexit.errors import UserError
+
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+NAMED = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
+
+# Per-channel statistics on 0-1 pixel values (training sets).
+STATS = {
+    "fashion-mnist": ([0.2860], [0.3530]),
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+    "tiny-imagenet": ([0.4802, 0.4481, 0.3975], [0.2770, 0.2691, 0.2821]),
+}
+
+
+@dataclass
+class ImageDataset:
+    """uint8 images (N, C, H, W) with int64 labels and the preprocessing the model expects."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    mean: list[float]
+    std: list[float]
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError("images must be a uint8 (N, C, H, W) tensor")
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def input_size(self) -> list[int]:
+        return [int(self.images.shape[2]), int(self.images.shape[3])]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageDataset:
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ImageDataset(self.images[idx], self.labels[idx], self.class_names, self.mean, self.std, self.name)
+
+    def preprocessing(self) -> dict:
+        """The `preprocessing` block of checkpoints and manifests (ARCHITECTURE §4, §5)."""
+        return {
+            "input_size": self.input_size,
+            "in_chans": self.in_chans,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channel_order": "RGB" if self.in_chans == 3 else "GRAY",
+            "resize": "bilinear",
+        }
+
+
+def _dirs_to_search(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    dirs = []
+    if name == "fashion-mnist":
+        dirs.append(FASHION_MNIST_SYSTEM_DIR)
+    if data_dir is not None:
+        d = Path(data_dir)
+        dirs += [d / name, d / name.replace("-", "_"), d / "FashionMNIST" / "raw", d]
+    dirs += [Path("data") / name]
+    return dirs
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path} is not an idx file of unsigned bytes")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> ImageDataset:
+    prefix = "train" if split == "train" else "t10k"
+    searched = _dirs_to_search("fashion-mnist", data_dir)
+    for d in searched:
+        for ext in (".gz", ""):
+            img = d / f"{prefix}-images-idx3-ubyte{ext}"
+            lbl = d / f"{prefix}-labels-idx1-ubyte{ext}"
+            if img.is_file() and lbl.is_file():
+                images = _read_idx(img)[:, None]
+                labels = _read_idx(lbl).astype(np.int64)
+                mean, std = STATS["fashion-mnist"]
+                return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels),
+                                    FASHION_CLASSES, mean, std, "fashion-mnist")
+    if download:
+        root = Path(data_dir or "data")
+        try:
+            from torchvision.datasets import FashionMNIST
+
+            FashionMNIST(str(root), train=split == "train", download=True)
+            return load_fashion_mnist(split, root / "FashionMNIST" / "raw", download=False)
+        except Exception as e:  # no network is the normal case here
+            raise UserError(f"Fashion-MNIST download failed ({e}); install it with "
+                            "'apt-get install dataset-fashion-mnist'") from None
+    raise UserError(
+        "Fashion-MNIST not found (looked in " + ", ".join(str(d) for d in searched) + "); "
+        "install it with 'apt-get install dataset-fashion-mnist' or pass --data-dir with the four idx .gz files"
+    )
+
+
+def load_cifar(name: str, split: str, data_dir=None) -> ImageDataset:
+    """torchvision's on-disk format: cifar-10-batches-py/ or cifar-100-python/ pickles."""
+    sub, files, label_key, meta_file, names_key = (
+        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"],
+         b"labels", "batches.meta", b"label_names")
+        if name == "cifar10"
+        else ("cifar-100-python", ["train" if split == "train" else "test"], b"fine_labels", "meta",
+              b"fine_label_names")
+    )
+    searched = [d / sub for d in _dirs_to_search(name, data_dir)] + [d for d in _dirs_to_search(name, data_dir)]
+    for root in searched:
+        if all((root / f).is_file() for f in files) and (root / meta_file).is_file():
+            xs, ys = [], []
+            for f in files:
+                with open(root / f, "rb") as fh:
+                    batch = pickle.load(fh, encoding="bytes")  # noqa: S301 - CIFAR's own format
+                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                ys.append(np.asarray(batch[label_key], dtype=np.int64))
+            with open(root / meta_file, "rb") as fh:
+                meta = pickle.load(fh, encoding="bytes")  # noqa: S301
+            classes = [c.decode() for c in meta[names_key]]
+            mean, std = STATS[name]
+            return ImageDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
+                                classes, mean, std, name)
+    raise UserError(
+        f"{name} not found (looked for {sub}/ in " + ", ".join(str(d) for d in _dirs_to_search(name, data_dir))
+        + "); download it with torchvision (datasets." + ("CIFAR10" if name == "cifar10" else "CIFAR100")
+        + "(root, download=True)) on a machine with network and pass --data-dir"
+    )
+
+
+def _load_images(paths: list[Path], size: list[int] | None, in_chans: int | None) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("L" if in_chans == 1 else "RGB")
+            if size is not None and list(im.size[::-1]) != list(size):
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.uint8)
+        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    return np.stack(out)
+
+
+def load_tiny_imagenet(split: str, data_dir=None) -> ImageDataset:
+    """Standard tiny-imagenet-200/ layout; val images re-sorted by val_annotations.txt."""
+    searched = [d / "tiny-imagenet-200" for d in _dirs_to_search("tiny-imagenet", data_dir)]
+    searched += _dirs_to_search("tiny-imagenet", data_dir)
+    for root in searched:
+        if (root / "wnids.txt").is_file() and (root / "train").is_dir():
+            wnids = [w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()]
+            index = {w: i for i, w in enumerate(wnids)}
+            words = {}
+            if (root / "words.txt").is_file():
+                for line in (root / "words.txt").read_text().splitlines():
+                    if "\t" in line:
+                        k, v = line.split("\t", 1)
+                        words[k] = v.split(",")[0].strip()
+            paths, labels = [], []
+            if split == "train":
+                for w in wnids:
+                    for p in sorted((root / "train" / w / "images").glob("*")):
+                        paths.append(p)
+                        labels.append(index[w])
+            else:
+                ann = root / "val" / "val_annotations.txt"
+                if not ann.is_file():
+                    raise UserError(f"{ann} missing: Tiny-ImageNet val needs its annotations file")
+                for line in ann.read_text().splitlines():
+                    parts = line.split("\t")
+                    if len(parts) >= 2:
+                        paths.append(root / "val" / "images" / parts[0])
+                        labels.append(index[parts[1]])
+            images = _load_images(paths, [64, 64], 3)
+            mean, std = STATS["tiny-imagenet"]
+            return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long),
+                                [words.get(w, w) for w in wnids], mean, std, "tiny-imagenet")
+    raise UserError("tiny-imagenet not found (looked in " + ", ".join(str(d) for d in searched)
+                    + "); unpack tiny-imagenet-200.zip under --data-dir")
+
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+
+
+def load_image_folder(root: str | os.PathLike, size: list[int] | None = None,
+                      in_chans: int = 3) -> ImageDataset:
+    """A folder of class folders (the user's own camera images), resized to ``size``."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise UserError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
+    paths, labels = [], []
+    for i, c in enumerate(classes):
+        for p in sorted((root / c).rglob("*")):
+            if p.suffix.lower() in IMAGE_EXTS:
+                paths.append(p)
+                labels.append(i)
+    if not paths:
+        raise UserError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTS))})")
+    if size is None:
+        from PIL import Image
+
+        with Image.open(paths[0]) as im:
+            size = [im.size[1], im.size[0]]
+    images = _load_images(paths, size, in_chans)
+    x = torch.from_numpy(images).float() / 255
+    mean = x.mean(dim=(0, 2, 3)).tolist()
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+    return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long), classes, mean, std,
+                        str(root))
+
+
+def load_dataset(name: str, split: str, data_dir=None, image_size: list[int] | None = None) -> ImageDataset:
+    """``name`` is one of NAMED or a path to an ImageFolder; ``split`` is train or test."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split}")
+    key = name.lower()
+    if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+        return load_fashion_mnist(split, data_dir)
+    if key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
+        return load_cifar(key.replace("-", ""), split, data_dir)
+    if key in ("tiny-imagenet", "tinyimagenet", "tiny-imagenet-200"):
+        return load_tiny_imagenet(split, data_dir)
+    path = Path(name)
+    if path.is_dir():
+        # <root>/train and <root>/test (or val) when present; otherwise the folder itself is the
+        # training set (the held-out split is carved from it) and there is no test split.
+        if (path / split).is_dir():
+            return load_image_folder(path / split, image_size)
+        if split == "test" and (path / "val").is_dir():
+            return load_image_folder(path / "val", image_size)
+        if split == "train":
+            return load_image_folder(path, image_size)
+        raise UserError(f"{path} has no test/ or val/ folder; evaluate on a folder that has one")
+    raise UserError(f"unknown dataset '{name}': use one of {', '.join(NAMED)} or a path to an ImageFolder")
+
+
+def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded held-out split of the training set: (train_indices, val_indices)."""
+    if val_size >= n:
+        raise UserError(f"--val-size {val_size} leaves no training images (the training set has {n})")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def split_calibration(val_indices: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out split halved: (calibration, verification) — thresholds are chosen on the first
+    and checked on the second, so the test split is never used to choose anything."""
+    perm = np.random.default_rng(seed + 1).permutation(len(val_indices))
+    half = len(val_indices) // 2
+    return np.sort(val_indices[perm[:half]]), np.sort(val_indices[perm[half:]])
+
+
+def normalize(images_u8: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> normalised float32 on the same device."""
+    m = torch.tensor(mean, device=images_u8.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images_u8.device).view(1, -1, 1, 1)
+    return (images_u8.float() / 255 - m) / s
+
+
+def augment(images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with ``pad`` pixels of zero padding and horizontal flip, batched (paper augmentation).
+
+    All randomness comes from ``generator`` (on the CPU) so runs are reproducible and resumable.
+    """
+    n, c, h, w = images_u8.shape
+    padded = torch.nn.functional.pad(images_u8, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(images_u8.device)  # (n, h)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(images_u8.device)  # (n, w)
+    if flip:
+        do_flip = (torch.rand(n, generator=generator) < 0.5).to(images_u8.device)
+        cols = torch.where(do_flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n, device=images_u8.device).view(n, 1, 1, 1)
+    idx_c = torch.arange(c, device=images_u8.device).view(1, c, 1, 1)
+    return padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
+
+
+def load_heldout(split_info: dict, data_dir=None, dataset: str | None = None) -> ImageDataset:
+    """Rebuild the held-out split recorded in a checkpoint or manifest (``split`` block)."""
+    name = dataset or split_info.get("dataset")
+    if not name:
+        raise UserError("the artifact records no dataset; pass --data")
+    full = load_dataset(name, "train", data_dir if data_dir is not None else split_info.get("data_dir"))
+    if "num_train_total" in split_info and len(full) != int(split_info["num_train_total"]):
+        raise UserError(f"{name} has {len(full)} training images but the model was trained with "
+                        f"{split_info['num_train_total']}: the held-out split cannot be rebuilt; pass --split test")
+    _, val_idx = split_train_val(len(full), int(split_info["val_size"]), int(split_info["val_indices_seed"]))
+    return full.subset(val_idx)
