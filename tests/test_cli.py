@@ -184,7 +184,7 @@ def test_bench_json_contract(tiny_artifact, tmp_path):
     assert {"backend", "device", "units", "full_cascade_ms", "early_exit_ms"} <= set(b)
     assert [u["name"] for u in b["units"]][:2] == ["seg_01", "head_01"]
     assert all(u["p95_ms"] >= u["p50_ms"] > 0 for u in b["units"])
-    assert b["early_exit"]["images"] == 50
+    assert b["early_exit"]["samples"] == 50
 
 
 def test_camera_app_example_runs_on_a_video_file(tiny_artifact, test_frames, tmp_path):

@@ -92,7 +92,7 @@ def bench_table(result: dict):
         ee = result["early_exit"]
         lines.append(
             f"early exit at current thresholds: mean {ee['mean_ms']:.3f} ms, p95 {ee['p95_ms']:.3f} ms, "
-            f"accuracy {100 * ee['accuracy']:.2f}% on {ee['images']} held-out images"
+            f"accuracy {100 * ee['accuracy']:.2f}% on {ee['samples']} held-out images"
         )
     t.caption = "\n".join(lines)
     return t
