@@ -10,5 +10,4 @@ from edgeexit.data.datasets import (
     split_train_val,
 )
 
-__all__ = ["NAMED", "ImageDataset", "augment", "load_dataset", "normalize", "split_calibration",
-           "split_train_val"]
+__all__ = ["NAMED", "ImageDataset", "augment", "load_dataset", "normalize", "split_calibration", "split_train_val"]

@@ -21,8 +21,16 @@ from edgeexit.errors import UserError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 NAMED = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
 
@@ -119,8 +127,14 @@ def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> Ima
                 images = _read_idx(img)[:, None]
                 labels = _read_idx(lbl).astype(np.int64)
                 mean, std = STATS["fashion-mnist"]
-                return ImageDataset(torch.from_numpy(images.copy()), torch.from_numpy(labels),
-                                    FASHION_CLASSES, mean, std, "fashion-mnist")
+                return ImageDataset(
+                    torch.from_numpy(images.copy()),
+                    torch.from_numpy(labels),
+                    FASHION_CLASSES,
+                    mean,
+                    std,
+                    "fashion-mnist",
+                )
     if download:
         root = Path(data_dir or "data")
         try:
@@ -129,8 +143,9 @@ def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> Ima
             FashionMNIST(str(root), train=split == "train", download=True)
             return load_fashion_mnist(split, root / "FashionMNIST" / "raw", download=False)
         except Exception as e:  # no network is the normal case here
-            raise UserError(f"Fashion-MNIST download failed ({e}); install it with "
-                            "'apt-get install dataset-fashion-mnist'") from None
+            raise UserError(
+                f"Fashion-MNIST download failed ({e}); install it with 'apt-get install dataset-fashion-mnist'"
+            ) from None
     raise UserError(
         "Fashion-MNIST not found (looked in " + ", ".join(str(d) for d in searched) + "); "
         "install it with 'apt-get install dataset-fashion-mnist' or pass --data-dir with the four idx .gz files"
@@ -140,11 +155,21 @@ def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> Ima
 def load_cifar(name: str, split: str, data_dir=None) -> ImageDataset:
     """torchvision's on-disk format: cifar-10-batches-py/ or cifar-100-python/ pickles."""
     sub, files, label_key, meta_file, names_key = (
-        ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"],
-         b"labels", "batches.meta", b"label_names")
+        (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"],
+            b"labels",
+            "batches.meta",
+            b"label_names",
+        )
         if name == "cifar10"
-        else ("cifar-100-python", ["train" if split == "train" else "test"], b"fine_labels", "meta",
-              b"fine_label_names")
+        else (
+            "cifar-100-python",
+            ["train" if split == "train" else "test"],
+            b"fine_labels",
+            "meta",
+            b"fine_label_names",
+        )
     )
     searched = [d / sub for d in _dirs_to_search(name, data_dir)] + [d for d in _dirs_to_search(name, data_dir)]
     for root in searched:
@@ -159,11 +184,14 @@ def load_cifar(name: str, split: str, data_dir=None) -> ImageDataset:
                 meta = pickle.load(fh, encoding="bytes")  # noqa: S301
             classes = [c.decode() for c in meta[names_key]]
             mean, std = STATS[name]
-            return ImageDataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
-                                classes, mean, std, name)
+            return ImageDataset(
+                torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes, mean, std, name
+            )
     raise UserError(
-        f"{name} not found (looked for {sub}/ in " + ", ".join(str(d) for d in _dirs_to_search(name, data_dir))
-        + "); download it with torchvision (datasets." + ("CIFAR10" if name == "cifar10" else "CIFAR100")
+        f"{name} not found (looked for {sub}/ in "
+        + ", ".join(str(d) for d in _dirs_to_search(name, data_dir))
+        + "); download it with torchvision (datasets."
+        + ("CIFAR10" if name == "cifar10" else "CIFAR100")
         + "(root, download=True)) on a machine with network and pass --data-dir"
     )
 
@@ -213,17 +241,25 @@ def load_tiny_imagenet(split: str, data_dir=None) -> ImageDataset:
                         labels.append(index[parts[1]])
             images = _load_images(paths, [64, 64], 3)
             mean, std = STATS["tiny-imagenet"]
-            return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long),
-                                [words.get(w, w) for w in wnids], mean, std, "tiny-imagenet")
-    raise UserError("tiny-imagenet not found (looked in " + ", ".join(str(d) for d in searched)
-                    + "); unpack tiny-imagenet-200.zip under --data-dir")
+            return ImageDataset(
+                torch.from_numpy(images),
+                torch.tensor(labels, dtype=torch.long),
+                [words.get(w, w) for w in wnids],
+                mean,
+                std,
+                "tiny-imagenet",
+            )
+    raise UserError(
+        "tiny-imagenet not found (looked in "
+        + ", ".join(str(d) for d in searched)
+        + "); unpack tiny-imagenet-200.zip under --data-dir"
+    )
 
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
 
-def load_image_folder(root: str | os.PathLike, size: list[int] | None = None,
-                      in_chans: int = 3) -> ImageDataset:
+def load_image_folder(root: str | os.PathLike, size: list[int] | None = None, in_chans: int = 3) -> ImageDataset:
     """A folder of class folders (the user's own camera images), resized to ``size``."""
     root = Path(root)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
@@ -246,8 +282,7 @@ def load_image_folder(root: str | os.PathLike, size: list[int] | None = None,
     x = torch.from_numpy(images).float() / 255
     mean = x.mean(dim=(0, 2, 3)).tolist()
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long), classes, mean, std,
-                        str(root))
+    return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long), classes, mean, std, str(root))
 
 
 def load_dataset(name: str, split: str, data_dir=None, image_size: list[int] | None = None) -> ImageDataset:
@@ -324,7 +359,9 @@ def load_heldout(split_info: dict, data_dir=None, dataset: str | None = None) ->
         raise UserError("the artifact records no dataset; pass --data")
     full = load_dataset(name, "train", data_dir if data_dir is not None else split_info.get("data_dir"))
     if "num_train_total" in split_info and len(full) != int(split_info["num_train_total"]):
-        raise UserError(f"{name} has {len(full)} training images but the model was trained with "
-                        f"{split_info['num_train_total']}: the held-out split cannot be rebuilt; pass --split test")
+        raise UserError(
+            f"{name} has {len(full)} training images but the model was trained with "
+            f"{split_info['num_train_total']}: the held-out split cannot be rebuilt; pass --split test"
+        )
     _, val_idx = split_train_val(len(full), int(split_info["val_size"]), int(split_info["val_indices_seed"]))
     return full.subset(val_idx)
