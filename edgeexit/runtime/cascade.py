@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeexit.runtime.backends import create_backend
+from edgeexit.runtime.fusion import fused_name, segment_groups
 from edgeexit.runtime.manifest import load_manifest, num_exits
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.preprocessing import Preprocessor
@@ -48,6 +49,7 @@ class Cascade:
         self.fuse = fuse
         self.num_exits = num_exits(manifest)
         self.class_names = list(manifest["class_names"])
+        self._unit_names = [u["name"] for u in manifest["units"]]
         calib = manifest.get("calibration") or {}
         self.policy_name = policy or calib.get("policy", "max_softmax")
         self._policy = None if self.policy_name == "max_softmax" else get_policy(self.policy_name)
@@ -57,7 +59,6 @@ class Cascade:
         self.set_thresholds(thresholds if thresholds is not None else [2.0] * (self.num_exits - 1) + [0.0])
         self._lock = nullcontext() if getattr(backend, "thread_safe", False) else threading.Lock()
         self._unit_p95_ms: list[float] | None = None
-        self._unit_names = [u["name"] for u in manifest["units"]]
         table = calib.get("latency", {}).get("units") if calib.get("backend") == backend.name else None
         if table:
             self._unit_p95_ms = [float(table[n]["p95_ms"]) for n in self._unit_names]
@@ -91,9 +92,9 @@ class Cascade:
         self.thresholds = th
         # A head runs only if its exit can be taken; the last exit always runs and accepts.
         self.evaluated = [bool(t <= 1.0) for t in th[:-1]] + [True]
-        from edgeexit.runtime.fusion import segment_groups
-
         self._groups = segment_groups(self.evaluated)
+        # names for Prediction.unit_latency_ms, built once rather than per call
+        self._group_names = [self._unit_names[2 * k1] if k0 == k1 else fused_name(k0, k1) for k0, k1 in self._groups]
         if hasattr(self.backend, "prepare"):
             self.backend.prepare(self.evaluated, fuse=self.fuse)
 
@@ -137,11 +138,11 @@ class Cascade:
         be, names, units_ms = self.backend, self._unit_names, {}
         state = be.from_host(x)
         last = self.num_exits - 1
-        for k0, k in self._groups:
+        for (k0, k), group_name in zip(self._groups, self._group_names, strict=True):
             t = time.perf_counter()
             state = self._segments(k0, k, state)
             t2 = time.perf_counter()
-            units_ms[names[2 * k] if k0 == k else f"seg_{k0 + 1:02d}-{k + 1:02d}"] = (t2 - t) * 1e3
+            units_ms[group_name] = (t2 - t) * 1e3
             head = be.run_head(k, state[-1])
             conf = float(self._confidence(head)[0])
             units_ms[names[2 * k + 1]] = (time.perf_counter() - t2) * 1e3
