@@ -160,20 +160,20 @@ def test_deadline_returns_the_best_exit_in_time(tiny_artifact, test_frames):
     c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K)
     with pytest.raises(ValueError, match="calibrate"):
         c.predict(frames[0], deadline_ms=5)
-    # Pretend every unit takes 1 ms at p95 (the real ones take ~0.05 ms). A unit pair is only started
-    # if elapsed + its p95 fits the deadline.
-    c.set_unit_latency({u["name"]: 1.0 for u in c.manifest["units"]})
+    # Pretend every unit takes 10 ms at p95 (the real ones take ~0.05 ms, so only a >5 ms stall of
+    # this machine could change the outcome). A pair is only started if elapsed + its p95 fits.
+    c.set_unit_latency({u["name"]: 10.0 for u in c.manifest["units"]})
     c.set_thresholds([1.5] * (K - 1) + [0.0])  # exits 1-7 skipped...
-    p = c.predict(frames[0], deadline_ms=1.5)
+    p = c.predict(frames[0], deadline_ms=15)
     assert p.deadline_hit and p.exit_index == 1  # ...but head 1 runs anyway: nothing else could answer in time
-    # Segment k "takes" k ms at p95 and heads nothing: with heads evaluated and (practically) nobody
-    # confident enough, the deepest pair started is the last one whose p95 fits what is left.
+    # Segment k "takes" 10·k ms at p95 and heads nothing: with heads evaluated and (practically)
+    # nobody confident enough, the deepest pair started is the last one whose p95 fits what is left.
     c.set_unit_latency(
-        {u["name"]: float(u["exit_index"]) if u["kind"] == "segment" else 0.0 for u in c.manifest["units"]}
+        {u["name"]: 10.0 * u["exit_index"] if u["kind"] == "segment" else 0.0 for u in c.manifest["units"]}
     )
     c.set_thresholds([1.0] * (K - 1) + [0.0])
-    assert c.predict(frames[0], deadline_ms=2.5).exit_index == 2
-    assert c.predict(frames[0], deadline_ms=4.5).exit_index == 4
+    assert c.predict(frames[0], deadline_ms=25).exit_index == 2
+    assert c.predict(frames[0], deadline_ms=45).exit_index == 4
     p = c.predict(frames[0], deadline_ms=1000)
     assert not p.deadline_hit and p.exit_index == K
 
