@@ -49,27 +49,23 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, data: str, method: str, **overrides) -> TrainConfig:
-        recipe = get_recipe(
-            data if data in ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet") else "other", method
-        )
-        recipe_fields = {
-            k: overrides.pop(k)
-            for k in list(overrides)
-            if k in Recipe.__dataclass_fields__ and overrides[k] is not None
-        }
-        loss_fields = {
-            k: overrides.pop(k)
-            for k in list(overrides)
-            if k in LossConfig.__dataclass_fields__ and overrides[k] is not None
-        }
-        for k in [k for k in overrides if k in LossConfig.__dataclass_fields__ or k in Recipe.__dataclass_fields__]:
-            overrides.pop(k)  # None: keep the recipe's value
+        recipe = get_recipe(data, method)
+        recipe_fields, loss_fields, run_fields = {}, {}, {}
+        for k, v in overrides.items():
+            if k in Recipe.__dataclass_fields__:
+                if v is not None:  # None: keep the recipe's value
+                    recipe_fields[k] = v
+            elif k in LossConfig.__dataclass_fields__:
+                if v is not None:
+                    loss_fields[k] = v
+            else:
+                run_fields[k] = v
         if "epochs" in recipe_fields and recipe.schedule == "multistep" and "milestones" not in recipe_fields:
             # Scale the paper's milestones (150/180/210 of 240) to a shorter run.
             scale = recipe_fields["epochs"] / recipe.epochs
             recipe_fields["milestones"] = [max(1, round(m * scale)) for m in recipe.milestones]
         recipe = replace(recipe, loss=replace(recipe.loss, **loss_fields), **recipe_fields)
-        return cls(data=data, method=method, recipe=recipe, **overrides)
+        return cls(data=data, method=method, recipe=recipe, **run_fields)
 
 
 def lr_at(recipe: Recipe, epoch_progress: float) -> float:
