@@ -22,9 +22,10 @@ def main() -> None:
     ap.add_argument("--backend", default="onnxruntime")
     args = ap.parse_args()
 
+    from edgeexit.runtime.bench import bench_cascade
+
     from edgeexit.calibrate.run import run_calibration
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.bench import bench_cascade
 
     work = Path(tempfile.mkdtemp()) / "cal.edgeexit"
     shutil.copytree(args.artifact, work)

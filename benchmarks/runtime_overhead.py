@@ -71,8 +71,8 @@ def main() -> None:
     artifact = Path(args.artifact)
 
     import onnxruntime as ort
-
     from edgeexit.calibrate.profiler import time_call
+
     from edgeexit.calibrate.run import load_frames
     from edgeexit.runtime import Cascade
 

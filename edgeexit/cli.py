@@ -436,8 +436,8 @@ def bench(
     json_out: JsonOpt = None,
 ) -> None:
     """Per-unit and cumulative per-exit latency; full cascade vs early exit at the current thresholds."""
+    from edgeexit.bench import bench_cascade, bench_table
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.bench import bench_cascade, bench_table
 
     cascade = Cascade.load(artifact, backend=backend)
     result = bench_cascade(
@@ -446,7 +446,6 @@ def bench(
         repeats=repeats,
         num_images=images,
         data_dir=str(data_dir) if data_dir else None,
-        console=console,
     )
     out_console.print(bench_table(result))
     _write_json(json_out, result)

@@ -27,6 +27,7 @@ def run_quickstart(
     from edgeexit.export.exporter import export_checkpoint
     from edgeexit.export.report import info_table
     from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from edgeexit.train.evaluation import evaluate
     from edgeexit.train.report import budgeted_plot, eval_table
@@ -97,8 +98,8 @@ def run_quickstart(
     cascade = Cascade.load(artifact, backend="onnxruntime")
     frames = test.images[:run_images].permute(0, 2, 3, 1).numpy()
     labels = test.labels[:run_images].numpy()
-    calibrated = verify(cascade, frames, labels, cascade.thresholds)
-    full = verify(cascade, frames, labels, [2.0] * (cascade.num_exits - 1) + [0.0])
+    calibrated = verify(cascade, frames, labels, cascade.plan)
+    full = verify(cascade, frames, labels, CascadePlan.full_model(cascade.num_exits))
     cascade.close()
     timings["run_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0

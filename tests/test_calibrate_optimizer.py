@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from edgeexit.calibrate.optimizer import CostModel, evaluate, msdnet_baseline, optimize, parse_budget_ms
-from edgeexit.calibrate.thresholds import SKIP, exit_indices, geometric_thresholds
 from edgeexit.errors import UserError
+from edgeexit.runtime.plan import SKIP, CascadePlan
 
 
 def synthetic(n, k, seed):
@@ -109,8 +109,8 @@ def test_parse_budget_rejects(text):
 def test_geometric_thresholds_follow_the_geometric_shares():
     rng = np.random.default_rng(0)
     conf = rng.random((10000, 4))
-    th = geometric_thresholds(conf, 0.5)
-    shares = np.bincount(exit_indices(conf, th), minlength=4) / len(conf)
+    plan = CascadePlan.msdnet(conf, 0.5)
+    shares = np.bincount(plan.exit_positions(conf), minlength=4) / len(conf)
     p = 0.5 ** np.arange(1, 5)
     p /= p.sum()
     np.testing.assert_allclose(shares[:3], p[:3], atol=0.002)

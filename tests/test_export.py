@@ -10,13 +10,8 @@ from conftest import normalised
 
 from edgeexit.errors import UserError
 from edgeexit.export.exporter import export_checkpoint
-from edgeexit.export.tensorrt import (
-    INSTALL_HINT,
-    check_engine_compatible,
-    engine_entry,
-    engine_filename,
-    profile_shapes,
-)
+from edgeexit.export.tensorrt import engine_entry, engine_filename, profile_shapes
+from edgeexit.runtime.backends.tensorrt import INSTALL_HINT, check_engine_compatible
 from edgeexit.runtime.manifest import load_manifest
 from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 

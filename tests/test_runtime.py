@@ -195,14 +195,15 @@ def test_margin_policy_runs_in_the_cascade(tiny_artifact, test_frames):
 
 
 def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
-    from edgeexit.runtime.fusion import fused_path, segment_groups
+    from edgeexit.runtime.fusion import fused_path
+    from edgeexit.runtime.plan import segment_groups
 
     frames, _ = test_frames
     frames = frames[:300]
     th = [0.9, 2.0, 2.0, 0.8, 2.0, 2.0, 2.0, 0.0]
-    assert segment_groups([t <= 1 for t in th[:-1]] + [True]) == [(0, 0), (1, 3), (4, 7)]
+    assert segment_groups([t <= 1 for t in th[:-1]] + [True]) == ((0, 0), (1, 3), (4, 7))
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False)
-    fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)
+    fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, unit_timing=True)
     assert fused_path(artifact_copy, 1, 3).is_file() and fused_path(artifact_copy, 4, 7).is_file()
     a, b = plain.predict_batch(frames), fused.predict_batch(frames)
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]

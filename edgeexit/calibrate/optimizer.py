@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeexit.calibrate.thresholds import SKIP, geometric_thresholds
 from edgeexit.errors import UserError
+from edgeexit.runtime.plan import MSDNET_QS, SKIP, CascadePlan, evaluated_mask, exit_positions
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s)?\s*$")
 
@@ -87,14 +87,16 @@ class Solution:
     exit_shares: list[float] = field(default_factory=list)
 
     @property
+    def plan(self) -> CascadePlan:
+        return CascadePlan.from_thresholds(self.thresholds)
+
+    @property
     def evaluated_exits(self) -> list[int]:
-        return [k + 1 for k, t in enumerate(self.thresholds) if t <= 1.0 or k == len(self.thresholds) - 1]
+        return self.plan.evaluated_exits
 
     def to_dict(self) -> dict:
         return {
-            "thresholds": [
-                float(min(t, SKIP)) if np.isfinite(t) else (0.0 if t < 0 else SKIP) for t in self.thresholds
-            ],
+            "thresholds": self.plan.to_list(),
             "evaluated_exits": self.evaluated_exits,
             "accuracy": self.accuracy,
             "latency_ms": self.latency_ms,
@@ -104,23 +106,11 @@ class Solution:
         }
 
 
-def _evaluated(th: np.ndarray) -> np.ndarray:
-    ev = th <= 1.0
-    ev[-1] = True
-    return ev
-
-
-def _exits(conf: np.ndarray, th: np.ndarray) -> np.ndarray:
-    take = conf >= th[None, :]
-    take[:, -1] = True
-    return take.argmax(axis=1)
-
-
 def evaluate(conf: np.ndarray, correct: np.ndarray, cost: CostModel, th, metric: str = "mean") -> Solution:
     th = np.asarray(th, dtype=np.float64).copy()
     th[-1] = -np.inf
-    e = _exits(conf, th)
-    lat = cost.exit_costs(_evaluated(th))[e]
+    e = exit_positions(conf, th)
+    lat = cost.exit_costs(evaluated_mask(th))[e]
     acc = float(correct[np.arange(len(e)), e].mean())
     mean, p95 = float(lat.mean()), float(np.percentile(lat, 95))
     shares = (np.bincount(e, minlength=conf.shape[1]) / len(e)).tolist()
@@ -146,8 +136,8 @@ class _Problem:
         reach = np.ones(self.n, dtype=bool)
         for j in range(k):
             reach &= ~(self.conf[:, j] >= t[j])
-        e_cont = _exits(self.conf, np.where(np.arange(self.k) == self.k - 1, -np.inf, t))
-        ev = _evaluated(t)
+        e_cont = exit_positions(self.conf, t)
+        ev = evaluated_mask(t)
         costs_skip = self.cost.exit_costs(ev)
         ev_k = ev.copy()
         ev_k[k] = True
@@ -324,14 +314,11 @@ def _refine_quantile(conf, correct, cost, th, budget, grid: int = 48, max_passes
     return th
 
 
-MSDNET_QS = np.round(np.r_[np.arange(0.02, 1.0, 0.02), np.arange(1.0, 4.01, 0.1)], 4)
-
-
 def msdnet_baseline(conf, correct, cost: CostModel, budget_ms: float, metric: str = "mean") -> Solution | None:
     """MSDNet's geometric thresholds (every exit evaluated unless nobody may leave there), best q in budget."""
     best = None
     for q in MSDNET_QS:
-        th = geometric_thresholds(conf, float(q))
+        th = CascadePlan.msdnet(conf, q).thresholds
         s = evaluate(conf, correct, cost, th, metric)
         if s.latency_ms <= budget_ms + 1e-9 and (best is None or s.accuracy > best.accuracy):
             best = s

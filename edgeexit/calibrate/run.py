@@ -9,18 +9,62 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeexit.calibrate.optimizer import CostModel, evaluate, msdnet_baseline, optimize
-from edgeexit.calibrate.profiler import device_fingerprint, frame_overhead_ms, profile_units
-from edgeexit.calibrate.thresholds import SKIP, geometric_thresholds
+from edgeexit.calibrate.optimizer import CostModel, Solution, evaluate, msdnet_baseline, optimize
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
+from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.manifest import write_manifest
+from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
+from edgeexit.runtime.profiling import frame_overhead_ms
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Every option of `edgeexit calibrate`, validated in one place."""
+
+    budget_ms: float | None = None
+    budget_fraction: float | None = None  # of the full model's predicted latency
+    metric: str = "mean"
+    backend: str = "auto"
+    data: str | None = None
+    split: str = "heldout"
+    limit: int | None = None  # calibration images
+    verify_limit: int | None = None
+    repeats: int = 200
+    policy: str = "max_softmax"
+    data_dir: str | None = None
+    plot: str | None = None
+    seed: int = 0
+    iso_accuracy: bool = True
+
+    def __post_init__(self) -> None:
+        from edgeexit.runtime.policies import POLICIES
+
+        if (self.budget_ms is None) == (self.budget_fraction is None):
+            raise UserError("give one budget: in time (5ms) or as a share of the full model (50%)")
+        for name in ("budget_ms", "budget_fraction"):
+            v = getattr(self, name)
+            if v is not None and not (np.isfinite(v) and v > 0):
+                raise UserError(f"the budget must be a positive finite number, got {v}")
+        if self.metric not in ("mean", "p95"):
+            raise UserError(f"--metric must be mean or p95, got '{self.metric}'")
+        if self.split not in ("heldout", "test"):
+            raise UserError(f"--split must be heldout or test, got '{self.split}'")
+        if self.policy not in POLICIES:
+            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got '{self.policy}'")
+        for name in ("limit", "verify_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 20:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 20, got {v}")
+        if self.repeats < 1:
+            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
 
 
 def load_frames(manifest: dict, data: str | None, split: str, data_dir: str | None):
@@ -45,24 +89,13 @@ def load_frames(manifest: dict, data: str | None, split: str, data_dir: str | No
     return frames, ds.labels.numpy(), name
 
 
-def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
-    path = folder / f"calibration_stats.{key}.npz"
-    if path.is_file():
-        with np.load(path) as z:
-            return {"confidence": z["confidence"], "prediction": z["prediction"]}
-    stats = cascade.exit_statistics(x, progress=progress)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **stats)
-    tmp.replace(path)
-    return stats
-
-
 def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds) -> dict:
-    """Run the real cascade frame by frame (the camera path, preprocessing included)."""
-    cascade.set_thresholds(thresholds)
+    """Run the real cascade frame by frame (the camera path, preprocessing included) with
+    ``thresholds`` (a list or a CascadePlan), without changing ``cascade`` itself."""
+    view = cascade.derive(thresholds)
     lat, correct, exits = [], [], []
     for f, y in zip(frames, labels, strict=True):
-        p = cascade.predict(f)
+        p = view.predict(f)
         lat.append(p.latency_ms)
         correct.append(p.label == y)
         exits.append(p.exit_index)
@@ -97,81 +130,126 @@ def min_latency_for_accuracy(conf, correct, cost: CostModel, target: float, metr
     return best
 
 
-def run_calibration(
-    artifact,
-    *,
-    budget_ms: float | None = None,
-    budget_fraction: float | None = None,
-    metric: str = "mean",
-    backend: str = "auto",
-    data: str | None = None,
-    split: str = "heldout",
-    limit: int | None = None,
-    verify_limit: int | None = None,
-    repeats: int = 200,
-    policy: str = "max_softmax",
-    data_dir: str | None = None,
-    plot=None,
-    console=None,
-    seed: int = 0,
-    iso_accuracy: bool = True,
-) -> dict:
-    from rich.progress import Progress
+@dataclass
+class _Session:
+    """What one calibration run has loaded and measured."""
 
+    folder: Path
+    cascade: Cascade
+    frames: np.ndarray
+    labels: np.ndarray
+    dataset: str
+    calib_idx: np.ndarray
+    verify_idx: np.ndarray
+    profile: dict | None = None
+    overhead_ms: float = 0.0
+    conf: np.ndarray | None = None
+    correct: np.ndarray | None = None
+
+
+def run_calibration(artifact, *, console=None, **options) -> dict:
+    """Calibrate ``artifact`` in place (see `CalibrationOptions` for the options) and return the result."""
+    opts = CalibrationOptions(**options)
+    t_start = time.perf_counter()
+    say = console.print if console is not None else (lambda *a, **k: None)
+    s = _open(Path(artifact), opts, say)
+    try:
+        _measure(s, opts, console)
+        cost = _cost_model(s, opts.metric)
+        budget_ms = _budget(opts, cost, say)
+        chosen, frontier = optimize(s.conf, s.correct, cost, budget_ms, opts.metric)
+        result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
+        result.update(_report_extras(s, opts, cost, frontier))
+        result["seconds"] = round(time.perf_counter() - t_start, 1)
+        _write(s, opts, result, say)
+    finally:
+        s.cascade.close()
+    return result
+
+
+def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     from edgeexit.data import split_calibration
 
-    t_start = time.perf_counter()
-    folder = Path(artifact)
-    cascade = Cascade.load(folder, backend=backend, policy=policy)
-    manifest = cascade.manifest
-    say = console.print if console is not None else (lambda *a, **k: None)
-    frames, labels, name = load_frames(manifest, data, split, data_dir)
-    calib_idx, verify_idx = split_calibration(np.arange(len(labels)), seed)
-    if limit:
-        calib_idx = calib_idx[:limit]
-    verify_idx = verify_idx[: min(len(verify_idx), verify_limit if verify_limit else len(verify_idx))]
-    if len(calib_idx) < 20 or len(verify_idx) < 20:
-        raise UserError(f"the {split} split has too few images ({len(labels)}) to calibrate and verify")
+    cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy)
+    try:
+        frames, labels, name = load_frames(cascade.manifest, opts.data, opts.split, opts.data_dir)
+        calib_idx, verify_idx = split_calibration(np.arange(len(labels)), opts.seed)
+        calib_idx = calib_idx[: opts.limit] if opts.limit else calib_idx
+        verify_idx = verify_idx[: opts.verify_limit] if opts.verify_limit else verify_idx
+        if len(calib_idx) < 20 or len(verify_idx) < 20:
+            raise UserError(f"the {opts.split} split has too few images ({len(labels)}) to calibrate and verify")
+    except BaseException:
+        cascade.close()
+        raise
     say(
         f"[bold]calibrate[/] {folder} on {cascade.backend_name}: {len(calib_idx)} calibration + "
-        f"{len(verify_idx)} verification images ({name} {split})"
+        f"{len(verify_idx)} verification images ({name} {opts.split})"
     )
-    x_calib = cascade.preprocess.batch(frames[calib_idx])
+    return _Session(folder, cascade, frames, labels, name, calib_idx, verify_idx)
 
+
+def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
+    """Unit latencies, per-frame overhead and exit statistics (cached beside the manifest)."""
+    from rich.progress import Progress
+
+    cascade = s.cascade
+    x_calib = cascade.preprocess.batch(s.frames[s.calib_idx])
     with Progress(console=console, transient=True, disable=console is None) as prog:
         task = prog.add_task("profiling units", total=cascade.num_exits)
-        prof = profile_units(
-            cascade, x_calib[0], batch=1, repeats=repeats, progress=lambda k: prog.update(task, completed=k)
-        )
-        p50 = {n: v["p50_ms"] for n, v in prof["units"].items()}
-        overhead = frame_overhead_ms(cascade, frames[calib_idx[0]], p50)
+        s.profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
+        p50 = {n: v["p50_ms"] for n, v in s.profile["units"].items()}
+        s.overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
-            f"{cascade.backend_name}|{policy}|{name}|{split}|{seed}|{len(calib_idx)}|{manifest.get('created')}".encode()
+            f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
+            f"{cascade.manifest.get('created')}".encode()
         ).hexdigest()[:12]
-        stats = _stats_cached(cascade, folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
-    correct = stats["prediction"] == labels[calib_idx][:, None]
-    conf = stats["confidence"]
-    k = cascade.num_exits
+        stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
+    s.conf = stats["confidence"]
+    s.correct = stats["prediction"] == s.labels[s.calib_idx][:, None]
+
+
+def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
+    path = folder / f"calibration_stats.{key}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            return {"confidence": z["confidence"], "prediction": z["prediction"]}
+    stats = cascade.exit_statistics(x, progress=progress)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **stats)
+    tmp.replace(path)
+    return stats
+
+
+def _cost_model(s: _Session, metric: str) -> CostModel:
     field = "mean_ms" if metric == "mean" else "p95_ms"
-    cost = CostModel(
-        segment_ms=[prof["units"][f"seg_{i + 1:02d}"][field] for i in range(k)],
-        head_ms=[prof["units"][f"head_{i + 1:02d}"][field] for i in range(k)],
-        decision_ms=prof["decision"][field],
-        overhead_ms=overhead,
+    units, k = s.profile["units"], s.cascade.num_exits
+    return CostModel(
+        segment_ms=[units[segment_name(pos)][field] for pos in range(k)],
+        head_ms=[units[head_name(pos)][field] for pos in range(k)],
+        decision_ms=s.profile["decision"][field],
+        overhead_ms=s.overhead_ms,
     )
+
+
+def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     full_ms = cost.full_ms()
+    budget_ms = opts.budget_ms
     if budget_ms is None:
-        if budget_fraction is None:
-            raise UserError("give a budget in time (5ms) or as a share of the full model (50%)")
-        budget_ms = budget_fraction * full_ms
-        say(f"  budget = {100 * budget_fraction:.0f}% of the full model = {budget_ms:.3f} ms")
-    final_acc = float(correct[:, -1].mean())
+        budget_ms = opts.budget_fraction * full_ms
+        say(f"  budget = {100 * opts.budget_fraction:.0f}% of the full model = {budget_ms:.3f} ms")
     say(
         f"  full model (every intermediate exit skipped): {full_ms:.3f} ms predicted; cheapest cascade "
         f"{cost.min_ms():.3f} ms"
     )
-    chosen, frontier = optimize(conf, correct, cost, budget_ms, metric)
+    return budget_ms
+
+
+def _verify_choices(s: _Session, opts, cost: CostModel, budget_ms: float, chosen: Solution, say) -> dict:
+    """The chosen plan, the MSDNet baseline, the full model and the iso-accuracy point, each run for
+    real on the verification half."""
+    k, final_acc, full_ms = s.cascade.num_exits, float(s.correct[:, -1].mean()), cost.full_ms()
+    vf, vl = s.frames[s.verify_idx], s.labels[s.verify_idx]
     note = None
     if budget_ms >= full_ms:
         note = (
@@ -179,41 +257,18 @@ def run_calibration(
             f"({final_acc:.4f}) is kept; thresholds only add exits that help"
         )
         say(f"  [yellow]{note}[/]")
-    base = msdnet_baseline(conf, correct, cost, budget_ms, metric)
-
-    vf, vl = frames[verify_idx], labels[verify_idx]
-    measured = verify(cascade, vf, vl, chosen.thresholds)
-    base_measured = verify(cascade, vf, vl, base.thresholds) if base is not None else None
-    full_measured = verify(cascade, vf, vl, [SKIP] * (k - 1) + [0.0])
-    iso = None
-    if iso_accuracy:
-        target = final_acc - ISO_ACCURACY_DROP
-        sol = min_latency_for_accuracy(conf, correct, cost, target, metric)
-        if sol is not None:
-            iso_measured = verify(cascade, vf, vl, sol.thresholds)
-            iso = {
-                "target_accuracy": target,
-                "predicted": _pred(sol),
-                "measured": _meas(iso_measured),
-                "thresholds": sol.to_dict()["thresholds"],
-                "latency_fraction_of_full": iso_measured["latency_ms"] / full_measured["latency_ms"],
-                "accuracy_drop_vs_full_measured": full_measured["accuracy"] - iso_measured["accuracy"],
-            }
-    cascade.set_thresholds(chosen.thresholds)
-
-    msd_curve = []
-    for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.5, 2.0, 3.0):
-        s = evaluate(conf, correct, cost, geometric_thresholds(conf, q), metric)
-        msd_curve.append({"q": q, "accuracy": s.accuracy, "latency_ms": s.latency_ms})
-    result = {
-        "artifact": str(folder),
+    base = msdnet_baseline(s.conf, s.correct, cost, budget_ms, opts.metric)
+    base_measured = verify(s.cascade, vf, vl, base.plan) if base is not None else None
+    full_measured = verify(s.cascade, vf, vl, CascadePlan.full_model(k))
+    return {
+        "artifact": str(s.folder),
         "budget_ms": budget_ms,
-        "metric": metric,
-        "policy": policy,
+        "metric": opts.metric,
+        "policy": opts.policy,
         "thresholds": chosen.to_dict()["thresholds"],
         "evaluated_exits": chosen.evaluated_exits,
         "predicted": _pred(chosen),
-        "measured": _meas(measured),
+        "measured": _meas(verify(s.cascade, vf, vl, chosen.plan)),
         "baseline_msdnet": (
             {
                 "accuracy": base_measured["accuracy"],
@@ -225,32 +280,57 @@ def run_calibration(
             else None
         ),
         "full_model": {"predicted_ms": full_ms, "measured": _meas(full_measured), "calibration_accuracy": final_acc},
-        "iso_accuracy": iso,
+        "iso_accuracy": _iso_accuracy(s, opts, cost, full_measured) if opts.iso_accuracy else None,
         "note": note,
-        "device": device_fingerprint(cascade),
+    }
+
+
+def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> dict | None:
+    """The cheapest plan within ISO_ACCURACY_DROP of the final exit on the calibration half, verified."""
+    target = float(s.correct[:, -1].mean()) - ISO_ACCURACY_DROP
+    sol = min_latency_for_accuracy(s.conf, s.correct, cost, target, opts.metric)
+    if sol is None:
+        return None
+    measured = verify(s.cascade, s.frames[s.verify_idx], s.labels[s.verify_idx], sol.plan)
+    return {
+        "target_accuracy": target,
+        "predicted": _pred(sol),
+        "measured": _meas(measured),
+        "thresholds": sol.to_dict()["thresholds"],
+        "latency_fraction_of_full": measured["latency_ms"] / full_measured["latency_ms"],
+        "accuracy_drop_vs_full_measured": full_measured["accuracy"] - measured["accuracy"],
+    }
+
+
+def _report_extras(s: _Session, opts, cost: CostModel, frontier: list[Solution]) -> dict:
+    msd_curve = []
+    for q in MSDNET_QS:
+        sol = evaluate(s.conf, s.correct, cost, CascadePlan.msdnet(s.conf, q).thresholds, opts.metric)
+        msd_curve.append({"q": q, "accuracy": sol.accuracy, "latency_ms": sol.latency_ms})
+    return {
+        "device": fingerprint(s.cascade.runner.info),
         "latency": {
             "batch": 1,
-            "units": prof["units"],
-            "decision_ms": prof["decision"]["mean_ms"],
-            "frame_overhead_ms": overhead,
+            "units": s.profile["units"],
+            "decision_ms": s.profile["decision"]["mean_ms"],
+            "frame_overhead_ms": s.overhead_ms,
         },
         "data": {
-            "dataset": name,
-            "split": split,
-            "calibration_images": int(len(calib_idx)),
-            "verification_images": int(len(verify_idx)),
-            "seed": seed,
+            "dataset": s.dataset,
+            "split": opts.split,
+            "calibration_images": int(len(s.calib_idx)),
+            "verification_images": int(len(s.verify_idx)),
+            "seed": opts.seed,
         },
-        "frontier": [{"accuracy": s.accuracy, "latency_ms": s.latency_ms} for s in frontier],
+        "frontier": [{"accuracy": f.accuracy, "latency_ms": f.latency_ms} for f in frontier],
         "msdnet_curve": msd_curve,
-        "seconds": round(time.perf_counter() - t_start, 1),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("plot", "data_dir")},
     }
-    calibration = {k2: v for k2, v in result.items() if k2 not in ("artifact", "frontier", "msdnet_curve")}
-    calibration["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    calibration["backend"] = cascade.backend_name
-    manifest["calibration"] = calibration
-    write_manifest(folder, manifest)
-    plot_path = Path(plot) if plot else folder / "calibration.png"
+
+
+def _write(s: _Session, opts: CalibrationOptions, result: dict, say) -> None:
+    """The plot first, then the manifest: no file the manifest names is written after it."""
+    plot_path = Path(opts.plot) if opts.plot else s.folder / "calibration.png"
     try:
         from edgeexit.calibrate.report import calibration_plot
 
@@ -258,11 +338,15 @@ def run_calibration(
         result["plot"] = str(plot_path)
     except ImportError:
         say("  (matplotlib not installed: no plot)")
-    cascade.close()
-    return result
+    calibration = {k: v for k, v in result.items() if k not in ("artifact", "frontier", "msdnet_curve", "plot")}
+    calibration["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    calibration["backend"] = s.cascade.backend_name
+    manifest = s.cascade.manifest
+    manifest["calibration"] = calibration
+    write_manifest(s.folder, manifest)
 
 
-def _pred(s) -> dict:
+def _pred(s: Solution) -> dict:
     return {
         "accuracy": s.accuracy,
         "latency_ms": s.latency_ms,

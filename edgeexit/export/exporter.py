@@ -61,7 +61,7 @@ def export_checkpoint(
     if parity_samples < 1:
         raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
     if fmt == "engine":
-        from edgeexit.export.tensorrt import import_tensorrt
+        from edgeexit.runtime.backends.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any work if TensorRT is missing
     ckpt = load_checkpoint(checkpoint)

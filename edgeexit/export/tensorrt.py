@@ -11,23 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeexit.errors import UserError
-
-INSTALL_HINT = (
-    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); on x86 "
-    "with an NVIDIA GPU run `pip install tensorrt cuda-python`. `--format onnx` works without it."
-)
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError(INSTALL_HINT) from None
-    major = int(trt.__version__.split(".")[0])
-    minor = int(trt.__version__.split(".")[1])
-    if (major, minor) < (8, 6):
-        raise UserError(f"TensorRT {trt.__version__} is too old: edgeexit needs >= 8.6 (name-based tensor API)")
-    return trt
+from edgeexit.runtime.backends.tensorrt import import_tensorrt
 
 
 def profile_shapes(inputs: list[dict], max_batch: int, opt_batch: int | None = None) -> dict[str, list[list[int]]]:
@@ -114,18 +98,3 @@ def engine_entry(path: str, precision: str, trt_version: str, device: dict, shap
             "max": next(iter(shapes.values()))[2][0] if shapes else 1,
         },
     }
-
-
-def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None:
-    """A plan only runs with the TensorRT version and GPU architecture it was built for."""
-    if entry["trt_version"] != trt_version:
-        raise UserError(
-            f"{entry['path']} was built with TensorRT {entry['trt_version']} but this is TensorRT "
-            f"{trt_version}: rebuild with `edgeexit export MODEL.pt --format engine --force`"
-        )
-    if entry["compute_capability"] != device["compute_capability"]:
-        raise UserError(
-            f"{entry['path']} was built for {entry['device_name']} (sm {entry['compute_capability']}) "
-            f"but this GPU is {device['name']} (sm {device['compute_capability']}): rebuild the engines "
-            "on this device with `edgeexit export MODEL.pt --format engine --force`"
-        )

@@ -1,35 +1,48 @@
 """Cascaded early-exit inference (ARCHITECTURE §7): run segment 1, evaluate head 1, stop if confident...
 
-Thresholds: one per exit, compared with that exit's confidence (``>=`` exits). A threshold above 1
-skips the exit: its head never runs. The last exit always accepts.
+Which exits run and when a sample leaves is the business of `CascadePlan` (runtime/plan.py); how a
+unit runs is the business of a `Runner` (runtime/backends/base.py). `Cascade` joins the two:
+
+- ``cascade.plan`` is the current plan. `set_thresholds` builds a new plan and swaps it in with one
+  assignment; every call reads ``self.plan`` once and uses only that object, so a thread changing
+  thresholds never makes another thread's call mix two plans.
+- The hot path (`predict` at default settings) does the frame checks and runs the plan: no dict,
+  no per-unit timing. ``Cascade.load(..., unit_timing=True)`` fills ``Prediction.unit_latency_ms``.
+- `derive` gives a second view (other thresholds, fusion off) of the same loaded runner, for
+  verification and profiling, without touching the cascade a camera thread is using.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from edgeexit.runtime.backends import create_backend
-from edgeexit.runtime.fusion import fused_name, segment_groups
+from edgeexit.runtime.backends import Runner, create_backend
 from edgeexit.runtime.manifest import load_manifest, num_exits
+from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.preprocessing import Preprocessor
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     label: int
     class_name: str
     confidence: float
     exit_index: int  # 1-based
     latency_ms: float
-    unit_latency_ms: dict[str, float] = field(default_factory=dict)
+    unit_latency_ms: dict[str, float] | None = None  # only with unit_timing=True
     deadline_hit: bool = False  # True when a deadline stopped the cascade before a confident exit
+
+
+class CascadeClosedError(RuntimeError):
+    """The cascade was closed (by another thread) while or before this call ran."""
 
 
 class Cascade:
@@ -38,30 +51,39 @@ class Cascade:
     def __init__(
         self,
         manifest: dict,
-        backend,
+        runner: Runner,
         thresholds=None,
         policy: str | None = None,
         input_order: str = "RGB",
         fuse: bool = True,
+        unit_timing: bool = False,
     ) -> None:
+        if not isinstance(runner, Runner):
+            raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
         self.manifest = manifest
-        self.backend = backend
-        self.fuse = fuse
+        self.runner = runner
         self.num_exits = num_exits(manifest)
         self.class_names = list(manifest["class_names"])
-        self._unit_names = [u["name"] for u in manifest["units"]]
+        self._fuse = bool(fuse)
+        self._unit_timing = bool(unit_timing)
+        self._owns_runner = True
+        self._closed = False
+        # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
+        self._lock = nullcontext() if runner.thread_safe else threading.RLock()
         calib = manifest.get("calibration") or {}
         self.policy_name = policy or calib.get("policy", "max_softmax")
-        self._policy = None if self.policy_name == "max_softmax" else get_policy(self.policy_name)
+        policy_fn = get_policy(self.policy_name)
+        self._policy = None if self.policy_name == "max_softmax" else policy_fn
         self.preprocess = Preprocessor(manifest["preprocessing"], input_order)
         if thresholds is None:
             thresholds = calib.get("thresholds")
-        self.set_thresholds(thresholds if thresholds is not None else [2.0] * (self.num_exits - 1) + [0.0])
-        self._lock = nullcontext() if getattr(backend, "thread_safe", False) else threading.Lock()
-        self._unit_p95_ms: list[float] | None = None
-        table = calib.get("latency", {}).get("units") if calib.get("backend") == backend.name else None
+        self.plan: CascadePlan = CascadePlan.full_model(self.num_exits)
+        self.set_thresholds(thresholds if thresholds is not None else self.plan)
+        self._seg_p95_ms: tuple[float, ...] | None = None
+        self._head_p95_ms: tuple[float, ...] | None = None
+        table = calib.get("latency", {}).get("units") if calib.get("backend") == runner.info.name else None
         if table:
-            self._unit_p95_ms = [float(table[n]["p95_ms"]) for n in self._unit_names]
+            self.set_unit_latency({name: v["p95_ms"] for name, v in table.items()})
 
     @classmethod
     def load(
@@ -72,41 +94,72 @@ class Cascade:
         policy: str | None = None,
         input_order: str = "RGB",
         fuse: bool = True,
+        unit_timing: bool = False,
         **backend_options,
     ) -> Cascade:
         """Open NAME.edgeexit. ``backend``: auto (tensorrt > onnxruntime-cuda > onnxruntime-cpu),
         tensorrt, onnxruntime, onnxruntime-cuda, torch. ``input_order``: channel order of uint8 frames.
         ``fuse``: run the segments between two evaluated exits as one graph where the backend can
-        (ONNX Runtime; see runtime/fusion.py)."""
+        (ONNX Runtime; see runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms``
+        (costs a few µs per frame)."""
         manifest = load_manifest(artifact)
-        backend_impl = create_backend(manifest, backend, **backend_options)
-        return cls(manifest, backend_impl, thresholds, policy, input_order, fuse)
+        runner = create_backend(manifest, backend, **backend_options)
+        try:
+            return cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing)
+        except BaseException:
+            runner.close()
+            raise
 
     # -- configuration ---------------------------------------------------------------------------
     def set_thresholds(self, thresholds) -> None:
-        th = np.asarray(list(thresholds), dtype=np.float64)
-        if th.shape != (self.num_exits,):
-            raise ValueError(f"thresholds needs one value per exit ({self.num_exits}), got {len(th)}")
-        if np.isnan(th).any():
-            raise ValueError("thresholds must be numbers, not NaN")
-        self.thresholds = th
-        # A head runs only if its exit can be taken; the last exit always runs and accepts.
-        self.evaluated = [bool(t <= 1.0) for t in th[:-1]] + [True]
-        self._groups = segment_groups(self.evaluated)
-        # names for Prediction.unit_latency_ms, built once rather than per call
-        self._group_names = [self._unit_names[2 * k1] if k0 == k1 else fused_name(k0, k1) for k0, k1 in self._groups]
-        if hasattr(self.backend, "prepare"):
-            self.backend.prepare(self.evaluated, fuse=self.fuse)
+        """One value per exit (``>=`` leaves; > 1 skips the exit; the last always accepts), or a plan."""
+        if isinstance(thresholds, CascadePlan):
+            plan = thresholds
+            if plan.num_exits != self.num_exits:
+                raise ValueError(f"the plan has {plan.num_exits} exits, the model {self.num_exits}")
+        else:
+            plan = CascadePlan.from_thresholds(thresholds, self.num_exits)
+        with self._lock:
+            self.runner.prepare(plan, self._fuse)
+        self.plan = plan  # the one assignment every running call relies on
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        return np.asarray(self.plan.thresholds)
+
+    @property
+    def fuse(self) -> bool:
+        return self._fuse
 
     @property
     def backend_name(self) -> str:
-        return self.backend.name
+        return self.runner.info.name
+
+    @property
+    def backend(self) -> Runner:
+        """The runner (kept under its old name)."""
+        return self.runner
 
     def set_unit_latency(self, p95_ms: dict[str, float]) -> None:
-        """Per-unit p95 latency used by ``deadline_ms`` (from calibration, or `calibrate.profiler`)."""
-        self._unit_p95_ms = [float(p95_ms[n]) for n in self._unit_names]
+        """Per-unit p95 latency used by ``deadline_ms`` (from calibration, or `Cascade.profile`)."""
+        seg = tuple(float(p95_ms[segment_name(pos)]) for pos in range(self.num_exits))
+        head = tuple(float(p95_ms[head_name(pos)]) for pos in range(self.num_exits))
+        self._seg_p95_ms, self._head_p95_ms = seg, head
 
-    def _confidence(self, head) -> np.ndarray:
+    def derive(self, thresholds=None, fuse: bool | None = None, input_order: str | None = None) -> Cascade:
+        """Another cascade over the same loaded runner (and lock) with other thresholds, fusion or
+        frame channel order. Closing it leaves the runner open."""
+        other = copy.copy(self)
+        other._owns_runner = False
+        if fuse is not None:
+            other._fuse = bool(fuse)
+        if input_order is not None:
+            other.preprocess = Preprocessor(self.manifest["preprocessing"], input_order)
+        other.set_thresholds(self.plan if thresholds is None else thresholds)
+        return other
+
+    def confidence(self, head) -> np.ndarray:
+        """This cascade's confidence (its policy) for every row of a head's output."""
         return head.confidence if self._policy is None else self._policy(head.logits())
 
     # -- single frame ----------------------------------------------------------------------------
@@ -115,156 +168,211 @@ class Cascade:
         would overrun the deadline; return the deepest exit evaluated so far."""
         t0 = time.perf_counter()
         x = self.preprocess(frame)[None]
-        if deadline_ms is not None and self._unit_p95_ms is None:
+        plan = self.plan
+        try:
+            with self._lock:
+                if deadline_ms is not None:
+                    return self._run_deadline(x, plan, t0, deadline_ms)
+                if self._unit_timing:
+                    return self._run_timed(x, plan, t0)
+                return self._run(x, plan, t0)
+        except Exception:
+            if self._closed:
+                raise CascadeClosedError("the cascade was closed while this frame ran") from None
+            raise
+
+    def _run(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
+        """The hot path: each group of segments up to the next evaluated exit, then its head."""
+        runner = self.runner
+        fused = self._fuse
+        policy = self._policy
+        th = plan.thresholds
+        last = self.num_exits - 1
+        state = runner.from_host(x)
+        for first, pos in plan.groups:
+            if first == pos:
+                state = runner.run_segment(pos, state)
+            elif fused:
+                state = runner.run_segments(first, pos, state)
+            else:
+                state = Runner.run_segments(runner, first, pos, state)
+            head = runner.run_head(pos, state[-1])
+            conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
+            if pos == last or conf >= th[pos]:
+                label = int(head.logits()[0].argmax())
+                return Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
+        raise AssertionError("unreachable: the last exit always accepts")
+
+    def _run_timed(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
+        """`_run` with each group's and head's latency recorded (``unit_timing=True``)."""
+        runner, clock, units_ms = self.runner, time.perf_counter, {}
+        state = runner.from_host(x)
+        for (first, pos), name in zip(plan.groups, plan.group_names, strict=True):
+            t = clock()
+            if self._fuse:
+                state = runner.run_segments(first, pos, state)
+            else:
+                state = Runner.run_segments(runner, first, pos, state)
+            t2 = clock()
+            units_ms[name] = (t2 - t) * 1e3
+            head = runner.run_head(pos, state[-1])
+            conf = float(self.confidence(head)[0])
+            units_ms[head_name(pos)] = (clock() - t2) * 1e3
+            if plan.accepts(pos, conf):
+                return self._prediction(pos, conf, head, t0, units_ms)
+        raise AssertionError("unreachable: the last exit always accepts")
+
+    def _run_deadline(self, x: np.ndarray, plan: CascadePlan, t0: float, deadline_ms: float) -> Prediction:
+        """Segment by segment; a pair (segment, head) starts only if its p95 fits what is left.
+        A skipped head still runs when nothing else could answer before the deadline."""
+        seg_p95, head_p95 = self._seg_p95_ms, self._head_p95_ms
+        if seg_p95 is None or head_p95 is None:
             raise ValueError(
                 "deadline_ms needs per-unit latencies: calibrate the artifact on this backend first "
                 "(`edgeexit calibrate`) or call set_unit_latency()"
             )
-        with self._lock:
-            if deadline_ms is None:
-                return self._run_groups(x, t0)
-            return self._run_one(x, t0, deadline_ms)
+        runner, units_ms, best, last = self.runner, {}, None, self.num_exits - 1
+        state = runner.from_host(x)
 
-    def _segments(self, k0: int, k1: int, state: tuple) -> tuple:
-        be = self.backend
-        if self.fuse and k0 < k1 and hasattr(be, "run_segments"):
-            return be.run_segments(k0, k1, state)
-        for k in range(k0, k1 + 1):
-            state = be.run_segment(k, state)
-        return state
+        def elapsed_ms() -> float:
+            return (time.perf_counter() - t0) * 1e3
 
-    def _run_groups(self, x: np.ndarray, t0: float) -> Prediction:
-        """The hot path: run each group of segments up to the next evaluated exit, then its head."""
-        be, names, units_ms = self.backend, self._unit_names, {}
-        state = be.from_host(x)
-        last = self.num_exits - 1
-        for (k0, k), group_name in zip(self._groups, self._group_names, strict=True):
-            t = time.perf_counter()
-            state = self._segments(k0, k, state)
-            t2 = time.perf_counter()
-            units_ms[group_name] = (t2 - t) * 1e3
-            head = be.run_head(k, state[-1])
-            conf = float(self._confidence(head)[0])
-            units_ms[names[2 * k + 1]] = (time.perf_counter() - t2) * 1e3
-            if k == last or conf >= self.thresholds[k]:
-                return self._prediction(k, conf, head, t0, units_ms)
-        raise AssertionError("unreachable: the last exit always accepts")
-
-    def _run_one(self, x: np.ndarray, t0: float, deadline_ms: float | None) -> Prediction:
-        be, names, units_ms = self.backend, self._unit_names, {}
-        p95 = self._unit_p95_ms
-        state = be.from_host(x)
-        best = None
-        last = self.num_exits - 1
-        for k in range(self.num_exits):
-            if deadline_ms is not None and best is not None:
-                need = p95[2 * k] + p95[2 * k + 1]
-                if (time.perf_counter() - t0) * 1e3 + need > deadline_ms:
-                    return self._prediction(*best, t0, units_ms, deadline_hit=True)
-            t = time.perf_counter()
-            state = be.run_segment(k, state)
-            t2 = time.perf_counter()
-            units_ms[names[2 * k]] = (t2 - t) * 1e3
+        for pos in range(self.num_exits):
+            if best is not None and elapsed_ms() + seg_p95[pos] + head_p95[pos] > deadline_ms:
+                return self._prediction(*best, t0, units_ms, deadline_hit=True)
+            state = runner.run_segment(pos, state)
             must_answer = (
-                deadline_ms is not None and k < last and best is None and self._would_overrun(k, t0, deadline_ms)
+                pos < last and best is None and elapsed_ms() + seg_p95[pos + 1] + head_p95[pos + 1] > deadline_ms
             )
-            if not self.evaluated[k] and not must_answer:
+            if not plan.evaluated[pos] and not must_answer:
                 continue
-            head = be.run_head(k, state[-1])
-            conf = float(self._confidence(head)[0])
-            units_ms[names[2 * k + 1]] = (time.perf_counter() - t2) * 1e3
-            if k == last or conf >= self.thresholds[k]:
-                return self._prediction(k, conf, head, t0, units_ms)
-            if deadline_ms is not None:
-                best = (k, conf, head)
+            head = runner.run_head(pos, state[-1])
+            conf = float(self.confidence(head)[0])
+            if plan.accepts(pos, conf):
+                return self._prediction(pos, conf, head, t0, units_ms)
+            best = (pos, conf, head)
         raise AssertionError("unreachable: the last exit always accepts")
 
-    def _would_overrun(self, k: int, t0: float, deadline_ms: float) -> bool:
-        """Would the next segment and head (k+1) miss the deadline? Then answer at exit k even if skipped."""
-        p95 = self._unit_p95_ms
-        return (time.perf_counter() - t0) * 1e3 + p95[2 * k + 2] + p95[2 * k + 3] > deadline_ms
-
-    def _prediction(self, k, conf, head, t0, units_ms, deadline_hit=False) -> Prediction:
+    def _prediction(self, pos, conf, head, t0, units_ms, deadline_hit=False) -> Prediction:
         label = int(np.argmax(head.logits()[0]))
         return Prediction(
-            label, self.class_names[label], conf, k + 1, (time.perf_counter() - t0) * 1e3, units_ms, deadline_hit
+            label,
+            self.class_names[label],
+            conf,
+            pos + 1,
+            (time.perf_counter() - t0) * 1e3,
+            units_ms if self._unit_timing else None,
+            deadline_hit,
         )
 
     # -- batch -----------------------------------------------------------------------------------
     def predict_batch(self, frames) -> list[Prediction]:
         """Classify a batch; samples that exit are dropped before the next unit (compaction)."""
         t0 = time.perf_counter()
-        x = self.preprocess.batch(frames)
-        with self._lock:
-            labels, conf, exits, lat = self._run_batch(x, t0)
+        out = self._run_batches(self.preprocess.batch(frames), self.plan, t0)
+        names = self.class_names
         return [
-            Prediction(
-                int(labels[i]), self.class_names[int(labels[i])], float(conf[i]), int(exits[i]) + 1, float(lat[i])
-            )
-            for i in range(len(x))
+            Prediction(int(y), names[int(y)], float(c), int(e), float(t))
+            for y, c, e, t in zip(out["label"], out["confidence"], out["exit"], out["latency_ms"], strict=True)
         ]
 
     def predict_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed float32 (N, C, H, W) → arrays: label, confidence, exit (1-based), latency_ms."""
         t0 = time.perf_counter()
-        with self._lock:
-            labels, conf, exits, lat = self._run_batch(np.ascontiguousarray(x, dtype=np.float32), t0)
-        return {"label": labels, "confidence": conf, "exit": exits + 1, "latency_ms": lat}
+        return self._run_batches(self.preprocess.batch(np.asarray(x, dtype=np.float32)), self.plan, t0)
 
-    def _run_batch(self, x: np.ndarray, t0: float):
-        be, n = self.backend, len(x)
-        labels = np.zeros(n, dtype=np.int64)
-        conf_out = np.zeros(n, dtype=np.float64)
-        exits = np.zeros(n, dtype=np.int64)
-        lat = np.zeros(n, dtype=np.float64)
-        active = np.arange(n)
-        state = be.from_host(x)
-        last = self.num_exits - 1
-        for k0, k in self._groups:
-            state = self._segments(k0, k, state)
-            head = be.run_head(k, state[-1])
-            conf = self._confidence(head)
-            done = np.ones(len(active), dtype=bool) if k == last else conf >= self.thresholds[k]
+    def _batch_size(self, requested: int | None = None) -> int:
+        limit = self.runner.info.max_batch
+        size = requested or limit or 256
+        return min(size, limit) if limit else size
+
+    def _run_batches(self, x: np.ndarray, plan: CascadePlan, t0: float) -> dict[str, np.ndarray]:
+        """Batches larger than the runner takes at once are run in slices of its max batch."""
+        n, size = len(x), self._batch_size(len(x))
+        out = {
+            "label": np.zeros(n, dtype=np.int64),
+            "confidence": np.zeros(n, dtype=np.float64),
+            "exit": np.zeros(n, dtype=np.int64),
+            "latency_ms": np.zeros(n, dtype=np.float64),
+        }
+        try:
+            with self._lock:
+                for start in range(0, n, size):
+                    self._run_batch(x[start : start + size], plan, t0, out, start)
+        except Exception:
+            if self._closed:
+                raise CascadeClosedError("the cascade was closed while this batch ran") from None
+            raise
+        return out
+
+    def _run_batch(self, x: np.ndarray, plan: CascadePlan, t0: float, out: dict, offset: int) -> None:
+        runner, last = self.runner, self.num_exits - 1
+        active = np.arange(len(x)) + offset
+        state = runner.from_host(x)
+        for first, pos in plan.groups:
+            if self._fuse:
+                state = runner.run_segments(first, pos, state)
+            else:
+                state = Runner.run_segments(runner, first, pos, state)
+            head = runner.run_head(pos, state[-1])
+            conf = self.confidence(head)
+            done = np.ones(len(active), dtype=bool) if pos == last else conf >= plan.thresholds[pos]
             rows = np.flatnonzero(done)
             if len(rows):
                 idx = active[rows]
-                labels[idx] = head.logits(rows).argmax(axis=1)
-                conf_out[idx] = conf[rows]
-                exits[idx] = k
-                lat[idx] = (time.perf_counter() - t0) * 1e3
-            if k == last or len(rows) == len(active):
-                break
+                out["label"][idx] = head.logits(rows).argmax(axis=1)
+                out["confidence"][idx] = conf[rows]
+                out["exit"][idx] = pos + 1
+                out["latency_ms"][idx] = (time.perf_counter() - t0) * 1e3
+            if pos == last or len(rows) == len(active):
+                return
             if len(rows):
                 keep = np.flatnonzero(~done)
-                state = be.take(state, keep)
+                state = runner.take(state, keep)
                 active = active[keep]
-        return labels, conf_out, exits, lat
 
-    # -- statistics for calibration ---------------------------------------------------------------
+    # -- statistics and timing for calibration ---------------------------------------------------
     def exit_statistics(self, x: np.ndarray, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
-        """Run every unit on preprocessed images: (N, K) confidences (this cascade's policy) and labels."""
-        n, k_exits = len(x), self.num_exits
-        conf = np.zeros((n, k_exits))
-        pred = np.zeros((n, k_exits), dtype=np.int64)
-        be = self.backend
+        """Run every unit on preprocessed images: (N, K) confidences (this cascade's policy) and
+        predictions. Batches respect the runner's max batch."""
+        n, size = len(x), self._batch_size(batch_size)
+        conf = np.zeros((n, self.num_exits))
+        pred = np.zeros((n, self.num_exits), dtype=np.int64)
+        runner = self.runner
         with self._lock:
-            for start in range(0, n, batch_size):
-                xb = np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)
-                state = be.from_host(xb)
-                for k in range(k_exits):
-                    state = be.run_segment(k, state)
-                    head = be.run_head(k, state[-1])
-                    conf[start : start + len(xb), k] = self._confidence(head)
-                    pred[start : start + len(xb), k] = head.logits().argmax(axis=1)
+            for start in range(0, n, size):
+                xb = np.ascontiguousarray(x[start : start + size], dtype=np.float32)
+                rows = slice(start, start + len(xb))
+                state = runner.from_host(xb)
+                for pos in range(self.num_exits):
+                    state = runner.run_segment(pos, state)
+                    head = runner.run_head(pos, state[-1])
+                    conf[rows, pos] = self.confidence(head)
+                    pred[rows, pos] = head.logits().argmax(axis=1)
                 if progress is not None:
-                    progress(min(start + batch_size, n))
+                    progress(min(start + size, n))
         return {"confidence": conf, "prediction": pred}
 
+    def profile(self, image: np.ndarray, batch: int = 1, repeats: int = 200, min_seconds: float = 1.0, progress=None):
+        """Per-unit latency on this device (see runtime/profiling.py)."""
+        from edgeexit.runtime.profiling import profile_units
+
+        with self._lock:
+            return profile_units(self, image, batch, repeats, min_seconds, progress)
+
+    # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        self.backend.close()
+        """Free the runner. A call running in another thread finishes or raises CascadeClosedError."""
+        with self._lock:
+            self._closed = True
+            if self._owns_runner:
+                self.runner.close()
 
     def __enter__(self) -> Cascade:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+__all__ = ["Cascade", "CascadeClosedError", "Prediction"]

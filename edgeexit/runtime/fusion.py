@@ -15,27 +15,11 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def segment_groups(evaluated: list[bool]) -> list[tuple[int, int]]:
-    """0-based (first, last) segment of each run that ends at an evaluated exit.
-
-    >>> segment_groups([True, False, True, False, False, True])
-    [(0, 0), (1, 2), (3, 5)]
-    """
-    groups, start = [], 0
-    for k, ev in enumerate(evaluated):
-        if ev or k == len(evaluated) - 1:
-            groups.append((start, k))
-            start = k + 1
-    return groups
+from edgeexit.runtime.plan import group_name
 
 
-def fused_name(k0: int, k1: int) -> str:
-    return f"seg_{k0 + 1:02d}-{k1 + 1:02d}"
-
-
-def fused_path(folder: Path, k0: int, k1: int) -> Path:
-    return Path(folder) / "fused" / f"{fused_name(k0, k1)}.onnx"
+def fused_path(folder: Path, first_pos: int, last_pos: int) -> Path:
+    return Path(folder) / "fused" / f"{group_name(first_pos, last_pos)}.onnx"
 
 
 def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
@@ -55,7 +39,7 @@ def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
             merged = model
         else:
             io_map = [(o["name"], i["name"]) for o, i in zip(segments[k - 1]["outputs"], unit["inputs"], strict=True)]
-            merged = compose.merge_models(merged, model, io_map=io_map, name=fused_name(k0, k1))
+            merged = compose.merge_models(merged, model, io_map=io_map, name=group_name(k0, k1))
     onnx.checker.check_model(merged)
     return merged.SerializeToString()
 

@@ -97,8 +97,14 @@ class Preprocessor:
             if not np.isfinite(x).all():
                 raise ValueError("input contains NaN or infinite values")
             return x
-        if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim in (3, 4):
+        if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4:
             frames = list(frames)
+        elif isinstance(frames, np.ndarray):
+            raise ValueError(
+                f"predict_batch expects a list of frames, an NxHxWxC uint8 array or an NxCxHxW float array; got "
+                f"a {frames.dtype} array of shape {frames.shape} (one frame? wrap it in a list; gray frames: "
+                "add a channel axis, NxHxWx1)"
+            )
         if not isinstance(frames, list | tuple) or len(frames) == 0:
             raise ValueError("predict_batch expects a non-empty list of frames or a 4-D array")
         return np.stack([self(f) for f in frames])

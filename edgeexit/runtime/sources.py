@@ -76,7 +76,7 @@ def run_source(
     cascade, source: str, max_frames: int | None = None, deadline_ms: float | None = None, save_video=None, echo=None
 ) -> dict:
     frames, order = iter_frames(source)
-    cascade.preprocess.input_order = order
+    cascade = cascade.derive(input_order=order)
     writer = None
     exits: dict[str, int] = {str(k): 0 for k in range(1, cascade.num_exits + 1)}
     latencies, n, t_start = [], 0, time.perf_counter()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgeexit.calibrate.thresholds import GEOMETRIC_QS, exit_indices, geometric_thresholds
 from edgeexit.data import ImageDataset, normalize
+from edgeexit.errors import UserError
 from edgeexit.models import MultiExitNet, count_unit_cost, cumulative_exit_flops
+from edgeexit.runtime.plan import MSDNET_QS, CascadePlan
 
 
 @torch.no_grad()
@@ -49,13 +50,13 @@ def budgeted_curve(
     """MSDNet budgeted batch classification: thresholds from the held-out split, measured on test."""
     cum = np.asarray(cumulative_flops)
     points = []
-    for q in GEOMETRIC_QS:
-        th = geometric_thresholds(val_conf, float(q))
-        e = exit_indices(test_conf, th)
+    for q in MSDNET_QS:
+        plan = CascadePlan.msdnet(val_conf, q)
+        e = plan.exit_positions(test_conf)
         points.append(
             {
-                "q": float(q),
-                "thresholds": [float(t) if np.isfinite(t) else None for t in th],
+                "q": q,
+                "thresholds": plan.to_list(),
                 "expected_flops": float(cum[e].mean()),
                 "accuracy": float(test_correct[np.arange(len(e)), e].mean()),
                 "exit_shares": np.bincount(e, minlength=len(cum)).astype(float).__truediv__(len(e)).tolist(),
@@ -92,3 +93,41 @@ def evaluate(
     else:
         result["budgeted"] = []
     return result
+
+
+def evaluate_checkpoint(
+    checkpoint, data: str | None = None, limit_eval: int | None = None, device: str = "auto", data_dir=None
+) -> dict:
+    """`edgeexit eval`: the checkpoint on the test split of its dataset (or ``data``), with the
+    budgeted curve's thresholds from the held-out split it recorded."""
+    from edgeexit.data import load_dataset
+    from edgeexit.data.datasets import load_heldout
+    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgeexit.train.trainer import resolve_device
+
+    if limit_eval is not None and limit_eval < 1:
+        raise UserError(f"--limit-eval must be at least 1, got {limit_eval}")
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    name = data or ckpt.get("dataset") or ckpt.get("split", {}).get("dataset")
+    if not name:
+        raise UserError("the checkpoint records no dataset; pass --data")
+    ddir = str(data_dir) if data_dir else ckpt.get("split", {}).get("data_dir")
+    test = load_dataset(name, "test", ddir, image_size=ckpt["preprocessing"]["input_size"])
+    _check_compatible(test, ckpt)
+    if limit_eval:
+        test = test.subset(np.arange(min(limit_eval, len(test))))
+    val = load_heldout(ckpt["split"], ddir, name) if name == ckpt.get("dataset") else None
+    result = evaluate(model, test, val, device=resolve_device(device))
+    result["checkpoint"] = str(checkpoint)
+    result["dataset"] = name
+    return result
+
+
+def _check_compatible(ds, ckpt: dict) -> None:
+    pre = ckpt["preprocessing"]
+    if ds.in_chans != pre["in_chans"] or ds.num_classes != ckpt["config"]["num_classes"]:
+        raise UserError(
+            f"dataset has {ds.in_chans} channels / {ds.num_classes} classes but the model expects "
+            f"{pre['in_chans']} / {ckpt['config']['num_classes']}"
+        )

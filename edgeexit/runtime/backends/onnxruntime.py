@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.backends import HeadOutput
+from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.device import cpu_name
 
 
 def _ort():
@@ -25,7 +26,7 @@ def cuda_provider_available() -> bool:
         return False
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Runner):
     thread_safe = True  # InferenceSession.run may be called from several threads
 
     def __init__(self, manifest: dict, cuda: bool = False, threads: int | None = 1) -> None:
@@ -48,16 +49,18 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
-        self.version = ort.__version__
-        self.precision = "fp32"
         self._opts, self._providers = opts, providers
         self._segments, self._heads = [], []
         for u in manifest["units"]:
             sess = ort.InferenceSession(str(folder / u["onnx"]), opts, providers=providers)
             entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
             (self._segments if u["kind"] == "segment" else self._heads).append(entry)
-        self.device = _cpu_name() if not cuda else "CUDA (onnxruntime)"
+        self.info = RunnerInfo(
+            name="onnxruntime-cuda" if cuda else "onnxruntime-cpu",
+            version=ort.__version__,
+            device=cpu_name() if not cuda else "CUDA (onnxruntime)",
+            fuses=True,
+        )
 
     def from_host(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         return (x,)
@@ -66,35 +69,35 @@ class OnnxRuntimeBackend:
         sess, names, outs = self._segments[k]
         return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
 
-    def prepare(self, evaluated: list[bool], fuse: bool = True) -> None:
-        """Fuse the segments between evaluated exits into one session each (see runtime/fusion.py)."""
-        from edgeexit.runtime.fusion import load_or_build, segment_groups
-
+    def prepare(self, plan, fuse: bool) -> None:
+        """Fuse the segments of each of ``plan``'s groups into one session (see runtime/fusion.py)."""
         if not fuse:
             return
-        ort = _ort()
-        for k0, k1 in segment_groups(evaluated):
-            if k1 == k0 or (k0, k1) in self._fused:
+        for first, last in plan.groups:
+            if first == last or (first, last) in self._fused:
                 continue
-            try:
-                source = load_or_build(self._folder, self._manifest, k0, k1)
-            except Exception:  # fusion is an optimisation: never fail the cascade for it
-                source = None
-            if source is None:
-                continue
-            sess = ort.InferenceSession(source, self._opts, providers=self._providers)
-            first, last = self._segments[k0], self._segments[k1]
-            self._fused[(k0, k1)] = (sess, first[1], last[2])
+            self._fuse(first, last)
 
-    def run_segments(self, k0: int, k1: int, state: tuple) -> tuple:
-        """Segments k0..k1 (inclusive): one fused session when prepared, else one by one."""
-        fused = self._fused.get((k0, k1))
-        if fused is not None:
-            sess, names, outs = fused
-            return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
-        for k in range(k0, k1 + 1):
-            state = self.run_segment(k, state)
-        return state
+    def _fuse(self, first: int, last: int) -> None:
+        from edgeexit.runtime.fusion import load_or_build
+
+        try:
+            source = load_or_build(self._folder, self._manifest, first, last)
+        except Exception:  # fusion is an optimisation: never fail the cascade for it
+            source = None
+        if source is None:
+            return
+        sess = _ort().InferenceSession(source, self._opts, providers=self._providers)
+        # one assignment: a thread running the cascade sees either no entry or a complete one
+        self._fused[(first, last)] = (sess, self._segments[first][1], self._segments[last][2])
+
+    def run_segments(self, first_pos: int, last_pos: int, state: tuple) -> tuple:
+        """Segments first..last (inclusive): one fused session when prepared, else one by one."""
+        fused = self._fused.get((first_pos, last_pos))
+        if fused is None:
+            return super().run_segments(first_pos, last_pos, state)
+        sess, names, outs = fused
+        return tuple(sess.run(outs, dict(zip(names, state, strict=True))))
 
     def run_head(self, k: int, tap) -> HeadOutput:
         sess, names, outs = self._heads[k]
@@ -108,16 +111,5 @@ class OnnxRuntimeBackend:
         pass
 
     def close(self) -> None:
-        self._segments, self._heads = [], []
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        # Calls in flight keep their own reference to the session they run; new calls fail cleanly.
+        self._segments, self._heads, self._fused = [], [], {}

@@ -18,9 +18,41 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.runtime.backends import HeadOutput
+from edgeexit.errors import UserError
+from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 
 ITEMSIZE = 4  # every unit tensor is float32
+
+INSTALL_HINT = (
+    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); on x86 "
+    "with an NVIDIA GPU run `pip install tensorrt cuda-python`. `--format onnx` works without it."
+)
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError(INSTALL_HINT) from None
+    major, minor = (int(v) for v in trt.__version__.split(".")[:2])
+    if (major, minor) < (8, 6):
+        raise UserError(f"TensorRT {trt.__version__} is too old: edgeexit needs >= 8.6 (name-based tensor API)")
+    return trt
+
+
+def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None:
+    """A plan only runs with the TensorRT version and GPU architecture it was built for."""
+    if entry["trt_version"] != trt_version:
+        raise UserError(
+            f"{entry['path']} was built with TensorRT {entry['trt_version']} but this is TensorRT "
+            f"{trt_version}: rebuild with `edgeexit export MODEL.pt --format engine --force`"
+        )
+    if entry["compute_capability"] != device["compute_capability"]:
+        raise UserError(
+            f"{entry['path']} was built for {entry['device_name']} (sm {entry['compute_capability']}) "
+            f"but this GPU is {device['name']} (sm {device['compute_capability']}): rebuild the engines "
+            "on this device with `edgeexit export MODEL.pt --format engine --force`"
+        )
 
 
 def tensorrt_usable(manifest: dict) -> bool:
@@ -64,18 +96,15 @@ class _DevTensor:
         return int(np.prod(self.shape[1:])) * ITEMSIZE
 
 
-class TensorRTBackend:
+class TensorRTBackend(Runner):
     thread_safe = False  # an execution context runs one inference at a time; the Cascade locks
 
     def __init__(self, manifest: dict, precision: str | None = None, cuda_graphs: bool = True) -> None:
-        from edgeexit.export.tensorrt import check_engine_compatible, import_tensorrt
         from edgeexit.runtime.backends.cuda import DeviceBuffer, check, cuda_device_info, cudart
 
         trt = import_tensorrt()
         self.rt, self.check = cudart(), check
         self.device_info = cuda_device_info()
-        self.device = self.device_info["name"]
-        self.name, self.version = "tensorrt", trt.__version__
         folder = Path(manifest["_folder"])
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -89,7 +118,7 @@ class TensorRTBackend:
         for u in manifest["units"]:
             entry = select_engine(u, precision)
             check_engine_compatible(entry, trt.__version__, self.device_info)
-            self.precision = entry["precision"]
+            precision = entry["precision"]
             engine = self._runtime.deserialize_cuda_engine((folder / entry["path"]).read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {entry['path']}")
@@ -111,6 +140,8 @@ class TensorRTBackend:
                 }
             )
         self.max_batch = min(unit["max_batch"] for unit in self.units)
+        self._segment_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "segment"]
+        self._head_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "head"]
         first = manifest["units"][0]["inputs"][0]
         self._image_rest = tuple(int(d) for d in first["shape"][1:])
         self._image = DeviceBuffer(self.max_batch * int(np.prod(self._image_rest)) * ITEMSIZE)
@@ -119,12 +150,21 @@ class TensorRTBackend:
         self._scratch = [DeviceBuffer(self.max_batch * largest * ITEMSIZE) for _ in range(2)]
         self._buffers += [self._image, *self._scratch]
         self._host_conf = np.empty(self.max_batch, dtype=np.float32)
+        self.info = RunnerInfo(
+            name="tensorrt",
+            version=trt.__version__,
+            device=self.device_info["name"],
+            precision=precision,
+            max_batch=self.max_batch,
+            extra={"compute_capability": self.device_info["compute_capability"]},
+        )
 
     # -- host <-> device -------------------------------------------------------------------------
     def from_host(self, x: np.ndarray) -> tuple:
         if len(x) > self.max_batch:
             raise ValueError(
-                f"batch {len(x)} exceeds the engines' max batch {self.max_batch}; re-export with a larger --batch"
+                f"batch {len(x)} exceeds the engines' max batch {self.max_batch}; pass smaller batches "
+                "or re-export with a larger --batch"
             )
         x = np.ascontiguousarray(x, dtype=np.float32)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -164,12 +204,11 @@ class TensorRTBackend:
         except RuntimeError:
             self._graph_failed.add(key)
 
-    def run_segment(self, k: int, state: tuple) -> tuple:
-        outs = self._execute(2 * k, state)
-        return tuple(outs.values())
+    def run_segment(self, pos: int, state: tuple) -> tuple:
+        return tuple(self._execute(self._segment_units[pos], state).values())
 
-    def run_head(self, k: int, tap) -> HeadOutput:
-        outs = self._execute(2 * k + 1, (tap,))
+    def run_head(self, pos: int, tap) -> HeadOutput:
+        outs = self._execute(self._head_units[pos], (tap,))
         conf, logits = outs["confidence"], outs["logits"]
         n = conf.shape[0]
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import ArtifactError
-from edgeexit.runtime.backends import HeadOutput
+from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.device import cpu_name
 
 
-class TorchBackend:
+class TorchBackend(Runner):
     def __init__(
         self, manifest: dict, device: str | None = None, cuda_graphs: bool = True, max_graphs: int = 64
     ) -> None:
@@ -36,14 +37,13 @@ class TorchBackend:
         self.max_graphs = max_graphs
         self._graphs: dict = {}
         self._graph_failed: set = set()
-        self.name = "torch-cuda" if self.cuda else "torch-cpu"
-        self.version = torch.__version__
-        self.precision = "fp32"
         # Captured graphs share static buffers: one caller at a time on CUDA.
         self.thread_safe = not self.use_graphs
         self._lock = threading.Lock()
-        if self.cuda:
-            self.device_name = torch.cuda.get_device_name(self.device)
+        device_name = torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()
+        self.info = RunnerInfo(
+            name="torch-cuda" if self.cuda else "torch-cpu", version=torch.__version__, device=device_name
+        )
         self.segments = list(self.model.segments)
         self.heads = [self._head_fn(h) for h in self.model.heads]
 
@@ -98,11 +98,11 @@ class TorchBackend:
             static_out = tuple(fn(*static_in))
         return graph, static_in, static_out
 
-    def run_segment(self, k: int, state: tuple) -> tuple:
-        return self._call(("seg", k), self.segments[k], state)
+    def run_segment(self, pos: int, state: tuple) -> tuple:
+        return self._call(("seg", pos), self.segments[pos], state)
 
-    def run_head(self, k: int, tap) -> HeadOutput:
-        logits, conf = self._call(("head", k), self.heads[k], (tap,))
+    def run_head(self, pos: int, tap) -> HeadOutput:
+        logits, conf = self._call(("head", pos), self.heads[pos], (tap,))
         if self.cuda:
             return HeadOutput(conf.float().cpu().numpy(), logits.clone(), _fetch_rows)
         return HeadOutput(conf.numpy(), logits.numpy())

@@ -1,10 +1,12 @@
-"""`edgeexit bench`: per-unit and cumulative per-exit latency; full cascade vs early exit (numpy only)."""
+"""`edgeexit bench`: per-unit and cumulative per-exit latency; full cascade vs early exit (a job,
+like calibrate: it uses the runtime's profiling mode and only the `Runner` protocol)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from edgeexit.calibrate.profiler import time_call
+from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
+from edgeexit.runtime.profiling import time_call
 
 
 def _heldout_frames(cascade, n: int, data_dir: str | None):
@@ -20,59 +22,55 @@ def _heldout_frames(cascade, n: int, data_dir: str | None):
 
 
 def bench_cascade(
-    cascade, batch: int = 1, repeats: int = 200, num_images: int = 500, data_dir: str | None = None, console=None
+    cascade, batch: int = 1, repeats: int = 200, num_images: int = 500, data_dir: str | None = None
 ) -> dict:
-    from edgeexit.calibrate.profiler import profile_units
-
     data, why = _heldout_frames(cascade, num_images, data_dir) if num_images > 0 else (None, "--images 0")
-    if data is not None:
-        image = cascade.preprocess(data[0][0])
-    else:
-        image = np.zeros(cascade.preprocess.chw_shape, dtype=np.float32)
-    prof = profile_units(cascade, image, batch=batch, repeats=repeats)
-    units = [{"name": n, **v} for n, v in prof["units"].items()]
+    frame = data[0][0] if data is not None else np.zeros((*cascade.preprocess.chw_shape[1:], 3), np.uint8)
+    prof = cascade.profile(cascade.preprocess(frame), batch=batch, repeats=repeats)
+    units = prof["units"]
     cum, per_exit = 0.0, []
-    for k in range(cascade.num_exits):
-        cum += prof["units"][f"seg_{k + 1:02d}"]["p50_ms"]
-        per_exit.append({"exit": k + 1, "cumulative_p50_ms": cum + prof["units"][f"head_{k + 1:02d}"]["p50_ms"]})
-        cum += prof["units"][f"head_{k + 1:02d}"]["p50_ms"]
+    for pos in range(cascade.num_exits):
+        cum += units[segment_name(pos)]["p50_ms"]
+        per_exit.append({"exit": pos + 1, "cumulative_p50_ms": cum + units[head_name(pos)]["p50_ms"]})
+        cum += units[head_name(pos)]["p50_ms"]
+    info = cascade.runner.info
     result = {
-        "backend": cascade.backend_name,
-        "device": getattr(cascade.backend, "device_name", None) or str(getattr(cascade.backend, "device", "")),
+        "backend": info.name,
+        "device": info.device,
         "batch": batch,
-        "units": units,
+        "units": [{"name": n, **v} for n, v in units.items()],
         "exits": per_exit,
         "decision_ms": prof["decision"]["p50_ms"],
-        "thresholds": [float(t) for t in cascade.thresholds],
+        "thresholds": cascade.plan.to_list(),
     }
-    frame = data[0][0] if data is not None else np.zeros((*cascade.preprocess.chw_shape[1:], 3), np.uint8)
-    be = cascade.backend
-    x1 = cascade.preprocess(frame)[None]
-
-    def every_unit():  # batch 1, every segment and every head, as a cascade where nothing exits
-        state = be.from_host(x1)
-        for k in range(cascade.num_exits):
-            state = be.run_segment(k, state)
-            be.run_head(k, state[-1])
-
-    full = time_call(every_unit, be.synchronize, repeats, 1.0)
-    saved = cascade.thresholds.copy()
-    cascade.set_thresholds([2.0] * (cascade.num_exits - 1) + [0.0])  # plain model: backbone + final head
-    plain = time_call(lambda: cascade.predict(frame), be.synchronize, repeats, 1.0)
-    cascade.set_thresholds(saved)
-    result["full_cascade_ms"] = full["mean_ms"]
-    result["full_cascade"] = full
-    result["backbone_and_final_head_ms"] = plain["mean_ms"]
+    result.update(_cascade_latency(cascade, frame, repeats))
     if data is not None:
         from edgeexit.calibrate.run import verify
 
-        ee = verify(cascade, *data, cascade.thresholds)
+        ee = verify(cascade, *data, cascade.plan)
         result["early_exit_ms"] = ee["mean_ms"]
         result["early_exit"] = ee
     else:
         result["early_exit_ms"] = None
         result["early_exit_note"] = f"no held-out images here ({why}); per-unit numbers only"
     return result
+
+
+def _cascade_latency(cascade, frame, repeats: int) -> dict:
+    """Batch 1: every unit (a cascade where nothing exits) and the plain model (backbone + final head)."""
+    runner, k = cascade.runner, cascade.num_exits
+    x1 = cascade.preprocess(frame)[None]
+
+    def every_unit():
+        state = runner.from_host(x1)
+        for pos in range(k):
+            state = runner.run_segment(pos, state)
+            runner.run_head(pos, state[-1])
+
+    full = time_call(every_unit, runner.synchronize, repeats, 1.0)
+    plain_model = cascade.derive(CascadePlan.full_model(k))
+    plain = time_call(lambda: plain_model.predict(frame), runner.synchronize, repeats, 1.0)
+    return {"full_cascade_ms": full["mean_ms"], "full_cascade": full, "backbone_and_final_head_ms": plain["mean_ms"]}
 
 
 def bench_table(result: dict):

@@ -1,0 +1,96 @@
+"""The `Runner` protocol: what every backend implements, in full (modelled on Polygraphy's BaseRunner).
+
+A runner executes the artifact's units on backend-native arrays. The cascade, calibrate and bench
+call only these methods; none of them probes a backend with ``hasattr``.
+
+- ``info``: a `RunnerInfo` (name, version, device, precision, max batch, whether it fuses);
+- ``thread_safe``: may several threads call it at once? (if not, `Cascade` serialises calls);
+- ``from_host(x)``: float32 (N, C, H, W) numpy → state, a tuple of native arrays;
+- ``run_segment(pos, state) -> state`` and ``run_head(pos, tap) -> HeadOutput`` (0-based positions);
+- ``run_segments(first_pos, last_pos, state)``: segments first..last back to back; the default runs
+  them one by one, a runner that fuses them overrides it (and says so in ``info.fuses``);
+- ``prepare(plan, fuse)``: called before a new `CascadePlan` is used (build fused graphs, ...);
+- ``take(state, rows)``: keep only ``rows`` of every state tensor (batch compaction);
+- ``synchronize()``: wait for queued device work (timing); ``close()``: free everything.
+Heavy libraries are imported inside each backend module, only when that backend is chosen.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    name: str  # onnxruntime-cpu, onnxruntime-cuda, torch-cpu, torch-cuda, tensorrt
+    version: str
+    device: str  # CPU model or GPU name
+    precision: str = "fp32"
+    max_batch: int | None = None  # None: no limit but memory
+    fuses: bool = False  # run_segments fuses the segments it is given into one call
+    extra: dict = field(default_factory=dict)  # e.g. compute_capability for GPUs
+
+
+class HeadOutput:
+    """What the cascade reads back from a head: confidences for all rows, logits on demand."""
+
+    __slots__ = ("confidence", "_logits", "_fetch")
+
+    def __init__(self, confidence: np.ndarray, logits, fetch=None) -> None:
+        self.confidence = confidence  # (N,) float
+        self._logits = logits
+        self._fetch = fetch  # callable(native logits, rows | None) -> numpy, for device backends
+
+    def logits(self, rows: np.ndarray | None = None) -> np.ndarray:
+        if self._fetch is not None:
+            return self._fetch(self._logits, rows)
+        return self._logits if rows is None else self._logits[rows]
+
+
+class Runner(ABC):
+    """Base class of every backend. Subclasses set ``info`` and ``thread_safe`` in ``__init__``."""
+
+    info: RunnerInfo
+    thread_safe: bool = False
+
+    @abstractmethod
+    def from_host(self, x: np.ndarray) -> tuple: ...
+
+    @abstractmethod
+    def run_segment(self, pos: int, state: tuple) -> tuple: ...
+
+    @abstractmethod
+    def run_head(self, pos: int, tap) -> HeadOutput: ...
+
+    @abstractmethod
+    def take(self, state: tuple, rows: np.ndarray) -> tuple: ...
+
+    @abstractmethod
+    def synchronize(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def run_segments(self, first_pos: int, last_pos: int, state: tuple) -> tuple:
+        """Segments first..last (inclusive, 0-based). Runners that fuse override this."""
+        for pos in range(first_pos, last_pos + 1):
+            state = self.run_segment(pos, state)
+        return state
+
+    def prepare(self, plan, fuse: bool) -> None:  # noqa: B027 - optional hook, default: nothing to do
+        """Called with a new `CascadePlan` before it is used."""
+
+    def check_batch(self, n: int) -> None:
+        """Raise ValueError when a batch of ``n`` exceeds what this runner can take at once."""
+        limit = self.info.max_batch
+        if limit is not None and n > limit:
+            raise ValueError(f"batch {n} exceeds {self.info.name}'s max batch {limit}")
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,82 @@
+"""On-device latency of every unit, the per-exit decision and the per-frame overhead (numpy only).
+
+Units are timed one at a time on real inputs (a held-out image pushed through the preceding
+units), after a warm-up, for at least ``repeats`` runs or ``min_seconds``, whichever comes first
+after ``min_repeats``. GPU runners synchronise after every run so a time is the unit's own.
+This is the runtime's supported profiling mode: calibrate and bench call it, nothing else pokes
+at the cascade's insides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
+
+
+def latency_stats(samples_ms) -> dict:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    return {
+        "p50_ms": float(np.median(a)),
+        "p95_ms": float(np.percentile(a, 95)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+        "repeats": int(len(a)),
+    }
+
+
+def time_call(fn, sync, repeats: int = 200, min_seconds: float = 1.0, warmup: int = 10, min_repeats: int = 30) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times, start = [], time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t) * 1e3)
+        n = len(times)
+        if n >= repeats or (n >= min_repeats and time.perf_counter() - start >= min_seconds):
+            break
+    return latency_stats(times)
+
+
+def profile_units(cascade, image: np.ndarray, batch: int, repeats: int, min_seconds: float, progress=None) -> dict:
+    """Per-unit latency at ``batch`` (a real preprocessed image repeated), plus the decision:
+    reading a head's confidence (the cascade's policy) and comparing it with a threshold."""
+    runner = cascade.runner
+    runner.check_batch(batch)
+    x = np.ascontiguousarray(np.repeat(image[None], batch, axis=0), dtype=np.float32)
+    state = runner.from_host(x)
+    units: dict[str, dict] = {}
+    head = None
+    for pos in range(cascade.num_exits):
+        s_in = state
+        units[segment_name(pos)] = time_call(
+            lambda s_in=s_in, pos=pos: runner.run_segment(pos, s_in), runner.synchronize, repeats, min_seconds
+        )
+        state = runner.run_segment(pos, state)
+        tap = state[-1]
+        units[head_name(pos)] = time_call(
+            lambda tap=tap, pos=pos: runner.run_head(pos, tap), runner.synchronize, repeats, min_seconds
+        )
+        if head is None:
+            head = runner.run_head(pos, tap)
+        if progress is not None:
+            progress(pos + 1)
+    decision = time_call(lambda: float(cascade.confidence(head)[0]) >= 0.5, lambda: None, repeats, 0.2)
+    return {"batch": batch, "units": units, "decision": decision}
+
+
+def frame_overhead_ms(cascade, frame, unit_p50: dict, repeats: int = 100) -> float:
+    """Per-frame cost outside the units (validation, preprocessing, host↔device copy, bookkeeping):
+    median end-to-end ``predict`` of the plain model (every intermediate exit skipped), run unit by
+    unit, minus the units it ran. Unfused, so the overhead is what surrounds the units the cost
+    model adds up (fusion at run time only makes the real cascade faster than predicted)."""
+    k = cascade.num_exits
+    plain = cascade.derive(CascadePlan.full_model(k), fuse=False)
+    lat = time_call(lambda: plain.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
+    units = sum(unit_p50[segment_name(pos)] for pos in range(k)) + unit_p50[head_name(k - 1)]
+    return max(0.0, lat - units)
