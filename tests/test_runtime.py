@@ -186,12 +186,93 @@ def test_confidence_policies():
     assert all(((v >= 0) & (v <= 1)).all() for v in (ms, mg, en))
 
 
-def test_margin_policy_runs_in_the_cascade(tiny_artifact, test_frames):
+def test_margin_policy_runs_in_the_cascade(tiny_artifact, test_frames, torch_outputs):
     frames, _ = test_frames
-    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.5] * K, policy="margin")
-    preds = c.predict_batch(frames[:100])
-    assert {p.exit_index for p in preds} <= set(range(1, K + 1))
-    assert all(p.confidence >= 0.5 or p.exit_index == K for p in preds)
+    th = [0.5] * K
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=th, policy="margin")
+    preds = c.predict_batch(frames[:300])
+    conf = np.stack([margin(z[:300]) for z in torch_outputs], 1)
+    take = conf >= 0.5
+    take[:, -1] = True
+    exits = take.argmax(1)
+    agree = np.mean([p.exit_index - 1 == e for p, e in zip(preds, exits, strict=True)])
+    assert agree >= 0.99  # a margin within 1e-6 of 0.5 may fall either side
+    np.testing.assert_allclose([p.confidence for p in preds], conf[np.arange(300), exits], atol=1e-4)
+    max_softmax_exits = [
+        p.exit_index
+        for p in Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=th).predict_batch(frames[:300])
+    ]
+    assert max_softmax_exits != [p.exit_index for p in preds]
+
+
+def test_threshold_changes_race_with_predicting_threads(tiny_artifact, test_frames):
+    """4 threads predict on real frames while a 5th swaps between "always the final exit" and
+    "always exit 1" for 2 s: no exception, and every answer is one that one of the two plans gives."""
+    import time
+
+    frames, _ = test_frames
+    frames = frames[:100]
+    final_plan, first_plan = [2.0] * (K - 1) + [0.0], [0.0] * K
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=final_plan)
+    allowed = [
+        {(p.label, p.exit_index) for p in (c.derive(th).predict(f) for th in (final_plan, first_plan))} for f in frames
+    ]
+    stop, errors, seen = threading.Event(), [], [0] * 4
+
+    def predict(t):
+        i = 0
+        while not stop.is_set():
+            try:
+                p = c.predict(frames[i % len(frames)])
+                if (p.label, p.exit_index) not in allowed[i % len(frames)]:
+                    errors.append(f"frame {i % len(frames)}: {(p.label, p.exit_index)}")
+            except Exception as e:  # noqa: BLE001 - any exception is a failure of the test
+                errors.append(repr(e))
+            i += 1
+        seen[t] = i
+
+    threads = [threading.Thread(target=predict, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    t_end, swaps = time.perf_counter() + 2.0, 0
+    while time.perf_counter() < t_end:
+        c.set_thresholds(first_plan if swaps % 2 == 0 else final_plan)
+        swaps += 1
+        time.sleep(0.002)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(seen) > 1000 and swaps > 100
+    print(f"race: {sum(seen)} predictions checked, {swaps} plan swaps")
+
+
+def test_close_while_other_threads_predict_does_not_crash(tiny_artifact, test_frames):
+    from edgeexit.runtime.cascade import CascadeClosedError
+
+    frames, _ = test_frames
+    c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[0.8] * K)
+    outcomes = []
+
+    def predict():
+        for f in frames[:400]:
+            try:
+                c.predict(f)
+                outcomes.append("ok")
+            except CascadeClosedError:
+                outcomes.append("closed")
+
+    threads = [threading.Thread(target=predict) for _ in range(3)]
+    for t in threads:
+        t.start()
+    while len(outcomes) < 50:
+        pass
+    c.close()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 1200 and "ok" in outcomes and "closed" in outcomes
+    with pytest.raises(CascadeClosedError):
+        c.predict(frames[0])
 
 
 def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):

@@ -1,0 +1,218 @@
+"""Backend-independent behaviour of `Cascade`, on a scripted runner whose every call is recorded.
+
+Each "image" is one float, the sample's id; head k answers with the scripted logits of that sample
+at exit k. So each test knows exactly what the cascade should do and sees what it did.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.backends import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.plan import SKIP, CascadePlan, segment_groups
+from edgeexit.runtime.policies import margin, softmax
+
+K, C = 4, 3
+
+
+class ScriptedRunner(Runner):
+    thread_safe = True
+
+    def __init__(self, logits: np.ndarray, fuses: bool = True, max_batch: int | None = None) -> None:
+        self.logits = logits  # (N, K, C)
+        self.calls: list[tuple] = []
+        self.info = RunnerInfo(name="scripted", version="0", device="cpu", fuses=fuses, max_batch=max_batch)
+        self.fuses = fuses
+
+    def from_host(self, x):
+        self.check_batch(len(x))
+        self.calls.append(("from_host", len(x)))
+        return (x.reshape(len(x)).astype(np.int64),)
+
+    def run_segment(self, pos, state):
+        self.calls.append(("segment", pos, len(state[0])))
+        return state
+
+    def run_segments(self, first_pos, last_pos, state):
+        if not self.fuses:
+            return super().run_segments(first_pos, last_pos, state)
+        self.calls.append(("fused", first_pos, last_pos))
+        return state
+
+    def run_head(self, pos, tap):
+        self.calls.append(("head", pos, len(tap)))
+        z = self.logits[tap, pos]
+        return HeadOutput(softmax(z).max(axis=1), z)
+
+    def take(self, state, rows):
+        self.calls.append(("take", tuple(int(r) for r in rows)))
+        return tuple(s[rows] for s in state)
+
+    def synchronize(self):
+        pass
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+def manifest(k: int = K) -> dict:
+    units = [
+        {"name": n, "kind": kind}
+        for p in range(k)
+        for n, kind in ((f"seg_{p + 1:02d}", "segment"), (f"head_{p + 1:02d}", "head"))
+    ]
+    return {
+        "units": units,
+        "class_names": [f"c{i}" for i in range(C)],
+        "preprocessing": {"in_chans": 1, "input_size": [1, 1], "mean": [0.0], "std": [1.0]},
+    }
+
+
+def scripted_logits(n: int = 64, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 2.5, (n, K, C)).astype(np.float32)
+
+
+def frame(i: int) -> np.ndarray:
+    return np.full((1, 1, 1), float(i), np.float32)
+
+
+def cascade(thresholds, logits=None, **kw) -> tuple[Cascade, ScriptedRunner]:
+    runner = ScriptedRunner(scripted_logits() if logits is None else logits, **kw.pop("runner", {}))
+    return Cascade(manifest(), runner, thresholds=thresholds, **kw), runner
+
+
+def expected(logits, thresholds, policy=None):
+    conf = np.stack([(policy or (lambda z: softmax(z).max(1)))(logits[:, p]) for p in range(K)], 1)
+    pos = CascadePlan.from_thresholds(thresholds).exit_positions(conf)
+    labels = logits[np.arange(len(pos)), pos].argmax(1)
+    return pos + 1, labels, conf[np.arange(len(pos)), pos]
+
+
+def test_predict_follows_the_plan_sample_by_sample():
+    th = [0.9, 0.7, 0.8, 0.0]
+    c, _ = cascade(th)
+    exits, labels, conf = expected(c.runner.logits, th)
+    preds = [c.predict(frame(i)) for i in range(64)]
+    assert [p.exit_index for p in preds] == list(exits)
+    assert [p.label for p in preds] == list(labels)
+    np.testing.assert_allclose([p.confidence for p in preds], conf, rtol=1e-6)
+    assert len(set(exits)) >= 3
+
+
+def test_a_skipped_exit_never_runs_its_head_even_if_it_would_be_confident():
+    logits = scripted_logits()
+    logits[:, 1] = [20.0, 0.0, 0.0]  # exit 2 certain about everything
+    c, runner = cascade([0.99, SKIP, 0.99, 0.0], logits=logits)
+    preds = [c.predict(frame(i)) for i in range(64)]
+    assert all(p.exit_index != 2 for p in preds)
+    assert not [call for call in runner.calls if call[:2] == ("head", 1)]
+    # the same thresholds with exit 2 evaluated: it takes everything that reaches it
+    c2, _ = cascade([0.99, 0.5, 0.99, 0.0], logits=logits)
+    assert {p.exit_index for p in (c2.predict(frame(i)) for i in range(64))} <= {1, 2}
+
+
+def test_the_confidence_policy_decides_the_exit():
+    logits = scripted_logits()
+    th = [0.6, 0.6, 0.6, 0.0]
+    c, _ = cascade(th, policy="margin")
+    exits, labels, conf = expected(logits, th, policy=margin)
+    preds = [c.predict(frame(i)) for i in range(64)]
+    assert [p.exit_index for p in preds] == list(exits)
+    np.testing.assert_allclose([p.confidence for p in preds], conf, rtol=1e-6)
+    max_softmax_exits, _, _ = expected(logits, th)
+    assert list(exits) != list(max_softmax_exits)  # the policy really changes decisions here
+
+
+def test_fusion_runs_each_group_as_one_call_and_off_runs_units_one_by_one():
+    th = [0.9, SKIP, SKIP, 0.0]
+    c, runner = cascade(th, logits=np.zeros((64, K, C), np.float32))  # nobody confident: all reach exit 4
+    c.predict(frame(0))
+    assert [call for call in runner.calls if call[0] in ("segment", "fused")] == [("segment", 0, 1), ("fused", 1, 3)]
+    unfused, runner2 = cascade(th, logits=np.zeros((64, K, C), np.float32), fuse=False)
+    unfused.predict(frame(0))
+    assert [call[:2] for call in runner2.calls if call[0] in ("segment", "fused")] == [
+        ("segment", 0),
+        ("segment", 1),
+        ("segment", 2),
+        ("segment", 3),
+    ]
+
+
+def test_predict_batch_compacts_the_samples_still_running():
+    th = [0.9, 0.8, 0.7, 0.0]
+    c, runner = cascade(th)
+    exits, labels, _ = expected(runner.logits, th)
+    preds = c.predict_batch([frame(i) for i in range(64)])
+    assert [p.exit_index for p in preds] == list(exits) and [p.label for p in preds] == list(labels)
+    heads = [call for call in runner.calls if call[0] == "head"]
+    reaching = [int((exits >= p + 1).sum()) for p in range(K)]
+    assert [h[2] for h in heads] == reaching  # each head saw only the samples that reached it
+    takes = [call[1] for call in runner.calls if call[0] == "take"]
+    assert len(takes[0]) == reaching[1]
+
+
+def test_batches_are_sliced_to_the_runners_max_batch():
+    th = [0.9, 0.8, 0.7, 0.0]
+    c, runner = cascade(th, runner={"max_batch": 5})
+    exits, _, _ = expected(runner.logits, th)
+    preds = c.predict_batch([frame(i) for i in range(23)])
+    assert [p.exit_index for p in preds] == list(exits[:23])
+    stats = c.exit_statistics(np.stack([frame(i) for i in range(23)]), batch_size=256)
+    assert stats["confidence"].shape == (23, K)
+    assert max(call[1] for call in runner.calls if call[0] == "from_host") == 5
+
+
+def test_set_thresholds_swaps_one_plan_object():
+    c, _ = cascade([0.9, 0.8, 0.7, 0.0])
+    before = c.plan
+    c.set_thresholds([SKIP, SKIP, SKIP, 0.0])
+    assert c.plan is not before and c.plan == CascadePlan.full_model(K)
+    assert before.thresholds == (0.9, 0.8, 0.7, 0.0)  # the old plan is untouched
+    with pytest.raises(ValueError, match="one value per exit"):
+        c.set_thresholds([0.5, 0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        c.set_thresholds([0.5, float("nan"), 0.5, 0.0])
+
+
+def test_derive_leaves_the_original_alone_and_does_not_close_the_runner():
+    c, runner = cascade([0.9, 0.8, 0.7, 0.0])
+    view = c.derive(CascadePlan.first_exit(K), fuse=False)
+    assert {view.predict(frame(i)).exit_index for i in range(10)} == {1}
+    assert c.plan.thresholds == (0.9, 0.8, 0.7, 0.0) and c.fuse
+    view.close()
+    assert ("close",) not in runner.calls
+    c.close()
+    assert ("close",) in runner.calls
+
+
+def test_unit_timing_is_opt_in():
+    c, _ = cascade([0.9, SKIP, SKIP, 0.0], logits=np.zeros((64, K, C), np.float32))
+    assert c.predict(frame(0)).unit_latency_ms is None
+    timed, _ = cascade([0.9, SKIP, SKIP, 0.0], logits=np.zeros((64, K, C), np.float32), unit_timing=True)
+    assert set(timed.predict(frame(0)).unit_latency_ms) == {"seg_01", "head_01", "seg_02-04", "head_04"}
+
+
+def test_plan_rules():
+    plan = CascadePlan.from_thresholds([0.5, 1.5, 1.0, 0.3])
+    assert plan.evaluated == (True, False, True, True) and plan.evaluated_exits == [1, 3, 4]
+    assert plan.groups == segment_groups(plan.evaluated) == ((0, 0), (1, 2), (3, 3))
+    assert plan.group_names == ("seg_01", "seg_02-03", "seg_04")
+    assert plan.accepts(3, 0.0) and not plan.accepts(0, 0.49) and plan.accepts(2, 1.0)
+    assert plan.to_list() == [0.5, SKIP, 1.0, 0.0]
+    conf = np.array([[0.6, 1.0, 0.2, 0.1], [0.1, 1.0, 1.0, 0.1], [0.1, 1.0, 0.2, 0.0]])
+    assert list(plan.exit_positions(conf)) == [0, 2, 3]  # exit 2 is skipped however confident
+    assert CascadePlan.full_model(3).evaluated_exits == [3] and CascadePlan.first_exit(3).evaluated_exits == [1, 2, 3]
+
+
+def test_a_runner_must_implement_the_protocol():
+    class Half(Runner):
+        def from_host(self, x):
+            return (x,)
+
+    with pytest.raises(TypeError):
+        Half()
+    with pytest.raises(TypeError, match="Runner"):
+        Cascade(manifest(), object())
