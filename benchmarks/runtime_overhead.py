@@ -1,6 +1,12 @@
-"""Splitting overhead and soak test of the runtime (ONNX Runtime, CPU, batch 1).
+"""Splitting overhead, Python overhead per frame, and soak test of the runtime (CPU, batch 1).
 
     python benchmarks/runtime_overhead.py runs/quickstart/model.edgeexit --soak 100000
+    python benchmarks/runtime_overhead.py --null-only        # just the null-backend rows (no artifact)
+
+0. Null backend: `Cascade.predict` on a runner that does no work (8 exits, float input already
+   normalised), so what is left is the cascade's own Python per frame: frame checks, the plan
+   loop, decisions, the Prediction. Rows: every exit evaluated (nobody confident: all 8 heads run)
+   and every intermediate exit skipped (one fused segment group + the final head).
 
 1. Splitting overhead: the cascade with every intermediate exit skipped (all segments + the final
    head, run as separate ONNX units) vs ONE ONNX model of backbone + final head exported from the
@@ -61,25 +67,95 @@ def export_monolithic(artifact: Path) -> Path:
     return path
 
 
+def null_cascade(thresholds, k: int = 8):
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.backends import HeadOutput, Runner, RunnerInfo
+
+    class NullRunner(Runner):
+        """Does no work: every head says 'not confident' about class 0."""
+
+        thread_safe = True
+        info = RunnerInfo(name="null", version="0", device="none", fuses=True)
+        _head = HeadOutput(np.zeros(1, np.float32), np.zeros((1, 10), np.float32))
+
+        def from_host(self, x):
+            return (x,)
+
+        def run_segment(self, pos, state):
+            return state
+
+        def run_segments(self, first_pos, last_pos, state):
+            return state
+
+        def run_head(self, pos, tap):
+            return self._head
+
+        def take(self, state, rows):
+            return state
+
+        def synchronize(self):
+            pass
+
+        def close(self):
+            pass
+
+    units = [{"name": f"{kind}_{p + 1:02d}", "kind": kind} for p in range(k) for kind in ("seg", "head")]
+    manifest = {
+        "units": units,
+        "class_names": [str(i) for i in range(10)],
+        "preprocessing": {"in_chans": 1, "input_size": [28, 28], "mean": [0.5], "std": [0.25]},
+    }
+    return Cascade(manifest, NullRunner(), thresholds=thresholds)
+
+
+def null_overhead(rounds: int = 5, calls: int = 20000) -> None:
+    import time
+
+    k = 8
+    x = np.zeros((1, 28, 28), np.float32)
+    every = null_cascade([0.5] * (k - 1) + [0.0])
+    skipped = null_cascade([2.0] * (k - 1) + [0.0])
+    rows = []
+    for _ in range(rounds):  # interleaved
+        row = []
+        for c in (every, skipped):
+            t = time.perf_counter()
+            for _ in range(calls):
+                c.predict(x)
+            row.append((time.perf_counter() - t) / calls * 1e6)
+        rows.append(row)
+    a = np.median(np.array(rows), axis=0)
+    print("| null backend (no work), `Cascade.predict`, batch 1, median of interleaved rounds | µs per frame |")
+    print("|---|---|")
+    print(f"| every exit evaluated (8 heads run, final exit answers) | {a[0]:.2f} |")
+    print(f"| every intermediate exit skipped (1 fused group + final head) | {a[1]:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("artifact")
+    ap.add_argument("artifact", nargs="?")
+    ap.add_argument("--null-only", action="store_true", help="only the null-backend rows")
     ap.add_argument("--repeats", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--soak", type=int, default=100000)
     args = ap.parse_args()
+    null_overhead()
+    if args.null_only:
+        return
+    if not args.artifact:
+        ap.error("give an artifact (or --null-only)")
     artifact = Path(args.artifact)
 
     import onnxruntime as ort
-    from edgeexit.calibrate.profiler import time_call
+    from edgeexit.runtime.profiling import time_call
 
     from edgeexit.calibrate.run import load_frames
     from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan
 
     cascade = Cascade.load(artifact, backend="onnxruntime")
-    unfused = Cascade.load(
-        artifact, backend="onnxruntime", fuse=False, thresholds=[2.0] * (cascade.num_exits - 1) + [0]
-    )
+    unfused = cascade.derive(CascadePlan.full_model(cascade.num_exits), fuse=False)
     frames, labels, _ = load_frames(cascade.manifest, None, "heldout", None)
     x = cascade.preprocess(frames[0])
     opts = ort.SessionOptions()
@@ -88,9 +164,9 @@ def main() -> None:
     plain = ort.InferenceSession(str(export_monolithic(artifact)), opts, providers=["CPUExecutionProvider"])
     feed = {"image": x[None]}
     k = cascade.num_exits
-    saved = cascade.thresholds.copy()
-    cascade.set_thresholds([2.0] * (k - 1) + [0.0])
-    be = cascade.backend
+    calibrated = cascade.plan
+    cascade.set_thresholds(CascadePlan.full_model(k))
+    be = cascade.runner
 
     def units_only():
         state = be.from_host(x[None])
@@ -129,7 +205,7 @@ def main() -> None:
     )
 
     if args.soak:
-        cascade.set_thresholds(saved)
+        cascade.set_thresholds(calibrated)
         n = len(frames)
         for i in range(1000):
             cascade.predict(frames[i % n])

@@ -70,6 +70,7 @@ class Cascade:
         self._closed = False
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self._lock = nullcontext() if runner.thread_safe else threading.RLock()
+        self._lean = runner.thread_safe and not self._unit_timing  # predict needs no lock, no timing
         calib = manifest.get("calibration") or {}
         self.policy_name = policy or calib.get("policy", "max_softmax")
         policy_fn = get_policy(self.policy_name)
@@ -168,6 +169,15 @@ class Cascade:
         would overrun the deadline; return the deepest exit evaluated so far."""
         t0 = time.perf_counter()
         x = self.preprocess(frame)[None]
+        if deadline_ms is None and self._lean:
+            try:
+                return self._run(x, self.plan, t0)
+            except Exception:
+                self._raise_if_closed()
+                raise
+        return self._predict_locked(x, t0, deadline_ms)
+
+    def _predict_locked(self, x: np.ndarray, t0: float, deadline_ms: float | None) -> Prediction:
         plan = self.plan
         try:
             with self._lock:
@@ -177,9 +187,12 @@ class Cascade:
                     return self._run_timed(x, plan, t0)
                 return self._run(x, plan, t0)
         except Exception:
-            if self._closed:
-                raise CascadeClosedError("the cascade was closed while this frame ran") from None
+            self._raise_if_closed()
             raise
+
+    def _raise_if_closed(self) -> None:
+        if self._closed:
+            raise CascadeClosedError("the cascade was closed while this call ran") from None
 
     def _run(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
         """The hot path: each group of segments up to the next evaluated exit, then its head."""
@@ -199,7 +212,7 @@ class Cascade:
             head = runner.run_head(pos, state[-1])
             conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
             if pos == last or conf >= th[pos]:
-                label = int(head.logits()[0].argmax())
+                label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
                 return Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
         raise AssertionError("unreachable: the last exit always accepts")
 
@@ -300,8 +313,7 @@ class Cascade:
                 for start in range(0, n, size):
                     self._run_batch(x[start : start + size], plan, t0, out, start)
         except Exception:
-            if self._closed:
-                raise CascadeClosedError("the cascade was closed while this batch ran") from None
+            self._raise_if_closed()
             raise
         return out
 
