@@ -123,13 +123,65 @@ def validate(model, val: ImageDataset, limit: int | None, device) -> list[float]
     return anytime_accuracy(exit_outputs(model, data, 512, device)["correct"])
 
 
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    train_set: ImageDataset
+    val_set: ImageDataset
+    split: dict
+    model: torch.nn.Module
+    task: torch.nn.Module
+    opt: torch.optim.Optimizer
+    start_epoch: int = 0
+    best: float = -1.0
+    history: list = field(default_factory=list)
+    throughput: list = field(default_factory=list)
+
+
 def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     """Train and write ``model.pt`` (best on held-out) and ``last.pt`` (resume state) into cfg.out."""
+    run = _setup(cfg)
+    r = cfg.recipe
+    images = run.train_set.images.to(run.device)  # GPU-resident on CUDA
+    labels = run.train_set.labels.to(run.device)
+    module = run.task
+    if run.world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(
+            run.task, device_ids=[run.device.index] if run.device.type == "cuda" else None
+        )
+    per_rank = len(run.train_set) // run.world
+    steps = per_rank // r.batch_size
+    if steps == 0:
+        raise UserError(f"{len(run.train_set)} training images are fewer than one batch of {r.batch_size} per process")
+    with _progress_bar(console, progress and run.rank == 0) as prog:
+        for epoch in range(run.start_epoch, r.epochs):
+            bar, loss, epoch_time, seen = _train_epoch(run, module, prog, epoch, images, labels, steps)
+            run.throughput.append(seen * run.world / epoch_time)
+            if run.rank == 0:
+                _end_epoch(run, prog, bar, epoch, loss, epoch_time)
+            if run.world > 1:
+                dist.barrier()
+    return {
+        "history": run.history,
+        "best_val_average": run.best,
+        "images_per_s": float(np.mean(run.throughput)) if run.throughput else 0.0,
+        "out": str(run.out),
+        "rank": run.rank,
+        "world_size": run.world,
+    }
+
+
+def _setup(cfg: TrainConfig) -> _Run:
     rank, world = _distributed()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    out = Path(cfg.out)
     r = cfg.recipe
     torch.manual_seed(cfg.seed)
     train_set, val_set, split = prepare_data(cfg)
@@ -143,48 +195,41 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     model = build_model(mcfg)
     task = build_task(cfg.method, model, r.loss).to(device)
     params = [p for p in task.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
     opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": r.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ],
         lr=r.lr,
         momentum=r.momentum,
         nesterov=False,
     )
-    start_epoch, best, history = 0, -1.0, []
+    run = _Run(cfg, rank, world, device, Path(cfg.out), train_set, val_set, split, model, task, opt)
     if cfg.resume:
-        last = out / "last.pt"
-        if not last.is_file():
-            raise UserError(f"--resume: no {last} to resume from")
-        ckpt = load_checkpoint(last)
-        ts = ckpt.get("train_state")
-        if ts is None:
-            raise UserError(f"{last} has no training state to resume from")
-        task.load_state_dict(ts["task"])
-        opt.load_state_dict(ts["optimizer"])
-        start_epoch, best, history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
-        if start_epoch >= r.epochs:
-            raise UserError(f"{last} already finished {start_epoch} epochs; raise --epochs to continue")
-
+        _resume(run)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    images = train_set.images.to(device)  # GPU-resident on CUDA
-    labels = train_set.labels.to(device)
-    train_module = task
-    if world > 1:
-        train_module = torch.nn.parallel.DistributedDataParallel(
-            task, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    return run
 
-    n = len(train_set)
-    per_rank = n // world
-    steps = per_rank // r.batch_size
-    if steps == 0:
-        raise UserError(f"{n} training images are fewer than one batch of {r.batch_size} per process")
-    show = progress and rank == 0
+
+def _resume(run: _Run) -> None:
+    last = run.out / "last.pt"
+    if not last.is_file():
+        raise UserError(f"--resume: no {last} to resume from")
+    ts = load_checkpoint(last).get("train_state")
+    if ts is None:
+        raise UserError(f"{last} has no training state to resume from")
+    run.task.load_state_dict(ts["task"])
+    run.opt.load_state_dict(ts["optimizer"])
+    run.start_epoch, run.best, run.history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
+    if run.start_epoch >= run.cfg.recipe.epochs:
+        raise UserError(f"{last} already finished {run.start_epoch} epochs; raise --epochs to continue")
+
+
+def _progress_bar(console, show: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    prog = Progress(
+    return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -194,101 +239,100 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
         disable=not show,
         transient=False,
     )
-    throughput = []
-    with prog:
-        for epoch in range(start_epoch, r.epochs):
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            perm = torch.randperm(n, generator=gen)[rank * per_rank : (rank + 1) * per_rank].to(device)
-            task.train()
-            bar = prog.add_task(f"epoch {epoch + 1}/{r.epochs}", total=steps, loss=0.0, ips=0.0)
-            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for step in range(steps):
-                idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
-                xb = images[idx]
-                if r.augment:
-                    xb = augment(xb, gen, pad=r.pad, flip=r.flip)
-                xb = normalize(xb, train_set.mean, train_set.std)
-                if device.type == "cuda":
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                lr = lr_at(r, epoch + step / steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                task.set_progress(epoch + step / steps)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    result = train_module(xb, labels[idx])
-                loss = result["loss"]
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}); "
-                        f"stopped — the last good checkpoint in {out} is kept. Try a lower --lr."
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                seen += len(idx)
-                if step % 10 == 0 or step == steps - 1:
-                    loss_sum = float(loss.detach())
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    prog.update(
-                        bar, completed=step + 1, loss=loss_sum, ips=seen * world / max(1e-9, time.perf_counter() - t0)
-                    )
+
+
+def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int) -> tuple:
+    """One epoch; returns (its progress bar, last logged loss, seconds, images seen by this process)."""
+    r, device, n = run.cfg.recipe, run.device, len(images)
+    per_rank = n // run.world
+    gen = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen)[run.rank * per_rank : (run.rank + 1) * per_rank].to(device)
+    run.task.train()
+    bar = prog.add_task(f"epoch {epoch + 1}/{r.epochs}", total=steps, loss=0.0, ips=0.0)
+    t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+    for step in range(steps):
+        idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
+        xb = images[idx]
+        if r.augment:
+            xb = augment(xb, gen, pad=r.pad, flip=r.flip)
+        xb = normalize(xb, run.train_set.mean, run.train_set.std)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        loss = _step(run, module, xb, labels[idx], epoch, step, steps)
+        seen += len(idx)
+        if step % 10 == 0 or step == steps - 1:
+            loss_sum = float(loss.detach())
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            epoch_time = time.perf_counter() - t0
-            throughput.append(seen * world / epoch_time)
-            if rank == 0:
-                val_acc = validate(model, val_set, cfg.limit_eval, device)
-                avg = float(np.mean(val_acc))
-                history.append(
-                    {
-                        "epoch": epoch + 1,
-                        "val_exit_accuracy": val_acc,
-                        "val_average": avg,
-                        "loss": loss_sum,
-                        "images_per_s": throughput[-1],
-                        "epoch_time_s": epoch_time,
-                    }
-                )
-                prog.update(bar, description=f"epoch {epoch + 1}/{r.epochs} val avg {avg:.3f} final {val_acc[-1]:.3f}")
-                metrics = {
-                    "val_exit_accuracy": val_acc,
-                    "val_average": avg,
-                    "epoch": epoch + 1,
-                    "images_per_s": throughput[-1],
-                    "history": history,
-                }
-                common = dict(
-                    preprocessing=train_set.preprocessing(),
-                    class_names=train_set.class_names,
-                    split=split,
-                    dataset=cfg.data,
-                )
-                extra = {"method": cfg.method, "train_config": _plain(cfg)}
-                if avg > best:
-                    best = avg
-                    atomic_torch_save(make_checkpoint(model, metrics=metrics, extra=extra, **common), out / "model.pt")
-                state = {
-                    "task": {k: v.detach().cpu().clone() for k, v in task.state_dict().items()},
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch + 1,
-                    "best": best,
-                    "history": history,
-                }
-                atomic_torch_save(
-                    make_checkpoint(model, metrics=metrics, extra={**extra, "train_state": state}, **common),
-                    out / "last.pt",
-                )
-            if world > 1:
-                dist.barrier()
-    return {
-        "history": history,
-        "best_val_average": best,
-        "images_per_s": float(np.mean(throughput)) if throughput else 0.0,
-        "out": str(out),
-        "rank": rank,
-        "world_size": world,
+            ips = seen * run.world / max(1e-9, time.perf_counter() - t0)
+            prog.update(bar, completed=step + 1, loss=loss_sum, ips=ips)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return bar, loss_sum, time.perf_counter() - t0, seen
+
+
+def _step(run: _Run, module, xb, yb, epoch: int, step: int, steps: int):
+    lr = lr_at(run.cfg.recipe, epoch + step / steps)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    run.task.set_progress(epoch + step / steps)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
+        loss = module(xb, yb)["loss"]
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.4g}); "
+            f"stopped — the last good checkpoint in {run.out} is kept. Try a lower --lr."
+        )
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    return loss
+
+
+def _end_epoch(run: _Run, prog, bar, epoch: int, loss: float, epoch_time: float) -> None:
+    """Validate on the held-out split; write model.pt (when best) and last.pt, atomically."""
+    cfg = run.cfg
+    val_acc = validate(run.model, run.val_set, cfg.limit_eval, run.device)
+    avg = float(np.mean(val_acc))
+    run.history.append(
+        {
+            "epoch": epoch + 1,
+            "val_exit_accuracy": val_acc,
+            "val_average": avg,
+            "loss": loss,
+            "images_per_s": run.throughput[-1],
+            "epoch_time_s": epoch_time,
+        }
+    )
+    prog.update(bar, description=f"epoch {epoch + 1}/{cfg.recipe.epochs} val avg {avg:.3f} final {val_acc[-1]:.3f}")
+    metrics = {
+        "val_exit_accuracy": val_acc,
+        "val_average": avg,
+        "epoch": epoch + 1,
+        "images_per_s": run.throughput[-1],
+        "history": run.history,
     }
+    common = dict(
+        preprocessing=run.train_set.preprocessing(),
+        class_names=run.train_set.class_names,
+        split=run.split,
+        dataset=cfg.data,
+    )
+    extra = {"method": cfg.method, "train_config": _plain(cfg)}
+    if avg > run.best:
+        run.best = avg
+        atomic_torch_save(make_checkpoint(run.model, metrics=metrics, extra=extra, **common), run.out / "model.pt")
+    state = {
+        "task": {k: v.detach().cpu().clone() for k, v in run.task.state_dict().items()},
+        "optimizer": run.opt.state_dict(),
+        "epoch": epoch + 1,
+        "best": run.best,
+        "history": run.history,
+    }
+    atomic_torch_save(
+        make_checkpoint(run.model, metrics=metrics, extra={**extra, "train_state": state}, **common),
+        run.out / "last.pt",
+    )
 
 
 def _plain(cfg: TrainConfig) -> dict:
