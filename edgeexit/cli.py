@@ -302,8 +302,6 @@ def export(
     """
     from edgeexit.export.exporter import export_checkpoint
 
-    if format not in ("onnx", "engine"):
-        raise UserError(f"unknown --format '{format}': use onnx or engine")
     manifest, path = export_checkpoint(
         checkpoint,
         out=out,

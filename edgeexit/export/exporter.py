@@ -8,11 +8,13 @@ with --force, once the new one is complete).
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import platform
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,106 +32,70 @@ def _stage(console, text: str, t0: float) -> None:
         console.print(f"  {text} [dim]({time.perf_counter() - t0:.1f}s)[/]")
 
 
-def export_checkpoint(
-    checkpoint: str | os.PathLike,
-    *,
-    out: str | os.PathLike | None = None,
-    fmt: str = "onnx",
-    half: bool = False,
-    max_batch: int = 64,
-    workspace_gib: float = 2.0,
-    opset: int = 17,
-    simplify: bool = True,
-    parity_samples: int = 256,
-    tolerance: float = 1e-3,
-    force: bool = False,
-    data_dir: str | None = None,
-    console=None,
-) -> tuple[dict, Path]:
-    import torch
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every option of `edgeexit export`, validated in one place."""
 
-    from edgeexit.data import normalize
-    from edgeexit.data.datasets import load_heldout
-    from edgeexit.export.onnx_units import export_units
-    from edgeexit.export.parity import check_parity
+    out: str | os.PathLike | None = None
+    fmt: str = "onnx"
+    half: bool = False
+    max_batch: int = 64
+    workspace_gib: float = 2.0
+    opset: int = 17
+    simplify: bool = True
+    parity_samples: int = 256
+    tolerance: float = 1e-3
+    force: bool = False
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.fmt not in ("onnx", "engine"):
+            raise UserError(f"unknown --format '{self.fmt}': use onnx or engine")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise UserError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
+        if self.parity_samples < 1:
+            raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
+        if not 1 <= self.max_batch <= 4096:
+            raise UserError(f"--batch must be within 1..4096, got {self.max_batch}")
+        if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
+            raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace_gib}")
+        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
+            raise UserError(f"--tolerance must be a positive number, got {self.tolerance}")
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options) -> tuple[dict, Path]:
+    """Export ``checkpoint`` (see `ExportOptions`); returns the manifest and the artifact's path."""
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
+    opts = ExportOptions(**options)
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UserError(f"--opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
-    if parity_samples < 1:
-        raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
-    if fmt == "engine":
+    if opts.fmt == "engine":
         from edgeexit.runtime.backends.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any work if TensorRT is missing
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
-    dest = Path(out) if out is not None else checkpoint.with_suffix(".edgeexit")
-    if dest.exists() and not force:
-        raise UserError(f"{dest} exists: pass --force to replace it")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    except OSError as e:
-        raise UserError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
-
+    dest, tmp = _prepare_destination(checkpoint, opts)
     try:
         if console is not None:
             console.print(f"[bold]export[/] {checkpoint} → {dest}")
-        t0 = time.perf_counter()
-        units = export_units(model, tmp, opset=opset, simplify=simplify)
-        _stage(
-            console,
-            f"{len(units)} ONNX units written (opset {opset}"
-            f"{', simplified with onnxslim' if simplify else ''}, "
-            f"{sum(u['onnx_bytes'] for u in units) / 1e6:.2f} MB)",
-            t0,
-        )
-        cost = {u["name"]: u for u in ckpt.get("units", [])}
-        for u in units:
-            for key in ("macs", "flops", "params"):
-                u[key] = cost.get(u["name"], {}).get(key)
-
-        t0 = time.perf_counter()
-        heldout = load_heldout(ckpt["split"], data_dir, ckpt.get("dataset"))
-        sample = heldout.subset(np.arange(min(parity_samples, len(heldout))))
-        images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
-        parity = check_parity(model, tmp, units, images)
-        parity.update({"split": "held-out", "tolerance": tolerance, "runtime": "onnxruntime-cpu"})
-        for u, d in zip(units, parity["units"], strict=True):
-            u["parity_max_abs_diff"] = d["max_abs_diff"]
-        _stage(
-            console,
-            f"parity on {len(images)} held-out images: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
-            f"predictions agree {min(e['prediction_agreement'] for e in parity['exits']):.4f}",
-            t0,
-        )
-        if parity["max_abs_logit_diff"] > tolerance:
-            worst = max(parity["exits"], key=lambda e: e["max_abs_logit_diff"])
-            raise RuntimeError(
-                f"parity check failed: exit {worst['exit']} differs by "
-                f"{worst['max_abs_logit_diff']:.3g} > tolerance {tolerance}"
-            )
-
-        torch.save(
-            {"format": "edgeexit-weights", "config": ckpt["config"], "state_dict": ckpt["state_dict"]},
-            tmp / "weights.pt",
-        )
-        if fmt == "engine":
+        units = _write_units(model, ckpt, tmp, opts, console)
+        parity = _check_parity(model, ckpt, tmp, units, opts, console)
+        _write_weights(ckpt, tmp)
+        if opts.fmt == "engine":
             from edgeexit.export.tensorrt import build_engines
 
             t0 = time.perf_counter()
-            build_engines(tmp, units, half=half, max_batch=max_batch, workspace_gib=workspace_gib)
-            _stage(console, f"{len(units)} TensorRT plans ({'fp16' if half else 'fp32'}, batch 1..{max_batch})", t0)
-
+            build_engines(tmp, units, half=opts.half, max_batch=opts.max_batch, workspace_gib=opts.workspace_gib)
+            precision = "fp16" if opts.half else "fp32"
+            _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
         manifest = build_manifest(
             ckpt,
             units,
             parity,
-            opset=opset,
-            simplified=simplify,
+            opset=opts.opset,
+            simplified=opts.simplify,
             export_s=time.perf_counter() - t_start,
             checkpoint=checkpoint,
         )
@@ -139,6 +105,96 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, dest
+
+
+def _prepare_destination(checkpoint: Path, opts: ExportOptions) -> tuple[Path, Path]:
+    """The artifact's path and a fresh temporary folder beside it. ``--force`` replaces only a
+    previous edgeexit artifact, and never a folder that holds the source checkpoint."""
+    dest = Path(opts.out) if opts.out is not None else checkpoint.with_suffix(".edgeexit")
+    if dest.exists():
+        if not opts.force:
+            raise UserError(f"{dest} exists: pass --force to replace it")
+        _check_replaceable(dest, checkpoint)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    except OSError as e:
+        raise UserError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
+    return dest, tmp
+
+
+def _check_replaceable(dest: Path, checkpoint: Path) -> None:
+    import json
+
+    if not dest.is_dir() or dest.is_symlink():
+        raise UserError(f"{dest} is not an edgeexit artifact folder: --force will not replace it")
+    if checkpoint.resolve().is_relative_to(dest.resolve()):
+        raise UserError(f"{dest} holds the checkpoint being exported ({checkpoint}): choose another --out")
+    try:
+        manifest = json.loads((dest / MANIFEST_NAME).read_text())
+        is_artifact = isinstance(manifest, dict) and "schema_version" in manifest and "units" in manifest
+    except (OSError, ValueError):
+        is_artifact = False
+    if not is_artifact:
+        raise UserError(
+            f"{dest} exists and is not an edgeexit artifact (no valid {MANIFEST_NAME}): --force only replaces "
+            "a previous export; choose another --out or remove the folder yourself"
+        )
+
+
+def _write_units(model, ckpt: dict, tmp: Path, opts: ExportOptions, console) -> list[dict]:
+    from edgeexit.export.onnx_units import export_units
+
+    t0 = time.perf_counter()
+    units = export_units(model, tmp, opset=opts.opset, simplify=opts.simplify)
+    _stage(
+        console,
+        f"{len(units)} ONNX units written (opset {opts.opset}"
+        f"{', simplified with onnxslim' if opts.simplify else ''}, "
+        f"{sum(u['onnx_bytes'] for u in units) / 1e6:.2f} MB)",
+        t0,
+    )
+    cost = {u["name"]: u for u in ckpt.get("units", [])}
+    for u in units:
+        for key in ("macs", "flops", "params"):
+            u[key] = cost.get(u["name"], {}).get(key)
+    return units
+
+
+def _check_parity(model, ckpt: dict, tmp: Path, units: list[dict], opts: ExportOptions, console) -> dict:
+    """ONNX Runtime vs PyTorch on held-out images, every unit and exit; fails above the tolerance."""
+    from edgeexit.data import normalize
+    from edgeexit.data.datasets import load_heldout
+    from edgeexit.export.parity import check_parity
+
+    t0 = time.perf_counter()
+    heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
+    sample = heldout.subset(np.arange(min(opts.parity_samples, len(heldout))))
+    images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
+    parity = check_parity(model, tmp, units, images)
+    parity.update({"split": "held-out", "tolerance": opts.tolerance, "runtime": "onnxruntime-cpu"})
+    for u, d in zip(units, parity["units"], strict=True):
+        u["parity_max_abs_diff"] = d["max_abs_diff"]
+    _stage(
+        console,
+        f"parity on {len(images)} held-out images: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
+        f"predictions agree {min(e['prediction_agreement'] for e in parity['exits']):.4f}",
+        t0,
+    )
+    if parity["max_abs_logit_diff"] > opts.tolerance:
+        worst = max(parity["exits"], key=lambda e: e["max_abs_logit_diff"])
+        raise RuntimeError(
+            f"parity check failed: exit {worst['exit']} differs by "
+            f"{worst['max_abs_logit_diff']:.3g} > tolerance {opts.tolerance}"
+        )
+    return parity
+
+
+def _write_weights(ckpt: dict, tmp: Path) -> None:
+    import torch
+
+    blob = {"format": "edgeexit-weights", "config": ckpt["config"], "state_dict": ckpt["state_dict"]}
+    torch.save(blob, tmp / "weights.pt")
 
 
 def _publish(tmp: Path, dest: Path) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from edgeexit.models import ExitHead, MultiExitNet, Segment
+from edgeexit.runtime.plan import head_name, segment_name
 
 
 class SegmentUnit(nn.Module):
@@ -50,72 +51,65 @@ def _simplify(path: Path) -> None:
     onnx.save(slim, str(path))
 
 
-def export_units(
-    model: MultiExitNet, folder: Path, opset: int = 17, simplify: bool = True, progress=None
-) -> list[dict]:
+def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: bool = True) -> list[dict]:
     """Write seg_KK.onnx and head_KK.onnx into ``folder``; return the manifest's unit entries."""
-    import onnx
-
     model = model.eval().cpu()
     cfg = model.config
-    h, w = cfg.input_size
-    example: tuple[torch.Tensor, ...] = (torch.zeros(2, cfg.in_chans, h, w),)
+    example: tuple[torch.Tensor, ...] = (torch.zeros(2, cfg.in_chans, *cfg.input_size),)
     in_names = ["image"]
     units = []
-    for k, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True), 1):
+    for pos, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True)):
         with torch.no_grad():
             out_state = segment(*example)
-        out_names = state_names(k, len(out_state))
-        for name, kind, module, args, inputs, outputs in (
-            (f"seg_{k:02d}", "segment", SegmentUnit(segment).eval(), example, in_names, out_names),
-            (
-                f"head_{k:02d}",
-                "head",
-                HeadUnit(head).eval(),
-                (out_state[-1],),
-                [out_names[-1]],
-                ["logits", "confidence"],
-            ),
-        ):
-            t0 = time.perf_counter()
-            path = folder / f"{name}.onnx"
-            dynamic = {n: {0: "batch"} for n in (*inputs, *outputs)}
-            # The TorchScript-based exporter: stable names, dynamic_axes, no onnxscript dependency.
-            torch.onnx.export(
-                module,
-                args,
-                str(path),
-                dynamo=False,
-                input_names=list(inputs),
-                output_names=list(outputs),
-                dynamic_axes=dynamic,
-                opset_version=opset,
-                do_constant_folding=True,
-            )
-            if simplify:
-                _simplify(path)
-            onnx.checker.check_model(str(path))
-            shapes_in = [[None, *a.shape[1:]] for a in args]
-            with torch.no_grad():
-                res = module(*args)
-            shapes_out = [[None, *r.shape[1:]] for r in res]
-            entry = {
-                "name": name,
-                "kind": kind,
-                "exit_index": k,
-                "onnx": path.name,
-                "inputs": [{"name": n, "shape": s, "dtype": "float32"} for n, s in zip(inputs, shapes_in, strict=True)],
-                "outputs": [
-                    {"name": n, "shape": s, "dtype": "float32"} for n, s in zip(outputs, shapes_out, strict=True)
-                ],
-                "onnx_bytes": path.stat().st_size,
-                "export_s": round(time.perf_counter() - t0, 3),
-                "engines": [],
-            }
-            if kind == "segment":
-                entry["tap"] = out_names[-1]
-            units.append(entry)
-            if progress is not None:
-                progress(name)
+        out_names = state_names(pos + 1, len(out_state))
+        seg_path, head_path = folder / f"{segment_name(pos)}.onnx", folder / f"{head_name(pos)}.onnx"
+        seg = _export_unit(SegmentUnit(segment).eval(), example, in_names, out_names, seg_path, opset, simplify)
+        hd = _export_unit(
+            HeadUnit(head).eval(),
+            (out_state[-1],),
+            [out_names[-1]],
+            ["logits", "confidence"],
+            head_path,
+            opset,
+            simplify,
+        )
+        units.append({"name": segment_name(pos), "kind": "segment", "exit_index": pos + 1, **seg, "tap": out_names[-1]})
+        units.append({"name": head_name(pos), "kind": "head", "exit_index": pos + 1, **hd})
         example, in_names = out_state, out_names
     return units
+
+
+def _export_unit(module, args, inputs, outputs, path: Path, opset: int, simplify: bool) -> dict:
+    """One unit to ONNX (dynamic batch), simplified and checked; its I/O description."""
+    import onnx
+
+    t0 = time.perf_counter()
+    # The TorchScript-based exporter: stable names, dynamic_axes, no onnxscript dependency.
+    torch.onnx.export(
+        module,
+        args,
+        str(path),
+        dynamo=False,
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_axes={n: {0: "batch"} for n in (*inputs, *outputs)},
+        opset_version=opset,
+        do_constant_folding=True,
+    )
+    if simplify:
+        _simplify(path)
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        res = module(*args)
+    return {
+        "onnx": path.name,
+        "inputs": [
+            {"name": n, "shape": [None, *a.shape[1:]], "dtype": "float32"} for n, a in zip(inputs, args, strict=True)
+        ],
+        "outputs": [
+            {"name": n, "shape": [None, *r.shape[1:]], "dtype": "float32"} for n, r in zip(outputs, res, strict=True)
+        ],
+        "onnx_bytes": path.stat().st_size,
+        "export_s": round(time.perf_counter() - t0, 3),
+        "engines": [],
+    }
