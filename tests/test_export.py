@@ -72,6 +72,27 @@ def test_existing_output_needs_force(tiny_run, tiny_artifact):
         export_checkpoint(tiny_run[0] / "model.pt", out=tiny_artifact)
 
 
+def test_force_never_deletes_user_files_or_the_source_run(tiny_run, tmp_path):
+    import shutil
+
+    user = tmp_path / "photos"
+    user.mkdir()
+    (user / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(UserError, match="not an edgeexit artifact"):
+        export_checkpoint(tiny_run[0] / "model.pt", out=user, force=True)
+    assert (user / "holiday.jpg").read_bytes() == b"precious"
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run)
+    with pytest.raises(UserError, match="holds the checkpoint"):
+        export_checkpoint(run / "model.pt", out=run, force=True)
+    assert (run / "model.pt").is_file() and (run / "last.pt").is_file()
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    with pytest.raises(UserError, match="not an edgeexit artifact"):
+        export_checkpoint(tiny_run[0] / "model.pt", out=afile, force=True)
+    assert afile.read_text() == "x"
+
+
 def test_failed_export_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
     from edgeexit.export import parity
 
