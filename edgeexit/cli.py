@@ -154,6 +154,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
     out: Annotated[Path, typer.Option(help="Run folder: model.pt (best) and last.pt (resume).")] = Path("runs/exp"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt exactly.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a run already in OUT.")] = False,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -161,42 +162,14 @@ def train(
 
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
-    from edgeexit.train.losses import METHODS
     from edgeexit.train.trainer import TrainConfig, TrainingError
     from edgeexit.train.trainer import train as run_train
 
-    if method not in METHODS:
-        raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
-    if exits is not None and exits not in (4, 8):
-        raise UserError("--exits must be 4 or 8")
-    if teacher_weights not in (None, "learned", "frozen"):
-        raise UserError("--teacher-weights must be 'learned' or 'frozen'")
-    for name, v in (("--epochs", epochs), ("--batch-size", batch_size), ("--limit-train", limit_train)):
-        if v is not None and v <= 0:
-            raise UserError(f"{name} must be positive")
-    cfg = TrainConfig.from_recipe(
-        data,
-        method,
-        out=str(out),
-        data_dir=str(data_dir) if data_dir else None,
-        seed=seed,
-        limit_train=limit_train,
-        limit_eval=limit_eval,
-        device=device,
-        resume=resume,
-        exits=exits,
-        width=width,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        val_size=val_size,
-        augment=augment,
-        teacher_weights=teacher_weights,
-        temperature=temperature,
-        alpha=alpha,
-        beta=beta,
-        gamma=gamma,
-    )
+    options = dict(locals())  # every option above, validated once by TrainConfig
+    options.update(out=str(out), data_dir=str(data_dir) if data_dir else None)
+    for name in ("data", "method", "json_out", "TrainConfig", "TrainingError", "run_train"):
+        options.pop(name)
+    cfg = TrainConfig.from_recipe(data, method, **options)
     try:
         result = run_train(cfg, console=console)
     except TrainingError as e:
@@ -226,28 +199,9 @@ def eval_(
 
     Thresholds for the budgeted curve are chosen on the held-out split recorded in the checkpoint.
     """
-    import numpy as np
+    from edgeexit.train.evaluation import evaluate_checkpoint
 
-    from edgeexit.data import load_dataset
-    from edgeexit.data.datasets import load_heldout
-    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from edgeexit.train.evaluation import evaluate
-    from edgeexit.train.trainer import resolve_device
-
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
-    name = data or ckpt.get("dataset") or ckpt.get("split", {}).get("dataset")
-    if not name:
-        raise UserError("the checkpoint records no dataset; pass --data")
-    ddir = str(data_dir) if data_dir else ckpt.get("split", {}).get("data_dir")
-    test = load_dataset(name, "test", ddir, image_size=ckpt["preprocessing"]["input_size"])
-    _check_compatible(test, ckpt)
-    if limit_eval:
-        test = test.subset(np.arange(min(limit_eval, len(test))))
-    val = load_heldout(ckpt["split"], ddir, name) if name == ckpt.get("dataset") else None
-    result = evaluate(model, test, val, device=resolve_device(device))
-    result["checkpoint"] = str(checkpoint)
-    result["dataset"] = name
+    result = evaluate_checkpoint(checkpoint, data, limit_eval, device, data_dir)
     from edgeexit.train.report import budgeted_plot, eval_table
 
     out_console.print(eval_table(result))
@@ -255,15 +209,6 @@ def eval_(
         budgeted_plot(result, plot)
         console.print(f"wrote {plot}")
     _write_json(json_out, result)
-
-
-def _check_compatible(ds, ckpt: dict) -> None:
-    pre = ckpt["preprocessing"]
-    if ds.in_chans != pre["in_chans"] or ds.num_classes != ckpt["config"]["num_classes"]:
-        raise UserError(
-            f"dataset has {ds.in_chans} channels / {ds.num_classes} classes but the model expects "
-            f"{pre['in_chans']} / {ckpt['config']['num_classes']}"
-        )
 
 
 @app.command()

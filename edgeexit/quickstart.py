@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass
+class _Quickstart:
+    out: Path
+    data_dir: str | None
+    say: object
+    show: object
+    console: object
+    timings: dict = field(default_factory=dict)
+
+    def step(self, key: str, t0: float) -> None:
+        self.timings[key] = time.perf_counter() - t0
 
 
 def run_quickstart(
@@ -19,90 +33,129 @@ def run_quickstart(
     out_console=None,
     run_images: int = 1000,
 ) -> dict:
-    from rich.panel import Panel
-
-    from edgeexit.calibrate.report import calibration_table
-    from edgeexit.calibrate.run import run_calibration, verify
     from edgeexit.data import load_dataset
-    from edgeexit.export.exporter import export_checkpoint
-    from edgeexit.export.report import info_table
-    from edgeexit.runtime import Cascade
-    from edgeexit.runtime.plan import CascadePlan
-    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from edgeexit.train.evaluation import evaluate
-    from edgeexit.train.report import budgeted_plot, eval_table
-    from edgeexit.train.trainer import TrainConfig, train
-    from edgeexit.util import atomic_write_json
+    from edgeexit.errors import UserError
 
-    out = Path(out)
-    show = out_console.print if out_console is not None else print
-    say = console.print if console is not None else print
-    load_dataset("fashion-mnist", "test", data_dir)  # fail early, with the install hint, if the data is missing
+    if epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {epochs}")
+    if Path(out).resolve() == Path.cwd().resolve() or Path(out).is_file():
+        raise UserError(f"--out {out} must be a folder of its own for the run (e.g. runs/quickstart)")
+    q = _Quickstart(
+        Path(out),
+        data_dir,
+        console.print if console is not None else print,
+        out_console.print if out_console is not None else print,
+        console,
+    )
+    test = load_dataset("fashion-mnist", "test", data_dir)  # fail early, with the install hint, if missing
     t0 = time.perf_counter()
-    timings = {}
+    _train(q, epochs, width, limit_train)
+    _evaluate(q, test)
+    artifact = _export(q)
+    cal = _calibrate(q, artifact, budget_ms, budget_fraction)
+    measured = _run(q, artifact, test, run_images)
+    q.timings["total_s"] = time.perf_counter() - t0
+    summary = _summary(q, artifact, cal, measured, run_images)
+    _panel(q, summary, cal, run_images)
+    return summary
 
-    say(
+
+def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -> None:
+    from edgeexit.train.trainer import TrainConfig, train
+
+    t0 = time.perf_counter()
+    q.say(
         f"[bold cyan]1/5 train[/] MLCSD, 8 exits, width {width}, {epochs} epoch(s) on "
         f"{limit_train or 'all'} Fashion-MNIST images"
     )
     cfg = TrainConfig.from_recipe(
         "fashion-mnist",
         "mlcsd",
-        out=str(out),
-        data_dir=data_dir,
+        out=str(q.out),
+        data_dir=q.data_dir,
         epochs=epochs,
         width=width,
         exits=8,
         limit_train=limit_train,
+        force=True,  # the quickstart's own run folder: a new quickstart replaces the last one
     )
-    train(cfg, console=console)
-    timings["train_s"] = time.perf_counter() - t0
+    train(cfg, console=q.console)
+    q.step("train_s", t0)
 
-    t = time.perf_counter()
-    say("[bold cyan]2/5 eval[/] anytime accuracy and the budgeted-batch curve on the test split")
-    ckpt = load_checkpoint(out / "model.pt")
+
+def _evaluate(q: _Quickstart, test) -> None:
     from edgeexit.data.datasets import load_heldout
+    from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
+    from edgeexit.train.evaluation import evaluate
+    from edgeexit.train.report import budgeted_plot, eval_table
+    from edgeexit.util import atomic_write_json
 
-    test = load_dataset("fashion-mnist", "test", data_dir)
-    ev = evaluate(model_from_checkpoint(ckpt), test, load_heldout(ckpt["split"], data_dir, "fashion-mnist"))
+    t0 = time.perf_counter()
+    q.say("[bold cyan]2/5 eval[/] anytime accuracy and the budgeted-batch curve on the test split")
+    ckpt = load_checkpoint(q.out / "model.pt")
+    ev = evaluate(model_from_checkpoint(ckpt), test, load_heldout(ckpt["split"], q.data_dir, "fashion-mnist"))
     ev["dataset"] = "fashion-mnist"
-    show(eval_table(ev))
-    budgeted_plot(ev, out / "budgeted.png")
-    atomic_write_json(out / "eval.json", ev)
-    timings["eval_s"] = time.perf_counter() - t
+    q.show(eval_table(ev))
+    budgeted_plot(ev, q.out / "budgeted.png")
+    atomic_write_json(q.out / "eval.json", ev)
+    q.step("eval_s", t0)
 
-    t = time.perf_counter()
-    say("[bold cyan]3/5 export[/] one ONNX file per unit, parity against PyTorch")
+
+def _export(q: _Quickstart) -> Path:
+    from edgeexit.export.exporter import export_checkpoint
+    from edgeexit.export.report import info_table
+
+    t0 = time.perf_counter()
+    q.say("[bold cyan]3/5 export[/] one ONNX file per unit, parity against PyTorch")
     manifest, artifact = export_checkpoint(
-        out / "model.pt", out=out / "model.edgeexit", force=True, data_dir=data_dir, console=console
+        q.out / "model.pt", out=q.out / "model.edgeexit", force=True, data_dir=q.data_dir, console=q.console
     )
-    show(info_table(manifest, artifact))
-    timings["export_s"] = time.perf_counter() - t
+    q.show(info_table(manifest, artifact))
+    q.step("export_s", t0)
+    return artifact
 
-    t = time.perf_counter()
-    say("[bold cyan]4/5 calibrate[/] latency measured on this CPU with ONNX Runtime; thresholds for the budget")
+
+def _calibrate(q: _Quickstart, artifact: Path, budget_ms, budget_fraction) -> dict:
+    from edgeexit.calibrate.report import calibration_table
+    from edgeexit.calibrate.run import run_calibration
+    from edgeexit.util import atomic_write_json
+
+    t0 = time.perf_counter()
+    q.say("[bold cyan]4/5 calibrate[/] latency measured on this CPU with ONNX Runtime; thresholds for the budget")
     cal = run_calibration(
         artifact,
         budget_ms=budget_ms,
         budget_fraction=None if budget_ms else budget_fraction,
         backend="onnxruntime",
-        data_dir=data_dir,
-        console=console,
+        data_dir=q.data_dir,
+        console=q.console,
     )
-    show(calibration_table(cal))
-    atomic_write_json(out / "calibration.json", {k: v for k, v in cal.items()})
-    timings["calibrate_s"] = time.perf_counter() - t
+    q.show(calibration_table(cal))
+    atomic_write_json(q.out / "calibration.json", cal)
+    q.step("calibrate_s", t0)
+    return cal
 
-    t = time.perf_counter()
-    say(f"[bold cyan]5/5 run[/] the calibrated cascade on {run_images} test images, one frame at a time")
-    cascade = Cascade.load(artifact, backend="onnxruntime")
+
+def _run(q: _Quickstart, artifact: Path, test, run_images: int) -> dict:
+    from edgeexit.calibrate.run import verify
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan
+
+    t0 = time.perf_counter()
+    q.say(f"[bold cyan]5/5 run[/] the calibrated cascade on {run_images} test images, one frame at a time")
     frames = test.images[:run_images].permute(0, 2, 3, 1).numpy()
     labels = test.labels[:run_images].numpy()
-    calibrated = verify(cascade, frames, labels, cascade.plan)
-    full = verify(cascade, frames, labels, CascadePlan.full_model(cascade.num_exits))
-    cascade.close()
-    timings["run_s"] = time.perf_counter() - t
-    timings["total_s"] = time.perf_counter() - t0
+    with Cascade.load(artifact, backend="onnxruntime") as cascade:
+        calibrated = verify(cascade, frames, labels, cascade.plan)
+        full = verify(cascade, frames, labels, CascadePlan.full_model(cascade.num_exits))
+    q.step("run_s", t0)
+    return {"calibrated": calibrated, "full": full}
+
+
+def _summary(q: _Quickstart, artifact: Path, cal: dict, measured: dict, run_images: int) -> dict:
+    from edgeexit.util import atomic_write_json
+
+    calibrated, full = measured["calibrated"], measured["full"]
     summary = {
         "artifact": str(artifact),
         "budget_ms": cal["budget_ms"],
@@ -117,30 +170,34 @@ def run_quickstart(
         },
         "full_model_test": {"accuracy": full["accuracy"], "mean_ms": full["mean_ms"]},
         "speedup": full["mean_ms"] / calibrated["mean_ms"],
-        "calibration": {
-            "predicted": cal["predicted"],
-            "measured": cal["measured"],
-            "baseline_msdnet": cal["baseline_msdnet"],
-            "iso_accuracy": cal["iso_accuracy"],
-        },
-        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "calibration": {k: cal[k] for k in ("predicted", "measured", "baseline_msdnet", "iso_accuracy")},
+        "timings_s": {k: round(v, 1) for k, v in q.timings.items()},
     }
-    atomic_write_json(out / "quickstart.json", summary)
-    th = ", ".join("skip" if x > 1 else f"{x:.3f}" for x in cal["thresholds"][:-1]) + ", accept"
-    show(
+    atomic_write_json(q.out / "quickstart.json", summary)
+    return summary
+
+
+def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
+    from rich.panel import Panel
+
+    from edgeexit.runtime.plan import CascadePlan
+
+    test, full, t = summary["test"], summary["full_model_test"], q.timings
+    artifact = summary["artifact"]
+    q.show(
         Panel.fit(
             f"budget [bold]{cal['budget_ms']:.3f} ms[/] per image (mean, ONNX Runtime on this CPU)\n"
-            f"thresholds [{th}] — exits evaluated: {cal['evaluated_exits']}\n"
+            f"thresholds [{CascadePlan.from_thresholds(cal['thresholds']).describe()}] — exits evaluated: "
+            f"{cal['evaluated_exits']}\n"
             f"test ({run_images} images, one frame at a time): accuracy "
-            f"[bold]{100 * calibrated['accuracy']:.2f}%[/], mean [bold]{calibrated['mean_ms']:.3f} ms[/], "
-            f"p95 {calibrated['p95_ms']:.3f} ms\n"
+            f"[bold]{100 * test['accuracy']:.2f}%[/], mean [bold]{test['mean_ms']:.3f} ms[/], "
+            f"p95 {test['p95_ms']:.3f} ms\n"
             f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
             f"[bold]{summary['speedup']:.2f}×[/]\n"
-            f"exit histogram: {json.dumps(summary['test']['exit_histogram'])}\n"
+            f"exit histogram: {json.dumps(test['exit_histogram'])}\n"
             f"artifact: {artifact}  (embed it: Cascade.load('{artifact}'))\n"
-            f"took {timings['total_s'] / 60:.1f} min: "
-            + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items() if k != "total_s"),
+            f"took {t['total_s'] / 60:.1f} min: "
+            + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s"),
             title="edgeexit quickstart",
         )
     )
-    return summary

@@ -79,10 +79,35 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_tes
     out = tmp_path / "nan"
     train(tiny_config(out, epochs=1, limit_train=256), progress=False)
     good = (out / "model.pt").read_bytes()
-    cfg = tiny_config(out, epochs=2, limit_train=256, lr=1e30)
+    with pytest.raises(UserError, match="already holds a run"):
+        tiny_config(out, epochs=2, limit_train=256)  # would silently replace model.pt and last.pt
+    assert (out / "model.pt").read_bytes() == good
+    cfg = tiny_config(out, epochs=2, limit_train=256, lr=1e30, force=True)
     with pytest.raises(TrainingError, match="last good checkpoint"):
         train(cfg, progress=False)
     assert (out / "model.pt").read_bytes() == good
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1"),
+        ({"limit_train": 0}, "--limit-train must be at least 1"),
+        ({"limit_eval": -100}, "--limit-eval must be at least 1"),
+        ({"width": float("nan")}, "--width must be a positive number"),
+        ({"exits": 5}, "--exits must be 4 or 8"),
+        ({"teacher_weights": "magic"}, "--teacher-weights"),
+    ],
+)
+def test_out_of_range_options_are_refused_before_training(tmp_path, overrides, match):
+    with pytest.raises(UserError, match=match):
+        tiny_config(tmp_path / "x", **overrides)
+
+
+def test_out_below_a_file_is_refused_before_training(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="a file is in the way"):
+        tiny_config(tmp_path / "model.pt" / "sub")
 
 
 def test_resume_without_state_is_a_user_error(tmp_path):

@@ -26,7 +26,7 @@ from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, build_model
 from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
-from edgeexit.train.losses import LossConfig, build_task
+from edgeexit.train.losses import METHODS, LossConfig, build_task
 from edgeexit.train.recipes import Recipe, get_recipe
 
 
@@ -45,10 +45,15 @@ class TrainConfig:
     limit_eval: int | None = None
     device: str = "auto"
     resume: bool = False
+    force: bool = False  # train into a folder that already holds a run, replacing it
     recipe: Recipe = field(default_factory=Recipe)
 
     @classmethod
     def from_recipe(cls, data: str, method: str, **overrides) -> TrainConfig:
+        """The recipe for (data, method) with ``overrides`` (None keeps the recipe's value); every
+        option is validated here, once, for the CLI and the Python API alike."""
+        if method not in METHODS:
+            raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
         recipe = get_recipe(data, method)
         recipe_fields, loss_fields, run_fields = {}, {}, {}
         for k, v in overrides.items():
@@ -65,7 +70,34 @@ class TrainConfig:
             scale = recipe_fields["epochs"] / recipe.epochs
             recipe_fields["milestones"] = [max(1, round(m * scale)) for m in recipe.milestones]
         recipe = replace(recipe, loss=replace(recipe.loss, **loss_fields), **recipe_fields)
-        return cls(data=data, method=method, recipe=recipe, **run_fields)
+        cfg = cls(data=data, method=method, recipe=recipe, **run_fields)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        r = self.recipe
+        if r.exits not in (4, 8):
+            raise UserError(f"--exits must be 4 or 8, got {r.exits}")
+        if r.loss.teacher_weights not in ("learned", "frozen"):
+            raise UserError(f"--teacher-weights must be 'learned' or 'frozen', got '{r.loss.teacher_weights}'")
+        for name, v in (("--epochs", r.epochs), ("--batch-size", r.batch_size), ("--val-size", r.val_size)):
+            if v < 1:
+                raise UserError(f"{name} must be at least 1, got {v}")
+        for name, v in (("--limit-train", self.limit_train), ("--limit-eval", self.limit_eval)):
+            if v is not None and v < 1:
+                raise UserError(f"{name} must be at least 1, got {v}")
+        for name, v in (("--width", r.width), ("--lr", r.lr), ("--temperature", r.loss.temperature)):
+            if not (math.isfinite(v) and v > 0):
+                raise UserError(f"{name} must be a positive number, got {v}")
+        for name, v in (("--alpha", r.loss.alpha), ("--beta", r.loss.beta), ("--gamma", r.loss.gamma)):
+            if not (math.isfinite(v) and v >= 0):
+                raise UserError(f"{name} must be a number >= 0, got {v}")
+        out = Path(self.out)
+        if any(p.is_file() for p in (out, *out.parents)):
+            raise UserError(f"--out {out}: a file is in the way; the run folder must be a folder")
+        has_run = (out / "model.pt").exists() or (out / "last.pt").exists()
+        if has_run and not (self.resume or self.force):
+            raise UserError(f"{out} already holds a run (model.pt/last.pt): pass --resume to continue it or --force")
 
 
 def lr_at(recipe: Recipe, epoch_progress: float) -> float:
@@ -103,6 +135,11 @@ def _distributed() -> tuple[int, int]:
 
 def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
     full = load_dataset(cfg.data, "train", cfg.data_dir)
+    if cfg.recipe.val_size > len(full) // 2:
+        raise UserError(
+            f"--val-size {cfg.recipe.val_size} is more than half of the {len(full)} training images: "
+            f"use 1..{len(full) // 2}"
+        )
     val_size = min(cfg.recipe.val_size, len(full) // 5) if len(full) < 5 * cfg.recipe.val_size else cfg.recipe.val_size
     train_idx, val_idx = split_train_val(len(full), val_size, cfg.seed)
     if cfg.limit_train:
@@ -338,4 +375,5 @@ def _end_epoch(run: _Run, prog, bar, epoch: int, loss: float, epoch_time: float)
 def _plain(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("resume", None)
+    d.pop("force", None)
     return d
