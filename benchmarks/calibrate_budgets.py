@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--backend", default="onnxruntime")
     args = ap.parse_args()
 
-    from edgeexit.runtime.bench import bench_cascade
+    from edgeexit.bench import bench_cascade
 
     from edgeexit.calibrate.run import run_calibration
     from edgeexit.runtime import Cascade
@@ -66,6 +66,7 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
     from edgeexit.calibrate.run import load_frames, verify
     from edgeexit.data import split_calibration
     from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 
     cascade = Cascade.load(work, backend=backend)
     cal = cascade.manifest["calibration"]
@@ -76,8 +77,8 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
     cc, cv = sc["prediction"] == labels[c][:, None], sv["prediction"] == labels[v][:, None]
     u, k = cal["latency"]["units"], cascade.num_exits
     cost = CostModel(
-        [u[f"seg_{i + 1:02d}"]["mean_ms"] for i in range(k)],
-        [u[f"head_{i + 1:02d}"]["mean_ms"] for i in range(k)],
+        [u[segment_name(i)]["mean_ms"] for i in range(k)],
+        [u[head_name(i)]["mean_ms"] for i in range(k)],
         cal["latency"]["decision_ms"],
         cal["latency"]["frame_overhead_ms"],
     )
@@ -97,7 +98,7 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
         print("no budget keeps the verification accuracy within 0.5 pt of the full model")
         return
     # Interleaved rounds, medians: the full model and the iso point see the same machine state.
-    skip_all = [2.0] * (k - 1) + [0.0]
+    skip_all = CascadePlan.full_model(k)
     rounds = [
         (verify(cascade, frames[v], labels[v], skip_all), verify(cascade, frames[v], labels[v], chosen[1].thresholds))
         for _ in range(3)

@@ -69,7 +69,6 @@ def export_monolithic(artifact: Path) -> Path:
 
 def null_cascade(thresholds, k: int = 8):
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.plan import CascadePlan
     from edgeexit.runtime.backends import HeadOutput, Runner, RunnerInfo
 
     class NullRunner(Runner):
@@ -148,11 +147,11 @@ def main() -> None:
     artifact = Path(args.artifact)
 
     import onnxruntime as ort
-    from edgeexit.runtime.profiling import time_call
 
     from edgeexit.calibrate.run import load_frames
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.profiling import time_call
 
     cascade = Cascade.load(artifact, backend="onnxruntime")
     unfused = cascade.derive(CascadePlan.full_model(cascade.num_exits), fuse=False)

@@ -45,6 +45,7 @@ def main() -> None:
                 limit_train=args.limit_train,
                 width=args.width,
                 exits=8,
+                force=True,
             )
             t0 = time.perf_counter()
             r = train(cfg, progress=False)

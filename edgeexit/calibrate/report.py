@@ -6,6 +6,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from edgeexit.runtime.plan import head_name, segment_name
+
 
 def calibration_table(result: dict) -> Table:
     pred, meas = result["predicted"], result["measured"]
@@ -23,10 +25,10 @@ def calibration_table(result: dict) -> Table:
     cum = result["latency"]["frame_overhead_ms"]
     field = "mean_ms" if result["metric"] == "mean" else "p95_ms"
     for k, th in enumerate(result["thresholds"]):
-        cum += units[f"seg_{k + 1:02d}"][field]
+        cum += units[segment_name(k)][field]
         evaluated = (k + 1) in result["evaluated_exits"]
         if evaluated:
-            cum += units[f"head_{k + 1:02d}"][field] + result["latency"]["decision_ms"]
+            cum += units[head_name(k)][field] + result["latency"]["decision_ms"]
         last = k == len(result["thresholds"]) - 1
         t.add_row(
             str(k + 1),

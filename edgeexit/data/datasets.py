@@ -116,7 +116,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> ImageDataset:
+def load_fashion_mnist(split: str, data_dir=None) -> ImageDataset:
     prefix = "train" if split == "train" else "t10k"
     searched = _dirs_to_search("fashion-mnist", data_dir)
     for d in searched:
@@ -135,17 +135,6 @@ def load_fashion_mnist(split: str, data_dir=None, download: bool = False) -> Ima
                     std,
                     "fashion-mnist",
                 )
-    if download:
-        root = Path(data_dir or "data")
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            FashionMNIST(str(root), train=split == "train", download=True)
-            return load_fashion_mnist(split, root / "FashionMNIST" / "raw", download=False)
-        except Exception as e:  # no network is the normal case here
-            raise UserError(
-                f"Fashion-MNIST download failed ({e}); install it with 'apt-get install dataset-fashion-mnist'"
-            ) from None
     raise UserError(
         "Fashion-MNIST not found (looked in " + ", ".join(str(d) for d in searched) + "); "
         "install it with 'apt-get install dataset-fashion-mnist' or pass --data-dir with the four idx .gz files"

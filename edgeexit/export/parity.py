@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from edgeexit.models import MultiExitNet
+from edgeexit.runtime.plan import head_name, segment_name
 
 
 def ort_sessions(folder: Path, units: list[dict]) -> dict:
@@ -38,7 +39,7 @@ def check_parity(
         t_state: tuple = (torch.from_numpy(x),)
         o_state: list[np.ndarray] = [x]
         for k in range(1, k_exits + 1):
-            seg, head = by_name[f"seg_{k:02d}"], by_name[f"head_{k:02d}"]
+            seg, head = by_name[segment_name(k - 1)], by_name[head_name(k - 1)]
             with torch.no_grad():
                 t_next = model.segments[k - 1](*t_state)
                 t_logits, _ = model.heads[k - 1](t_next[-1])

@@ -39,9 +39,7 @@ def gpu_fingerprint() -> dict:
     return cuda_device_info()
 
 
-def build_engines(
-    folder: Path, units: list[dict], *, half: bool, max_batch: int, workspace_gib: float, progress=None
-) -> None:
+def build_engines(folder: Path, units: list[dict], *, half: bool, max_batch: int, workspace_gib: float) -> None:
     """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``."""
     trt = import_tensorrt()
     device = gpu_fingerprint()
@@ -79,8 +77,6 @@ def build_engines(
         path.write_bytes(bytes(plan))
         cache_bytes = bytes(config.get_timing_cache().serialize())
         unit["engines"].append(engine_entry(path.name, precision, trt.__version__, device, shapes))
-        if progress is not None:
-            progress(unit["name"])
     cache_path.write_bytes(cache_bytes)
 
 

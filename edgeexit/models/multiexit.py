@@ -29,7 +29,6 @@ class MultiExitConfig:
     in_chans: int = 3
     num_classes: int = 10
     input_size: list[int] = field(default_factory=lambda: [32, 32])
-    arch: str = "resnet18"
 
     def __post_init__(self) -> None:
         if self.exits not in (4, 8):
@@ -199,13 +198,6 @@ class MultiExitNet(nn.Module):
             logits.append(z)
             feats.append(f)
         return logits, feats
-
-    def unit_names(self) -> list[tuple[str, str, int]]:
-        """(name, kind, exit_index) of every unit in execution order."""
-        out = []
-        for k in range(1, self.num_exits + 1):
-            out += [(f"seg_{k:02d}", "segment", k), (f"head_{k:02d}", "head", k)]
-        return out
 
 
 def count_unit_cost(model: MultiExitNet, input_size: list[int] | None = None) -> list[dict]:

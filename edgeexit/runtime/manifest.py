@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from edgeexit.errors import ArtifactError
+from edgeexit.runtime.plan import unit_names
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -41,7 +42,7 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
         )
     names = [u.get("name") for u in manifest["units"]]
     k = len(names) // 2
-    expected = [n for i in range(1, k + 1) for n in (f"seg_{i:02d}", f"head_{i:02d}")]
+    expected = unit_names(k)
     if k == 0 or names != expected:
         raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
     for u in manifest["units"]:
@@ -54,13 +55,6 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
 
 def num_exits(manifest: dict) -> int:
     return len(manifest["units"]) // 2
-
-
-def unit(manifest: dict, name: str) -> dict:
-    for u in manifest["units"]:
-        if u["name"] == name:
-            return u
-    raise KeyError(name)
 
 
 def write_manifest(artifact: str | os.PathLike, manifest: dict) -> None:

@@ -13,7 +13,7 @@ from edgeexit.runtime.plan import MSDNET_QS, CascadePlan
 
 @torch.no_grad()
 def exit_outputs(
-    model: MultiExitNet, data: ImageDataset, batch_size: int = 256, device: str | torch.device = "cpu", progress=None
+    model: MultiExitNet, data: ImageDataset, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> dict[str, np.ndarray]:
     """Every exit's prediction and max-softmax confidence for every sample: arrays (N, K)."""
     model.eval().to(device)
@@ -27,8 +27,6 @@ def exit_outputs(
         preds.append(y.cpu())
         confs.append(c.cpu())
         logits_all.append(z.cpu())
-        if progress is not None:
-            progress(min(start + batch_size, len(data)))
     pred = torch.cat(preds).numpy()
     labels = data.labels.numpy()
     return {
@@ -71,11 +69,10 @@ def evaluate(
     val: ImageDataset | None,
     device="cpu",
     batch_size: int = 256,
-    progress=None,
 ) -> dict:
     units = count_unit_cost(model)
     cum = cumulative_exit_flops(units)
-    out_test = exit_outputs(model, test, batch_size, device, progress)
+    out_test = exit_outputs(model, test, batch_size, device)
     acc = anytime_accuracy(out_test["correct"])
     result = {
         "split": "test",
