@@ -236,7 +236,9 @@ def export(
         int, typer.Option("--parity-samples", help="Held-out images for the parity check.")
     ] = 256,
     tolerance: Annotated[float, typer.Option(help="Max abs logit difference ONNX Runtime vs PyTorch.")] = 1e-3,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing artifact.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a previous edgeexit artifact at OUT (never any other folder).")
+    ] = False,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
