@@ -96,6 +96,35 @@ def test_cifar_pickle_batches(tmp_path, name):
     assert torch.equal(te.images[0, 0].flatten(), torch.from_numpy(test[b"data"][0, :1024]))
 
 
+class _Payload:
+    """A hostile CIFAR batch: unpickling it would create a file (or anything else)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_a_cifar_batch_with_a_payload_is_refused_and_nothing_runs(tmp_path, protocol):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
+    for i in range(1, 6):
+        (root / f"data_batch_{i}").write_bytes(pickle.dumps(good, protocol=protocol))
+    (root / "test_batch").write_bytes(pickle.dumps(good, protocol=protocol))
+    marker = tmp_path / "pwned"
+    evil = {b"label_names": [b"a"] * 10, b"x": _Payload(marker)}
+    (root / "batches.meta").write_bytes(pickle.dumps(evil, protocol=protocol))
+    with pytest.raises(UserError, match=r"batches.meta is not a CIFAR batch: refusing to load (builtins|io)\.open"):
+        load_dataset("cifar10", "test", tmp_path)
+    assert not marker.exists()
+    # the same files without the payload load (numpy arrays pickled with this protocol are allowed)
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"a"] * 10}, protocol=protocol))
+    assert len(load_dataset("cifar10", "test", tmp_path)) == 2
+
+
 def test_tiny_imagenet_layout_and_val_sorted_by_annotations(tmp_path):
     root = tmp_path / "tiny-imagenet-200"
     wnids = ["n01", "n02"]

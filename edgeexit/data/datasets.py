@@ -165,13 +165,18 @@ def load_cifar(name: str, split: str, data_dir=None) -> ImageDataset:
         if all((root / f).is_file() for f in files) and (root / meta_file).is_file():
             xs, ys = [], []
             for f in files:
-                with open(root / f, "rb") as fh:
-                    batch = pickle.load(fh, encoding="bytes")  # noqa: S301 - CIFAR's own format
-                xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-                ys.append(np.asarray(batch[label_key], dtype=np.int64))
-            with open(root / meta_file, "rb") as fh:
-                meta = pickle.load(fh, encoding="bytes")  # noqa: S301
-            classes = [c.decode() for c in meta[names_key]]
+                batch = load_cifar_pickle(root / f)
+                try:
+                    xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                    ys.append(np.asarray(batch[label_key], dtype=np.int64).reshape(-1))
+                except (KeyError, TypeError, ValueError) as e:
+                    raise UserError(f"{root / f} is not a CIFAR batch ({type(e).__name__}: {e})") from None
+                if len(xs[-1]) != len(ys[-1]):
+                    raise UserError(f"{root / f}: {len(xs[-1])} images but {len(ys[-1])} labels")
+            try:
+                classes = [c.decode() for c in load_cifar_pickle(root / meta_file)[names_key]]
+            except (KeyError, TypeError, AttributeError) as e:
+                raise UserError(f"{root / meta_file} is not CIFAR metadata ({type(e).__name__}: {e})") from None
             mean, std = STATS[name]
             return ImageDataset(
                 torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes, mean, std, name
@@ -183,6 +188,40 @@ def load_cifar(name: str, split: str, data_dir=None) -> ImageDataset:
         + ("CIFAR10" if name == "cifar10" else "CIFAR100")
         + "(root, download=True)) on a machine with network and pass --data-dir"
     )
+
+
+# What a real CIFAR batch pickle contains besides dicts, lists, bytes, str and ints: numpy arrays
+# (and their dtype), pickled by Python 2 (the original files) or 3 (protocol 2, 4 or 5), and
+# _codecs.encode, which protocol 2 uses for bytes. Nothing else is ever unpickled.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_cifar_pickle(path: Path) -> dict:
+    """A CIFAR batch (a pickle by format) with a restricted unpickler: a file that asks for any
+    other class or function (a malicious ``__reduce__``) is refused and nothing in it runs."""
+    try:
+        with open(path, "rb") as fh:
+            obj = _CifarUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise UserError(f"{path} is not a CIFAR batch: {e} (only numpy arrays, lists and dicts are accepted)") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} is not a CIFAR batch (a dict), it holds a {type(obj).__name__}")
+    return obj
 
 
 def _load_images(paths: list[Path], size: list[int] | None, in_chans: int | None) -> np.ndarray:

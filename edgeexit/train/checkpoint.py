@@ -7,7 +7,6 @@ Checkpoints load with ``torch.load(path, weights_only=True)`` and are written at
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +15,14 @@ import torch
 from edgeexit import __version__
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, MultiExitNet, build_model
+from edgeexit.util import atomic_write
 
 FORMAT = "edgeexit-checkpoint"
 VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def make_checkpoint(
