@@ -58,7 +58,7 @@ class Preprocessor:
         """One frame → float32 (C, H, W)."""
         if type(frame) is np.ndarray and frame.dtype == _F32 and frame.shape == self.chw_shape:
             x = frame if frame.flags.c_contiguous else np.ascontiguousarray(frame)
-            if not math.isfinite(x.reshape(-1).dot(self._zeros)):
+            if not math.isfinite(x.ravel().dot(self._zeros)):
                 raise ValueError("input contains NaN or infinite values")
             return x
         return self._checked(frame)
