@@ -23,7 +23,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from edgeexit.bench import bench_cascade
-
     from edgeexit.calibrate.run import run_calibration
     from edgeexit.runtime import Cascade
 

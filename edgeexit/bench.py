@@ -21,9 +21,39 @@ def _heldout_frames(cascade, n: int, data_dir: str | None):
     return (frames[idx], labels[idx]), None
 
 
+def check_bench_options(cascade, batch: int, repeats: int, num_images: int) -> None:
+    """Refuse what cannot run: batches beyond the runner's max batch or a quarter of free memory."""
+    from edgeexit.errors import UserError
+
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if num_images < 0:
+        raise UserError(f"--images must be 0 or more, got {num_images}")
+    limit = min(cascade.runner.info.max_batch or 1 << 30, _memory_batch_limit(cascade))
+    if not 1 <= batch <= limit:
+        raise UserError(f"--batch must be within 1..{limit} for this artifact and machine, got {batch}")
+
+
+def _memory_batch_limit(cascade) -> int:
+    """The largest batch whose biggest unit state (x4 for copies in flight) fits in a quarter of
+    the memory available now."""
+    per_sample = max(sum(int(np.prod(o["shape"][1:])) for o in u["outputs"]) for u in cascade.manifest["units"])
+    per_sample = max(per_sample, int(np.prod(cascade.preprocess.chw_shape))) * 4 * 4
+    available = 8 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(1, available // 4 // per_sample)
+
+
 def bench_cascade(
     cascade, batch: int = 1, repeats: int = 200, num_images: int = 500, data_dir: str | None = None
 ) -> dict:
+    check_bench_options(cascade, batch, repeats, num_images)
     data, why = _heldout_frames(cascade, num_images, data_dir) if num_images > 0 else (None, "--images 0")
     frame = data[0][0] if data is not None else np.zeros((*cascade.preprocess.chw_shape[1:], 3), np.uint8)
     prof = cascade.profile(cascade.preprocess(frame), batch=batch, repeats=repeats)

@@ -67,9 +67,9 @@ def command(fn):
 def _write_json(path: Path | None, payload: dict) -> None:
     if path is None:
         return
-    from edgeexit.util import atomic_write_text
+    from edgeexit.util import atomic_write_text, strict_json
 
-    atomic_write_text(path, json.dumps(payload, indent=2, default=float) + "\n")
+    atomic_write_text(path, strict_json(payload))
     console.print(f"wrote {path}")
 
 
@@ -88,8 +88,8 @@ def _parse_fraction(text: str) -> float | None:
         value = float(t[:-1]) / 100
     except ValueError:
         raise UserError(f"cannot read budget '{text}': write it like 50%") from None
-    if not 0 < value:
-        raise UserError(f"budget must be positive, got '{text}'")
+    if not 0 < value <= 100:  # NaN fails too
+        raise UserError(f"a budget in percent must be within (0%, 10000%], got '{text}'")
     return value
 
 

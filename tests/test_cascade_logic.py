@@ -66,7 +66,7 @@ def manifest(k: int = K) -> dict:
     return {
         "units": units,
         "class_names": [f"c{i}" for i in range(C)],
-        "preprocessing": {"in_chans": 1, "input_size": [1, 1], "mean": [0.0], "std": [1.0]},
+        "preprocessing": {"in_chans": 1, "input_size": [1, 1], "mean": [0.0], "std": [1e-3]},  # ids up to 1000
     }
 
 

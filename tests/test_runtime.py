@@ -285,7 +285,8 @@ def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
     assert segment_groups([t <= 1 for t in th[:-1]] + [True]) == ((0, 0), (1, 3), (4, 7))
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False)
     fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, unit_timing=True)
-    assert fused_path(artifact_copy, 1, 3).is_file() and fused_path(artifact_copy, 4, 7).is_file()
+    m = plain.manifest
+    assert fused_path(artifact_copy, m, 1, 3).is_file() and fused_path(artifact_copy, m, 4, 7).is_file()
     a, b = plain.predict_batch(frames), fused.predict_batch(frames)
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
     np.testing.assert_allclose([p.confidence for p in a], [p.confidence for p in b], atol=1e-5)

@@ -20,6 +20,7 @@ Every step only improves the objective, so the search terminates; tests compare 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -41,8 +42,8 @@ def parse_budget_ms(text: str | float) -> float:
             raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us or 0.005s")
         value, unit = float(m.group(1)), (m.group(2) or "ms")
     ms = value * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit]
-    if not ms > 0:
-        raise UserError(f"budget must be positive, got '{text}'")
+    if not (math.isfinite(ms) and ms > 0):
+        raise UserError(f"budget must be a positive finite time, got '{text}'")
     return ms
 
 

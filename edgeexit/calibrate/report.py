@@ -97,6 +97,7 @@ def calibration_plot(result: dict, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from edgeexit.util import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -21,6 +21,7 @@ from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.manifest import write_manifest
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
 from edgeexit.runtime.profiling import frame_overhead_ms
+from edgeexit.util import atomic_write, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
 
@@ -170,6 +171,7 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
 def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     from edgeexit.data import split_calibration
 
+    remove_stale_temps(folder)  # what an interrupted calibration left (temporary stats, manifest, plot)
     cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy)
     try:
         frames, labels, name = load_frames(cascade.manifest, opts.data, opts.split, opts.data_dir)
@@ -215,9 +217,7 @@ def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progr
         with np.load(path) as z:
             return {"confidence": z["confidence"], "prediction": z["prediction"]}
     stats = cascade.exit_statistics(x, progress=progress)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **stats)
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.savez_compressed(f, **stats))
     return stats
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from edgeexit import __version__
 from edgeexit.errors import UserError
 from edgeexit.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
-from edgeexit.util import atomic_write_json
+from edgeexit.util import atomic_write_json, remove_stale_temps, temp_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 20
 
@@ -111,13 +111,14 @@ def _prepare_destination(checkpoint: Path, opts: ExportOptions) -> tuple[Path, P
     """The artifact's path and a fresh temporary folder beside it. ``--force`` replaces only a
     previous edgeexit artifact, and never a folder that holds the source checkpoint."""
     dest = Path(opts.out) if opts.out is not None else checkpoint.with_suffix(".edgeexit")
+    remove_stale_temps(dest.parent, dest.name)  # what an interrupted export of this artifact left
     if dest.exists():
         if not opts.force:
             raise UserError(f"{dest} exists: pass --force to replace it")
         _check_replaceable(dest, checkpoint)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest.name), suffix=".partial", dir=dest.parent))
     except OSError as e:
         raise UserError(f"cannot write to {dest.parent}: {e.strerror or e}") from None
     return dest, tmp

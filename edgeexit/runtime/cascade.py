@@ -238,6 +238,8 @@ class Cascade:
     def _run_deadline(self, x: np.ndarray, plan: CascadePlan, t0: float, deadline_ms: float) -> Prediction:
         """Segment by segment; a pair (segment, head) starts only if its p95 fits what is left.
         A skipped head still runs when nothing else could answer before the deadline."""
+        if not deadline_ms >= 0:  # NaN fails this too
+            raise ValueError(f"deadline_ms must be a number >= 0 (0: answer from the first exit), got {deadline_ms}")
         seg_p95, head_p95 = self._seg_p95_ms, self._head_p95_ms
         if seg_p95 is None or head_p95 is None:
             raise ValueError(

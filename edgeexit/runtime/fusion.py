@@ -4,22 +4,47 @@ With calibrated thresholds, most heads are skipped, and the segments between two
 always run back to back. Running them as separate ONNX Runtime sessions costs a call (and a copy
 of the state) per unit; fusing them removes that splitting overhead (docs/results.md).
 
-Fused graphs are cached as ``NAME.edgeexit/fused/seg_AA-BB.onnx``. Building one needs the ``onnx``
+Fused graphs are cached as ``NAME.edgeexit/fused/seg_AA-BB.<hash>.onnx``, keyed by the content of
+the units they were built from; a ``fused`` that is a symlink or leads outside the artifact is
+neither read nor written. Building one needs the ``onnx``
 package (present wherever `edgeexit export` or `calibrate` ran); a runtime without it uses cached
 files when they exist and otherwise runs the units one by one.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
 from pathlib import Path
 
+from edgeexit.runtime.manifest import artifact_file
 from edgeexit.runtime.plan import group_name
+from edgeexit.util import atomic_write, remove_stale_temps
 
 
-def fused_path(folder: Path, first_pos: int, last_pos: int) -> Path:
-    return Path(folder) / "fused" / f"{group_name(first_pos, last_pos)}.onnx"
+def units_digest(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> str:
+    """sha256 (12 hex digits) of the segment files a fused graph is built from: the cache key, so a
+    fused graph is never used with units other than its own (a new export copied over an old one)."""
+    segments = [u for u in manifest["units"] if u["kind"] == "segment"]
+    h = hashlib.sha256()
+    for pos in range(first_pos, last_pos + 1):
+        h.update(artifact_file(folder, segments[pos]["onnx"]).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def fused_dir(folder: Path) -> Path | None:
+    """``folder/fused``, or None when it is a symlink or leads outside the artifact (then nothing is
+    read from it or written into it)."""
+    d = Path(folder) / "fused"
+    if d.is_symlink() or (d.exists() and not (d.is_dir() and d.resolve().is_relative_to(Path(folder).resolve()))):
+        return None
+    return d
+
+
+def fused_path(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> Path | None:
+    d = fused_dir(folder)
+    if d is None:
+        return None
+    return d / f"{group_name(first_pos, last_pos)}.{units_digest(folder, manifest, first_pos, last_pos)}.onnx"
 
 
 def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
@@ -31,7 +56,7 @@ def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
     merged = None
     for k in range(k0, k1 + 1):
         unit = segments[k]
-        model = onnx.load(str(Path(folder) / unit["onnx"]))
+        model = onnx.load(str(artifact_file(folder, unit["onnx"])))
         # Internal names (initialisers, intermediate edges) get a per-unit prefix so they cannot
         # collide; graph inputs and outputs keep their contract names so the units connect.
         model = _prefix_internal_names(compose.add_prefix(model, f"u{k + 1:02d}_"), f"u{k + 1:02d}_")
@@ -58,22 +83,21 @@ def _prefix_internal_names(model, prefix: str):
     return model
 
 
-def load_or_build(folder: Path, manifest: dict, k0: int, k1: int) -> bytes | str | None:
-    """A path to the cached fused model, freshly built bytes (cached when the folder is writable),
+def load_or_build(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> bytes | str | None:
+    """A path to the cached fused model, freshly built bytes (cached when the artifact is writable),
     or None when it is not cached and the onnx package is missing."""
-    path = fused_path(folder, k0, k1)
-    if path.is_file():
+    path = fused_path(folder, manifest, first_pos, last_pos)
+    if path is not None and path.is_file() and not path.is_symlink():
         return str(path)
     try:
-        data = build_fused(folder, manifest, k0, k1)
+        data = build_fused(folder, manifest, first_pos, last_pos)
     except ImportError:
         return None
-    try:
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # read-only artifact: use the bytes without caching
+    if path is not None:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            remove_stale_temps(path.parent)
+            atomic_write(path, lambda f: f.write(data))
+        except OSError:
+            pass  # read-only artifact: use the bytes without caching
     return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,11 @@ REQUIRED = ("schema_version", "preprocessing", "class_names", "units", "model")
 
 
 def load_manifest(artifact: str | os.PathLike) -> dict:
-    """Load and check a manifest; every problem is an ArtifactError saying what to rebuild."""
+    """Load and check a manifest; every problem is an ArtifactError saying what to rebuild.
+
+    A manifest is data from whoever made the artifact: every file it names must resolve inside
+    the artifact folder (symlinks resolved), and the preprocessing and class names must make sense
+    for the model, so a tampered or careless manifest fails here rather than giving silent garbage."""
     folder = Path(artifact)
     path = folder / MANIFEST_NAME
     if not folder.exists():
@@ -26,8 +31,8 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
             "(re-export with `edgeexit export MODEL.pt`)"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        manifest = json.loads(path.read_text(), parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
         raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the model") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not an edgeexit manifest")
@@ -40,17 +45,89 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
             f"{path} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
             "upgrade edgeexit or re-export with this version"
         )
-    names = [u.get("name") for u in manifest["units"]]
-    k = len(names) // 2
-    expected = unit_names(k)
-    if k == 0 or names != expected:
-        raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
-    for u in manifest["units"]:
-        onnx_path = folder / u["onnx"]
-        if not onnx_path.is_file():
-            raise ArtifactError(f"{onnx_path} is missing: re-export the model")
+    _check_units(path, folder, manifest)
+    _check_preprocessing(path, manifest["preprocessing"])
+    _check_class_names(path, manifest)
     manifest["_folder"] = str(folder)
     return manifest
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def artifact_file(folder: str | os.PathLike, name) -> Path:
+    """``folder/name`` for a file a manifest names, refusing anything that leaves the artifact:
+    an absolute path, ``..``, or a symlink (anywhere on the way) that resolves outside."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{folder / MANIFEST_NAME} names a file as {name!r}: not a file name; re-export the model")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ArtifactError(
+            f"{folder / MANIFEST_NAME} names {name!r}, outside the artifact: files must be inside {folder}; "
+            "re-export the model"
+        )
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ArtifactError(f"{path} resolves outside the artifact {folder} (a symlink?): re-export the model")
+    return path
+
+
+def _check_units(path: Path, folder: Path, manifest: dict) -> None:
+    units = manifest["units"]
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise ArtifactError(f"{path}: units must be a list of objects; re-export the model")
+    names = [u.get("name") for u in units]
+    k = len(names) // 2
+    if k == 0 or names != unit_names(k):
+        raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
+    for u in units:
+        onnx_path = artifact_file(folder, u.get("onnx"))
+        if not onnx_path.is_file():
+            raise ArtifactError(f"{onnx_path} is missing: re-export the model")
+        for engine in u.get("engines") or []:
+            artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
+    if "weights" in manifest:
+        artifact_file(folder, manifest["weights"])
+
+
+def _check_preprocessing(path: Path, pre) -> None:
+    def bad(what: str):
+        return ArtifactError(f"{path}: preprocessing {what}; re-export the model")
+
+    if not isinstance(pre, dict):
+        raise bad("is not an object")
+    chans = pre.get("in_chans")
+    if chans not in (1, 3):
+        raise bad(f"in_chans must be 1 or 3, got {chans!r}")
+    size = pre.get("input_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 8192 for v in size)):
+        raise bad(f"input_size must be [H, W] with 1..8192 pixels each, got {size!r}")
+    for key, positive in (("mean", False), ("std", True)):
+        v = pre.get(key)
+        ok = isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v)
+        if not ok or (positive and not all(x > 0 for x in v)):
+            need = "positive finite numbers" if positive else "finite numbers"
+            raise bad(f"{key} must be {chans} {need} (one per channel), got {v!r}")
+
+
+def _check_class_names(path: Path, manifest: dict) -> None:
+    names = manifest["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ArtifactError(f"{path}: class_names must be a non-empty list of strings; re-export the model")
+    try:
+        classes = manifest["units"][1]["outputs"][0]["shape"][1]
+    except (KeyError, IndexError, TypeError):
+        return  # an artifact without recorded shapes: nothing to compare with
+    if isinstance(classes, int) and classes != len(names):
+        raise ArtifactError(
+            f"{path}: {len(names)} class_names but the model has {classes} classes; re-export the model"
+        )
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def num_exits(manifest: dict) -> int:

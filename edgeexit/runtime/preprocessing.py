@@ -3,7 +3,12 @@
 Accepted inputs (validated once per call; a bad one raises ValueError naming what was expected):
 - uint8 HxWxC frames (C = 3, in ``input_order``: RGB or BGR as stated at load, or C = 1) or HxW gray;
   resized (bilinear) to ``input_size``, converted to the model's channels, normalised;
-- float32/float64 CxHxW arrays that are already preprocessed (normalised, at ``input_size``).
+- float32/float64 CxHxW arrays that are already preprocessed: ``(pixel / 255 - mean) / std`` per
+  channel, at ``input_size``. A float frame is never rescaled or guessed at. Its values must be
+  finite, and its root-mean-square must be one that normalised 0..1 pixels can have (at most the
+  largest |(p - mean) / std| over p in [0, 1]), so an unnormalised 0..255 float frame is refused
+  rather than classified as garbage. (An unnormalised 0..1 frame lies in range and cannot be told
+  apart: pass uint8 frames when in doubt.)
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ class Preprocessor:
         self.mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
         self.chw_shape = (self.in_chans, self.height, self.width)
-        # x @ zeros is NaN exactly when x holds a NaN or an infinity (NaN·0 = ∞·0 = NaN), in one
-        # BLAS call: a third of np.isfinite(x).all() on the per-frame hot path.
-        self._zeros = np.zeros(self.in_chans * self.height * self.width, dtype=np.float32)
+        # One BLAS call checks a float frame on the hot path: x·x is finite exactly when every value
+        # is (barring overflow past 1e19, refused too), and x·x / n is the mean square.
+        self._size = self.in_chans * self.height * self.width
+        bound = np.maximum(np.abs(self.mean), np.abs(1 - self.mean)) / self.std
+        self._max_square_sum = float(bound.max()) ** 2 * self._size * 1.0001
 
     def expected(self) -> str:
         return (
@@ -58,10 +65,21 @@ class Preprocessor:
         """One frame → float32 (C, H, W)."""
         if type(frame) is np.ndarray and frame.dtype == _F32 and frame.shape == self.chw_shape:
             x = frame if frame.flags.c_contiguous else np.ascontiguousarray(frame)
-            if not math.isfinite(x.ravel().dot(self._zeros)):
-                raise ValueError("input contains NaN or infinite values")
+            flat = x.ravel()
+            if not flat.dot(flat) <= self._max_square_sum:  # NaN fails this too
+                self._float_range_error(x)
             return x
         return self._checked(frame)
+
+    def _float_range_error(self, x: np.ndarray) -> None:
+        if not np.isfinite(x).all():
+            raise ValueError("input contains NaN or infinite values")
+        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+        limit = math.sqrt(self._max_square_sum / self._size)
+        raise ValueError(
+            f"float input must be normalised ((pixel/255 - mean)/std); its RMS {rms:.3g} is beyond what "
+            f"normalised pixels can give ({limit:.3g}): pass the uint8 frame instead"
+        )
 
     def _checked(self, frame) -> np.ndarray:
         if not isinstance(frame, np.ndarray):
@@ -72,8 +90,9 @@ class Preprocessor:
             if frame.shape != self.chw_shape:
                 raise ValueError(f"float input must be {self.chw_shape} (C, H, W, normalised); got shape {frame.shape}")
             x = np.ascontiguousarray(frame, dtype=np.float32)
-            if not np.isfinite(x).all():
-                raise ValueError("input contains NaN or infinite values")
+            flat = x.ravel()
+            if not flat.dot(flat) <= self._max_square_sum:
+                self._float_range_error(x)
             return x
         raise ValueError(f"unsupported dtype {frame.dtype}: expected {self.expected()}")
 
@@ -108,8 +127,10 @@ class Preprocessor:
             if frames.shape[1:] != self.chw_shape:
                 raise ValueError(f"float batch must be (N, {', '.join(map(str, self.chw_shape))}); got {frames.shape}")
             x = np.ascontiguousarray(frames, dtype=np.float32)
-            if not np.isfinite(x).all():
-                raise ValueError("input contains NaN or infinite values")
+            flat = x.reshape(len(x), -1)
+            square_sums = np.einsum("ij,ij->i", flat, flat)
+            if not (square_sums <= self._max_square_sum).all():
+                self._float_range_error(x[int(np.argmin(square_sums <= self._max_square_sum))])
             return x
         if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4:
             frames = list(frames)

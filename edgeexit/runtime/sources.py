@@ -6,6 +6,7 @@ with OpenCV too when present, else with Pillow (RGB).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,10 +54,21 @@ def _image_files(files) -> Iterator[tuple[str, np.ndarray]]:
     for p in files:
         try:
             with Image.open(p) as im:
-                frame = np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im)
+                frame = _to_uint8(p, im)
         except OSError as e:
             raise UserError(f"cannot read image {p}: {e}") from None
         yield p.name, frame
+
+
+def _to_uint8(path: Path, im) -> np.ndarray:
+    """8-bit gray or RGB; 16-bit gray is scaled (not clipped) to 8 bits; other deep modes are refused."""
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im)
+    if im.mode.startswith("I;16"):
+        return (np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8)
+    if im.mode in ("I", "F", "I;32"):
+        raise UserError(f"{path} is a {im.mode} (32-bit) image: convert it to 8-bit gray or RGB first")
+    return np.asarray(im.convert("RGB"))
 
 
 def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
@@ -75,6 +87,10 @@ def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
 def run_source(
     cascade, source: str, max_frames: int | None = None, deadline_ms: float | None = None, save_video=None, echo=None
 ) -> dict:
+    if max_frames is not None and max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {max_frames}")
+    if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms >= 0):
+        raise UserError(f"--deadline-ms must be a finite number of milliseconds >= 0, got {deadline_ms}")
     frames, order = iter_frames(source)
     cascade = cascade.derive(input_order=order)
     writer = None

@@ -7,6 +7,7 @@ Checkpoints load with ``torch.load(path, weights_only=True)`` and are written at
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +65,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable edgeexit checkpoint ({first[:200]})") from None
+        text = str(e)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if glob:
+            raise UserError(
+                f"{path} contains a pickled Python object ({glob.group(1)}), not just tensors and plain data: "
+                "edgeexit loads checkpoints with weights_only=True and refuses it, because unpickling it could run code"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+        first = detail.group(1) if detail else (text.strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a readable edgeexit checkpoint ({_shorten(first.strip())})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an edgeexit checkpoint (no format='{FORMAT}' key)")
-    if int(ckpt.get("version", -1)) > VERSION:
+    if not isinstance(ckpt.get("version"), int):
+        raise UserError(f"{path} has no valid checkpoint version: it is not an edgeexit checkpoint")
+    if ckpt["version"] > VERSION:
         raise UserError(
             f"{path} has checkpoint version {ckpt.get('version')}; this edgeexit reads up to "
             f"{VERSION}: upgrade edgeexit"
@@ -79,10 +90,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
+def _shorten(text: str, limit: int = 200) -> str:
+    """At most ``limit`` characters, cut at a word and marked, never mid-word."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
 def model_from_checkpoint(ckpt: dict) -> MultiExitNet:
     try:
         model = build_model(MultiExitConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"checkpoint weights do not match its config ({str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"checkpoint weights do not match its config ({_shorten(str(e).splitlines()[0])})") from None
     return model.eval()

@@ -57,6 +57,7 @@ def budgeted_plot(result: dict, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from edgeexit.util import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)

@@ -253,14 +253,30 @@ def _resume(run: _Run) -> None:
     last = run.out / "last.pt"
     if not last.is_file():
         raise UserError(f"--resume: no {last} to resume from")
-    ts = load_checkpoint(last).get("train_state")
+    ckpt = load_checkpoint(last)
+    ts = ckpt.get("train_state")
     if ts is None:
         raise UserError(f"{last} has no training state to resume from")
+    _check_same_run(last, ckpt.get("train_config") or {}, _plain(run.cfg))
     run.task.load_state_dict(ts["task"])
     run.opt.load_state_dict(ts["optimizer"])
     run.start_epoch, run.best, run.history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
     if run.start_epoch >= run.cfg.recipe.epochs:
         raise UserError(f"{last} already finished {run.start_epoch} epochs; raise --epochs to continue")
+
+
+# Settings that change the model or its task: a run can only be resumed with the same ones.
+_RESUME_KEYS = (("data",), ("method",), ("recipe", "exits"), ("recipe", "width"), ("recipe", "loss", "teacher_weights"))
+
+
+def _check_same_run(last: Path, saved: dict, now: dict) -> None:
+    for keys in _RESUME_KEYS:
+        a, b = saved, now
+        for k in keys:
+            a, b = (a or {}).get(k), (b or {}).get(k)
+        if a is not None and a != b:
+            flag = "--" + keys[-1].replace("_", "-")
+            raise UserError(f"--resume: {last} was trained with {flag} {a}, not {b}; resume with the same {flag}")
 
 
 def _progress_bar(console, show: bool):

@@ -9,6 +9,7 @@ import numpy as np
 from edgeexit.errors import UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
+from edgeexit.runtime.manifest import artifact_file
 
 
 def _ort():
@@ -52,7 +53,7 @@ class OnnxRuntimeBackend(Runner):
         self._opts, self._providers = opts, providers
         self._segments, self._heads = [], []
         for u in manifest["units"]:
-            sess = ort.InferenceSession(str(folder / u["onnx"]), opts, providers=providers)
+            sess = ort.InferenceSession(str(artifact_file(folder, u["onnx"])), opts, providers=providers)
             entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
             (self._segments if u["kind"] == "segment" else self._heads).append(entry)
         self.info = RunnerInfo(

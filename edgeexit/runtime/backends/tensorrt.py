@@ -20,6 +20,7 @@ import numpy as np
 
 from edgeexit.errors import UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.manifest import artifact_file
 
 ITEMSIZE = 4  # every unit tensor is float32
 
@@ -119,7 +120,7 @@ class TensorRTBackend(Runner):
             entry = select_engine(u, precision)
             check_engine_compatible(entry, trt.__version__, self.device_info)
             precision = entry["precision"]
-            engine = self._runtime.deserialize_cuda_engine((folder / entry["path"]).read_bytes())
+            engine = self._runtime.deserialize_cuda_engine(artifact_file(folder, entry["path"]).read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {entry['path']}")
             max_batch = int(entry["batch_profile"]["max"])

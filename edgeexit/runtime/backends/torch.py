@@ -6,13 +6,13 @@ Rebuilds the network from the artifact's ``weights.pt`` (loaded with ``weights_o
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
+from edgeexit.runtime.manifest import artifact_file
 
 
 class TorchBackend(Runner):
@@ -24,7 +24,7 @@ class TorchBackend(Runner):
         from edgeexit.models import MultiExitConfig, build_model
 
         self.torch = torch
-        path = Path(manifest["_folder"]) / manifest.get("weights", "weights.pt")
+        path = artifact_file(manifest["_folder"], manifest.get("weights", "weights.pt"))
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the torch backend needs the weights; re-export the model")
         blob = torch.load(path, map_location="cpu", weights_only=True)

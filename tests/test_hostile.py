@@ -1,0 +1,247 @@
+"""Hostile files and careless hands (issue 10): every case is a clear error, with nothing executed,
+nothing read or written outside where it belongs, and nothing lost. One test per case; the table
+in docs/results.md maps each to the behaviour before the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeexit.cli import app
+from edgeexit.errors import ArtifactError
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.manifest import load_manifest
+
+runner = CliRunner()
+K = 8
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output
+    return res
+
+
+def edit_manifest(artifact, change):
+    path = artifact / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- path escape --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.onnx", "sub/../../outside.onnx"])
+def test_a_manifest_cannot_name_a_file_outside_the_artifact(artifact_copy, name):
+    (artifact_copy.parent / "outside.onnx").write_bytes((artifact_copy / "seg_01.onnx").read_bytes())
+    edit_manifest(artifact_copy, lambda m: m["units"][0].update(onnx=name))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        Cascade.load(artifact_copy, backend="onnxruntime")
+    res = cli("run", artifact_copy, "--source", artifact_copy)
+    assert res.exit_code == 2 and "outside the artifact" in res.output
+
+
+def test_a_symlinked_unit_that_leads_outside_is_refused(artifact_copy):
+    outside = artifact_copy.parent / "elsewhere.onnx"
+    shutil.copy(artifact_copy / "seg_02.onnx", outside)
+    (artifact_copy / "seg_02.onnx").unlink()
+    os.symlink(outside, artifact_copy / "seg_02.onnx")
+    with pytest.raises(ArtifactError, match="resolves outside"):
+        load_manifest(artifact_copy)
+
+
+def test_the_torch_backend_weights_must_be_inside(artifact_copy):
+    edit_manifest(artifact_copy, lambda m: m.update(weights="/etc/passwd"))
+    with pytest.raises(ArtifactError, match="outside the artifact"):
+        Cascade.load(artifact_copy, backend="torch")
+
+
+def test_a_fused_folder_that_is_a_symlink_is_neither_read_nor_written(artifact_copy, test_frames):
+    outside = artifact_copy.parent / "attacker"
+    outside.mkdir()
+    shutil.rmtree(artifact_copy / "fused", ignore_errors=True)  # other tests may have built graphs
+    os.symlink(outside, artifact_copy / "fused")
+    th = [0.9, 2.0, 2.0, 0.8, 2.0, 2.0, 2.0, 0.0]
+    c = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)
+    c.predict(test_frames[0][0])
+    assert list(outside.iterdir()) == []
+
+
+# -- silent wrong results -----------------------------------------------------------------------
+def test_a_stale_fused_graph_is_not_used_with_new_units(artifact_copy, test_frames):
+    """A new export copied over an old one (rsync without --delete) keeps the old fused/ files."""
+    import onnx
+    from onnx import numpy_helper
+
+    frames = test_frames[0][:200]
+    th = [0.9, 2.0, 2.0, 0.8, 2.0, 2.0, 2.0, 0.0]
+    Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)  # builds and caches fused/
+    old_cache = sorted(p.name for p in (artifact_copy / "fused").iterdir())
+    model = onnx.load(str(artifact_copy / "seg_03.onnx"))  # "a new export": other weights in seg_03
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 4:
+            init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(model, str(artifact_copy / "seg_03.onnx"))
+    fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th).predict_batch(frames)
+    plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False).predict_batch(frames)
+    assert [(p.label, p.exit_index) for p in fused] == [(p.label, p.exit_index) for p in plain]
+    assert sorted(p.name for p in (artifact_copy / "fused").iterdir()) != old_cache
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda m: m["preprocessing"].update(std=[0.0]), "std must be 1 positive"),
+        (lambda m: m["preprocessing"].update(mean=[float("nan")]), "not valid JSON|mean must be"),
+        (lambda m: m["preprocessing"].update(input_size=[28]), "input_size"),
+        (lambda m: m.update(class_names=["a", "b", "c"]), "3 class_names but the model has 10"),
+        (lambda m: m.update(class_names="abc"), "class_names must be"),
+    ],
+)
+def test_bad_preprocessing_and_class_names_are_refused_at_load(artifact_copy, change, match):
+    edit_manifest(artifact_copy, change)
+    with pytest.raises(ArtifactError, match=match):
+        Cascade.load(artifact_copy, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("budget", ["1e999ms", "inf%", "nan%", "1e400%", "0ms"])
+def test_non_finite_budgets_are_refused_and_the_manifest_stays_strict_json(artifact_copy, budget):
+    res = cli("calibrate", artifact_copy, "--budget", budget, "--backend", "onnxruntime")
+    assert res.exit_code == 2, res.output
+    json.loads((artifact_copy / "manifest.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+
+
+def test_json_writers_refuse_nan():
+    from edgeexit.util import strict_json
+
+    with pytest.raises(ValueError):
+        strict_json({"x": float("inf")})
+
+
+def test_deadlines_must_be_numbers_at_least_zero(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    c.set_unit_latency({u["name"]: 0.1 for u in c.manifest["units"]})
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="deadline_ms must be a number >= 0"):
+            c.predict(test_frames[0][0], deadline_ms=bad)
+    assert c.predict(test_frames[0][0], deadline_ms=0.0).exit_index == 1  # 0: answer from exit 1
+    res = cli("run", artifact_copy, "--source", artifact_copy, "--deadline-ms", "nan")
+    assert res.exit_code == 2 and "--deadline-ms" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["run", "{a}", "--source", "{a}", "--max-frames", "-3"], "--max-frames must be at least 1"),
+        (["calibrate", "{a}", "--budget", "50%", "--limit", "-100"], "--limit must be at least 20"),
+        (["calibrate", "{a}", "--budget", "50%", "--limit", "0"], "--limit must be at least 20"),
+        (["calibrate", "{a}", "--budget", "50%", "--repeats", "0"], "--repeats must be at least 1"),
+        (["calibrate", "{a}", "--budget", "50%", "--metric", "p99"], "--metric must be mean or p95"),
+        (["bench", "{a}", "--backend", "onnxruntime", "--batch", "0"], "--batch must be within 1.."),
+        (["bench", "{a}", "--backend", "onnxruntime", "--batch", "100000000"], "--batch must be within 1.."),
+        (["bench", "{a}", "--backend", "onnxruntime", "--repeats", "-5"], "--repeats must be at least 1"),
+        (["train", "--limit-train", "0", "--out", "{t}/r"], "--limit-train must be at least 1"),
+        (["train", "--limit-eval", "0", "--out", "{t}/r"], "--limit-eval must be at least 1"),
+        (["train", "--val-size", "0", "--out", "{t}/r"], "--val-size must be at least 1"),
+        (["train", "--val-size", "99999999", "--out", "{t}/r"], "--val-size 99999999 is more than half"),
+        (["train", "--epochs", "0", "--out", "{t}/r"], "--epochs must be at least 1"),
+        (["train", "--out", "{a}/manifest.json/sub"], "a file is in the way"),
+        (["quickstart", "--epochs", "0"], "--epochs must be at least 1"),
+        (["quickstart", "--out", "."], "must be a folder of its own"),
+        (["export", "{t}/model.pt", "--batch", "0"], "--batch must be within 1..4096"),
+    ],
+)
+def test_out_of_range_numbers_are_refused_with_the_range(artifact_copy, tmp_path, args, match):
+    res = cli(*[a.format(a=artifact_copy, t=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert match in res.output
+
+
+def test_eval_limit_zero_is_refused(tiny_run):
+    res = cli("eval", tiny_run[0] / "model.pt", "--limit-eval", "0")
+    assert res.exit_code == 2 and "--limit-eval must be at least 1" in res.output
+
+
+# -- frames -------------------------------------------------------------------------------------
+def test_frames_that_used_to_be_misread(artifact_copy, test_frames, tmp_path):
+    from PIL import Image
+
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    frame = test_frames[0][0]
+    with pytest.raises(ValueError, match="one frame\\? wrap it in a list"):
+        c.predict_batch(np.repeat(frame, 3, axis=2))  # one HxWx3 frame, not 28 frames
+    x = c.preprocess(frame)
+    with pytest.raises(ValueError, match="NaN"):
+        c.predict_arrays(np.stack([x, np.full_like(x, np.nan)]))
+    with pytest.raises(ValueError, match="must be normalised"):
+        c.predict(frame.transpose(2, 0, 1).astype(np.float32))  # 0..255 floats, not normalised
+    assert c.predict(x).label == c.predict(frame).label
+    # a 16-bit PNG is scaled to 8 bits, not clipped: it classifies like its 8-bit original
+    gray = frame[:, :, 0]
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "deep.png")
+    res = cli("run", artifact_copy, "--source", tmp_path, "--json", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert f"deep.png: {c.predict(gray).class_name} " in res.output
+
+
+# -- leftovers of interrupted runs --------------------------------------------------------------
+def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp_path):
+    from edgeexit.export.exporter import export_checkpoint
+
+    pid = dead_pid()
+    dest = tmp_path / "m.edgeexit"
+    partial = tmp_path / f".m.edgeexit.{pid}.abc123.partial"
+    partial.mkdir()
+    (partial / "seg_01.onnx").write_bytes(b"half")
+    old = tmp_path / f".m.edgeexit.old-{pid}"
+    old.mkdir()
+    live = tmp_path / f".m.edgeexit.{os.getpid()}.zzz.partial"  # a live run's folder stays
+    live.mkdir()
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=16)
+    assert not partial.exists() and not old.exists() and live.exists()
+    stale = [dest / f".manifest.json.{pid}.x1.tmp", dest / f".calibration.png.{pid}.x2.tmp"]
+    for p in stale:
+        p.write_bytes(b"")
+    from edgeexit.calibrate.run import run_calibration
+
+    run_calibration(dest, budget_fraction=0.9, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False)
+    assert not any(p.exists() for p in stale)
+    assert not [p for p in dest.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
+    assert (dest / "calibration.png").stat().st_size > 1000
+
+
+# -- careless training --------------------------------------------------------------------------
+def test_resume_with_other_settings_names_the_setting(tmp_path):
+    from conftest import tiny_config
+
+    from edgeexit.errors import UserError
+    from edgeexit.train.trainer import train
+
+    out = tmp_path / "r"
+    train(tiny_config(out, epochs=1, limit_train=256), progress=False)
+    cfg = tiny_config(out, epochs=2, limit_train=256, width=0.125, resume=True)
+    with pytest.raises(UserError, match="trained with --width 0.0625, not 0.125"):
+        train(cfg, progress=False)
+
+
+def test_a_pickled_checkpoint_is_refused_with_a_whole_sentence(tmp_path):
+    import torch
+
+    bad = tmp_path / "model.pt"
+    torch.save({"format": "edgeexit-checkpoint", "obj": open}, bad)
+    res = cli("eval", bad)
+    assert res.exit_code == 2
+    assert "refuses it, because unpickling it could run code" in res.output.replace("\n", " ")
