@@ -245,3 +245,49 @@ def test_a_pickled_checkpoint_is_refused_with_a_whole_sentence(tmp_path):
     res = cli("eval", bad)
     assert res.exit_code == 2
     assert "refuses it, because unpickling it could run code" in res.output.replace("\n", " ")
+
+
+# -- a broader sweep: every malformed manifest field and odd argument is exit 2, never a raw exception
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda m: m["units"][0].pop("kind"), "must have kind 'segment'"),
+        (lambda m: m["units"][0].pop("inputs"), "inputs must list"),
+        (lambda m: m["units"][2].update(outputs="x"), "outputs must list"),
+        (lambda m: m.update(calibration={"thresholds": [0.5]}), "thresholds must be 8 finite numbers"),
+        (lambda m: m.update(calibration={"thresholds": ["a"] * 8}), "thresholds must be 8 finite numbers"),
+        (lambda m: m.update(calibration={"policy": "magic"}), "policy 'magic'"),
+        (lambda m: m.update(calibration={"latency": {"units": {"seg_01": 1}}}), "p95_ms for every unit"),
+        (lambda m: m.update(calibration=[1]), "calibration is not an object"),
+        (lambda m: m.update(model=None), "model must be an object"),
+        (lambda m: m.update(units=5), "units must be a list"),
+    ],
+)
+def test_malformed_manifests_are_exit_2(artifact_copy, change, match):
+    edit_manifest(artifact_copy, change)
+    res = cli("run", artifact_copy, "--source", artifact_copy, "--backend", "onnxruntime")
+    assert res.exit_code == 2 and match in res.output, res.output
+
+
+def test_a_corrupt_unit_file_is_exit_2(artifact_copy):
+    (artifact_copy / "seg_03.onnx").write_bytes(b"garbage")
+    res = cli("run", artifact_copy, "--source", artifact_copy, "--backend", "onnxruntime")
+    assert res.exit_code == 2 and "cannot be loaded by ONNX Runtime" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["train", "--device", "tpu", "--out", "{t}/r"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["run", "{a}", "--source", ""], "--source is empty"),
+    ],
+)
+def test_odd_arguments_are_exit_2(artifact_copy, tmp_path, args, match):
+    res = cli(*[a.format(a=artifact_copy, t=tmp_path) for a in args])
+    assert res.exit_code == 2 and match in res.output, res.output
+
+
+def test_calibrating_an_artifact_without_a_recorded_split_says_what_to_do(artifact_copy):
+    edit_manifest(artifact_copy, lambda m: m.pop("split"))
+    res = cli("calibrate", artifact_copy, "--budget", "50%", "--backend", "onnxruntime")
+    assert res.exit_code == 2 and "--split test" in res.output

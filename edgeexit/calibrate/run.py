@@ -78,9 +78,11 @@ def load_frames(manifest: dict, data: str | None, split: str, data_dir: str | No
         raise UserError("the artifact records no dataset: pass --data")
     size = manifest["preprocessing"]["input_size"]
     if split == "heldout":
+        if not isinstance(manifest.get("split"), dict):
+            raise UserError("the artifact records no held-out split: calibrate with --split test (and --data)")
         ds = load_heldout(manifest["split"], data_dir, name)
     else:
-        ds = load_dataset(name, "test", data_dir or manifest["split"].get("data_dir"), image_size=size)
+        ds = load_dataset(name, "test", data_dir or (manifest.get("split") or {}).get("data_dir"), image_size=size)
     if ds.in_chans != manifest["preprocessing"]["in_chans"] or ds.input_size != list(size):
         raise UserError(
             f"{name} images are {ds.in_chans}x{ds.input_size} but the model expects "

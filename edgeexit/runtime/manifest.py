@@ -45,9 +45,12 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
             f"{path} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
             "upgrade edgeexit or re-export with this version"
         )
+    if not isinstance(manifest["model"], dict):
+        raise ArtifactError(f"{path}: model must be an object; re-export the model")
     _check_units(path, folder, manifest)
     _check_preprocessing(path, manifest["preprocessing"])
     _check_class_names(path, manifest)
+    _check_calibration(path, manifest)
     manifest["_folder"] = str(folder)
     return manifest
 
@@ -83,6 +86,7 @@ def _check_units(path: Path, folder: Path, manifest: dict) -> None:
     if k == 0 or names != unit_names(k):
         raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
     for u in units:
+        _check_unit_io(path, u)
         onnx_path = artifact_file(folder, u.get("onnx"))
         if not onnx_path.is_file():
             raise ArtifactError(f"{onnx_path} is missing: re-export the model")
@@ -90,6 +94,54 @@ def _check_units(path: Path, folder: Path, manifest: dict) -> None:
             artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
     if "weights" in manifest:
         artifact_file(folder, manifest["weights"])
+
+
+def _check_unit_io(path: Path, u: dict) -> None:
+    kind = "segment" if u["name"].startswith("seg_") else "head"
+    if u.get("kind") != kind:
+        raise ArtifactError(f"{path}: unit {u['name']} must have kind '{kind}'; re-export the model")
+    for key in ("inputs", "outputs"):
+        io = u.get(key)
+        ok = (
+            isinstance(io, list)
+            and io
+            and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list) for t in io
+            )
+        )
+        if not ok:
+            raise ArtifactError(
+                f"{path}: unit {u['name']} {key} must list {{name, shape}} objects; re-export the model"
+            )
+
+
+def _check_calibration(path: Path, manifest: dict) -> None:
+    """A calibration block that the runtime would trip over later is refused now."""
+    from edgeexit.runtime.policies import POLICIES
+
+    cal = manifest.get("calibration")
+    if cal is None:
+        return
+
+    def bad(what: str):
+        return ArtifactError(f"{path}: calibration {what}; run `edgeexit calibrate` again")
+
+    if not isinstance(cal, dict):
+        raise bad("is not an object")
+    th = cal.get("thresholds")
+    k = len(manifest["units"]) // 2
+    if th is not None and not (isinstance(th, list) and len(th) == k and all(_finite(t) for t in th)):
+        raise bad(f"thresholds must be {k} finite numbers, got {th!r}")
+    if cal.get("policy", "max_softmax") not in POLICIES:
+        raise bad(f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}")
+    table = (cal.get("latency") or {}).get("units") if isinstance(cal.get("latency"), dict | None) else None
+    if table is not None:
+        names = unit_names(k)
+        if not (
+            isinstance(table, dict)
+            and all(isinstance(table.get(n), dict) and _finite(table[n].get("p95_ms")) for n in names)
+        ):
+            raise bad("latency.units must give p95_ms for every unit")
 
 
 def _check_preprocessing(path: Path, pre) -> None:

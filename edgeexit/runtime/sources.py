@@ -28,6 +28,8 @@ def _cv2():
 
 def iter_frames(source: str) -> tuple[Iterator[tuple[str, np.ndarray]], str]:
     """(name, frame) pairs and the frames' channel order."""
+    if not source.strip():
+        raise UserError("--source is empty: give a folder of images, a video file or a camera index")
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.errors import UserError
+from edgeexit.errors import ArtifactError, UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
 from edgeexit.runtime.manifest import artifact_file
@@ -18,6 +18,14 @@ def _ort():
     except ImportError:
         raise UserError("onnxruntime is not installed: `pip install onnxruntime` (or onnxruntime-gpu)") from None
     return onnxruntime
+
+
+def _session(ort, path: Path, opts, providers):
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:  # a corrupt or foreign file: the artifact is broken, not edgeexit
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime ({first[:160]}): re-export the model") from None
 
 
 def cuda_provider_available() -> bool:
@@ -53,7 +61,7 @@ class OnnxRuntimeBackend(Runner):
         self._opts, self._providers = opts, providers
         self._segments, self._heads = [], []
         for u in manifest["units"]:
-            sess = ort.InferenceSession(str(artifact_file(folder, u["onnx"])), opts, providers=providers)
+            sess = _session(ort, artifact_file(folder, u["onnx"]), opts, providers)
             entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
             (self._segments if u["kind"] == "segment" else self._heads).append(entry)
         self.info = RunnerInfo(
