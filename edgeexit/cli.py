@@ -120,6 +120,13 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
     ),
 ]
+AdaptThreadsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--adapt-threads/--fixed-threads",
+        help="On CPU, drop to one thread while other processes want the cores (fixed: bit-exact runs).",
+    ),
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")]
 
 
@@ -155,6 +162,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: model.pt (best) and last.pt (resume).")] = Path("runs/exp"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt exactly.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in OUT.")] = False,
+    adapt_threads: AdaptThreadsOpt = True,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:

@@ -80,3 +80,43 @@ def strict_json(payload) -> str:
 
 def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:
     atomic_write_text(path, strict_json(payload))
+
+
+def runnable_threads() -> int | None:
+    """Threads runnable on this machine right now (the 4th field of /proc/loadavg), None elsewhere."""
+    try:
+        with open("/proc/loadavg") as f:
+            return int(f.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class ContentionGuard:
+    """Drops a CPU job to one thread while other processes want the cores, and back when they stop.
+
+    Measured on the 2-core box (docs/results.md, contention): with two busy 2-thread neighbours,
+    training with torch's 2 OpenMP threads fell from 395 to 28 img/s, because its workers spin-wait
+    for time slices the neighbours hold; with 1 thread it ran at 106 img/s. Alone, 2 threads are
+    fastest, so the guard only acts while someone else is running: it reads the number of runnable
+    threads (cheap), subtracts its own, and switches after ``patience`` agreeing checks."""
+
+    def __init__(self, get_threads, set_threads, patience: int = 3, reader=runnable_threads) -> None:
+        self.get_threads, self.set_threads, self.reader = get_threads, set_threads, reader
+        self.full = max(1, get_threads())
+        self.patience = patience
+        self.reduced = False
+        self._streak = 0
+        self.switches = 0
+
+    def check(self) -> None:
+        running = self.reader()
+        if running is None or self.full == 1:
+            return
+        others = running - (1 if self.reduced else self.full)
+        wants_change = others >= 1 if not self.reduced else others <= 0
+        self._streak = self._streak + 1 if wants_change else 0
+        if self._streak >= self.patience:
+            self.reduced = not self.reduced
+            self.set_threads(1 if self.reduced else self.full)
+            self._streak = 0
+            self.switches += 1

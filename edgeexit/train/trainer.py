@@ -28,6 +28,7 @@ from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_c
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
 from edgeexit.train.losses import METHODS, LossConfig, build_task
 from edgeexit.train.recipes import Recipe, get_recipe
+from edgeexit.util import ContentionGuard
 
 
 class TrainingError(Exception):
@@ -46,6 +47,9 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
     force: bool = False  # train into a folder that already holds a run, replacing it
+    # On CPU, drop to one thread while other processes want the cores (util.ContentionGuard).
+    # Off for bit-exact reproducibility: results depend (in the last bits) on the thread count.
+    adapt_threads: bool = True
     recipe: Recipe = field(default_factory=Recipe)
 
     @classmethod
@@ -304,6 +308,9 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     gen = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=gen)[run.rank * per_rank : (run.rank + 1) * per_rank].to(device)
     run.task.train()
+    guard = None
+    if run.cfg.adapt_threads and device.type == "cpu":
+        guard = ContentionGuard(torch.get_num_threads, torch.set_num_threads)
     bar = prog.add_task(f"epoch {epoch + 1}/{r.epochs}", total=steps, loss=0.0, ips=0.0)
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     for step in range(steps):
@@ -316,6 +323,8 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
             xb = xb.contiguous(memory_format=torch.channels_last)
         loss = _step(run, module, xb, labels[idx], epoch, step, steps)
         seen += len(idx)
+        if guard is not None:  # a read of /proc/loadavg: microseconds against a training step
+            guard.check()
         if step % 10 == 0 or step == steps - 1:
             loss_sum = float(loss.detach())
             if device.type == "cuda":
@@ -324,6 +333,8 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
             prog.update(bar, completed=step + 1, loss=loss_sum, ips=ips)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if guard is not None and guard.reduced:
+        torch.set_num_threads(guard.full)
     return bar, loss_sum, time.perf_counter() - t0, seen
 
 
@@ -395,4 +406,5 @@ def _plain(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("resume", None)
     d.pop("force", None)
+    d.pop("adapt_threads", None)
     return d
