@@ -120,6 +120,20 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
     ),
 ]
+BudgetOpt = Annotated[
+    str,
+    typer.Option(
+        help="Latency budget per image: 5ms, 800us, 0.005s, or 50% (of the full model's latency measured here)."
+    ),
+]
+MaxDropOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-drop",
+        help="Fastest plan losing at most this much accuracy vs the full model on new images, with "
+        "--confidence: 0.5pt or 0.005. With --budget: the cheapest plan meeting both.",
+    ),
+]
 AdaptThreadsOpt = Annotated[
     bool,
     typer.Option(
@@ -283,12 +297,9 @@ def export(
 @command
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder written by `edgeexit export`.")],
-    budget: Annotated[
-        str,
-        typer.Option(
-            help="Latency budget per image: 5ms, 800us, 0.005s, or 50% (of the full model's latency measured here)."
-        ),
-    ] = "",
+    budget: BudgetOpt = "",
+    max_drop: MaxDropOpt = "",
+    confidence: Annotated[float, typer.Option(help="Confidence of the --max-drop promise.")] = 0.95,
     metric: Annotated[str, typer.Option(help="Budget on the mean or the p95 latency.")] = "mean",
     backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
     data: Annotated[
@@ -307,24 +318,24 @@ def calibrate(
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Measure latency on this device, then choose exit thresholds that maximise accuracy within a budget.
+    """Measure latency on this device, then choose exit thresholds: the most accurate within --budget,
+    or the fastest within --max-drop of the full model (with a statistical guard), or both.
 
     Thresholds are chosen on half of the held-out split and verified on the other half by running the
     real cascade end to end. The result is written into the artifact's manifest.
     """
+    from edgeexit.calibrate.report import calibration_table
     from edgeexit.calibrate.run import run_calibration
 
-    if not budget:
-        raise UserError("--budget is required, e.g. --budget 5ms (see `edgeexit bench` for the full-cascade latency)")
-    if metric not in ("mean", "p95"):
-        raise UserError("--metric must be mean or p95")
-    if split not in ("heldout", "test"):
-        raise UserError("--split must be heldout or test")
-    fraction = _parse_fraction(budget)
+    if not budget and not max_drop:
+        raise UserError("give --budget (e.g. 5ms or 50%), --max-drop (e.g. 0.5pt), or both")
+    fraction = _parse_fraction(budget) if budget else None
     result = run_calibration(
         artifact,
-        budget_ms=None if fraction else _parse_budget(budget),
+        budget_ms=_parse_budget(budget) if budget and fraction is None else None,
         budget_fraction=fraction,
+        max_drop=_parse_drop(max_drop) if max_drop else None,
+        confidence=confidence,
         metric=metric,
         backend=backend,
         data=data,
@@ -337,10 +348,22 @@ def calibrate(
         plot=plot,
         console=console,
     )
-    from edgeexit.calibrate.report import calibration_table
-
     out_console.print(calibration_table(result))
     _write_json(json_out, result)
+
+
+def _parse_drop(text: str) -> float:
+    """'0.5pt' (percentage points) or '0.005' (a fraction) → 0.005."""
+    t = text.strip().lower()
+    scale = 0.01 if t.endswith(("pt", "%")) else 1.0
+    t = t.removesuffix("pt").removesuffix("%").strip()
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise UserError(f"cannot read --max-drop '{text}': write it like 0.5pt or 0.005") from None
+    if not 0 <= value < 1:  # NaN fails too
+        raise UserError(f"--max-drop must be within 0pt..100pt, got '{text}'")
+    return value
 
 
 @app.command()

@@ -102,3 +102,29 @@ def test_cli_calibrate_json(artifact_copy, tmp_path):
     assert r["predicted"]["p95_ms"] <= r["budget_ms"] + 1e-9
     res = CliRunner().invoke(app, ["calibrate", str(artifact_copy), "--budget", "fast"])
     assert res.exit_code == 2 and "cannot read budget" in res.output
+
+
+def test_max_drop_chooses_a_guarded_plan_and_reports_intervals(artifact_copy, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    out = tmp_path / "c.json"
+    args = ["calibrate", str(artifact_copy), "--max-drop", "1pt", "--backend", "onnxruntime", "--repeats", "30"]
+    res = CliRunner().invoke(app, [*args, "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    r = json.loads(out.read_text())
+    promise = r["max_drop"]
+    assert promise["max_drop"] == pytest.approx(0.01) and promise["drop_bound"] <= 0.01
+    assert promise["n_calibration"] == 300 and promise["candidates"] >= 1
+    lo, hi = r["predicted"]["accuracy_interval_95"]
+    assert lo <= r["predicted"]["accuracy"] <= hi
+    assert r["measured"]["drop_vs_full"] == pytest.approx(
+        r["full_model"]["measured"]["accuracy"] - r["measured"]["accuracy"]
+    )
+    assert load_manifest(artifact_copy)["calibration"]["max_drop"]["z"] > 1.645  # corrected for the candidates
+    # both constraints: an impossible pair is exit 2 naming the one that cannot be met
+    res = CliRunner().invoke(app, [*args[:-2], "--repeats", "30", "--budget", "1%", "--max-drop", "0pt"])
+    assert res.exit_code == 2
+    res = CliRunner().invoke(app, ["calibrate", str(artifact_copy), "--max-drop", "lots"])
+    assert res.exit_code == 2 and "write it like 0.5pt" in res.output

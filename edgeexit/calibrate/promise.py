@@ -86,12 +86,17 @@ def choose_within_drop(
     confidence: float = 0.95,
     n_new: int | None = None,
     guard: bool = True,
+    is_full_model: list[bool] | None = None,
 ) -> GuardChoice:
     """The cheapest candidate whose drop (guarded: its upper bound for ``n_new`` new images) is
-    within ``max_drop``. ``plans_correct[j]``: correctness of candidate j on the calibration images."""
+    within ``max_drop``. ``plans_correct[j]``: correctness of candidate j on the calibration images;
+    ``is_full_model[j]``: candidate j *is* the full model (drop 0 on any images, no bound needed)."""
     z = guard_z(confidence, len(plans_correct)) if guard else 0.0
     bounds = []
-    for c in plans_correct:
+    for j, c in enumerate(plans_correct):
+        if is_full_model is not None and is_full_model[j]:
+            bounds.append(0.0)
+            continue
         est = paired_drop(correct_full, c)
         bounds.append(est.bound_for_new_images(n_new, z) if guard else est.drop)
     ok = [j for j, b in enumerate(bounds) if b <= max_drop + 1e-12]

@@ -39,11 +39,21 @@ def calibration_table(result: dict) -> Table:
             f"{100 * meas['exit_shares'][k]:.1f}%",
         )
     lines = [
-        f"predicted (calibration half): accuracy {100 * pred['accuracy']:.2f}%, {result['metric']} "
-        f"{pred['latency_ms']:.3f} ms",
+        f"predicted (calibration half): accuracy {100 * pred['accuracy']:.2f}%{_interval(pred, 'accuracy')}, "
+        f"{result['metric']} {pred['latency_ms']:.3f} ms{_drop(pred)}",
         f"measured (verification half, real cascade): accuracy {100 * meas['accuracy']:.2f}%, mean "
-        f"{meas['mean_ms']:.3f} ms, p95 {meas['p95_ms']:.3f} ms",
+        f"{meas['mean_ms']:.3f} ms, p95 {meas['p95_ms']:.3f} ms{_drop(meas)}",
     ]
+    if result.get("decided_by"):
+        lines.append(f"decided by {result['decided_by']}")
+    promise = result.get("max_drop")
+    if promise:
+        lines.append(
+            f"--max-drop {100 * promise['max_drop']:.2f} pt at {100 * promise['confidence']:.0f}%: chosen among "
+            f"{promise['candidates']} plans, drop ≤ {100 * promise['drop_bound']:.2f} pt on {promise['n_new']} new "
+            f"images (guard z {promise['z']:.2f}); verified drop {100 * promise['verified_drop']:.2f} pt — "
+            + ("kept" if promise["kept"] else "NOT kept")
+        )
     if result.get("baseline_msdnet"):
         b = result["baseline_msdnet"]
         lines.append(
@@ -66,6 +76,19 @@ def calibration_table(result: dict) -> Table:
         lines.append(result["note"])
     t.caption = "\n".join(lines)
     return t
+
+
+def _interval(pred: dict, key: str) -> str:
+    iv = pred.get(f"{key}_interval_95")
+    return f" [95%: {100 * iv[0]:.2f}–{100 * iv[1]:.2f}]" if iv else ""
+
+
+def _drop(d: dict) -> str:
+    if d.get("drop_vs_full") is None:
+        return ""
+    iv = d.get("drop_interval_95")
+    ci = f" [95%: {100 * iv[0]:+.2f}–{100 * iv[1]:+.2f}]" if iv else ""
+    return f", drop vs full model {100 * d['drop_vs_full']:+.2f} pt{ci}"
 
 
 def calibration_plot(result: dict, path: str | Path) -> None:

@@ -44,12 +44,20 @@ class CalibrationOptions:
     plot: str | None = None
     seed: int = 0
     iso_accuracy: bool = True
+    max_drop: float | None = None  # accuracy drop vs the full model allowed (fraction: 0.005 = 0.5 pt)
+    confidence: float = 0.95  # of the --max-drop promise
 
     def __post_init__(self) -> None:
         from edgeexit.runtime.policies import POLICIES
 
-        if (self.budget_ms is None) == (self.budget_fraction is None):
-            raise UserError("give one budget: in time (5ms) or as a share of the full model (50%)")
+        if self.budget_ms is not None and self.budget_fraction is not None:
+            raise UserError("give one budget: in time (5ms) or as a share of the full model (50%), not both")
+        if self.budget_ms is None and self.budget_fraction is None and self.max_drop is None:
+            raise UserError("give --budget (5ms, 50%), --max-drop (0.5pt), or both")
+        if self.max_drop is not None and not (0 <= self.max_drop < 1):
+            raise UserError(f"--max-drop must be within 0pt..100pt, got {self.max_drop}")
+        if not 0.5 <= self.confidence < 1:
+            raise UserError(f"--confidence must be within 0.5..0.999, got {self.confidence}")
         for name in ("budget_ms", "budget_fraction"):
             v = getattr(self, name)
             if v is not None and not (np.isfinite(v) and v > 0):
@@ -161,7 +169,11 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
         cost = _cost_model(s, opts.metric)
         budget_ms = _budget(opts, cost, say)
         chosen, frontier = optimize(s.conf, s.correct, cost, budget_ms, opts.metric)
+        promise = None
+        if opts.max_drop is not None:
+            chosen, promise = _choose_within_drop(s, opts, cost, budget_ms, say)
         result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
+        result.update(_intervals(s, opts, chosen, result, promise))
         result.update(_report_extras(s, opts, cost, frontier))
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         _write(s, opts, result, say)
@@ -237,7 +249,9 @@ def _cost_model(s: _Session, metric: str) -> CostModel:
 def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     full_ms = cost.full_ms()
     budget_ms = opts.budget_ms
-    if budget_ms is None:
+    if budget_ms is None and opts.budget_fraction is None:  # --max-drop alone: no latency limit
+        budget_ms = max(full_ms, cost.exit_costs(np.ones(cost.num_exits, bool))[-1])
+    elif budget_ms is None:
         budget_ms = opts.budget_fraction * full_ms
         say(f"  budget = {100 * opts.budget_fraction:.0f}% of the full model = {budget_ms:.3f} ms")
     say(
@@ -247,13 +261,93 @@ def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     return budget_ms
 
 
+LADDER_STEPS = 16
+
+
+def _plan_correct(s: _Session, plan: CascadePlan) -> np.ndarray:
+    """Which calibration images ``plan`` gets right (from the exit statistics)."""
+    return s.correct[np.arange(len(s.correct)), plan.exit_positions(s.conf)]
+
+
+def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, say) -> tuple[Solution, dict]:
+    """The cheapest plan whose drop vs the full model is within --max-drop with the guard (see
+    calibrate/promise.py), among the optimiser's best plans at a ladder of budgets up to the budget."""
+    from edgeexit.calibrate.promise import choose_within_drop
+
+    k = s.cascade.num_exits
+    full = evaluate(s.conf, s.correct, cost, CascadePlan.full_model(k).thresholds, opts.metric)
+    candidates, seen = [], set()
+    for b in np.linspace(cost.min_ms(), budget_ms, LADDER_STEPS):
+        sol, _ = optimize(s.conf, s.correct, cost, float(b), opts.metric)
+        key = tuple(sol.plan.to_list())
+        if key not in seen:
+            seen.add(key)
+            candidates.append(sol)
+    if full.latency_ms <= budget_ms + 1e-9 and tuple(full.plan.to_list()) not in seen:
+        candidates.append(full)
+    full_correct = s.correct[:, -1]
+    choice = choose_within_drop(
+        full_correct,
+        [_plan_correct(s, c.plan) for c in candidates],
+        [c.latency_ms for c in candidates],
+        opts.max_drop,
+        opts.confidence,
+        n_new=len(s.verify_idx),
+        is_full_model=[c.plan.to_list() == full.plan.to_list() for c in candidates],
+    )
+    if choice.index is None:
+        best = int(np.argmin(choice.bounds))
+        within = f" within the budget {budget_ms:.3f} ms" if opts.budget_ms or opts.budget_fraction else ""
+        raise UserError(
+            f"--max-drop {100 * opts.max_drop:.2f}pt cannot be met{within}: the best plan{within} may lose up to "
+            f"{100 * choice.bounds[best]:.2f} pt at {100 * opts.confidence:.0f}% confidence "
+            f"({len(s.calib_idx)} calibration images); raise the budget, allow a larger drop, or use more images"
+        )
+    chosen = candidates[choice.index]
+    say(
+        f"  --max-drop {100 * opts.max_drop:.2f}pt: {len(candidates)} candidate plans, guard z = {choice.z:.2f}; "
+        f"chosen: {chosen.latency_ms:.3f} ms, drop ≤ {100 * choice.bounds[choice.index]:.2f} pt on "
+        f"{len(s.verify_idx)} new images at {100 * opts.confidence:.0f}%"
+    )
+    promise = {
+        "max_drop": opts.max_drop,
+        "confidence": opts.confidence,
+        "guard": "paired drop + z·sd·sqrt(1/n_calibration + 1/n_new), Šidák over the candidates",
+        "z": choice.z,
+        "candidates": len(candidates),
+        "drop_bound": choice.bounds[choice.index],
+        "n_calibration": int(len(s.calib_idx)),
+        "n_new": int(len(s.verify_idx)),
+    }
+    return chosen, promise
+
+
+def _intervals(s: _Session, opts, chosen: Solution, result: dict, promise: dict | None) -> dict:
+    """Predicted accuracy and drop vs the full model with 95 % intervals, and the verified values."""
+    from edgeexit.calibrate.promise import accuracy_interval, paired_drop
+
+    correct = _plan_correct(s, chosen.plan)
+    drop = paired_drop(s.correct[:, -1], correct)
+    verified_drop = result["full_model"]["measured"]["accuracy"] - result["measured"]["accuracy"]
+    result["predicted"]["accuracy_interval_95"] = list(accuracy_interval(correct))
+    result["predicted"]["drop_vs_full"] = drop.drop
+    result["predicted"]["drop_interval_95"] = list(drop.interval(0.95))
+    result["measured"]["drop_vs_full"] = verified_drop
+    out = {"decided_by": f"{len(s.calib_idx)} calibration images ({s.dataset} {opts.split})"}
+    if promise is not None:
+        promise["verified_drop"] = verified_drop
+        promise["kept"] = bool(verified_drop <= opts.max_drop + 1e-12)
+        out["max_drop"] = promise
+    return out
+
+
 def _verify_choices(s: _Session, opts, cost: CostModel, budget_ms: float, chosen: Solution, say) -> dict:
     """The chosen plan, the MSDNet baseline, the full model and the iso-accuracy point, each run for
     real on the verification half."""
     k, final_acc, full_ms = s.cascade.num_exits, float(s.correct[:, -1].mean()), cost.full_ms()
     vf, vl = s.frames[s.verify_idx], s.labels[s.verify_idx]
     note = None
-    if budget_ms >= full_ms:
+    if budget_ms >= full_ms and (opts.budget_ms is not None or opts.budget_fraction is not None):
         note = (
             f"budget {budget_ms:.3f} ms is at or above the full model ({full_ms:.3f} ms): final-exit accuracy "
             f"({final_acc:.4f}) is kept; thresholds only add exits that help"
