@@ -27,9 +27,9 @@ def main() -> None:
     ap.add_argument("--confidence", type=float, default=0.95)
     args = ap.parse_args()
 
-    from edgeexit.calibrate.optimizer import CostModel, evaluate, optimize
-    from edgeexit.calibrate.promise import choose_within_drop
-    from edgeexit.calibrate.run import LADDER_STEPS, load_frames
+    from edgeexit.calibrate.optimizer import CostModel, evaluate
+    from edgeexit.calibrate.promise import candidate_plans, choose_within_drop
+    from edgeexit.calibrate.run import load_frames
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 
@@ -55,13 +55,7 @@ def main() -> None:
         c_idx, v_idx = perm[: n // 2], perm[n // 2 :]
         cc, vc = conf[c_idx], conf[v_idx]
         ccor, vcor = correct[c_idx], correct[v_idx]
-        candidates, seen = [], set()
-        for b in np.linspace(cost.min_ms(), cost.full_ms(), LADDER_STEPS):
-            sol, _ = optimize(cc, ccor, cost, float(b))
-            if tuple(sol.plan.to_list()) not in seen:
-                seen.add(tuple(sol.plan.to_list()))
-                candidates.append(sol)
-        candidates.append(evaluate(cc, ccor, cost, full_plan.thresholds))
+        candidates = candidate_plans(cc, ccor, cost, cost.full_ms())
         plans = [c.plan for c in candidates]
         on_cal = [ccor[np.arange(len(c_idx)), p.exit_positions(cc)] for p in plans]
         is_full = [p.to_list() == full_plan.to_list() for p in plans]

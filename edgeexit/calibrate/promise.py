@@ -71,6 +71,28 @@ def guard_z(confidence: float, candidates: int) -> float:
     return NormalDist().inv_cdf(1 - per_plan)
 
 
+LADDER_STEPS = 16
+
+
+def candidate_plans(conf: np.ndarray, correct: np.ndarray, cost, budget_ms: float, metric: str = "mean") -> list:
+    """The optimiser's most accurate plan at LADDER_STEPS budgets from the cheapest cascade up to
+    ``budget_ms`` (duplicates dropped), plus the full model when it fits: what --max-drop chooses from."""
+    from edgeexit.calibrate.optimizer import evaluate, optimize
+    from edgeexit.runtime.plan import CascadePlan
+
+    candidates, seen = [], set()
+    for b in np.linspace(cost.min_ms(), budget_ms, LADDER_STEPS):
+        sol, _ = optimize(conf, correct, cost, float(b), metric)
+        key = tuple(sol.plan.to_list())
+        if key not in seen:
+            seen.add(key)
+            candidates.append(sol)
+    full = evaluate(conf, correct, cost, CascadePlan.full_model(conf.shape[1]).thresholds, metric)
+    if full.latency_ms <= budget_ms + 1e-9 and tuple(full.plan.to_list()) not in seen:
+        candidates.append(full)
+    return candidates
+
+
 @dataclass(frozen=True)
 class GuardChoice:
     index: int | None  # which candidate (None: none meets the target)

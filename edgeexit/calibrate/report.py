@@ -38,6 +38,12 @@ def calibration_table(result: dict) -> Table:
             f"{cum:.3f}",
             f"{100 * meas['exit_shares'][k]:.1f}%",
         )
+    t.caption = "\n".join(_caption_lines(result))
+    return t
+
+
+def _caption_lines(result: dict) -> list[str]:
+    pred, meas = result["predicted"], result["measured"]
     lines = [
         f"predicted (calibration half): accuracy {100 * pred['accuracy']:.2f}%{_interval(pred, 'accuracy')}, "
         f"{result['metric']} {pred['latency_ms']:.3f} ms{_drop(pred)}",
@@ -74,8 +80,7 @@ def calibration_table(result: dict) -> Table:
         )
     if result.get("note"):
         lines.append(result["note"])
-    t.caption = "\n".join(lines)
-    return t
+    return lines
 
 
 def _interval(pred: dict, key: str) -> str:

@@ -261,9 +261,6 @@ def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     return budget_ms
 
 
-LADDER_STEPS = 16
-
-
 def _plan_correct(s: _Session, plan: CascadePlan) -> np.ndarray:
     """Which calibration images ``plan`` gets right (from the exit statistics)."""
     return s.correct[np.arange(len(s.correct)), plan.exit_positions(s.conf)]
@@ -272,28 +269,18 @@ def _plan_correct(s: _Session, plan: CascadePlan) -> np.ndarray:
 def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, say) -> tuple[Solution, dict]:
     """The cheapest plan whose drop vs the full model is within --max-drop with the guard (see
     calibrate/promise.py), among the optimiser's best plans at a ladder of budgets up to the budget."""
-    from edgeexit.calibrate.promise import choose_within_drop
+    from edgeexit.calibrate.promise import candidate_plans, choose_within_drop
 
-    k = s.cascade.num_exits
-    full = evaluate(s.conf, s.correct, cost, CascadePlan.full_model(k).thresholds, opts.metric)
-    candidates, seen = [], set()
-    for b in np.linspace(cost.min_ms(), budget_ms, LADDER_STEPS):
-        sol, _ = optimize(s.conf, s.correct, cost, float(b), opts.metric)
-        key = tuple(sol.plan.to_list())
-        if key not in seen:
-            seen.add(key)
-            candidates.append(sol)
-    if full.latency_ms <= budget_ms + 1e-9 and tuple(full.plan.to_list()) not in seen:
-        candidates.append(full)
-    full_correct = s.correct[:, -1]
+    candidates = candidate_plans(s.conf, s.correct, cost, budget_ms, opts.metric)
+    full = CascadePlan.full_model(s.cascade.num_exits).to_list()
     choice = choose_within_drop(
-        full_correct,
+        s.correct[:, -1],
         [_plan_correct(s, c.plan) for c in candidates],
         [c.latency_ms for c in candidates],
         opts.max_drop,
         opts.confidence,
         n_new=len(s.verify_idx),
-        is_full_model=[c.plan.to_list() == full.plan.to_list() for c in candidates],
+        is_full_model=[c.plan.to_list() == full for c in candidates],
     )
     if choice.index is None:
         best = int(np.argmin(choice.bounds))
