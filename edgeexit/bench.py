@@ -10,7 +10,14 @@ from edgeexit.runtime.profiling import time_call
 
 
 def _heldout_frames(cascade, n: int, data_dir: str | None):
-    """Real held-out frames for the early-exit latency, when the dataset is available here."""
+    """Real held-out frames for the early-exit latency: those stored in the artifact, else the
+    dataset's when it is available here."""
+    from edgeexit.runtime.manifest import load_calibration_frames
+
+    stored = load_calibration_frames(cascade.manifest) if data_dir is None else None
+    if stored is not None:
+        idx = stored["verification"][:n]
+        return (stored["frames"][idx], stored["labels"][idx]), None
     try:
         from edgeexit.calibrate.run import load_frames
 

@@ -120,6 +120,13 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
     ),
 ]
+CalibImagesOpt = Annotated[
+    int,
+    typer.Option(
+        "--calib-images",
+        help="Held-out images stored in the artifact (uint8) so `calibrate` needs no torch or dataset; 0: none.",
+    ),
+]
 BudgetOpt = Annotated[
     str,
     typer.Option(
@@ -261,6 +268,7 @@ def export(
     force: Annotated[
         bool, typer.Option("--force", help="Replace a previous edgeexit artifact at OUT (never any other folder).")
     ] = False,
+    calib_images: CalibImagesOpt = 5000,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -283,6 +291,7 @@ def export(
         parity_samples=parity_samples,
         tolerance=tolerance,
         force=force,
+        calib_images=calib_images,
         data_dir=str(data_dir) if data_dir else None,
         console=console,
     )

@@ -128,3 +128,36 @@ def test_max_drop_chooses_a_guarded_plan_and_reports_intervals(artifact_copy, tm
     assert res.exit_code == 2
     res = CliRunner().invoke(app, ["calibrate", str(artifact_copy), "--max-drop", "lots"])
     assert res.exit_code == 2 and "write it like 0.5pt" in res.output
+
+
+def test_calibrate_runs_on_the_device_without_torch_or_the_dataset(artifact_copy):
+    """The artifact carries its held-out images: calibrate with only numpy + onnxruntime."""
+    import subprocess
+    import sys
+
+    m = load_manifest(artifact_copy)
+    frames = m["calibration_frames"]
+    assert frames["count"] == 600 and frames["calibration"] == 300 and frames["verification"] == 300
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any import of torch fails\n"
+        "from edgeexit.calibrate.run import run_calibration\n"
+        f"r = run_calibration({str(artifact_copy)!r}, budget_fraction=0.8, backend='onnxruntime', repeats=30,"
+        " iso_accuracy=False)\n"
+        "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch'"
+        " or m.startswith(('edgeexit.data', 'edgeexit.train', 'edgeexit.export'))))\n"
+        "assert not bad, bad\n"
+        "print(r['data']['calibration_images'], r['measured']['accuracy'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n, acc = proc.stdout.split()
+    assert n == "300" and 0.3 < float(acc) <= 1.0
+    # the stored images are checked against the manifest's hash
+    path = artifact_copy / frames["path"]
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    from edgeexit.errors import ArtifactError
+    from edgeexit.runtime.manifest import load_calibration_frames
+
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_calibration_frames(load_manifest(artifact_copy))

@@ -288,6 +288,6 @@ def test_odd_arguments_are_exit_2(artifact_copy, tmp_path, args, match):
 
 
 def test_calibrating_an_artifact_without_a_recorded_split_says_what_to_do(artifact_copy):
-    edit_manifest(artifact_copy, lambda m: m.pop("split"))
+    edit_manifest(artifact_copy, lambda m: (m.pop("split"), m.pop("calibration_frames")))
     res = cli("calibrate", artifact_copy, "--budget", "50%", "--backend", "onnxruntime")
     assert res.exit_code == 2 and "--split test" in res.output

@@ -182,14 +182,29 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
     return result
 
 
-def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
+def _images(manifest: dict, opts: CalibrationOptions) -> tuple:
+    """(frames, labels, name, calibration indices, verification indices): the held-out images stored
+    in the artifact (no torch, no dataset needed), unless --data, --data-dir, --split test or
+    another --seed asks for the dataset itself."""
+    from edgeexit.runtime.manifest import load_calibration_frames
+
+    if opts.data is None and opts.data_dir is None and opts.split == "heldout" and opts.seed == 0:
+        stored = load_calibration_frames(manifest)
+        if stored is not None:
+            name = f"{manifest.get('dataset')} held-out images stored in the artifact"
+            return stored["frames"], stored["labels"], name, stored["calibration"], stored["verification"]
     from edgeexit.data import split_calibration
 
+    frames, labels, name = load_frames(manifest, opts.data, opts.split, opts.data_dir)
+    calib_idx, verify_idx = split_calibration(np.arange(len(labels)), opts.seed)
+    return frames, labels, name, calib_idx, verify_idx
+
+
+def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     remove_stale_temps(folder)  # what an interrupted calibration left (temporary stats, manifest, plot)
     cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy)
     try:
-        frames, labels, name = load_frames(cascade.manifest, opts.data, opts.split, opts.data_dir)
-        calib_idx, verify_idx = split_calibration(np.arange(len(labels)), opts.seed)
+        frames, labels, name, calib_idx, verify_idx = _images(cascade.manifest, opts)
         calib_idx = calib_idx[: opts.limit] if opts.limit else calib_idx
         verify_idx = verify_idx[: opts.verify_limit] if opts.verify_limit else verify_idx
         if len(calib_idx) < 20 or len(verify_idx) < 20:

@@ -47,8 +47,11 @@ class ExportOptions:
     tolerance: float = 1e-3
     force: bool = False
     data_dir: str | None = None
+    calib_images: int = 5000  # held-out images stored in the artifact for on-device calibration
 
     def __post_init__(self) -> None:
+        if not 0 <= self.calib_images <= 100_000:
+            raise UserError(f"--calib-images must be within 0..100000, got {self.calib_images}")
         if self.fmt not in ("onnx", "engine"):
             raise UserError(f"unknown --format '{self.fmt}': use onnx or engine")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -65,6 +68,7 @@ class ExportOptions:
 
 def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options) -> tuple[dict, Path]:
     """Export ``checkpoint`` (see `ExportOptions`); returns the manifest and the artifact's path."""
+    from edgeexit.data.datasets import load_heldout
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     opts = ExportOptions(**options)
@@ -81,7 +85,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         if console is not None:
             console.print(f"[bold]export[/] {checkpoint} → {dest}")
         units = _write_units(model, ckpt, tmp, opts, console)
-        parity = _check_parity(model, ckpt, tmp, units, opts, console)
+        heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
+        parity = _check_parity(model, heldout, tmp, units, opts, console)
+        frames = write_calibration_frames(heldout, tmp, opts.calib_images, ckpt["split"]) if opts.calib_images else None
         _write_weights(ckpt, tmp)
         if opts.fmt == "engine":
             from edgeexit.export.tensorrt import build_engines
@@ -99,6 +105,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             export_s=time.perf_counter() - t_start,
             checkpoint=checkpoint,
         )
+        manifest["calibration_frames"] = frames
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, dest)
     except BaseException:
@@ -162,14 +169,12 @@ def _write_units(model, ckpt: dict, tmp: Path, opts: ExportOptions, console) -> 
     return units
 
 
-def _check_parity(model, ckpt: dict, tmp: Path, units: list[dict], opts: ExportOptions, console) -> dict:
+def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOptions, console) -> dict:
     """ONNX Runtime vs PyTorch on held-out images, every unit and exit; fails above the tolerance."""
     from edgeexit.data import normalize
-    from edgeexit.data.datasets import load_heldout
     from edgeexit.export.parity import check_parity
 
     t0 = time.perf_counter()
-    heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
     sample = heldout.subset(np.arange(min(opts.parity_samples, len(heldout))))
     images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
     parity = check_parity(model, tmp, units, images)
@@ -189,6 +194,38 @@ def _check_parity(model, ckpt: dict, tmp: Path, units: list[dict], opts: ExportO
             f"{worst['max_abs_logit_diff']:.3g} > tolerance {opts.tolerance}"
         )
     return parity
+
+
+CALIBRATION_FRAMES = "calibration/frames.npz"
+
+
+def write_calibration_frames(heldout, folder: Path, limit: int, split: dict) -> dict:
+    """Up to ``limit`` held-out images (uint8 HxWxC, the model's input size) with labels and the
+    calibration/verification halves, so `calibrate` on the device needs neither torch nor the data."""
+    import hashlib
+
+    from edgeexit.data import split_calibration
+
+    n = min(limit, len(heldout))
+    idx = np.sort(np.random.default_rng(split.get("val_indices_seed", 0)).permutation(len(heldout))[:n])
+    frames = heldout.images[idx].permute(0, 2, 3, 1).contiguous().numpy()
+    labels = heldout.labels[idx].numpy().astype(np.int64)
+    calib, verify = split_calibration(np.arange(n), 0)
+    path = folder / CALIBRATION_FRAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.savez_compressed(f, frames=frames, labels=labels, calibration=calib, verification=verify)
+    return {
+        "path": CALIBRATION_FRAMES,
+        "count": int(n),
+        "calibration": int(len(calib)),
+        "verification": int(len(verify)),
+        "source": f"held-out split of {split.get('dataset')} (val_size {split.get('val_size')}, "
+        f"seed {split.get('val_indices_seed')})",
+        "shape": list(frames.shape[1:]),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "bytes": path.stat().st_size,
+    }
 
 
 def _write_weights(ckpt: dict, tmp: Path) -> None:

@@ -94,6 +94,11 @@ def _check_units(path: Path, folder: Path, manifest: dict) -> None:
             artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
     if "weights" in manifest:
         artifact_file(folder, manifest["weights"])
+    frames = manifest.get("calibration_frames")
+    if frames is not None:
+        if not isinstance(frames, dict):
+            raise ArtifactError(f"{path}: calibration_frames must be an object; re-export the model")
+        artifact_file(folder, frames.get("path"))
 
 
 def _check_unit_io(path: Path, u: dict) -> None:
@@ -180,6 +185,41 @@ def _check_class_names(path: Path, manifest: dict) -> None:
 
 def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def load_calibration_frames(manifest: dict) -> dict | None:
+    """The held-out images `edgeexit export` stored in the artifact (numpy only; checked against the
+    manifest's sha256): frames (N, H, W, C) uint8, labels, and the calibration/verification indices.
+    None when the artifact has none."""
+    import hashlib
+
+    import numpy as np
+
+    info = manifest.get("calibration_frames")
+    if not info:
+        return None
+    path = artifact_file(manifest["_folder"], info.get("path"))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{path} cannot be read ({e.strerror or e}): re-export the model") from None
+    if hashlib.sha256(data).hexdigest() != info.get("sha256"):
+        raise ArtifactError(f"{path} does not match the sha256 in the manifest: re-export the model")
+    import io
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            out = {k: z[k] for k in ("frames", "labels", "calibration", "verification")}
+    except (ValueError, KeyError, OSError) as e:
+        raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
+    n = len(out["frames"])
+    if out["frames"].dtype != np.uint8 or len(out["labels"]) != n:
+        raise ArtifactError(f"{path}: frames must be uint8 with one label each; re-export the model")
+    for key in ("calibration", "verification"):
+        idx = out[key]
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise ArtifactError(f"{path}: {key} indices out of range; re-export the model")
+    return out
 
 
 def num_exits(manifest: dict) -> int:
