@@ -383,6 +383,12 @@ def run(
     backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames.")] = None,
     deadline_ms: Annotated[float | None, typer.Option("--deadline-ms", help="Anytime deadline per frame.")] = None,
+    budget: Annotated[
+        str,
+        typer.Option(
+            help="Hold the mean latency at this budget (5ms) as the device drifts: moves along the calibration's plans."
+        ),
+    ] = "",
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
     save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
     json_out: JsonOpt = None,
@@ -394,7 +400,7 @@ def run(
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.sources import run_source
 
-    cascade = Cascade.load(artifact, backend=backend)
+    cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None)
     summary = run_source(
         cascade,
         source,

@@ -216,3 +216,66 @@ def test_a_runner_must_implement_the_protocol():
         Half()
     with pytest.raises(TypeError, match="Runner"):
         Cascade(manifest(), object())
+
+
+class SlowRunner(ScriptedRunner):
+    """Every segment takes ``delay_s`` (the device's speed); nobody is confident anywhere."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(np.zeros((64, K, C), np.float32), fuses=False)
+        self.delay_s = delay_s
+
+    def run_segment(self, pos, state):
+        import time
+
+        time.sleep(self.delay_s)
+        return state
+
+
+def ladder_manifest() -> dict:
+    m = manifest()
+    rows = [  # exit 1 (1 segment), exit 2 (2 segments), the full model (4 segments); 1 ms per segment
+        {"thresholds": [0.0, 0.0, 0.0, 0.0], "predicted_ms": 1.0, "predicted_accuracy": 0.80},
+        {"thresholds": [SKIP, 0.0, 0.0, 0.0], "predicted_ms": 2.0, "predicted_accuracy": 0.85},
+        {"thresholds": [SKIP, 0.0, 0.0, 0.0], "predicted_ms": 2.0, "predicted_accuracy": 0.85},
+        {"thresholds": [SKIP, SKIP, SKIP, 0.0], "predicted_ms": 4.0, "predicted_accuracy": 0.90},
+    ]
+    m["calibration"] = {"thresholds": [SKIP, SKIP, SKIP, 0.0], "ladder": rows}
+    return m
+
+
+def test_the_budget_controller_moves_down_when_the_device_slows_and_back_up_when_it_recovers():
+    runner = SlowRunner(0.001)
+    c = Cascade(ladder_manifest(), runner, budget_ms=2.8)
+    assert len(c.controller.ladder) == 3 and c.plan.evaluated_exits[0] == 2  # start: best predicted to fit
+    first_exits = {c.predict(frame(0)).exit_index for _ in range(70)}
+    assert first_exits == {2}
+    runner.delay_s = 0.002  # the device halves its speed: exit 2 now takes 4 ms > 2.8
+    exits = [c.predict(frame(0)).exit_index for _ in range(140)]
+    assert exits[-1] == 1 and c.controller.slowdown > 1.5
+    runner.delay_s = 0.001  # recovered: exit 2 fits again with the hysteresis margin; the full model never
+    exits = [c.predict(frame(0)).exit_index for _ in range(200)]
+    assert exits[-1] == 2 and 4 not in exits
+    state = c.controller.state()
+    assert state["switches"] == 2 and state["budget_ms"] == 2.8
+
+
+def test_without_a_budget_nothing_moves_and_a_missing_ladder_is_an_error():
+    from edgeexit.errors import ArtifactError
+
+    c = Cascade(ladder_manifest(), SlowRunner(0.0))
+    assert c.controller is None and c.plan == CascadePlan.full_model(K)
+    m = manifest()
+    m["calibration"] = {"thresholds": [SKIP, SKIP, SKIP, 0.0]}
+    with pytest.raises(ArtifactError, match="ladder"):
+        Cascade(m, SlowRunner(0.0), budget_ms=2.0)
+    with pytest.raises(ValueError, match="budget_ms"):
+        Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=float("nan"))
+
+
+def test_a_different_device_is_named_once_at_load():
+    m = ladder_manifest()
+    m["calibration"]["device"] = {"backend": "scripted", "cpu": "Some Other CPU", "device": "cpu"}
+    with pytest.warns(RuntimeWarning, match="cpu: calibrated 'Some Other CPU'"):
+        c = Cascade(m, SlowRunner(0.0))
+    assert any(change.startswith("cpu:") for change in c.fingerprint_changes)

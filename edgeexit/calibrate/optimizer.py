@@ -324,3 +324,10 @@ def msdnet_baseline(conf, correct, cost: CostModel, budget_ms: float, metric: st
         if s.latency_ms <= budget_ms + 1e-9 and (best is None or s.accuracy > best.accuracy):
             best = s
     return best
+
+
+def plan_ladder(
+    conf: np.ndarray, correct: np.ndarray, cost: CostModel, lo_ms: float, hi_ms: float, steps: int, metric: str = "mean"
+) -> list[tuple[float, Solution]]:
+    """The most accurate plan at each of ``steps`` budgets from ``lo_ms`` to ``hi_ms``."""
+    return [(float(b), optimize(conf, correct, cost, float(b), metric)[0]) for b in np.linspace(lo_ms, hi_ms, steps)]

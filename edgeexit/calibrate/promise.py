@@ -77,12 +77,11 @@ LADDER_STEPS = 16
 def candidate_plans(conf: np.ndarray, correct: np.ndarray, cost, budget_ms: float, metric: str = "mean") -> list:
     """The optimiser's most accurate plan at LADDER_STEPS budgets from the cheapest cascade up to
     ``budget_ms`` (duplicates dropped), plus the full model when it fits: what --max-drop chooses from."""
-    from edgeexit.calibrate.optimizer import evaluate, optimize
+    from edgeexit.calibrate.optimizer import evaluate, plan_ladder
     from edgeexit.runtime.plan import CascadePlan
 
     candidates, seen = [], set()
-    for b in np.linspace(cost.min_ms(), budget_ms, LADDER_STEPS):
-        sol, _ = optimize(conf, correct, cost, float(b), metric)
+    for _, sol in plan_ladder(conf, correct, cost, cost.min_ms(), budget_ms, LADDER_STEPS, metric):
         key = tuple(sol.plan.to_list())
         if key not in seen:
             seen.add(key)

@@ -175,6 +175,7 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
         result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
         result.update(_intervals(s, opts, chosen, result, promise))
         result.update(_report_extras(s, opts, cost, frontier))
+        result["ladder"] = _ladder(s, opts, cost)
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         _write(s, opts, result, say)
     finally:
@@ -398,6 +399,28 @@ def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> di
         "latency_fraction_of_full": measured["latency_ms"] / full_measured["latency_ms"],
         "accuracy_drop_vs_full_measured": full_measured["accuracy"] - measured["accuracy"],
     }
+
+
+LADDER_BUDGETS = 16
+
+
+def _ladder(s: _Session, opts, cost: CostModel) -> list[dict]:
+    """The most accurate plan at LADDER_BUDGETS budgets from the cheapest cascade to the full model:
+    what the runtime's budget controller moves along when the device slows down or recovers."""
+    from edgeexit.calibrate.optimizer import plan_ladder
+
+    hi = cost.exit_costs(np.ones(cost.num_exits, bool))[-1]
+    rows = []
+    for budget, sol in plan_ladder(s.conf, s.correct, cost, cost.min_ms(), hi, LADDER_BUDGETS, opts.metric):
+        rows.append(
+            {
+                "budget_ms": budget,
+                "thresholds": sol.plan.to_list(),
+                "predicted_ms": sol.mean_ms,
+                "predicted_accuracy": sol.accuracy,
+            }
+        )
+    return rows
 
 
 def _report_extras(s: _Session, opts, cost: CostModel, frontier: list[Solution]) -> dict:

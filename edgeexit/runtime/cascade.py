@@ -15,9 +15,11 @@ unit runs is the business of a `Runner` (runtime/backends/base.py). `Cascade` jo
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -57,6 +59,7 @@ class Cascade:
         input_order: str = "RGB",
         fuse: bool = True,
         unit_timing: bool = False,
+        budget_ms: float | None = None,
     ) -> None:
         if not isinstance(runner, Runner):
             raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
@@ -70,7 +73,6 @@ class Cascade:
         self._closed = False
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self._lock = nullcontext() if runner.thread_safe else threading.RLock()
-        self._lean = runner.thread_safe and not self._unit_timing  # predict needs no lock, no timing
         calib = manifest.get("calibration") or {}
         self.policy_name = policy or calib.get("policy", "max_softmax")
         policy_fn = get_policy(self.policy_name)
@@ -85,6 +87,38 @@ class Cascade:
         table = calib.get("latency", {}).get("units") if calib.get("backend") == runner.info.name else None
         if table:
             self.set_unit_latency({name: v["p95_ms"] for name, v in table.items()})
+        self.controller = self._controller(calib, budget_ms) if budget_ms is not None else None
+        # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
+        self._lean = runner.thread_safe and not self._unit_timing and self.controller is None
+        self.fingerprint_changes = _fingerprint_changes(calib.get("device"), runner.info) if calib else []
+        if self.fingerprint_changes:
+            warnings.warn(
+                "this device differs from the one the artifact was calibrated on ("
+                + "; ".join(self.fingerprint_changes)
+                + "): its latency table and thresholds may not fit; run `edgeexit calibrate` here",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _controller(self, calib: dict, budget_ms: float):
+        from edgeexit.runtime.controller import BudgetController, build_ladder
+
+        if not (isinstance(budget_ms, int | float) and math.isfinite(budget_ms) and budget_ms > 0):
+            raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}")
+        rows = calib.get("ladder")
+        if not rows:
+            from edgeexit.errors import ArtifactError
+
+            raise ArtifactError(
+                "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
+            )
+        ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, self.num_exits))
+        with self._lock:
+            for rung in ladder:  # fused graphs for every plan the controller may switch to, now
+                self.runner.prepare(rung.plan, self._fuse)
+        controller = BudgetController(ladder, budget_ms)
+        self.plan = controller.plan
+        return controller
 
     @classmethod
     def load(
@@ -96,17 +130,19 @@ class Cascade:
         input_order: str = "RGB",
         fuse: bool = True,
         unit_timing: bool = False,
+        budget_ms: float | None = None,
         **backend_options,
     ) -> Cascade:
         """Open NAME.edgeexit. ``backend``: auto (tensorrt > onnxruntime-cuda > onnxruntime-cpu),
         tensorrt, onnxruntime, onnxruntime-cuda, torch. ``input_order``: channel order of uint8 frames.
         ``fuse``: run the segments between two evaluated exits as one graph where the backend can
         (ONNX Runtime; see runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms``
-        (costs a few µs per frame)."""
+        (costs a few µs per frame). ``budget_ms``: hold the mean latency at this budget as the device
+        drifts, moving along the calibration's ladder of plans (`cascade.controller`)."""
         manifest = load_manifest(artifact)
         runner = create_backend(manifest, backend, **backend_options)
         try:
-            return cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing)
+            return cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
         except BaseException:
             runner.close()
             raise
@@ -152,6 +188,9 @@ class Cascade:
         frame channel order. Closing it leaves the runner open."""
         other = copy.copy(self)
         other._owns_runner = False
+        if thresholds is not None:  # a view with its own plan: no budget controller moves it
+            other.controller = None
+            other._lean = self.runner.thread_safe and not self._unit_timing
         if fuse is not None:
             other._fuse = bool(fuse)
         if input_order is not None:
@@ -182,13 +221,19 @@ class Cascade:
         try:
             with self._lock:
                 if deadline_ms is not None:
-                    return self._run_deadline(x, plan, t0, deadline_ms)
-                if self._unit_timing:
-                    return self._run_timed(x, plan, t0)
-                return self._run(x, plan, t0)
+                    pred = self._run_deadline(x, plan, t0, deadline_ms)
+                elif self._unit_timing:
+                    pred = self._run_timed(x, plan, t0)
+                else:
+                    pred = self._run(x, plan, t0)
         except Exception:
             self._raise_if_closed()
             raise
+        if self.controller is not None:
+            new_plan = self.controller.observe(pred.latency_ms)
+            if new_plan is not None:
+                self.plan = new_plan  # one assignment, as set_thresholds
+        return pred
 
     def _raise_if_closed(self) -> None:
         if self._closed:
@@ -387,6 +432,23 @@ class Cascade:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_FINGERPRINT_KEYS = ("backend", "backend_version", "device", "cpu", "gpu", "compute_capability", "jetson_power_mode")
+
+
+def _fingerprint_changes(calibrated: dict | None, info) -> list[str]:
+    """What differs between the calibration's device fingerprint and this one (host name aside)."""
+    if not isinstance(calibrated, dict):
+        return []
+    from edgeexit.runtime.device import fingerprint
+
+    now = fingerprint(info)
+    return [
+        f"{k}: calibrated {calibrated.get(k)!r}, now {now.get(k)!r}"
+        for k in _FINGERPRINT_KEYS
+        if (k in calibrated or k in now) and calibrated.get(k) != now.get(k)
+    ]
 
 
 __all__ = ["Cascade", "CascadeClosedError", "Prediction"]

@@ -137,6 +137,20 @@ def _check_calibration(path: Path, manifest: dict) -> None:
     k = len(manifest["units"]) // 2
     if th is not None and not (isinstance(th, list) and len(th) == k and all(_finite(t) for t in th)):
         raise bad(f"thresholds must be {k} finite numbers, got {th!r}")
+    ladder = cal.get("ladder")
+    if ladder is not None and not (
+        isinstance(ladder, list)
+        and all(
+            isinstance(r, dict)
+            and isinstance(r.get("thresholds"), list)
+            and len(r["thresholds"]) == k
+            and all(_finite(t) for t in r["thresholds"])
+            and _finite(r.get("predicted_ms"))
+            and _finite(r.get("predicted_accuracy"))
+            for r in ladder
+        )
+    ):
+        raise bad(f"ladder must list {{thresholds ({k} numbers), predicted_ms, predicted_accuracy}} objects")
     if cal.get("policy", "max_softmax") not in POLICIES:
         raise bad(f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}")
     table = (cal.get("latency") or {}).get("units") if isinstance(cal.get("latency"), dict | None) else None

@@ -130,6 +130,7 @@ def run_source(
             "max": float(lat.max()),
         },
         "backend": cascade.backend_name,
+        "controller": cascade.controller.state() if cascade.controller is not None else None,
         "wall_s": time.perf_counter() - t_start,
         "source": source,
     }
@@ -170,4 +171,12 @@ def summary_table(summary: dict):
         t.add_row(k, str(v), f"{100 * v / summary['frames']:.1f}%")
     lat = summary["latency_ms"]
     t.caption = f"latency mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms"
+    ctrl = summary.get("controller")
+    if ctrl:
+        t.caption += (
+            f"\nbudget {ctrl['budget_ms']:.3f} ms held by the controller: "
+            f"plan {ctrl['plan_index'] + 1}/{ctrl['plans']} "
+            f"(predicted {ctrl['predicted_ms']:.3f} ms), device slowdown {ctrl['slowdown']:.2f}×, "
+            f"{ctrl['switches']} plan switches"
+        )
     return t
