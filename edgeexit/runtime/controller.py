@@ -48,7 +48,7 @@ def build_ladder(rows: list[dict], make_plan) -> list[Rung]:
 
 class BudgetController:
     def __init__(
-        self, ladder: list[Rung], budget_ms: float, window: int = 64, up_margin: float = 0.85, start: int | None = None
+        self, ladder: list[Rung], budget_ms: float, window: int = 32, up_margin: float = 0.85, start: int | None = None
     ) -> None:
         if not ladder:
             raise ValueError("the budget controller needs a calibration ladder: run `edgeexit calibrate` again")
