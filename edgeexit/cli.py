@@ -120,6 +120,9 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
     ),
 ]
+BatchOptOpt = Annotated[
+    int, typer.Option("--batch-opt", help="Batch the TensorRT profile is tuned for (1: camera, frame by frame).")
+]
 CalibImagesOpt = Annotated[
     int,
     typer.Option(
@@ -256,6 +259,7 @@ def export(
     ] = "onnx",
     half: Annotated[bool, typer.Option("--half", help="Build FP16 TensorRT engines.")] = False,
     batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT optimisation profile.")] = 64,
+    batch_opt: BatchOptOpt = 1,
     workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (17-20).")] = 17,
     simplify: Annotated[
@@ -285,6 +289,7 @@ def export(
         fmt=format,
         half=half,
         max_batch=batch,
+        opt_batch=batch_opt,
         workspace_gib=workspace,
         opset=opset,
         simplify=simplify,
@@ -401,6 +406,7 @@ def run(
     from edgeexit.runtime.sources import run_source
 
     cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None)
+    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
     summary = run_source(
         cascade,
         source,
@@ -431,6 +437,7 @@ def bench(
     from edgeexit.runtime import Cascade
 
     cascade = Cascade.load(artifact, backend=backend)
+    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
     result = bench_cascade(
         cascade,
         batch=batch,

@@ -300,3 +300,40 @@ def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
         "assert (4, 7) in c.backend._fused\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monkeypatch):
+    """The CUDA-graph cache logic of the torch backend, with capture simulated on the CPU: replays
+    equal eager results, the cache is capped, and a unit that cannot be captured is not retried."""
+    from edgeexit.runtime.backends.torch import TorchBackend
+    from edgeexit.runtime.manifest import load_manifest
+
+    be = TorchBackend(load_manifest(tiny_artifact), device="cpu")
+    be.use_graphs, be.max_graphs = True, 6
+    captures = []
+
+    def fake_capture(fn, inputs):
+        if fn is be.segments[2]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        captures.append(fn)
+        static_in = tuple(t.clone() for t in inputs)
+        static_out = tuple(o.clone() for o in fn(*static_in))
+
+        class Graph:
+            def replay(self):
+                for dst, src in zip(static_out, fn(*static_in), strict=True):
+                    dst.copy_(src)
+
+        return Graph(), static_in, static_out
+
+    monkeypatch.setattr(be, "_capture", fake_capture)
+    full = [2.0] * (K - 1) + [0.0]  # every segment and the last head run
+    eager = Cascade.load(tiny_artifact, backend="torch", thresholds=full)
+    graphed = Cascade(eager.manifest, be, thresholds=full)
+    frames, _ = test_frames
+    for batch in (1, 3, 1, 5):
+        a = eager.predict_batch(frames[:batch])
+        b = graphed.predict_batch(frames[:batch])
+        assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
+    assert len(be._graphs) == 6 and len(captures) == 6  # capped (seg 3 could not be captured)
+    assert ("seg", 2) in be._graph_failed

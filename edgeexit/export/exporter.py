@@ -40,6 +40,7 @@ class ExportOptions:
     fmt: str = "onnx"
     half: bool = False
     max_batch: int = 64
+    opt_batch: int = 1  # the TensorRT profile is tuned for this batch (the camera path runs 1)
     workspace_gib: float = 2.0
     opset: int = 17
     simplify: bool = True
@@ -60,6 +61,8 @@ class ExportOptions:
             raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
         if not 1 <= self.max_batch <= 4096:
             raise UserError(f"--batch must be within 1..4096, got {self.max_batch}")
+        if not 1 <= self.opt_batch <= self.max_batch:
+            raise UserError(f"--batch-opt must be within 1..--batch ({self.max_batch}), got {self.opt_batch}")
         if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
             raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace_gib}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
@@ -93,7 +96,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             from edgeexit.export.tensorrt import build_engines
 
             t0 = time.perf_counter()
-            build_engines(tmp, units, half=opts.half, max_batch=opts.max_batch, workspace_gib=opts.workspace_gib)
+            build_engines(
+                tmp,
+                units,
+                half=opts.half,
+                max_batch=opts.max_batch,
+                workspace_gib=opts.workspace_gib,
+                opt_batch=opts.opt_batch,
+                timing_cache=_previous_timing_cache(dest),
+            )
             precision = "fp16" if opts.half else "fp32"
             _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
         manifest = build_manifest(
@@ -112,6 +123,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, dest
+
+
+def _previous_timing_cache(dest: Path) -> Path | None:
+    """The timing cache of the artifact being replaced, when it has a plain one: it makes the
+    rebuild fast (TensorRT refuses one from another version or GPU, and we stop then)."""
+    path = dest / "timing.cache"
+    return path if path.is_file() and not path.is_symlink() and not dest.is_symlink() else None
 
 
 def _prepare_destination(checkpoint: Path, opts: ExportOptions) -> tuple[Path, Path]:

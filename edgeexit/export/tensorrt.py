@@ -39,8 +39,20 @@ def gpu_fingerprint() -> dict:
     return cuda_device_info()
 
 
-def build_engines(folder: Path, units: list[dict], *, half: bool, max_batch: int, workspace_gib: float) -> None:
-    """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``."""
+def build_engines(
+    folder: Path,
+    units: list[dict],
+    *,
+    half: bool,
+    max_batch: int,
+    workspace_gib: float,
+    opt_batch: int = 1,
+    timing_cache: Path | None = None,
+) -> None:
+    """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``.
+
+    One timing cache serves every unit; it starts from ``timing_cache`` (a previous export's, e.g.
+    the artifact being replaced) when given, and is written to ``folder/timing.cache`` for the next."""
     trt = import_tensorrt()
     device = gpu_fingerprint()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -48,25 +60,18 @@ def build_engines(folder: Path, units: list[dict], *, half: bool, max_batch: int
     precision = "fp16" if half else "fp32"
     if half and not builder.platform_has_fast_fp16:
         raise UserError(f"{device['name']} has no fast FP16: export without --half")
-    cache_bytes = b""
-    cache_path = folder / "timing.cache"
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     for unit in units:
-        flags = 0
-        if int(trt.__version__.split(".")[0]) < 10:
-            flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(folder / unit["onnx"])):
-            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {unit['onnx']}: {errs}")
+        network, parser = _parse(trt, builder, logger, folder / unit["onnx"])
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
         if half:
             config.set_flag(trt.BuilderFlag.FP16)
         cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused the timing cache (built by another TensorRT or GPU?)")
         profile = builder.create_optimization_profile()
-        shapes = profile_shapes(unit["inputs"], max_batch)
+        shapes = profile_shapes(unit["inputs"], max_batch, opt_batch)
         for name, (mn, opt, mx) in shapes.items():
             profile.set_shape(name, mn, opt, mx)
         config.add_optimization_profile(profile)
@@ -77,7 +82,19 @@ def build_engines(folder: Path, units: list[dict], *, half: bool, max_batch: int
         path.write_bytes(bytes(plan))
         cache_bytes = bytes(config.get_timing_cache().serialize())
         unit["engines"].append(engine_entry(path.name, precision, trt.__version__, device, shapes))
-    cache_path.write_bytes(cache_bytes)
+    (folder / "timing.cache").write_bytes(cache_bytes)
+
+
+def _parse(trt, builder, logger, onnx_path: Path):
+    flags = 0
+    if int(trt.__version__.split(".")[0]) < 10:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}: {errs}")
+    return network, parser
 
 
 def engine_entry(path: str, precision: str, trt_version: str, device: dict, shapes: dict) -> dict:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgeexit.runtime.backends import Runner, create_backend
+from edgeexit.runtime.backends import Runner, choose_backend, create_backend
 from edgeexit.runtime.manifest import load_manifest, num_exits
 from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 from edgeexit.runtime.policies import get_policy
@@ -71,6 +71,7 @@ class Cascade:
         self._unit_timing = bool(unit_timing)
         self._owns_runner = True
         self._closed = False
+        self.backend_choice = "a runner given to Cascade()"
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self._lock = nullcontext() if runner.thread_safe else threading.RLock()
         calib = manifest.get("calibration") or {}
@@ -140,9 +141,12 @@ class Cascade:
         (costs a few µs per frame). ``budget_ms``: hold the mean latency at this budget as the device
         drifts, moving along the calibration's ladder of plans (`cascade.controller`)."""
         manifest = load_manifest(artifact)
-        runner = create_backend(manifest, backend, **backend_options)
+        name, why = choose_backend(manifest, backend)
+        runner = create_backend(manifest, name, **backend_options)
         try:
-            return cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
+            cascade = cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
+            cascade.backend_choice = why
+            return cascade
         except BaseException:
             runner.close()
             raise
@@ -171,6 +175,19 @@ class Cascade:
     @property
     def backend_name(self) -> str:
         return self.runner.info.name
+
+    @property
+    def backend_info(self) -> dict:
+        """What runs this cascade, and why `auto` chose it (e.g. why not TensorRT)."""
+        info = self.runner.info
+        return {
+            "name": info.name,
+            "version": info.version,
+            "device": info.device,
+            "precision": info.precision,
+            "max_batch": info.max_batch,
+            "why": self.backend_choice,
+        }
 
     @property
     def backend(self) -> Runner:

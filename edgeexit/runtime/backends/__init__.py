@@ -9,26 +9,33 @@ from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
 
-__all__ = ["BACKENDS", "HeadOutput", "Runner", "RunnerInfo", "create_backend"]
+__all__ = ["BACKENDS", "HeadOutput", "Runner", "RunnerInfo", "choose_backend", "create_backend"]
 
 
-def create_backend(manifest: dict, backend: str = "auto", **options) -> Runner:
-    """Instantiate a backend by name; 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu."""
+def choose_backend(manifest: dict, backend: str = "auto") -> tuple[str, str]:
+    """The backend to use and why: 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu and
+    says why it passed over the ones before (e.g. why not TensorRT)."""
     from edgeexit.errors import UserError
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}': use one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        from edgeexit.runtime.backends.tensorrt import tensorrt_usable
+    if backend != "auto":
+        return ("onnxruntime-cpu" if backend == "onnxruntime" else backend), "asked for"
+    from edgeexit.runtime.backends.tensorrt import tensorrt_usable
 
-        if tensorrt_usable(manifest):
-            backend = "tensorrt"
-        else:
-            from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
+    ok, why = tensorrt_usable(manifest)
+    if ok:
+        return "tensorrt", why
+    from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
 
-            backend = "onnxruntime-cuda" if cuda_provider_available() else "onnxruntime-cpu"
-    if backend == "onnxruntime":
-        backend = "onnxruntime-cpu"
+    if cuda_provider_available():
+        return "onnxruntime-cuda", f"auto, not tensorrt: {why}"
+    return "onnxruntime-cpu", f"auto, not tensorrt: {why}; no CUDA execution provider in onnxruntime"
+
+
+def create_backend(manifest: dict, backend: str = "auto", **options) -> Runner:
+    """Instantiate a backend by name (see `choose_backend` for 'auto')."""
+    backend, _ = choose_backend(manifest, backend)
     if backend.startswith("onnxruntime"):
         from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 

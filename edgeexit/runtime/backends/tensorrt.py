@@ -3,17 +3,25 @@
 - State stays on the GPU between units: every unit writes its outputs into its own device buffers
   (sized for the profile's max batch), and the next unit reads them in place.
 - A head reads back only ``confidence`` (4 bytes a sample); logits are copied for exiting rows only.
-- Batch compaction copies the surviving rows device-to-device (rows are contiguous in NCHW).
-- One CUDA graph per (unit, batch size, input addresses), captured after a first plain run; any
-  capture failure falls back to plain ``execute_async_v3`` for that unit.
+- Batch compaction copies the surviving rows device-to-device (rows are contiguous in NCHW), one
+  copy per run of consecutive rows.
+- CUDA graphs: one per (unit, batch size, input addresses), each captured on **its own execution
+  context** (NVIDIA's samples keep one graph per context and shape), after a plain warm-up run on
+  that context; at most ``MAX_GRAPHS``. A unit whose capture fails is marked and runs plainly from
+  then on (the sticky CUDA error is cleared, as trtexec does).
+- Every CUDA object (buffers, stream, graph execs) belongs to one `_Resources` record that
+  ``close()`` frees, that a finaliser frees when the backend is garbage-collected, and that a
+  failure part-way through ``__init__`` frees.
 
-NOT RUN HERE: this machine has no GPU and TensorRT cannot be installed. This file follows
-TensorRT's documented Python API (>= 8.6) and cuda-python's runtime bindings; see docs/design.md.
+Supported: TensorRT 8.6 to 10.x (`import_tensorrt` refuses others with the reason), cuda-python
+12/13 (11 for graph instantiation too). NOT RUN ON A GPU HERE: no GPU and no TensorRT on this
+machine; `tests/test_tensorrt_sim.py` runs this file against a simulated TensorRT and CUDA
+(`tests/fake_gpu.py`, ONNX Runtime underneath): it checks our logic, not TensorRT.
 """
 
 from __future__ import annotations
 
-import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +31,14 @@ from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.manifest import artifact_file
 
 ITEMSIZE = 4  # every unit tensor is float32
+MAX_GRAPHS = 64  # captured graphs (and their contexts) kept at most; beyond, units run plainly
+SUPPORTED_TRT = ((8, 6), (11, 0))  # [min, max)
 
 INSTALL_HINT = (
-    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); on x86 "
-    "with an NVIDIA GPU run `pip install tensorrt cuda-python`. `--format onnx` works without it."
+    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer; then "
+    "`pip install 'cuda-python>=12,<13'`, since cuda-python 13 needs a newer driver than JetPack 6 has); "
+    "on x86 with an NVIDIA GPU run `pip install 'tensorrt>=8.6,<11' cuda-python`. edgeexit supports "
+    "TensorRT 8.6 to 10.x. `--format onnx` works without it."
 )
 
 
@@ -35,10 +47,20 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise UserError(INSTALL_HINT) from None
-    major, minor = (int(v) for v in trt.__version__.split(".")[:2])
-    if (major, minor) < (8, 6):
-        raise UserError(f"TensorRT {trt.__version__} is too old: edgeexit needs >= 8.6 (name-based tensor API)")
+    check_trt_version(trt.__version__)
     return trt
+
+
+def check_trt_version(version: str) -> None:
+    major, minor = (int(v) for v in version.split(".")[:2])
+    if (major, minor) < SUPPORTED_TRT[0]:
+        raise UserError(f"TensorRT {version} is too old: edgeexit needs 8.6 to 10.x (name-based tensor API)")
+    if (major, minor) >= SUPPORTED_TRT[1]:
+        raise UserError(
+            f"TensorRT {version} is not supported yet: from 11 on networks are strongly typed (no FP16 builder "
+            "flag; precision comes from the ONNX types) and edgeexit does not write FP16 ONNX units yet; "
+            "use TensorRT 8.6 to 10.x, or `--backend onnxruntime`"
+        )
 
 
 def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None:
@@ -56,19 +78,18 @@ def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None
         )
 
 
-def tensorrt_usable(manifest: dict) -> bool:
-    """Engines in the manifest, TensorRT and cuda-python importable, and a GPU present."""
+def tensorrt_usable(manifest: dict) -> tuple[bool, str]:
+    """Can the TensorRT backend run this artifact here? (yes/no, and why not)."""
     if not any(u.get("engines") for u in manifest["units"]):
-        return False
+        return False, "the artifact has no TensorRT engines (export with --format engine on the device)"
     try:
-        import tensorrt  # noqa: F401
-
+        import_tensorrt()
         from edgeexit.runtime.backends.cuda import cuda_device_info
 
         cuda_device_info()
-    except Exception:
-        return False
-    return True
+    except Exception as e:  # any reason at all: say it, and let auto pick the next backend
+        return False, f"TensorRT unusable here: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return True, "engines present, TensorRT and a GPU found"
 
 
 def select_engine(unit: dict, precision: str | None) -> dict:
@@ -97,24 +118,60 @@ class _DevTensor:
         return int(np.prod(self.shape[1:])) * ITEMSIZE
 
 
+class _Resources:
+    """Every CUDA object the backend owns; ``free()`` is idempotent and runs at close, on garbage
+    collection (weakref.finalize) and when ``__init__`` fails part-way."""
+
+    def __init__(self) -> None:
+        self.stream = None
+        self.buffers: list = []
+        self.graph_execs: list = []
+        self.contexts: list = []
+
+    def free(self) -> None:
+        from edgeexit.runtime.backends.cuda import cudart
+
+        rt = cudart()
+        for g in self.graph_execs:
+            rt.cudaGraphExecDestroy(g)
+        self.graph_execs = []
+        self.contexts = []  # TensorRT frees a context's memory when it is released
+        for b in self.buffers:
+            b.close()
+        self.buffers = []
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            rt.cudaStreamDestroy(stream)
+
+
 class TensorRTBackend(Runner):
     thread_safe = False  # an execution context runs one inference at a time; the Cascade locks
 
     def __init__(self, manifest: dict, precision: str | None = None, cuda_graphs: bool = True) -> None:
-        from edgeexit.runtime.backends.cuda import DeviceBuffer, check, cuda_device_info, cudart
+        from edgeexit.runtime.backends.cuda import check, cuda_device_info, cudart
 
         trt = import_tensorrt()
         self.rt, self.check = cudart(), check
         self.device_info = cuda_device_info()
+        self._res = _Resources()
+        self._finalizer = weakref.finalize(self, self._res.free)
+        try:
+            self._res.stream = check(self.rt.cudaStreamCreate())
+            self._load(trt, manifest, precision)
+        except BaseException:
+            self._finalizer()
+            raise
+        self.stream = self._res.stream
+        self.use_graphs = cuda_graphs
+        self._graphs: dict = {}  # (unit, batch, input addresses) -> (graph exec, its context)
+        self._graph_failed: set[int] = set()  # units that cannot be captured: never retried
+
+    def _load(self, trt, manifest: dict, precision: str | None) -> None:
+        from edgeexit.runtime.backends.cuda import DeviceBuffer
+
         folder = Path(manifest["_folder"])
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.stream = check(self.rt.cudaStreamCreate())
-        self.use_graphs = cuda_graphs
-        self._graphs: dict = {}
-        self._graph_failed: set = set()
-        self._lock = threading.Lock()
-        self._buffers: list = []
         self.units = []
         for u in manifest["units"]:
             entry = select_engine(u, precision)
@@ -128,32 +185,40 @@ class TensorRTBackend(Runner):
             for o in u["outputs"]:
                 rest = tuple(int(d) for d in o["shape"][1:])
                 buf = DeviceBuffer(max_batch * int(np.prod(rest)) * ITEMSIZE)
-                self._buffers.append(buf)
+                self._res.buffers.append(buf)
                 outputs[o["name"]] = (buf.ptr, rest)
+            context = engine.create_execution_context()
+            self._res.contexts.append(context)
             self.units.append(
                 {
                     "engine": engine,
-                    "context": engine.create_execution_context(),
+                    "context": context,
                     "inputs": [i["name"] for i in u["inputs"]],
                     "outputs": outputs,
                     "max_batch": max_batch,
                     "name": u["name"],
                 }
             )
+        self._allocate_io(manifest, trt.__version__, precision)
+
+    def _allocate_io(self, manifest: dict, version: str, precision: str) -> None:
+        from edgeexit.runtime.backends.cuda import DeviceBuffer
+
         self.max_batch = min(unit["max_batch"] for unit in self.units)
         self._segment_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "segment"]
         self._head_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "head"]
         first = manifest["units"][0]["inputs"][0]
         self._image_rest = tuple(int(d) for d in first["shape"][1:])
         self._image = DeviceBuffer(self.max_batch * int(np.prod(self._image_rest)) * ITEMSIZE)
+        self._res.buffers.append(self._image)
         largest = max(int(np.prod(rest)) for unit in self.units for _, rest in unit["outputs"].values())
         # Two scratch buffers per state position for compaction (a state has at most two tensors).
         self._scratch = [DeviceBuffer(self.max_batch * largest * ITEMSIZE) for _ in range(2)]
-        self._buffers += [self._image, *self._scratch]
+        self._res.buffers += self._scratch
         self._host_conf = np.empty(self.max_batch, dtype=np.float32)
         self.info = RunnerInfo(
             name="tensorrt",
-            version=trt.__version__,
+            version=version,
             device=self.device_info["name"],
             precision=precision,
             max_batch=self.max_batch,
@@ -172,38 +237,63 @@ class TensorRTBackend(Runner):
         self.check(self.rt.cudaMemcpyAsync(self._image.ptr, x.ctypes.data, x.nbytes, kind, self.stream))
         return (_DevTensor(self._image.ptr, x.shape),)
 
-    def _execute(self, idx: int, inputs: tuple) -> dict:
-        unit = self.units[idx]
-        ctx, n = unit["context"], inputs[0].shape[0]
+    def _bind(self, ctx, unit: dict, inputs: tuple) -> None:
         for name, t in zip(unit["inputs"], inputs, strict=True):
-            ctx.set_input_shape(name, t.shape)
-            ctx.set_tensor_address(name, t.ptr)
+            if not ctx.set_input_shape(name, t.shape):
+                raise RuntimeError(f"TensorRT refused shape {t.shape} for {unit['name']}:{name}")
+            if not ctx.set_tensor_address(name, t.ptr):
+                raise RuntimeError(f"TensorRT refused the address of {unit['name']}:{name}")
         for name, (ptr, _) in unit["outputs"].items():
-            ctx.set_tensor_address(name, ptr)
+            if not ctx.set_tensor_address(name, ptr):
+                raise RuntimeError(f"TensorRT refused the address of {unit['name']}:{name}")
+
+    def _execute(self, idx: int, inputs: tuple) -> dict:
+        unit, n = self.units[idx], inputs[0].shape[0]
         key = (idx, n, tuple(t.ptr for t in inputs))
-        graph = self._graphs.get(key) if self.use_graphs else None
+        graph = self._graphs.get(key)
         if graph is not None:
-            self.check(self.rt.cudaGraphLaunch(graph, self.stream))
-        elif not ctx.execute_async_v3(self.stream):
-            raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
-        elif self.use_graphs and key not in self._graph_failed:
-            self._capture(key, ctx)
+            self.check(self.rt.cudaGraphLaunch(graph[0], self.stream))
+        elif self.use_graphs and idx not in self._graph_failed and len(self._graphs) < MAX_GRAPHS:
+            self._capture(key, unit, inputs)
+        else:
+            ctx = unit["context"]
+            self._bind(ctx, unit, inputs)
+            if not ctx.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
         return {name: _DevTensor(ptr, (n, *rest)) for name, (ptr, rest) in unit["outputs"].items()}
 
-    def _capture(self, key, ctx) -> None:
-        """After a plain run has set the shapes up, record the same launch into a CUDA graph."""
-        rt = self.rt
+    def _capture(self, key, unit: dict, inputs: tuple) -> None:
+        """A new context for this shape and these addresses: one plain run (it also produces this
+        call's outputs), then the same launch recorded into a graph. On failure the unit is marked
+        and never captured again; the plain run's outputs stand."""
+        from edgeexit.runtime.backends.cuda import clear_error, graph_instantiate
+
+        rt, idx = self.rt, key[0]
+        ctx = unit["engine"].create_execution_context()
+        self._bind(ctx, unit, inputs)
+        if not ctx.execute_async_v3(self.stream):
+            raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
+        graph = None
         try:
             mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             self.check(rt.cudaStreamBeginCapture(self.stream, mode))
-            ok = ctx.execute_async_v3(self.stream)
-            graph = self.check(rt.cudaStreamEndCapture(self.stream))
+            try:
+                ok = ctx.execute_async_v3(self.stream)
+            finally:
+                graph = self.check(rt.cudaStreamEndCapture(self.stream))
             if not ok:
                 raise RuntimeError("execute_async_v3 failed under capture")
-            exec_graph = self.check(rt.cudaGraphInstantiate(graph, 0))
-            self._graphs[key] = exec_graph
-        except RuntimeError:
-            self._graph_failed.add(key)
+            exec_graph = graph_instantiate(graph)
+        except (RuntimeError, TypeError):
+            clear_error()
+            self._graph_failed.add(idx)
+            return
+        finally:
+            if graph is not None:
+                rt.cudaGraphDestroy(graph)  # the executable graph is all we keep
+        self._res.graph_execs.append(exec_graph)
+        self._res.contexts.append(ctx)
+        self._graphs[key] = (exec_graph, ctx)
 
     def run_segment(self, pos: int, state: tuple) -> tuple:
         return tuple(self._execute(self._segment_units[pos], state).values())
@@ -218,23 +308,23 @@ class TensorRTBackend(Runner):
         return HeadOutput(self._host_conf[:n].copy(), logits, self._fetch_logits)
 
     def _fetch_logits(self, logits: _DevTensor, rows) -> np.ndarray:
+        from edgeexit.runtime.backends.cuda import copy_rows
+
         rows = np.arange(logits.shape[0]) if rows is None else np.asarray(rows)
         out = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        rb = logits.row_bytes
-        for j, r in enumerate(rows):
-            self.check(self.rt.cudaMemcpyAsync(out[j].ctypes.data, logits.ptr + int(r) * rb, rb, kind, self.stream))
+        copy_rows(out.ctypes.data, logits.ptr, rows, logits.row_bytes, kind, self.stream)
         self.check(self.rt.cudaStreamSynchronize(self.stream))
         return out
 
     def take(self, state: tuple, rows: np.ndarray) -> tuple:
+        from edgeexit.runtime.backends.cuda import copy_rows
+
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         out = []
         for pos, t in enumerate(state):
             dst = self._scratch[pos].ptr
-            rb = t.row_bytes
-            for j, r in enumerate(rows):
-                self.check(self.rt.cudaMemcpyAsync(dst + j * rb, t.ptr + int(r) * rb, rb, kind, self.stream))
+            copy_rows(dst, t.ptr, rows, t.row_bytes, kind, self.stream)
             out.append(_DevTensor(dst, (len(rows), *t.shape[1:])))
         return tuple(out)
 
@@ -242,9 +332,6 @@ class TensorRTBackend(Runner):
         self.check(self.rt.cudaStreamSynchronize(self.stream))
 
     def close(self) -> None:
-        for g in self._graphs.values():
-            self.rt.cudaGraphExecDestroy(g)
         self._graphs.clear()
-        for b in self._buffers:
-            b.close()
-        self._buffers = []
+        self.units = []  # releases the engines and their execution contexts
+        self._finalizer()  # frees the CUDA objects once; later calls do nothing

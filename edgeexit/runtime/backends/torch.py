@@ -87,15 +87,21 @@ class TorchBackend(Runner):
     def _capture(self, fn, inputs):
         torch = self.torch
         static_in = tuple(t.clone() for t in inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up (cuDNN autotuning, allocator) outside the capture
                 fn(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = tuple(fn(*static_in))
+            graph = torch.cuda.CUDAGraph()
+            # capture_begin/capture_end rather than torch.cuda.graph(): that context manager
+            # synchronises the device and empties the allocator's cache for every new (unit, batch)
+            # capture. "thread_local": CUDA work of other threads cannot invalidate this capture.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                static_out = tuple(fn(*static_in))
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream(self.device).wait_stream(side)
         return graph, static_in, static_out
 
     def run_segment(self, pos: int, state: tuple) -> tuple:

@@ -1,0 +1,177 @@
+"""The real TensorRTBackend, run through Cascade on a SIMULATED TensorRT and CUDA (tests/fake_gpu.py).
+
+A simulation: it checks edgeexit's logic around TensorRT (device buffers, shapes and addresses,
+compaction copies, CUDA graphs and their contexts, the max batch, lifetimes), not TensorRT itself.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from fake_gpu import add_engines, install
+
+from edgeexit.runtime import Cascade
+
+K = 8
+TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
+
+
+@pytest.fixture
+def gpu(monkeypatch, artifact_copy):
+    trt, cudart = install(monkeypatch)
+    add_engines(artifact_copy)
+    return artifact_copy, trt, cudart
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_artifact, test_frames):
+    frames, _ = test_frames
+    ort = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=TH, fuse=False)
+    return [(p.label, p.exit_index) for p in ort.predict_batch(frames)], ort.exit_statistics(
+        ort.preprocess.batch(frames)
+    )
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_predictions_equal_onnxruntime_at_batch_1_7_and_64(gpu, test_frames, reference, graphs):
+    artifact, trt, cudart = gpu
+    frames, _ = test_frames
+    expected, _ = reference
+    c = Cascade.load(artifact, backend="auto", thresholds=TH, cuda_graphs=graphs)
+    assert c.backend_name == "tensorrt" and c.backend_info["max_batch"] == 64
+    single = [(p.label, p.exit_index) for p in (c.predict(f) for f in frames[:200])]
+    assert single == expected[:200]
+    for batch in (7, 64):
+        got = []
+        for start in range(0, len(frames), batch):
+            got += [(p.label, p.exit_index) for p in c.predict_batch(frames[start : start + batch])]
+        assert got == expected, f"batch {batch}"
+    assert len({e for _, e in expected}) > 3  # compaction really happened at several exits
+    if graphs:
+        assert c.runner._graphs and trt.live_contexts == K * 2 + len(c.runner._graphs)
+    else:
+        assert not c.runner._graphs
+
+
+def test_interleaved_batch_sizes_and_batches_beyond_the_profile(gpu, test_frames, reference):
+    artifact, _, _ = gpu
+    frames, _ = test_frames
+    expected, stats = reference
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    got, start = [], 0
+    for size in (1, 64, 7, 1, 33, 64, 5) * 20:
+        if start >= 600:
+            break
+        got += [(p.label, p.exit_index) for p in c.predict_batch(frames[start : start + size])]
+        start += size
+    assert got == expected[: len(got)]
+    big = c.predict_batch(frames[:300])  # 300 > max batch 64: sliced by the cascade
+    assert [(p.label, p.exit_index) for p in big] == expected[:300]
+    ours = c.exit_statistics(c.preprocess.batch(frames), batch_size=256)
+    assert np.array_equal(ours["prediction"], stats["prediction"])
+    np.testing.assert_allclose(ours["confidence"], stats["confidence"], atol=1e-5)
+
+
+def test_nothing_is_left_alive_after_close_or_garbage_collection(gpu, test_frames):
+    artifact, trt, cudart = gpu
+    frames, _ = test_frames
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    c.predict_batch(frames[:64])
+    c.predict(frames[0])
+    assert cudart.live()["buffers"] > 0 and cudart.live()["graph_execs"] > 0
+    assert cudart.live()["graphs"] == 0  # the cudaGraph_t is destroyed once instantiated
+    c.close()
+    c.close()  # idempotent
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    c2 = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    c2.predict_batch(frames[:10])
+    del c2  # never closed
+    gc.collect()
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    assert trt.live_contexts == 0
+
+
+def test_a_failed_init_frees_what_it_allocated(gpu, monkeypatch):
+    import json
+
+    artifact, _, cudart = gpu
+    m = json.loads((artifact / "manifest.json").read_text())
+    m["units"][5]["engines"][0]["compute_capability"] = "9.0"  # unit 6 built for another GPU
+    (artifact / "manifest.json").write_text(json.dumps(m))
+    from edgeexit.errors import UserError
+
+    with pytest.raises(UserError, match="rebuild the engines"):
+        Cascade.load(artifact, backend="tensorrt")
+    gc.collect()
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+
+
+def test_a_unit_that_cannot_be_captured_runs_plainly_and_is_not_retried(gpu, test_frames, reference):
+    artifact, _, cudart = gpu
+    frames, _ = test_frames
+    expected, _ = reference
+    cudart.fail_capture_of = {"seg_01"}
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    got = [(p.label, p.exit_index) for p in c.predict_batch(frames[:64])]
+    got += [(p.label, p.exit_index) for p in c.predict_batch(frames[64:71])]
+    assert got == expected[:71]
+    assert 0 in c.runner._graph_failed and not any(key[0] == 0 for key in c.runner._graphs)
+    assert cudart.last_error_reads == 1  # cleared once, then never captured again at other batch sizes
+
+
+def test_graph_instantiate_with_cuda_python_11s_signature(gpu, test_frames, reference):
+    artifact, _, cudart = gpu
+    cudart.instantiate_signature = 3
+    frames, _ = test_frames
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    assert [(p.label, p.exit_index) for p in c.predict_batch(frames[:64])] == reference[0][:64]
+    assert c.runner._graphs and not c.runner._graph_failed
+
+
+def test_the_graph_cache_is_capped(gpu, test_frames, monkeypatch):
+    from edgeexit.runtime.backends import tensorrt
+
+    monkeypatch.setattr(tensorrt, "MAX_GRAPHS", 5)
+    artifact, _, cudart = gpu
+    frames, _ = test_frames
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
+    for size in (1, 2, 3, 4, 5, 6):
+        c.predict_batch(frames[:size])
+    assert len(c.runner._graphs) == 5 and cudart.live()["graph_execs"] == 5
+
+
+def test_compaction_and_readback_copy_runs_of_rows_not_rows(gpu, test_frames):
+    artifact, _, cudart = gpu
+    frames, _ = test_frames
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=[2.0] * (K - 1) + [0.0], cuda_graphs=False)
+    before = cudart.memcpy_calls
+    c.predict_batch(frames[:64])  # nothing exits early: one upload, one confidence read, one logits read
+    assert cudart.memcpy_calls - before == 3
+
+
+def test_calibrate_with_engines_present(gpu):
+    from edgeexit.calibrate.run import run_calibration
+
+    artifact, _, _ = gpu
+    r = run_calibration(artifact, budget_fraction=0.8, backend="auto", repeats=20, iso_accuracy=False)
+    assert r["device"]["backend"] == "tensorrt" and r["device"]["gpu"] == "Simulated GPU"
+    assert 0.3 < r["measured"]["accuracy"] <= 1
+
+
+def test_auto_says_why_not_tensorrt_and_versions_outside_the_range_are_refused(artifact_copy, monkeypatch):
+    from edgeexit.errors import UserError
+    from edgeexit.runtime.backends.tensorrt import check_trt_version
+
+    c = Cascade.load(artifact_copy, backend="auto")
+    assert "not tensorrt" in c.backend_info["why"]
+    for bad in ("8.5.3", "11.0.0", "11.2.1"):
+        with pytest.raises(UserError, match="TensorRT"):
+            check_trt_version(bad)
+    for good in ("8.6.1", "10.3.0", "10.16.0"):
+        check_trt_version(good)
+    install(monkeypatch, version="11.0.0")
+    add_engines(artifact_copy, version="11.0.0")
+    c = Cascade.load(artifact_copy, backend="auto")
+    assert c.backend_name == "onnxruntime-cpu" and "11.0.0 is not supported" in c.backend_info["why"]
