@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test lint install
+.PHONY: quickstart test lint install gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,3 +32,8 @@ test: $(STAMP) fashion-mnist
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# On a CUDA machine: torch CUDA (eager + graphs) parity, latency, GPU training throughput, TensorRT
+# and onnxruntime-cuda when present, into gpu-check.json. Elsewhere: one line, exit 0.
+gpu-check:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python benchmarks/gpu_check.py; else PYTHONPATH=. python3 benchmarks/gpu_check.py; fi

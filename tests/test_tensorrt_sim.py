@@ -175,3 +175,17 @@ def test_auto_says_why_not_tensorrt_and_versions_outside_the_range_are_refused(a
     add_engines(artifact_copy, version="11.0.0")
     c = Cascade.load(artifact_copy, backend="auto")
     assert c.backend_name == "onnxruntime-cpu" and "11.0.0 is not supported" in c.backend_info["why"]
+
+
+def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == (
+        "gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); nothing checked"
+    )
