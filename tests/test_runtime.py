@@ -337,3 +337,19 @@ def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monk
         assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
     assert len(be._graphs) == 6 and len(captures) == 6  # capped (seg 3 could not be captured)
     assert ("seg", 2) in be._graph_failed
+
+
+def test_onnxruntime_io_binding_path_equals_the_plain_path(artifact_copy, test_frames):
+    """The IOBinding path onnxruntime-cuda uses (state kept as device OrtValues), run on the CPU."""
+    frames, _ = test_frames
+    th = [0.9, 2.0, 2.0, 0.8, 2.0, 0.7, 2.0, 0.0]  # fused groups and compaction both happen
+    plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)
+    bound = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, io_binding=True)
+    assert bound.runner._bind and not plain.runner._bind
+    a, b = plain.predict_batch(frames[:300]), bound.predict_batch(frames[:300])
+    assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
+    assert len({p.exit_index for p in a}) >= 3
+    np.testing.assert_allclose([p.confidence for p in a], [p.confidence for p in b], atol=1e-6)
+    assert [(p.label, p.exit_index) for p in (bound.predict(f) for f in frames[:50])] == [
+        (p.label, p.exit_index) for p in a[:50]
+    ]
