@@ -144,6 +144,22 @@ MaxDropOpt = Annotated[
         "--confidence: 0.5pt or 0.005. With --budget: the cheapest plan meeting both.",
     ),
 ]
+StemOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="cifar (3x3 conv, no max-pool; the paper's) or imagenet (torchvision ResNet18's 7x7 + max-pool)."
+    ),
+]
+ImageSizeOpt = Annotated[
+    int | None, typer.Option("--image-size", help="ImageFolder training size (default: 32 cifar, 224 imagenet stem).")
+]
+InitOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Start the backbone from a torchvision ResNet18 state_dict (e.g. resnet18-f37072fd.pth from "
+        "~/.cache/torch/hub/checkpoints); implies the fine-tuning recipe. Nothing is downloaded."
+    ),
+]
 AdaptThreadsOpt = Annotated[
     bool,
     typer.Option(
@@ -187,6 +203,9 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt exactly.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in OUT.")] = False,
     adapt_threads: AdaptThreadsOpt = True,
+    stem: StemOpt = None,
+    image_size: ImageSizeOpt = None,
+    init: InitOpt = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -207,13 +226,17 @@ def train(
     except TrainingError as e:
         _fail(1, str(e))
     if result["rank"] == 0:
-        last = result["history"][-1] if result["history"] else {}
-        console.print(
-            f"[green]done[/]: {out / 'model.pt'}  best held-out average {result['best_val_average']:.4f}, "
-            f"final exit {last.get('val_exit_accuracy', [float('nan')])[-1]:.4f}, "
-            f"{result['images_per_s']:.0f} img/s"
-        )
-        _write_json(json_out, result)
+        _report_training(result, out, json_out)
+
+
+def _report_training(result: dict, out: Path, json_out: Path | None) -> None:
+    last = result["history"][-1] if result["history"] else {}
+    console.print(
+        f"[green]done[/]: {out / 'model.pt'}  best held-out average {result['best_val_average']:.4f}, "
+        f"final exit {last.get('val_exit_accuracy', [float('nan')])[-1]:.4f}, "
+        f"{result['images_per_s']:.0f} img/s"
+    )
+    _write_json(json_out, result)
 
 
 @app.command("eval")

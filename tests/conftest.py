@@ -75,3 +75,37 @@ def normalised(ds, n=None):
 
     imgs = ds.images if n is None else ds.images[:n]
     return normalize(imgs, ds.mean, ds.std).numpy().astype(np.float32)
+
+
+def photo_folder(root: Path, train_per_class: int = 12, test_per_class: int = 4) -> Path:
+    """A small ImageFolder of real photographs (matplotlib ships them: Grace Hopper's portrait and a
+    product photo), cropped and flipped into three classes, at sizes that are not 224 px so that
+    every image is resized: face / uniform (two regions of the portrait) and pack."""
+    import os
+
+    import matplotlib
+    from PIL import Image
+
+    sample = Path(os.path.dirname(matplotlib.__file__)) / "mpl-data" / "sample_data"
+    hopper = Image.open(sample / "grace_hopper.jpg").convert("RGB")  # 512 x 600
+    pack = Image.open(sample / "Minduka_Present_Blue_Pack.png").convert("RGB").resize((300, 300))
+    regions = {
+        "face": (hopper, (120, 40, 400, 330)),
+        "uniform": (hopper, (40, 360, 480, 600)),
+        "pack": (pack, (0, 0, 300, 300)),
+    }
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for cls, (img, (x0, y0, x1, y1)) in regions.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                w, h = x1 - x0, y1 - y0
+                s = rng.uniform(0.6, 0.95)
+                cw, ch = int(w * s), int(h * s)
+                cx, cy = x0 + rng.integers(0, w - cw + 1), y0 + rng.integers(0, h - ch + 1)
+                crop = img.crop((cx, cy, cx + cw, cy + ch))
+                if rng.random() < 0.5:
+                    crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                crop.save(folder / f"{cls}_{i:02d}.{'jpg' if i % 2 else 'png'}")
+    return root

@@ -6,8 +6,18 @@ from edgeexit.data.datasets import (
     augment,
     load_dataset,
     normalize,
+    random_resized_crop,
     split_calibration,
     split_train_val,
 )
 
-__all__ = ["NAMED", "ImageDataset", "augment", "load_dataset", "normalize", "split_calibration", "split_train_val"]
+__all__ = [
+    "NAMED",
+    "ImageDataset",
+    "augment",
+    "load_dataset",
+    "normalize",
+    "random_resized_crop",
+    "split_calibration",
+    "split_train_val",
+]

@@ -225,16 +225,21 @@ def load_cifar_pickle(path: Path) -> dict:
 
 
 def _load_images(paths: list[Path], size: list[int] | None, in_chans: int | None) -> np.ndarray:
+    """Images as uint8 (N, C, H, W), resized by ``resize_uint8``: the very function the runtime
+    applies to camera frames, so a deployed model sees a frame exactly as training saw it."""
     from PIL import Image
+
+    from edgeexit.runtime.preprocessing import resize_uint8
 
     out = []
     for p in paths:
         with Image.open(p) as im:
-            im = im.convert("L" if in_chans == 1 else "RGB")
-            if size is not None and list(im.size[::-1]) != list(size):
-                im = im.resize((size[1], size[0]), Image.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+            a = np.asarray(im.convert("L" if in_chans == 1 else "RGB"), dtype=np.uint8)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if size is not None:
+            a = resize_uint8(a, *size)
+        out.append(a.transpose(2, 0, 1))
     return np.stack(out)
 
 
@@ -380,12 +385,42 @@ def augment(images_u8: torch.Tensor, generator: torch.Generator, pad: int = 4, f
     return padded[idx_n, idx_c, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
 
+def random_resized_crop(
+    images_u8: torch.Tensor,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Random-resized-crop (+ horizontal flip) back to the same size, batched: one affine grid per
+    image, bilinear sampling, rounded to uint8. Randomness from ``generator`` (CPU), as `augment`."""
+    n, _, h, w = images_u8.shape
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_r = torch.empty(n).uniform_(float(np.log(ratio[0])), float(np.log(ratio[1])), generator=generator)
+    aspect = torch.exp(log_r)
+    sw = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width / image width
+    sh = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sw)  # crop centre in [-1, 1] coordinates
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sh)
+    sx = sw * torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0) if flip else sw
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, cx, sh, cy
+    theta = theta.to(images_u8.device)
+    grid = torch.nn.functional.affine_grid(theta, [n, images_u8.shape[1], h, w], align_corners=False)
+    out = torch.nn.functional.grid_sample(images_u8.float(), grid, mode="bilinear", align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
 def load_heldout(split_info: dict, data_dir=None, dataset: str | None = None) -> ImageDataset:
     """Rebuild the held-out split recorded in a checkpoint or manifest (``split`` block)."""
     name = dataset or split_info.get("dataset")
     if not name:
         raise UserError("the artifact records no dataset; pass --data")
-    full = load_dataset(name, "train", data_dir if data_dir is not None else split_info.get("data_dir"))
+    full = load_dataset(
+        name, "train", data_dir if data_dir is not None else split_info.get("data_dir"), split_info.get("image_size")
+    )
+    if split_info.get("mean") and split_info.get("std"):  # the training normalisation, not this folder's
+        full.mean, full.std = list(split_info["mean"]), list(split_info["std"])
     if "num_train_total" in split_info and len(full) != int(split_info["num_train_total"]):
         raise UserError(
             f"{name} has {len(full)} training images but the model was trained with "

@@ -29,10 +29,15 @@ class MultiExitConfig:
     in_chans: int = 3
     num_classes: int = 10
     input_size: list[int] = field(default_factory=lambda: [32, 32])
+    # cifar: 3x3 stride-1 conv, no max-pool (the paper's); imagenet: torchvision ResNet18's 7x7
+    # stride-2 conv + 3x3 stride-2 max-pool (its parameter shapes match, so its weights load)
+    stem: str = "cifar"
 
     def __post_init__(self) -> None:
         if self.exits not in (4, 8):
             raise ValueError(f"exits must be 4 or 8, got {self.exits}")
+        if self.stem not in STEMS:
+            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {self.stem}")
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
         self.input_size = [int(s) for s in self.input_size]
@@ -44,6 +49,23 @@ class MultiExitConfig:
     def from_dict(cls, d: dict) -> MultiExitConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
+
+
+STEMS = ("cifar", "imagenet")
+NATURAL_SIZE = {"cifar": 32, "imagenet": 224}
+
+
+def make_stem(kind: str, in_chans: int, out_ch: int) -> nn.Sequential:
+    if kind == "imagenet":
+        return nn.Sequential(
+            nn.Conv2d(in_chans, out_ch, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+    return nn.Sequential(
+        nn.Conv2d(in_chans, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)
+    )
 
 
 def scaled(channels: int, width: float) -> int:
@@ -146,11 +168,7 @@ class MultiExitNet(nn.Module):
         self.config = config
         w = config.width
         widths = [scaled(c, w) for c in STAGE_WIDTHS]
-        stem = nn.Sequential(
-            nn.Conv2d(config.in_chans, widths[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        stem = make_stem(config.stem, config.in_chans, widths[0])
         stages: list[list[BasicBlock]] = []
         in_ch = widths[0]
         for i, (ch, n) in enumerate(zip(widths, BLOCKS_PER_STAGE, strict=True)):
@@ -159,6 +177,7 @@ class MultiExitNet(nn.Module):
                 blocks.append(BasicBlock(in_ch, ch, stride=2 if (i > 0 and b == 0) else 1))
                 in_ch = ch
             stages.append(blocks)
+        self.stages = stages  # a plain list (not registered twice): the blocks live in the segments
 
         segments: list[Segment] = []
         tap_channels: list[int] = []

@@ -18,7 +18,6 @@ import math
 import numpy as np
 
 _F32 = np.dtype(np.float32)
-LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's convert("L")
 
 
 def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -37,6 +36,21 @@ def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
     bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
     return top * (1 - wy) + bottom * wy
+
+
+def to_gray(rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB → HxWx1 uint8 with PIL's ``convert("L")`` arithmetic (ITU-R BT.601, rounded),
+    as the training data was made."""
+    r, g, b = (rgb[:, :, i].astype(np.uint32) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, :, None]
+
+
+def resize_uint8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """HxWxC uint8 → out_h x out_w x C uint8: bilinear (half-pixel centres), rounded to the nearest
+    integer. Training data (ImageFolder) and camera frames both go through this function."""
+    if img.shape[:2] == (out_h, out_w):
+        return img
+    return np.clip(np.rint(resize_bilinear(img.astype(np.float32), out_h, out_w)), 0, 255).astype(np.uint8)
 
 
 class Preprocessor:
@@ -110,14 +124,14 @@ class Preprocessor:
             raise ValueError(f"expected {self.expected()}; got a uint8 array of shape {frame.shape}")
         if img.shape[0] < 1 or img.shape[1] < 1:
             raise ValueError(f"empty frame of shape {frame.shape}")
-        x = img.astype(np.float32) * (1.0 / 255.0)
-        if x.shape[2] == 3 and self.input_order == "BGR":
-            x = x[:, :, ::-1]
-        if self.in_chans == 1 and x.shape[2] == 3:
-            x = (x @ LUMA)[:, :, None]
-        elif self.in_chans == 3 and x.shape[2] == 1:
-            x = np.repeat(x, 3, axis=2)
-        x = resize_bilinear(x, self.height, self.width)
+        if img.shape[2] == 3 and self.input_order == "BGR":
+            img = img[:, :, ::-1]
+        if self.in_chans == 1 and img.shape[2] == 3:
+            img = to_gray(img)
+        elif self.in_chans == 3 and img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        # the same uint8 resize (with rounding) as the training data: frames match it exactly
+        x = resize_uint8(img, self.height, self.width).astype(np.float32) * (1.0 / 255.0)
         chw = x.transpose(2, 0, 1)
         return np.ascontiguousarray((chw - self.mean) / self.std, dtype=np.float32)
 

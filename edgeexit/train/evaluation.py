@@ -112,6 +112,9 @@ def evaluate_checkpoint(
     ddir = str(data_dir) if data_dir else ckpt.get("split", {}).get("data_dir")
     test = load_dataset(name, "test", ddir, image_size=ckpt["preprocessing"]["input_size"])
     _check_compatible(test, ckpt)
+    # One source of preprocessing truth: the checkpoint's statistics (what the deployed model uses),
+    # never the test folder's own mean/std.
+    test.mean, test.std = list(ckpt["preprocessing"]["mean"]), list(ckpt["preprocessing"]["std"])
     if limit_eval:
         test = test.subset(np.arange(min(limit_eval, len(test))))
     val = load_heldout(ckpt["split"], ddir, name) if name == ckpt.get("dataset") else None

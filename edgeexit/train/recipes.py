@@ -32,10 +32,15 @@ class Recipe:
     warmup_epochs: float = 0.0
     width: float = 1.0
     exits: int = 8
-    val_size: int = 5000
+    val_size: int | None = None  # held-out images; None: 5,000, or a fifth of a smaller training set
     augment: bool = True
     pad: int = 4
     flip: bool = True
+    crop: str = "pad"  # pad: the paper's padded random crop; resized: random-resized-crop (camera photos)
+    stem: str = "cifar"  # cifar | imagenet (see models.MultiExitConfig)
+    image_size: int | None = None  # ImageFolder training size (None: the stem's natural size)
+    normalize: str = "dataset"  # dataset: the training set's mean/std; imagenet: ImageNet's (pretrained)
+    backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the heads'
     loss: LossConfig = field(default_factory=LossConfig)
 
     def to_dict(self) -> dict:
@@ -57,9 +62,34 @@ FAST_CPU_LOSS = {
 }
 
 
-def get_recipe(dataset: str, method: str) -> Recipe:
+# Fine-tuning from ImageNet weights on a user's ImageFolder (camera photos, 224 px): torchvision's
+# ResNet18 layout and normalisation, random-resized-crop + flip at the training size, a backbone
+# learning rate a tenth of the fresh heads', a few epochs. The MLCSD loss keeps the CPU recipe's
+# lighter distillation weights (the heads start from nothing while the backbone already knows a lot).
+FINETUNE = Recipe(
+    epochs=5,
+    batch_size=32,
+    lr=0.01,
+    schedule="cosine",
+    milestones=[],
+    warmup_epochs=0.5,
+    width=1.0,
+    exits=8,
+    augment=True,
+    crop="resized",
+    stem="imagenet",
+    normalize="imagenet",
+    backbone_lr_scale=0.1,
+)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def get_recipe(dataset: str, method: str, finetune: bool = False) -> Recipe:
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
+    if finetune:
+        return replace(FINETUNE, loss=replace(METHOD_LOSS[method], **FAST_CPU_LOSS.get(method, {})))
     if dataset == "fashion-mnist":
         return replace(FAST_CPU, loss=replace(METHOD_LOSS[method], **FAST_CPU_LOSS.get(method, {})))
     return replace(PAPER, loss=replace(METHOD_LOSS[method]))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from edgeexit.data import ImageDataset, augment, load_dataset, normalize, split_train_val
+from edgeexit.data import ImageDataset, augment, load_dataset, normalize, random_resized_crop, split_train_val
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, build_model
 from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
@@ -50,6 +50,7 @@ class TrainConfig:
     # On CPU, drop to one thread while other processes want the cores (util.ContentionGuard).
     # Off for bit-exact reproducibility: results depend (in the last bits) on the thread count.
     adapt_threads: bool = True
+    init: str | None = None  # torchvision ResNet18 state_dict to start the backbone from
     recipe: Recipe = field(default_factory=Recipe)
 
     @classmethod
@@ -58,7 +59,12 @@ class TrainConfig:
         option is validated here, once, for the CLI and the Python API alike."""
         if method not in METHODS:
             raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
-        recipe = get_recipe(data, method)
+        # from ImageNet weights, or the ImageNet stem on a folder of photos: the fine-tuning recipe
+        finetune = overrides.get("init") is not None or (
+            overrides.get("stem") == "imagenet"
+            and data not in ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
+        )
+        recipe = get_recipe(data, method, finetune=finetune)
         recipe_fields, loss_fields, run_fields = {}, {}, {}
         for k, v in overrides.items():
             if k in Recipe.__dataclass_fields__:
@@ -82,9 +88,21 @@ class TrainConfig:
         r = self.recipe
         if r.exits not in (4, 8):
             raise UserError(f"--exits must be 4 or 8, got {r.exits}")
+        if r.stem not in ("cifar", "imagenet"):
+            raise UserError(f"--stem must be cifar or imagenet, got '{r.stem}'")
+        if r.image_size is not None and not 8 <= r.image_size <= 1024:
+            raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
+        if self.init is not None and not Path(self.init).is_file():
+            from edgeexit.models.pretrained import TORCHVISION_HINT
+
+            raise UserError(f"--init {self.init}: no such file. {TORCHVISION_HINT}")
         if r.loss.teacher_weights not in ("learned", "frozen"):
             raise UserError(f"--teacher-weights must be 'learned' or 'frozen', got '{r.loss.teacher_weights}'")
-        for name, v in (("--epochs", r.epochs), ("--batch-size", r.batch_size), ("--val-size", r.val_size)):
+        for name, v in (
+            ("--epochs", r.epochs),
+            ("--batch-size", r.batch_size),
+            ("--val-size", 1 if r.val_size is None else r.val_size),
+        ):
             if v < 1:
                 raise UserError(f"{name} must be at least 1, got {v}")
         for name, v in (("--limit-train", self.limit_train), ("--limit-eval", self.limit_eval)):
@@ -140,14 +158,28 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+NAMED_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
+
+
 def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
-    full = load_dataset(cfg.data, "train", cfg.data_dir)
-    if cfg.recipe.val_size > len(full) // 2:
+    from edgeexit.models.multiexit import NATURAL_SIZE
+    from edgeexit.train.recipes import IMAGENET_MEAN, IMAGENET_STD
+
+    r = cfg.recipe
+    size = None
+    if cfg.data not in NAMED_DATASETS:  # an ImageFolder: its images are brought to the training size
+        side = r.image_size or NATURAL_SIZE[r.stem]
+        size = [side, side]
+    elif r.image_size is not None:
+        raise UserError(f"--image-size is for ImageFolder data; {cfg.data} has a fixed size")
+    full = load_dataset(cfg.data, "train", cfg.data_dir, image_size=size)
+    if r.normalize == "imagenet":  # pretrained weights expect ImageNet's statistics
+        full.mean, full.std = list(IMAGENET_MEAN[: full.in_chans]), list(IMAGENET_STD[: full.in_chans])
+    val_size = cfg.recipe.val_size if cfg.recipe.val_size is not None else max(1, min(5000, len(full) // 5))
+    if val_size > len(full) // 2:
         raise UserError(
-            f"--val-size {cfg.recipe.val_size} is more than half of the {len(full)} training images: "
-            f"use 1..{len(full) // 2}"
+            f"--val-size {val_size} is more than half of the {len(full)} training images: use 1..{len(full) // 2}"
         )
-    val_size = min(cfg.recipe.val_size, len(full) // 5) if len(full) < 5 * cfg.recipe.val_size else cfg.recipe.val_size
     train_idx, val_idx = split_train_val(len(full), val_size, cfg.seed)
     if cfg.limit_train:
         train_idx = train_idx[: cfg.limit_train]
@@ -157,6 +189,9 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
         "num_train_total": len(full),
         "dataset": cfg.data,
         "data_dir": cfg.data_dir,
+        "image_size": size,  # how ImageFolder images were brought to the training size
+        "mean": list(full.mean),  # the normalisation the model was trained with
+        "std": list(full.std),
     }
     return full.subset(train_idx), full.subset(val_idx), split
 
@@ -235,25 +270,36 @@ def _setup(cfg: TrainConfig) -> _Run:
         in_chans=train_set.in_chans,
         num_classes=train_set.num_classes,
         input_size=train_set.input_size,
+        stem=r.stem,
     )
     model = build_model(mcfg)
+    if cfg.init is not None:
+        from edgeexit.models.pretrained import load_init_file, load_torchvision_resnet18
+
+        load_torchvision_resnet18(model, load_init_file(cfg.init), include_fc=mcfg.num_classes == 1000)
     task = build_task(cfg.method, model, r.loss).to(device)
-    params = [p for p in task.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=r.lr,
-        momentum=r.momentum,
-        nesterov=False,
-    )
+    opt = _optimizer(task, model, r)
     run = _Run(cfg, rank, world, device, Path(cfg.out), train_set, val_set, split, model, task, opt)
     if cfg.resume:
         _resume(run)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     return run
+
+
+def _optimizer(task, model, r: Recipe) -> torch.optim.Optimizer:
+    """SGD with weight decay on weights only; the backbone's groups carry ``lr_scale`` (a pretrained
+    backbone learns slower than fresh heads)."""
+    backbone = {id(p) for p in model.segments.parameters()}
+    groups = []
+    for in_backbone in (True, False):
+        params = [p for p in task.parameters() if p.requires_grad and (id(p) in backbone) == in_backbone]
+        scale = r.backbone_lr_scale if in_backbone else 1.0
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay, "lr_scale": scale},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": scale},
+        ]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=r.lr, momentum=r.momentum, nesterov=False)
 
 
 def _resume(run: _Run) -> None:
@@ -273,7 +319,14 @@ def _resume(run: _Run) -> None:
 
 
 # Settings that change the model or its task: a run can only be resumed with the same ones.
-_RESUME_KEYS = (("data",), ("method",), ("recipe", "exits"), ("recipe", "width"), ("recipe", "loss", "teacher_weights"))
+_RESUME_KEYS = (
+    ("data",),
+    ("method",),
+    ("recipe", "exits"),
+    ("recipe", "width"),
+    ("recipe", "stem"),
+    ("recipe", "loss", "teacher_weights"),
+)
 
 
 def _check_same_run(last: Path, saved: dict, now: dict) -> None:
@@ -316,7 +369,9 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     for step in range(steps):
         idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
         xb = images[idx]
-        if r.augment:
+        if r.augment and r.crop == "resized":
+            xb = random_resized_crop(xb, gen, flip=r.flip)
+        elif r.augment:
             xb = augment(xb, gen, pad=r.pad, flip=r.flip)
         xb = normalize(xb, run.train_set.mean, run.train_set.std)
         if device.type == "cuda":
@@ -341,7 +396,7 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
 def _step(run: _Run, module, xb, yb, epoch: int, step: int, steps: int):
     lr = lr_at(run.cfg.recipe, epoch + step / steps)
     for g in run.opt.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
     run.task.set_progress(epoch + step / steps)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda"):
         loss = module(xb, yb)["loss"]
