@@ -120,3 +120,32 @@ class ContentionGuard:
             self.set_threads(1 if self.reduced else self.full)
             self._streak = 0
             self.switches += 1
+
+
+def load_untrusted(path: str | os.PathLike, what: str):
+    """``torch.load(path, weights_only=True)`` with one-line errors: a file that holds pickled Python
+    objects is refused by name (unpickling it could run code); anything unreadable says why."""
+    import torch
+
+    from edgeexit.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = str(e)
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if glob:
+            raise UserError(
+                f"{path} contains a pickled Python object ({glob.group(1)}), not just tensors and plain data: "
+                "edgeexit loads checkpoints with weights_only=True and refuses it, because unpickling it could run code"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+        first = detail.group(1) if detail else (text.strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is not a readable {what} ({shorten(first.strip())})") from None
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """At most ``limit`` characters, cut at a word and marked, never mid-word."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"

@@ -189,3 +189,21 @@ def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():
     assert proc.returncode == 0 and proc.stdout.strip() == (
         "gpu-check: no CUDA GPU here (torch.cuda.is_available() is False); nothing checked"
     )
+
+
+def test_a_refused_shape_or_address_is_an_error_not_a_silent_run(gpu, test_frames, monkeypatch):
+    from fake_gpu import FakeContext
+
+    artifact, _, _ = gpu
+    c = Cascade.load(artifact, backend="tensorrt", thresholds=TH, cuda_graphs=False)
+    monkeypatch.setattr(FakeContext, "set_input_shape", lambda self, name, shape: False)
+    with pytest.raises(RuntimeError, match="TensorRT refused shape"):
+        c.predict(test_frames[0][0])
+
+
+def test_the_profile_is_tuned_for_batch_1_unless_asked():
+    from edgeexit.export.tensorrt import profile_shapes
+
+    inputs = [{"name": "image", "shape": [None, 1, 28, 28]}]
+    assert profile_shapes(inputs, 64)["image"] == [[1, 1, 28, 28], [1, 1, 28, 28], [64, 1, 28, 28]]
+    assert profile_shapes(inputs, 64, 16)["image"][1] == [16, 1, 28, 28]

@@ -14,11 +14,12 @@ from edgeexit.errors import UserError
 from edgeexit.runtime.backends.tensorrt import import_tensorrt
 
 
-def profile_shapes(inputs: list[dict], max_batch: int, opt_batch: int | None = None) -> dict[str, list[list[int]]]:
-    """min/opt/max shapes per input: batch 1 .. max_batch, opt at max_batch unless given."""
+def profile_shapes(inputs: list[dict], max_batch: int, opt_batch: int = 1) -> dict[str, list[list[int]]]:
+    """min/opt/max shapes per input: batch 1 .. max_batch, tuned for ``opt_batch`` (1: the camera
+    path runs one frame at a time; `--batch-opt` for batch work)."""
     if max_batch < 1:
         raise UserError(f"--batch must be at least 1, got {max_batch}")
-    opt = opt_batch or max_batch
+    opt = opt_batch
     if not 1 <= opt <= max_batch:
         raise UserError(f"opt batch {opt} is outside 1..{max_batch}")
     shapes = {}

@@ -71,10 +71,9 @@ def load_init_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--init {path}: no such file. {TORCHVISION_HINT}")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"--init {path} is not a readable state_dict ({str(e).splitlines()[0][:160]})") from None
+    from edgeexit.util import load_untrusted
+
+    sd = load_untrusted(path, "state_dict (--init)")
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -7,7 +7,6 @@ Checkpoints load with ``torch.load(path, weights_only=True)`` and are written at
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch
 from edgeexit import __version__
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, MultiExitNet, build_model
-from edgeexit.util import atomic_write
+from edgeexit.util import atomic_write, load_untrusted, shorten
 
 FORMAT = "edgeexit-checkpoint"
 VERSION = 1
@@ -62,19 +61,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        text = str(e)
-        glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if glob:
-            raise UserError(
-                f"{path} contains a pickled Python object ({glob.group(1)}), not just tensors and plain data: "
-                "edgeexit loads checkpoints with weights_only=True and refuses it, because unpickling it could run code"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-        first = detail.group(1) if detail else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path} is not a readable edgeexit checkpoint ({_shorten(first.strip())})") from None
+    ckpt = load_untrusted(path, "edgeexit checkpoint")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an edgeexit checkpoint (no format='{FORMAT}' key)")
     if not isinstance(ckpt.get("version"), int):
@@ -90,17 +77,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def _shorten(text: str, limit: int = 200) -> str:
-    """At most ``limit`` characters, cut at a word and marked, never mid-word."""
-    if len(text) <= limit:
-        return text
-    return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
-
-
 def model_from_checkpoint(ckpt: dict) -> MultiExitNet:
     try:
         model = build_model(MultiExitConfig.from_dict(ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
     except (RuntimeError, ValueError, TypeError) as e:
-        raise UserError(f"checkpoint weights do not match its config ({_shorten(str(e).splitlines()[0])})") from None
+        raise UserError(f"checkpoint weights do not match its config ({shorten(str(e).splitlines()[0])})") from None
     return model.eval()
