@@ -120,6 +120,19 @@ DataDirOpt = Annotated[
         "--data-dir", help="Where datasets live (Fashion-MNIST is also found in /usr/share/datasets/fashion-mnist)."
     ),
 ]
+Int8Opt = Annotated[
+    bool,
+    typer.Option(
+        "--int8", help="Also write INT8 Q/DQ units (static quantization), checked per exit against FP32 accuracy."
+    ),
+]
+Int8ImagesOpt = Annotated[int, typer.Option("--int8-images", help="Held-out images that calibrate INT8.")]
+Int8MethodOpt = Annotated[
+    str, typer.Option("--int8-method", help="INT8 activation ranges: minmax, entropy or percentile.")
+]
+PrecisionOpt = Annotated[
+    str | None, typer.Option(help="Units to run: fp32, int8 (after export --int8), fp16 (TensorRT); default fp32.")
+]
 BatchOptOpt = Annotated[
     int, typer.Option("--batch-opt", help="Batch the TensorRT profile is tuned for (1: camera, frame by frame).")
 ]
@@ -296,6 +309,9 @@ def export(
         bool, typer.Option("--force", help="Replace a previous edgeexit artifact at OUT (never any other folder).")
     ] = False,
     calib_images: CalibImagesOpt = 5000,
+    int8: Int8Opt = False,
+    int8_images: Int8ImagesOpt = 512,
+    int8_method: Int8MethodOpt = "minmax",
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -306,23 +322,18 @@ def export(
     """
     from edgeexit.export.exporter import export_checkpoint
 
-    manifest, path = export_checkpoint(
-        checkpoint,
-        out=out,
-        fmt=format,
-        half=half,
-        max_batch=batch,
-        opt_batch=batch_opt,
-        workspace_gib=workspace,
-        opset=opset,
-        simplify=simplify,
-        parity_samples=parity_samples,
-        tolerance=tolerance,
-        force=force,
-        calib_images=calib_images,
-        data_dir=str(data_dir) if data_dir else None,
-        console=console,
-    )
+    options = dict(locals())  # every option above; ExportOptions validates them, once
+    for cli_name, name in (
+        ("format", "fmt"),
+        ("batch", "max_batch"),
+        ("batch_opt", "opt_batch"),
+        ("workspace", "workspace_gib"),
+    ):
+        options[name] = options.pop(cli_name)
+    for name in ("checkpoint", "json_out", "export_checkpoint"):
+        options.pop(name)
+    options["data_dir"] = str(data_dir) if data_dir else None
+    manifest, path = export_checkpoint(checkpoint, console=console, **options)
     from edgeexit.export.report import info_table
 
     out_console.print(info_table(manifest, path))
@@ -337,6 +348,7 @@ def calibrate(
     budget: BudgetOpt = "",
     max_drop: MaxDropOpt = "",
     confidence: Annotated[float, typer.Option(help="Confidence of the --max-drop promise.")] = 0.95,
+    precision: PrecisionOpt = None,
     metric: Annotated[str, typer.Option(help="Budget on the mean or the p95 latency.")] = "mean",
     backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
     data: Annotated[
@@ -373,6 +385,7 @@ def calibrate(
         budget_fraction=fraction,
         max_drop=_parse_drop(max_drop) if max_drop else None,
         confidence=confidence,
+        precision=precision,
         metric=metric,
         backend=backend,
         data=data,

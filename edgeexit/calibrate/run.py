@@ -45,6 +45,7 @@ class CalibrationOptions:
     seed: int = 0
     iso_accuracy: bool = True
     max_drop: float | None = None  # accuracy drop vs the full model allowed (fraction: 0.005 = 0.5 pt)
+    precision: str | None = None  # the units to calibrate (int8 after `export --int8`); None: the backend's
     confidence: float = 0.95  # of the --max-drop promise
 
     def __post_init__(self) -> None:
@@ -203,7 +204,8 @@ def _images(manifest: dict, opts: CalibrationOptions) -> tuple:
 
 def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     remove_stale_temps(folder)  # what an interrupted calibration left (temporary stats, manifest, plot)
-    cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy)
+    extra = {"precision": opts.precision} if opts.precision else {}
+    cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy, **extra)
     try:
         frames, labels, name, calib_idx, verify_idx = _images(cascade.manifest, opts)
         calib_idx = calib_idx[: opts.limit] if opts.limit else calib_idx

@@ -49,8 +49,20 @@ class ExportOptions:
     force: bool = False
     data_dir: str | None = None
     calib_images: int = 5000  # held-out images stored in the artifact for on-device calibration
+    int8: bool = False  # also write Q/DQ INT8 units
+    int8_images: int = 512  # held-out images that calibrate the INT8 activation ranges
+    int8_method: str = "minmax"
+    int8_tolerance: float = 0.01  # largest per-exit accuracy drop INT8 vs FP32 (fraction) before failing
 
     def __post_init__(self) -> None:
+        from edgeexit.export.quantize import METHODS
+
+        if self.int8_method not in METHODS:
+            raise UserError(f"--int8-method must be one of {', '.join(METHODS)}, got '{self.int8_method}'")
+        if not 16 <= self.int8_images <= 10_000:
+            raise UserError(f"--int8-images must be within 16..10000, got {self.int8_images}")
+        if not (math.isfinite(self.int8_tolerance) and 0 <= self.int8_tolerance < 1):
+            raise UserError(f"--int8-tolerance must be within 0..1, got {self.int8_tolerance}")
         if not 0 <= self.calib_images <= 100_000:
             raise UserError(f"--calib-images must be within 0..100000, got {self.calib_images}")
         if self.fmt not in ("onnx", "engine"):
@@ -91,6 +103,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
         parity = _check_parity(model, heldout, tmp, units, opts, console)
         frames = write_calibration_frames(heldout, tmp, opts.calib_images, ckpt["split"]) if opts.calib_images else None
+        quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else None
         _write_weights(ckpt, tmp)
         if opts.fmt == "engine":
             from edgeexit.export.tensorrt import build_engines
@@ -117,6 +130,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             checkpoint=checkpoint,
         )
         manifest["calibration_frames"] = frames
+        manifest["quantization"] = quantization
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, dest)
     except BaseException:
@@ -244,6 +258,32 @@ def write_calibration_frames(heldout, folder: Path, limit: int, split: dict) -> 
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "bytes": path.stat().st_size,
     }
+
+
+def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, console) -> dict:
+    """INT8 Q/DQ units calibrated on the first ``int8_images`` held-out images, checked for
+    per-exit accuracy against FP32 on up to 1,000 other held-out images."""
+    from edgeexit.data import normalize
+    from edgeexit.export.quantize import int8_parity, quantize_units
+
+    t0 = time.perf_counter()
+    n = min(opts.int8_images, len(heldout) // 2)
+    images = normalize(heldout.images, heldout.mean, heldout.std).numpy().astype(np.float32)
+    settings = quantize_units(tmp, units, images[:n], opts.int8_method)
+    rest = slice(n, n + 1000)
+    parity = int8_parity(tmp, units, images[rest], heldout.labels[rest].numpy(), opts.int8_tolerance)
+    _stage(
+        console,
+        f"INT8 Q/DQ units ({opts.int8_method}, {n} calibration images): worst per-exit accuracy drop "
+        f"{parity['max_drop_pt']:.2f} pt on {parity['images']} held-out images",
+        t0,
+    )
+    if not parity["passed"]:
+        raise RuntimeError(
+            f"INT8 parity failed: an exit lost {parity['max_drop_pt']:.2f} pt > {100 * opts.int8_tolerance:.2f} pt; "
+            "try --int8-method entropy or percentile, more --int8-images, or a larger --int8-tolerance"
+        )
+    return {**settings, "parity": parity}
 
 
 def _write_weights(ckpt: dict, tmp: Path) -> None:

@@ -451,7 +451,16 @@ class Cascade:
         self.close()
 
 
-_FINGERPRINT_KEYS = ("backend", "backend_version", "device", "cpu", "gpu", "compute_capability", "jetson_power_mode")
+_FINGERPRINT_KEYS = (
+    "backend",
+    "backend_version",
+    "precision",
+    "device",
+    "cpu",
+    "gpu",
+    "compute_capability",
+    "jetson_power_mode",
+)
 
 
 def _fingerprint_changes(calibrated: dict | None, info) -> list[str]:

@@ -21,13 +21,13 @@ from edgeexit.runtime.plan import group_name
 from edgeexit.util import atomic_write, remove_stale_temps
 
 
-def units_digest(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> str:
+def units_digest(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> str:
     """sha256 (12 hex digits) of the segment files a fused graph is built from: the cache key, so a
     fused graph is never used with units other than its own (a new export copied over an old one)."""
     segments = [u for u in manifest["units"] if u["kind"] == "segment"]
     h = hashlib.sha256()
     for pos in range(first_pos, last_pos + 1):
-        h.update(artifact_file(folder, segments[pos]["onnx"]).read_bytes())
+        h.update(artifact_file(folder, segments[pos][key]).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -40,14 +40,14 @@ def fused_dir(folder: Path) -> Path | None:
     return d
 
 
-def fused_path(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> Path | None:
+def fused_path(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> Path | None:
     d = fused_dir(folder)
     if d is None:
         return None
-    return d / f"{group_name(first_pos, last_pos)}.{units_digest(folder, manifest, first_pos, last_pos)}.onnx"
+    return d / f"{group_name(first_pos, last_pos)}.{units_digest(folder, manifest, first_pos, last_pos, key)}.onnx"
 
 
-def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
+def build_fused(folder: Path, manifest: dict, k0: int, k1: int, key: str = "onnx") -> bytes:
     """Merge segments k0..k1 (0-based, inclusive) into one model; returns its serialised bytes."""
     import onnx
     from onnx import compose
@@ -56,7 +56,7 @@ def build_fused(folder: Path, manifest: dict, k0: int, k1: int) -> bytes:
     merged = None
     for k in range(k0, k1 + 1):
         unit = segments[k]
-        model = onnx.load(str(artifact_file(folder, unit["onnx"])))
+        model = onnx.load(str(artifact_file(folder, unit[key])))
         # Internal names (initialisers, intermediate edges) get a per-unit prefix so they cannot
         # collide; graph inputs and outputs keep their contract names so the units connect.
         model = _prefix_internal_names(compose.add_prefix(model, f"u{k + 1:02d}_"), f"u{k + 1:02d}_")
@@ -83,14 +83,14 @@ def _prefix_internal_names(model, prefix: str):
     return model
 
 
-def load_or_build(folder: Path, manifest: dict, first_pos: int, last_pos: int) -> bytes | str | None:
+def load_or_build(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> bytes | str | None:
     """A path to the cached fused model, freshly built bytes (cached when the artifact is writable),
     or None when it is not cached and the onnx package is missing."""
-    path = fused_path(folder, manifest, first_pos, last_pos)
+    path = fused_path(folder, manifest, first_pos, last_pos, key)
     if path is not None and path.is_file() and not path.is_symlink():
         return str(path)
     try:
-        data = build_fused(folder, manifest, first_pos, last_pos)
+        data = build_fused(folder, manifest, first_pos, last_pos, key)
     except ImportError:
         return None
     if path is not None:

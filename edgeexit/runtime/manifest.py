@@ -90,6 +90,8 @@ def _check_units(path: Path, folder: Path, manifest: dict) -> None:
         onnx_path = artifact_file(folder, u.get("onnx"))
         if not onnx_path.is_file():
             raise ArtifactError(f"{onnx_path} is missing: re-export the model")
+        if "onnx_int8" in u:
+            artifact_file(folder, u["onnx_int8"])
         for engine in u.get("engines") or []:
             artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
     if "weights" in manifest:

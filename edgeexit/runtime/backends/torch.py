@@ -17,8 +17,17 @@ from edgeexit.runtime.manifest import artifact_file
 
 class TorchBackend(Runner):
     def __init__(
-        self, manifest: dict, device: str | None = None, cuda_graphs: bool = True, max_graphs: int = 64
+        self,
+        manifest: dict,
+        device: str | None = None,
+        cuda_graphs: bool = True,
+        max_graphs: int = 64,
+        precision: str = "fp32",
     ) -> None:
+        if precision != "fp32":
+            from edgeexit.errors import UserError
+
+            raise UserError(f"the torch backend runs fp32 only, not {precision}: use --backend onnxruntime")
         import torch
 
         from edgeexit.models import MultiExitConfig, build_model

@@ -1,0 +1,55 @@
+"""INT8 units (issue 12, first part): Q/DQ export, accuracy parity, and the runtime running them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.manifest import load_manifest
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tiny_run, tmp_path_factory):
+    from edgeexit.export.exporter import export_checkpoint
+
+    dest = tmp_path_factory.mktemp("int8") / "model.edgeexit"
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=64, int8=True, int8_images=128)
+    return dest
+
+
+def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
+    m = load_manifest(int8_artifact)
+    q = m["quantization"]
+    assert q["format"] == "QDQ" and q["images"] == 128 and q["parity"]["passed"]
+    assert len(q["parity"]["exits"]) == 8 and q["parity"]["images"] == 472  # the other held-out images
+    for u in m["units"]:
+        assert (int8_artifact / u["onnx_int8"]).is_file()
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(int8_artifact / m["units"][0]["onnx_int8"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_the_runtime_runs_int8_units_close_to_fp32(int8_artifact, test_frames):
+    frames, labels = test_frames
+    th = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
+    fp32 = Cascade.load(int8_artifact, backend="onnxruntime", thresholds=th).predict_batch(frames)
+    c8 = Cascade.load(int8_artifact, backend="onnxruntime", thresholds=th, precision="int8")
+    assert c8.backend_info["precision"] == "int8"
+    int8 = c8.predict_batch(frames)
+    acc32 = np.mean([p.label == y for p, y in zip(fp32, labels, strict=True)])
+    acc8 = np.mean([p.label == y for p, y in zip(int8, labels, strict=True)])
+    assert abs(acc32 - acc8) <= 0.02
+    assert np.mean([a.label == b.label for a, b in zip(fp32, int8, strict=True)]) >= 0.9
+    single = [c8.predict(f).label for f in frames[:50]]  # fused INT8 groups on the frame path
+    assert single == [p.label for p in int8[:50]]
+
+
+def test_int8_is_refused_where_it_does_not_exist(artifact_copy):
+    from edgeexit.errors import ArtifactError, UserError
+
+    with pytest.raises(ArtifactError, match="--int8"):
+        Cascade.load(artifact_copy, backend="onnxruntime", precision="int8")
+    with pytest.raises(UserError, match="fp32 only"):
+        Cascade.load(artifact_copy, backend="torch", precision="int8")
