@@ -73,6 +73,7 @@ def bench_cascade(
     info = cascade.runner.info
     result = {
         "backend": info.name,
+        "precision": info.precision,
         "device": info.device,
         "batch": batch,
         "units": [{"name": n, **v} for n, v in units.items()],

@@ -431,6 +431,7 @@ def run(
         ),
     ] = "",
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
+    precision: PrecisionOpt = None,
     save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -441,7 +442,8 @@ def run(
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.sources import run_source
 
-    cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None)
+    extra = {"precision": precision} if precision else {}
+    cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None, **extra)
     console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
     summary = run_source(
         cascade,
@@ -466,13 +468,14 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Repetitions per unit.")] = 200,
     images: Annotated[int, typer.Option(help="Held-out images for the early-exit latency.")] = 500,
     data_dir: DataDirOpt = None,
+    precision: PrecisionOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Per-unit and cumulative per-exit latency; full cascade vs early exit at the current thresholds."""
     from edgeexit.bench import bench_cascade, bench_table
     from edgeexit.runtime import Cascade
 
-    cascade = Cascade.load(artifact, backend=backend)
+    cascade = Cascade.load(artifact, backend=backend, **({"precision": precision} if precision else {}))
     console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
     result = bench_cascade(
         cascade,

@@ -53,3 +53,31 @@ def test_int8_is_refused_where_it_does_not_exist(artifact_copy):
         Cascade.load(artifact_copy, backend="onnxruntime", precision="int8")
     with pytest.raises(UserError, match="fp32 only"):
         Cascade.load(artifact_copy, backend="torch", precision="int8")
+
+
+def test_run_and_bench_take_the_precision(int8_artifact, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(int8_artifact),
+            "--backend",
+            "onnxruntime",
+            "--precision",
+            "int8",
+            "--repeats",
+            "5",
+            "--images",
+            "0",
+            "--json",
+            str(tmp_path / "b.json"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "b.json").read_text())["precision"] == "int8"
