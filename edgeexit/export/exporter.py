@@ -117,8 +117,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
                 workspace_gib=opts.workspace_gib,
                 opt_batch=opts.opt_batch,
                 timing_cache=_previous_timing_cache(dest),
+                int8=opts.int8,
             )
-            precision = "fp16" if opts.half else "fp32"
+            precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
             _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
         manifest = build_manifest(
             ckpt,

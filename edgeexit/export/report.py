@@ -32,7 +32,7 @@ def info_table(manifest: dict, folder) -> Table:
             engines or "-",
         )
     cal = manifest.get("calibration")
-    lines = []
+    lines = _quantization_lines(manifest)
     parity = manifest.get("parity")
     if parity:
         lines.append(
@@ -51,3 +51,15 @@ def info_table(manifest: dict, folder) -> Table:
         lines.append("not calibrated: run `edgeexit calibrate ARTIFACT --budget 5ms`")
     t.caption = "\n".join(lines)
     return t
+
+
+def _quantization_lines(manifest: dict) -> list[str]:
+    q = manifest.get("quantization")
+    if not q:
+        return []
+    p = q["parity"]
+    return [
+        f"INT8 units: {q['format']}, weights {q['weights']}, activations {q['activations']}, {q['method']} "
+        f"ranges from {q['images']} images; heads {q['units']['heads']}; worst per-exit accuracy drop "
+        f"{p['max_drop_pt']:.2f} pt on {p['images']} held-out images (tolerance {p['tolerance_pt']:.2f} pt)"
+    ]

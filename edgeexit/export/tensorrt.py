@@ -49,6 +49,7 @@ def build_engines(
     workspace_gib: float,
     opt_batch: int = 1,
     timing_cache: Path | None = None,
+    int8: bool = False,
 ) -> None:
     """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``.
 
@@ -58,16 +59,19 @@ def build_engines(
     device = gpu_fingerprint()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    precision = "fp16" if half else "fp32"
+    precision = "int8" if int8 else ("fp16" if half else "fp32")
     if half and not builder.platform_has_fast_fp16:
         raise UserError(f"{device['name']} has no fast FP16: export without --half")
     cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     for unit in units:
-        network, parser = _parse(trt, builder, logger, folder / unit["onnx"])
+        # INT8: TensorRT's explicit quantization from the Q/DQ units (the same files ONNX Runtime runs)
+        network, parser = _parse(trt, builder, logger, folder / unit["onnx_int8" if int8 else "onnx"])
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-        if half:
-            config.set_flag(trt.BuilderFlag.FP16)
+        if half or int8:
+            config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
+        if int8:
+            config.set_flag(trt.BuilderFlag.INT8)
         cache = config.create_timing_cache(cache_bytes)
         if not config.set_timing_cache(cache, ignore_mismatch=False):
             raise RuntimeError("TensorRT refused the timing cache (built by another TensorRT or GPU?)")
