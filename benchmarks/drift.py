@@ -118,25 +118,16 @@ def main() -> None:
 
 
 def plot(rows: dict, budget: float, third: int, window: int, path: str) -> None:
-    import matplotlib
+    from plotting import figure, finish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+    fig, ax = figure((7, 3.6))
     for k, r in rows.items():
         x = (np.arange(len(r["window_means"])) + 0.5) * window
         ax.plot(x, r["window_means"], ".-", label=k)
     ax.axhline(budget, color="k", lw=1, label="budget B")
     ax.axhline(1.1 * budget, color="gray", lw=0.8, ls=":", label="1.10 · B")
     ax.axvspan(third, 2 * third, color="orange", alpha=0.15, label="2 busy processes")
-    ax.set_xlabel("frame")
-    ax.set_ylabel(f"mean latency per {window} frames (ms)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish(fig, ax, path, "frame", f"mean latency per {window} frames (ms)")
 
 
 if __name__ == "__main__":

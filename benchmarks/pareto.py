@@ -127,12 +127,9 @@ def report(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from plotting import figure, finish
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = figure((7, 4.2))
     for prefix, marker in (("cascade fp32", "o-"), ("cascade int8", "s-"), ("static", "^"), ("MLCSD full", "*")):
         for prec in ("fp32", "int8"):
             pts = [r for r in rows if r["name"].startswith(prefix) and prec in r["name"]]
@@ -147,13 +144,7 @@ def plot(rows: list[dict], path: str) -> None:
                     label=f"{prefix} {prec}" if not prefix.startswith("cascade") else prefix,
                     alpha=0.85,
                 )
-    ax.set_xlabel("mean latency per frame (ms, ORT CPU, 1 thread)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    finish(fig, ax, path, "mean latency per frame (ms, ORT CPU, 1 thread)", "test accuracy (%)")
 
 
 if __name__ == "__main__":
