@@ -291,3 +291,24 @@ def test_calibrating_an_artifact_without_a_recorded_split_says_what_to_do(artifa
     edit_manifest(artifact_copy, lambda m: (m.pop("split"), m.pop("calibration_frames")))
     res = cli("calibrate", artifact_copy, "--budget", "50%", "--backend", "onnxruntime")
     assert res.exit_code == 2 and "--split test" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["export", "{t}/model.pt", "--int8", "--int8-images", "0"], "--int8-images must be within 16..10000"),
+        (["export", "{t}/model.pt", "--int8", "--int8-method", "magic"], "--int8-method must be one of"),
+        (["run", "{a}", "--source", "{a}", "--precision", "int4"], "precision must be fp32 or int8"),
+        (["run", "{a}", "--source", "{a}", "--budget", "nan"], "cannot read budget"),
+        (["run", "{a}", "--source", "{a}", "--budget", "-2ms"], "cannot read budget"),
+        (["train", "--stem", "resnet", "--out", "{t}/r"], "--stem must be cifar or imagenet"),
+        (["train", "--data", "{t}", "--image-size", "5", "--out", "{t}/r"], "--image-size must be within 8..1024"),
+        (["train", "--init", "{t}/absent.pth", "--out", "{t}/r"], "hub/checkpoints"),
+        (["calibrate", "{a}", "--max-drop", "1.5"], "--max-drop must be within 0pt..100pt"),
+        (["calibrate", "{a}", "--max-drop", "0.5pt", "--confidence", "0.2"], "--confidence must be within"),
+    ],
+)
+def test_options_of_this_round_refuse_absurd_values(artifact_copy, tmp_path, args, match):
+    res = cli(*[a.format(a=artifact_copy, t=tmp_path) for a in args])
+    assert res.exit_code == 2, res.output
+    assert match in res.output

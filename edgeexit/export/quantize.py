@@ -24,7 +24,8 @@ METHODS = ("minmax", "entropy", "percentile")
 
 
 def _chain_inputs(folder: Path, units: list[dict], images: np.ndarray, suffix: str = "onnx") -> dict[str, list]:
-    """Every unit's inputs for ``images`` (batches of 32), running the chain of ``suffix`` files."""
+    """Every segment's inputs for ``images`` (batches of 32), running the chain of ``suffix`` files
+    (heads stay FP32, so their inputs are not collected)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -32,6 +33,7 @@ def _chain_inputs(folder: Path, units: list[dict], images: np.ndarray, suffix: s
     sessions = {
         u["name"]: ort.InferenceSession(str(folder / u[suffix]), opts, providers=["CPUExecutionProvider"])
         for u in units
+        if u["kind"] == "segment"
     }
     by_name = {u["name"]: u for u in units}
     feeds: dict[str, list] = {u["name"]: [] for u in units}
@@ -39,11 +41,10 @@ def _chain_inputs(folder: Path, units: list[dict], images: np.ndarray, suffix: s
     for start in range(0, len(images), 32):
         state = (images[start : start + 32],)
         for pos in range(k):
-            seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
+            seg = by_name[segment_name(pos)]
             feed = {i["name"]: s for i, s in zip(seg["inputs"], state, strict=True)}
             feeds[seg["name"]].append(feed)
             state = tuple(sessions[seg["name"]].run(None, feed))
-            feeds[head["name"]].append({head["inputs"][0]["name"]: state[-1]})
     return feeds
 
 
