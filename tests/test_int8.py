@@ -32,6 +32,30 @@ def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+def test_convs_reading_few_channels_stay_fp32(int8_artifact):
+    """A conv reading <= 4 channels (the stem on a gray or RGB image; the tiny model's 4-channel first
+    stage) stays FP32, measured faster there; every other conv is quantized."""
+    import onnx
+
+    from edgeexit.export.quantize import narrow_input_convs
+
+    segments = [u for u in load_manifest(int8_artifact)["units"] if u["kind"] == "segment"]
+    for unit in (segments[0], segments[3]):  # tiny model: 1 -> 4 -> 4 channels, then 8 channels
+        fp32 = onnx.load(str(int8_artifact / unit["onnx"])).graph
+        widths = {t.name: t.dims[1] for t in fp32.initializer if len(t.dims) == 4}
+        convs = [n for n in fp32.node if n.op_type == "Conv"]
+        narrow = set(narrow_input_convs(int8_artifact / unit["onnx"]))
+        assert narrow == {n.name for n in convs if widths[n.input[1]] <= 4}
+        graph = onnx.load(str(int8_artifact / unit["onnx_int8"])).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        for node in (n for n in graph.node if n.op_type == "Conv"):
+            weight_quantized = producers.get(node.input[1]) == "DequantizeLinear"
+            assert weight_quantized == (node.name not in narrow), node.name
+    assert narrow_input_convs(int8_artifact / segments[0]["onnx"]) and not narrow_input_convs(
+        int8_artifact / segments[3]["onnx"]
+    )
+
+
 def test_the_runtime_runs_int8_units_close_to_fp32(int8_artifact, test_frames):
     frames, labels = test_frames
     th = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]

@@ -155,6 +155,20 @@ def test_preprocessing_normalises_like_training(fashion_test):
     np.testing.assert_allclose(x, normalised(fashion_test, 1)[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("chans", [1, 3])
+def test_uint8_lookup_is_bit_identical_to_the_arithmetic(chans):
+    """The lookup-table path gives exactly (v/255 - mean)/std in float32 for every byte and channel."""
+    mean, std = [0.485, 0.456, 0.406][:chans], [0.229, 0.224, 0.225][:chans]
+    pre = Preprocessor({"in_chans": chans, "input_size": [16, 16], "mean": mean, "std": std})
+    every_byte = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    frame = np.stack([np.roll(every_byte, 37 * c) for c in range(chans)], axis=2)  # each byte in each channel
+    ref = (frame.astype(np.float32) * (1.0 / 255.0)).transpose(2, 0, 1)
+    ref = (ref - np.float32(mean).reshape(-1, 1, 1)) / np.float32(std).reshape(-1, 1, 1)
+    out = pre(frame)
+    assert out.dtype == np.float32 and out.shape == (chans, 16, 16) and out.flags.c_contiguous
+    assert np.array_equal(out, ref.astype(np.float32))
+
+
 def test_deadline_returns_the_best_exit_in_time(tiny_artifact, test_frames):
     frames, _ = test_frames
     c = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=[2.0] * K)
