@@ -289,7 +289,8 @@ def test_close_while_other_threads_predict_does_not_crash(tiny_artifact, test_fr
         c.predict(frames[0])
 
 
-def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
+def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
+    """Each evaluated exit's segments and head run as one graph: same answers as unit by unit."""
     from edgeexit.runtime.fusion import fused_path
     from edgeexit.runtime.plan import segment_groups
 
@@ -300,10 +301,17 @@ def test_fused_segments_give_the_same_predictions(artifact_copy, test_frames):
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False)
     fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, unit_timing=True)
     m = plain.manifest
-    assert fused_path(artifact_copy, m, 1, 3).is_file() and fused_path(artifact_copy, m, 4, 7).is_file()
+    for first, last in ((0, 0), (1, 3), (4, 7)):
+        assert fused_path(artifact_copy, m, first, last, head=True).is_file()
+        assert not fused_path(artifact_copy, m, first, last).is_file()  # segments-only graphs are not built
+    assert set(fused.backend._fused) == {(0, 0), (1, 3), (4, 7)}
     a, b = plain.predict_batch(frames), fused.predict_batch(frames)
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
     np.testing.assert_allclose([p.confidence for p in a], [p.confidence for p in b], atol=1e-5)
+    singles = [fused.predict(f) for f in frames[:100]]  # the frame path: one call per evaluated exit
+    assert [(p.label, p.exit_index) for p in singles] == [(p.label, p.exit_index) for p in a[:100]]
+    np.testing.assert_allclose([p.confidence for p in singles], [p.confidence for p in a[:100]], atol=1e-5)
+    assert len({p.exit_index for p in singles}) == 3
     one = fused.predict(frames[0])
     assert "seg_05-08" in one.unit_latency_ms or "seg_02-04" in one.unit_latency_ms
     # a runtime without the onnx package still uses the cached fused graphs

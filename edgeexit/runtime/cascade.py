@@ -265,13 +265,11 @@ class Cascade:
         last = self.num_exits - 1
         state = runner.from_host(x)
         for first, pos in plan.groups:
-            if first == pos:
-                state = runner.run_segment(pos, state)
-            elif fused:
-                state = runner.run_segments(first, pos, state)
+            if fused:
+                state, head = runner.run_exit(first, pos, state)
             else:
                 state = Runner.run_segments(runner, first, pos, state)
-            head = runner.run_head(pos, state[-1])
+                head = runner.run_head(pos, state[-1])
             conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
             if pos == last or conf >= th[pos]:
                 label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
@@ -387,10 +385,10 @@ class Cascade:
         state = runner.from_host(x)
         for first, pos in plan.groups:
             if self._fuse:
-                state = runner.run_segments(first, pos, state)
+                state, head = runner.run_exit(first, pos, state)
             else:
                 state = Runner.run_segments(runner, first, pos, state)
-            head = runner.run_head(pos, state[-1])
+                head = runner.run_head(pos, state[-1])
             conf = self.confidence(head)
             done = np.ones(len(active), dtype=bool) if pos == last else conf >= plan.thresholds[pos]
             rows = np.flatnonzero(done)

@@ -21,13 +21,21 @@ from edgeexit.runtime.plan import group_name
 from edgeexit.util import atomic_write, remove_stale_temps
 
 
-def units_digest(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> str:
-    """sha256 (12 hex digits) of the segment files a fused graph is built from: the cache key, so a
-    fused graph is never used with units other than its own (a new export copied over an old one)."""
+def _units(manifest: dict, first_pos: int, last_pos: int, head: bool) -> list[dict]:
+    """The units a fused graph is made of: segments first..last, then head ``last`` if asked."""
     segments = [u for u in manifest["units"] if u["kind"] == "segment"]
+    heads = [u for u in manifest["units"] if u["kind"] == "head"]
+    return segments[first_pos : last_pos + 1] + ([heads[last_pos]] if head else [])
+
+
+def units_digest(
+    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
+) -> str:
+    """sha256 (12 hex digits) of the unit files a fused graph is built from: the cache key, so a
+    fused graph is never used with units other than its own (a new export copied over an old one)."""
     h = hashlib.sha256()
-    for pos in range(first_pos, last_pos + 1):
-        h.update(artifact_file(folder, segments[pos][key]).read_bytes())
+    for unit in _units(manifest, first_pos, last_pos, head):
+        h.update(artifact_file(folder, unit[key]).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -40,31 +48,40 @@ def fused_dir(folder: Path) -> Path | None:
     return d
 
 
-def fused_path(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> Path | None:
+def fused_path(
+    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
+) -> Path | None:
     d = fused_dir(folder)
     if d is None:
         return None
-    return d / f"{group_name(first_pos, last_pos)}.{units_digest(folder, manifest, first_pos, last_pos, key)}.onnx"
+    name = group_name(first_pos, last_pos) + ("+head" if head else "")
+    return d / f"{name}.{units_digest(folder, manifest, first_pos, last_pos, key, head)}.onnx"
 
 
-def build_fused(folder: Path, manifest: dict, k0: int, k1: int, key: str = "onnx") -> bytes:
-    """Merge segments k0..k1 (0-based, inclusive) into one model; returns its serialised bytes."""
+def build_fused(folder: Path, manifest: dict, k0: int, k1: int, key: str = "onnx", head: bool = False) -> bytes:
+    """Merge segments k0..k1 (0-based, inclusive), and head k1 when ``head``, into one model whose
+    outputs are segment k1's outputs, then the head's; returns its serialised bytes."""
     import onnx
     from onnx import compose
 
-    segments = [u for u in manifest["units"] if u["kind"] == "segment"]
+    units = _units(manifest, k0, k1, head)
     merged = None
-    for k in range(k0, k1 + 1):
-        unit = segments[k]
+    for n, unit in enumerate(units):
         model = onnx.load(str(artifact_file(folder, unit[key])))
         # Internal names (initialisers, intermediate edges) get a per-unit prefix so they cannot
         # collide; graph inputs and outputs keep their contract names so the units connect.
-        model = _prefix_internal_names(compose.add_prefix(model, f"u{k + 1:02d}_"), f"u{k + 1:02d}_")
+        model = _prefix_internal_names(compose.add_prefix(model, f"u{n:02d}_"), f"u{n:02d}_")
         if merged is None:
             merged = model
+            continue
+        previous = units[n - 1]["outputs"]
+        if unit["kind"] == "head":  # the head reads the tap (the last output) and the state stays an output
+            io_map = [(previous[-1]["name"], unit["inputs"][0]["name"])]
+            outputs = [o["name"] for o in (*previous, *unit["outputs"])]
         else:
-            io_map = [(o["name"], i["name"]) for o, i in zip(segments[k - 1]["outputs"], unit["inputs"], strict=True)]
-            merged = compose.merge_models(merged, model, io_map=io_map, name=group_name(k0, k1))
+            io_map = [(o["name"], i["name"]) for o, i in zip(previous, unit["inputs"], strict=True)]
+            outputs = None
+        merged = compose.merge_models(merged, model, io_map=io_map, outputs=outputs, name=group_name(k0, k1))
     onnx.checker.check_model(merged)
     return merged.SerializeToString()
 
@@ -83,14 +100,16 @@ def _prefix_internal_names(model, prefix: str):
     return model
 
 
-def load_or_build(folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx") -> bytes | str | None:
+def load_or_build(
+    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
+) -> bytes | str | None:
     """A path to the cached fused model, freshly built bytes (cached when the artifact is writable),
     or None when it is not cached and the onnx package is missing."""
-    path = fused_path(folder, manifest, first_pos, last_pos, key)
+    path = fused_path(folder, manifest, first_pos, last_pos, key, head)
     if path is not None and path.is_file() and not path.is_symlink():
         return str(path)
     try:
-        data = build_fused(folder, manifest, first_pos, last_pos, key)
+        data = build_fused(folder, manifest, first_pos, last_pos, key, head)
     except ImportError:
         return None
     if path is not None:

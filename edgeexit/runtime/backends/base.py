@@ -9,6 +9,8 @@ call only these methods; none of them probes a backend with ``hasattr``.
 - ``run_segment(pos, state) -> state`` and ``run_head(pos, tap) -> HeadOutput`` (0-based positions);
 - ``run_segments(first_pos, last_pos, state)``: segments first..last back to back; the default runs
   them one by one, a runner that fuses them overrides it (and says so in ``info.fuses``);
+- ``run_exit(first_pos, pos, state) -> (state, HeadOutput)``: segments first..pos, then head pos;
+  the default calls the two above, a runner that fuses may run them as one graph call;
 - ``prepare(plan, fuse)``: called before a new `CascadePlan` is used (build fused graphs, ...);
 - ``take(state, rows)``: keep only ``rows`` of every state tensor (batch compaction);
 - ``synchronize()``: wait for queued device work (timing); ``close()``: free everything.
@@ -30,7 +32,7 @@ class RunnerInfo:
     device: str  # CPU model or GPU name
     precision: str = "fp32"
     max_batch: int | None = None  # None: no limit but memory
-    fuses: bool = False  # run_segments fuses the segments it is given into one call
+    fuses: bool = False  # run_segments / run_exit fuse the units they are given into one call
     extra: dict = field(default_factory=dict)  # e.g. compute_capability for GPUs
 
 
@@ -79,6 +81,12 @@ class Runner(ABC):
         for pos in range(first_pos, last_pos + 1):
             state = self.run_segment(pos, state)
         return state
+
+    def run_exit(self, first_pos: int, pos: int, state: tuple) -> tuple[tuple, HeadOutput]:
+        """Segments first..pos, then head pos: the work of one evaluated exit. Runners that fuse
+        may override it with one call."""
+        state = self.run_segments(first_pos, pos, state) if first_pos != pos else self.run_segment(pos, state)
+        return state, self.run_head(pos, state[-1])
 
     def prepare(self, plan, fuse: bool) -> None:  # noqa: B027 - optional hook, default: nothing to do
         """Called with a new `CascadePlan` before it is used."""

@@ -118,41 +118,48 @@ class OnnxRuntimeBackend(Runner):
         return self._run(*self._segments[k], state)
 
     def prepare(self, plan, fuse: bool) -> None:
-        """Fuse the segments of each of ``plan``'s groups into one session (see runtime/fusion.py)."""
+        """Fuse each of ``plan``'s groups, its segments and the head it ends at, into one session
+        (see runtime/fusion.py): one ONNX Runtime call per evaluated exit."""
         if not fuse:
             return
         for first, last in plan.groups:
-            if first == last or (first, last) in self._fused:
-                continue
-            self._fuse(first, last)
+            if (first, last) not in self._fused:
+                self._fuse(first, last)
 
     def _fuse(self, first: int, last: int) -> None:
         from edgeexit.runtime.fusion import load_or_build
 
         try:
-            source = load_or_build(self._folder, self._manifest, first, last, self._key)
+            source = load_or_build(self._folder, self._manifest, first, last, self._key, head=True)
         except Exception:  # fusion is an optimisation: never fail the cascade for it
             source = None
         if source is None:
             return
         sess = _ort().InferenceSession(source, self._opts, providers=self._providers)
+        state_out = self._segments[last][2]
         # one assignment: a thread running the cascade sees either no entry or a complete one
-        self._fused[(first, last)] = (sess, self._segments[first][1], self._segments[last][2])
+        self._fused[(first, last)] = (sess, self._segments[first][1], state_out + self._heads[last][2], len(state_out))
 
-    def run_segments(self, first_pos: int, last_pos: int, state: tuple) -> tuple:
-        """Segments first..last (inclusive): one fused session when prepared, else one by one."""
-        fused = self._fused.get((first_pos, last_pos))
+    def run_exit(self, first_pos: int, pos: int, state: tuple) -> tuple[tuple, HeadOutput]:
+        """Segments first..pos and head pos: one call when prepared, else unit by unit."""
+        fused = self._fused.get((first_pos, pos))
         if fused is None:
-            return super().run_segments(first_pos, last_pos, state)
-        return self._run(*fused, state)
+            return super().run_exit(first_pos, pos, state)
+        sess, names, outs, n = fused
+        out = self._run(sess, names, outs, state)
+        return out[:n], self._head_output(out[n], out[n + 1])
+
+    def _head_output(self, logits, confidence) -> HeadOutput:
+        if not self._bind:
+            return HeadOutput(confidence, logits)
+        return HeadOutput(confidence.numpy(), logits, _fetch_rows)
 
     def run_head(self, k: int, tap) -> HeadOutput:
         sess, names, outs = self._heads[k]
         if not self._bind:
             logits, confidence = sess.run(outs, {names[0]: tap})
             return HeadOutput(confidence, logits)
-        logits, confidence = self._run(sess, names, outs, (tap,))
-        return HeadOutput(confidence.numpy(), logits, _fetch_rows)
+        return self._head_output(*self._run(sess, names, outs, (tap,)))
 
     def take(self, state: tuple, rows: np.ndarray) -> tuple:
         if not self._bind:
