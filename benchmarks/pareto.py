@@ -6,7 +6,7 @@
    --epochs, --limit-train) at several widths: a network used only at its final exit, trained with
    CE on that exit alone (method ce, γ = 0), exported FP32 and INT8.
 2. The MLCSD model (the given checkpoint) exported FP32 and INT8 and calibrated on each precision
-   (ONNX Runtime CPU, 1 thread): the 16 plans of the calibration ladder are its operating points.
+   (ONNX Runtime CPU, 1 thread): the --ladder (32) plans of the calibration ladder are its operating points.
 3. Everything timed frame by frame (`Cascade.predict`, preprocessing included) on the same test
    images, in interleaved rounds (median latency), with accuracy on those images.
 Prints a table and, at each static network's latency, the best cascade plan that is no slower.
@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=20000)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ladder", type=int, default=32, help="budgets in the calibration ladder (operating points)")
     ap.add_argument("--out", default="runs/pareto")
     ap.add_argument("--png", default=None)
     ap.add_argument("--reuse", action="store_true", help="keep static baselines already trained in --out")
@@ -73,8 +74,15 @@ def main() -> None:
             points[f"static w={w:g} {prec}"] = (c, CascadePlan.full_model(c.num_exits))
     mlcsd = export(Path(args.checkpoint), out / "mlcsd.edgeexit")
     for prec in ("fp32", "int8"):
-        # the ladder (16 plans from the cheapest cascade to the full model) does not depend on the budget
-        cal = run_calibration(mlcsd, budget_fraction=0.9, backend="onnxruntime", precision=prec, iso_accuracy=False)
+        # the ladder (--ladder plans from the cheapest cascade up) does not depend on the budget
+        cal = run_calibration(
+            mlcsd,
+            budget_fraction=0.9,
+            backend="onnxruntime",
+            precision=prec,
+            iso_accuracy=False,
+            ladder_steps=args.ladder,
+        )
         c = Cascade.load(mlcsd, backend="onnxruntime", precision=prec)
         seen = set()
         for row in cal["ladder"]:

@@ -38,6 +38,10 @@ def test_calibration_result_and_manifest(calibrated):
     assert cal["device"]["cpu"] and cal["device"]["backend_version"]
     assert (dest / "calibration.png").stat().st_size > 1000
     assert list(dest.glob("calibration_stats.*.npz"))
+    # ONNX Runtime fuses each evaluated exit's units into one call: every such group is timed
+    groups = cal["latency"]["exit_groups"]
+    assert len(groups) == 8 * 9 // 2 and "seg_02-04+head_04" in groups and "seg_01+head_01" in groups
+    assert all(g["p50_ms"] > 0 for g in groups.values())
 
 
 def test_a_loaded_cascade_uses_the_calibrated_thresholds(calibrated, test_frames):

@@ -114,3 +114,42 @@ def test_geometric_thresholds_follow_the_geometric_shares():
     p = 0.5 ** np.arange(1, 5)
     p /= p.sum()
     np.testing.assert_allclose(shares[:3], p[:3], atol=0.002)
+
+
+def fused_costs(cost: CostModel, saving_ms: float = 0.04) -> CostModel:
+    """A fused cost model: group a..b costs its units' sum, less ``saving_ms`` per boundary fused away
+    (the call and the (de)quantisation that fusion removes)."""
+    k = cost.num_exits
+    groups = np.full((k, k), np.nan)
+    for a in range(k):
+        for b in range(a, k):
+            groups[a, b] = cost.segment_ms[a : b + 1].sum() + cost.head_ms[b] - saving_ms * (b - a)
+    return CostModel(cost.segment_ms, cost.head_ms, cost.decision_ms, cost.overhead_ms, group_ms=groups)
+
+
+def test_fused_group_costs_add_up_per_evaluated_exit():
+    units = CostModel(segment_ms=[1.0, 2.0, 3.0], head_ms=[0.5, 0.25, 0.125], decision_ms=0.01, overhead_ms=0.1)
+    same = fused_costs(units, saving_ms=0.0)  # groups that cost exactly their units: the same model
+    for mask in itertools.product([False, True], repeat=2):
+        ev = np.array([*mask, True])
+        np.testing.assert_allclose(same.exit_costs(ev)[ev], units.exit_costs(ev)[ev])
+    fused = fused_costs(units, saving_ms=0.2)
+    # exits 1 and 3 evaluated: group (1,1), then group (2,3) fusing one boundary away
+    np.testing.assert_allclose(
+        fused.exit_costs(np.array([True, False, True]))[[0, 2]],
+        [0.1 + 1.5 + 0.01, 0.1 + 1.5 + 0.01 + 5.125 - 0.2 + 0.01],
+    )
+    assert fused.full_ms() == pytest.approx(0.1 + 6.125 - 0.4 + 0.01)
+    assert fused.min_ms() == pytest.approx(units.min_ms())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_optimizer_matches_brute_force_with_fused_costs(seed):
+    conf, correct, cost = synthetic(n=24, k=3, seed=200 + seed)
+    conf = np.round(conf, 2)
+    cost = fused_costs(cost, saving_ms=0.15)
+    budget = cost.min_ms() + 0.5 * (cost.exit_costs(np.ones(3, bool))[-1] - cost.min_ms())
+    best = brute_force(conf, correct, cost, budget)
+    sol, _ = optimize(conf, correct, cost, budget)
+    assert sol.mean_ms <= budget + 1e-9
+    assert sol.accuracy == pytest.approx(best.accuracy, abs=1e-12)

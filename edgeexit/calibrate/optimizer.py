@@ -55,26 +55,44 @@ class CostModel:
     head_ms: np.ndarray
     decision_ms: float = 0.0
     overhead_ms: float = 0.0
+    # On a runner that fuses: group_ms[a, b] = segments a..b and head b run as one call (0-based,
+    # a <= b). Then an exit's cost is the sum of the groups the plan makes up to it, not of units.
+    group_ms: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.segment_ms = np.asarray(self.segment_ms, dtype=np.float64)
         self.head_ms = np.asarray(self.head_ms, dtype=np.float64)
+        if self.group_ms is not None:
+            self.group_ms = np.asarray(self.group_ms, dtype=np.float64)
 
     @property
     def num_exits(self) -> int:
         return len(self.segment_ms)
 
     def exit_costs(self, evaluated: np.ndarray) -> np.ndarray:
-        """Latency of a sample leaving at exit k (0-based), given which heads are evaluated."""
-        per = self.segment_ms + np.where(evaluated, self.head_ms + self.decision_ms, 0.0)
-        return self.overhead_ms + np.cumsum(per)
+        """Latency of a sample leaving at exit k (0-based), given which heads are evaluated (for an
+        exit not evaluated: what it would cost if it were, the rest of the plan unchanged)."""
+        if self.group_ms is None:
+            per = self.segment_ms + np.where(evaluated, self.head_ms + self.decision_ms, 0.0)
+            return self.overhead_ms + np.cumsum(per)
+        out = np.empty(self.num_exits)
+        done, start = self.overhead_ms, 0
+        for pos in range(self.num_exits):
+            out[pos] = done + self.group_ms[start, pos] + self.decision_ms
+            if evaluated[pos]:
+                done, start = out[pos], pos + 1
+        return out
 
     def full_ms(self) -> float:
         """Backbone + final head only (every intermediate exit skipped): the plain model."""
+        if self.group_ms is not None:
+            return float(self.overhead_ms + self.group_ms[0, -1] + self.decision_ms)
         return float(self.overhead_ms + self.segment_ms.sum() + self.head_ms[-1] + self.decision_ms)
 
     def min_ms(self) -> float:
         """Cheapest possible cascade: everything leaves at exit 1."""
+        if self.group_ms is not None:
+            return float(self.overhead_ms + self.group_ms[0, 0] + self.decision_ms)
         return float(self.overhead_ms + self.segment_ms[0] + self.head_ms[0] + self.decision_ms)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from edgeexit.runtime.plan import head_name, segment_name
+from edgeexit.runtime.profiling import exit_group_name
 
 
 def calibration_table(result: dict) -> Table:
@@ -22,13 +23,9 @@ def calibration_table(result: dict) -> Table:
     t.add_column("share exiting", justify="right")
     t.add_column("cum. latency ms", justify="right")
     t.add_column("measured share", justify="right")
-    cum = result["latency"]["frame_overhead_ms"]
     field = "mean_ms" if result["metric"] == "mean" else "p95_ms"
-    for k, th in enumerate(result["thresholds"]):
-        cum += units[segment_name(k)][field]
+    for k, (th, cum) in enumerate(zip(result["thresholds"], _cumulative_ms(result, units, field), strict=True)):
         evaluated = (k + 1) in result["evaluated_exits"]
-        if evaluated:
-            cum += units[head_name(k)][field] + result["latency"]["decision_ms"]
         last = k == len(result["thresholds"]) - 1
         t.add_row(
             str(k + 1),
@@ -40,6 +37,26 @@ def calibration_table(result: dict) -> Table:
         )
     t.caption = "\n".join(_caption_lines(result))
     return t
+
+
+def _cumulative_ms(result: dict, units: dict, field: str) -> list[float]:
+    """Predicted latency of a frame leaving at each exit under the chosen plan: fused exit groups
+    where the runner fuses (see runtime/profiling.py), else the units one by one."""
+    lat, out = result["latency"], []
+    groups, evaluated = lat.get("exit_groups"), result["evaluated_exits"]
+    done = cum = lat["frame_overhead_ms"]
+    start = 0
+    for k in range(len(result["thresholds"])):
+        if groups is not None:
+            cum = done + groups[exit_group_name(start, k)][field] + lat["decision_ms"]
+        else:
+            cum += units[segment_name(k)][field] + (
+                (units[head_name(k)][field] + lat["decision_ms"]) if (k + 1) in evaluated else 0.0
+            )
+        out.append(cum)
+        if (k + 1) in evaluated:
+            done, start = cum, k + 1
+    return out
 
 
 def _caption_lines(result: dict) -> list[str]:

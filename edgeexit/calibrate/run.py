@@ -20,7 +20,12 @@ from edgeexit.runtime import Cascade
 from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.manifest import write_manifest
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
-from edgeexit.runtime.profiling import frame_overhead_ms
+from edgeexit.runtime.profiling import (
+    exit_group_name,
+    frame_overhead_ms,
+    fused_frame_overhead_ms,
+    profile_exit_groups,
+)
 from edgeexit.util import atomic_write, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
@@ -47,6 +52,7 @@ class CalibrationOptions:
     max_drop: float | None = None  # accuracy drop vs the full model allowed (fraction: 0.005 = 0.5 pt)
     precision: str | None = None  # the units to calibrate (int8 after `export --int8`); None: the backend's
     confidence: float = 0.95  # of the --max-drop promise
+    ladder_steps: int = 16  # plans in the ladder (the budget controller's rungs; benchmarks ask for more)
 
     def __post_init__(self) -> None:
         from edgeexit.runtime.policies import POLICIES
@@ -57,6 +63,8 @@ class CalibrationOptions:
             raise UserError("give --budget (5ms, 50%), --max-drop (0.5pt), or both")
         if self.max_drop is not None and not (0 <= self.max_drop < 1):
             raise UserError(f"--max-drop must be within 0pt..100pt, got {self.max_drop}")
+        if not 2 <= self.ladder_steps <= 200:
+            raise UserError(f"ladder_steps must be within 2..200, got {self.ladder_steps}")
         if not 0.5 <= self.confidence < 1:
             raise UserError(f"--confidence must be within 0.5..0.999, got {self.confidence}")
         for name in ("budget_ms", "budget_fraction"):
@@ -155,6 +163,7 @@ class _Session:
     verify_idx: np.ndarray
     profile: dict | None = None
     overhead_ms: float = 0.0
+    groups: dict | None = None  # fused exit groups' latency, on a runner that fuses
     conf: np.ndarray | None = None
     correct: np.ndarray | None = None
 
@@ -232,7 +241,16 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
         task = prog.add_task("profiling units", total=cascade.num_exits)
         s.profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
         p50 = {n: v["p50_ms"] for n, v in s.profile["units"].items()}
-        s.overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
+        if cascade.fuse and cascade.runner.info.fuses:  # what runs is timed: each evaluated exit's call
+            k = cascade.num_exits
+            task = prog.add_task("profiling fused exit groups", total=k)
+            s.groups = profile_exit_groups(
+                cascade, x_calib[0], opts.repeats, progress=lambda n: prog.update(task, completed=n)
+            )
+            first = s.groups[exit_group_name(0, 0)]["p50_ms"]
+            s.overhead_ms = fused_frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], first)
+        else:
+            s.overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
             f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
@@ -256,11 +274,18 @@ def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progr
 def _cost_model(s: _Session, metric: str) -> CostModel:
     field = "mean_ms" if metric == "mean" else "p95_ms"
     units, k = s.profile["units"], s.cascade.num_exits
+    groups = None
+    if s.groups is not None:
+        groups = np.full((k, k), np.nan)
+        for a in range(k):
+            for b in range(a, k):
+                groups[a, b] = s.groups[exit_group_name(a, b)][field]
     return CostModel(
         segment_ms=[units[segment_name(pos)][field] for pos in range(k)],
         head_ms=[units[head_name(pos)][field] for pos in range(k)],
         decision_ms=s.profile["decision"][field],
         overhead_ms=s.overhead_ms,
+        group_ms=groups,
     )
 
 
@@ -403,17 +428,14 @@ def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> di
     }
 
 
-LADDER_BUDGETS = 16
-
-
 def _ladder(s: _Session, opts, cost: CostModel) -> list[dict]:
-    """The most accurate plan at LADDER_BUDGETS budgets from the cheapest cascade to the full model:
+    """The most accurate plan at ``ladder_steps`` budgets from the cheapest cascade to every exit evaluated:
     what the runtime's budget controller moves along when the device slows down or recovers."""
     from edgeexit.calibrate.optimizer import plan_ladder
 
     hi = cost.exit_costs(np.ones(cost.num_exits, bool))[-1]
     rows = []
-    for budget, sol in plan_ladder(s.conf, s.correct, cost, cost.min_ms(), hi, LADDER_BUDGETS, opts.metric):
+    for budget, sol in plan_ladder(s.conf, s.correct, cost, cost.min_ms(), hi, opts.ladder_steps, opts.metric):
         rows.append(
             {
                 "budget_ms": budget,
@@ -437,6 +459,7 @@ def _report_extras(s: _Session, opts, cost: CostModel, frontier: list[Solution])
             "units": s.profile["units"],
             "decision_ms": s.profile["decision"]["mean_ms"],
             "frame_overhead_ms": s.overhead_ms,
+            **({"exit_groups": s.groups} if s.groups is not None else {}),
         },
         "data": {
             "dataset": s.dataset,

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
+from edgeexit.runtime.plan import SKIP, CascadePlan, group_name, head_name, segment_name
 
 
 def latency_stats(samples_ms) -> dict:
@@ -80,3 +80,40 @@ def frame_overhead_ms(cascade, frame, unit_p50: dict, repeats: int = 100) -> flo
     lat = time_call(lambda: plain.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
     units = sum(unit_p50[segment_name(pos)] for pos in range(k)) + unit_p50[head_name(k - 1)]
     return max(0.0, lat - units)
+
+
+def exit_group_name(first_pos: int, last_pos: int) -> str:
+    """``seg_02-04+head_04``: segments 2..4 and head 4, run as one call."""
+    return f"{group_name(first_pos, last_pos)}+{head_name(last_pos)}"
+
+
+def profile_exit_groups(cascade, image: np.ndarray, repeats: int, min_seconds: float = 0.1, progress=None) -> dict:
+    """On a runner that fuses, the latency of every group a plan can make: segments a..b and head b,
+    the one call the cascade makes per evaluated exit. What runs is what is timed: fusion removes
+    the calls and the (de)quantisation between units, which unit-by-unit timing would charge."""
+    runner, k = cascade.runner, cascade.num_exits
+    states = [runner.from_host(np.ascontiguousarray(image[None], dtype=np.float32))]
+    for pos in range(k - 1):
+        states.append(runner.run_segment(pos, states[-1]))
+    groups: dict[str, dict] = {}
+    for first in range(k):
+        for last in range(first, k):
+            th = [SKIP] * (k - 1) + [0.0]
+            th[last] = 0.0
+            if first > 0:
+                th[first - 1] = 0.0
+            runner.prepare(CascadePlan.from_thresholds(th), True)  # builds (or loads) the fused graph
+            groups[exit_group_name(first, last)] = time_call(
+                lambda a=first, b=last: runner.run_exit(a, b, states[a]), runner.synchronize, repeats, min_seconds
+            )
+        if progress is not None:
+            progress(first + 1)
+    return groups
+
+
+def fused_frame_overhead_ms(cascade, frame, first_group_p50: float, repeats: int = 200) -> float:
+    """Per-frame cost outside the group calls: ``predict`` of the cheapest plan as it runs (fused)
+    minus its one group call."""
+    cheapest = cascade.derive(CascadePlan.first_exit(cascade.num_exits), fuse=True)
+    lat = time_call(lambda: cheapest.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
+    return max(0.0, lat - first_group_p50)
