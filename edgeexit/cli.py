@@ -157,6 +157,13 @@ MaxDropOpt = Annotated[
         "--confidence: 0.5pt or 0.005. With --budget: the cheapest plan meeting both.",
     ),
 ]
+ExitsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="8 = paper layout (two taps per stage), 4 = stage outputs, 9 = paper layout plus a cheap first "
+        "exit inside block 1 (stem + one conv: the low-latency end)."
+    ),
+]
 StemOpt = Annotated[
     str | None,
     typer.Option(
@@ -188,7 +195,7 @@ JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the num
 def train(
     data: DataOpt = "fashion-mnist",
     method: Annotated[str, typer.Option(help="ce (MEN), sd (final exit teaches), byot, or mlcsd.")] = "mlcsd",
-    exits: Annotated[int | None, typer.Option(help="8 = paper layout (two taps per stage), 4 = stage outputs.")] = None,
+    exits: ExitsOpt = None,
     width: Annotated[float | None, typer.Option(help="Channel width multiplier (1.0 = ResNet18).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 240 paper, 2 Fashion-MNIST).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size per process.")] = None,

@@ -32,7 +32,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
     [
         (["train", "--data", "mnist-9000"], "unknown dataset"),
         (["train", "--method", "magic"], "unknown --method"),
-        (["train", "--exits", "6"], "--exits must be 4 or 8"),
+        (["train", "--exits", "6"], "--exits must be 4, 8 or 9"),
         (["train", "--data", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),
         (["eval", "/nonexistent/model.pt"], "checkpoint not found"),
         (["export", "/nonexistent/model.pt"], "checkpoint not found"),

@@ -106,3 +106,28 @@ def test_run_and_bench_take_the_precision(int8_artifact, tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "b.json").read_text())["precision"] == "int8"
+
+
+def test_the_nine_exit_layout_trains_exports_and_runs(tmp_path, test_frames):
+    """exits=9 (a cheap first exit inside block 1) end to end: train, export with INT8 units,
+    calibrate-free cascade with fused exit groups equal to unit by unit, FP32 and INT8."""
+    from conftest import tiny_config
+
+    from edgeexit.export.exporter import export_checkpoint
+    from edgeexit.train.trainer import train
+
+    train(tiny_config(tmp_path / "run", exits=9, limit_train=512), progress=False)
+    art = tmp_path / "nine.edgeexit"
+    export_checkpoint(tmp_path / "run" / "model.pt", out=art, parity_samples=64, int8=True, int8_images=64)
+    m = load_manifest(art)
+    assert len(m["units"]) == 18 and m["model"]["num_exits"] == 9 and m["model"]["config"]["exits"] == 9
+    assert m["parity"]["max_abs_logit_diff"] <= m["parity"]["tolerance"] and m["quantization"]["parity"]["passed"]
+    assert m["units"][0]["flops"] < m["units"][2]["flops"]  # the first segment is the cheap one
+    frames, _ = test_frames
+    th = [0.9, 2.0, 0.8, 2.0, 0.7, 2.0, 2.0, 2.0, 0.0]
+    for precision in ("fp32", "int8"):
+        fused = Cascade.load(art, backend="onnxruntime", thresholds=th, precision=precision)
+        plain = Cascade.load(art, backend="onnxruntime", thresholds=th, precision=precision, fuse=False)
+        a, b = fused.predict_batch(frames[:200]), plain.predict_batch(frames[:200])
+        assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
+        assert [fused.predict(f).exit_index for f in frames[:30]] == [p.exit_index for p in a[:30]]

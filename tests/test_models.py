@@ -4,7 +4,7 @@ import torch
 from edgeexit.models import MultiExitConfig, build_model, count_unit_cost, cumulative_exit_flops
 
 
-@pytest.mark.parametrize("exits", [8, 4])
+@pytest.mark.parametrize("exits", [8, 4, 9])
 @pytest.mark.parametrize("size,in_chans", [((32, 32), 3), ((28, 28), 1), ((40, 24), 3)])
 def test_running_the_units_in_order_equals_forward(exits, size, in_chans):
     torch.manual_seed(0)
@@ -31,6 +31,33 @@ def test_paper_layout_states_and_taps():
         sizes.append(len(state))
     # inside the last block of each stage (block input + conv1 activation), then the stage output
     assert sizes == [2, 1] * 4
+
+
+def test_early_exit_layout_adds_a_cheap_first_exit_and_keeps_the_paper_taps():
+    """exits=9: a tap inside the first block (stem + one conv), then the paper's eight taps."""
+    torch.manual_seed(0)
+    nine = build_model(MultiExitConfig(exits=9, width=0.25, in_chans=1, input_size=[28, 28])).eval()
+    eight = build_model(MultiExitConfig(exits=8, width=0.25, in_chans=1, input_size=[28, 28])).eval()
+    state, sizes = (torch.zeros(1, 1, 28, 28),), []
+    for seg in nine.segments:
+        state = seg(*state)
+        sizes.append(len(state))
+    assert sizes == [2, 2, 1] + [2, 1] * 3
+    # same backbone: with the 8-exit model's weights, exits 2..9 give the 8-exit model's answers
+    nine.segments[0].stem.load_state_dict(eight.segments[0].stem.state_dict())
+    for blocks9, blocks8 in zip(nine.stages, eight.stages, strict=True):
+        for b9, b8 in zip(blocks9, blocks8, strict=True):
+            b9.load_state_dict(b8.state_dict())
+    for k in range(8):
+        nine.heads[k + 1].load_state_dict(eight.heads[k].state_dict())
+    x = torch.randn(2, 1, 28, 28)
+    (z9, _), (z8, _) = nine(x), eight(x)
+    for k in range(8):
+        torch.testing.assert_close(z9[k + 1], z8[k])
+    cum9, cum8 = cumulative_exit_flops(count_unit_cost(nine)), cumulative_exit_flops(count_unit_cost(eight))
+    assert cum9[0] < 0.45 * cum8[0]  # the first exit is the cheap one: stem and one conv
+    backbone = [sum(u["macs"] for u in count_unit_cost(m) if u["kind"] == "segment") for m in (nine, eight)]
+    assert backbone[0] == backbone[1]
 
 
 def test_flops_counted_from_the_modules_match_resnet18():

@@ -24,7 +24,9 @@ BLOCKS_PER_STAGE = (2, 2, 2, 2)
 class MultiExitConfig:
     """Everything needed to rebuild a :class:`MultiExitNet` (plain JSON types only)."""
 
-    exits: int = 8  # 8 = paper layout (two taps per stage), 4 = stage outputs (BYOT placement)
+    # 8 = paper layout (two taps per stage), 4 = stage outputs (BYOT placement), 9 = paper layout plus
+    # an early exit inside the first block (after the stem and one conv): a cheap first exit
+    exits: int = 8
     width: float = 1.0
     in_chans: int = 3
     num_classes: int = 10
@@ -34,8 +36,8 @@ class MultiExitConfig:
     stem: str = "cifar"
 
     def __post_init__(self) -> None:
-        if self.exits not in (4, 8):
-            raise ValueError(f"exits must be 4 or 8, got {self.exits}")
+        if self.exits not in LAYOUTS:
+            raise ValueError(f"exits must be 4, 8 or 9, got {self.exits}")
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {self.stem}")
         if self.width <= 0:
@@ -52,6 +54,7 @@ class MultiExitConfig:
 
 
 STEMS = ("cifar", "imagenet")
+LAYOUTS = (4, 8, 9)
 NATURAL_SIZE = {"cifar": 32, "imagenet": 224}
 
 
@@ -181,10 +184,15 @@ class MultiExitNet(nn.Module):
 
         segments: list[Segment] = []
         tap_channels: list[int] = []
-        if config.exits == 8:
+        if config.exits in (8, 9):
             # Two taps per stage: inside the last block (after conv1-bn1-relu), and stage output.
             for i, blocks in enumerate(stages):
-                segments.append(Segment(stem=stem if i == 0 else None, blocks=blocks[:-1], open_block=blocks[-1]))
+                if i == 0 and config.exits == 9:  # one more tap, inside the first block
+                    segments.append(Segment(stem=stem, open_block=blocks[0]))
+                    segments.append(Segment(close_block=blocks[0], blocks=blocks[1:-1], open_block=blocks[-1]))
+                    tap_channels.append(widths[0])
+                else:
+                    segments.append(Segment(stem=stem if i == 0 else None, blocks=blocks[:-1], open_block=blocks[-1]))
                 segments.append(Segment(close_block=blocks[-1]))
                 tap_channels += [widths[i], widths[i]]
         else:

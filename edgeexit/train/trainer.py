@@ -24,6 +24,7 @@ import torch.distributed as dist
 from edgeexit.data import ImageDataset, augment, load_dataset, normalize, random_resized_crop, split_train_val
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, build_model
+from edgeexit.models.multiexit import LAYOUTS
 from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
 from edgeexit.train.losses import METHODS, LossConfig, build_task
@@ -86,8 +87,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         r = self.recipe
-        if r.exits not in (4, 8):
-            raise UserError(f"--exits must be 4 or 8, got {r.exits}")
+        if r.exits not in LAYOUTS:
+            raise UserError(f"--exits must be 4, 8 or 9, got {r.exits}")
         if r.stem not in ("cifar", "imagenet"):
             raise UserError(f"--stem must be cifar or imagenet, got '{r.stem}'")
         if r.image_size is not None and not 8 <= r.image_size <= 1024:
