@@ -8,6 +8,7 @@ import torch
 from conftest import normalised
 
 from edgeexit.runtime import Cascade
+from edgeexit.runtime.plan import CascadePlan
 from edgeexit.runtime.policies import entropy, margin, max_softmax
 from edgeexit.runtime.preprocessing import Preprocessor, resize_bilinear
 from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
@@ -304,6 +305,10 @@ def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
     for first, last in ((0, 0), (1, 3), (4, 7)):
         assert fused_path(artifact_copy, m, first, last, head=True).is_file()
         assert not fused_path(artifact_copy, m, first, last).is_file()  # segments-only graphs are not built
+    assert set(fused.backend._fused) == {(0, 0), (1, 3), (4, 7)}
+    fused.runner.prepare(CascadePlan.first_exit(K), True)  # another plan's groups: every single exit
+    assert len(fused.backend._fused) == 10
+    fused.runner.forget([fused.plan])  # what profiling does after timing a group
     assert set(fused.backend._fused) == {(0, 0), (1, 3), (4, 7)}
     a, b = plain.predict_batch(frames), fused.predict_batch(frames)
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]

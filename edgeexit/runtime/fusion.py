@@ -101,10 +101,16 @@ def _prefix_internal_names(model, prefix: str):
 
 
 def load_or_build(
-    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
+    folder: Path,
+    manifest: dict,
+    first_pos: int,
+    last_pos: int,
+    key: str = "onnx",
+    head: bool = False,
+    cache: bool = True,
 ) -> bytes | str | None:
-    """A path to the cached fused model, freshly built bytes (cached when the artifact is writable),
-    or None when it is not cached and the onnx package is missing."""
+    """A path to the cached fused model, freshly built bytes (cached when ``cache`` and the artifact
+    is writable), or None when it is not cached and the onnx package is missing."""
     path = fused_path(folder, manifest, first_pos, last_pos, key, head)
     if path is not None and path.is_file() and not path.is_symlink():
         return str(path)
@@ -112,7 +118,7 @@ def load_or_build(
         data = build_fused(folder, manifest, first_pos, last_pos, key, head)
     except ImportError:
         return None
-    if path is not None:
+    if path is not None and cache:
         try:
             path.parent.mkdir(exist_ok=True)
             remove_stale_temps(path.parent)

@@ -90,7 +90,9 @@ def exit_group_name(first_pos: int, last_pos: int) -> str:
 def profile_exit_groups(cascade, image: np.ndarray, repeats: int, min_seconds: float = 0.1, progress=None) -> dict:
     """On a runner that fuses, the latency of every group a plan can make: segments a..b and head b,
     the one call the cascade makes per evaluated exit. What runs is what is timed: fusion removes
-    the calls and the (de)quantisation between units, which unit-by-unit timing would charge."""
+    the calls and the (de)quantisation between units, which unit-by-unit timing would charge.
+    The K(K+1)/2 graphs are built in memory, one group at a time, and not cached in the artifact
+    (together they hold ~10x the model's weights); the plan calibrate picks is cached when it loads."""
     runner, k = cascade.runner, cascade.num_exits
     states = [runner.from_host(np.ascontiguousarray(image[None], dtype=np.float32))]
     for pos in range(k - 1):
@@ -102,10 +104,11 @@ def profile_exit_groups(cascade, image: np.ndarray, repeats: int, min_seconds: f
             th[last] = 0.0
             if first > 0:
                 th[first - 1] = 0.0
-            runner.prepare(CascadePlan.from_thresholds(th), True)  # builds (or loads) the fused graph
+            runner.prepare(CascadePlan.from_thresholds(th), True, cache=False)  # built in memory only
             groups[exit_group_name(first, last)] = time_call(
                 lambda a=first, b=last: runner.run_exit(a, b, states[a]), runner.synchronize, repeats, min_seconds
             )
+            runner.forget([cascade.plan])  # K(K+1)/2 groups: keep only what the cascade's own plan uses
         if progress is not None:
             progress(first + 1)
     return groups

@@ -12,6 +12,8 @@ call only these methods; none of them probes a backend with ``hasattr``.
 - ``run_exit(first_pos, pos, state) -> (state, HeadOutput)``: segments first..pos, then head pos;
   the default calls the two above, a runner that fuses may run them as one graph call;
 - ``prepare(plan, fuse)``: called before a new `CascadePlan` is used (build fused graphs, ...);
+- ``forget(plans)``: free what ``prepare`` built for groups none of ``plans`` uses (profiling
+  builds every group once);
 - ``take(state, rows)``: keep only ``rows`` of every state tensor (batch compaction);
 - ``synchronize()``: wait for queued device work (timing); ``close()``: free everything.
 Heavy libraries are imported inside each backend module, only when that backend is chosen.
@@ -88,8 +90,12 @@ class Runner(ABC):
         state = self.run_segments(first_pos, pos, state) if first_pos != pos else self.run_segment(pos, state)
         return state, self.run_head(pos, state[-1])
 
-    def prepare(self, plan, fuse: bool) -> None:  # noqa: B027 - optional hook, default: nothing to do
-        """Called with a new `CascadePlan` before it is used."""
+    def prepare(self, plan, fuse: bool, cache: bool = True) -> None:  # noqa: B027 - optional hook
+        """Called with a new `CascadePlan` before it is used (default: nothing to do). ``cache``:
+        may what is built be kept on disk for the next load (profiling builds every group once: no)."""
+
+    def forget(self, plans) -> None:  # noqa: B027 - optional hook, default: nothing was built
+        """Free what `prepare` built for groups that none of ``plans`` uses."""
 
     def check_batch(self, n: int) -> None:
         """Raise ValueError when a batch of ``n`` exceeds what this runner can take at once."""

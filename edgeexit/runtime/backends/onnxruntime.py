@@ -117,20 +117,25 @@ class OnnxRuntimeBackend(Runner):
     def run_segment(self, k: int, state: tuple) -> tuple:
         return self._run(*self._segments[k], state)
 
-    def prepare(self, plan, fuse: bool) -> None:
+    def prepare(self, plan, fuse: bool, cache: bool = True) -> None:
         """Fuse each of ``plan``'s groups, its segments and the head it ends at, into one session
         (see runtime/fusion.py): one ONNX Runtime call per evaluated exit."""
         if not fuse:
             return
         for first, last in plan.groups:
             if (first, last) not in self._fused:
-                self._fuse(first, last)
+                self._fuse(first, last, cache)
 
-    def _fuse(self, first: int, last: int) -> None:
+    def forget(self, plans) -> None:
+        keep = {group for plan in plans for group in plan.groups}
+        for key in [k for k in self._fused if k not in keep]:
+            self._fused.pop(key, None)  # a thread still running the session keeps its own reference
+
+    def _fuse(self, first: int, last: int, cache: bool = True) -> None:
         from edgeexit.runtime.fusion import load_or_build
 
         try:
-            source = load_or_build(self._folder, self._manifest, first, last, self._key, head=True)
+            source = load_or_build(self._folder, self._manifest, first, last, self._key, head=True, cache=cache)
         except Exception:  # fusion is an optimisation: never fail the cascade for it
             source = None
         if source is None:
