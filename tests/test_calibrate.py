@@ -167,3 +167,11 @@ def test_calibrate_runs_on_the_device_without_torch_or_the_dataset(artifact_copy
 
     with pytest.raises(ArtifactError, match="sha256"):
         load_calibration_frames(load_manifest(artifact_copy))
+
+
+@pytest.mark.parametrize("steps", [1, 0, -3, 201])
+def test_an_absurd_ladder_size_is_refused_with_the_range(steps):
+    from edgeexit.calibrate.run import CalibrationOptions
+
+    with pytest.raises(UserError, match=r"ladder_steps must be within 2\.\.200"):
+        CalibrationOptions(budget_fraction=0.5, ladder_steps=steps)
