@@ -27,7 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.plan import MSDNET_QS, SKIP, CascadePlan, evaluated_mask, exit_positions
+from edgeexit.runtime.plan import (
+    MSDNET_QS,
+    SKIP,
+    CascadePlan,
+    evaluated_mask,
+    exit_group_name,
+    exit_positions,
+    head_name,
+    segment_name,
+)
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s)?\s*$")
 
@@ -64,6 +73,26 @@ class CostModel:
         self.head_ms = np.asarray(self.head_ms, dtype=np.float64)
         if self.group_ms is not None:
             self.group_ms = np.asarray(self.group_ms, dtype=np.float64)
+
+    @classmethod
+    def from_timings(
+        cls, k: int, units: dict, field: str, decision_ms: float, overhead_ms: float, groups: dict | None = None
+    ) -> CostModel:
+        """From profiled latencies (``units``/``groups``: name -> stats, as calibrate stores them in
+        ``calibration.latency``); ``field``: mean_ms or p95_ms."""
+        group_ms = None
+        if groups is not None:
+            group_ms = np.full((k, k), np.nan)
+            for a in range(k):
+                for b in range(a, k):
+                    group_ms[a, b] = groups[exit_group_name(a, b)][field]
+        return cls(
+            segment_ms=[units[segment_name(pos)][field] for pos in range(k)],
+            head_ms=[units[head_name(pos)][field] for pos in range(k)],
+            decision_ms=decision_ms,
+            overhead_ms=overhead_ms,
+            group_ms=group_ms,
+        )
 
     @property
     def num_exits(self) -> int:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
-
-from edgeexit.runtime.plan import head_name, segment_name
-from edgeexit.runtime.profiling import exit_group_name
 
 
 def calibration_table(result: dict) -> Table:
@@ -40,23 +38,13 @@ def calibration_table(result: dict) -> Table:
 
 
 def _cumulative_ms(result: dict, units: dict, field: str) -> list[float]:
-    """Predicted latency of a frame leaving at each exit under the chosen plan: fused exit groups
-    where the runner fuses (see runtime/profiling.py), else the units one by one."""
-    lat, out = result["latency"], []
-    groups, evaluated = lat.get("exit_groups"), result["evaluated_exits"]
-    done = cum = lat["frame_overhead_ms"]
-    start = 0
-    for k in range(len(result["thresholds"])):
-        if groups is not None:
-            cum = done + groups[exit_group_name(start, k)][field] + lat["decision_ms"]
-        else:
-            cum += units[segment_name(k)][field] + (
-                (units[head_name(k)][field] + lat["decision_ms"]) if (k + 1) in evaluated else 0.0
-            )
-        out.append(cum)
-        if (k + 1) in evaluated:
-            done, start = cum, k + 1
-    return out
+    """Predicted latency of a frame leaving at each exit under the chosen plan, by the cost model
+    calibrate used (fused exit groups where the runner fuses, else the units one by one)."""
+    from edgeexit.calibrate.optimizer import CostModel
+
+    lat, k = result["latency"], len(result["thresholds"])
+    cost = CostModel.from_timings(k, units, field, lat["decision_ms"], lat["frame_overhead_ms"], lat.get("exit_groups"))
+    return cost.exit_costs(np.array([(pos + 1) in result["evaluated_exits"] for pos in range(k)])).tolist()
 
 
 def _caption_lines(result: dict) -> list[str]:

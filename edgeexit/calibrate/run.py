@@ -19,9 +19,8 @@ from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.manifest import write_manifest
-from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
+from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, exit_group_name
 from edgeexit.runtime.profiling import (
-    exit_group_name,
     frame_overhead_ms,
     fused_frame_overhead_ms,
     profile_exit_groups,
@@ -273,19 +272,8 @@ def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progr
 
 def _cost_model(s: _Session, metric: str) -> CostModel:
     field = "mean_ms" if metric == "mean" else "p95_ms"
-    units, k = s.profile["units"], s.cascade.num_exits
-    groups = None
-    if s.groups is not None:
-        groups = np.full((k, k), np.nan)
-        for a in range(k):
-            for b in range(a, k):
-                groups[a, b] = s.groups[exit_group_name(a, b)][field]
-    return CostModel(
-        segment_ms=[units[segment_name(pos)][field] for pos in range(k)],
-        head_ms=[units[head_name(pos)][field] for pos in range(k)],
-        decision_ms=s.profile["decision"][field],
-        overhead_ms=s.overhead_ms,
-        group_ms=groups,
+    return CostModel.from_timings(
+        s.cascade.num_exits, s.profile["units"], field, s.profile["decision"][field], s.overhead_ms, s.groups
     )
 
 

@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 
 from edgeexit.runtime.manifest import artifact_file
-from edgeexit.runtime.plan import group_name
+from edgeexit.runtime.plan import exit_group_name, group_name
 from edgeexit.util import atomic_write, remove_stale_temps
 
 
@@ -54,7 +54,7 @@ def fused_path(
     d = fused_dir(folder)
     if d is None:
         return None
-    name = group_name(first_pos, last_pos) + ("+head" if head else "")
+    name = exit_group_name(first_pos, last_pos) if head else group_name(first_pos, last_pos)
     return d / f"{name}.{units_digest(folder, manifest, first_pos, last_pos, key, head)}.onnx"
 
 

@@ -45,6 +45,11 @@ def group_name(first_pos: int, last_pos: int) -> str:
     return f"seg_{first_pos + 1:02d}-{last_pos + 1:02d}"
 
 
+def exit_group_name(first_pos: int, last_pos: int) -> str:
+    """``seg_02-04+head_04``: segments 2..4 and head 4, run as one call (one evaluated exit's work)."""
+    return f"{group_name(first_pos, last_pos)}+{head_name(last_pos)}"
+
+
 def unit_names(num_exits: int) -> list[str]:
     """The manifest's unit order: seg_01, head_01, seg_02, head_02, ..."""
     return [n for pos in range(num_exits) for n in (segment_name(pos), head_name(pos))]

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from edgeexit.runtime.plan import SKIP, CascadePlan, group_name, head_name, segment_name
+from edgeexit.runtime.plan import SKIP, CascadePlan, exit_group_name, head_name, segment_name
 
 
 def latency_stats(samples_ms) -> dict:
@@ -80,11 +80,6 @@ def frame_overhead_ms(cascade, frame, unit_p50: dict, repeats: int = 100) -> flo
     lat = time_call(lambda: plain.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
     units = sum(unit_p50[segment_name(pos)] for pos in range(k)) + unit_p50[head_name(k - 1)]
     return max(0.0, lat - units)
-
-
-def exit_group_name(first_pos: int, last_pos: int) -> str:
-    """``seg_02-04+head_04``: segments 2..4 and head 4, run as one call."""
-    return f"{group_name(first_pos, last_pos)}+{head_name(last_pos)}"
 
 
 def profile_exit_groups(cascade, image: np.ndarray, repeats: int, min_seconds: float = 0.1, progress=None) -> dict:
