@@ -227,6 +227,20 @@ def train(
     image_size: ImageSizeOpt = None,
     init: InitOpt = None,
     data_dir: DataDirOpt = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="ImageFolder: a bad image file (corrupt, truncated, ...) is an error, not skipped."
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--cache-dir",
+            help="ImageFolder: where large sets are decoded once (default ~/.cache/edgeexit/datasets; "
+            "$EDGEEXIT_CACHE_DIR). On several nodes, a folder on the shared filesystem.",
+        ),
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Train a multi-exit ResNet18 with MLCSD or a baseline; writes OUT/model.pt.
@@ -238,6 +252,7 @@ def train(
 
     options = dict(locals())  # every option above, validated once by TrainConfig
     options.update(out=str(out), data_dir=str(data_dir) if data_dir else None)
+    options.update(cache_dir=str(cache_dir) if cache_dir else None)
     for name in ("data", "method", "json_out", "TrainConfig", "TrainingError", "run_train"):
         options.pop(name)
     cfg = TrainConfig.from_recipe(data, method, **options)

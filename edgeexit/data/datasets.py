@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgeexit.data.folder import IMAGE_EXTS  # noqa: F401  (one list for the index and the decoder)
 from edgeexit.errors import UserError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -45,7 +46,12 @@ STATS = {
 
 @dataclass
 class ImageDataset:
-    """uint8 images (N, C, H, W) with int64 labels and the preprocessing the model expects."""
+    """uint8 images (N, C, H, W) with int64 labels and the preprocessing the model expects.
+
+    ``rows``, when set, makes this a *view*: sample i is ``images[rows[i]]`` (``images`` is then the
+    backing store, e.g. the memory-mapped decoded cache of a large ImageFolder, never copied);
+    ``labels`` always has one entry per sample. Read samples with ``take``/``slice``, or
+    ``materialize()`` a small view into a plain dataset."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -53,11 +59,13 @@ class ImageDataset:
     mean: list[float]
     std: list[float]
     name: str
+    rows: np.ndarray | None = None
+    mapped: bool = False  # images is a memory-mapped file (the decoded cache), not anonymous memory
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError("images must be a uint8 (N, C, H, W) tensor")
-        if len(self.images) != len(self.labels):
+        if len(self.labels) != (len(self.images) if self.rows is None else len(self.rows)):
             raise ValueError("images and labels differ in length")
 
     def __len__(self) -> int:
@@ -75,9 +83,30 @@ class ImageDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageDataset:
-        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ImageDataset(self.images[idx], self.labels[idx], self.class_names, self.mean, self.std, self.name)
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images of samples ``idx`` (a CPU index tensor)."""
+        if self.rows is None:
+            return self.images[idx]
+        return self.images[torch.from_numpy(self.rows)[idx.cpu()]]
+
+    def slice(self, start: int, stop: int) -> torch.Tensor:
+        if self.rows is None:
+            return self.images[start:stop]
+        return self.images[torch.from_numpy(self.rows[start:stop])]
+
+    def subset(self, indices: torch.Tensor | np.ndarray | list[int], view: bool = False) -> ImageDataset:
+        """Samples ``indices``: copied into memory, or (``view``) as a view on the same store."""
+        idx = np.asarray(indices, dtype=np.int64)
+        labels = self.labels[torch.from_numpy(idx)]
+        if view:
+            rows = idx if self.rows is None else self.rows[idx]
+            return ImageDataset(
+                self.images, labels, self.class_names, self.mean, self.std, self.name, rows, self.mapped
+            )
+        return ImageDataset(self.take(torch.from_numpy(idx)), labels, self.class_names, self.mean, self.std, self.name)
+
+    def materialize(self) -> ImageDataset:
+        return self if self.rows is None else self.subset(np.arange(len(self)))
 
     def preprocessing(self) -> dict:
         """The `preprocessing` block of checkpoints and manifests (ARCHITECTURE §4, §5)."""
@@ -92,12 +121,14 @@ class ImageDataset:
 
 
 def _dirs_to_search(name: str, data_dir: str | os.PathLike | None) -> list[Path]:
+    """--data-dir first (a copy the user names wins over the system one), then the Debian package's
+    copy of Fashion-MNIST, then ./data/NAME."""
     dirs = []
-    if name == "fashion-mnist":
-        dirs.append(FASHION_MNIST_SYSTEM_DIR)
     if data_dir is not None:
         d = Path(data_dir)
         dirs += [d / name, d / name.replace("-", "_"), d / "FashionMNIST" / "raw", d]
+    if name == "fashion-mnist":
+        dirs.append(FASHION_MNIST_SYSTEM_DIR)
     dirs += [Path("data") / name]
     return dirs
 
@@ -211,36 +242,64 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+CIFAR_MAX_BYTES = 512 * 1024 * 1024  # the largest real batch (cifar-100 train) is 155 MB
+CIFAR_MAX_ITEMS = 1_000_000  # entries of one list (a batch holds 10,000 or 50,000)
+
+
+def _check_plain(path: Path, obj: dict) -> None:
+    """The real format holds a dict of plain values: numeric numpy arrays, bytes, str, ints and flat
+    lists of those. Anything nested (a "billion laughs" built from shared references, which would
+    expand to astronomically many items when walked) or oversized is refused before it is used."""
+    for k, v in obj.items():
+        if not isinstance(k, (bytes, str)):
+            raise UserError(f"{path} is not a CIFAR batch: a key is a {type(k).__name__}")
+        if isinstance(v, np.ndarray):
+            if v.dtype.kind not in "uifb" or v.size > CIFAR_MAX_ITEMS * 3072:
+                raise UserError(f"{path} is not a CIFAR batch: {k!r} is a {v.dtype} array of {v.size} values")
+        elif isinstance(v, (list, tuple)):
+            if len(v) > CIFAR_MAX_ITEMS:
+                raise UserError(f"{path} is not a CIFAR batch: {k!r} has {len(v)} entries")
+            for item in v:
+                if not isinstance(item, (int, bytes, str)):
+                    raise UserError(
+                        f"{path} is not a CIFAR batch: {k!r} holds a {type(item).__name__} "
+                        "(only flat lists of numbers and names are accepted)"
+                    )
+                if isinstance(item, (bytes, str)) and len(item) > 4096:
+                    raise UserError(f"{path} is not a CIFAR batch: a name in {k!r} is {len(item)} long")
+        elif not isinstance(v, (int, float, bytes, str)):
+            raise UserError(f"{path} is not a CIFAR batch: {k!r} is a {type(v).__name__}")
+
+
 def load_cifar_pickle(path: Path) -> dict:
     """A CIFAR batch (a pickle by format) with a restricted unpickler: a file that asks for any
-    other class or function (a malicious ``__reduce__``) is refused and nothing in it runs."""
+    other class or function (a malicious ``__reduce__``) is refused and nothing in it runs; the
+    result must be the format's plain types and sizes (``_check_plain``)."""
+    from edgeexit.data.folder import check_entry
+
+    st = check_entry(Path(path), Path(os.path.realpath(Path(path).parent)))
+    if st.st_size > CIFAR_MAX_BYTES:
+        raise UserError(f"{path} is {st.st_size >> 20} MB: not a CIFAR batch (at most {CIFAR_MAX_BYTES >> 20} MB)")
     try:
         with open(path, "rb") as fh:
             obj = _CifarUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise UserError(f"{path} is not a CIFAR batch: {e} (only numpy arrays, lists and dicts are accepted)") from None
+    except RecursionError:
+        raise UserError(f"{path} is not a CIFAR batch: nested too deeply") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path} is not a CIFAR batch (a dict), it holds a {type(obj).__name__}")
+    _check_plain(path, obj)
     return obj
 
 
-def _load_images(paths: list[Path], size: list[int] | None, in_chans: int | None) -> np.ndarray:
-    """Images as uint8 (N, C, H, W), resized by ``resize_uint8``: the very function the runtime
-    applies to camera frames, so a deployed model sees a frame exactly as training saw it."""
-    from PIL import Image
+def _load_images(paths: list[Path], size: list[int], in_chans: int) -> np.ndarray:
+    """Images as uint8 (N, C, H, W), decoded in parallel and converted and resized as the runtime
+    converts and resizes camera frames (edgeexit.data.folder.decode_file); any bad file is an error."""
+    from edgeexit.data.folder import _console, decode_all
 
-    from edgeexit.runtime.preprocessing import resize_uint8
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            a = np.asarray(im.convert("L" if in_chans == 1 else "RGB"), dtype=np.uint8)
-        if a.ndim == 2:
-            a = a[:, :, None]
-        if size is not None:
-            a = resize_uint8(a, *size)
-        out.append(a.transpose(2, 0, 1))
-    return np.stack(out)
+    _, _, _, images, _ = decode_all([str(p) for p in paths], size, in_chans, None, _console(), strict=True)
+    return images
 
 
 def load_tiny_imagenet(split: str, data_dir=None) -> ImageDataset:
@@ -289,37 +348,38 @@ def load_tiny_imagenet(split: str, data_dir=None) -> ImageDataset:
     )
 
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+def load_image_folder(
+    root: str | os.PathLike,
+    size: list[int] | None = None,
+    in_chans: int = 3,
+    strict: bool = False,
+    cache: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageDataset:
+    """A folder of class folders (the user's own camera images), resized to ``size``: indexed by a
+    bounded walk and decoded in parallel, kept in memory when small and in the decoded-once mmap
+    cache when large (edgeexit.data.folder). Mean and std are computed while decoding."""
+    from edgeexit.data.folder import load_folder_images
+
+    classes, images, labels, rows, mean, std, mapped = load_folder_images(
+        root, size, in_chans, strict, cache, cache_dir
+    )
+    return ImageDataset(images, labels, classes, mean, std, str(root), rows, mapped)
 
 
-def load_image_folder(root: str | os.PathLike, size: list[int] | None = None, in_chans: int = 3) -> ImageDataset:
-    """A folder of class folders (the user's own camera images), resized to ``size``."""
-    root = Path(root)
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise UserError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
-    paths, labels = [], []
-    for i, c in enumerate(classes):
-        for p in sorted((root / c).rglob("*")):
-            if p.suffix.lower() in IMAGE_EXTS:
-                paths.append(p)
-                labels.append(i)
-    if not paths:
-        raise UserError(f"{root} has class folders but no images ({', '.join(sorted(IMAGE_EXTS))})")
-    if size is None:
-        from PIL import Image
-
-        with Image.open(paths[0]) as im:
-            size = [im.size[1], im.size[0]]
-    images = _load_images(paths, size, in_chans)
-    x = torch.from_numpy(images).float() / 255
-    mean = x.mean(dim=(0, 2, 3)).tolist()
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    return ImageDataset(torch.from_numpy(images), torch.tensor(labels, dtype=torch.long), classes, mean, std, str(root))
-
-
-def load_dataset(name: str, split: str, data_dir=None, image_size: list[int] | None = None) -> ImageDataset:
-    """``name`` is one of NAMED or a path to an ImageFolder; ``split`` is train or test."""
+def load_dataset(
+    name: str,
+    split: str,
+    data_dir=None,
+    image_size: list[int] | None = None,
+    strict: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    cache: str = "auto",
+) -> ImageDataset:
+    """``name`` is one of NAMED or a path to an ImageFolder; ``split`` is train or test.
+    ``strict``: a bad image file in an ImageFolder is an error instead of being skipped.
+    ``cache`` (ImageFolder): auto (in memory when small, the decoded mmap cache when large),
+    always or never."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split}")
     key = name.lower()
@@ -333,12 +393,13 @@ def load_dataset(name: str, split: str, data_dir=None, image_size: list[int] | N
     if path.is_dir():
         # <root>/train and <root>/test (or val) when present; otherwise the folder itself is the
         # training set (the held-out split is carved from it) and there is no test split.
+        opts = dict(strict=strict, cache_dir=cache_dir, cache=cache)
         if (path / split).is_dir():
-            return load_image_folder(path / split, image_size)
+            return load_image_folder(path / split, image_size, **opts)
         if split == "test" and (path / "val").is_dir():
-            return load_image_folder(path / "val", image_size)
+            return load_image_folder(path / "val", image_size, **opts)
         if split == "train":
-            return load_image_folder(path, image_size)
+            return load_image_folder(path, image_size, **opts)
         raise UserError(f"{path} has no test/ or val/ folder; evaluate on a folder that has one")
     raise UserError(f"unknown dataset '{name}': use one of {', '.join(NAMED)} or a path to an ImageFolder")
 
@@ -416,8 +477,13 @@ def load_heldout(split_info: dict, data_dir=None, dataset: str | None = None) ->
     name = dataset or split_info.get("dataset")
     if not name:
         raise UserError("the artifact records no dataset; pass --data")
+    cache = split_info.get("cache_dir")
     full = load_dataset(
-        name, "train", data_dir if data_dir is not None else split_info.get("data_dir"), split_info.get("image_size")
+        name,
+        "train",
+        data_dir if data_dir is not None else split_info.get("data_dir"),
+        split_info.get("image_size"),
+        cache_dir=cache if cache and Path(cache).is_dir() else None,
     )
     if split_info.get("mean") and split_info.get("std"):  # the training normalisation, not this folder's
         full.mean, full.std = list(split_info["mean"]), list(split_info["std"])
@@ -427,4 +493,4 @@ def load_heldout(split_info: dict, data_dir=None, dataset: str | None = None) ->
             f"{split_info['num_train_total']}: the held-out split cannot be rebuilt; pass --split test"
         )
     _, val_idx = split_train_val(len(full), int(split_info["val_size"]), int(split_info["val_indices_seed"]))
-    return full.subset(val_idx)
+    return full.subset(val_idx)  # copied into memory: the held-out split is bounded (--val-size)

@@ -19,7 +19,7 @@ def exit_outputs(
     model.eval().to(device)
     preds, confs, logits_all = [], [], []
     for start in range(0, len(data), batch_size):
-        x = normalize(data.images[start : start + batch_size].to(device), data.mean, data.std)
+        x = normalize(data.slice(start, start + batch_size).to(device), data.mean, data.std)
         logits, _ = model(x)
         z = torch.stack(logits, dim=1).float()  # (B, K, C)
         p = z.softmax(dim=2)
@@ -112,6 +112,7 @@ def evaluate_checkpoint(
     ddir = str(data_dir) if data_dir else ckpt.get("split", {}).get("data_dir")
     test = load_dataset(name, "test", ddir, image_size=ckpt["preprocessing"]["input_size"])
     _check_compatible(test, ckpt)
+    test = match_classes(test, list(ckpt["class_names"]), name)
     # One source of preprocessing truth: the checkpoint's statistics (what the deployed model uses),
     # never the test folder's own mean/std.
     test.mean, test.std = list(ckpt["preprocessing"]["mean"]), list(ckpt["preprocessing"]["std"])
@@ -124,9 +125,28 @@ def evaluate_checkpoint(
     return result
 
 
+def match_classes(ds: ImageDataset, model_classes: list[str], name: str) -> ImageDataset:
+    """Labels of ``ds`` renumbered to the model's class order, matched by class *name* (an
+    ImageFolder's labels are its sorted folder names: another folder set would otherwise be matched
+    by position). A class the model does not know is refused, naming it."""
+    if ds.class_names == model_classes:
+        return ds
+    index = {c: i for i, c in enumerate(model_classes)}
+    unknown = [c for c in ds.class_names if c not in index]
+    if unknown:
+        raise UserError(
+            f"{name} has class '{unknown[0]}', which the model was not trained on "
+            f"(its classes: {', '.join(model_classes[:10])}{' …' if len(model_classes) > 10 else ''})"
+        )
+    remap = torch.tensor([index[c] for c in ds.class_names], dtype=torch.long)
+    ds.labels = remap[ds.labels]
+    ds.class_names = list(model_classes)
+    return ds
+
+
 def _check_compatible(ds, ckpt: dict) -> None:
     pre = ckpt["preprocessing"]
-    if ds.in_chans != pre["in_chans"] or ds.num_classes != ckpt["config"]["num_classes"]:
+    if ds.in_chans != pre["in_chans"] or ds.num_classes > ckpt["config"]["num_classes"]:
         raise UserError(
             f"dataset has {ds.in_chans} channels / {ds.num_classes} classes but the model expects "
             f"{pre['in_chans']} / {ckpt['config']['num_classes']}"

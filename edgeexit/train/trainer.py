@@ -1,7 +1,9 @@
 """Method-agnostic trainer: the task computes the loss; this file moves data and weights.
 
-- The whole training set lives on the training device as uint8; crops and flips are batched
-  tensor ops (no DataLoader workers). On CUDA: channels_last + bf16 autocast; on CPU: fp32.
+- The training set is uint8: in memory (on CUDA, the whole set moves to the GPU once), or, for a
+  large ImageFolder, memory-mapped from the decoded-once cache (edgeexit.data.folder) and gathered
+  per batch. Crops and flips are batched tensor ops (no DataLoader workers). On CUDA:
+  channels_last + bf16 autocast; on CPU: fp32.
 - Every epoch's shuffling and augmentation come from a generator seeded by (seed, epoch), so
   ``--resume`` continues exactly: 1 + 1 epochs resumed equal 2 epochs straight.
 - ``last.pt`` (resume state) is written atomically every epoch; ``model.pt`` holds the weights with
@@ -52,6 +54,8 @@ class TrainConfig:
     # Off for bit-exact reproducibility: results depend (in the last bits) on the thread count.
     adapt_threads: bool = True
     init: str | None = None  # torchvision ResNet18 state_dict to start the backbone from
+    strict: bool = False  # ImageFolder: a bad image file is an error (default: skipped, named)
+    cache_dir: str | None = None  # ImageFolder: where the decoded-once cache lives (shared by ranks)
     recipe: Recipe = field(default_factory=Recipe)
 
     @classmethod
@@ -162,7 +166,11 @@ def _distributed() -> tuple[int, int]:
 NAMED_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
+# A mapped training set up to this size is copied to the GPU once, as the in-memory path does.
+GPU_RESIDENT_BYTES = 4 << 30
+
+
+def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageDataset, dict]:
     from edgeexit.models.multiexit import NATURAL_SIZE
     from edgeexit.train.recipes import IMAGENET_MEAN, IMAGENET_STD
 
@@ -173,7 +181,16 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
         size = [side, side]
     elif r.image_size is not None:
         raise UserError(f"--image-size is for ImageFolder data; {cfg.data} has a fixed size")
-    full = load_dataset(cfg.data, "train", cfg.data_dir, image_size=size)
+    # Several processes (torchrun): the decoded cache, built once under a file lock, even when small.
+    full = load_dataset(
+        cfg.data,
+        "train",
+        cfg.data_dir,
+        image_size=size,
+        strict=cfg.strict,
+        cache_dir=cfg.cache_dir,
+        cache="always" if world > 1 and size is not None else "auto",
+    )
     if r.normalize == "imagenet":  # pretrained weights expect ImageNet's statistics
         full.mean, full.std = list(IMAGENET_MEAN[: full.in_chans]), list(IMAGENET_STD[: full.in_chans])
     val_size = cfg.recipe.val_size if cfg.recipe.val_size is not None else max(1, min(5000, len(full) // 5))
@@ -193,13 +210,17 @@ def prepare_data(cfg: TrainConfig) -> tuple[ImageDataset, ImageDataset, dict]:
         "image_size": size,  # how ImageFolder images were brought to the training size
         "mean": list(full.mean),  # the normalisation the model was trained with
         "std": list(full.std),
+        "class_names": list(full.class_names),
     }
-    return full.subset(train_idx), full.subset(val_idx), split
+    if cfg.cache_dir:
+        split["cache_dir"] = cfg.cache_dir
+    # A mapped set stays mapped (views, nothing copied); the in-memory sets are copied as before.
+    return full.subset(train_idx, view=full.mapped), full.subset(val_idx, view=full.mapped), split
 
 
 @torch.no_grad()
 def validate(model, val: ImageDataset, limit: int | None, device) -> list[float]:
-    data = val.subset(np.arange(min(len(val), limit))) if limit else val
+    data = val.subset(np.arange(min(len(val), limit)), view=val.mapped) if limit else val
     return anytime_accuracy(exit_outputs(model, data, 512, device)["correct"])
 
 
@@ -228,8 +249,13 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     """Train and write ``model.pt`` (best on held-out) and ``last.pt`` (resume state) into cfg.out."""
     run = _setup(cfg)
     r = cfg.recipe
-    images = run.train_set.images.to(run.device)  # GPU-resident on CUDA
-    labels = run.train_set.labels.to(run.device)
+    ts = run.train_set
+    resident = not ts.mapped or (run.device.type == "cuda" and len(ts) * ts.images[0].numel() <= GPU_RESIDENT_BYTES)
+    if resident:  # the in-memory path: the whole set on the device (GPU-resident on CUDA)
+        images = ts.materialize().images.to(run.device)
+    else:  # mapped from the decoded cache: each batch gathered from the page cache
+        images = None
+    labels = ts.labels.to(run.device)
     module = run.task
     if run.world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
@@ -264,7 +290,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     r = cfg.recipe
     torch.manual_seed(cfg.seed)
-    train_set, val_set, split = prepare_data(cfg)
+    train_set, val_set, split = prepare_data(cfg, world)
     mcfg = MultiExitConfig(
         exits=r.exits,
         width=r.width,
@@ -312,6 +338,7 @@ def _resume(run: _Run) -> None:
     if ts is None:
         raise UserError(f"{last} has no training state to resume from")
     _check_same_run(last, ckpt.get("train_config") or {}, _plain(run.cfg))
+    _check_same_split(last, ckpt, run.split)
     run.task.load_state_dict(ts["task"])
     run.opt.load_state_dict(ts["optimizer"])
     run.start_epoch, run.best, run.history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
@@ -326,6 +353,8 @@ _RESUME_KEYS = (
     ("recipe", "exits"),
     ("recipe", "width"),
     ("recipe", "stem"),
+    ("recipe", "image_size"),
+    ("seed",),
     ("recipe", "loss", "teacher_weights"),
 )
 
@@ -338,6 +367,35 @@ def _check_same_run(last: Path, saved: dict, now: dict) -> None:
         if a is not None and a != b:
             flag = "--" + keys[-1].replace("_", "-")
             raise UserError(f"--resume: {last} was trained with {flag} {a}, not {b}; resume with the same {flag}")
+
+
+def _check_same_split(last: Path, ckpt: dict, now: dict) -> None:
+    """The held-out split is never redrawn on resume: the same seed, size and images, or exit 2
+    naming what changed (a class folder added or removed, images added, another --seed)."""
+    saved = ckpt.get("split") or {}
+    old_classes, new_classes = list(ckpt.get("class_names") or []), list(now.get("class_names") or [])
+    if old_classes and new_classes and old_classes != new_classes:
+        added = [c for c in new_classes if c not in old_classes]
+        gone = [c for c in old_classes if c not in new_classes]
+        what = (
+            f"class folder '{added[0]}' was added"
+            if added
+            else f"class folder '{gone[0]}' is gone"
+            if gone
+            else "the class folders are in another order"
+        )
+        raise UserError(f"--resume: {what} since {last} was trained: train a new run (--out) or --force")
+    for key, flag in (("val_indices_seed", "--seed"), ("val_size", "--val-size")):
+        if key in saved and int(saved[key]) != int(now[key]):
+            raise UserError(
+                f"--resume: {last} drew its held-out split with {flag} {saved[key]}, not {now[key]}: "
+                f"resume with {flag} {saved[key]} (a new split would hold out images it trained on)"
+            )
+    if "num_train_total" in saved and int(saved["num_train_total"]) != int(now["num_train_total"]):
+        raise UserError(
+            f"--resume: {now['dataset']} has {now['num_train_total']} training images but {last} was trained on "
+            f"{saved['num_train_total']}: the held-out split cannot be kept; train a new run (--out) or --force"
+        )
 
 
 def _progress_bar(console, show: bool):
@@ -357,10 +415,11 @@ def _progress_bar(console, show: bool):
 
 def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int) -> tuple:
     """One epoch; returns (its progress bar, last logged loss, seconds, images seen by this process)."""
-    r, device, n = run.cfg.recipe, run.device, len(images)
+    r, device, n = run.cfg.recipe, run.device, len(labels)
     per_rank = n // run.world
     gen = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
-    perm = torch.randperm(n, generator=gen)[run.rank * per_rank : (run.rank + 1) * per_rank].to(device)
+    perm = torch.randperm(n, generator=gen)[run.rank * per_rank : (run.rank + 1) * per_rank]
+    perm = perm.to(device) if images is not None else perm  # each rank reads only its own shard
     run.task.train()
     guard = None
     if run.cfg.adapt_threads and device.type == "cpu":
@@ -369,7 +428,11 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     for step in range(steps):
         idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
-        xb = images[idx]
+        if images is not None:
+            xb = images[idx]
+        else:
+            xb = run.train_set.take(idx).to(device, non_blocking=True)
+            idx = idx.to(device)
         if r.augment and r.crop == "resized":
             xb = random_resized_crop(xb, gen, flip=r.flip)
         elif r.augment:
