@@ -28,9 +28,9 @@ import hashlib
 import json
 import os
 import stat
+import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -273,10 +273,79 @@ def _workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _worker_main() -> None:  # pragma: no cover — runs in the decode worker processes
+    """A decode worker: tasks (pickled, from our own parent) on stdin, one pickled result per task
+    on stdout. Imports numpy and Pillow only, never torch: a worker costs ~50 MB, not the parent's."""
+    import pickle
+
+    tasks = pickle.load(sys.stdin.buffer)
+    out = sys.stdout.buffer
+    for t in tasks:
+        pickle.dump(_decode_chunk(t), out)
+        out.flush()
+
+
+def _run_workers(tasks, workers: int, target, n: int, in_chans: int, size, consume) -> None:
+    """Decode ``tasks`` in ``workers`` fresh processes (not forks of this torch-laden one), each
+    writing its rows into the mmap file ``target``; ``consume`` sees each result as it arrives."""
+    import pickle
+    import queue
+    import subprocess
+    import threading
+
+    results: queue.Queue = queue.Queue()
+    procs = []
+
+    def reader(proc):
+        try:
+            while True:
+                results.put(pickle.load(proc.stdout))
+        except EOFError:
+            results.put(None)
+        except Exception as e:  # noqa: BLE001
+            results.put(e)
+
+    cmd = [sys.executable, "-c", "from edgeexit.data.folder import _worker_main; _worker_main()"]
+    try:
+        for k in range(workers):
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            procs.append(proc)
+            pickle.dump(tasks[k::workers], proc.stdin)
+            proc.stdin.close()
+            threading.Thread(target=reader, args=(proc,), daemon=True).start()
+        finished = 0
+        while finished < workers:
+            res = results.get()
+            if res is None:
+                finished += 1
+            elif isinstance(res, Exception):
+                raise res
+            else:
+                consume(res)
+        for proc in procs:
+            if proc.wait() != 0:
+                raise RuntimeError(f"a decode worker exited with code {proc.returncode}")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 def decode_all(paths: list[str], size, in_chans, target: str | None, console, strict: bool):
     """Decode every file (one process per core), into ``target`` (a mmap file) or into memory.
     Returns (kept mask, mean, std, images or None, bad files [(path, reason)])."""
     n = len(paths)
+    if target is None and _workers() > 1 and n > CHUNK:  # workers write to a file, read in after
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edgeexit-decode-") as tmp:
+            f = os.path.join(tmp, "images.u8")
+            with open(f, "wb") as fh:
+                fh.truncate(n * in_chans * size[0] * size[1])
+            ok, mean, std, _, bad = decode_all(paths, size, in_chans, f, console, strict)
+            images = np.fromfile(f, dtype=np.uint8).reshape(n, in_chans, *size)
+        return ok, mean, std, images, bad
     images = None if target is not None else np.zeros((n, in_chans, *size), np.uint8)
     ok = np.zeros(n, bool)
     stats = np.zeros((3, in_chans), np.float64)
@@ -322,18 +391,7 @@ def decode_all(paths: list[str], size, in_chans, target: str | None, console, st
             for t in tasks:
                 consume(_decode_chunk(t), bar)
         else:
-            import multiprocessing as mp
-
-            # fork: the workers run Pillow and numpy only (never torch), and start in milliseconds
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                futures = [pool.submit(_decode_chunk, t) for t in tasks]
-                try:
-                    for f in as_completed(futures):
-                        consume(f.result(), bar)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            _run_workers(tasks, workers, target, n, in_chans, size, lambda res: consume(res, bar))
     seconds = time.perf_counter() - t0
     if len(bad) > SHOW_BAD:
         _say(console, f"... and {len(bad) - SHOW_BAD} more bad images skipped")
