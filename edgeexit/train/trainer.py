@@ -221,7 +221,9 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
 @torch.no_grad()
 def validate(model, val: ImageDataset, limit: int | None, device) -> list[float]:
     data = val.subset(np.arange(min(len(val), limit)), view=val.mapped) if limit else val
-    return anytime_accuracy(exit_outputs(model, data, 512, device)["correct"])
+    # 512 small images per batch; fewer large ones (224 px: 53), so activations stay ~1/4 GB
+    batch = int(min(512, max(16, 8_000_000 // (val.in_chans * val.input_size[0] * val.input_size[1]))))
+    return anytime_accuracy(exit_outputs(model, data, batch, device)["correct"])
 
 
 @dataclass
