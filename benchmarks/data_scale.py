@@ -270,6 +270,8 @@ def measure(args) -> list[dict]:
         print(json.dumps(row), flush=True)
         if args.train and loader in ("old", "new", "new-warm"):
             out = Path(cache_dir + f"-run-{loader}")
+            if loader == "new":  # cold again: the load phase above built the cache
+                subprocess.run(["rm", "-rf", cache_dir], check=True)
             cmd = [sys.executable, __file__, "train", name, args.dir, str(out)] + args.train_args.split()
             r = run_measured(cmd, env)
             row = {"images": n_files, "loader": loader, "phase": "edgeexit train", **r}

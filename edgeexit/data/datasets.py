@@ -84,15 +84,17 @@ class ImageDataset:
         return len(self.class_names)
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
-        """uint8 images of samples ``idx`` (a CPU index tensor)."""
-        if self.rows is None:
-            return self.images[idx]
-        return self.images[torch.from_numpy(self.rows)[idx.cpu()]]
+        """uint8 images of samples ``idx`` (a CPU index tensor). On the CPU by numpy's row gather:
+        measured 7x faster than torch's advanced indexing of a uint8 (N, C, H, W) tensor."""
+        rows = idx.cpu().numpy() if self.rows is None else self.rows[idx.cpu().numpy()]
+        if self.images.device.type != "cpu":
+            return self.images[torch.from_numpy(rows).to(self.images.device)]
+        return torch.from_numpy(np.take(self.images.numpy(), rows, axis=0))
 
     def slice(self, start: int, stop: int) -> torch.Tensor:
         if self.rows is None:
             return self.images[start:stop]
-        return self.images[torch.from_numpy(self.rows[start:stop])]
+        return self.take(torch.arange(start, min(stop, len(self))))
 
     def subset(self, indices: torch.Tensor | np.ndarray | list[int], view: bool = False) -> ImageDataset:
         """Samples ``indices``: copied into memory, or (``view``) as a view on the same store."""
@@ -395,9 +397,11 @@ def load_dataset(
         # training set (the held-out split is carved from it) and there is no test split.
         opts = dict(strict=strict, cache_dir=cache_dir, cache=cache)
         if (path / split).is_dir():
-            return load_image_folder(path / split, image_size, **opts)
+            ds = load_image_folder(path / split, image_size, **opts)
+            # a test set with skipped files is compacted: its users read ``images`` whole
+            return ds.materialize() if split == "test" else ds
         if split == "test" and (path / "val").is_dir():
-            return load_image_folder(path / "val", image_size, **opts)
+            return load_image_folder(path / "val", image_size, **opts).materialize()
         if split == "train":
             return load_image_folder(path, image_size, **opts)
         raise UserError(f"{path} has no test/ or val/ folder; evaluate on a folder that has one")
