@@ -6,5 +6,6 @@ pred = cascade.predict(frame)      # uint8 HxWxC (RGB unless input_order="BGR") 
 """
 
 from edgeexit.runtime.cascade import Cascade, Prediction
+from edgeexit.runtime.streams import StreamResult, Streams
 
-__all__ = ["Cascade", "Prediction"]
+__all__ = ["Cascade", "Prediction", "StreamResult", "Streams"]

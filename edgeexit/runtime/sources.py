@@ -1,4 +1,4 @@
-"""Frame sources for `edgeexit run`: a folder of images, a video file, or a camera index.
+"""Frame sources for `edgeexit run`: a folder of images, a video file, a camera index or a stream URL.
 
 Video and camera frames come from OpenCV (the `camera` extra) in BGR order; image files are read
 with OpenCV too when present, else with Pillow (RGB).
@@ -180,3 +180,299 @@ def summary_table(summary: dict):
             f"{ctrl['switches']} plan switches"
         )
     return t
+
+
+# -- live sources (issue 27): a reader thread keeps only the newest frame --------------------------
+
+
+class Frame:
+    """One frame taken from a source: its number in that source, when it was captured
+    (``time.perf_counter()`` seconds) and the image."""
+
+    __slots__ = ("id", "capture_time", "image")
+
+    def __init__(self, id: int, capture_time: float, image: np.ndarray) -> None:
+        self.id, self.capture_time, self.image = id, capture_time, image
+
+
+def is_url(source: str) -> bool:
+    return source.split("://", 1)[0].lower() in ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
+
+
+def is_live(source: str, realtime: bool = False) -> bool:
+    """Camera indices and URLs are live; a video file is live when played ``realtime``; folders never."""
+    if source.isdigit() or is_url(source):
+        return True
+    return realtime and Path(source).is_file()
+
+
+class LiveSource:
+    """A camera, a stream URL or a video file played at its own frame rate, read by one thread.
+
+    The thread keeps only the newest frame (stamped with its capture time); a frame not taken with
+    `take` before the next one arrives is counted in ``dropped``, never queued. Camera and URL
+    sources that fail or end are reopened with exponential backoff (``backoff_s``: first and largest
+    wait); a video file ends at its last frame. ``status`` is one of opening, live, reconnecting,
+    ended, error; ``last_error`` says why. ``opener`` (tests, custom pipelines) returns an object
+    with OpenCV's ``read()``, ``release()``, ``isOpened()`` and ``get()``.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        *,
+        realtime: bool = False,
+        fps: float | None = None,
+        reconnect: bool | None = None,
+        backoff_s: tuple[float, float] = (0.25, 8.0),
+        read_timeout_s: float = 5.0,
+        opener=None,
+        on_event=None,
+    ) -> None:
+        import threading
+
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            raise UserError(f"--fps must be a positive number, got {fps}")
+        self.source = source
+        self.order = "BGR"
+        self.live = True
+        self.realtime = realtime
+        self.fps = fps
+        self.is_file = not (source.isdigit() or is_url(source))
+        self.reconnect = (not self.is_file) if reconnect is None else reconnect
+        self.backoff_s = backoff_s
+        self.read_timeout_s = read_timeout_s
+        self._opener = opener or self._open_cv2
+        self._on_event = on_event
+        self.status = "opening"
+        self.last_error: str | None = None
+        self.captured = self.dropped = self.taken = self.reconnects = self.errors = 0
+        self.last_capture: float | None = None
+        self._slot: Frame | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._new_frame = None  # a threading.Event shared with Streams, set on every new frame
+        self._thread = threading.Thread(target=self._read_loop, name=f"edgeexit-source {source}", daemon=True)
+        if self.is_file and opener is None and not Path(source).is_file():
+            raise UserError(f"video {source} does not exist")
+
+    # -- public ---------------------------------------------------------------------------------
+    def start(self, new_frame=None) -> LiveSource:
+        self._new_frame = new_frame
+        self._thread.start()
+        return self
+
+    def take(self) -> Frame | None:
+        """The newest frame not taken yet, or None."""
+        with self._lock:
+            frame, self._slot = self._slot, None
+        if frame is not None:
+            self.taken += 1
+        return frame
+
+    @property
+    def finished(self) -> bool:
+        """Ended or failed for good, with no frame left to take."""
+        return self.status in ("ended", "error") and self._slot is None
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the reader and join it (it wakes from any wait at once; a blocking read returns
+        within ``read_timeout_s``)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(self.read_timeout_s + 1.0 if timeout_s is None else timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the reader thread ------------------------------------------------------------------------
+    def _event(self, kind: str, message: str) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(self, kind, message)
+            except Exception:  # a reporting callback never kills the reader
+                pass
+
+    def _open_cv2(self):
+        cv2 = _cv2()
+        src = int(self.source) if self.source.isdigit() else self.source
+        params = []
+        for name, value in (
+            ("CAP_PROP_OPEN_TIMEOUT_MSEC", self.read_timeout_s * 1000),
+            ("CAP_PROP_READ_TIMEOUT_MSEC", self.read_timeout_s * 1000),
+        ):
+            if hasattr(cv2, name) and not self.is_file:
+                params += [getattr(cv2, name), int(value)]
+        cap = cv2.VideoCapture(src, cv2.CAP_ANY, params) if params else cv2.VideoCapture(src)
+        if cap.isOpened() and self.source.isdigit():
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # V4L2: do not let the driver queue old frames
+        return cap
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep unless closed; True when closed."""
+        return self._stop.wait(seconds) if seconds > 0 else self._stop.is_set()
+
+    def _read_loop(self) -> None:
+        delay = self.backoff_s[0]
+        cap = None
+        while not self._stop.is_set():
+            if cap is None:
+                try:
+                    cap = self._opener()
+                    if not cap.isOpened():
+                        raise OSError(f"cannot open {self.source}")
+                except Exception as e:
+                    cap = None
+                    if not self._give_up_or_wait(f"{e}", delay):
+                        return
+                    delay = min(delay * 2, self.backoff_s[1])
+                    continue
+                interval = self._interval(cap)
+                next_t = time.perf_counter()
+                if self.status != "opening":
+                    self._event("reconnected", f"{self.source}: reconnected")
+                self.status = "live"
+            try:
+                ok, image = cap.read()
+            except Exception as e:  # a corrupt frame or a driver error
+                ok, image = False, None
+                self.errors += 1
+                self.last_error = f"read failed: {e}"
+            if not ok or image is None:
+                self._release(cap)
+                cap = None
+                if self.is_file and not self.reconnect:
+                    self.status = "ended"
+                    self._event("ended", f"{self.source}: ended after {self.captured} frames")
+                    self._notify()
+                    return
+                if not self._give_up_or_wait(self.last_error or "stream ended or dropped", delay):
+                    return
+                delay = min(delay * 2, self.backoff_s[1])
+                continue
+            delay = self.backoff_s[0]
+            if interval:
+                next_t += interval
+                now = time.perf_counter()
+                if next_t > now:
+                    if self._wait(next_t - now):
+                        break
+                else:
+                    next_t = now  # decoding fell behind: never burst to catch up
+            self._publish(image)
+        self._release(cap)
+
+    def _interval(self, cap) -> float:
+        if not (self.is_file and self.realtime):
+            return 0.0  # a camera or a stream paces itself
+        fps = self.fps
+        if fps is None:
+            try:
+                fps = float(cap.get(5))  # cv2.CAP_PROP_FPS
+            except Exception:
+                fps = 0.0
+            if not (math.isfinite(fps) and fps > 0):
+                fps = 30.0
+        return 1.0 / fps
+
+    def _give_up_or_wait(self, why: str, delay: float) -> bool:
+        """After a failure: False (status error) when this source does not reconnect, else wait."""
+        self.last_error = why
+        if not self.reconnect:
+            self.status = "error"
+            self._event("error", f"{self.source}: {why}")
+            self._notify()
+            return False
+        self.status = "reconnecting"
+        self.reconnects += 1
+        self._event("reconnecting", f"{self.source}: {why}; reconnecting in {delay:.2g} s")
+        return not self._wait(delay)
+
+    def _publish(self, image: np.ndarray) -> None:
+        now = time.perf_counter()
+        frame = Frame(self.captured, now, image)
+        with self._lock:
+            if self._slot is not None:
+                self.dropped += 1
+            self._slot = frame
+            self.captured += 1
+            self.last_capture = now
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._new_frame is not None:
+            self._new_frame.set()
+
+    @staticmethod
+    def _release(cap) -> None:
+        if cap is not None:
+            try:
+                cap.release()
+            except Exception:
+                pass
+
+
+class OrderedSource:
+    """A folder of images or a video file read in order, every frame, in the caller's thread."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.live = False
+        self._frames, self.order = iter_frames(source)
+        self.status = "live"
+        self.last_error: str | None = None
+        self.captured = self.dropped = self.taken = self.reconnects = self.errors = 0
+        self.last_capture: float | None = None
+        self._done = False
+
+    def start(self, new_frame=None) -> OrderedSource:
+        return self
+
+    def take(self) -> Frame | None:
+        if self._done:
+            return None
+        try:
+            _, image = next(self._frames)
+        except StopIteration:
+            self._done, self.status = True, "ended"
+            return None
+        except UserError as e:  # an unreadable image: report it, go on with the next
+            self.errors += 1
+            self.last_error = str(e)
+            return None
+        now = time.perf_counter()
+        frame = Frame(self.captured, now, image)
+        self.captured += 1
+        self.taken += 1
+        self.last_capture = now
+        return frame
+
+    @property
+    def finished(self) -> bool:
+        return self._done
+
+    @property
+    def alive(self) -> bool:
+        return False
+
+    def close(self, timeout_s: float | None = None) -> None:
+        if not self._done:
+            self._done = True
+            close = getattr(self._frames, "close", None)
+            if close is not None:
+                close()  # releases the VideoCapture (the generator's finally)
+
+
+def open_source(source: str, realtime: bool = False, fps: float | None = None, on_event=None):
+    """A `LiveSource` (camera index, URL, or video file with ``realtime``) or an `OrderedSource`."""
+    if not source.strip():
+        raise UserError("--source is empty: give a folder of images, a video file, a camera index or a URL")
+    if is_live(source, realtime):
+        return LiveSource(source, realtime=realtime, fps=fps, on_event=on_event)
+    if fps is not None and Path(source).is_file():
+        raise UserError("--fps paces a video file played with --realtime; add --realtime")
+    return OrderedSource(source)
