@@ -442,9 +442,25 @@ def _parse_drop(text: str) -> float:
 @command
 def run(
     artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder.")],
-    source: Annotated[str, typer.Option(help="A folder of images, a video file, or a camera index (0).")] = "0",
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A folder of images, a video file, a camera index (0) or a stream URL (rtsp://, http://); "
+            "repeat it for several streams, batched together. Default: camera 0."
+        ),
+    ] = None,
     backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
-    max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames.")] = None,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames (per stream).")] = None,
+    realtime: Annotated[
+        bool,
+        typer.Option(
+            "--realtime", help="Play video files at their frame rate, as a camera would: keep only the newest frame."
+        ),
+    ] = False,
+    fps: Annotated[
+        float | None, typer.Option(help="Frame rate for --realtime video files (default: the file's).")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (live sources).")] = None,
     deadline_ms: Annotated[float | None, typer.Option("--deadline-ms", help="Anytime deadline per frame.")] = None,
     budget: Annotated[
         str,
@@ -457,14 +473,34 @@ def run(
     save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Classify frames from a folder, a video or a camera with the calibrated cascade.
+    """Classify frames from folders, videos, cameras or stream URLs with the calibrated cascade.
 
-    Prints one line per frame and a summary (exit histogram, mean and p95 latency).
+    One folder or video: every frame in order, one line per frame. Cameras, URLs, --realtime videos
+    or several sources: a reader thread per source keeps only its newest frame (older ones are
+    counted as dropped), and each tick runs the newest frame of every stream as one batch; a live
+    table per stream, and capture-to-result latency in the summary. Ctrl-C ends with the summary.
     """
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.sources import run_source
+    from edgeexit.runtime.sources import is_live, run_source
 
+    sources = source or ["0"]
     extra = {"precision": precision} if precision else {}
+    if len(sources) > 1 or realtime or duration is not None or any(is_live(s) for s in sources):
+        if save_video is not None:
+            raise UserError("--save-video takes one folder or video file read in order, not live or several sources")
+        from edgeexit.runtime.streams import run_streams
+
+        budget_ms = _parse_budget(budget) if budget else None
+        cascade = Cascade.load(artifact, backend=backend, budget_ms=budget_ms, **extra)
+        console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
+        summary = run_streams(
+            cascade, sources, realtime, fps, max_frames, deadline_ms, duration, quiet, out_console, console
+        )
+        _write_json(json_out, summary)
+        return
+    if fps is not None:
+        raise UserError("--fps paces a video file played with --realtime; add --realtime")
+    source = sources[0]
     cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None, **extra)
     console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
     summary = run_source(
@@ -564,6 +600,31 @@ def quickstart(
         console=console,
         out_console=out_console,
     )
+
+
+@app.command()
+@command
+def doctor(
+    artifact: Annotated[Path | None, typer.Argument(help="NAME.edgeexit folder to check against this device.")] = None,
+    json_flag: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """What this machine can run: Python, numpy, ONNX Runtime, TensorRT, CUDA, GPU, Jetson, OpenCV.
+
+    With an artifact: whether its engines fit this device, which backend `auto` picks and why, and
+    whether it was calibrated here. Exit 0 when it can run here, 2 with the reason otherwise.
+    """
+    from edgeexit.doctor import diagnose, doctor_text
+
+    report = diagnose(artifact)
+    if json_flag:
+        from edgeexit.util import strict_json
+
+        sys.stdout.write(strict_json(report))
+    else:
+        for line in doctor_text(report):
+            out_console.print(line, highlight=False, soft_wrap=True)
+    if not report["ok"]:
+        raise typer.Exit(2)
 
 
 def main() -> None:
