@@ -29,13 +29,28 @@ app = typer.Typer(
     "Flow: [bold]train[/] → model.pt → [bold]export[/] → NAME.edgeexit/ → [bold]calibrate[/] --budget 5ms → "
     "[bold]run[/] / Cascade in your app. [bold]quickstart[/] does all of it on Fashion-MNIST.",
 )
+# stdout carries data (tables, per-frame lines, JSON) made of class names, file names and paths:
+# markup off, so every such string prints as given. stderr keeps markup for edgeexit's own styling;
+# every foreign string put into a stderr message goes through `edgeexit.util.esc`.
 console = Console(stderr=True)
-out_console = Console()
+out_console = Console(markup=False)
 
 
 def _fail(code: int, message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from edgeexit.util import esc
+
+    console.print(f"[bold red]error:[/] {esc(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _outputs(**paths) -> None:
+    """Refuse every output file option (--json, --plot, --save-video ...) before the work starts:
+    a folder, a device node or a FIFO there is exit 2 with its option named, and nothing is touched."""
+    from edgeexit.util import check_output_path
+
+    for option, path in paths.items():
+        if path is not None:
+            check_output_path(path, "--" + option.replace("_", "-"))
 
 
 def command(fn):
@@ -70,7 +85,7 @@ def _write_json(path: Path | None, payload: dict) -> None:
     from edgeexit.util import atomic_write_text, strict_json
 
     atomic_write_text(path, strict_json(payload))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False, highlight=False)
 
 
 def _parse_budget(text: str) -> float:
@@ -247,6 +262,7 @@ def train(
 
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
+    _outputs(json=json_out)
     from edgeexit.train.trainer import TrainConfig, TrainingError
     from edgeexit.train.trainer import train as run_train
 
@@ -265,9 +281,11 @@ def train(
 
 
 def _report_training(result: dict, out: Path, json_out: Path | None) -> None:
+    from edgeexit.util import esc
+
     last = result["history"][-1] if result["history"] else {}
     console.print(
-        f"[green]done[/]: {out / 'model.pt'}  best held-out average {result['best_val_average']:.4f}, "
+        f"[green]done[/]: {esc(out / 'model.pt')}  best held-out average {result['best_val_average']:.4f}, "
         f"final exit {last.get('val_exit_accuracy', [float('nan')])[-1]:.4f}, "
         f"{result['images_per_s']:.0f} img/s"
     )
@@ -289,6 +307,7 @@ def eval_(
 
     Thresholds for the budgeted curve are chosen on the held-out split recorded in the checkpoint.
     """
+    _outputs(plot=plot, json=json_out)
     from edgeexit.train.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, limit_eval, device, data_dir)
@@ -297,7 +316,7 @@ def eval_(
     out_console.print(eval_table(result))
     if plot:
         budgeted_plot(result, plot)
-        console.print(f"wrote {plot}")
+        console.print(f"wrote {plot}", markup=False, highlight=False)
     _write_json(json_out, result)
 
 
@@ -342,6 +361,7 @@ def export(
     The artifact is a folder with manifest.json, seg_KK.onnx and head_KK.onnx (and *.engine). It is
     written to a temporary folder and renamed at the end, so a failed export leaves nothing behind.
     """
+    _outputs(json=json_out)
     from edgeexit.export.exporter import export_checkpoint
 
     options = dict(locals())  # every option above; ExportOptions validates them, once
@@ -359,7 +379,9 @@ def export(
     from edgeexit.export.report import info_table
 
     out_console.print(info_table(manifest, path))
-    console.print(f"[green]exported[/] {path}")
+    from edgeexit.util import esc
+
+    console.print(f"[green]exported[/] {esc(path)}")
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 
 
@@ -398,6 +420,7 @@ def calibrate(
     from edgeexit.calibrate.report import calibration_table
     from edgeexit.calibrate.run import run_calibration
 
+    _outputs(plot=plot, json=json_out)
     if not budget and not max_drop:
         raise UserError("give --budget (e.g. 5ms or 50%), --max-drop (e.g. 0.5pt), or both")
     fraction = _parse_fraction(budget) if budget else None
@@ -480,6 +503,7 @@ def run(
     counted as dropped), and each tick runs the newest frame of every stream as one batch; a live
     table per stream, and capture-to-result latency in the summary. Ctrl-C ends with the summary.
     """
+    _outputs(save_video=save_video, json=json_out)
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.sources import is_live, run_source
 
@@ -492,7 +516,7 @@ def run(
 
         budget_ms = _parse_budget(budget) if budget else None
         cascade = Cascade.load(artifact, backend=backend, budget_ms=budget_ms, **extra)
-        console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
+        console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
         summary = run_streams(
             cascade, sources, realtime, fps, max_frames, deadline_ms, duration, quiet, out_console, console
         )
@@ -502,7 +526,7 @@ def run(
         raise UserError("--fps paces a video file played with --realtime; add --realtime")
     source = sources[0]
     cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None, **extra)
-    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
+    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
     summary = run_source(
         cascade,
         source,
@@ -530,11 +554,12 @@ def bench(
     json_out: JsonOpt = None,
 ) -> None:
     """Per-unit and cumulative per-exit latency; full cascade vs early exit at the current thresholds."""
+    _outputs(json=json_out)
     from edgeexit.bench import bench_cascade, bench_table
     from edgeexit.runtime import Cascade
 
     cascade = Cascade.load(artifact, backend=backend, **({"precision": precision} if precision else {}))
-    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False)
+    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
     result = bench_cascade(
         cascade,
         batch=batch,
@@ -553,6 +578,7 @@ def info(
     json_out: JsonOpt = None,
 ) -> None:
     """Show an artifact's units, FLOPs, parameters, file sizes, parity, engines and calibration."""
+    _outputs(json=json_out)
     if artifact.suffix == ".pt" and artifact.is_file():
         from edgeexit.train.checkpoint import load_checkpoint
 
@@ -584,6 +610,9 @@ def quickstart(
     ] = 20000,
     width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
     data_dir: DataDirOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a run (model.pt, last.pt, artifact) already in OUT.")
+    ] = False,
 ) -> None:
     """The whole flow on Fashion-MNIST: train → eval → export → calibrate → run, with a summary."""
     from edgeexit.quickstart import run_quickstart
@@ -599,6 +628,7 @@ def quickstart(
         data_dir=str(data_dir) if data_dir else None,
         console=console,
         out_console=out_console,
+        force=force,
     )
 
 

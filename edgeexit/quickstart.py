@@ -32,6 +32,7 @@ def run_quickstart(
     console=None,
     out_console=None,
     run_images: int = 1000,
+    force: bool = False,
 ) -> dict:
     from edgeexit.data import load_dataset
     from edgeexit.errors import UserError
@@ -40,6 +41,7 @@ def run_quickstart(
         raise UserError(f"--epochs must be at least 1, got {epochs}")
     if Path(out).resolve() == Path.cwd().resolve() or Path(out).is_file():
         raise UserError(f"--out {out} must be a folder of its own for the run (e.g. runs/quickstart)")
+    _check_out(Path(out), force)
     q = _Quickstart(
         Path(out),
         data_dir,
@@ -58,6 +60,24 @@ def run_quickstart(
     summary = _summary(q, artifact, cal, measured, run_images)
     _panel(q, summary, cal, run_images)
     return summary
+
+
+_RUN_FILES = ("model.pt", "last.pt", "model.edgeexit", "quickstart.json")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Like `train`: a run already in OUT is replaced only with --force; and every file the
+    quickstart writes there must be writable as a regular file, checked before training starts."""
+    from edgeexit.errors import UserError
+    from edgeexit.util import check_output_path
+
+    found = [name for name in _RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if found and not force:
+        raise UserError(
+            f"--out {out} already holds a run ({', '.join(found)}): add --force to replace it, or choose another --out"
+        )
+    for name in ("model.pt", "last.pt", "eval.json", "budgeted.png", "calibration.json", "quickstart.json"):
+        check_output_path(out / name, f"--out {out}:")
 
 
 def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -> None:
@@ -181,6 +201,7 @@ def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
     from rich.panel import Panel
 
     from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.util import esc
 
     test, full, t = summary["test"], summary["full_model_test"], q.timings
     artifact = summary["artifact"]
@@ -195,7 +216,7 @@ def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
             f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
             f"[bold]{summary['speedup']:.2f}×[/]\n"
             f"exit histogram: {json.dumps(test['exit_histogram'])}\n"
-            f"artifact: {artifact}  (embed it: Cascade.load('{artifact}'))\n"
+            f"artifact: {esc(artifact)}  (embed it: Cascade.load('{esc(artifact)}'))\n"
             f"took {t['total_s'] / 60:.1f} min: "
             + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s"),
             title="edgeexit quickstart",

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -52,17 +53,107 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
     return removed
 
 
+def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
+    """The one check every file edgeexit writes goes through (``atomic_write`` calls it): the target
+    must be absent or a regular file, in a folder that can be written. A directory, a device node
+    (``/dev/null``), a FIFO, a socket or a symlink to any of them is refused with a UserError, and
+    nothing there is touched. Call it early (before the work) to fail fast; ``atomic_write`` calls it
+    again just before writing."""
+    from edgeexit.errors import UserError
+
+    path = Path(path)
+    if str(path) == "" or path.name in ("", ".", ".."):
+        raise UserError(f"{what} {str(path)!r} is not a file name")
+    try:
+        st = os.stat(path)  # follows symlinks: what a write would replace or open
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        raise UserError(f"{what} {path}: a file is in the way of its folder") from None
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be checked ({e.strerror or e})") from None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "not a regular file"
+        )
+        raise UserError(f"{what} {path} is {kind}: give a path to a regular file (nothing was written)")
+    parent = path.parent
+    probe = parent
+    while not probe.exists():  # the first folder that exists must be a writable folder
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} {path}: {probe} is a file, not a folder")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
+def check_input_file(
+    path: str | os.PathLike, what: str = "input", root: str | os.PathLike | None = None, max_bytes: int | None = None
+) -> Path:
+    """The one check for a file edgeexit reads from a user or an artifact: it must be a regular file
+    (a FIFO would block forever; a device or socket is refused), inside ``root`` when given (symlinks
+    resolved: a link leaving the tree is refused), and at most ``max_bytes`` long. Raises UserError
+    with one line naming the file; returns the path."""
+    from edgeexit.errors import UserError
+
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a folder"
+            if stat.S_ISDIR(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "not a regular file"
+        )
+        raise UserError(f"{what} {path} is {kind}: edgeexit reads regular files only")
+    if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{what} {path} resolves outside {root} (a symlink?): refused")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise UserError(f"{what} {path} is {st.st_size} bytes, more than the {max_bytes} allowed")
+    return path
+
+
+def esc(value) -> str:
+    """``str(value)`` with rich markup escaped: the one helper for putting a user- or file-supplied
+    string (path, class name, option value, exception text) into a message printed with markup, so
+    that it prints as given (``[/]`` neither crashes the printer nor ``[red]x.png`` loses a part)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
 def atomic_write(path: str | os.PathLike, write, mode: str = "wb") -> None:
     """Call ``write(file)`` on a temporary file in the same folder, fsync, then rename it over
-    ``path``: readers never see half a file, and a crash leaves the old file (or none)."""
-    path = Path(path)
+    ``path``: readers never see half a file, and a crash leaves the old file (or none). The target is
+    checked first (`check_output_path`: never a folder or a device), and the temporary files an
+    interrupted (kill -9) writer of the same name left there are removed."""
+    path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        check_output_path(path)  # still not a folder or device: one could have appeared meanwhile
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
