@@ -273,7 +273,9 @@ class Streams:
         out = []
         for src, st in zip(self.sources, self._stats, strict=True):
             n = len(st.e2e_ms)
-            wall = end - (self.t_start or end)
+            # a stream that ended is measured over its own span, not the others' run
+            stop = st.last_result if src.status == "ended" and st.last_result is not None else end
+            wall = stop - (self.t_start or stop)
             # frames the app never saw: dropped by the reader while it worked on other frames
             seen = src.captured
             out.append(
@@ -353,16 +355,17 @@ def streams_table(summary: dict):
 
     t = Table(title=f"{len(summary['streams'])} streams on {summary['backend']}, {summary['wall_s']:.1f} s")
     for col in ("source", "status", "frames", "dropped", "fps", "e2e p50", "e2e p95", "e2e max", "infer p95", "exits"):
-        t.add_column(col, justify="left" if col in ("source", "status") else "right")
+        t.add_column(col, justify="left" if col in ("source", "status", "exits") else "right", no_wrap=col != "exits")
 
     def ms(v):
         return "-" if v is None else f"{v:.1f}"
 
     for s in summary["streams"]:
         e2e, inf = s["e2e_latency_ms"], s["inference_latency_ms"]
-        hist = " ".join(str(v) for v in s["exit_histogram"].values())
+        hist = " ".join(f"{k}:{v}" for k, v in s["exit_histogram"].items() if v)
+        name = s["source"] if len(s["source"]) <= 28 else "…" + s["source"][-27:]
         t.add_row(
-            s["source"],
+            name,
             s["status"],
             str(s["frames"]),
             f"{s['dropped']} ({100 * s['drop_rate']:.0f}%)",
@@ -379,3 +382,59 @@ def streams_table(summary: dict):
         "latency in ms (e2e: capture to result)"
     )
     return t
+
+
+def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err) -> dict:
+    """`edgeexit run` over live or several sources: one line per result for one stream, a live
+    rich table for several; Ctrl-C ends the run with its summary (``interrupted``)."""
+    from rich.live import Live
+
+    def event(source, kind, message):
+        err.print(f"[yellow]{kind}[/]: {message}", highlight=False)
+
+    streams = Streams(
+        cascade, sources, realtime=realtime, fps=fps, deadline_ms=deadline_ms, max_frames=max_frames, on_event=event
+    )
+    several = len(streams.sources) > 1
+    live = Live(streams_table(streams.summary()), console=out, auto_refresh=False) if several and not quiet else None
+    try:
+        with streams:
+            if live is not None:
+                live.start()
+            last = 0.0
+            try:
+                for r in streams.results(duration_s):
+                    if live is not None:
+                        if r.result_time - last > 0.5:
+                            live.update(streams_table(streams.summary()), refresh=True)
+                            last = r.result_time
+                    elif not quiet:
+                        p = r.prediction
+                        out.print(
+                            f"{r.source} frame {r.frame_id}: {p.class_name} ({p.confidence:.3f}) exit "
+                            f"{p.exit_index}/{cascade.num_exits} {p.latency_ms:.3f} ms, capture to result "
+                            f"{r.e2e_ms:.1f} ms",
+                            highlight=False,
+                        )
+            except KeyboardInterrupt:
+                streams.interrupted = True
+    except BaseException:
+        if live is not None:
+            live.stop()
+        raise
+    summary = streams.summary()
+    if live is not None:
+        live.update(streams_table(summary), refresh=True)
+        live.stop()
+    if summary["frames"] == 0 and not streams.interrupted:
+        from edgeexit.errors import UserError
+
+        why = "; ".join(f"{s['source']}: {s['last_error'] or s['status']}" for s in summary["streams"])
+        raise UserError(f"no frames read ({why})")
+    if live is None:
+        out.print(streams_table(summary))
+    if summary["controller"]:
+        from edgeexit.runtime.sources import summary_table
+
+        out.print(summary_table(summary))
+    return summary
