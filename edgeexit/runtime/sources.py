@@ -243,7 +243,7 @@ class LiveSource:
         self.backoff_s = backoff_s
         self.read_timeout_s = read_timeout_s
         self._opener = opener or self._open_cv2
-        self._on_event = on_event
+        self.on_event = on_event
         self.status = "opening"
         self.last_error: str | None = None
         self.captured = self.dropped = self.taken = self.reconnects = self.errors = 0
@@ -291,9 +291,9 @@ class LiveSource:
 
     # -- the reader thread ------------------------------------------------------------------------
     def _event(self, kind: str, message: str) -> None:
-        if self._on_event is not None:
+        if self.on_event is not None:
             try:
-                self._on_event(self, kind, message)
+                self.on_event(self, kind, message)
             except Exception:  # a reporting callback never kills the reader
                 pass
 
@@ -336,16 +336,17 @@ class LiveSource:
                 if self.status != "opening":
                     self._event("reconnected", f"{self.source}: reconnected")
                 self.status = "live"
+            failed = False
             try:
                 ok, image = cap.read()
             except Exception as e:  # a corrupt frame or a driver error
-                ok, image = False, None
+                ok, image, failed = False, None, True
                 self.errors += 1
                 self.last_error = f"read failed: {e}"
             if not ok or image is None:
                 self._release(cap)
                 cap = None
-                if self.is_file and not self.reconnect:
+                if self.is_file and not self.reconnect and not failed:
                     self.status = "ended"
                     self._event("ended", f"{self.source}: ended after {self.captured} frames")
                     self._notify()

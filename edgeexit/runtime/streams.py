@@ -119,6 +119,8 @@ class Streams:
         try:
             for s in sources:
                 src = open_source(s, realtime, fps, self._reader_event) if isinstance(s, str) else s
+                if getattr(src, "on_event", False) is None:  # a LiveSource made by the caller
+                    src.on_event = self._reader_event
                 self.sources.append(src)
         except BaseException:
             for src in self.sources:
