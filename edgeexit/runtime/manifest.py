@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,29 +17,26 @@ REQUIRED = ("schema_version", "preprocessing", "class_names", "units", "model")
 def load_manifest(artifact: str | os.PathLike) -> dict:
     """Load and check a manifest; every problem is an ArtifactError saying what to rebuild.
 
+    The one parse is `edgeexit.runtime.artifact.Artifact.load` (typed, every field and file it
+    names checked); this returns its manifest as a mutable dict for the readers that use one, with
+    ``_folder`` and ``_content_id`` (which `write_manifest` checks and drops)."""
+    from edgeexit.runtime.artifact import Artifact
+
+    return Artifact.load(artifact).manifest_dict()
+
+
+def check_manifest_dict(folder: Path, manifest: dict) -> None:
+    """The field checks on the parsed JSON (before the typed build in runtime/artifact.py).
+
     A manifest is data from whoever made the artifact: every file it names must resolve inside
     the artifact folder (symlinks resolved), and the preprocessing and class names must make sense
     for the model, so a tampered or careless manifest fails here rather than giving silent garbage."""
-    folder = Path(artifact)
     path = folder / MANIFEST_NAME
-    if not folder.exists():
-        raise ArtifactError(f"{folder} does not exist: create it with `edgeexit export MODEL.pt --out {folder}`")
-    if not path.is_file():
-        raise ArtifactError(
-            f"{folder} has no {MANIFEST_NAME}: it is not an edgeexit artifact "
-            "(re-export with `edgeexit export MODEL.pt`)"
-        )
-    try:
-        manifest = json.loads(path.read_text(), parse_constant=_no_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the model") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{path} is not an edgeexit manifest")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ArtifactError(f"{path} lacks {', '.join(missing)}: re-export the model")
     version = manifest["schema_version"]
-    if not isinstance(version, int) or version > SCHEMA_VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION or version < 1:
         raise ArtifactError(
             f"{path} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
             "upgrade edgeexit or re-export with this version"
@@ -51,12 +47,6 @@ def load_manifest(artifact: str | os.PathLike) -> dict:
     _check_preprocessing(path, manifest["preprocessing"])
     _check_class_names(path, manifest)
     _check_calibration(path, manifest)
-    manifest["_folder"] = str(folder)
-    return manifest
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def artifact_file(folder: str | os.PathLike, name) -> Path:
@@ -153,7 +143,8 @@ def _check_calibration(path: Path, manifest: dict) -> None:
         )
     ):
         raise bad(f"ladder must list {{thresholds ({k} numbers), predicted_ms, predicted_accuracy}} objects")
-    if cal.get("policy", "max_softmax") not in POLICIES:
+    policy = cal.get("policy", "max_softmax")
+    if not isinstance(policy, str) or policy not in POLICIES:
         raise bad(f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}")
     table = (cal.get("latency") or {}).get("units") if isinstance(cal.get("latency"), dict | None) else None
     if table is not None:
@@ -203,6 +194,34 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
+MAX_FRAMES_BYTES = 2 << 30  # the stored file (compressed)
+MAX_FRAMES_EXPANDED = 4 << 30  # what its members expand to
+
+
+def _check_npz_members(path: Path, data: bytes) -> None:
+    """Sizes from the zip directory, before anything is decompressed: only the four arrays, each
+    within bounds, and nothing expanding by more than a factor 1000 (a zip bomb)."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            members = z.infolist()
+    except zipfile.BadZipFile as e:
+        raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
+    allowed = {f"{k}.npy" for k in ("frames", "labels", "calibration", "verification")}
+    total = 0
+    for m in members:
+        if m.filename not in allowed:
+            raise ArtifactError(f"{path} holds {m.filename!r}, not a calibration-frames member: re-export the model")
+        total += m.file_size
+        if m.file_size > 1000 * max(m.compress_size, 1024) or total > MAX_FRAMES_EXPANDED:
+            raise ArtifactError(
+                f"{path}: member {m.filename} expands to {m.file_size} bytes from {m.compress_size} "
+                "(a decompression bomb?): refused; re-export the model"
+            )
+
+
 def load_calibration_frames(manifest: dict) -> dict | None:
     """The held-out images `edgeexit export` stored in the artifact (numpy only; checked against the
     manifest's sha256): frames (N, H, W, C) uint8, labels, and the calibration/verification indices.
@@ -215,6 +234,14 @@ def load_calibration_frames(manifest: dict) -> dict | None:
     if not info:
         return None
     path = artifact_file(manifest["_folder"], info.get("path"))
+    from edgeexit.util import check_input_file
+
+    try:
+        check_input_file(path, "calibration frames", root=manifest["_folder"], max_bytes=MAX_FRAMES_BYTES)
+    except ArtifactError:
+        raise
+    except Exception as e:  # UserError: a FIFO, a device, too large; say to re-export
+        raise ArtifactError(f"{e}; re-export the model") from None
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -223,11 +250,16 @@ def load_calibration_frames(manifest: dict) -> dict | None:
         raise ArtifactError(f"{path} does not match the sha256 in the manifest: re-export the model")
     import io
 
+    _check_npz_members(path, data)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             out = {k: z[k] for k in ("frames", "labels", "calibration", "verification")}
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, EOFError) as e:
         raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
+    except Exception as e:  # zipfile.BadZipFile, a truncated member (zlib.error) ...
+        raise ArtifactError(
+            f"{path} is not a calibration-frames file ({type(e).__name__}: {e}): re-export the model"
+        ) from None
     n = len(out["frames"])
     if out["frames"].dtype != np.uint8 or len(out["labels"]) != n:
         raise ArtifactError(f"{path}: frames must be uint8 with one label each; re-export the model")
@@ -243,7 +275,25 @@ def num_exits(manifest: dict) -> int:
 
 
 def write_manifest(artifact: str | os.PathLike, manifest: dict) -> None:
+    """Write ``manifest`` into the artifact, atomically. A manifest read by `load_manifest` carries the
+    content id of the export it came from: when the artifact on disk is another export now (an
+    `export --force` replaced it while a calibrate ran), nothing is written and an ArtifactError says
+    so, rather than writing the old model's calibration into the new artifact."""
     from edgeexit.util import atomic_write_json
 
+    expected = manifest.get("_content_id")
+    if expected is not None:
+        from edgeexit.runtime.artifact import content_id, read_manifest_json
+
+        folder = Path(artifact)
+        try:
+            now = content_id(folder, read_manifest_json(folder))
+        except ArtifactError:
+            now = None
+        if now != expected:
+            raise ArtifactError(
+                f"{folder} was replaced by another export while this job ran (its units changed): nothing "
+                "was written; run the job again on the new artifact"
+            )
     clean = {k: v for k, v in manifest.items() if not k.startswith("_")}
     atomic_write_json(Path(artifact) / MANIFEST_NAME, clean)

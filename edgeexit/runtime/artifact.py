@@ -1,0 +1,543 @@
+"""The typed contract of a NAME.edgeexit artifact: one validated parse of manifest.json and of what
+it says about every file it names, at load time (json, pathlib and numpy only; no torch).
+
+``Artifact.load(folder)`` reads the manifest once and builds frozen dataclasses:
+
+- ``model``: `ModelInfo` (exits, classes, width, in_chans, input_size, stem, method, the config);
+- ``preprocessing``: `Preprocessing` (finite in float32: a std of 1e-50 or a mean of 1e39 is refused);
+- ``units``: `Unit` per segment/head, in order, with their `TensorSpec` inputs and outputs checked
+  as a chain (segment k takes segment k-1's outputs, head k segment k's last one; the first segment
+  takes the preprocessed image, the heads give logits for every class and a confidence) and their
+  files per precision (``files["fp32"]``, ``files["int8"]``, `Engine` per TensorRT plan);
+- ``calibration``: `Calibration` (thresholds, policy, backend, the ladder of plans, the per-unit
+  latency table), or None;
+- ``calibration_frames``, ``weights``: where the stored frames and the torch weights are.
+
+Every file the manifest names resolves inside the folder and is named once. Any problem is an
+`ArtifactError` naming the field (the CLI turns it into exit 2). ``content_id`` identifies the
+export (unit files and the manifest's export fields), so a writer can tell that the artifact was
+replaced under it (`edgeexit.runtime.manifest.write_manifest`).
+
+The on-disk format is unchanged (schema_version 1): every artifact written by earlier versions of
+schema 1 loads. Readers migrate from the manifest dict to these fields (issue 24).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from edgeexit.errors import ArtifactError
+
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None: a dynamic dimension (the batch)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Engine:
+    path: Path
+    precision: str
+    info: Mapping = field(default_factory=dict, compare=False)  # TensorRT version, device, shapes
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # seg_01, head_01, ...
+    kind: str  # segment | head
+    position: int  # 0-based exit position
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    files: Mapping[str, Path]  # precision -> ONNX file: "fp32" always, "int8" after export --int8
+    engines: tuple[Engine, ...] = ()
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    in_chans: int
+    input_size: tuple[int, int]  # (H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channel_order: str | None = None
+    resize: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "in_chans": self.in_chans,
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    num_exits: int
+    num_classes: int
+    config: Mapping  # the training config (MultiExitConfig.to_dict())
+    width: float | None = None
+    in_chans: int | None = None
+    input_size: tuple[int, int] | None = None
+    stem: str | None = None
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class LadderRung:
+    thresholds: tuple[float, ...]
+    predicted_ms: float
+    predicted_accuracy: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    thresholds: tuple[float, ...] | None
+    policy: str
+    backend: str | None
+    ladder: tuple[LadderRung, ...]
+    latency_p95_ms: Mapping[str, float] | None  # unit name -> p95 ms, on ``backend``
+    device: Mapping | None
+
+
+@dataclass(frozen=True)
+class CalibrationFrames:
+    path: Path
+    sha256: str
+    count: int | None
+    shape: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    folder: Path
+    schema_version: int
+    model: ModelInfo
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...]
+    units: tuple[Unit, ...]
+    calibration: Calibration | None
+    calibration_frames: CalibrationFrames | None
+    weights: Path | None
+    content_id: str
+    manifest: Mapping = field(repr=False, compare=False)  # the parsed JSON, read-only
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.units) // 2
+
+    def segment(self, pos: int) -> Unit:
+        return self.units[2 * pos]
+
+    def head(self, pos: int) -> Unit:
+        return self.units[2 * pos + 1]
+
+    def manifest_dict(self) -> dict:
+        """The manifest as a fresh mutable dict (what readers not yet migrated use), with the
+        private keys ``_folder`` and ``_content_id`` that `write_manifest` drops."""
+        out = json.loads(json.dumps(_thaw(self.manifest)))
+        out.update(_folder=str(self.folder), _content_id=self.content_id)
+        return out
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> Artifact:
+        folder = Path(folder)
+        raw = read_manifest_json(folder)
+        from edgeexit.runtime.manifest import check_manifest_dict
+
+        check_manifest_dict(folder, raw)  # the field checks of earlier rounds, messages kept
+        return _build(folder, raw)
+
+
+# -- parsing --------------------------------------------------------------------------------------
+def read_manifest_json(folder: Path) -> dict:
+    from edgeexit.runtime.manifest import MANIFEST_NAME
+
+    path = folder / MANIFEST_NAME
+    if not folder.exists():
+        raise ArtifactError(f"{folder} does not exist: create it with `edgeexit export MODEL.pt --out {folder}`")
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder} is not a folder: an artifact is a NAME.edgeexit folder")
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder} has no {MANIFEST_NAME}: it is not an edgeexit artifact "
+            "(re-export with `edgeexit export MODEL.pt`)"
+        )
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} is {size} bytes, more than a manifest can be ({MAX_MANIFEST_BYTES}): re-export")
+    try:
+        text = path.read_text()
+        _check_depth(path, text)
+        manifest = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); re-export the model") from None
+    except RecursionError:
+        raise ArtifactError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels: not a manifest") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not an edgeexit manifest")
+    return manifest
+
+
+def _check_depth(path: Path, text: str) -> None:
+    """Bracket depth outside strings, without recursion (a 100,000-deep field never reaches json)."""
+    depth = worst = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            if depth > worst:
+                worst = depth
+                if worst > MAX_JSON_DEPTH:
+                    raise ArtifactError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels: not a manifest")
+        elif ch in "]}":
+            depth -= 1
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _freeze(obj):
+    if isinstance(obj, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in obj.items()})
+    if isinstance(obj, list):
+        return tuple(_freeze(v) for v in obj)
+    return obj
+
+
+def _thaw(obj):
+    if isinstance(obj, Mapping):
+        return {k: _thaw(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return [_thaw(v) for v in obj]
+    return obj
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _build(folder: Path, m: dict) -> Artifact:
+    from edgeexit.runtime.manifest import MANIFEST_NAME, artifact_file
+
+    where = folder / MANIFEST_NAME
+
+    def bad(field_name: str, what: str, fix: str = "re-export the model"):
+        return ArtifactError(f"{where}: {field_name} {what}; {fix}")
+
+    k = len(m["units"]) // 2
+    pre = _preprocessing(m["preprocessing"], bad)
+    units = tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(m["units"]))
+    model = _model(m["model"], k, bad)
+    num_classes = _check_wiring(units, pre, model, len(m["class_names"]), bad)
+    if model.num_classes is None:
+        model = ModelInfo(**{**model.__dict__, "num_classes": num_classes})
+    weights = artifact_file(folder, m["weights"]) if "weights" in m else None
+    frames = _frames(folder, m.get("calibration_frames"), bad)
+    _check_unique(folder, units, weights, frames)
+    calibration = _calibration(m.get("calibration"), k, bad)
+    return Artifact(
+        folder=folder,
+        schema_version=m["schema_version"],
+        model=model,
+        preprocessing=pre,
+        class_names=tuple(m["class_names"]),
+        units=units,
+        calibration=calibration,
+        calibration_frames=frames,
+        weights=weights,
+        content_id=content_id(folder, m),
+        manifest=_freeze(m),
+    )
+
+
+def _preprocessing(p: dict, bad) -> Preprocessing:
+    import numpy as np
+
+    mean = np.asarray(p["mean"], dtype=np.float64)
+    std = np.asarray(p["std"], dtype=np.float64)
+    with np.errstate(all="ignore"):
+        m32, s32 = mean.astype(np.float32), std.astype(np.float32)
+        # the runtime's table: (v/255 - mean) / std in float32 for the extreme bytes 0 and 255
+        ends = (np.array([0.0, 1.0], dtype=np.float32)[None, :] - m32[:, None]) / s32[:, None]
+    if not (np.isfinite(m32).all() and np.isfinite(s32).all() and (s32 > 0).all() and np.isfinite(ends).all()):
+        raise bad(
+            "preprocessing",
+            f"mean {p['mean']} / std {p['std']} are not finite in float32 (normalised pixels would be inf or NaN)",
+        )
+    order = p.get("channel_order")
+    resize = p.get("resize")
+    for name, v in (("channel_order", order), ("resize", resize)):
+        if v is not None and not isinstance(v, str):
+            raise bad(f"preprocessing.{name}", f"must be a string, got {v!r}")
+    return Preprocessing(
+        in_chans=p["in_chans"],
+        input_size=(p["input_size"][0], p["input_size"][1]),
+        mean=tuple(float(v) for v in p["mean"]),
+        std=tuple(float(v) for v in p["std"]),
+        channel_order=order,
+        resize=resize,
+    )
+
+
+def _tensor(t: dict, where: str, bad) -> TensorSpec:
+    shape = t["shape"]
+    if not all(d is None or (_int(d) and d >= 1) for d in shape):
+        raise bad(where, f"shape must list positive integers or null, got {shape!r}")
+    if not shape or shape[0] is not None and not _int(shape[0]):
+        raise bad(where, f"shape must start with the batch dimension, got {shape!r}")
+    dtype = t.get("dtype", "float32")
+    if not isinstance(dtype, str):
+        raise bad(where, f"dtype must be a string, got {dtype!r}")
+    return TensorSpec(t["name"], tuple(shape), dtype)
+
+
+def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
+    from edgeexit.runtime.manifest import artifact_file
+
+    name = u["name"]
+    inputs = tuple(_tensor(t, f"units[{name}].inputs[{i}]", bad) for i, t in enumerate(u["inputs"]))
+    outputs = tuple(_tensor(t, f"units[{name}].outputs[{i}]", bad) for i, t in enumerate(u["outputs"]))
+    files = {"fp32": artifact_file(folder, u["onnx"])}
+    if u.get("onnx_int8") is not None:
+        files["int8"] = artifact_file(folder, u["onnx_int8"])
+    engines = u.get("engines") or []
+    if not isinstance(engines, list):
+        raise bad(f"units[{name}].engines", f"must be a list, got {type(engines).__name__}")
+    parsed = []
+    for i, e in enumerate(engines):
+        if not isinstance(e, dict):
+            raise bad(f"units[{name}].engines[{i}]", "must be an object")
+        if e.get("precision") not in PRECISIONS:
+            raise bad(
+                f"units[{name}].engines[{i}].precision",
+                f"must be one of {', '.join(PRECISIONS)}, got {e.get('precision')!r}",
+                "rebuild the engines (edgeexit export --format engine)",
+            )
+        parsed.append(Engine(artifact_file(folder, e.get("path")), e["precision"], _freeze(e)))
+    return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed))
+
+
+def _model(model: dict, k: int, bad) -> ModelInfo:
+    config = model.get("config")
+    if not isinstance(config, dict):
+        raise bad("model.config", f"must be an object (the training config), got {config!r}")
+    exits = config.get("exits", model.get("num_exits"))
+    for key, value in (("model.num_exits", model.get("num_exits")), ("model.config.exits", config.get("exits"))):
+        if value is not None and not (_int(value) and value == k):
+            raise bad(key, f"is {value!r} but the artifact has {k} exits (units)")
+    classes = config.get("num_classes")
+    if classes is not None and not (_int(classes) and classes >= 1):
+        raise bad("model.config.num_classes", f"must be a positive integer, got {classes!r}")
+    width = config.get("width")
+    if width is not None and not (_finite(width) and 0 < width <= 16):
+        raise bad("model.config.width", f"must be a number within (0, 16], got {width!r}")
+    chans = config.get("in_chans")
+    if chans is not None and chans not in (1, 3):
+        raise bad("model.config.in_chans", f"must be 1 or 3, got {chans!r}")
+    size = config.get("input_size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and all(_int(v) and v >= 1 for v in size)):
+        raise bad("model.config.input_size", f"must be [H, W], got {size!r}")
+    for key in ("stem", "method"):
+        v = config.get(key) if key == "stem" else model.get(key)
+        if v is not None and not isinstance(v, str):
+            raise bad(f"model.{'config.' if key == 'stem' else ''}{key}", f"must be a string, got {v!r}")
+    return ModelInfo(
+        num_exits=exits if _int(exits) else k,
+        num_classes=classes,
+        config=_freeze(config),
+        width=width,
+        in_chans=chans,
+        input_size=tuple(size) if size else None,
+        stem=config.get("stem"),
+        method=model.get("method"),
+    )
+
+
+def _check_wiring(units, pre: Preprocessing, model: ModelInfo, n_names: int, bad) -> int:
+    """The chain the runtime relies on, checked on the recorded shapes; returns the class count."""
+    image = units[0].inputs
+    want = (pre.in_chans, *pre.input_size)
+    if len(image) != 1 or len(image[0].shape) != 4 or tuple(image[0].shape[1:]) != want:
+        raise bad(
+            "preprocessing",
+            f"gives (N, {', '.join(map(str, want))}) images but seg_01 takes {[list(t.shape) for t in image]}",
+        )
+    if model.in_chans is not None and model.in_chans != pre.in_chans:
+        raise bad("model.config.in_chans", f"is {model.in_chans} but preprocessing.in_chans is {pre.in_chans}")
+    if model.input_size is not None and tuple(model.input_size) != pre.input_size:
+        raise bad(
+            "model.config.input_size",
+            f"is {list(model.input_size)} but preprocessing.input_size is {list(pre.input_size)}",
+        )
+    classes = None
+    for pos in range(len(units) // 2):
+        seg, head = units[2 * pos], units[2 * pos + 1]
+        if pos > 0:
+            prev = units[2 * pos - 2].outputs
+            if [(t.name, t.shape) for t in seg.inputs] != [(t.name, t.shape) for t in prev]:
+                raise bad(
+                    f"units[{seg.name}].inputs",
+                    f"{[t.name for t in seg.inputs]} are not {units[2 * pos - 2].name}'s outputs "
+                    f"{[t.name for t in prev]} in order",
+                )
+        last = seg.outputs[-1]
+        if [(t.name, t.shape) for t in head.inputs] != [(last.name, last.shape)]:
+            raise bad(f"units[{head.name}].inputs", f"must be {seg.name}'s last output {last.name!r} only")
+        names = [t.name for t in head.outputs]
+        if names != ["logits", "confidence"]:
+            raise bad(f"units[{head.name}].outputs", f"must be [logits, confidence], got {names}")
+        logits, conf = head.outputs
+        if len(logits.shape) != 2 or len(conf.shape) != 1:
+            raise bad(f"units[{head.name}].outputs", "must be logits (N, classes) and confidence (N,)")
+        c = logits.shape[1]
+        if c is None:
+            raise bad(f"units[{head.name}].outputs[0].shape", "must give the number of classes")
+        if classes is not None and c != classes:
+            raise bad(f"units[{head.name}].outputs[0].shape", f"gives {c} classes, earlier heads {classes}")
+        classes = c
+    if model.num_classes is not None and model.num_classes != classes:
+        raise bad("model.config.num_classes", f"is {model.num_classes} but the heads give {classes} classes")
+    if classes != n_names:
+        raise bad("class_names", f"has {n_names} names but the model has {classes} classes")
+    return classes
+
+
+def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
+    from edgeexit.runtime.manifest import artifact_file
+
+    if not info:
+        return None
+    sha = info.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64):
+        raise bad("calibration_frames.sha256", f"must be a sha256 hex digest, got {sha!r}")
+    count = info.get("count")
+    if count is not None and not (_int(count) and count >= 0):
+        raise bad("calibration_frames.count", f"must be a count, got {count!r}")
+    shape = info.get("shape")
+    if shape is not None and not (isinstance(shape, list) and all(_int(v) and v >= 1 for v in shape)):
+        raise bad("calibration_frames.shape", f"must list positive integers, got {shape!r}")
+    return CalibrationFrames(artifact_file(folder, info.get("path")), sha, count, tuple(shape) if shape else None)
+
+
+def _check_unique(folder: Path, units, weights, frames) -> None:
+    from edgeexit.runtime.manifest import MANIFEST_NAME
+
+    seen: dict[Path, str] = {}
+    named = [(f"units[{u.name}].files.{p}", path) for u in units for p, path in u.files.items()]
+    named += [(f"units[{u.name}].engines[{i}]", e.path) for u in units for i, e in enumerate(u.engines)]
+    if weights is not None:
+        named.append(("weights", weights))
+    if frames is not None:
+        named.append(("calibration_frames.path", frames.path))
+    for what, path in named:
+        key = path.resolve()
+        if key in seen:
+            raise ArtifactError(
+                f"{folder / MANIFEST_NAME}: {what} names {path.name}, which {seen[key]} names too: "
+                "every unit has its own file; re-export the model"
+            )
+        seen[key] = what
+
+
+def _calibration(cal, k: int, bad) -> Calibration | None:
+    from edgeexit.runtime.plan import unit_names
+    from edgeexit.runtime.policies import POLICIES
+
+    if cal is None:
+        return None
+    fix = "run `edgeexit calibrate` again"
+    policy = cal.get("policy", "max_softmax")
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise bad("calibration.policy", f"{policy!r} is not one of {', '.join(POLICIES)}", fix)
+    backend = cal.get("backend")
+    if backend is not None and not isinstance(backend, str):
+        raise bad("calibration.backend", f"must be a string, got {backend!r}", fix)
+    ladder = cal.get("ladder")
+    if ladder is not None and not isinstance(ladder, list):
+        raise bad("calibration.ladder", f"must be a list, got {type(ladder).__name__}", fix)
+    rungs = tuple(
+        LadderRung(tuple(float(t) for t in r["thresholds"]), float(r["predicted_ms"]), float(r["predicted_accuracy"]))
+        for r in ladder or []
+    )
+    latency = cal.get("latency")
+    if latency is not None and not isinstance(latency, dict):
+        raise bad("calibration.latency", f"must be an object, got {type(latency).__name__}", fix)
+    table = (latency or {}).get("units")
+    p95 = None
+    if table is not None:
+        if not isinstance(table, dict):
+            raise bad("calibration.latency.units", "must be an object", fix)
+        p95 = MappingProxyType({n: float(table[n]["p95_ms"]) for n in unit_names(k)})
+    device = cal.get("device")
+    if device is not None and not isinstance(device, dict):
+        raise bad("calibration.device", f"must be an object, got {type(device).__name__}", fix)
+    th = cal.get("thresholds")
+    return Calibration(
+        thresholds=tuple(float(t) for t in th) if th is not None else None,
+        policy=policy,
+        backend=backend,
+        ladder=rungs,
+        latency_p95_ms=p95,
+        device=_freeze(device) if device is not None else None,
+    )
+
+
+def content_id(folder: Path, m: dict) -> str:
+    """What identifies one export: its unit files (name, size, modification time) and the manifest's
+    export fields; calibration is not part of it (calibrating does not change the export)."""
+    h = hashlib.sha256()
+    ident = {key: m.get(key) for key in ("created", "edgeexit_version", "export", "parity", "weights")}
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
+    for u in m["units"]:
+        for key in ("onnx", "onnx_int8"):
+            name = u.get(key)
+            if isinstance(name, str):
+                try:
+                    st = (folder / name).stat()
+                    h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())
+                except OSError:
+                    h.update(f"{name}:missing;".encode())
+    return h.hexdigest()[:16]
+
+
+def check_weights_config(artifact: Artifact, config) -> None:
+    """``weights.pt``'s config must be the model the manifest describes (a config asking for width 20
+    while the manifest says 0.25 would build a model hundreds of times larger)."""
+    where = artifact.weights or artifact.folder / "weights.pt"
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{where}: config must be an object; re-export the model")
+    expected = _thaw(artifact.model.config)
+    diff = [key for key in sorted(set(expected) | set(config)) if expected.get(key) != config.get(key)]
+    if diff:
+        key = diff[0]
+        raise ArtifactError(
+            f"{where}: config {key} is {config.get(key)!r} but the manifest's model.config.{key} is "
+            f"{expected.get(key)!r}; re-export the model"
+        )
