@@ -101,7 +101,7 @@ def test_batched_predictions_equal_per_frame_predictions(tiny_artifact, test_fra
 
     cascade = Cascade.load(tiny_artifact, backend="onnxruntime")
     # thresholds that make frames leave at several exits, so compaction happens inside each batch
-    cascade.set_thresholds([0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.0])
+    cascade.set_thresholds([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.0])
     n_streams, per = 4, 40
     streams_frames = [gray_frames(test_frames, per, offset=100 * s)[0] for s in range(n_streams)]
     srcs = []
@@ -113,8 +113,11 @@ def test_batched_predictions_equal_per_frame_predictions(tiny_artifact, test_fra
         results = list(streams)
     assert streams.summary()["mean_batch"] == n_streams  # every tick took one frame of every stream
     assert len(results) == n_streams * per
-    exits = {r.prediction.exit_index for r in results}
-    assert len(exits) >= 3, exits  # several exits: the batches were compacted
+    ticks: dict[int, set] = {}
+    for r in results:  # tick t took frame t of every stream
+        ticks.setdefault(r.frame_id, set()).add(r.prediction.exit_index)
+    mixed = sum(len(e) > 1 for e in ticks.values())
+    assert mixed >= per // 4, ticks  # many batches had frames leave early while others went on: compaction
     for r in results:
         single = cascade.predict(streams_frames[r.stream][r.frame_id])
         assert (r.prediction.label, r.prediction.exit_index) == (single.label, single.exit_index)
