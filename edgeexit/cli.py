@@ -203,6 +203,18 @@ AdaptThreadsOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="ImageFolder: a bad image file (corrupt, truncated, ...) is an error, not skipped."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="ImageFolder: where large sets are decoded once (default ~/.cache/edgeexit/datasets; "
+        "$EDGEEXIT_CACHE_DIR). On several nodes, a folder on the shared filesystem.",
+    ),
+]
 
 
 @app.command()
@@ -242,20 +254,8 @@ def train(
     image_size: ImageSizeOpt = None,
     init: InitOpt = None,
     data_dir: DataDirOpt = None,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict", help="ImageFolder: a bad image file (corrupt, truncated, ...) is an error, not skipped."
-        ),
-    ] = False,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--cache-dir",
-            help="ImageFolder: where large sets are decoded once (default ~/.cache/edgeexit/datasets; "
-            "$EDGEEXIT_CACHE_DIR). On several nodes, a folder on the shared filesystem.",
-        ),
-    ] = None,
+    strict: StrictOpt = False,
+    cache_dir: CacheDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Train a multi-exit ResNet18 with MLCSD or a baseline; writes OUT/model.pt.

@@ -64,7 +64,7 @@ def test_a_socket_named_like_an_image_is_refused(tmp_path):
     s = socket.socket(socket.AF_UNIX)
     try:
         s.bind(str(root / "b" / "y.jpg"))
-        with pytest.raises(UserError, match=r"y\.jpg is a socket"):
+        with pytest.raises(UserError, match=r"y\.jpg is not a regular file"):
             load_dataset(str(root), "train", image_size=[16, 16])
     finally:
         s.close()

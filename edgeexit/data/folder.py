@@ -27,7 +27,6 @@ import fcntl
 import hashlib
 import json
 import os
-import stat
 import sys
 import time
 import warnings
@@ -70,28 +69,13 @@ def _inside(path: Path, root_real: Path) -> bool:
 
 
 def check_entry(path: Path, root_real: Path) -> os.stat_result:
-    """stat of an image entry, refusing (UserError) what must never be opened: a symlink leading
-    out of the tree, or anything that is not a regular file (FIFO, socket, device)."""
-    try:
-        st = os.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
-            if not _inside(path, root_real):
-                raise UserError(f"{path} is a symlink to {os.path.realpath(path)}, outside {root_real}: refused")
-            st = os.stat(path)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = (
-            "a FIFO"
-            if stat.S_ISFIFO(st.st_mode)
-            else "a socket"
-            if stat.S_ISSOCK(st.st_mode)
-            else "a device"
-            if stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
-            else "not a regular file"
-        )
-        raise UserError(f"{path} is {kind}, not an image file: refused (remove it from the image folder)")
-    return st
+    """stat of an image entry, refusing (UserError) what must never be opened: anything that is not
+    a regular file (FIFO, socket, device) and a symlink leading out of the tree — the project's one
+    input-file check, ``util.check_input_file``."""
+    from edgeexit.util import check_input_file
+
+    check_input_file(path, "image", root=root_real)
+    return os.stat(path)
 
 
 def _walk_class(folder: Path, root_real: Path, progress) -> tuple[list[tuple[str, int, int]], int]:
@@ -352,18 +336,7 @@ def decode_all(paths: list[str], size, in_chans, target: str | None, console, st
     bad: list[tuple[str, str]] = []
     tasks = [(s, paths[s : s + CHUNK], list(size), in_chans, target, n) for s in range(0, n, CHUNK)]
     workers = min(_workers(), len(tasks))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    prog = Progress(
-        TextColumn("decoding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[ips]:,.0f} img/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-        transient=True,
-    )
+    prog = _decode_bar(console)
     t0 = time.perf_counter()
 
     def consume(result, bar):
@@ -397,12 +370,31 @@ def decode_all(paths: list[str], size, in_chans, target: str | None, console, st
         _say(console, f"... and {len(bad) - SHOW_BAD} more bad images skipped")
     if n:
         _say(console, f"decoded {int(ok.sum()):,} images in {seconds:.1f} s ({n / max(1e-9, seconds):,.0f} img/s)")
-    if stats[2].min() > 0:
-        mean = stats[0] / stats[2]
-        std = np.sqrt(np.maximum(stats[1] / stats[2] - mean**2, 0))
-    else:
-        mean, std = np.zeros(in_chans), np.ones(in_chans)
-    return ok, [float(m) for m in mean], [max(1e-3, float(s)) for s in std], images, bad
+    return (ok, *_mean_std(stats), images, bad)
+
+
+def _decode_bar(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("decoding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[ips]:,.0f} img/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
+    )
+
+
+def _mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std on 0-1 values from [sum, sum of squares, pixel count]."""
+    if stats[2].min() <= 0:
+        return [0.0] * stats.shape[1], [1.0] * stats.shape[1]
+    mean = stats[0] / stats[2]
+    std = np.sqrt(np.maximum(stats[1] / stats[2] - mean**2, 0))
+    return [float(m) for m in mean], [max(1e-3, float(s)) for s in std]
 
 
 # ---------------------------------------------------------------------------------------- cache
