@@ -318,7 +318,7 @@ def diagnose(artifact=None) -> dict:
         "jetson": jetson,
         "opencv": opencv_info(),
         "cpu_threads": os.cpu_count(),
-        "torch_imported": "torch" in sys.modules,
+        "torch_imported": sys.modules.get("torch") is not None,
     }
     if artifact is not None:
         art = artifact_report(artifact, trt, cuda)
@@ -337,15 +337,15 @@ def diagnose(artifact=None) -> dict:
         ort_ok = report["onnxruntime"]["version"] is not None
         report["ok"] = ort_ok
         report["reason"] = None if ort_ok else f"ONNX Runtime is not importable: {report['onnxruntime']['error']}"
-    report["torch_imported"] = "torch" in sys.modules
+    report["torch_imported"] = sys.modules.get("torch") is not None
     return report
 
 
 def doctor_text(report: dict) -> list[str]:
-    """The report as lines for the console (rich markup)."""
+    """The report as plain lines (no markup: library messages may contain brackets)."""
 
     def yn(ok) -> str:
-        return "[green]yes[/]" if ok else ("[red]no[/]" if ok is not None else "[dim]-[/]")
+        return "yes" if ok else ("no" if ok is not None else "-")
 
     py, ort, trt, cuda, jet, cv = (report[k] for k in ("python", "onnxruntime", "tensorrt", "cuda", "jetson", "opencv"))
     lines = [
@@ -360,7 +360,7 @@ def doctor_text(report: dict) -> list[str]:
             + (f": {trt['why']}" if trt.get("why") else "")
         )
     else:
-        lines.append(f"TensorRT      [yellow]absent[/]: {trt.get('import_error')}")
+        lines.append(f"TensorRT      absent: {trt.get('import_error')}")
         if trt.get("why"):
             lines.append(f"              {trt['why']}")
     cp = cuda.get("cuda_python") or "absent"
@@ -368,7 +368,7 @@ def doctor_text(report: dict) -> list[str]:
     lines.append(
         f"cuda-python   {cp}; driver {drv} (CUDA {cuda.get('driver_cuda') or '-'}), match {yn(cuda.get('match'))}"
         + (f": {cuda['why']}" if cuda.get("why") else "")
-        + (f" [dim]({cuda['error']})[/]" if cuda.get("error") else "")
+        + (f" ({cuda['error']})" if cuda.get("error") else "")
     )
     gpu = cuda.get("gpu")
     lines.append(f"GPU           {gpu + ', sm ' + str(cuda.get('compute_capability')) if gpu else 'none found'}")
@@ -405,9 +405,7 @@ def doctor_text(report: dict) -> list[str]:
                 + ("" if here or here is None else ": " + "; ".join(art.get("calibration_changes", [])))
             )
         else:
-            lines.append("  calibrated  [yellow]no[/]: run `edgeexit calibrate` on this device")
-    verdict = "[bold green]ok[/]: it can run here" if report["ok"] else f"[bold red]not ok[/]: {report['reason']}"
-    lines.append(
-        verdict if art else ("[bold green]ok[/]" if report["ok"] else f"[bold red]not ok[/]: {report['reason']}")
-    )
+            lines.append("  calibrated  no: run `edgeexit calibrate` on this device")
+    verdict = "ok: it can run here" if report["ok"] else f"not ok: {report['reason']}"
+    lines.append(verdict if art else ("ok" if report["ok"] else f"not ok: {report['reason']}"))
     return lines

@@ -390,9 +390,10 @@ def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, durati
     """`edgeexit run` over live or several sources: one line per result for one stream, a live
     rich table for several; Ctrl-C ends the run with its summary (``interrupted``)."""
     from rich.live import Live
+    from rich.markup import escape
 
     def event(source, kind, message):
-        err.print(f"[yellow]{kind}[/]: {message}", highlight=False)
+        err.print(f"[yellow]{kind}[/]: {escape(message)}", highlight=False)
 
     streams = Streams(
         cascade, sources, realtime=realtime, fps=fps, deadline_ms=deadline_ms, max_frames=max_frames, on_event=event
