@@ -96,6 +96,28 @@ def test_the_filesystem_root_is_refused_at_once(tmp_path):
     assert res.exit_code == 2 and "not an ImageFolder" in res.output
 
 
+def test_a_manifest_or_checkpoint_naming_the_root_as_dataset_is_refused_at_once():
+    from edgeexit.data.datasets import load_heldout
+
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="not an ImageFolder"):
+        load_heldout({"dataset": "/", "val_size": 10, "val_indices_seed": 0, "image_size": [16, 16]})
+    assert time.perf_counter() - t < 5
+
+
+def test_a_cache_that_cannot_be_reserved_is_a_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    def full(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    root = folder(tmp_path / "ds")
+    with pytest.raises(UserError, match="cannot reserve .* No space left on device; free space or pass --cache-dir"):
+        load_dataset(str(root), "train", image_size=[16, 16], cache="always")
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]
+
+
 def test_a_class_folder_of_many_non_images_stops_the_walk(tmp_path, monkeypatch):
     monkeypatch.setattr(F, "NO_IMAGE_LIMIT", 50)
     root = folder(tmp_path / "ds", classes=("b",))

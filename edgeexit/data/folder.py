@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -437,7 +438,15 @@ def _build_cache(folder: Path, key: str, paths, shape, console, strict: bool) ->
     fd_tmp, tmp = None, folder / f"{temp_prefix(key + '.u8')}build.tmp"
     try:
         fd_tmp = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        os.ftruncate(fd_tmp, int(np.prod(shape)))  # sparse until written
+        try:  # reserve the space now: a full disk is a clear error here, not a SIGBUS mid-decode
+            os.posix_fallocate(fd_tmp, 0, int(np.prod(shape)))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise UserError(
+                    f"cannot reserve {int(np.prod(shape)) / 1e9:.1f} GB for the decoded images in {folder}: "
+                    f"{e.strerror}; free space or pass --cache-dir"
+                ) from None
+            os.ftruncate(fd_tmp, int(np.prod(shape)))
         os.close(fd_tmp)
         fd_tmp = None
         ok, mean, std, _, bad = decode_all(paths, list(shape[2:]), shape[1], str(tmp), console, strict)
