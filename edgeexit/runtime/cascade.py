@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeexit.errors import ArtifactError
 from edgeexit.runtime.backends import Runner, choose_backend, create_backend
 from edgeexit.runtime.manifest import load_manifest, num_exits
 from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
@@ -45,6 +46,21 @@ class Prediction:
 
 class CascadeClosedError(RuntimeError):
     """The cascade was closed (by another thread) while or before this call ran."""
+
+
+class _Lifetime:
+    """Whether the runner is still open: one object shared by a cascade and every `derive`d view of
+    it, so a view sees its parent's close (and raises CascadeClosedError, never what a closed runner
+    happens to raise)."""
+
+    __slots__ = ("closed",)
+
+    def __init__(self) -> None:
+        self.closed = False
+
+
+class LatencyTableMissingError(ArtifactError, ValueError):
+    """``deadline_ms`` on a cascade without per-unit latencies for its backend (a user error: exit 2)."""
 
 
 class Cascade:
@@ -70,7 +86,8 @@ class Cascade:
         self._fuse = bool(fuse)
         self._unit_timing = bool(unit_timing)
         self._owns_runner = True
-        self._closed = False
+        self._closed = False  # this view closed
+        self._life = _Lifetime()  # the runner closed (shared with derived views)
         self.backend_choice = "a runner given to Cascade()"
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self._lock = nullcontext() if runner.thread_safe else threading.RLock()
@@ -104,8 +121,11 @@ class Cascade:
     def _controller(self, calib: dict, budget_ms: float):
         from edgeexit.runtime.controller import BudgetController, build_ladder
 
-        if not (isinstance(budget_ms, int | float) and math.isfinite(budget_ms) and budget_ms > 0):
-            raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms}")
+        number = isinstance(budget_ms, int | float | np.integer | np.floating)
+        ok = number and not isinstance(budget_ms, bool | np.bool_)  # True is not 1 ms
+        if not (ok and math.isfinite(budget_ms) and budget_ms > 0):
+            raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms!r}")
+        budget_ms = float(budget_ms)
         rows = calib.get("ladder")
         if not rows:
             from edgeexit.errors import ArtifactError
@@ -154,6 +174,7 @@ class Cascade:
     # -- configuration ---------------------------------------------------------------------------
     def set_thresholds(self, thresholds) -> None:
         """One value per exit (``>=`` leaves; > 1 skips the exit; the last always accepts), or a plan."""
+        self._check_open()
         if isinstance(thresholds, CascadePlan):
             plan = thresholds
             if plan.num_exits != self.num_exits:
@@ -202,9 +223,12 @@ class Cascade:
 
     def derive(self, thresholds=None, fuse: bool | None = None, input_order: str | None = None) -> Cascade:
         """Another cascade over the same loaded runner (and lock) with other thresholds, fusion or
-        frame channel order. Closing it leaves the runner open."""
-        other = copy.copy(self)
+        frame channel order. Closing it leaves the runner open; closing the cascade it came from closes
+        the view too (its calls raise CascadeClosedError)."""
+        self._check_open()
+        other = copy.copy(self)  # shares the runner, its lock and its lifetime
         other._owns_runner = False
+        other._closed = False
         if thresholds is not None:  # a view with its own plan: no budget controller moves it
             other.controller = None
             other._lean = self.runner.thread_safe and not self._unit_timing
@@ -237,6 +261,7 @@ class Cascade:
         plan = self.plan
         try:
             with self._lock:
+                self._check_open()
                 if deadline_ms is not None:
                     pred = self._run_deadline(x, plan, t0, deadline_ms)
                 elif self._unit_timing:
@@ -252,9 +277,17 @@ class Cascade:
                 self.plan = new_plan  # one assignment, as set_thresholds
         return pred
 
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._life.closed
+
     def _raise_if_closed(self) -> None:
-        if self._closed:
+        if self._closed or self._life.closed:
             raise CascadeClosedError("the cascade was closed while this call ran") from None
+
+    def _check_open(self) -> None:
+        if self._closed or self._life.closed:
+            raise CascadeClosedError("the cascade is closed")
 
     def _run(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
         """The hot path: each group of segments up to the next evaluated exit, then its head."""
@@ -302,9 +335,10 @@ class Cascade:
             raise ValueError(f"deadline_ms must be a number >= 0 (0: answer from the first exit), got {deadline_ms}")
         seg_p95, head_p95 = self._seg_p95_ms, self._head_p95_ms
         if seg_p95 is None or head_p95 is None:
-            raise ValueError(
-                "deadline_ms needs per-unit latencies: calibrate the artifact on this backend first "
-                "(`edgeexit calibrate`) or call set_unit_latency()"
+            raise LatencyTableMissingError(
+                f"deadline_ms (--deadline-ms) needs per-unit latencies measured on {self.backend_name}: "
+                f"calibrate the artifact on this backend first (`edgeexit calibrate --backend {self.backend_name}`) "
+                "or call set_unit_latency()"
             )
         runner, units_ms, best, last = self.runner, {}, None, self.num_exits - 1
         state = runner.from_host(x)
@@ -352,17 +386,25 @@ class Cascade:
         ]
 
     def predict_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Preprocessed float32 (N, C, H, W) → arrays: label, confidence, exit (1-based), latency_ms."""
+        """Preprocessed float (N, C, H, W) → arrays: label, confidence, exit (1-based), latency_ms.
+        Any N: the work runs in chunks (`CHUNK` frames, or the runner's max batch), so memory is
+        bounded by the chunk, not by N."""
         t0 = time.perf_counter()
-        return self._run_batches(self.preprocess.batch(np.asarray(x, dtype=np.float32)), self.plan, t0)
+        x = x if isinstance(x, np.ndarray) else np.asarray(x)  # converted and checked chunk by chunk
+        return self._run_batches(x, self.plan, t0, checked=False)
+
+    CHUNK = 256  # frames per call into the runner when a caller gives more
 
     def _batch_size(self, requested: int | None = None) -> int:
         limit = self.runner.info.max_batch
-        size = requested or limit or 256
+        size = min(requested or self.CHUNK, self.CHUNK)
         return min(size, limit) if limit else size
 
-    def _run_batches(self, x: np.ndarray, plan: CascadePlan, t0: float) -> dict[str, np.ndarray]:
-        """Batches larger than the runner takes at once are run in slices of its max batch."""
+    def _run_batches(self, x: np.ndarray, plan: CascadePlan, t0: float, checked: bool = True) -> dict[str, np.ndarray]:
+        """Batches larger than a chunk (or than the runner takes at once) run in slices; unchecked
+        input is checked and converted slice by slice."""
+        if not checked and (not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype == np.uint8 or len(x) == 0):
+            x, checked = self.preprocess.batch(x), True  # the error for what is not a float batch
         n, size = len(x), self._batch_size(len(x))
         out = {
             "label": np.zeros(n, dtype=np.int64),
@@ -372,8 +414,10 @@ class Cascade:
         }
         try:
             with self._lock:
+                self._check_open()
                 for start in range(0, n, size):
-                    self._run_batch(x[start : start + size], plan, t0, out, start)
+                    xb = x[start : start + size]
+                    self._run_batch(xb if checked else self.preprocess.batch(xb), plan, t0, out, start)
         except Exception:
             self._raise_if_closed()
             raise
@@ -414,6 +458,7 @@ class Cascade:
         pred = np.zeros((n, self.num_exits), dtype=np.int64)
         runner = self.runner
         with self._lock:
+            self._check_open()
             for start in range(0, n, size):
                 xb = np.ascontiguousarray(x[start : start + size], dtype=np.float32)
                 rows = slice(start, start + len(xb))
@@ -432,6 +477,7 @@ class Cascade:
         from edgeexit.runtime.profiling import profile_units
 
         with self._lock:
+            self._check_open()
             return profile_units(self, image, batch, repeats, min_seconds, progress)
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -439,7 +485,8 @@ class Cascade:
         """Free the runner. A call running in another thread finishes or raises CascadeClosedError."""
         with self._lock:
             self._closed = True
-            if self._owns_runner:
+            if self._owns_runner and not self._life.closed:
+                self._life.closed = True  # first, so that a call failing on the closing runner says why
                 self.runner.close()
 
     def __enter__(self) -> Cascade:
@@ -475,4 +522,4 @@ def _fingerprint_changes(calibrated: dict | None, info) -> list[str]:
     ]
 
 
-__all__ = ["Cascade", "CascadeClosedError", "Prediction"]
+__all__ = ["Cascade", "CascadeClosedError", "LatencyTableMissingError", "Prediction"]

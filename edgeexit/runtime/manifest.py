@@ -195,12 +195,13 @@ def _finite(x) -> bool:
 
 
 MAX_FRAMES_BYTES = 2 << 30  # the stored file (compressed)
-MAX_FRAMES_EXPANDED = 4 << 30  # what its members expand to
+MAX_FRAMES_EXPANDED = 4 << 30  # what its members may expand to, at most (less: count x shape)
 
 
-def _check_npz_members(path: Path, data: bytes) -> None:
-    """Sizes from the zip directory, before anything is decompressed: only the four arrays, each
-    within bounds, and nothing expanding by more than a factor 1000 (a zip bomb)."""
+def _check_npz_members(path: Path, data: bytes, info: dict) -> None:
+    """Sizes from the zip directory, before anything is decompressed: only the four arrays, which
+    together expand to no more than the manifest's count x shape of uint8 frames plus their labels
+    and indices (a 3.8 MB file that expands to 3.9 GB, a zip bomb, is refused unread)."""
     import io
     import zipfile
 
@@ -210,15 +211,20 @@ def _check_npz_members(path: Path, data: bytes) -> None:
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
     allowed = {f"{k}.npy" for k in ("frames", "labels", "calibration", "verification")}
+    count, shape = info.get("count"), info.get("shape")
+    limit = MAX_FRAMES_EXPANDED
+    if isinstance(count, int) and isinstance(shape, list) and all(isinstance(v, int) for v in shape):
+        limit = min(limit, count * (math.prod(shape) + 3 * 8) + 4 * 4096)
     total = 0
     for m in members:
         if m.filename not in allowed:
             raise ArtifactError(f"{path} holds {m.filename!r}, not a calibration-frames member: re-export the model")
         total += m.file_size
-        if m.file_size > 1000 * max(m.compress_size, 1024) or total > MAX_FRAMES_EXPANDED:
+        if total > limit:
             raise ArtifactError(
-                f"{path}: member {m.filename} expands to {m.file_size} bytes from {m.compress_size} "
-                "(a decompression bomb?): refused; re-export the model"
+                f"{path} expands to more than {limit} bytes ({m.filename}: {m.file_size} bytes from "
+                f"{m.compress_size}), more than its {count} frames can take (a decompression bomb?): refused; "
+                "re-export the model"
             )
 
 
@@ -250,7 +256,7 @@ def load_calibration_frames(manifest: dict) -> dict | None:
         raise ArtifactError(f"{path} does not match the sha256 in the manifest: re-export the model")
     import io
 
-    _check_npz_members(path, data)
+    _check_npz_members(path, data, info)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             out = {k: z[k] for k in ("frames", "labels", "calibration", "verification")}

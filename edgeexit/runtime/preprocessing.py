@@ -5,10 +5,10 @@ Accepted inputs (validated once per call; a bad one raises ValueError naming wha
   resized (bilinear) to ``input_size``, converted to the model's channels, normalised;
 - float32/float64 CxHxW arrays that are already preprocessed: ``(pixel / 255 - mean) / std`` per
   channel, at ``input_size``. A float frame is never rescaled or guessed at. Its values must be
-  finite, and its root-mean-square must be one that normalised 0..1 pixels can have (at most the
-  largest |(p - mean) / std| over p in [0, 1]), so an unnormalised 0..255 float frame is refused
-  rather than classified as garbage. (An unnormalised 0..1 frame lies in range and cannot be told
-  apart: pass uint8 frames when in doubt.)
+  finite, and each must be one that normalised 0..1 pixels can give (within the smallest and the
+  largest (p - mean) / std over channels and p in [0, 1]), so an unnormalised 0..255 float frame, or
+  one value of 50.0 in a normalised one, is refused rather than classified as garbage. (An
+  unnormalised 0..1 frame lies in range and cannot be told apart: pass uint8 frames when in doubt.)
 """
 
 from __future__ import annotations
@@ -63,11 +63,16 @@ class Preprocessor:
         self.mean = np.asarray(preprocessing["mean"], dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.asarray(preprocessing["std"], dtype=np.float32).reshape(-1, 1, 1)
         self.chw_shape = (self.in_chans, self.height, self.width)
-        # One BLAS call checks a float frame on the hot path: x·x is finite exactly when every value
-        # is (barring overflow past 1e19, refused too), and x·x / n is the mean square.
+        # A float frame is checked on the hot path by its extremes: every value must lie where
+        # (p - mean) / std can for some channel and some p in [0, 1] (a min and a max: NaN fails too),
+        # so one value of 50.0 in a normalised frame is refused, not only a frame of 0..255 values.
         self._size = self.in_chans * self.height * self.width
         bound = np.maximum(np.abs(self.mean), np.abs(1 - self.mean)) / self.std
-        self._max_square_sum = float(bound.max()) ** 2 * self._size * 1.0001
+        slack = 1e-3 * float(bound.max()) + 1e-6
+        self._lo = float((-self.mean / self.std).min()) - slack
+        self._hi = float(((1 - self.mean) / self.std).max()) + slack
+        if not (math.isfinite(self._lo) and math.isfinite(self._hi)):
+            raise ValueError("preprocessing mean/std are not finite in float32")
         # uint8 → normalised float32 as one table lookup per channel: the table holds exactly
         # (v * (1/255) - mean) / std in float32 for every byte v, so results are bit-identical to the
         # arithmetic, at half its cost (and a tenth of its cost inside a predict call: no temporaries)
@@ -84,8 +89,7 @@ class Preprocessor:
         """One frame → float32 (C, H, W)."""
         if type(frame) is np.ndarray and frame.dtype == _F32 and frame.shape == self.chw_shape:
             x = frame if frame.flags.c_contiguous else np.ascontiguousarray(frame)
-            flat = x.ravel()
-            if not flat.dot(flat) <= self._max_square_sum:  # NaN fails this too
+            if not (x.min() >= self._lo and x.max() <= self._hi):  # NaN fails this too
                 self._float_range_error(x)
             return x
         return self._checked(frame)
@@ -93,11 +97,10 @@ class Preprocessor:
     def _float_range_error(self, x: np.ndarray) -> None:
         if not np.isfinite(x).all():
             raise ValueError("input contains NaN or infinite values")
-        rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-        limit = math.sqrt(self._max_square_sum / self._size)
+        lo, hi = float(x.min()), float(x.max())
         raise ValueError(
-            f"float input must be normalised ((pixel/255 - mean)/std); its RMS {rms:.3g} is beyond what "
-            f"normalised pixels can give ({limit:.3g}): pass the uint8 frame instead"
+            f"float input must be normalised ((pixel/255 - mean)/std); its values {lo:.3g}..{hi:.3g} are beyond "
+            f"what normalised pixels can give ({self._lo:.3g}..{self._hi:.3g}): pass the uint8 frame instead"
         )
 
     def _checked(self, frame) -> np.ndarray:
@@ -109,8 +112,7 @@ class Preprocessor:
             if frame.shape != self.chw_shape:
                 raise ValueError(f"float input must be {self.chw_shape} (C, H, W, normalised); got shape {frame.shape}")
             x = np.ascontiguousarray(frame, dtype=np.float32)
-            flat = x.ravel()
-            if not flat.dot(flat) <= self._max_square_sum:
+            if not (x.min() >= self._lo and x.max() <= self._hi):
                 self._float_range_error(x)
             return x
         raise ValueError(f"unsupported dtype {frame.dtype}: expected {self.expected()}")
@@ -147,13 +149,15 @@ class Preprocessor:
     def batch(self, frames) -> np.ndarray:
         """A list of frames, an NxHxWxC uint8 array, or an NxCxHxW float array → float32 (N, C, H, W)."""
         if isinstance(frames, np.ndarray) and frames.dtype != np.uint8 and frames.ndim == 4:
+            if frames.dtype not in (np.float32, np.float64, np.float16):  # the same dtypes as one frame
+                raise ValueError(f"unsupported dtype {frames.dtype}: expected uint8 frames or normalised floats")
             if frames.shape[1:] != self.chw_shape:
                 raise ValueError(f"float batch must be (N, {', '.join(map(str, self.chw_shape))}); got {frames.shape}")
             x = np.ascontiguousarray(frames, dtype=np.float32)
             flat = x.reshape(len(x), -1)
-            square_sums = np.einsum("ij,ij->i", flat, flat)
-            if not (square_sums <= self._max_square_sum).all():
-                self._float_range_error(x[int(np.argmin(square_sums <= self._max_square_sum))])
+            ok = (flat.min(axis=1) >= self._lo) & (flat.max(axis=1) <= self._hi)
+            if not ok.all():
+                self._float_range_error(x[int(np.argmin(ok))])
             return x
         if isinstance(frames, np.ndarray) and frames.dtype == np.uint8 and frames.ndim == 4:
             frames = list(frames)
