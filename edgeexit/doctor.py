@@ -181,8 +181,10 @@ def cuda_info() -> dict:
         drv, derr = _try(lambda: cuda.check(rt.cudaDriverGetVersion()))
         run, _ = _try(lambda: cuda.check(rt.cudaRuntimeGetVersion()))
         out["driver_cuda"], out["runtime_cuda"] = _cuda_version(drv), _cuda_version(run)
+        if drv == 0 and not derr:
+            derr = "no NVIDIA driver loaded (cudaDriverGetVersion reports 0)"
         if derr:
-            out["error"] = derr.split(": ", 1)[-1]
+            out["error"] = derr.split(": ", 1)[-1] if ": " in derr and "(" not in derr.split(": ", 1)[0] else derr
             if "InsufficientDriver" in derr and not smi:
                 out["error"] = f"no NVIDIA driver loaded ({out['error']})"
         if drv and out["cuda_python"]:
