@@ -61,13 +61,14 @@ def make_videos(folder: Path, n_streams: int, frames_per_stream: int, fps: float
     return paths, stream_labels
 
 
-def run_cell(cascade, paths, labels, fps: float, seconds: float, batched: bool, keep_timeline=False) -> dict:
+def run_cell(cascade, paths, labels, fps, seconds, batched, keep_timeline=False, window_ms=0.0) -> dict:
     from edgeexit.runtime import Streams
 
     preds: dict[tuple[int, int], int] = {}
     ticks: dict[float, list[float]] = {}
     timeline = []
-    with Streams(cascade, paths, realtime=True, fps=fps, batch=batched) as st:
+    window = window_ms if batched else 0.0
+    with Streams(cascade, paths, realtime=True, fps=fps, batch=batched, batch_window_ms=window) as st:
         for r in st.results(duration_s=seconds):
             preds[(r.stream, r.frame_id)] = r.prediction.label
             ticks.setdefault(r.result_time, []).append(r.prediction.latency_ms)
@@ -92,6 +93,7 @@ def run_cell(cascade, paths, labels, fps: float, seconds: float, batched: bool, 
         "accuracy": correct / len(preds) if preds else float("nan"),
         "tick_inference_p95_ms": tick_p95,
         "mean_batch": summary["mean_batch"],
+        "batch_window_ms": window,
         "target_ms": bound,
         "target_met": max(p95s) <= bound,
         "exit_histogram": summary["exit_histogram"],
@@ -102,8 +104,9 @@ def run_cell(cascade, paths, labels, fps: float, seconds: float, batched: bool, 
     return out
 
 
-def overload(cascade, paths, fps: float, seconds: float) -> dict:
-    cell = run_cell(cascade, paths, [np.zeros(10**6, dtype=np.int64)] * len(paths), fps, seconds, True, True)
+def overload(cascade, paths, fps: float, seconds: float, window_ms: float) -> dict:
+    dummy = [np.zeros(10**6, dtype=np.int64)] * len(paths)
+    cell = run_cell(cascade, paths, dummy, fps, seconds, True, True, window_ms)
     t = np.asarray([x[0] for x in cell["_timeline"]])
     e2e = np.asarray([x[1] for x in cell["_timeline"]])
     per_s = []
@@ -172,6 +175,7 @@ def main() -> int:
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--seconds", type=float, default=20.0, help="per cell")
+    ap.add_argument("--batch-window-ms", type=float, default=0.0, help="Streams batch_window_ms for (b)")
     ap.add_argument("--overload-streams", type=int, default=8)
     ap.add_argument("--overload-seconds", type=float, default=60.0, help="0: skip the overload run")
     ap.add_argument("--out", default="docs/streams.json")
@@ -192,7 +196,9 @@ def main() -> int:
         for n in counts:
             pair = []
             for batched in (False, True):
-                cell = run_cell(cascade, paths[:n], labels[:n], args.fps, args.seconds, batched)
+                cell = run_cell(
+                    cascade, paths[:n], labels[:n], args.fps, args.seconds, batched, False, args.batch_window_ms
+                )
                 pair.append(cell)
                 print(
                     f"N={n} {cell['mode']:10s} {cell['frames_per_s']:7.1f} frames/s  "
@@ -211,7 +217,9 @@ def main() -> int:
         result = {"fps_per_stream": args.fps, "seconds_per_cell": args.seconds, "cells": cells}
         if args.overload_seconds > 0:
             heavy = Cascade.load(args.overload_artifact or args.artifact, backend=args.backend)
-            over = overload(heavy, paths[: args.overload_streams], args.fps, args.overload_seconds)
+            over = overload(
+                heavy, paths[: args.overload_streams], args.fps, args.overload_seconds, args.batch_window_ms
+            )
             heavy.close()
             result["overload"] = over
             print(

@@ -89,13 +89,16 @@ class Streams:
         batch: bool = True,
         max_frames: int | None = None,
         stall_s: float = 2.0,
+        batch_window_ms: float = 0.0,
         on_event: Callable[[str, str, str], None] | None = None,
     ) -> None:
         """``sources``: strings (camera index, URL, video file, image folder) or source objects
         (runtime/sources.py `LiveSource`/`OrderedSource`). ``batch=False`` runs the frames of a tick
         one by one (`Cascade.predict`): the one-cascade-call-per-frame baseline. ``max_frames``: per
         stream. ``on_event(source, kind, message)``: stalled, resumed, reconnecting, reconnected,
-        ended, error."""
+        ended, error. ``batch_window_ms``: after the first frame of a tick, wait up to this long
+        for the other live streams' next frames, to batch more (DeepStream's batched-push-timeout;
+        0: run what is there at once; it adds up to that much latency)."""
         from edgeexit.errors import UserError
 
         if isinstance(sources, str):
@@ -112,6 +115,9 @@ class Streams:
         self.batch = bool(batch) and deadline_ms is None
         self.max_frames = max_frames
         self.stall_s = float(stall_s)
+        if not (batch_window_ms >= 0 and batch_window_ms < 10_000):
+            raise UserError(f"batch_window_ms must be within 0..10000 ms, got {batch_window_ms}")
+        self.batch_window_s = float(batch_window_ms) / 1e3
         self._user_event = on_event
         self.events: list[tuple[float, str, str, str]] = []  # (time, source, kind, message)
         self._new_frame = threading.Event()
@@ -176,13 +182,10 @@ class Streams:
                 if deadline is not None and time.perf_counter() >= deadline:
                     break
                 self._new_frame.clear()  # before taking, so a frame arriving meanwhile wakes the wait
-                taken = []
-                for i, src in enumerate(self.sources):
-                    if self.max_frames is not None and len(self._stats[i].e2e_ms) >= self.max_frames:
-                        continue
-                    frame = src.take()
-                    if frame is not None:
-                        taken.append((i, frame))
+                taken = self._take({})
+                if taken and self.batch_window_s and len(taken) < len(self.sources):
+                    taken = self._fill_window(taken)
+                taken = sorted(taken.items())
                 self._check_stalls()
                 if not taken:
                     if self._all_done():
@@ -193,6 +196,30 @@ class Streams:
                 yield from self._run_tick(taken)
         finally:
             self.t_end = time.perf_counter()
+
+    def _take(self, taken: dict) -> dict:
+        for i, src in enumerate(self.sources):
+            if i in taken or (self.max_frames is not None and len(self._stats[i].e2e_ms) >= self.max_frames):
+                continue
+            frame = src.take()
+            if frame is not None:
+                taken[i] = frame
+        return taken
+
+    def _fill_window(self, taken: dict) -> dict:
+        """Wait (up to the batch window) for the live streams that had no frame yet."""
+        until = time.perf_counter() + self.batch_window_s
+        waiting = [i for i, s in enumerate(self.sources) if i not in taken and s.live and s.status == "live"]
+        while waiting and not self._stop:
+            left = until - time.perf_counter()
+            if left <= 0:
+                break
+            self._new_frame.clear()
+            self._take(taken)
+            waiting = [i for i in waiting if i not in taken]
+            if waiting:
+                self._new_frame.wait(left)
+        return taken
 
     def run(self, callback: Callable[[StreamResult], None], duration_s: float | None = None) -> dict:
         """Call ``callback(result)`` for every result; return the summary."""
