@@ -45,6 +45,7 @@ class StreamResult:
     capture_time: float  # time.perf_counter() when the frame was captured
     prediction: object  # edgeexit.runtime.Prediction
     result_time: float  # time.perf_counter() when the prediction was ready
+    image: np.ndarray | None = None  # the frame itself (for an overlay), as the source gave it
 
     @property
     def e2e_ms(self) -> float:
@@ -288,7 +289,7 @@ class Streams:
             if st.first_result is None:
                 st.first_result = done
             st.last_result = done
-            yield StreamResult(i, self.sources[i].source, frame.id, frame.capture_time, pred, done)
+            yield StreamResult(i, self.sources[i].source, frame.id, frame.capture_time, pred, done, frame.image)
 
     def _bad_frame(self, i: int, e: Exception) -> None:
         src = self.sources[i]
