@@ -42,9 +42,13 @@ def check_bench_options(cascade, batch: int, repeats: int, num_images: int) -> N
 
 
 def _memory_batch_limit(cascade) -> int:
-    """The largest batch whose biggest unit state (x4 for copies in flight) fits in a quarter of
-    the memory available now."""
-    per_sample = max(sum(int(np.prod(o["shape"][1:])) for o in u["outputs"]) for u in cascade.manifest["units"])
+    """The largest batch that fits: every tensor the units produce for one sample (all of them: the
+    runtime keeps a group's states, and ONNX Runtime's arena keeps the intermediates inside a unit,
+    which the recorded outputs bound from below), as float32, x4 for the copies in flight and the
+    arena's growth, within a quarter of the memory available now."""
+    per_sample = sum(
+        int(np.prod([d or 1 for d in o["shape"][1:]])) for u in cascade.manifest["units"] for o in u["outputs"]
+    )
     per_sample = max(per_sample, int(np.prod(cascade.preprocess.chw_shape))) * 4 * 4
     available = 8 << 30
     try:

@@ -37,9 +37,10 @@ out_console = Console(markup=False)
 
 
 def _fail(code: int, message: str) -> None:
-    from edgeexit.util import esc
+    from rich.text import Text
 
-    console.print(f"[bold red]error:[/] {esc(message)}", highlight=False, soft_wrap=True)
+    # a Text, never markup: the message (paths, option values, class names) prints as given
+    console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -77,6 +78,62 @@ def command(fn):
             _fail(1, describe(e))
 
     return wrapper
+
+
+def _check_device(device: str) -> None:
+    """--device before any work: auto, cpu, cuda or cuda:N with N a GPU torch sees (mps, meta, cpu:5
+    are refused in one line, not found deep inside torch)."""
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", device):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'")
+    if device.startswith("cuda:"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(device[5:]) >= count:
+            raise UserError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0..cuda:{max(count - 1, 0)})")
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
+RESNET18_PARAMS = 11.2e6  # at width 1.0; parameters grow with width squared
+
+
+def _check_width(width: float | None) -> None:
+    """--width whose weights, gradients and optimizer state (16 bytes a parameter) cannot fit in
+    half the memory available is refused before anything is allocated."""
+    import math
+
+    if width is None:
+        return
+    if not (math.isfinite(width) and width > 0):
+        raise UserError(f"--width must be a positive number, got {width}")
+    need = RESNET18_PARAMS * width * width * 16
+    have = _available_memory()
+    if need > have / 2:
+        raise UserError(
+            f"--width {width:g} needs about {need / 2**30:.0f} GiB for the weights and optimizer state alone; "
+            f"this machine has {have / 2**30:.0f} GiB available (ResNet18 is width 1.0)"
+        )
+
+
+def _check_run_folder(out: Path) -> None:
+    """A run folder (--out) that cannot take model.pt (a file or /dev/null in the way, read-only) is
+    found before the first epoch."""
+    from edgeexit.util import check_output_path
+
+    for name in ("model.pt", "last.pt"):
+        check_output_path(out / name, f"--out {out}:")
 
 
 def _write_json(path: Path | None, payload: dict) -> None:
@@ -263,6 +320,9 @@ def train(
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
     _outputs(json=json_out)
+    _check_device(device)
+    _check_width(width)
+    _check_run_folder(out)
     from edgeexit.train.trainer import TrainConfig, TrainingError
     from edgeexit.train.trainer import train as run_train
 
@@ -308,6 +368,7 @@ def eval_(
     Thresholds for the budgeted curve are chosen on the held-out split recorded in the checkpoint.
     """
     _outputs(plot=plot, json=json_out)
+    _check_device(device)
     from edgeexit.train.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, limit_eval, device, data_dir)
@@ -594,7 +655,7 @@ def info(
 
     manifest = load_manifest(artifact)
     out_console.print(info_table(manifest, artifact))
-    _write_json(json_out, manifest)
+    _write_json(json_out, {k: v for k, v in manifest.items() if not k.startswith("_")})
 
 
 @app.command()

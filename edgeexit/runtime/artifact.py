@@ -527,14 +527,14 @@ def content_id(folder: Path, m: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def check_weights_config(artifact: Artifact, config) -> None:
-    """``weights.pt``'s config must be the model the manifest describes (a config asking for width 20
-    while the manifest says 0.25 would build a model hundreds of times larger)."""
-    where = artifact.weights or artifact.folder / "weights.pt"
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{where}: config must be an object; re-export the model")
-    expected = _thaw(artifact.model.config)
-    diff = [key for key in sorted(set(expected) | set(config)) if expected.get(key) != config.get(key)]
+def check_weights_config(manifest: Mapping, blob, where: Path) -> None:
+    """``weights.pt`` (the torch backend's) must hold the model the manifest describes: a config
+    asking for width 20 while the manifest says 0.25 would build a model hundreds of times larger."""
+    config = blob.get("config") if isinstance(blob, dict) else None
+    if not isinstance(config, dict) or not isinstance(blob.get("state_dict"), dict):
+        raise ArtifactError(f"{where} is not an edgeexit weights file (config and state_dict); re-export the model")
+    expected = _thaw(manifest["model"]["config"])
+    diff = [key for key in sorted(set(expected) | set(config), key=str) if expected.get(key) != config.get(key)]
     if diff:
         key = diff[0]
         raise ArtifactError(

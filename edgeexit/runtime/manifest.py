@@ -82,7 +82,10 @@ def _check_units(path: Path, folder: Path, manifest: dict) -> None:
             raise ArtifactError(f"{onnx_path} is missing: re-export the model")
         if "onnx_int8" in u:
             artifact_file(folder, u["onnx_int8"])
-        for engine in u.get("engines") or []:
+        engines = u.get("engines") or []
+        if not isinstance(engines, list):
+            raise ArtifactError(f"{path}: unit {u['name']} engines must be a list; re-export the model")
+        for engine in engines:
             artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
     if "weights" in manifest:
         artifact_file(folder, manifest["weights"])

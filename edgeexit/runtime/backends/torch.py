@@ -36,7 +36,11 @@ class TorchBackend(Runner):
         path = artifact_file(manifest["_folder"], manifest.get("weights", "weights.pt"))
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the torch backend needs the weights; re-export the model")
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        from edgeexit.runtime.artifact import check_weights_config
+        from edgeexit.util import load_untrusted
+
+        blob = load_untrusted(path, "weights file")
+        check_weights_config(manifest, blob, path)  # before anything is built from it
         model = build_model(MultiExitConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
