@@ -559,46 +559,28 @@ def run(
 ) -> None:
     """Classify frames from folders, videos, cameras or stream URLs with the calibrated cascade.
 
-    One folder or video: every frame in order, one line per frame. Cameras, URLs, --realtime videos
-    or several sources: a reader thread per source keeps only its newest frame (older ones are
-    counted as dropped), and each tick runs the newest frame of every stream as one batch; a live
-    table per stream, and capture-to-result latency in the summary. Ctrl-C ends with the summary.
+    One folder or video: every frame in order, one line each. Cameras, URLs, --realtime videos or
+    several sources: newest frame only per source (older ones counted as dropped), the newest frame
+    of every stream run as one batch, a live table per stream. Ctrl-C ends with the summary.
     """
     _outputs(save_video=save_video, json=json_out)
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.sources import is_live, run_source
+    from edgeexit.runtime.sources import run_source, summary_table, wants_streams
 
     sources = source or ["0"]
+    streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
     extra = {"precision": precision} if precision else {}
-    if len(sources) > 1 or realtime or duration is not None or any(is_live(s) for s in sources):
-        if save_video is not None:
-            raise UserError("--save-video takes one folder or video file read in order, not live or several sources")
-        from edgeexit.runtime.streams import run_streams
-
-        budget_ms = _parse_budget(budget) if budget else None
-        cascade = Cascade.load(artifact, backend=backend, budget_ms=budget_ms, **extra)
-        console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
-        summary = run_streams(
-            cascade, sources, realtime, fps, max_frames, deadline_ms, duration, quiet, out_console, console
-        )
-        _write_json(json_out, summary)
-        return
-    if fps is not None:
-        raise UserError("--fps paces a video file played with --realtime; add --realtime")
-    source = sources[0]
     cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None, **extra)
     console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
-    summary = run_source(
-        cascade,
-        source,
-        max_frames=max_frames,
-        deadline_ms=deadline_ms,
-        save_video=save_video,
-        echo=None if quiet else out_console.print,
-    )
-    from edgeexit.runtime.sources import summary_table
+    if streamed:
+        from edgeexit.runtime.streams import run_streams
 
-    out_console.print(summary_table(summary))
+        args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
+        summary = run_streams(cascade, sources, *args, out_console, console)
+    else:
+        echo = None if quiet else out_console.print
+        summary = run_source(cascade, sources[0], max_frames, deadline_ms, save_video, echo)
+        out_console.print(summary_table(summary))
     _write_json(json_out, summary)
 
 

@@ -392,22 +392,28 @@ def doctor_text(report: dict) -> list[str]:
     lines.append(f"auto backend  {report['auto_backend']} ({report.get('auto_why') or report['artifact']['auto_why']})")
     art = report.get("artifact")
     if art:
-        lines.append(f"artifact      {art['path']}")
-        if art["engines"]:
-            built = "; ".join(
-                f"{e['device_name']} sm {e['compute_capability']} TensorRT {e['trt_version']}" for e in art["engines"]
-            )
-            lines.append(f"  engines     {built}: match this device {yn(art['engines_match'])}")
-        else:
-            lines.append("  engines     none (ONNX units only)")
-        if art["calibrated"]:
-            here = art.get("calibrated_here")
-            lines.append(
-                f"  calibrated  here {yn(here)}"
-                + ("" if here or here is None else ": " + "; ".join(art.get("calibration_changes", [])))
-            )
-        else:
-            lines.append("  calibrated  no: run `edgeexit calibrate` on this device")
+        lines += _artifact_lines(art, yn)
     verdict = "ok: it can run here" if report["ok"] else f"not ok: {report['reason']}"
     lines.append(verdict if art else ("ok" if report["ok"] else f"not ok: {report['reason']}"))
+    return lines
+
+
+def _artifact_lines(art: dict, yn) -> list[str]:
+    lines: list[str] = []
+    lines.append(f"artifact      {art['path']}")
+    if art["engines"]:
+        built = "; ".join(
+            f"{e['device_name']} sm {e['compute_capability']} TensorRT {e['trt_version']}" for e in art["engines"]
+        )
+        lines.append(f"  engines     {built}: match this device {yn(art['engines_match'])}")
+    else:
+        lines.append("  engines     none (ONNX units only)")
+    if art["calibrated"]:
+        here = art.get("calibrated_here")
+        lines.append(
+            f"  calibrated  here {yn(here)}"
+            + ("" if here or here is None else ": " + "; ".join(art.get("calibration_changes", [])))
+        )
+    else:
+        lines.append("  calibrated  no: run `edgeexit calibrate` on this device")
     return lines

@@ -468,6 +468,17 @@ class OrderedSource:
                 close()  # releases the VideoCapture (the generator's finally)
 
 
+def wants_streams(sources: list[str], realtime: bool, fps, duration_s, save_video) -> bool:
+    """Whether `edgeexit run` goes through Streams (several, live or --realtime sources); refuses
+    the options that do not mix."""
+    streamed = len(sources) > 1 or realtime or duration_s is not None or any(is_live(s) for s in sources)
+    if streamed and save_video is not None:
+        raise UserError("--save-video takes one folder or video file read in order, not live or several sources")
+    if fps is not None and not realtime:
+        raise UserError("--fps paces a video file played with --realtime; add --realtime")
+    return streamed
+
+
 def open_source(source: str, realtime: bool = False, fps: float | None = None, on_event=None):
     """A `LiveSource` (camera index, URL, or video file with ``realtime``) or an `OrderedSource`."""
     if not source.strip():

@@ -77,7 +77,16 @@ def _percentiles(values: list[float]) -> dict:
 
 class Streams:
     """Batched early-exit inference over several frame sources. Not itself thread safe: one thread
-    iterates (the readers are its own threads)."""
+    iterates (the readers are its own threads).
+
+    ``sources``: strings (camera index, URL, video file, image folder) or source objects
+    (runtime/sources.py `LiveSource`/`OrderedSource`). ``batch=False`` runs the frames of a tick
+    one by one (`Cascade.predict`): the one-cascade-call-per-frame baseline. ``max_frames``: per
+    stream. ``on_event(source, kind, message)``: stalled, resumed, reconnecting, reconnected,
+    ended, error. ``batch_window_ms``: after the first frame of a tick, wait up to this long
+    for the other live streams' next frames, to batch more (DeepStream's batched-push-timeout;
+    0: run what is there at once; it adds up to that much latency).
+    """
 
     def __init__(
         self,
@@ -93,13 +102,6 @@ class Streams:
         batch_window_ms: float = 0.0,
         on_event: Callable[[str, str, str], None] | None = None,
     ) -> None:
-        """``sources``: strings (camera index, URL, video file, image folder) or source objects
-        (runtime/sources.py `LiveSource`/`OrderedSource`). ``batch=False`` runs the frames of a tick
-        one by one (`Cascade.predict`): the one-cascade-call-per-frame baseline. ``max_frames``: per
-        stream. ``on_event(source, kind, message)``: stalled, resumed, reconnecting, reconnected,
-        ended, error. ``batch_window_ms``: after the first frame of a tick, wait up to this long
-        for the other live streams' next frames, to batch more (DeepStream's batched-push-timeout;
-        0: run what is there at once; it adds up to that much latency)."""
         from edgeexit.errors import UserError
 
         if isinstance(sources, str):
@@ -122,17 +124,7 @@ class Streams:
         self._user_event = on_event
         self.events: list[tuple[float, str, str, str]] = []  # (time, source, kind, message)
         self._new_frame = threading.Event()
-        self.sources = []
-        try:
-            for s in sources:
-                src = open_source(s, realtime, fps, self._reader_event) if isinstance(s, str) else s
-                if getattr(src, "on_event", False) is None:  # a LiveSource made by the caller
-                    src.on_event = self._reader_event
-                self.sources.append(src)
-        except BaseException:
-            for src in self.sources:
-                src.close()
-            raise
+        self.sources = self._open(sources, realtime, fps)
         manifest = cascade.manifest["preprocessing"]
         self._pre = {order: Preprocessor(manifest, order) for order in {src.order for src in self.sources}}
         # per-frame predict (deadline, or batch=False) reads uint8 frames in each source's order
@@ -146,6 +138,20 @@ class Streams:
         self.ticks = 0
         self.batch_sizes: list[int] = []
         self.interrupted = False
+
+    def _open(self, sources, realtime, fps) -> list:
+        opened = []
+        try:
+            for s in sources:
+                src = open_source(s, realtime, fps, self._reader_event) if isinstance(s, str) else s
+                if getattr(src, "on_event", False) is None:  # a LiveSource made by the caller
+                    src.on_event = self._reader_event
+                opened.append(src)
+        except BaseException:
+            for src in opened:
+                src.close()
+            raise
+        return opened
 
     # -- events -----------------------------------------------------------------------------------
     def _reader_event(self, src, kind: str, message: str) -> None:
