@@ -19,6 +19,7 @@ from rich.console import Console
 
 from edgeexit import __version__
 from edgeexit.errors import UserError
+from edgeexit.util import esc
 
 app = typer.Typer(
     add_completion=False,
@@ -127,11 +128,14 @@ def _check_width(width: float | None) -> None:
         )
 
 
-def _check_run_folder(out: Path) -> None:
-    """A run folder (--out) that cannot take model.pt (a file or /dev/null in the way, read-only) is
-    found before the first epoch."""
+def _check_training(json_out: Path | None, device: str, width: float | None, out: Path) -> None:
+    """`train`'s mistakes found before the first epoch: --json, --device, --width, and a run folder
+    (--out) that cannot take model.pt (a file or /dev/null in the way, read-only)."""
     from edgeexit.util import check_output_path
 
+    _outputs(json=json_out)
+    _check_device(device)
+    _check_width(width)
     for name in ("model.pt", "last.pt"):
         check_output_path(out / name, f"--out {out}:")
 
@@ -319,16 +323,11 @@ def train(
 
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
-    _outputs(json=json_out)
-    _check_device(device)
-    _check_width(width)
-    _check_run_folder(out)
+    _check_training(json_out, device, width, out)
     from edgeexit.train.trainer import TrainConfig, TrainingError
     from edgeexit.train.trainer import train as run_train
 
-    options = dict(locals())  # every option above, validated once by TrainConfig
-    options.update(out=str(out), data_dir=str(data_dir) if data_dir else None)
-    options.update(cache_dir=str(cache_dir) if cache_dir else None)
+    options = dict(locals())  # every option above, validated once by TrainConfig (paths made str there)
     for name in ("data", "method", "json_out", "TrainConfig", "TrainingError", "run_train"):
         options.pop(name)
     cfg = TrainConfig.from_recipe(data, method, **options)
@@ -341,8 +340,6 @@ def train(
 
 
 def _report_training(result: dict, out: Path, json_out: Path | None) -> None:
-    from edgeexit.util import esc
-
     last = result["history"][-1] if result["history"] else {}
     console.print(
         f"[green]done[/]: {esc(out / 'model.pt')}  best held-out average {result['best_val_average']:.4f}, "
@@ -440,8 +437,6 @@ def export(
     from edgeexit.export.report import info_table
 
     out_console.print(info_table(manifest, path))
-    from edgeexit.util import esc
-
     console.print(f"[green]exported[/] {esc(path)}")
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 

@@ -58,6 +58,12 @@ class TrainConfig:
     cache_dir: str | None = None  # ImageFolder: where the decoded-once cache lives (shared by ranks)
     recipe: Recipe = field(default_factory=Recipe)
 
+    def __post_init__(self) -> None:  # paths as plain strings: the config is stored in checkpoints
+        for name in ("out", "data_dir", "cache_dir", "init"):
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike):
+                setattr(self, name, os.fspath(v))
+
     @classmethod
     def from_recipe(cls, data: str, method: str, **overrides) -> TrainConfig:
         """The recipe for (data, method) with ``overrides`` (None keeps the recipe's value); every
