@@ -447,23 +447,25 @@ def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
 
 
 def _check_unique(folder: Path, units, weights, frames) -> None:
+    """Every file belongs to one unit (or to the weights, or the frames); a unit may name one file for
+    several precisions (an INT8 export keeps the heads FP32: ``onnx_int8`` is ``onnx``)."""
     from edgeexit.runtime.manifest import MANIFEST_NAME
 
-    seen: dict[Path, str] = {}
-    named = [(f"units[{u.name}].files.{p}", path) for u in units for p, path in u.files.items()]
-    named += [(f"units[{u.name}].engines[{i}]", e.path) for u in units for i, e in enumerate(u.engines)]
+    seen: dict[Path, tuple[str, str]] = {}
+    named = [(u.name, f"units[{u.name}].files.{p}", path) for u in units for p, path in u.files.items()]
+    named += [(u.name, f"units[{u.name}].engines[{i}]", e.path) for u in units for i, e in enumerate(u.engines)]
     if weights is not None:
-        named.append(("weights", weights))
+        named.append(("weights", "weights", weights))
     if frames is not None:
-        named.append(("calibration_frames.path", frames.path))
-    for what, path in named:
+        named.append(("frames", "calibration_frames.path", frames.path))
+    for owner, what, path in named:
         key = path.resolve()
-        if key in seen:
+        if key in seen and seen[key][0] != owner:
             raise ArtifactError(
-                f"{folder / MANIFEST_NAME}: {what} names {path.name}, which {seen[key]} names too: "
+                f"{folder / MANIFEST_NAME}: {what} names {path.name}, which {seen[key][1]} names too: "
                 "every unit has its own file; re-export the model"
             )
-        seen[key] = what
+        seen.setdefault(key, (owner, what))
 
 
 def _calibration(cal, k: int, bad) -> Calibration | None:
