@@ -384,3 +384,29 @@ class MjpegServer:
             self.httpd.server_close()
             self.thread.join(5)
             self.httpd = None
+
+
+def test_batch_window_gathers_the_other_cameras_frames(tiny_artifact, test_frames):
+    """Cameras with independent phases give ticks of one frame; a batch window waits for the others."""
+    from edgeexit.runtime import Cascade, Streams
+
+    frames, _ = gray_frames(test_frames, 30)
+
+    def camera(phase_s):
+        def opener():
+            time.sleep(phase_s)
+            return FakeCap(frames, interval_s=0.04)
+
+        return opener
+
+    cascade = Cascade.load(tiny_artifact, backend="onnxruntime")
+    batches = {}
+    for window in (0.0, 30.0):
+        srcs = [LiveSource(f"cam{i}", opener=camera(0.012 * i), reconnect=False) for i in range(3)]
+        for s in srcs:
+            s.order = "RGB"
+        with Streams(cascade, srcs, batch_window_ms=window) as st:
+            list(st)
+        batches[window] = st.summary()["mean_batch"]
+    cascade.close()
+    assert batches[0.0] < 1.6 and batches[30.0] > 2.3, batches
