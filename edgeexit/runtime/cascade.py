@@ -119,7 +119,7 @@ class Cascade:
             )
 
     def _controller(self, calib: dict, budget_ms: float):
-        from edgeexit.runtime.controller import BudgetController, build_ladder
+        from edgeexit.runtime.controller import build_ladder, controller_for
 
         number = isinstance(budget_ms, int | float | np.integer | np.floating)
         ok = number and not isinstance(budget_ms, bool | np.bool_)  # True is not 1 ms
@@ -133,11 +133,17 @@ class Cascade:
             raise ArtifactError(
                 "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
             )
-        ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, self.num_exits))
+        pred = calib.get("predicted") or {}
+        chosen = None  # the calibrated plan: a rung of its own, its measured latency the quiet anchor
+        if calib.get("thresholds") is not None and isinstance(pred.get("mean_ms"), int | float):
+            chosen = {"thresholds": calib["thresholds"], "predicted_ms": pred["mean_ms"],
+                      "predicted_accuracy": pred.get("accuracy", 0.0)}  # fmt: skip
+        ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, self.num_exits), chosen)
         with self._lock:
             for rung in ladder:  # fused graphs for every plan the controller may switch to, now
                 self.runner.prepare(rung.plan, self._fuse)
-        controller = BudgetController(ladder, budget_ms)
+        # the controller swaps the plan itself, under its lock (two threads never undo a switch)
+        controller = controller_for(calib, ladder, budget_ms, apply=lambda plan: setattr(self, "plan", plan))
         self.plan = controller.plan
         return controller
 
@@ -271,10 +277,8 @@ class Cascade:
         except Exception:
             self._raise_if_closed()
             raise
-        if self.controller is not None:
-            new_plan = self.controller.observe(pred.latency_ms)
-            if new_plan is not None:
-                self.plan = new_plan  # one assignment, as set_thresholds
+        if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
+            self.controller.observe(pred.latency_ms)
         return pred
 
     @property
