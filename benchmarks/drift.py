@@ -1,133 +1,284 @@
-"""Holding the budget while the device drifts: static thresholds vs the online controller.
+"""Holding the budget while the device drifts: static thresholds vs the budget controller (issue 21).
 
-    python benchmarks/drift.py runs/quickstart/model.edgeexit --png docs/drift.png
+    python benchmarks/drift.py runs/e1/model.edgeexit --png docs/drift.png --json runs/e1/drift.json
 
-1. Calibrates the artifact at 60 % of the full model (ONNX Runtime CPU): the budget B is that
-   calibration's budget, the static thresholds are its choice, and its ladder feeds the controller.
-2. Streams 6,000 Fashion-MNIST test frames one at a time, twice: with the static thresholds and
-   with `Cascade.load(..., budget_ms=B)`. During the middle third two CPU-bound background
-   processes (pure-Python busy loops, started and stopped by this script, each bounded to 300 s)
-   slow the device down.
-3. In windows of 200 frames: mean latency, the share of windows above 1.10 × B (during contention
-   and outside it), and accuracy outside and during contention.
+The artifact must be calibrated first (its calibrated plan, measured latency and ladder are used;
+the benchmark does not recalibrate), e.g.
+
+    edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 1 \
+        --limit-train 10000 --out runs/e1
+    edgeexit export runs/e1/model.pt --out runs/e1/model.edgeexit
+    edgeexit calibrate runs/e1/model.edgeexit --budget 60% --backend onnxruntime
+
+Grid: drift profiles × budgets, each cell streamed twice over Fashion-MNIST test frames (one at a
+time, cycling the test set): static calibrated thresholds, then ``Cascade.load(..., budget_ms=B)``.
+Drift happens in the middle third of the frames:
+
+- ``steady``:  two CPU-bound busy processes run;
+- ``bursty``:  the same two, 1 s on / 1 s off (this profile streams ``--bursty-frames`` frames so
+  that its middle third spans several bursts);
+- ``ramp``:    ``--ramp-hogs`` busy processes whose duty cycle rises from 0 to 100 % over the
+  middle third (period 100 ms), as thermal throttling does; quiet again after;
+- ``threads``: a second app thread calls ``predict`` on the same cascade.
+
+The busy processes are pure-Python loops started once (bounded to 900 s) and paused/resumed
+with SIGSTOP/SIGCONT, so every onset is sharp. Budgets: ``own`` (the calibrated plan's own
+measured latency), ``60`` and ``80`` (% of the full model's predicted latency, as `calibrate
+--budget 60%`). Per cell: the share of ``--window``-frame windows over 1.10·B (all windows, and
+during drift), accuracy outside the drift (controller vs static), switches per 1,000 frames
+(outside the drift: the steady-state count; and overall) and feasibility: the cheapest plan's
+quiet latency × the slowdown the static run measured ≤ B.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 
-HOG = "import time\nt = time.time()\nwhile time.time() - t < 300:\n    pass\n"
+HOG = "import time\nt = time.time()\nwhile time.time() - t < 900:\n    pass\n"
+PROFILES = ("steady", "bursty", "ramp", "threads")
 
 
-def stream(cascade, frames, labels, third: int) -> dict:
-    lat, correct, hogs = [], [], []
+class Hogs:
+    """Busy processes, paused until asked for (SIGSTOP/SIGCONT)."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(n)]
+        self.on = True
+        self.set(False)
+
+    def set(self, on: bool) -> None:
+        if on != self.on:
+            for p in self.procs:
+                os.kill(p.pid, signal.SIGCONT if on else signal.SIGSTOP)
+            self.on = on
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+                p.terminate()
+                p.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+
+
+def stream(cascade, frames, labels, n: int, profile: str, hogs: Hogs | None) -> dict:
+    """``n`` frames one at a time; the profile's drift in frames n/3 .. 2n/3."""
+    lat, correct, rung = np.zeros(n), np.zeros(n, bool), np.zeros(n, np.int64)
+    a, b = n // 3, 2 * n // 3
+    stop = threading.Event()
+    helper = None
+    t_mid = None
+    ctl = cascade.controller
     try:
-        for i, (f, y) in enumerate(zip(frames, labels, strict=True)):
-            if i == third:
-                hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(2)]
-                time.sleep(0.5)
-            if i == 2 * third:
-                for h in hogs:
-                    h.terminate()
-                for h in hogs:
-                    h.wait(timeout=30)
-                hogs = []
-            p = cascade.predict(f)
-            lat.append(p.latency_ms)
-            correct.append(p.label == y)
+        for i in range(n):
+            if i == a:
+                t_mid = time.perf_counter()
+                if profile == "threads":
+
+                    def other():
+                        k = 0
+                        while not stop.is_set():
+                            cascade.predict(frames[(k * 7919) % len(frames)])
+                            k += 1
+
+                    helper = threading.Thread(target=other, daemon=True)
+                    helper.start()
+            if i == b:
+                stop.set()
+                if helper is not None:
+                    helper.join()
+            if hogs is not None:
+                if a <= i < b:
+                    t = time.perf_counter() - t_mid
+                    if profile == "steady":
+                        hogs.set(True)
+                    elif profile == "bursty":
+                        hogs.set(int(t) % 2 == 0)
+                    elif profile == "ramp":
+                        duty = (i - a) / (b - a)
+                        hogs.set((t % 0.1) < duty * 0.1)
+                else:
+                    hogs.set(False)
+            j = i % len(frames)
+            p = cascade.predict(frames[j])
+            lat[i], correct[i] = p.latency_ms, p.label == labels[j]
+            rung[i] = ctl.index if ctl is not None else -1
     finally:
-        for h in hogs:
-            h.terminate()
-    return {"latency_ms": np.asarray(lat), "correct": np.asarray(correct)}
+        stop.set()
+        if hogs is not None:
+            hogs.set(False)
+    return {"latency_ms": lat, "correct": correct, "rung": rung}
 
 
-def summarise(run: dict, budget: float, third: int, window: int) -> dict:
-    lat = run["latency_ms"]
-    means = lat[: len(lat) // window * window].reshape(-1, window).mean(axis=1)
-    starts = np.arange(len(means)) * window
-    during = (starts >= third) & (starts < 2 * third)
-    over = means > 1.10 * budget
-    c = run["correct"]
-    idx = np.arange(len(c))
-    in_cont = (idx >= third) & (idx < 2 * third)
+def windows(lat: np.ndarray, window: int, metric: str) -> np.ndarray:
+    w = lat[: len(lat) // window * window].reshape(-1, window)
+    return w.mean(axis=1) if metric == "mean" else np.percentile(w, 95, axis=1)
+
+
+def summarise(run: dict, budget: float, window: int, metric: str) -> dict:
+    lat, c, n = run["latency_ms"], run["correct"], len(run["latency_ms"])
+    a, b = n // 3, 2 * n // 3
+    wm = windows(lat, window, metric)
+    starts = np.arange(len(wm)) * window
+    drift = (starts + window > a) & (starts < b)
+    over = wm > 1.10 * budget
+    idx = np.arange(n)
+    quiet = (idx < a) | (idx >= b)
+    changes = np.flatnonzero(np.diff(run["rung"]) != 0) + 1
+    q_changes = changes[(changes < a) | (changes >= b)]
     return {
-        "windows_over_during": float(over[during].mean()),
-        "windows_over_outside": float(over[~during].mean()),
-        "accuracy_outside": float(c[~in_cont].mean()),
-        "accuracy_during": float(c[in_cont].mean()),
-        "mean_ms_outside": float(lat[~in_cont].mean()),
-        "mean_ms_during": float(lat[in_cont].mean()),
-        "window_means": means.tolist(),
+        "windows_over": float(over.mean()),
+        "windows_over_drift": float(over[drift].mean()) if drift.any() else 0.0,
+        "accuracy_quiet": float(c[quiet].mean()),
+        "accuracy_drift": float(c[~quiet].mean()),
+        "mean_ms_quiet": float(lat[quiet].mean()),
+        "mean_ms_drift": float(lat[~quiet].mean()),
+        "switches_per_1000_quiet": 1000 * len(q_changes) / max(1, quiet.sum()),
+        "switches_per_1000": 1000 * len(changes) / n,
+        "window_metric": wm.tolist(),
     }
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifact")
-    ap.add_argument("--frames", type=int, default=6000)
-    ap.add_argument("--window", type=int, default=200)
+    ap.add_argument("--frames", type=int, default=4500, help="frames per run (steady, ramp, threads)")
+    ap.add_argument("--bursty-frames", type=int, default=30000, help="frames per bursty run")
+    ap.add_argument("--window", type=int, default=150, help="frames per reported window")
+    ap.add_argument("--profiles", default=",".join(PROFILES))
+    ap.add_argument("--budgets", default="own,60,80", help="own and/or percentages of the full model")
+    ap.add_argument("--ramp-hogs", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--png", default=None)
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from edgeexit.calibrate.run import run_calibration
     from edgeexit.data import load_dataset
     from edgeexit.runtime import Cascade
-
-    cal = run_calibration(args.artifact, budget_fraction=0.6, backend="onnxruntime", iso_accuracy=False)
-    budget = cal["budget_ms"]
-    print(
-        f"budget B = {budget:.3f} ms (60 % of the full model); static thresholds measured "
-        f"{cal['measured']['mean_ms']:.3f} ms, {100 * cal['measured']['accuracy']:.2f} % on verification"
-    )
     from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.plan import CascadePlan
 
-    test = load_dataset(load_manifest(args.artifact)["dataset"], "test")
-    frames = test.images[: args.frames].permute(0, 2, 3, 1).numpy()
-    labels = test.labels[: args.frames].numpy()
-    third = args.frames // 3
+    manifest = load_manifest(args.artifact)
+    cal = manifest.get("calibration") or {}
+    if not cal.get("ladder"):
+        sys.exit("drift.py: the artifact is not calibrated (run `edgeexit calibrate ... --budget 60%` first)")
+    metric = cal.get("metric", "mean")
+    field = "mean_ms" if metric == "mean" else "p95_ms"
+    budgets = {}
+    for b in args.budgets.split(","):
+        if b == "own":
+            budgets["own"] = float(cal["measured"][field])
+        else:
+            budgets[f"{b}%"] = float(b) / 100 * float(cal["full_model"]["predicted_ms"])
+    test = load_dataset(manifest["dataset"], "test")
+    frames = test.images.permute(0, 2, 3, 1).numpy()
+    labels = test.labels.numpy()
+
     static = Cascade.load(args.artifact, backend="onnxruntime")
-    controlled = Cascade.load(args.artifact, backend="onnxruntime", budget_ms=budget)
-    for c in (static, controlled):  # warm-up
-        for f in frames[:200]:
+    cheapest_th = min(cal["ladder"], key=lambda r: r["predicted_ms"])["thresholds"]
+    cheap = static.derive(CascadePlan.from_thresholds(cheapest_th, static.num_exits))
+    for c in (static, cheap):
+        for f in frames[: args.warmup]:
             c.predict(f)
-    runs = {"static": stream(static, frames, labels, third), "controller": stream(controlled, frames, labels, third)}
-    rows = {k: summarise(v, budget, third, args.window) for k, v in runs.items()}
+    cheap_ms = float(np.mean([cheap.predict(f).latency_ms for f in frames[:1000]]))
+    print(f"metric {metric}; budgets (ms): {budgets}; cheapest plan quiet {cheap_ms:.3f} ms")
+    hogs = Hogs(2)
+    ramp_hogs = hogs if args.ramp_hogs == 2 else Hogs(args.ramp_hogs)
+    rows = []
+    try:
+        for name, budget in budgets.items():
+            ctl_cascade = Cascade.load(args.artifact, backend="onnxruntime", budget_ms=budget)
+            for f in frames[: args.warmup]:
+                ctl_cascade.predict(f)
+            for profile in args.profiles.split(","):
+                n = args.bursty_frames if profile == "bursty" else args.frames
+                h = {"threads": None, "ramp": ramp_hogs}.get(profile, hogs)
+                t0 = time.perf_counter()
+                s_run = stream(static, frames, labels, n, profile, h)
+                c_run = stream(ctl_cascade, frames, labels, n, profile, h)
+                s, c = summarise(s_run, budget, args.window, metric), summarise(c_run, budget, args.window, metric)
+                slowdown = s["mean_ms_drift"] / s["mean_ms_quiet"]
+                row = {
+                    "budget": name,
+                    "budget_ms": budget,
+                    "profile": profile,
+                    "frames": n,
+                    "static": s,
+                    "controller": c,
+                    "slowdown": slowdown,
+                    "feasible": bool(cheap_ms * slowdown <= budget),
+                    "controller_state": ctl_cascade.controller.state(),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+                rows.append(row)
+                print(
+                    f"| {name} ({budget:.3f} ms) | {profile} | {'yes' if row['feasible'] else 'no'} "
+                    f"(×{slowdown:.2f}) | {100 * s['windows_over']:.0f}% / {100 * s['windows_over_drift']:.0f}% | "
+                    f"{100 * c['windows_over']:.0f}% / {100 * c['windows_over_drift']:.0f}% | "
+                    f"{100 * s['accuracy_quiet']:.2f}% | {100 * c['accuracy_quiet']:.2f}% | "
+                    f"{c['switches_per_1000_quiet']:.1f} / {c['switches_per_1000']:.1f} | "
+                    f"{s['mean_ms_drift']:.3f} | {c['mean_ms_drift']:.3f} |",
+                    flush=True,
+                )
+            ctl_cascade.close()
+    finally:
+        hogs.close()
+        if ramp_hogs is not hogs:
+            ramp_hogs.close()
     print(
-        f"\n{args.frames} frames, windows of {args.window}; contention (2 busy processes) in frames "
-        f"{third}..{2 * third}; controller: {controlled.controller.state()}"
+        "columns: budget | profile | feasible (slowdown) | static windows > 1.1·B all / drift | controller same | "
+        "static acc. quiet | controller acc. quiet | controller switches /1000 quiet / all | "
+        "static mean ms drift | controller mean ms drift"
     )
-    print(
-        "| thresholds | windows > 1.10·B during contention | outside | accuracy outside | accuracy during | "
-        "mean ms outside | mean ms during |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for k, r in rows.items():
-        print(
-            f"| {k} | {100 * r['windows_over_during']:.0f}% | {100 * r['windows_over_outside']:.0f}% | "
-            f"{100 * r['accuracy_outside']:.2f}% | {100 * r['accuracy_during']:.2f}% | "
-            f"{r['mean_ms_outside']:.3f} | {r['mean_ms_during']:.3f} |"
-        )
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"metric": metric, "cheapest_ms": cheap_ms, "window": args.window, "rows": rows}, f)
+        os.replace(tmp, args.json)
     if args.png:
-        plot(rows, budget, third, args.window, args.png)
+        plot(rows, args.window, args.png)
         print(f"wrote {args.png}")
 
 
-def plot(rows: dict, budget: float, third: int, window: int, path: str) -> None:
-    from plotting import figure, finish
+def plot(rows: list[dict], window: int, path: str) -> None:
+    import matplotlib
 
-    fig, ax = figure((7, 3.6))
-    for k, r in rows.items():
-        x = (np.arange(len(r["window_means"])) + 0.5) * window
-        ax.plot(x, r["window_means"], ".-", label=k)
-    ax.axhline(budget, color="k", lw=1, label="budget B")
-    ax.axhline(1.1 * budget, color="gray", lw=0.8, ls=":", label="1.10 · B")
-    ax.axvspan(third, 2 * third, color="orange", alpha=0.15, label="2 busy processes")
-    finish(fig, ax, path, "frame", f"mean latency per {window} frames (ms)")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    profiles = list(dict.fromkeys(r["profile"] for r in rows))
+    fig, axes = plt.subplots(
+        len(budgets), len(profiles), figsize=(3.2 * len(profiles), 2.4 * len(budgets)), dpi=110, squeeze=False
+    )
+    for r in rows:
+        ax = axes[budgets.index(r["budget"])][profiles.index(r["profile"])]
+        for k in ("static", "controller"):
+            y = r[k]["window_metric"]
+            ax.plot((np.arange(len(y)) + 0.5) * window, y, ".-" if len(y) < 80 else "-", lw=0.8, ms=2, label=k)
+        b, n = r["budget_ms"], r["frames"]
+        ax.axhline(b, color="k", lw=0.8, label="B")
+        ax.axhline(1.1 * b, color="gray", lw=0.8, ls=":", label="1.1·B")
+        ax.axvspan(n // 3, 2 * n // 3, color="orange", alpha=0.15)
+        ax.set_title(f"{r['profile']}, B={r['budget']} ({b:.3f} ms)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.supxlabel("frame (drift in the shaded middle third)", fontsize=8)
+    fig.supylabel(f"latency per {window}-frame window (ms)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

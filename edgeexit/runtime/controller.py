@@ -18,7 +18,8 @@ After every window of ``window`` frames (or earlier, see the trip below):
   and decays by ``release`` per window downward (an envelope: a step is seen in one window, a
   recovery takes a few);
 - ``σ_q`` is the window-to-window standard deviation of ``ŝ`` in quiet windows (the noise
-  calibration accepted), ``σ_d`` the recent one in any window (what contention adds);
+  calibration accepted), ``σ_d`` the recent one in any window (what contention adds); both from
+  successive windows on one rung, each jump counted at most 3 σ (a step is a change of level);
 - **quiet** when ``s̄ ≤ 1 + z·σ_q``: the plan is chosen as at calibration (slowdown 1), so the
   calibrated plan comes back as soon as the device does;
 - otherwise the plan is chosen for slowdown ``S = s̄ + z·σ_d``: the margin grows with the
@@ -191,10 +192,13 @@ class BudgetController:
         self.window_ms, self.slowdown, self.windows = m, s, self.windows + 1
         # variance: successive full windows on the same rung
         if full and self._prev is not None and self._prev[0] == i:
-            d2 = 0.5 * (s - self._prev[1]) ** 2
+            # a jump beyond 3 σ counts as 3 σ: a step is a change of level (the envelope's job), not noise;
+            # a truly noisier device still raises σ by ×1.37 per window
+            d2 = 0.5 * min((s - self._prev[1]) ** 2, 9 * self.sigma_d**2)
             self.sigma_d = math.sqrt((1 - 0.25) * self.sigma_d**2 + 0.25 * d2)
             if self._prev[2] and s <= 1 + self.z * self.sigma_q:  # both quiet: the accepted noise
-                self.sigma_q = max(0.01, math.sqrt((1 - 0.05) * self.sigma_q**2 + 0.05 * d2))
+                d2q = min(d2, 4.5 * self.sigma_q**2)
+                self.sigma_q = max(0.01, math.sqrt((1 - 0.05) * self.sigma_q**2 + 0.05 * d2q))
         self.envelope = s if s > self.envelope else self.envelope + self.release * (s - self.envelope)
         quiet = self.envelope <= 1 + self.z * self.sigma_q
         self.quiet = quiet

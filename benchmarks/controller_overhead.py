@@ -1,0 +1,81 @@
+"""What the budget controller costs per frame (issue 21; target ≤ 2 µs over a static cascade).
+
+    python benchmarks/controller_overhead.py runs/e1/model.edgeexit --frames 20000
+
+1. ``BudgetController.observe`` alone on a synthetic ladder (no model): ns per call, windows and
+   the per-window decision included (it is amortised over the window's frames).
+2. ``Cascade.predict`` static vs ``budget_ms=`` a large budget with the controller trimmed to
+   the calibrated plan alone (every decision runs, the plan cannot move: both run the same plan),
+   interleaved in blocks of 500 frames, median of the blocks' per-frame difference (artifact given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import numpy as np
+
+
+def observe_ns(frames: int) -> float:
+    from edgeexit.runtime.controller import BudgetController, Rung
+
+    ladder = [Rung(i, 0.1 * (i + 1), 0.5 + 0.01 * i, calibrated=(i == 10)) for i in range(16)]
+    ctl = BudgetController(ladder, 1.1, measured_ms=1.1, noise=0.03)
+    rng = random.Random(0)
+    lat = [1.0 + 0.05 * rng.random() for _ in range(frames)]
+    obs = ctl.observe
+    t0 = time.perf_counter_ns()
+    for v in lat:
+        obs(v)
+    loop = time.perf_counter_ns() - t0
+    t0 = time.perf_counter_ns()
+    for _v in lat:  # the bare loop, subtracted
+        pass
+    return (loop - (time.perf_counter_ns() - t0)) / frames
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("artifact", nargs="?")
+    ap.add_argument("--frames", type=int, default=20000)
+    args = ap.parse_args()
+    print(f"BudgetController.observe: {observe_ns(args.frames * 10):.0f} ns per frame (median of 1 run)")
+    if not args.artifact:
+        return
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.manifest import load_manifest
+
+    cal = load_manifest(args.artifact)["calibration"]
+    frame = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    static = Cascade.load(args.artifact, backend="onnxruntime")
+    big = 100 * float(cal["full_model"]["predicted_ms"])  # the calibrated plan fits; nothing moves
+    ctl = Cascade.load(args.artifact, backend="onnxruntime", budget_ms=big)
+    k = ctl.controller  # one rung (the calibrated plan): every decision runs, the plan cannot move
+    a = k.anchor if k.anchor is not None else k.index
+    k.ladder, k.quiet_ms, k._learned, k._seen = [k.ladder[a]], [k.quiet_ms[a]], [True], [0]
+    k.anchor = k.index = k._last_target = 0
+    ctl.plan = k.plan
+    static.set_thresholds(ctl.plan)
+    for c in (static, ctl):
+        for _ in range(500):
+            c.predict(frame)
+    diffs = []
+    for _ in range(max(1, args.frames // 1000)):
+        per = {}
+        for name, c in (("static", static), ("controller", ctl)):
+            t0 = time.perf_counter()
+            for _ in range(500):
+                c.predict(frame)
+            per[name] = (time.perf_counter() - t0) / 500
+        diffs.append(per["controller"] - per["static"])
+    print(
+        f"Cascade.predict with the controller minus static: median {1e6 * np.median(diffs):.2f} µs per frame "
+        f"over {len(diffs)} interleaved block pairs (static {1e3 * per['static']:.3f} ms/frame); "
+        f"switches {ctl.controller.switches}"
+    )
+
+
+if __name__ == "__main__":
+    main()
