@@ -33,8 +33,21 @@ app = typer.Typer(
 # stdout carries data (tables, per-frame lines, JSON) made of class names, file names and paths:
 # markup off, so every such string prints as given. stderr keeps markup for edgeexit's own styling;
 # every foreign string put into a stderr message goes through `edgeexit.util.esc`.
-console = Console(stderr=True)
-out_console = Console(markup=False)
+class _Console(Console):
+    """A console that never fails on a message: text that is not valid markup (a foreign ``[/]`` a job
+    put into a progress line without `esc`) prints as given instead of raising MarkupError."""
+
+    def print(self, *objects, **kwargs) -> None:
+        from rich.errors import MarkupError
+
+        try:
+            super().print(*objects, **kwargs)
+        except MarkupError:
+            super().print(*objects, **{**kwargs, "markup": False})
+
+
+console = _Console(stderr=True)
+out_console = _Console(markup=False)
 
 
 def _fail(code: int, message: str) -> None:

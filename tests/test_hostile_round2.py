@@ -79,6 +79,13 @@ def test_an_out_path_with_markup_is_named_as_given(tiny_run, tmp_path):
     assert res.exit_code == 2 and "absent[/]x.pt" in res.output
 
 
+def test_an_export_into_a_markup_folder_runs_and_names_it_as_given(tiny_run, tmp_path):
+    out = tmp_path / "m[/].edgeexit"  # folders "m[" and "].edgeexit"
+    res = cli("export", tiny_run[0] / "model.pt", "--out", out, "--parity-samples", "16", "--calib-images", "0")
+    assert res.exit_code == 0, res.output
+    assert (out / "manifest.json").is_file() and f"exported {out}" in res.output.replace("\n", "")
+
+
 def test_an_artifact_under_a_markup_folder(artifact_copy, tmp_path):
     odd = tmp_path / "a[/]b"  # folders "a[" and "]b"
     odd.mkdir(parents=True)
