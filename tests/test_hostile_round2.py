@@ -275,6 +275,32 @@ def test_a_pickled_frames_member_is_refused(artifact_copy):
         load_calibration_frames(load_manifest(artifact_copy))
 
 
+def _stored(artifact):
+    with np.load(artifact / "calibration" / "frames.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda d: d.update(frames=d["frames"][:, :5, :5]), "frames are \\[5, 5, 1\\]"),
+        (lambda d: d["labels"].__setitem__(0, 99), "labels must be integers 0..9"),
+        (lambda d: d.update(verification=d["calibration"]), "verification indices include calibration images"),
+        (lambda d: d.update(calibration=np.concatenate([d["calibration"][:2]] * 2)), "repeat an image"),
+    ],
+)
+def test_stored_frames_that_do_not_fit_the_model_are_refused(artifact_copy, change, match):
+    d = _stored(artifact_copy)
+    change(d)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **d)
+    _rewrite_frames(artifact_copy, buf.getvalue())
+    with pytest.raises(ArtifactError, match=match):
+        load_calibration_frames(load_manifest(artifact_copy))
+    res = cli("calibrate", artifact_copy, "--budget", "50%", "--backend", "onnxruntime")
+    assert res.exit_code == 2, res.output
+
+
 def test_weights_whose_config_differs_from_the_manifest_are_refused_before_building(artifact_copy):
     import torch
 

@@ -272,10 +272,30 @@ def load_calibration_frames(manifest: dict) -> dict | None:
     n = len(out["frames"])
     if out["frames"].dtype != np.uint8 or len(out["labels"]) != n:
         raise ArtifactError(f"{path}: frames must be uint8 with one label each; re-export the model")
+    frames, labels = out["frames"], out["labels"]
+    pre = manifest["preprocessing"]
+    want = (*pre["input_size"], pre["in_chans"])
+    if frames.ndim != 4 or frames.shape[1:] != want:
+        raise ArtifactError(
+            f"{path}: frames are {list(frames.shape[1:])} (H, W, C) but the model takes {list(want)}: calibrating "
+            "on resized frames would not be what runs; re-export the model"
+        )
+    classes = len(manifest["class_names"])
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (n and (labels.min() < 0 or labels.max() >= classes)):
+        raise ArtifactError(
+            f"{path}: labels must be integers 0..{classes - 1} (one per class name); re-export the model"
+        )
     for key in ("calibration", "verification"):
         idx = out[key]
-        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+        if idx.ndim != 1 or idx.dtype.kind not in "iu" or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
             raise ArtifactError(f"{path}: {key} indices out of range; re-export the model")
+        if len(np.unique(idx)) != len(idx):
+            raise ArtifactError(f"{path}: {key} indices repeat an image; re-export the model")
+    if np.intersect1d(out["calibration"], out["verification"]).size:
+        raise ArtifactError(
+            f"{path}: verification indices include calibration images, so verification would not be on new "
+            "images; re-export the model"
+        )
     return out
 
 
