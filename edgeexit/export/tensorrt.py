@@ -1,17 +1,25 @@
 """TensorRT engine building: one raw plan per unit, one timing cache shared by all units.
 
-Written against TensorRT's Python API (>= 8.6: name-based tensors, optimisation profiles,
-``build_serialized_network``). This layer is kept thin: everything that does not need TensorRT
+Written against TensorRT's Python API, 8.6 to 11.x (name-based tensors, optimisation profiles,
+``build_serialized_network``). On >= 10 networks are built strongly typed (the flag's value is
+read from the enum: 1 on 10.x, 0 on 11) and precision comes from the ONNX file: ``onnx`` (fp32),
+``onnx_fp16`` (--half), ``onnx_int8_trt`` (--int8: symmetric INT8 Q/DQ, the rest FP32). On 8.6
+(no strong typing) the FP32 file is built with the FP16 / INT8 builder flags.
+This layer is kept thin: everything that does not need TensorRT
 (profile shapes, manifest entries, compatibility checks) lives in plain functions that are tested
 without it. Plans are written raw (no header), so trtexec and DeepStream read them too.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.backends.tensorrt import import_tensorrt
+from edgeexit.runtime.backends.tensorrt import import_tensorrt, trt_major
+
+log = logging.getLogger(__name__)
 
 
 def profile_shapes(inputs: list[dict], max_batch: int, opt_batch: int = 1) -> dict[str, list[list[int]]]:
@@ -60,21 +68,29 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     precision = "int8" if int8 else ("fp16" if half else "fp32")
-    if half and not builder.platform_has_fast_fp16:
-        raise UserError(f"{device['name']} has no fast FP16: export without --half")
-    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    typed = trt_major(trt.__version__) >= 10
+    key = source_key(precision, typed)
+    missing = [u["name"] for u in units if key not in u]
+    if missing:
+        raise UserError(f"{', '.join(missing)} have no {key} file for a {precision} engine")
+    cache_bytes = _seed_cache(timing_cache, trt.__version__, device)
     for unit in units:
-        # INT8: TensorRT's explicit quantization from the Q/DQ units (the same files ONNX Runtime runs)
-        network, parser = _parse(trt, builder, logger, folder / unit["onnx_int8" if int8 else "onnx"])
+        network, parser = _parse(trt, builder, logger, folder / unit[key], typed)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-        if half or int8:
-            config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
-        if int8:
-            config.set_flag(trt.BuilderFlag.INT8)
+        if not typed:  # 8.6: weak typing, precision from the builder flags
+            if half or int8:
+                config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
+            if int8:
+                config.set_flag(trt.BuilderFlag.INT8)
         cache = config.create_timing_cache(cache_bytes)
-        if not config.set_timing_cache(cache, ignore_mismatch=False):
-            raise RuntimeError("TensorRT refused the timing cache (built by another TensorRT or GPU?)")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            # D3: a cache from another TensorRT or GPU; rebuilding from scratch is the recovery path
+            log.warning("TensorRT refused the previous timing cache (another TensorRT or GPU?): starting empty")
+            cache_bytes = b""
+            cache = config.create_timing_cache(b"")
+            if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+                raise RuntimeError("TensorRT refused an empty timing cache")
         profile = builder.create_optimization_profile()
         shapes = profile_shapes(unit["inputs"], max_batch, opt_batch)
         for name, (mn, opt, mx) in shapes.items():
@@ -88,12 +104,48 @@ def build_engines(
         cache_bytes = bytes(config.get_timing_cache().serialize())
         unit["engines"].append(engine_entry(path.name, precision, trt.__version__, device, shapes))
     (folder / "timing.cache").write_bytes(cache_bytes)
+    (folder / CACHE_META).write_text(
+        json.dumps({"trt_version": trt.__version__, "compute_capability": device["compute_capability"]})
+    )
 
 
-def _parse(trt, builder, logger, onnx_path: Path):
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+CACHE_META = "timing.cache.json"
+
+
+def source_key(precision: str, typed: bool) -> str:
+    """The unit file an engine of ``precision`` is built from (strongly typed: the file's types are
+    the engine's; 8.6: the FP32 file plus builder flags, except INT8, which needs the TensorRT Q/DQ)."""
+    if precision == "int8":
+        return "onnx_int8_trt"
+    if precision == "fp16" and typed:
+        return "onnx_fp16"
+    return "onnx"
+
+
+def _seed_cache(timing_cache: Path | None, version: str, device: dict) -> bytes:
+    """The previous export's timing cache, only when it was built by this TensorRT on this GPU
+    architecture (D3: TensorRT refuses any other, and re-export is the documented recovery path)."""
+    if timing_cache is None or not timing_cache.is_file():
+        return b""
+    try:
+        meta = json.loads((timing_cache.parent / CACHE_META).read_text())
+    except (OSError, ValueError):
+        return b""
+    if meta.get("trt_version") != version or meta.get("compute_capability") != device["compute_capability"]:
+        return b""
+    return timing_cache.read_bytes()
+
+
+def network_flags(trt, typed: bool) -> int:
+    """EXPLICIT_BATCH below 10 (implied from 10 on, gone in 11); STRONGLY_TYPED from 10 on, its bit
+    read from the enum (1 on 10.x, 0 on 11.x: never hard-coded)."""
+    if typed:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    return 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+
+
+def _parse(trt, builder, logger, onnx_path: Path, typed: bool):
+    flags = network_flags(trt, typed)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):

@@ -44,8 +44,29 @@ def clear_error() -> None:
     cudart().cudaGetLastError()
 
 
+def check_driver() -> None:
+    """D4: cuda-python N links the CUDA N runtime, which needs a driver of CUDA N or newer; say so
+    instead of failing later with cudaErrorInsufficientDriver."""
+    rt = cudart()
+    err, driver = rt.cudaDriverGetVersion()
+    err2, runtime = rt.cudaRuntimeGetVersion()
+    if int(err) != int(rt.cudaError_t.cudaSuccess) or int(err2) != int(rt.cudaError_t.cudaSuccess):
+        return  # reported by the next call with its own error name
+    driver, runtime = int(driver), int(runtime)
+    if driver == 0:
+        raise UserError("no NVIDIA driver found (cudaDriverGetVersion is 0): the TensorRT backend needs one")
+    if driver // 1000 < runtime // 1000:
+        raise UserError(
+            f"the NVIDIA driver supports CUDA {driver // 1000}.{driver % 1000 // 10} but this cuda-python is "
+            f"built for CUDA {runtime // 1000}.{runtime % 1000 // 10}: "
+            f"`pip install 'cuda-python<{driver // 1000 + 1}'` "
+            f"(with the matching tensorrt-cu{driver // 1000}), or update the driver"
+        )
+
+
 def cuda_device_info(index: int = 0) -> dict:
     rt = cudart()
+    check_driver()
     count = check(rt.cudaGetDeviceCount())
     if not count:
         raise UserError("no CUDA device found: the TensorRT backend needs an NVIDIA GPU")
@@ -54,15 +75,17 @@ def cuda_device_info(index: int = 0) -> dict:
     return {"name": name.rstrip("\x00"), "compute_capability": f"{props.major}.{props.minor}"}
 
 
-def graph_instantiate(graph):
-    """cudaGraphInstantiate across cuda-python versions: (graph, flags) on 12/13, (graph, log buffer,
-    buffer size) on 11."""
+def create_stream():
+    """A non-blocking stream (as TensorRT's samples/common/common.h): work on the legacy default
+    stream from another thread neither serialises with it nor invalidates its captures (D19)."""
     rt = cudart()
-    try:
-        result = rt.cudaGraphInstantiate(graph, 0)
-    except TypeError:
-        result = rt.cudaGraphInstantiate(graph, None, 0)
-    value = check(result)
+    return check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+
+
+def graph_instantiate(graph):
+    """``cudaGraphInstantiateWithFlags(graph, 0)``: the same signature on cuda-python 11.8, 12.x and
+    13.x (D16: 11's ``cudaGraphInstantiate`` takes a char* log buffer that None cannot fill)."""
+    value = check(cudart().cudaGraphInstantiateWithFlags(graph, 0))
     return value[0] if isinstance(value, tuple) else value
 
 
@@ -91,7 +114,12 @@ class DeviceBuffer:
         self.nbytes = int(nbytes)
         self.ptr = int(check(cudart().cudaMalloc(max(1, self.nbytes))))
 
-    def close(self) -> None:
+    def close(self, strict: bool = True) -> None:
+        """Free once; ``strict=False`` (teardown) ignores errors so one failure frees the rest (D23)."""
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
-            check(cudart().cudaFree(ptr))
+            try:
+                check(cudart().cudaFree(ptr))
+            except Exception:
+                if strict:
+                    raise

@@ -5,16 +5,22 @@
 - A head reads back only ``confidence`` (4 bytes a sample); logits are copied for exiting rows only.
 - Batch compaction copies the surviving rows device-to-device (rows are contiguous in NCHW), one
   copy per run of consecutive rows.
-- CUDA graphs: one per (unit, batch size, input addresses), each captured on **its own execution
+- CUDA graphs: one per (unit, batch bucket, input addresses), each captured on **its own execution
   context** (NVIDIA's samples keep one graph per context and shape), after a plain warm-up run on
-  that context; at most ``MAX_GRAPHS``. A unit whose capture fails is marked and runs plainly from
-  then on (the sticky CUDA error is cleared, as trtexec does).
+  that context; at most ``MAX_GRAPHS``. Batch sizes are padded up to a power of two (rows are
+  independent), so a unit has at most 7 graphs for batch 1..64. Every context is created WITHOUT
+  its own activation memory: all of them share one device buffer sized for the largest engine
+  (units run serially on one stream, which TensorRT allows; D6). A (unit, bucket) whose capture
+  fails runs plainly from then on (the sticky CUDA error is cleared, as trtexec does).
+- TensorRT 8.6: every context after an engine's first has no optimisation profile (-1) until one
+  is set: each context gets profile 0 explicitly (D2).
+- At load every engine's I/O is checked against the manifest: names, FP32, profile max (D11).
 - Every CUDA object (buffers, stream, graph execs) belongs to one `_Resources` record that
   ``close()`` frees, that a finaliser frees when the backend is garbage-collected, and that a
   failure part-way through ``__init__`` frees.
 
-Supported: TensorRT 8.6 to 10.x (`import_tensorrt` refuses others with the reason), cuda-python
-12/13 (11 for graph instantiation too). NOT RUN ON A GPU HERE: no GPU and no TensorRT on this
+Supported: TensorRT 8.6 to 11.x (`import_tensorrt` refuses others with the reason), cuda-python
+12/13 with the CUDA major of the TensorRT wheel. NOT RUN ON A GPU HERE: no GPU and no TensorRT on this
 machine; `tests/test_tensorrt_sim.py` runs this file against a simulated TensorRT and CUDA
 (`tests/fake_gpu.py`, ONNX Runtime underneath): it checks our logic, not TensorRT.
 """
@@ -32,14 +38,25 @@ from edgeexit.runtime.manifest import artifact_file
 
 ITEMSIZE = 4  # every unit tensor is float32
 MAX_GRAPHS = 64  # captured graphs (and their contexts) kept at most; beyond, units run plainly
-SUPPORTED_TRT = ((8, 6), (11, 0))  # [min, max)
+SUPPORTED_TRT = ((8, 6), (12, 0))  # [min, max)
 
 INSTALL_HINT = (
-    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer; then "
-    "`pip install 'cuda-python>=12,<13'`, since cuda-python 13 needs a newer driver than JetPack 6 has); "
-    "on x86 with an NVIDIA GPU run `pip install 'tensorrt>=8.6,<11' cuda-python`. edgeexit supports "
-    "TensorRT 8.6 to 10.x. `--format onnx` works without it."
+    "TensorRT is not installed: on a Jetson it comes with JetPack (python3-libnvinfer; use a venv made with "
+    "`python3 -m venv --system-site-packages`, then `pip install 'cuda-python>=12,<13'`, since cuda-python 13 "
+    "needs a newer driver than JetPack 6 has); on x86 with an NVIDIA GPU run "
+    "`pip install 'tensorrt-cu12>=8.6,<12' 'cuda-python>=12,<13'` (driver >= 525) or "
+    "`pip install 'tensorrt-cu13>=10,<12' 'cuda-python>=13,<14'` (driver >= 580). edgeexit supports "
+    "TensorRT 8.6 to 11.x. `--format onnx` works without it."
 )
+
+
+def trt_major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def bucket(n: int, max_batch: int) -> int:
+    """The batch a graph is captured for: the next power of two, capped at the profile max."""
+    return min(1 << (int(n) - 1).bit_length(), max_batch)
 
 
 def import_tensorrt():
@@ -54,12 +71,11 @@ def import_tensorrt():
 def check_trt_version(version: str) -> None:
     major, minor = (int(v) for v in version.split(".")[:2])
     if (major, minor) < SUPPORTED_TRT[0]:
-        raise UserError(f"TensorRT {version} is too old: edgeexit needs 8.6 to 10.x (name-based tensor API)")
+        raise UserError(f"TensorRT {version} is too old: edgeexit needs 8.6 to 11.x (name-based tensor API)")
     if (major, minor) >= SUPPORTED_TRT[1]:
         raise UserError(
-            f"TensorRT {version} is not supported yet: from 11 on networks are strongly typed (no FP16 builder "
-            "flag; precision comes from the ONNX types) and edgeexit does not write FP16 ONNX units yet; "
-            "use TensorRT 8.6 to 10.x, or `--backend onnxruntime`"
+            f"TensorRT {version} is not supported yet: edgeexit was written against 8.6 to 11.x; "
+            "use one of those, or `--backend onnxruntime`"
         )
 
 
@@ -107,6 +123,36 @@ def select_engine(unit: dict, precision: str | None) -> dict:
     return engines[0]
 
 
+def _device_memory_size(engine) -> int:
+    """Activation memory one context needs: ``device_memory_size_v2`` (10.1+, 11), else the 8.6 name."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    if size is None:
+        size = engine.device_memory_size
+    return int(size)
+
+
+def check_engine_io(trt, engine, unit: dict, max_batch: int, path: str) -> None:
+    """D11: the plan's I/O must be what the manifest says: names, FP32, profile max >= manifest max."""
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    want_in = [i["name"] for i in unit["inputs"]]
+    want_out = [o["name"] for o in unit["outputs"]]
+    if sorted(names) != sorted(want_in + want_out):
+        raise UserError(f"{path}: engine tensors {names} are not the manifest's {want_in + want_out}: re-export")
+    for name in names:
+        mode = engine.get_tensor_mode(name)
+        expected = trt.TensorIOMode.INPUT if name in want_in else trt.TensorIOMode.OUTPUT
+        if mode != expected:
+            raise UserError(f"{path}: {name} is an {mode} of the engine, the manifest says otherwise: re-export")
+        if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
+            raise UserError(
+                f"{path}: {name} is {engine.get_tensor_dtype(name)}, edgeexit moves FP32 between units: re-export"
+            )
+        if name in want_in:
+            top = engine.get_tensor_profile_shape(name, 0)[2]
+            if int(top[0]) < max_batch:
+                raise UserError(f"{path}: profile max batch {top[0]} < the manifest's {max_batch}: re-export")
+
+
 class _DevTensor:
     __slots__ = ("ptr", "shape")
 
@@ -119,36 +165,48 @@ class _DevTensor:
 
 
 class _Resources:
-    """Every CUDA object the backend owns; ``free()`` is idempotent and runs at close, on garbage
-    collection (weakref.finalize) and when ``__init__`` fails part-way."""
+    """Every CUDA and TensorRT object the backend owns; ``free()`` is idempotent, never raises, and
+    runs at close, on garbage collection (weakref.finalize, also at interpreter exit) and when
+    ``__init__`` fails part-way. Order (D23): graph execs, then contexts, engines and the runtime,
+    then the memory they used, then the stream."""
 
     def __init__(self) -> None:
         self.stream = None
         self.buffers: list = []
         self.graph_execs: list = []
         self.contexts: list = []
+        self.units: list = []  # the backend's unit records (they hold the engines)
+        self.runtime = None
 
     def free(self) -> None:
         from edgeexit.runtime.backends.cuda import cudart
 
         rt = cudart()
         for g in self.graph_execs:
-            rt.cudaGraphExecDestroy(g)
+            try:
+                rt.cudaGraphExecDestroy(g)
+            except Exception:  # noqa: BLE001 - teardown: free what can be freed
+                pass
         self.graph_execs = []
-        self.contexts = []  # TensorRT frees a context's memory when it is released
+        self.contexts = []  # TensorRT frees a context when it is released (before its engine)
+        self.units.clear()
+        self.runtime = None
         for b in self.buffers:
-            b.close()
+            b.close(strict=False)
         self.buffers = []
         if self.stream is not None:
             stream, self.stream = self.stream, None
-            rt.cudaStreamDestroy(stream)
+            try:
+                rt.cudaStreamDestroy(stream)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 class TensorRTBackend(Runner):
     thread_safe = False  # an execution context runs one inference at a time; the Cascade locks
 
     def __init__(self, manifest: dict, precision: str | None = None, cuda_graphs: bool = True) -> None:
-        from edgeexit.runtime.backends.cuda import check, cuda_device_info, cudart
+        from edgeexit.runtime.backends.cuda import check, create_stream, cuda_device_info, cudart
 
         trt = import_tensorrt()
         self.rt, self.check = cudart(), check
@@ -156,50 +214,79 @@ class TensorRTBackend(Runner):
         self._res = _Resources()
         self._finalizer = weakref.finalize(self, self._res.free)
         try:
-            self._res.stream = check(self.rt.cudaStreamCreate())
+            self._res.stream = create_stream()
+            self.stream = self._res.stream
             self._load(trt, manifest, precision)
         except BaseException:
             self._finalizer()
             raise
-        self.stream = self._res.stream
         self.use_graphs = cuda_graphs
-        self._graphs: dict = {}  # (unit, batch, input addresses) -> (graph exec, its context)
-        self._graph_failed: set[int] = set()  # units that cannot be captured: never retried
+        self._graphs: dict = {}  # (unit, bucket, input addresses) -> (graph exec, its context)
+        self._graph_failed: set[tuple[int, int]] = set()  # (unit, bucket) that cannot be captured
+
+    @property
+    def units(self) -> list:
+        return self._res.units
 
     def _load(self, trt, manifest: dict, precision: str | None) -> None:
         from edgeexit.runtime.backends.cuda import DeviceBuffer
 
+        self._trt = trt
+        self._v86 = trt_major(trt.__version__) < 9
         folder = Path(manifest["_folder"])
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.units = []
+        self._res.runtime = trt.Runtime(self._logger)
         for u in manifest["units"]:
             entry = select_engine(u, precision)
             check_engine_compatible(entry, trt.__version__, self.device_info)
             precision = entry["precision"]
-            engine = self._runtime.deserialize_cuda_engine(artifact_file(folder, entry["path"]).read_bytes())
+            engine = self._res.runtime.deserialize_cuda_engine(artifact_file(folder, entry["path"]).read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {entry['path']}")
             max_batch = int(entry["batch_profile"]["max"])
+            check_engine_io(trt, engine, u, max_batch, entry["path"])
             outputs = {}
             for o in u["outputs"]:
                 rest = tuple(int(d) for d in o["shape"][1:])
                 buf = DeviceBuffer(max_batch * int(np.prod(rest)) * ITEMSIZE)
                 self._res.buffers.append(buf)
                 outputs[o["name"]] = (buf.ptr, rest)
-            context = engine.create_execution_context()
-            self._res.contexts.append(context)
-            self.units.append(
+            self._res.units.append(
                 {
                     "engine": engine,
-                    "context": context,
                     "inputs": [i["name"] for i in u["inputs"]],
                     "outputs": outputs,
                     "max_batch": max_batch,
                     "name": u["name"],
                 }
             )
+        # D6: one activation buffer for every context of every engine (serial on one stream)
+        self._activation_bytes = max(_device_memory_size(u["engine"]) for u in self._res.units)
+        self._activations = DeviceBuffer(self._activation_bytes)
+        self._res.buffers.append(self._activations)
+        for unit in self._res.units:
+            unit["context"] = self._new_context(unit)
         self._allocate_io(manifest, trt.__version__, precision)
+
+    def _new_context(self, unit: dict):
+        """A context on the shared activation memory, on profile 0 (D2, D5, D6)."""
+        trt, engine = self._trt, unit["engine"]
+        if hasattr(trt, "ExecutionContextAllocationStrategy") and hasattr(engine, "device_memory_size_v2"):
+            ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if ctx is not None:
+                ctx.set_device_memory(self._activations.ptr, self._activations.nbytes)
+        else:  # 8.6 (and 10.0): the older spelling of the same thing
+            ctx = engine.create_execution_context_without_device_memory()
+            if ctx is not None:
+                ctx.device_memory = self._activations.ptr
+        if ctx is None:
+            raise RuntimeError(f"TensorRT could not create an execution context for {unit['name']} (out of memory?)")
+        if self._v86:  # 8.6: a context after the engine's first has profile -1 until one is set
+            if not ctx.set_optimization_profile_async(0, self.stream):
+                raise RuntimeError(f"TensorRT refused optimisation profile 0 for {unit['name']}")
+            self.check(self.rt.cudaStreamSynchronize(self.stream))
+        self._res.contexts.append(ctx)
+        return ctx
 
     def _allocate_io(self, manifest: dict, version: str, precision: str) -> None:
         from edgeexit.runtime.backends.cuda import DeviceBuffer
@@ -249,32 +336,42 @@ class TensorRTBackend(Runner):
 
     def _execute(self, idx: int, inputs: tuple) -> dict:
         unit, n = self.units[idx], inputs[0].shape[0]
-        key = (idx, n, tuple(t.ptr for t in inputs))
-        graph = self._graphs.get(key)
-        if graph is not None:
-            self.check(self.rt.cudaGraphLaunch(graph[0], self.stream))
-        elif self.use_graphs and idx not in self._graph_failed and len(self._graphs) < MAX_GRAPHS:
-            self._capture(key, unit, inputs)
-        else:
-            ctx = unit["context"]
-            self._bind(ctx, unit, inputs)
-            if not ctx.execute_async_v3(self.stream):
-                raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
-        return {name: _DevTensor(ptr, (n, *rest)) for name, (ptr, rest) in unit["outputs"].items()}
-
-    def _capture(self, key, unit: dict, inputs: tuple) -> None:
-        """A new context for this shape and these addresses: one plain run (it also produces this
-        call's outputs), then the same launch recorded into a graph. On failure the unit is marked
-        and never captured again; the plain run's outputs stand."""
-        from edgeexit.runtime.backends.cuda import clear_error, graph_instantiate
-
-        rt, idx = self.rt, key[0]
-        ctx = unit["engine"].create_execution_context()
+        if self.use_graphs:
+            b = bucket(n, unit["max_batch"])
+            key = (idx, b, tuple(t.ptr for t in inputs))
+            graph = self._graphs.get(key)
+            if graph is not None:
+                self.check(self.rt.cudaGraphLaunch(graph[0], self.stream))
+                return self._outputs(unit, n)
+            if (idx, b) not in self._graph_failed and len(self._graphs) < MAX_GRAPHS:
+                padded = tuple(_DevTensor(t.ptr, (b, *t.shape[1:])) for t in inputs)
+                if self._capture(key, unit, padded):
+                    return self._outputs(unit, n)
+        ctx = unit["context"]
         self._bind(ctx, unit, inputs)
         if not ctx.execute_async_v3(self.stream):
             raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
-        graph = None
+        return self._outputs(unit, n)
+
+    @staticmethod
+    def _outputs(unit: dict, n: int) -> dict:
+        return {name: _DevTensor(ptr, (n, *rest)) for name, (ptr, rest) in unit["outputs"].items()}
+
+    def _capture(self, key, unit: dict, inputs: tuple) -> bool:
+        """A new context (on the shared activation memory) for this bucket and these addresses: one
+        plain run (it also produces this call's outputs), then the same launch recorded into a graph.
+        Any failure (no context, refused shape, capture invalidated, instantiate error) marks the
+        (unit, bucket) and returns False: the caller runs the plain path, nothing is retained."""
+        from edgeexit.runtime.backends.cuda import clear_error, graph_instantiate
+
+        rt = self.rt
+        graph = exec_graph = ctx = None
         try:
+            ctx = self._new_context(unit)
+            self._bind(ctx, unit, inputs)
+            if not ctx.execute_async_v3(self.stream):
+                raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
+            self.check(rt.cudaStreamSynchronize(self.stream))  # as trtexec: warm-up done before capture
             mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             self.check(rt.cudaStreamBeginCapture(self.stream, mode))
             try:
@@ -284,16 +381,18 @@ class TensorRTBackend(Runner):
             if not ok:
                 raise RuntimeError("execute_async_v3 failed under capture")
             exec_graph = graph_instantiate(graph)
-        except (RuntimeError, TypeError):
+        except Exception:  # noqa: BLE001 - any failure: no graph for this (unit, bucket)
             clear_error()
-            self._graph_failed.add(idx)
-            return
+            self._graph_failed.add(key[:2])
+            if ctx is not None and ctx in self._res.contexts:
+                self._res.contexts.remove(ctx)
+            return False
         finally:
             if graph is not None:
                 rt.cudaGraphDestroy(graph)  # the executable graph is all we keep
         self._res.graph_execs.append(exec_graph)
-        self._res.contexts.append(ctx)
         self._graphs[key] = (exec_graph, ctx)
+        return True
 
     def run_segment(self, pos: int, state: tuple) -> tuple:
         return tuple(self._execute(self._segment_units[pos], state).values())
@@ -333,5 +432,4 @@ class TensorRTBackend(Runner):
 
     def close(self) -> None:
         self._graphs.clear()
-        self.units = []  # releases the engines and their execution contexts
-        self._finalizer()  # frees the CUDA objects once; later calls do nothing
+        self._finalizer()  # releases contexts and engines, then frees the CUDA objects, once
