@@ -85,6 +85,13 @@ class OnnxRuntimeBackend(Runner):
         self._segments, self._heads = [], []
         for u in manifest["units"]:
             sess = _session(ort, artifact_file(folder, u[self._key]), opts, providers)
+            if cuda and "CUDAExecutionProvider" not in sess.get_providers():  # D9: ORT fell back to the CPU
+                raise UserError(
+                    "onnxruntime-cuda asked for, but ONNX Runtime could not load its CUDA execution provider and "
+                    "fell back to the CPU (CUDA/cuDNN libraries missing or of another major): install the "
+                    "onnxruntime-gpu build for your CUDA major with cuDNN 9, or call onnxruntime.preload_dlls() "
+                    "(ORT >= 1.21); `--backend onnxruntime-cpu` runs on the CPU knowingly"
+                )
             entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
             (self._segments if u["kind"] == "segment" else self._heads).append(entry)
         self._device = "cuda" if cuda else "cpu"
