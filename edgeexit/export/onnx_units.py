@@ -113,3 +113,108 @@ def _export_unit(module, args, inputs, outputs, path: Path, opset: int, simplify
         "export_s": round(time.perf_counter() - t0, 3),
         "engines": [],
     }
+
+
+def write_fp16_units(folder: Path, units: list[dict]) -> None:
+    """``<segment>.fp16.onnx`` beside every segment, recorded as ``unit['onnx_fp16']``: weights and
+    activations FP16 inside, FP32 at the unit's boundary (a Cast after each input and before each
+    output), so the runtime moves FP32 between units unchanged. Heads stay FP32 whole (their
+    softmax/confidence and logits: thresholds live near 1.0, where FP16 has 2^-11 spacing). A
+    strongly typed TensorRT (>= 10) builds `--half` engines from these files."""
+    for u in units:
+        if u["kind"] == "head":
+            u["onnx_fp16"] = u["onnx"]
+            continue
+        out = folder / f"{u['name']}.fp16.onnx"
+        convert_to_fp16(folder / u["onnx"], out)
+        u["onnx_fp16"] = out.name
+
+
+def convert_to_fp16(src: Path, dst: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+    def half(t):
+        return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name)
+
+    for t in g.initializer:
+        if t.data_type == f32:
+            t.CopyFrom(half(t))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Constant" and a.type == onnx.AttributeProto.TENSOR and a.t.data_type == f32:
+                a.t.CopyFrom(half(a.t))
+            if n.op_type == "Cast" and a.name == "to" and a.i == f32:
+                a.i = f16
+    casts_in, casts_out = [], []
+    for x in g.input:
+        if x.type.tensor_type.elem_type != f32:
+            continue
+        inner = f"{x.name}__fp16"
+        for n in g.node:
+            n.input[:] = [inner if i == x.name else i for i in n.input]
+        casts_in.append(helper.make_node("Cast", [x.name], [inner], to=f16, name=f"cast_in_{x.name}"))
+    for y in g.output:
+        if y.type.tensor_type.elem_type != f32:
+            continue
+        inner = f"{y.name}__fp16"
+        for n in g.node:
+            n.input[:] = [inner if i == y.name else i for i in n.input]
+            n.output[:] = [inner if o == y.name else o for o in n.output]
+        casts_out.append(helper.make_node("Cast", [inner], [y.name], to=f32, name=f"cast_out_{y.name}"))
+    nodes = casts_in + list(g.node) + casts_out
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def fp16_parity(folder: Path, units: list[dict], images, labels=None) -> dict:
+    """The FP16 chain vs the FP32 chain in ONNX Runtime (CPU): max |Δlogit| and per-exit
+    prediction agreement (and accuracy, with ``labels``)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    by_name = {u["name"]: u for u in units}
+    k = len(units) // 2
+    logits = {}
+    for key in ("onnx", "onnx_fp16"):
+        sess = {
+            u["name"]: ort.InferenceSession(str(folder / u[key]), opts, providers=["CPUExecutionProvider"])
+            for u in units
+        }
+        outs = [[] for _ in range(k)]
+        for s in range(0, len(images), 64):
+            state = (images[s : s + 64],)
+            for pos in range(k):
+                seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
+                feed = {i["name"]: v for i, v in zip(seg["inputs"], state, strict=True)}
+                state = tuple(sess[seg["name"]].run(None, feed))
+                outs[pos].append(sess[head["name"]].run(None, {head["inputs"][0]["name"]: state[-1]})[0])
+        logits[key] = [np.concatenate(o) for o in outs]
+    exits = []
+    for pos in range(k):
+        a, b = logits["onnx"][pos], logits["onnx_fp16"][pos]
+        e = {
+            "exit": pos + 1,
+            "max_abs_logit_diff": float(np.abs(a - b).max()),
+            "prediction_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        }
+        if labels is not None:
+            e["accuracy_drop_pt"] = float(100 * ((a.argmax(1) == labels).mean() - (b.argmax(1) == labels).mean()))
+        exits.append(e)
+    return {
+        "images": int(len(images)),
+        "runtime": "onnxruntime-cpu",
+        "exits": exits,
+        "max_abs_logit_diff": max(e["max_abs_logit_diff"] for e in exits),
+        "min_prediction_agreement": min(e["prediction_agreement"] for e in exits),
+    }
