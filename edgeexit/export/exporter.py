@@ -104,6 +104,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         parity = _check_parity(model, heldout, tmp, units, opts, console)
         frames = write_calibration_frames(heldout, tmp, opts.calib_images, ckpt["split"]) if opts.calib_images else None
         quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else None
+        fp16 = _write_fp16(tmp, units, heldout, opts, console) if opts.half else None
         _write_weights(ckpt, tmp)
         if opts.fmt == "engine":
             from edgeexit.export.tensorrt import build_engines
@@ -121,6 +122,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             )
             precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
             _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
+            engine_check = _check_engines(tmp, units, heldout, opts, precision, console)
         manifest = build_manifest(
             ckpt,
             units,
@@ -132,6 +134,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         )
         manifest["calibration_frames"] = frames
         manifest["quantization"] = quantization
+        manifest["fp16"] = fp16
+        manifest["engine_parity"] = engine_check if opts.fmt == "engine" else None
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, dest)
     except BaseException:
@@ -285,6 +289,44 @@ def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, consol
             "try --int8-method entropy or percentile, more --int8-images, or a larger --int8-tolerance"
         )
     return {**settings, "parity": parity}
+
+
+def _held_out_images(heldout, n: int):
+    from edgeexit.data import normalize
+
+    sample = heldout.subset(np.arange(min(n, len(heldout))))
+    images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
+    return images, sample.labels.numpy()
+
+
+def _write_fp16(tmp: Path, units: list[dict], heldout, opts: ExportOptions, console) -> dict:
+    """--half: FP16 ONNX segments (what a strongly typed TensorRT builds), checked against FP32 in
+    ONNX Runtime on the parity images."""
+    from edgeexit.export.onnx_units import fp16_parity, write_fp16_units
+
+    t0 = time.perf_counter()
+    write_fp16_units(tmp, units)
+    images, labels = _held_out_images(heldout, opts.parity_samples)
+    parity = fp16_parity(tmp, units, images, labels)
+    _stage(console, f"FP16 units: max |Δlogit| {parity['max_abs_logit_diff']:.2e} vs FP32 (ONNX Runtime)", t0)
+    return parity
+
+
+def _check_engines(tmp: Path, units: list[dict], heldout, opts: ExportOptions, precision: str, console) -> dict:
+    """D12: run the built engines on the parity images before publishing them."""
+    from edgeexit.export.tensorrt import engine_parity
+
+    t0 = time.perf_counter()
+    images, labels = _held_out_images(heldout, opts.parity_samples)
+    tol = opts.int8_tolerance if precision == "int8" else 0.005
+    check = engine_parity(tmp, units, images, labels, precision, tol)
+    _stage(console, f"engines run: worst per-exit accuracy drop {check['max_accuracy_drop_pt']:.2f} pt", t0)
+    if not check["passed"]:
+        raise RuntimeError(
+            f"TensorRT {precision} engines lost {check['max_accuracy_drop_pt']:.2f} pt at an exit "
+            f"(> {100 * tol:.2f} pt) against FP32: not published"
+        )
+    return check
 
 
 def _write_weights(ckpt: dict, tmp: Path) -> None:

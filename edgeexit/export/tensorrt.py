@@ -168,3 +168,63 @@ def engine_entry(path: str, precision: str, trt_version: str, device: dict, shap
             "max": next(iter(shapes.values()))[2][0] if shapes else 1,
         },
     }
+
+
+def engine_parity(folder: Path, units: list[dict], images, labels, precision: str, tolerance: float) -> dict:
+    """D12: the built engines RUN before they are published: every exit's logits from the
+    TensorRT backend vs the FP32 ONNX units in ONNX Runtime (CPU) on held-out images: max |Δlogit|,
+    prediction agreement and accuracy drop per exit; ``passed`` when no exit's accuracy drops by
+    more than ``tolerance`` (a fraction)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgeexit.runtime.backends.tensorrt import TensorRTBackend
+    from edgeexit.runtime.plan import head_name, segment_name
+
+    backend = TensorRTBackend({"_folder": str(folder), "units": units}, precision=precision, cuda_graphs=False)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = {
+        u["name"]: ort.InferenceSession(str(folder / u["onnx"]), opts, providers=["CPUExecutionProvider"])
+        for u in units
+    }
+    by_name = {u["name"]: u for u in units}
+    k = len(units) // 2
+    ours, ref = [[] for _ in range(k)], [[] for _ in range(k)]
+    step = backend.max_batch
+    try:
+        for s in range(0, len(images), step):
+            x = np.ascontiguousarray(images[s : s + step], dtype=np.float32)
+            state, host = backend.from_host(x), (x,)
+            for pos in range(k):
+                seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
+                state = backend.run_segment(pos, state)
+                ours[pos].append(backend.run_head(pos, state[-1]).logits())
+                host = tuple(
+                    sess[seg["name"]].run(None, {i["name"]: v for i, v in zip(seg["inputs"], host, strict=True)})
+                )
+                ref[pos].append(sess[head["name"]].run(None, {head["inputs"][0]["name"]: host[-1]})[0])
+    finally:
+        backend.close()
+    exits = []
+    for pos in range(k):
+        a, b = np.concatenate(ref[pos]), np.concatenate(ours[pos])
+        drop = float((a.argmax(1) == labels).mean() - (b.argmax(1) == labels).mean())
+        exits.append(
+            {
+                "exit": pos + 1,
+                "max_abs_logit_diff": float(np.abs(a - b).max()),
+                "prediction_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+                "accuracy_drop_pt": 100 * drop,
+            }
+        )
+    worst = max(e["accuracy_drop_pt"] for e in exits)
+    return {
+        "precision": precision,
+        "images": int(len(images)),
+        "reference": "onnxruntime-cpu fp32",
+        "exits": exits,
+        "max_accuracy_drop_pt": worst,
+        "tolerance_pt": 100 * tolerance,
+        "passed": worst <= 100 * tolerance + 1e-9,
+    }
