@@ -4,18 +4,37 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
+from pathlib import Path
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_bytes().decode(errors="replace").strip("\x00\n ")
+    except OSError:
+        return None
 
 
 def cpu_name() -> str:
+    """``model name`` from /proc/cpuinfo; on arm64 (no model name for 64-bit tasks: D18) the board
+    model from the device tree (a Jetson's name), else the CPU part id."""
+    part = None
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
+                if line.startswith("CPU part") and part is None:
+                    part = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    model = _read("/proc/device-tree/model")
+    if model:
+        return model
+    if part:
+        return f"{platform.machine()} (CPU part {part})"
     return platform.processor() or platform.machine()
 
 
@@ -28,8 +47,65 @@ def jetson_power_mode() -> str | None:
         out = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=5).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    return parse_nvpmodel(out)
+
+
+def parse_nvpmodel(out: str) -> str | None:
+    """ "NAME / id" from `nvpmodel -q` as jetson_stats reads it (D13): the line "NV Power Mode: NAME"
+    wherever it is (NVPM warnings may come first), and the numeric id on the next line."""
     lines = [line.strip() for line in out.splitlines() if line.strip()]
-    return " / ".join(lines[:2]) or None
+    for i, line in enumerate(lines):
+        m = re.search(r"NV Power Mode:\s*(.*)", line)
+        if m:
+            mode = m.group(1).strip()
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            return f"{mode} / {nxt}" if nxt.isdigit() else mode
+    return None
+
+
+def clocks_locked() -> bool | None:
+    """jetson_clocks (or any fixed clocks): min == max for the CPU and GPU frequencies, from sysfs
+    without root; None when there is nothing to read."""
+    pairs = []
+    for cpu in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq")):
+        pairs.append((_read(str(cpu / "scaling_min_freq")), _read(str(cpu / "scaling_max_freq"))))
+    for gpu in Path("/sys/class/devfreq").glob("*gpu*") if Path("/sys/class/devfreq").is_dir() else []:
+        pairs.append((_read(str(gpu / "min_freq")), _read(str(gpu / "max_freq"))))
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if not pairs:
+        return None
+    return all(a == b for a, b in pairs)
+
+
+def gpu_identity() -> dict | None:
+    """Name and compute capability of GPU 0 without torch or TensorRT (D10): cuda-python when it
+    works, else nvidia-smi."""
+    try:
+        from edgeexit.runtime.backends.cuda import cuda_device_info
+
+        return cuda_device_info()
+    except Exception:  # noqa: BLE001 - any reason: try nvidia-smi
+        pass
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = (
+            subprocess.run(
+                [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out or "," not in out[0]:
+        return None
+    name, cc = (v.strip() for v in out[0].rsplit(",", 1))
+    return {"name": name, "compute_capability": cc}
 
 
 def fingerprint(info) -> dict:
@@ -47,7 +123,18 @@ def fingerprint(info) -> dict:
     if "compute_capability" in info.extra:
         fp["gpu"] = info.device
         fp["compute_capability"] = info.extra["compute_capability"]
+    elif info.name == "onnxruntime-cuda":  # D10: ORT names no GPU
+        gpu = gpu_identity()
+        if gpu:
+            fp["gpu"], fp["compute_capability"] = gpu["name"], gpu["compute_capability"]
     mode = jetson_power_mode()
     if mode:
         fp["jetson_power_mode"] = mode
+        locked = clocks_locked()
+        if locked is not None:
+            fp["jetson_clocks_locked"] = locked
+        for key, path in (("board", "/proc/device-tree/model"), ("l4t", "/etc/nv_tegra_release")):
+            value = _read(path)
+            if value:
+                fp[key] = value.splitlines()[0][:120]
     return fp
