@@ -652,14 +652,25 @@ def info(
 @command
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the run.")] = Path("runs/quickstart"),
+    max_drop: Annotated[
+        str,
+        typer.Option(
+            "--max-drop",
+            help="The promise (default): the fastest plan certified within this drop of the full model's accuracy.",
+        ),
+    ] = "0.5pt",
     budget: Annotated[
-        str, typer.Option(help="Latency budget: 2ms, or a share of the full model's measured latency.")
-    ] = "50%",
+        str,
+        typer.Option(help="Budget mode instead of the promise: 2ms, or a share of the full model's latency (60%)."),
+    ] = "",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
     limit_train: Annotated[
-        int | None, typer.Option("--limit-train", help="Training images (default all 55,000).")
+        int | None, typer.Option("--limit-train", help="Training images (of the 55,000 after the held-out split).")
     ] = 20000,
     width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
+    test_images: Annotated[
+        int, typer.Option("--test-images", min=100, max=10000, help="Test images the summary is measured on.")
+    ] = 10000,
     data_dir: DataDirOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a run (model.pt, last.pt, artifact) already in OUT.")
@@ -668,11 +679,13 @@ def quickstart(
     """The whole flow on Fashion-MNIST: train → eval → export → calibrate → run, with a summary."""
     from edgeexit.quickstart import run_quickstart
 
-    fraction = _parse_fraction(budget)
+    fraction = _parse_fraction(budget) if budget else None
     run_quickstart(
         out=out,
-        budget_ms=None if fraction else _parse_budget(budget),
+        budget_ms=None if (fraction or not budget) else _parse_budget(budget),
         budget_fraction=fraction,
+        max_drop=_parse_drop(max_drop),
+        run_images=test_images,
         epochs=epochs,
         limit_train=limit_train,
         width=width,

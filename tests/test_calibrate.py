@@ -122,13 +122,16 @@ def test_max_drop_chooses_a_guarded_plan_and_reports_intervals(artifact_copy, tm
     r = json.loads(out.read_text())
     promise = r["max_drop"]
     assert promise["max_drop"] == pytest.approx(0.01) and promise["drop_bound"] <= 0.01
-    assert promise["n_calibration"] == 300 and promise["candidates"] >= 1
+    assert promise["n_frames"] == 600 and len(promise["families"]) >= 2
+    assert promise["frontier"] and all(r["certified_drop"] >= 0 or r["speedup"] >= 1 for r in promise["frontier"])
     lo, hi = r["predicted"]["accuracy_interval_95"]
     assert lo <= r["predicted"]["accuracy"] <= hi
     assert r["measured"]["drop_vs_full"] == pytest.approx(
         r["full_model"]["measured"]["accuracy"] - r["measured"]["accuracy"]
     )
-    assert load_manifest(artifact_copy)["calibration"]["max_drop"]["z"] > 1.645  # corrected for the candidates
+    # Bonferroni over the few exit families only, not over every plan tested
+    z = load_manifest(artifact_copy)["calibration"]["max_drop"]["z"]
+    assert 1.645 < z < 2.7
     # both constraints: an impossible pair is exit 2 naming the one that cannot be met
     res = CliRunner().invoke(app, [*args[:-2], "--repeats", "30", "--budget", "1%", "--max-drop", "0pt"])
     assert res.exit_code == 2

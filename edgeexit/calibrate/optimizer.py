@@ -285,7 +285,13 @@ class _Problem:
 
 
 def optimize(
-    conf: np.ndarray, correct: np.ndarray, cost: CostModel, budget_ms: float, metric: str = "mean", lambdas: int = 40
+    conf: np.ndarray,
+    correct: np.ndarray,
+    cost: CostModel,
+    budget_ms: float,
+    metric: str = "mean",
+    lambdas: int = 40,
+    pairs: bool = True,
 ) -> tuple[Solution, list[Solution]]:
     """Best thresholds within the budget, and the accuracy-latency frontier found on the way."""
     prob = _Problem(conf, correct, cost)
@@ -328,7 +334,7 @@ def optimize(
             f"no thresholds meet {metric} latency {budget_ms:.3f} ms (the cheapest cascade's {metric} is "
             f"{evaluate(conf, correct, cost, cheapest, metric).latency_ms:.3f} ms)"
         )
-    if metric == "mean":  # pairwise moves from the best single-coordinate optimum
+    if metric == "mean" and pairs:  # pairwise moves from the best single-coordinate optimum
         best = evaluate(conf, correct, cost, prob.constrained(best.thresholds, budget_ms, pairs=True), metric)
     frontier.sort(key=lambda s: s.latency_ms)
     return best, frontier
@@ -378,3 +384,88 @@ def plan_ladder(
 ) -> list[tuple[float, Solution]]:
     """The most accurate plan at each of ``steps`` budgets from ``lo_ms`` to ``hi_ms``."""
     return [(float(b), optimize(conf, correct, cost, float(b), metric)[0]) for b in np.linspace(lo_ms, hi_ms, steps)]
+
+
+# --- Budget mode that holds on new images: the approach is chosen out of fold ---------------------------------
+
+def _fit_optimised(conf, correct, cost, budget_ms, metric, quick=False):
+    kw = {"lambdas": 16, "pairs": False} if quick else {}
+    return optimize(conf, correct, cost, budget_ms, metric, **kw)[0].thresholds
+
+
+def _fit_msdnet(conf, correct, cost, budget_ms, metric, quick=False):
+    base = msdnet_baseline(conf, correct, cost, budget_ms, metric)
+    return None if base is None else base.thresholds
+
+
+def _fit_full(conf, correct, cost, budget_ms, metric, quick=False):
+    th = CascadePlan.full_model(conf.shape[1]).thresholds
+    return th if evaluate(conf, correct, cost, th, metric).latency_ms <= budget_ms + 1e-9 else None
+
+
+APPROACHES = {"optimised": _fit_optimised, "msdnet": _fit_msdnet, "full-model": _fit_full}
+
+
+@dataclass(frozen=True)
+class CrossFit:
+    """Which approach won out of fold, and every approach's out-of-fold accuracy and latency."""
+
+    chosen: str
+    solution: Solution  # the winner refitted on every frame
+    out_of_fold: dict  # approach -> {"accuracy", "latency_ms"} (None: infeasible in some fold)
+    folds: int
+    fits: dict  # approach -> its Solution fitted on every frame (None: infeasible)
+    frontier: list  # the optimiser's accuracy-latency frontier on every frame
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "folds": self.folds, "out_of_fold": self.out_of_fold}
+
+
+def cross_fitted(
+    conf: np.ndarray, correct: np.ndarray, cost: CostModel, budget_ms: float, metric: str = "mean",
+    folds: int = 5, seed: int = 0,
+) -> CrossFit:
+    """Choose between the free optimiser, MSDNet's geometric thresholds and the full model by their
+    accuracy on frames they were not fitted on (K-fold cross-fitting: fit on K-1 folds, score the
+    held-out fold, every frame scored once), then refit the winner on every frame.
+
+    The free optimiser has K-1 thresholds and the evaluated-exit set to fit: on a few thousand frames it
+    can fit noise where the gain is small (loose budgets), and then MSDNet's one-parameter family wins out
+    of sample; where the gain is real (tight budgets) the optimiser wins out of sample too."""
+    n = len(conf)
+    folds = max(2, min(folds, n // 20))
+    order = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(order, folds)
+    oof = {}
+    for name, fit in APPROACHES.items():
+        hits, lat, ok = 0.0, [], True
+        for f in range(folds):
+            test = parts[f]
+            train = np.concatenate([parts[g] for g in range(folds) if g != f])
+            try:
+                th = fit(conf[train], correct[train], cost, budget_ms, metric, quick=True)
+            except UserError:
+                th = None
+            if th is None:
+                ok = False
+                break
+            sol = evaluate(conf[test], correct[test], cost, th, metric)
+            hits += sol.accuracy * len(test)
+            lat.append(sol.latency_ms * len(test))
+        oof[name] = {"accuracy": hits / n, "latency_ms": float(sum(lat) / n)} if ok else None
+    feasible = {a: v for a, v in oof.items() if v is not None and v["latency_ms"] <= budget_ms * 1.02}
+    if not feasible:
+        feasible = {"optimised": oof.get("optimised") or {"accuracy": 0.0}}
+    # ties (within one frame in a thousand) go to the simpler family: full model, then MSDNet
+    rank = {"full-model": 0, "msdnet": 1, "optimised": 2}
+    top = max(v["accuracy"] for v in feasible.values())
+    chosen = min((a for a, v in feasible.items() if v["accuracy"] >= top - 1e-3), key=rank.get)
+    best, frontier = optimize(conf, correct, cost, budget_ms, metric)
+    fits = {"optimised": best}
+    for name, fit in APPROACHES.items():
+        if name != "optimised":
+            th = fit(conf, correct, cost, budget_ms, metric)
+            fits[name] = None if th is None else evaluate(conf, correct, cost, th, metric)
+    if fits[chosen] is None:
+        chosen = "optimised"
+    return CrossFit(chosen, fits[chosen], oof, folds, fits, frontier)

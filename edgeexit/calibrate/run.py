@@ -1,7 +1,9 @@
 """`edgeexit calibrate`: profile on this device, collect exit statistics, choose thresholds, verify.
 
-The held-out split recorded at training time is halved (seeded): thresholds are chosen on the
-calibration half and checked on the verification half by running the real cascade frame by frame.
+Every stored held-out frame decides (issue 20): the budget mode picks its approach (free optimiser,
+MSDNet's thresholds, full model) by K-fold cross-fitting and refits the winner on all frames; the
+--max-drop promise is a fixed-sequence test (Learn-then-Test) on all frames. The verification half is
+still run through the real cascade, frame by frame, for the measured latency and a runtime check.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.calibrate.optimizer import CostModel, Solution, evaluate, msdnet_baseline, optimize
+from edgeexit.calibrate.optimizer import CostModel, Solution, cross_fitted, evaluate, msdnet_baseline, optimize
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.device import fingerprint
@@ -108,9 +110,10 @@ def load_frames(manifest: dict, data: str | None, split: str, data_dir: str | No
     return frames, ds.labels.numpy(), name
 
 
-def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds) -> dict:
+def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_correct: bool = False) -> dict:
     """Run the real cascade frame by frame (the camera path, preprocessing included) with
-    ``thresholds`` (a list or a CascadePlan), without changing ``cascade`` itself."""
+    ``thresholds`` (a list or a CascadePlan), without changing ``cascade`` itself. ``keep_correct``:
+    also return the per-frame correctness (for paired comparisons)."""
     view = cascade.derive(thresholds)
     lat, correct, exits = [], [], []
     for f, y in zip(frames, labels, strict=True):
@@ -130,23 +133,8 @@ def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds)
         "samples": len(lat),
         "exit_shares": (counts / len(exits)).tolist(),
         "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(counts)},
+        **({"correct": np.asarray(correct, bool)} if keep_correct else {}),
     }
-
-
-def min_latency_for_accuracy(conf, correct, cost: CostModel, target: float, metric: str = "mean", iters: int = 14):
-    """Cheapest thresholds whose calibration accuracy is >= target (bisection on the budget)."""
-    lo, hi = cost.min_ms(), cost.exit_costs(np.ones(conf.shape[1], bool))[-1] * 1.01
-    best, _ = optimize(conf, correct, cost, hi, metric)
-    if best.accuracy < target:
-        return None
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        sol, _ = optimize(conf, correct, cost, mid, metric)
-        if sol.accuracy >= target:
-            best, hi = sol, mid
-        else:
-            lo = mid
-    return best
 
 
 @dataclass
@@ -163,8 +151,12 @@ class _Session:
     profile: dict | None = None
     overhead_ms: float = 0.0
     groups: dict | None = None  # fused exit groups' latency, on a runner that fuses
-    conf: np.ndarray | None = None
+    conf: np.ndarray | None = None  # exit statistics of every deciding frame (calibration + verification)
     correct: np.ndarray | None = None
+
+    @property
+    def decide_idx(self) -> np.ndarray:
+        return np.concatenate([self.calib_idx, self.verify_idx])
 
 
 def run_calibration(artifact, *, console=None, **options) -> dict:
@@ -177,13 +169,30 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
         _measure(s, opts, console)
         cost = _cost_model(s, opts.metric)
         budget_ms = _budget(opts, cost, say)
-        chosen, frontier = optimize(s.conf, s.correct, cost, budget_ms, opts.metric)
-        promise = None
+        promise, crossfit = None, None
         if opts.max_drop is not None:
             chosen, promise = _choose_within_drop(s, opts, cost, budget_ms, say)
+            _, frontier = optimize(s.conf, s.correct, cost, budget_ms, opts.metric, pairs=False)
+        else:
+            crossfit = cross_fitted(s.conf, s.correct, cost, budget_ms, opts.metric, seed=opts.seed)
+            chosen, frontier = crossfit.solution, crossfit.frontier
+            say(
+                f"  chosen out of fold ({crossfit.folds} folds): [bold]{crossfit.chosen}[/] — "
+                + ", ".join(
+                    f"{a} {100 * v['accuracy']:.2f}%" if v else f"{a} infeasible"
+                    for a, v in crossfit.out_of_fold.items()
+                )
+            )
         result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
         result.update(_intervals(s, opts, chosen, result, promise))
+        if crossfit is not None:
+            result["cross_fit"] = crossfit.to_dict()
+            oof = crossfit.out_of_fold.get(crossfit.chosen)
+            if oof:
+                result["predicted"]["out_of_fold_accuracy"] = oof["accuracy"]
         result.update(_report_extras(s, opts, cost, frontier))
+        cert = _certify(s, opts, cost, ISO_ACCURACY_DROP, None)
+        result["certifiable"] = {"confidence": opts.confidence, "n_frames": int(len(s.conf)), "frontier": cert.frontier}
         result["ladder"] = _ladder(s, opts, cost)
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         _write(s, opts, result, say)
@@ -235,7 +244,7 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
     from rich.progress import Progress
 
     cascade = s.cascade
-    x_calib = cascade.preprocess.batch(s.frames[s.calib_idx])
+    x_calib = cascade.preprocess.batch(s.frames[s.decide_idx])
     with Progress(console=console, transient=True, disable=console is None) as prog:
         task = prog.add_task("profiling units", total=cascade.num_exits)
         s.profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
@@ -253,11 +262,12 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
             f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
+            f"{len(s.verify_idx)}|all|"
             f"{cascade.manifest.get('created')}".encode()
         ).hexdigest()[:12]
         stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
     s.conf = stats["confidence"]
-    s.correct = stats["prediction"] == s.labels[s.calib_idx][:, None]
+    s.correct = stats["prediction"] == s.labels[s.decide_idx][:, None]
 
 
 def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
@@ -297,45 +307,61 @@ def _plan_correct(s: _Session, plan: CascadePlan) -> np.ndarray:
     return s.correct[np.arange(len(s.correct)), plan.exit_positions(s.conf)]
 
 
-def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, say) -> tuple[Solution, dict]:
-    """The cheapest plan whose drop vs the full model is within --max-drop with the guard (see
-    calibrate/promise.py), among the optimiser's best plans at a ladder of budgets up to the budget."""
-    from edgeexit.calibrate.promise import candidate_plans, choose_within_drop
+def _certify(s: _Session, opts, cost: CostModel, max_drop: float, budget_ms: float | None):
+    from edgeexit.calibrate.promise import certify
 
-    candidates = candidate_plans(s.conf, s.correct, cost, budget_ms, opts.metric)
-    full = CascadePlan.full_model(s.cascade.num_exits).to_list()
-    choice = choose_within_drop(
-        s.correct[:, -1],
-        [_plan_correct(s, c.plan) for c in candidates],
-        [c.latency_ms for c in candidates],
-        opts.max_drop,
-        opts.confidence,
-        n_new=len(s.verify_idx),
-        is_full_model=[c.plan.to_list() == full for c in candidates],
-    )
-    if choice.index is None:
-        best = int(np.argmin(choice.bounds))
-        within = f" within the budget {budget_ms:.3f} ms" if opts.budget_ms or opts.budget_fraction else ""
+    return certify(s.conf, s.correct, cost, max_drop, opts.confidence, budget_ms, opts.metric)
+
+
+def _frames_advice(s: _Session, cost: CostModel, p, max_drop: float) -> dict[str, int | None]:
+    """For speed-ups not certified at ``max_drop``: about how many frames would certify them."""
+    from edgeexit.calibrate.promise import frames_for
+
+    reached = cost.full_ms() / p.latency_ms
+    return {
+        f"{x:g}": frames_for(p, x, max_drop, cost.full_ms(), cost, s.conf, s.correct)
+        for x in (1.25, 1.5, 2.0)
+        if x > reached + 1e-9
+    }
+
+
+def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, say) -> tuple[Solution, dict]:
+    """The cheapest plan whose accuracy drop against the full model is certified within --max-drop at
+    --confidence on every stored frame (fixed-sequence testing, see calibrate/promise.py `certify`)."""
+    limited = opts.budget_ms is not None or opts.budget_fraction is not None
+    p = _certify(s, opts, cost, opts.max_drop, budget_ms if limited else None)
+    k, n = s.cascade.num_exits, len(s.conf)
+    if p.thresholds is None and limited and cost.full_ms() > budget_ms + 1e-9:
         raise UserError(
-            f"--max-drop {100 * opts.max_drop:.2f}pt cannot be met{within}: the best plan{within} may lose up to "
-            f"{100 * choice.bounds[best]:.2f} pt at {100 * opts.confidence:.0f}% confidence "
-            f"({len(s.calib_idx)} calibration images); raise the budget, allow a larger drop, or use more images"
+            f"--max-drop {100 * opts.max_drop:.2f}pt cannot be met within the budget {budget_ms:.3f} ms: no plan "
+            f"within it is certified at {100 * opts.confidence:.0f}% on {n} frames; raise the budget, allow a "
+            f"larger drop, or store more frames (export --calib-images)"
         )
-    chosen = candidates[choice.index]
+    th = p.thresholds if p.thresholds is not None else CascadePlan.full_model(k).thresholds
+    chosen = evaluate(s.conf, s.correct, cost, th, opts.metric)
+    advice = _frames_advice(s, cost, p, opts.max_drop)
     say(
-        f"  --max-drop {100 * opts.max_drop:.2f}pt: {len(candidates)} candidate plans, guard z = {choice.z:.2f}; "
-        f"chosen: {chosen.latency_ms:.3f} ms, drop ≤ {100 * choice.bounds[choice.index]:.2f} pt on "
-        f"{len(s.verify_idx)} new images at {100 * opts.confidence:.0f}%"
+        f"  --max-drop {100 * opts.max_drop:.2f}pt at {100 * opts.confidence:.0f}%: fixed-sequence test on {n} "
+        f"frames; chosen {chosen.latency_ms:.3f} ms ({cost.full_ms() / chosen.latency_ms:.2f}× the full model), "
+        f"drop ≤ {100 * p.drop_bound:.2f} pt"
     )
+    for x, need in advice.items():
+        say(
+            f"  {x}× at {100 * opts.max_drop:.2f} pt "
+            + (f"needs ≈ {need:,} frames: re-export with --calib-images {need}" if need else "is out of reach")
+        )
     promise = {
         "max_drop": opts.max_drop,
         "confidence": opts.confidence,
-        "guard": "paired drop + z·sd·sqrt(1/n_calibration + 1/n_new), Šidák over the candidates",
-        "z": choice.z,
-        "candidates": len(candidates),
-        "drop_bound": choice.bounds[choice.index],
-        "n_calibration": int(len(s.calib_idx)),
-        "n_new": int(len(s.verify_idx)),
+        "method": "fixed-sequence test (Learn-then-Test) of the paired drop vs the full model along a shared "
+        "threshold from 1 down, per exit family, Bonferroni over the families",
+        "z": p.z,
+        "families": [[e + 1 for e in t.exits] for t in p.tests],
+        "family": [e + 1 for e in p.family] if p.family else None,
+        "drop_bound": p.drop_bound,
+        "n_frames": n,
+        "frontier": p.frontier,
+        "frames_needed": advice,
     }
     return chosen, promise
 
@@ -351,7 +377,10 @@ def _intervals(s: _Session, opts, chosen: Solution, result: dict, promise: dict 
     result["predicted"]["drop_vs_full"] = drop.drop
     result["predicted"]["drop_interval_95"] = list(drop.interval(0.95))
     result["measured"]["drop_vs_full"] = verified_drop
-    out = {"decided_by": f"{len(s.calib_idx)} calibration images ({s.dataset} {opts.split})"}
+    out = {
+        "decided_by": f"all {len(s.conf)} stored frames ({s.dataset} {opts.split}); the {len(s.verify_idx)} "
+        "verification frames among them were also run through the real cascade"
+    }
     if promise is not None:
         promise["verified_drop"] = verified_drop
         promise["kept"] = bool(verified_drop <= opts.max_drop + 1e-12)
@@ -400,14 +429,16 @@ def _verify_choices(s: _Session, opts, cost: CostModel, budget_ms: float, chosen
 
 
 def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> dict | None:
-    """The cheapest plan within ISO_ACCURACY_DROP of the final exit on the calibration half, verified."""
-    target = float(s.correct[:, -1].mean()) - ISO_ACCURACY_DROP
-    sol = min_latency_for_accuracy(s.conf, s.correct, cost, target, opts.metric)
-    if sol is None:
+    """The cheapest plan certified within ISO_ACCURACY_DROP of the full model (as --max-drop 0.5pt
+    would choose), run for real on the verification half."""
+    p = _certify(s, opts, cost, ISO_ACCURACY_DROP, None)
+    if p.thresholds is None:
         return None
+    sol = evaluate(s.conf, s.correct, cost, p.thresholds, opts.metric)
     measured = verify(s.cascade, s.frames[s.verify_idx], s.labels[s.verify_idx], sol.plan)
     return {
-        "target_accuracy": target,
+        "max_drop": ISO_ACCURACY_DROP,
+        "drop_bound": p.drop_bound,
         "predicted": _pred(sol),
         "measured": _meas(measured),
         "thresholds": sol.to_dict()["thresholds"],
