@@ -94,10 +94,14 @@ def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None
         )
 
 
-def tensorrt_usable(manifest: dict) -> tuple[bool, str]:
-    """Can the TensorRT backend run this artifact here? (yes/no, and why not)."""
+def tensorrt_usable(manifest: dict, precision: str | None = None) -> tuple[bool, str]:
+    """Can the TensorRT backend run this artifact here (at ``precision``, when given: D24)?"""
     if not any(u.get("engines") for u in manifest["units"]):
         return False, "the artifact has no TensorRT engines (export with --format engine on the device)"
+    if precision is not None and not all(
+        any(e["precision"] == precision for e in u.get("engines") or []) for u in manifest["units"]
+    ):
+        return False, f"the artifact has no {precision} TensorRT engines"
     try:
         import_tensorrt()
         from edgeexit.runtime.backends.cuda import cuda_device_info
@@ -114,6 +118,8 @@ def select_engine(unit: dict, precision: str | None) -> dict:
     engines = unit.get("engines") or []
     if precision is not None:
         engines = [e for e in engines if e["precision"] == precision]
+    elif any(e["precision"] == "fp32" for e in engines):  # D25: no --precision means fp32 when built
+        engines = [e for e in engines if e["precision"] == "fp32"]
     if not engines:
         want = f" {precision}" if precision else ""
         raise ArtifactError(
