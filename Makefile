@@ -25,7 +25,7 @@ fashion-mnist:
 	fi
 
 quickstart: $(STAMP) fashion-mnist
-	$(BIN)/edgeexit quickstart
+	$(BIN)/edgeexit quickstart --force
 
 test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q

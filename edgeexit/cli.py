@@ -481,10 +481,12 @@ def calibrate(
     json_out: JsonOpt = None,
 ) -> None:
     """Measure latency on this device, then choose exit thresholds: the most accurate within --budget,
-    or the fastest within --max-drop of the full model (with a statistical guard), or both.
+    or the fastest certified within --max-drop of the full model, or both.
 
-    Thresholds are chosen on half of the held-out split and verified on the other half by running the
-    real cascade end to end. The result is written into the artifact's manifest.
+    Every stored held-out frame decides: the budget mode picks optimiser, MSDNet thresholds or the full
+    model out of fold (5-fold cross-fitting); --max-drop is a fixed-sequence test at --confidence. The
+    verification frames are also run through the real cascade end to end for the measured latency. The
+    result, with the certifiable frontier, is written into the artifact's manifest.
     """
     from edgeexit.calibrate.report import calibration_table
     from edgeexit.calibrate.run import run_calibration

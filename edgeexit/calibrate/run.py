@@ -27,7 +27,7 @@ from edgeexit.runtime.profiling import (
     fused_frame_overhead_ms,
     profile_exit_groups,
 )
-from edgeexit.util import atomic_write, remove_stale_temps
+from edgeexit.util import atomic_write, esc, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
 
@@ -233,7 +233,7 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
         cascade.close()
         raise
     say(
-        f"[bold]calibrate[/] {folder} on {cascade.backend_name}: {len(calib_idx)} calibration + "
+        f"[bold]calibrate[/] {esc(str(folder))} on {cascade.backend_name}: {len(calib_idx)} calibration + "
         f"{len(verify_idx)} verification images ({name} {opts.split})"
     )
     return _Session(folder, cascade, frames, labels, name, calib_idx, verify_idx)

@@ -47,6 +47,14 @@ def info_table(manifest: dict, folder) -> Table:
             f"{[round(x, 4) for x in cal['thresholds']]}, measured accuracy {cal['measured']['accuracy']:.4f} at "
             f"{cal['measured']['latency_ms']:.3f} ms"
         )
+        cert = cal.get("certifiable")
+        if isinstance(cert, dict) and isinstance(cert.get("frontier"), list):
+            from edgeexit.calibrate.report import frontier_text
+
+            lines.append(
+                f"certifiable drop vs the full model ({100 * cert['confidence']:.0f}%, {cert['n_frames']} frames): "
+                + frontier_text(cert["frontier"])
+            )
     else:
         lines.append("not calibrated: run `edgeexit calibrate ARTIFACT --budget 5ms`")
     t.caption = "\n".join(lines)
