@@ -120,7 +120,7 @@ def tensorrt_info(py: dict, jetson: dict) -> dict:
         elif jetson["jetson"]:
             out["why"] = "not installed: it comes with JetPack (`sudo apt install python3-libnvinfer`)"
         else:
-            out["why"] = "not installed: `pip install 'tensorrt>=8.6,<11' cuda-python` on a machine with an NVIDIA GPU"
+            out["why"] = "not installed: `pip install 'tensorrt>=8.6,<12' cuda-python` on a machine with an NVIDIA GPU"
         return out
     out["version"] = getattr(trt, "__version__", None)
     from edgeexit.runtime.backends import tensorrt as trt_backend

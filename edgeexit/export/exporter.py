@@ -22,7 +22,7 @@ import numpy as np
 from edgeexit import __version__
 from edgeexit.errors import UserError
 from edgeexit.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
-from edgeexit.util import atomic_write_json, remove_stale_temps, temp_prefix
+from edgeexit.util import atomic_write_json, esc, remove_stale_temps, temp_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 20
 
@@ -81,6 +81,26 @@ class ExportOptions:
             raise UserError(f"--tolerance must be a positive number, got {self.tolerance}")
 
 
+def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
+    """Build one TensorRT plan per unit, then run them on the parity images before publishing (D12)."""
+    from edgeexit.export.tensorrt import build_engines
+
+    t0 = time.perf_counter()
+    build_engines(
+        tmp,
+        units,
+        half=opts.half,
+        max_batch=opts.max_batch,
+        workspace_gib=opts.workspace_gib,
+        opt_batch=opts.opt_batch,
+        timing_cache=_previous_timing_cache(dest),
+        int8=opts.int8,
+    )
+    precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
+    _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
+    return _check_engines(tmp, units, heldout, opts, precision, console)
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options) -> tuple[dict, Path]:
     """Export ``checkpoint`` (see `ExportOptions`); returns the manifest and the artifact's path."""
     from edgeexit.data.datasets import load_heldout
@@ -98,7 +118,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
     dest, tmp = _prepare_destination(checkpoint, opts)
     try:
         if console is not None:
-            console.print(f"[bold]export[/] {checkpoint} → {dest}")
+            console.print(f"[bold]export[/] {esc(str(checkpoint))} → {esc(str(dest))}")
         units = _write_units(model, ckpt, tmp, opts, console)
         heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
         parity = _check_parity(model, heldout, tmp, units, opts, console)
@@ -106,23 +126,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else None
         fp16 = _write_fp16(tmp, units, heldout, opts, console) if opts.half else None
         _write_weights(ckpt, tmp)
-        if opts.fmt == "engine":
-            from edgeexit.export.tensorrt import build_engines
-
-            t0 = time.perf_counter()
-            build_engines(
-                tmp,
-                units,
-                half=opts.half,
-                max_batch=opts.max_batch,
-                workspace_gib=opts.workspace_gib,
-                opt_batch=opts.opt_batch,
-                timing_cache=_previous_timing_cache(dest),
-                int8=opts.int8,
-            )
-            precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
-            _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
-            engine_check = _check_engines(tmp, units, heldout, opts, precision, console)
+        engine_check = _engines(tmp, units, heldout, opts, dest, console) if opts.fmt == "engine" else None
         manifest = build_manifest(
             ckpt,
             units,
@@ -135,7 +139,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         manifest["calibration_frames"] = frames
         manifest["quantization"] = quantization
         manifest["fp16"] = fp16
-        manifest["engine_parity"] = engine_check if opts.fmt == "engine" else None
+        manifest["engine_parity"] = engine_check
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, dest)
     except BaseException:

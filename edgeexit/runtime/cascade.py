@@ -167,7 +167,7 @@ class Cascade:
         (costs a few µs per frame). ``budget_ms``: hold the mean latency at this budget as the device
         drifts, moving along the calibration's ladder of plans (`cascade.controller`)."""
         manifest = load_manifest(artifact)
-        name, why = choose_backend(manifest, backend)
+        name, why = choose_backend(manifest, backend, backend_options.get("precision"))
         runner = create_backend(manifest, name, **backend_options)
         try:
             cascade = cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)

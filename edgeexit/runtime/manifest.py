@@ -269,6 +269,14 @@ def load_calibration_frames(manifest: dict) -> dict | None:
         raise ArtifactError(
             f"{path} is not a calibration-frames file ({type(e).__name__}: {e}): re-export the model"
         ) from None
+    _check_frames(manifest, path, out)
+    return out
+
+
+def _check_frames(manifest: dict, path, out: dict) -> None:
+    """Stored frames must be what the model takes, labels its classes, the two splits disjoint."""
+    import numpy as np
+
     n = len(out["frames"])
     if out["frames"].dtype != np.uint8 or len(out["labels"]) != n:
         raise ArtifactError(f"{path}: frames must be uint8 with one label each; re-export the model")
@@ -296,7 +304,6 @@ def load_calibration_frames(manifest: dict) -> dict | None:
             f"{path}: verification indices include calibration images, so verification would not be on new "
             "images; re-export the model"
         )
-    return out
 
 
 def num_exits(manifest: dict) -> int:

@@ -12,9 +12,9 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-
 __all__ = ["BACKENDS", "HeadOutput", "Runner", "RunnerInfo", "choose_backend", "create_backend"]
 
 
-def choose_backend(manifest: dict, backend: str = "auto") -> tuple[str, str]:
+def choose_backend(manifest: dict, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
     """The backend to use and why: 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu and
-    says why it passed over the ones before (e.g. why not TensorRT)."""
+    says why it passed over the ones before (e.g. why not TensorRT, or no engines of ``precision``)."""
     from edgeexit.errors import UserError
 
     if backend not in BACKENDS:
@@ -23,7 +23,7 @@ def choose_backend(manifest: dict, backend: str = "auto") -> tuple[str, str]:
         return ("onnxruntime-cpu" if backend == "onnxruntime" else backend), "asked for"
     from edgeexit.runtime.backends.tensorrt import tensorrt_usable
 
-    ok, why = tensorrt_usable(manifest)
+    ok, why = tensorrt_usable(manifest, precision)
     if ok:
         return "tensorrt", why
     from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
