@@ -628,3 +628,44 @@ def test_a_cli_json_write_cleans_its_leftovers(artifact_copy, tmp_path):
     res = cli("info", artifact_copy, "--json", tmp_path / "info.json")
     assert res.exit_code == 0 and not stale.exists()
     assert "_folder" not in json.loads((tmp_path / "info.json").read_text())
+
+
+# --- class 8, the last examples: --source digits that are not a camera index, a damaged --init ----------
+
+
+@pytest.mark.parametrize("source", ["²", "٣", "99999999999999999999", "1024"])
+def test_source_that_is_not_a_camera_index_is_one_line_exit_2(artifact_copy, source):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    res = CliRunner().invoke(app, ["run", str(artifact_copy), "--source", source])
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "Traceback" not in res.output and last.startswith("error:") and source in res.output
+
+
+def test_camera_index_reads_ascii_digits_only():
+    from edgeexit.errors import UserError
+    from edgeexit.runtime.sources import camera_index
+
+    assert camera_index("0") == 0 and camera_index("12") == 12
+    assert camera_index("²") is None and camera_index("clip.mp4") is None and camera_index("rtsp://h/x") is None
+    with pytest.raises(UserError, match="0..1023"):
+        camera_index("99999999999999999999")
+
+
+def test_a_nan_init_file_is_named_not_blamed_on_the_learning_rate(tmp_path):
+    import torch
+
+    from edgeexit.errors import UserError
+    from edgeexit.models.pretrained import load_init_file
+
+    sd = {"conv1.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.tensor([0.0, float("nan")])}
+    path = tmp_path / "broken.pth"
+    torch.save(sd, path)
+    with pytest.raises(UserError, match="NaN or infinite.*fc.bias.*not the learning rate"):
+        load_init_file(path)
+    sd["fc.bias"] = torch.zeros(2)
+    torch.save(sd, path)
+    assert set(load_init_file(path)) == {"conv1.weight", "fc.bias"}

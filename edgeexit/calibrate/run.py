@@ -184,6 +184,8 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
                 )
             )
         result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
+        if crossfit is not None:
+            chosen = _hold_measured(s, opts, cost, budget_ms, chosen, crossfit.chosen, result, say)
         result.update(_intervals(s, opts, chosen, result, promise))
         if crossfit is not None:
             result["cross_fit"] = crossfit.to_dict()
@@ -426,6 +428,36 @@ def _verify_choices(s: _Session, opts, cost: CostModel, budget_ms: float, chosen
         "iso_accuracy": _iso_accuracy(s, opts, cost, full_measured) if opts.iso_accuracy else None,
         "note": note,
     }
+
+
+def _hold_measured(s: _Session, opts, cost: CostModel, budget_ms: float, chosen: Solution, approach, result, say):
+    """The cost model adds timings of pieces profiled one at a time; a cascade alternating between
+    them can run slower (measured: 1.2x on an AVX-512 Xeon for 6 evaluated exits, within a few % on an
+    EPYC). When the real cascade overruns the budget by more than 3 %, refit the same approach at the
+    budget scaled by measured/predicted and run it again: the budget holds for what runs."""
+    from edgeexit.calibrate.optimizer import APPROACHES
+
+    measured, predicted = result["measured"][f"{opts.metric}_ms"], getattr(chosen, f"{opts.metric}_ms")
+    if opts.budget_ms is None and opts.budget_fraction is None or measured <= budget_ms * 1.03 or predicted <= 0:
+        return chosen
+    ratio = measured / predicted
+    th = APPROACHES[approach](s.conf, s.correct, cost, budget_ms / ratio, opts.metric)
+    if th is None:
+        return chosen
+    fixed = evaluate(s.conf, s.correct, cost, th, opts.metric)
+    m = verify(s.cascade, s.frames[s.verify_idx], s.labels[s.verify_idx], fixed.plan)
+    say(
+        f"  the real cascade ran {ratio:.2f}x the cost model ({measured:.3f} ms > budget {budget_ms:.3f} ms): "
+        f"refitted at {budget_ms / ratio:.3f} ms predicted, measured {m[f'{opts.metric}_ms']:.3f} ms"
+    )
+    result["latency_correction"] = {
+        "ratio": ratio,
+        "first_measured_ms": measured,
+        "first_thresholds": result["thresholds"],
+    }
+    result.update(thresholds=fixed.to_dict()["thresholds"], evaluated_exits=fixed.evaluated_exits)
+    result["predicted"], result["measured"] = _pred(fixed), _meas(m)
+    return fixed
 
 
 def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> dict | None:

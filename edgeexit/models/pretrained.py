@@ -78,4 +78,10 @@ def load_init_file(path: str | os.PathLike) -> dict:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"--init {path} is not a state_dict of tensors")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(
+            f"--init {path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); the file is "
+            "damaged, not the learning rate: use an intact copy of the weights"
+        )
     return sd

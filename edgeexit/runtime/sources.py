@@ -36,11 +36,12 @@ def iter_frames(source: str) -> tuple[Iterator[tuple[str, np.ndarray]], str]:
         if not files:
             raise UserError(f"{path} has no images ({', '.join(sorted(IMAGE_EXTS))})")
         return _image_files(files), "RGB"
-    if source.isdigit() or path.is_file():
+    cam = camera_index(source)
+    if cam is not None or path.is_file():
         cv2 = _cv2()
-        cap = cv2.VideoCapture(int(source) if source.isdigit() else str(path))
+        cap = cv2.VideoCapture(cam if cam is not None else str(path))
         if not cap.isOpened():
-            what = f"camera {source}" if source.isdigit() else f"video {path}"
+            what = f"camera {source}" if cam is not None else f"video {path}"
             raise UserError(f"cannot open {what}")
         ok, first = cap.read()
         if not ok:
@@ -199,9 +200,22 @@ def is_url(source: str) -> bool:
     return source.split("://", 1)[0].lower() in ("rtsp", "rtsps", "http", "https", "rtmp", "udp", "tcp")
 
 
+MAX_CAMERA_INDEX = 1023
+
+
+def camera_index(source: str) -> int | None:
+    """'0'..'1023' (ASCII digits) → a camera index; anything else (a path, a URL) → None. Digits that
+    are not ASCII ('²', '٣') are not an index, and an index past MAX_CAMERA_INDEX is refused."""
+    if not (source.isascii() and source.isdigit()):
+        return None
+    if len(source) > 4 or int(source) > MAX_CAMERA_INDEX:
+        raise UserError(f"--source {source}: a camera index is 0..{MAX_CAMERA_INDEX}")
+    return int(source)
+
+
 def is_live(source: str, realtime: bool = False) -> bool:
     """Camera indices and URLs are live; a video file is live when played ``realtime``; folders never."""
-    if source.isdigit() or is_url(source):
+    if camera_index(source) is not None or is_url(source):
         return True
     return realtime and Path(source).is_file()
 
@@ -238,7 +252,7 @@ class LiveSource:
         self.live = True
         self.realtime = realtime
         self.fps = fps
-        self.is_file = not (source.isdigit() or is_url(source))
+        self.is_file = not (camera_index(source) is not None or is_url(source))
         self.reconnect = (not self.is_file) if reconnect is None else reconnect
         self.backoff_s = backoff_s
         self.read_timeout_s = read_timeout_s
@@ -299,7 +313,8 @@ class LiveSource:
 
     def _open_cv2(self):
         cv2 = _cv2()
-        src = int(self.source) if self.source.isdigit() else self.source
+        cam = camera_index(self.source)
+        src = cam if cam is not None else self.source
         params = []
         for name, value in (
             ("CAP_PROP_OPEN_TIMEOUT_MSEC", self.read_timeout_s * 1000),
@@ -308,7 +323,7 @@ class LiveSource:
             if hasattr(cv2, name) and not self.is_file:
                 params += [getattr(cv2, name), int(value)]
         cap = cv2.VideoCapture(src, cv2.CAP_ANY, params) if params else cv2.VideoCapture(src)
-        if cap.isOpened() and self.source.isdigit():
+        if cap.isOpened() and cam is not None:
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)  # V4L2: do not let the driver queue old frames
         return cap
 
