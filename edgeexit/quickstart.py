@@ -225,29 +225,32 @@ def _goal_line(cal: dict) -> str:
 
 def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
     from rich.panel import Panel
+    from rich.text import Text
 
     from edgeexit.runtime.plan import CascadePlan
     from edgeexit.util import esc
 
     test, full, t = summary["test"], summary["full_model_test"], q.timings
+    plan = CascadePlan.from_thresholds(cal["thresholds"]).describe()
     artifact = summary["artifact"]
     q.show(
         Panel.fit(
-            _goal_line(cal)
-            + "\n"
-            f"thresholds [{CascadePlan.from_thresholds(cal['thresholds']).describe()}] — exits evaluated: "
-            f"{cal['evaluated_exits']}\n"
-            f"test ({run_images} images, one frame at a time): accuracy "
-            f"[bold]{100 * test['accuracy']:.2f}%[/], mean [bold]{test['mean_ms']:.3f} ms[/], "
-            f"p95 {test['p95_ms']:.3f} ms\n"
-            f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
-            f"[bold]{summary['speedup']:.2f}×[/]\n"
-            f"drop on the test images: [bold]{100 * summary['test_drop']['drop']:+.2f} pt[/] (paired 95%: "
-            f"{_pt_range(summary['test_drop']['interval_95'])})\n"
-            f"exit histogram: {json.dumps(test['exit_histogram'])}\n"
-            f"artifact: {esc(artifact)}  (embed it: Cascade.load('{esc(artifact)}'))\n"
-            f"took {t['total_s'] / 60:.1f} min: "
-            + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s"),
+            Text.from_markup(  # our own markup; the stdout console reads none (foreign strings are escaped)
+                _goal_line(cal) + "\n"
+                f"thresholds {esc(f'[{plan}]')} — exits evaluated: "
+                f"{cal['evaluated_exits']}\n"
+                f"test ({run_images} images, one frame at a time): accuracy "
+                f"[bold]{100 * test['accuracy']:.2f}%[/], mean [bold]{test['mean_ms']:.3f} ms[/], "
+                f"p95 {test['p95_ms']:.3f} ms\n"
+                f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "
+                f"[bold]{summary['speedup']:.2f}×[/]\n"
+                f"drop on the test images: [bold]{100 * summary['test_drop']['drop']:+.2f} pt[/] (paired 95%: "
+                f"{_pt_range(summary['test_drop']['interval_95'])})\n"
+                f"exit histogram: {json.dumps(test['exit_histogram'])}\n"
+                f"artifact: {esc(artifact)}  (embed it: Cascade.load('{esc(artifact)}'))\n"
+                f"took {t['total_s'] / 60:.1f} min: "
+                + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in t.items() if k != "total_s")
+            ),
             title="edgeexit quickstart",
         )
     )
