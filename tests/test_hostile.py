@@ -217,7 +217,8 @@ def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp
         p.write_bytes(b"")
     from edgeexit.calibrate.run import run_calibration
 
-    run_calibration(dest, budget_fraction=0.9, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False)
+    # the promise mode: a budget fraction of a tiny model can fall below its cheapest cascade by timing noise
+    run_calibration(dest, max_drop=0.01, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False)
     assert not any(p.exists() for p in stale)
     assert not [p for p in dest.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
     assert (dest / "calibration.png").stat().st_size > 1000
