@@ -441,7 +441,13 @@ def _hold_measured(s: _Session, opts, cost: CostModel, budget_ms: float, chosen:
     if opts.budget_ms is None and opts.budget_fraction is None or measured <= budget_ms * 1.03 or predicted <= 0:
         return chosen
     ratio = measured / predicted
-    th = APPROACHES[approach](s.conf, s.correct, cost, budget_ms / ratio, opts.metric)
+    if budget_ms / ratio < cost.min_ms():  # nothing cheaper to refit to: keep the plan, say so in the report
+        result["latency_correction"] = {"ratio": ratio, "first_measured_ms": measured, "refit": False}
+        return chosen
+    try:
+        th = APPROACHES[approach](s.conf, s.correct, cost, budget_ms / ratio, opts.metric)
+    except UserError:
+        th = None
     if th is None:
         return chosen
     fixed = evaluate(s.conf, s.correct, cost, th, opts.metric)
