@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import threading
 
+import numpy as np
 import pytest
 
 from edgeexit.runtime.controller import BudgetController, Rung, build_ladder
@@ -122,3 +123,84 @@ def test_the_calibrated_plan_is_a_rung_even_if_the_ladder_lacks_it():
     cal = {"thresholds": [0.8], "predicted_ms": 0.9, "predicted_accuracy": 0.85}
     lad = build_ladder(rows, tuple, cal)
     assert [r.plan for r in lad] == [(0.5,), (0.8,), (0.9,)] and lad[1].calibrated
+
+
+def measured_ladder(pred_error=0.8) -> list[Rung]:
+    """The ladder as `calibrate` now writes it: every rung measured (true cost COSTS[i]), while the cost
+    model's prediction of every multi-exit rung is ``pred_error`` × the truth (20 % too cheap)."""
+    return [
+        Rung(f"plan{i}", c * (1.0 if i == 3 else pred_error), 0.80 + 0.02 * i, calibrated=(i == 3),
+             measured_ms={"mean_ms": c, "p95_ms": 1.3 * c})  # fmt: skip
+        for i, c in enumerate(COSTS)
+    ]
+
+
+def test_measured_rungs_replace_biased_predictions():
+    # the old controller took rung 2's predicted 0.56 ms for its cost: on a quiet device it saw a
+    # "slowdown" of 1.25 there and stayed a rung low; measured costs make quiet look quiet
+    ctl = BudgetController(measured_ladder(), 1.0, window=32, measured_ms=1.0, noise=0.03)
+    assert ctl.quiet_ms == COSTS and ctl.index == 3
+    seen = feed(ctl, 3000)
+    assert seen.count(3) / len(seen) > 0.97 and ctl.quiet
+    feed(ctl, 64, slowdown=1.3)
+    during = feed(ctl, 1500, slowdown=1.3)
+    assert COSTS[during[-1]] * 1.3 <= 1.0 and during[-1] == 2  # the most accurate rung that truly fits
+    after = feed(ctl, 600)
+    assert after[-1] == 3
+
+
+def test_harder_images_on_a_quiet_device_are_not_a_slowdown():
+    """Per-exit normalisation: frames that go deeper cost more on the same device; the controller
+    compares each frame with what calibration measured for the exit it took."""
+    exit_ms = (0.5, 1.0, 1.5)  # the calibrated plan: a frame leaving at exit 1/2/3 (calibration: 1.0 mean)
+    rungs = [
+        Rung("cheap", 0.5, 0.80, measured_ms={"mean_ms": 0.5, "p95_ms": 0.6}, exit_ms=(0.5, None, None)),
+        Rung("cal", 1.0, 0.86, calibrated=True, measured_ms={"mean_ms": 1.0, "p95_ms": 1.5}, exit_ms=exit_ms),
+    ]
+    rng = random.Random(1)
+
+    def run(ctl, frames, slowdown, deep_share):
+        seen = []
+        for _ in range(frames):
+            if ctl.index == 0:
+                e = 1
+            else:  # harder images: more frames to exit 3 (mean 1.0 -> 1.0 + 0.5*(deep_share-1/3)*... )
+                u = rng.random()
+                e = 3 if u < deep_share else (2 if u < deep_share + (1 - deep_share) / 2 else 1)
+            ctl.observe(exit_ms[e - 1] * slowdown * (1 + rng.gauss(0, 0.03)), e)
+            seen.append(ctl.index)
+        return seen
+
+    ctl = BudgetController(rungs, 1.1, window=32, noise=0.03)
+    seen = run(ctl, 2000, 1.0, deep_share=0.6)  # mean cost 1.2 ms on a quiet device: static also runs 1.2
+    assert seen.count(1) / len(seen) > 0.97 and ctl.slowdown == pytest.approx(1.0, abs=0.05)
+    seen = run(ctl, 1000, 1.6, deep_share=0.6)  # a real slowdown is still seen
+    assert seen[-1] == 0 and ctl.slowdown == pytest.approx(1.6, abs=0.1)
+    plain = BudgetController([Rung(r.plan, r.predicted_ms, r.predicted_accuracy, r.calibrated, r.measured_ms)
+                              for r in rungs], 1.1, window=32, noise=0.03)  # fmt: skip
+    seen = run(plain, 2000, 1.0, deep_share=0.6)  # without exit tables the same quiet device looks slow
+    assert seen.count(1) / len(seen) < 0.5
+
+
+def test_measure_ladder_runs_every_rung_for_real_on_the_scale_of_the_verification_run():
+    from test_cascade_logic import SlowRunner, frame, ladder_manifest
+
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.controller import measure_ladder
+
+    c = Cascade(ladder_manifest(), SlowRunner(0.001))
+    rows = [dict(r) for r in c.manifest["calibration"]["ladder"]]
+    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": {"mean_ms": 8.0, "p95_ms": 9.0}}
+    frames = np.stack([frame(0)] * 30)
+    measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
+    scale = chosen["measured"]["ladder_scale"]
+    assert 1.2 < scale < 2.1  # the chosen plan (4 segments of 1 ms) ran at ~4-6 ms; its verification said 8
+    for row, segments in zip(rows, (1, 2, 2, 4), strict=True):
+        assert row["measured"]["frames"] == 30
+        assert row["measured"]["mean_ms"] == pytest.approx(segments / 4 * 8.0, rel=0.35)
+        taken = [v for v in row["exit_ms"] if v is not None]
+        assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
+    assert chosen["measured"]["exit_ms"][3] == pytest.approx(8.0, rel=0.01)
+    assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
+    lad = build_ladder(rows, tuple, None)
+    assert [r.measured_ms is not None for r in lad] == [True] * len(lad)

@@ -196,6 +196,7 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
         cert = _certify(s, opts, cost, ISO_ACCURACY_DROP, None)
         result["certifiable"] = {"confidence": opts.confidence, "n_frames": int(len(s.conf)), "frontier": cert.frontier}
         result["ladder"] = _ladder(s, opts, cost)
+        _measure_ladder(s, opts, result, console)
         result["seconds"] = round(time.perf_counter() - t_start, 1)
         _write(s, opts, result, say)
     finally:
@@ -502,6 +503,21 @@ def _ladder(s: _Session, opts, cost: CostModel) -> list[dict]:
             }
         )
     return rows
+
+
+def _measure_ladder(s: _Session, opts, result: dict, console) -> None:
+    """Every rung run for real on verification frames, interleaved with the chosen plan: the budget
+    controller compares against these measured costs (and per-exit latencies), not the cost model's."""
+    from rich.progress import Progress
+
+    from edgeexit.runtime.controller import measure_ladder
+
+    frames = s.frames[s.verify_idx]
+    n = min(len(frames), 600)
+    with Progress(console=console, transient=True, disable=console is None) as prog:
+        task = prog.add_task(f"measuring {len(result['ladder']) + 1} plans of the ladder", total=n)
+        measure_ladder(s.cascade, frames, result["ladder"], result, opts.metric, max_frames=n,
+                       progress=lambda k: prog.update(task, completed=k))  # fmt: skip
 
 
 def _report_extras(s: _Session, opts, cost: CostModel, frontier: list[Solution]) -> dict:

@@ -107,7 +107,8 @@ class Cascade:
             self.set_unit_latency({name: v["p95_ms"] for name, v in table.items()})
         self.controller = self._controller(calib, budget_ms) if budget_ms is not None else None
         # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
-        self._lean = runner.thread_safe and not self._unit_timing and self.controller is None
+        # (the budget controller observes each frame after it ran: it takes no cascade lock either)
+        self._lean = runner.thread_safe and not self._unit_timing
         self.fingerprint_changes = _fingerprint_changes(calib.get("device"), runner.info) if calib else []
         if self.fingerprint_changes:
             warnings.warn(
@@ -136,8 +137,10 @@ class Cascade:
         pred = calib.get("predicted") or {}
         chosen = None  # the calibrated plan: a rung of its own, its measured latency the quiet anchor
         if calib.get("thresholds") is not None and isinstance(pred.get("mean_ms"), int | float):
+            meas = calib.get("measured") or {}
             chosen = {"thresholds": calib["thresholds"], "predicted_ms": pred["mean_ms"],
-                      "predicted_accuracy": pred.get("accuracy", 0.0)}  # fmt: skip
+                      "predicted_accuracy": pred.get("accuracy", 0.0), "measured": meas,
+                      "exit_ms": meas.get("exit_ms")}  # fmt: skip
         ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, self.num_exits), chosen)
         with self._lock:
             for rung in ladder:  # fused graphs for every plan the controller may switch to, now
@@ -257,10 +260,13 @@ class Cascade:
         x = self.preprocess(frame)[None]
         if deadline_ms is None and self._lean:
             try:
-                return self._run(x, self.plan, t0)
+                pred = self._run(x, self.plan, t0)
             except Exception:
                 self._raise_if_closed()
                 raise
+            if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
+                self.controller.observe(pred.latency_ms, pred.exit_index)
+            return pred
         return self._predict_locked(x, t0, deadline_ms)
 
     def _predict_locked(self, x: np.ndarray, t0: float, deadline_ms: float | None) -> Prediction:
@@ -278,7 +284,7 @@ class Cascade:
             self._raise_if_closed()
             raise
         if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
-            self.controller.observe(pred.latency_ms)
+            self.controller.observe(pred.latency_ms, pred.exit_index)
         return pred
 
     @property

@@ -5,32 +5,39 @@ second app thread makes every unit slower, and fixed thresholds then overrun the
 when it matters. `BudgetController` moves between pre-computed plans (SPINN / Edgent style): the
 calibration's *ladder* (the most accurate plan at ≥ 16 budgets) plus the calibrated plan itself.
 
-Per rung it keeps a **quiet latency** ``q`` (the window metric, mean or p95, when nothing else
-runs). The calibrated plan's ``q`` is what calibration *measured* for it on the verification
-frames: the anchor that defines "conditions of calibration". Every other rung starts from the
-calibration's prediction scaled by the calibrated plan's measured/predicted ratio and learns its
-own ``q`` online from its windows judged quiet (never above the calibrated plan's, for a cheaper
-rung); rungs not run quietly yet follow the learned measured/predicted ratio.
+**What calibration measured, per rung.** `calibrate` runs every rung for real on the verification
+frames, interleaved with the chosen plan (`measure_ladder`), and stores each rung's quiet latency
+(mean and p95) and its mean latency per exit taken. The controller compares against those
+measurements, not the cost model's prediction (which can be 20 % off for multi-exit plans). A
+ladder from an older calibration without them falls back to prediction × the calibrated plan's
+measured/predicted ratio, learned online while quiet.
+
+**The device's slowdown, not the images'.** A frame that goes to the last exit costs more than one
+that leaves at the first, so a window of harder images is slower on a quiet device. Each frame's
+latency is therefore divided by what calibration measured *for the exit it took* on the current
+rung: ``ŝ = Σ latency / Σ expected(exit)`` (for the p95 metric, the window's p95 over the rung's
+quiet p95, corrected by the same data-mix factor). ``ŝ`` is 1 under the conditions of calibration
+whatever the images.
 
 After every window of ``window`` frames (or earlier, see the trip below):
 
-- ``ŝ = window metric / q[current]`` is the device's slowdown; ``s̄`` follows it at once upward
-  and decays by ``release`` per window downward (an envelope: a step is seen in one window, a
-  recovery takes a few);
-- ``σ_q`` is the window-to-window standard deviation of ``ŝ`` in quiet windows (the noise
-  calibration accepted), ``σ_d`` the recent one in any window (what contention adds); both from
-  successive windows on one rung, each jump counted at most 3 σ (a step is a change of level);
+- ``s̄`` follows ``ŝ`` at once upward and decays by ``release`` per window downward (an envelope:
+  a step is seen in one window, a recovery takes a few);
+- ``σ_q`` is the window-to-window standard deviation of ``ŝ`` in quiet windows (seeded from the
+  calibration's measured spread), ``σ_d`` the recent one in any window (what contention adds);
+  both from successive windows on one rung, each jump counted at most 3 σ;
 - **quiet** when ``s̄ ≤ 1 + z·σ_q``: the plan is chosen as at calibration (slowdown 1), so the
-  calibrated plan comes back as soon as the device does;
+  calibrated plan (or a more accurate rung, when the budget is above its measured cost) comes back
+  as soon as the device does;
 - otherwise the plan is chosen for slowdown ``S = s̄ + z·σ_d``: the margin grows with the
   measured variance, not a fixed constant;
-- the chosen rung is the most accurate with ``q·S ≤ budget`` (the calibrated plan also when the
-  budget is at least its measured latency and the device is quiet). Down at once; up only to
-  the lower of the last two windows' choices (no climbing on one lucky window).
+- the chosen rung is the most accurate with ``q·S ≤ budget``, ``q`` its measured quiet latency.
+  Down at once; up only to the lower of the last two windows' choices (no climbing on one lucky
+  window).
 
-**Trip**: with the mean metric, a partial window of ≥ ``window/4`` frames whose mean already
-exceeds ``max(budget, q·s̄)·(1 + 3·σ_q·√(window/n))`` decides at once, so a step change is
-answered within a quarter to one window. Per frame this costs a lock, two additions and one
+**Trip**: with the mean metric, a partial window of ≥ ``window/4`` frames whose slowdown already
+exceeds ``max(budget/q, s̄)·(1 + 3·σ_q·√(window/n))`` decides at once, so a step change is answered
+within a quarter to one window. Per frame this costs a lock, a table lookup, two additions and one
 comparison (measured in benchmarks/controller_overhead.py).
 """
 
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -47,30 +55,59 @@ class Rung:
     predicted_ms: float
     predicted_accuracy: float
     calibrated: bool = False  # the plan calibration chose (its measured latency anchors "quiet")
+    measured_ms: dict | None = None  # {"mean_ms", "p95_ms"} measured by calibrate on this rung
+    exit_ms: tuple | None = None  # mean latency per exit position (0-based) taken, measured; None: unseen
+
+
+def _measured(row: dict) -> tuple[dict | None, tuple | None]:
+    meas = row.get("measured")
+    ok = isinstance(meas, dict) and all(
+        isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0 for k in ("mean_ms", "p95_ms")
+    )
+    ex = row.get("exit_ms")
+    exits = None
+    if ok and isinstance(ex, list) and ex:
+        exits = tuple(float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None for v in ex)
+    return ({"mean_ms": float(meas["mean_ms"]), "p95_ms": float(meas["p95_ms"])} if ok else None), exits
 
 
 def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) -> list[Rung]:
     """Distinct plans from the manifest's ladder, cheapest first, each more accurate than the last
     (a plan that costs more and is not more accurate is never worth moving to). ``calibrated``:
-    ``{thresholds, predicted_ms, predicted_accuracy}`` of the calibration's own choice, always kept."""
+    ``{thresholds, predicted_ms, predicted_accuracy[, measured, exit_ms]}`` of the calibration's own
+    choice, always kept. Rows (and ``calibrated``) may carry what `measure_ladder` measured."""
     rungs: dict[tuple, Rung] = {}
     cal_key = None
     if calibrated is not None:
         cal_key = tuple(calibrated["thresholds"])
+        meas, exits = _measured(calibrated)
         rungs[cal_key] = Rung(
             make_plan(calibrated["thresholds"]),
             float(calibrated["predicted_ms"]),
             float(calibrated["predicted_accuracy"]),
             True,
+            meas,
+            exits,
         )
     for row in rows:
         key = tuple(row["thresholds"])
         if key not in rungs:
+            meas, exits = _measured(row)
             rungs[key] = Rung(
-                make_plan(row["thresholds"]), float(row["predicted_ms"]), float(row["predicted_accuracy"])
+                make_plan(row["thresholds"]),
+                float(row["predicted_ms"]),
+                float(row["predicted_accuracy"]),
+                False,
+                meas,
+                exits,
             )
+    every_measured = all(r.measured_ms is not None for r in rungs.values())
+
+    def cost(r: Rung) -> float:  # rank by what was measured when every rung was
+        return r.measured_ms["mean_ms"] if every_measured else r.predicted_ms
+
     ladder: list[Rung] = []
-    for rung in sorted(rungs.values(), key=lambda r: (r.predicted_ms, -r.predicted_accuracy)):
+    for rung in sorted(rungs.values(), key=lambda r: (cost(r), -r.predicted_accuracy)):
         if rung.calibrated:  # the calibrated plan stays; dearer plans that are not more accurate go
             while ladder and ladder[-1].predicted_accuracy >= rung.predicted_accuracy and not ladder[-1].calibrated:
                 ladder.pop()
@@ -78,6 +115,62 @@ def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) ->
         elif not ladder or rung.predicted_accuracy > ladder[-1].predicted_accuracy:
             ladder.append(rung)
     return ladder
+
+
+def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str = "mean", max_frames: int = 600,
+                   block: int = 50, progress=None) -> None:  # fmt: skip
+    """Run every ladder rung and the chosen plan for real, frame by frame (the camera path), on up to
+    ``max_frames`` of ``frames``, interleaved in blocks so that a drift during calibration touches all
+    rungs alike. Writes ``measured`` ({mean_ms, p95_ms, frames}) and ``exit_ms`` (mean latency per exit
+    position taken; None where no frame left there) into every row, on the scale of ``chosen["measured"]``
+    (the chosen plan's own verification run, which anchors the budget controller's "quiet"), and
+    ``exit_ms`` into ``chosen["measured"]``. ``cascade`` is not changed."""
+    k = cascade.num_exits
+    frames = frames[: max(1, min(len(frames), max_frames))]
+    plans = [chosen["thresholds"]] + [r["thresholds"] for r in rows]
+    views = [cascade.derive(th) for th in plans]
+    lat = [[] for _ in views]
+    exits = [[] for _ in views]
+    try:
+        for v in views:  # warm-up: fused graphs, caches
+            for f in frames[:10]:
+                v.predict(f)
+        done = 0
+        for start in range(0, len(frames), block):
+            part = frames[start : start + block]
+            for j, v in enumerate(views):
+                for f in part:
+                    p = v.predict(f)
+                    lat[j].append(p.latency_ms)
+                    exits[j].append(p.exit_index - 1)
+            done += len(part)
+            if progress is not None:
+                progress(done)
+    finally:
+        for v in views:
+            v.close()
+
+    def summary(j: int, scale: float) -> tuple[dict, list]:
+        a = sorted(lat[j])
+        n = len(a)
+        mean = sum(a) / n
+        p95 = a[min(n - 1, math.ceil(0.95 * n) - 1)]
+        per = []
+        for pos in range(k):
+            xs = [t for t, e in zip(lat[j], exits[j], strict=True) if e == pos]
+            per.append(scale * sum(xs) / len(xs) if xs else None)
+        return {"mean_ms": scale * mean, "p95_ms": scale * p95, "frames": n}, per
+
+    anchor = chosen.get("measured") or {}
+    own, _ = summary(0, 1.0)
+    ref = anchor.get(f"{metric}_ms")
+    scale = ref / own[f"{metric}_ms"] if isinstance(ref, int | float) and ref > 0 else 1.0
+    _, chosen_exits = summary(0, scale)
+    anchor["exit_ms"] = chosen_exits
+    anchor["ladder_scale"] = scale  # verification-run / interleaved-run latency of the chosen plan
+    chosen["measured"] = anchor
+    for j, row in enumerate(rows, start=1):
+        row["measured"], row["exit_ms"] = summary(j, scale)
 
 
 class BudgetController:
@@ -113,13 +206,22 @@ class BudgetController:
         self.apply = apply
         anchor = next((i for i, r in enumerate(ladder) if r.calibrated), None)
         self.anchor = anchor
+        field = f"{metric}_ms"
+        if anchor is not None and measured_ms is None and ladder[anchor].measured_ms is not None:
+            measured_ms = ladder[anchor].measured_ms[field]
         ratio = 1.0
         if anchor is not None and measured_ms is not None and measured_ms > 0:
             ratio = measured_ms / max(1e-12, ladder[anchor].predicted_ms)
-        self.bias = ratio  # measured / predicted, for rungs not run quiet yet
-        self.quiet_ms = [r.predicted_ms * ratio for r in ladder]  # learned online (the anchor stays)
-        self._learned = [i == anchor and measured_ms is not None for i in range(len(ladder))]
+        self.bias = ratio  # measured / predicted, for rungs calibration did not measure
+        # q: each rung's quiet window metric; measured by calibrate where it could, else predicted × bias
+        self.quiet_ms = [r.measured_ms[field] if r.measured_ms else r.predicted_ms * ratio for r in ladder]
+        if anchor is not None and measured_ms is not None:
+            self.quiet_ms[anchor] = float(measured_ms)
+        self._learned = [r.measured_ms is not None or (i == anchor and measured_ms is not None)
+                         for i, r in enumerate(ladder)]  # fmt: skip
+        self._fixed = list(self._learned)  # measured at calibration: never relearned
         self._seen = [0] * len(ladder)
+        self._tables = [self._table(i) for i in range(len(ladder))]
         self.sigma_q = max(0.01, float(noise)) if noise is not None else 0.05
         self.sigma_d = self.sigma_q
         self.envelope = 1.0
@@ -128,14 +230,23 @@ class BudgetController:
         self.window_ms: float | None = None
         self.switches = 0
         self.windows = 0
+        self.history: list[tuple[float, int]] = []  # (time, rung) at every switch, for benchmarks
         self._prev: tuple[int, float, bool] | None = None  # (rung, ŝ, quiet) of the last window
         self._last_target: int | None = None
         self._lock = threading.Lock()
         self._lat: list[float] = []
-        self._sum, self._n = 0.0, 0
+        self._sum, self._exp, self._n = 0.0, 0.0, 0
         self.index = self._choose(1.0, quiet=True) if start is None else int(start)
         self._last_target = self.index
+        self._expect = self._tables[self.index]
         self._set_trip()
+
+    def _table(self, i: int) -> tuple[float, ...]:
+        """Expected quiet latency of a frame on rung ``i`` by the exit number it took (index 0: unknown)."""
+        r = self.ladder[i]
+        mean = r.measured_ms["mean_ms"] if r.measured_ms else self.quiet_ms[i]
+        per = r.exit_ms or ()
+        return (mean,) + tuple(v if v is not None else mean for v in per) + (mean,) * 64
 
     @property
     def plan(self):
@@ -145,55 +256,55 @@ class BudgetController:
     def _choose(self, slowdown: float, quiet: bool) -> int:
         best = 0
         for i, q in enumerate(self.quiet_ms):
-            fits = q * slowdown <= self.budget_ms * (1 + 1e-9)
-            if quiet and i == self.anchor:  # the calibrated plan, whenever its measured cost is within budget
-                fits = q <= self.budget_ms * (1 + 1e-9)
-            if fits:
+            if q * slowdown <= self.budget_ms * (1 + 1e-9):
                 best = i
         return best
 
     def _set_trip(self) -> None:
-        """Partial-window sums above which the mean metric decides before the window ends."""
+        """Partial-window slowdowns above which the mean metric decides before the window ends."""
         if self.metric != "mean":
             self._trip = None
             return
-        level = max(self.budget_ms, self.quiet_ms[self.index] * self.envelope)
+        level = max(self.budget_ms / max(1e-12, self.quiet_ms[self.index]), self.envelope)
         w, first = self.window, max(2, self.window // 4)
         self._trip = [math.inf] * first + [
-            n * level * (1 + 3 * self.sigma_q * math.sqrt(w / n)) for n in range(first, w + 1)
+            level * (1 + 3 * self.sigma_q * math.sqrt(w / n)) for n in range(first, w + 1)
         ]
 
-    def observe(self, latency_ms: float):
-        """Record one frame's latency; return the new plan when the controller switches, else None."""
+    def observe(self, latency_ms: float, exit_index: int = 0):
+        """Record one frame's latency and the exit number it took (1-based; 0: unknown); return the
+        new plan when the controller switches, else None."""
         with self._lock:
             self._sum += latency_ms
+            self._exp += self._expect[exit_index]
             self._n += 1
             n = self._n
             if self.metric == "p95":
                 self._lat.append(latency_ms)
-            elif n < self.window and not self._sum > self._trip[n]:
-                return None
-            if n < self.window and self.metric == "p95":
+                if n < self.window:
+                    return None
+            elif n < self.window and not self._sum > self._exp * self._trip[n]:
                 return None
             return self._decide()
 
-    def _window_metric(self) -> float:
-        if self.metric == "mean":
-            return self._sum / self._n
-        lat = sorted(self._lat)
-        return lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
-
     def _decide(self):
-        m = self._window_metric()
-        full = self._n >= self.window
-        self._sum, self._n, self._lat = 0.0, 0, []
         i = self.index
-        s = m / max(1e-12, self.quiet_ms[i])
+        n = self._n
+        full = n >= self.window
+        mean_expected = self._exp / n  # the rung's quiet mean for the exits these frames took
+        if self.metric == "mean":
+            m = self._sum / n
+            s = self._sum / max(1e-12, self._exp)
+        else:
+            lat = sorted(self._lat)
+            m = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
+            mix = mean_expected / max(1e-12, self._expect[0])  # harder images than calibration's: > 1
+            s = m / max(1e-12, self.quiet_ms[i] * mix)
+        self._sum, self._exp, self._n, self._lat = 0.0, 0.0, 0, []
         self.window_ms, self.slowdown, self.windows = m, s, self.windows + 1
         # variance: successive full windows on the same rung
         if full and self._prev is not None and self._prev[0] == i:
-            # a jump beyond 3 σ counts as 3 σ: a step is a change of level (the envelope's job), not noise;
-            # a truly noisier device still raises σ by ×1.37 per window
+            # a jump beyond 3 σ counts as 3 σ: a step is a change of level (the envelope's job), not noise
             d2 = 0.5 * min((s - self._prev[1]) ** 2, 9 * self.sigma_d**2)
             self.sigma_d = math.sqrt((1 - 0.25) * self.sigma_d**2 + 0.25 * d2)
             if self._prev[2] and s <= 1 + self.z * self.sigma_q:  # both quiet: the accepted noise
@@ -202,18 +313,8 @@ class BudgetController:
         self.envelope = s if s > self.envelope else self.envelope + self.release * (s - self.envelope)
         quiet = self.envelope <= 1 + self.z * self.sigma_q
         self.quiet = quiet
-        if full and quiet and i != self.anchor:  # learn this rung's own quiet cost
-            self._seen[i] += 1  # a running mean at first, then an average of the last ~1/learn windows
-            q = self.quiet_ms[i] + max(self.learn, 1 / self._seen[i]) * (m - self.quiet_ms[i])
-            if self.anchor is not None and i < self.anchor:
-                q = min(q, self.quiet_ms[self.anchor])
-            self.quiet_ms[i] = q
-            self._learned[i] = True
-            rate = max(self.learn, 1 / self._seen[i]) if self.anchor is None else self.learn
-            self.bias += rate * (q / max(1e-12, self.ladder[i].predicted_ms) - self.bias)
-            for j, r in enumerate(self.ladder):  # rungs not run quiet yet follow the learned bias
-                if not self._learned[j]:
-                    self.quiet_ms[j] = r.predicted_ms * self.bias
+        if full and quiet and not self._fixed[i]:  # an unmeasured rung (older calibration) learns its cost
+            self._learn(i, m)
         self._prev = (i, s, quiet) if full else None
         target = self._choose(1.0 if quiet else self.envelope + self.z * self.sigma_d, quiet)
         last, self._last_target = self._last_target, target
@@ -221,7 +322,9 @@ class BudgetController:
             target = max(i, min(target, last if last is not None else target))
         if target != i:
             self.index = target
+            self._expect = self._tables[target]
             self.switches += 1
+            self.history.append((time.perf_counter(), target))
             self._prev = None
             if self.apply is not None:
                 self.apply(self.ladder[target].plan)
@@ -230,6 +333,21 @@ class BudgetController:
         self._set_trip()
         return None
 
+    def _learn(self, i: int, m: float) -> None:
+        self._seen[i] += 1  # a running mean at first, then an average of the last ~1/learn windows
+        q = self.quiet_ms[i] + max(self.learn, 1 / self._seen[i]) * (m - self.quiet_ms[i])
+        if self.anchor is not None and i < self.anchor:
+            q = min(q, self.quiet_ms[self.anchor])
+        self.quiet_ms[i] = q
+        self._learned[i] = True
+        rate = max(self.learn, 1 / self._seen[i]) if self.anchor is None else self.learn
+        self.bias += rate * (q / max(1e-12, self.ladder[i].predicted_ms) - self.bias)
+        for j, r in enumerate(self.ladder):  # rungs not run quiet yet follow the learned bias
+            if not self._learned[j]:
+                self.quiet_ms[j] = r.predicted_ms * self.bias
+        self._tables = [self._table(j) for j in range(len(self.ladder))]
+        self._expect = self._tables[self.index]
+
     def state(self) -> dict:
         return {
             "budget_ms": self.budget_ms,
@@ -237,6 +355,7 @@ class BudgetController:
             "plan_index": self.index,
             "calibrated_index": self.anchor,
             "plans": len(self.ladder),
+            "measured_rungs": sum(r.measured_ms is not None for r in self.ladder),
             "quiet_ms": self.quiet_ms[self.index],
             "predicted_ms": self.ladder[self.index].predicted_ms,
             "slowdown": self.slowdown,
