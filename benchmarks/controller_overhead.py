@@ -25,13 +25,14 @@ def observe_ns(frames: int) -> float:
     ctl = BudgetController(ladder, 1.1, measured_ms=1.1, noise=0.03)
     rng = random.Random(0)
     lat = [1.0 + 0.05 * rng.random() for _ in range(frames)]
+    ex = [1 + rng.randrange(8) for _ in range(frames)]
     obs = ctl.observe
     t0 = time.perf_counter_ns()
-    for v in lat:
-        obs(v)
+    for v, e in zip(lat, ex, strict=True):
+        obs(v, e)
     loop = time.perf_counter_ns() - t0
     t0 = time.perf_counter_ns()
-    for _v in lat:  # the bare loop, subtracted
+    for _v, _e in zip(lat, ex, strict=True):  # the bare loop, subtracted
         pass
     return (loop - (time.perf_counter_ns() - t0)) / frames
 
@@ -55,7 +56,10 @@ def main() -> None:
     k = ctl.controller  # one rung (the calibrated plan): every decision runs, the plan cannot move
     a = k.anchor if k.anchor is not None else k.index
     k.ladder, k.quiet_ms, k._learned, k._seen = [k.ladder[a]], [k.quiet_ms[a]], [True], [0]
+    k._fixed, k._tables = [True], [k._tables[a]]
     k.anchor = k.index = k._last_target = 0
+    k._expect = k._tables[0]
+    k._set_trip()
     ctl.plan = k.plan
     static.set_thresholds(ctl.plan)
     for c in (static, ctl):
