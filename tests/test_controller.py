@@ -194,10 +194,14 @@ def test_measure_ladder_runs_every_rung_for_real_on_the_scale_of_the_verificatio
     frames = np.stack([frame(0)] * 30)
     measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
     scale = chosen["measured"]["ladder_scale"]
-    assert 1.2 < scale < 2.1  # the chosen plan (4 segments of 1 ms) ran at ~4-6 ms; its verification said 8
+    assert 0 < scale < 2  # the chosen plan (4 segments of >= 1 ms) ran at >= 4 ms; its verification said 8
+    means = []
     for row, segments in zip(rows, (1, 2, 2, 4), strict=True):
         assert row["measured"]["frames"] == 30
-        assert row["measured"]["mean_ms"] == pytest.approx(segments / 4 * 8.0, rel=0.35)
+        means.append(row["measured"]["mean_ms"] / segments)
+    assert max(means) < 1.6 * min(means)  # cost per segment alike: each rung measured for what it runs
+    assert rows[3]["measured"]["mean_ms"] == pytest.approx(8.0, rel=0.25)  # the chosen plan's own rung, rescaled
+    for row in rows:  # nobody is confident: every frame leaves at the plan's first evaluated exit
         taken = [v for v in row["exit_ms"] if v is not None]
         assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
     assert chosen["measured"]["exit_ms"][3] == pytest.approx(8.0, rel=0.01)

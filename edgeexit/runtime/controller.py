@@ -275,16 +275,17 @@ class BudgetController:
         """Record one frame's latency and the exit number it took (1-based; 0: unknown); return the
         new plan when the controller switches, else None."""
         with self._lock:
-            self._sum += latency_ms
-            self._exp += self._expect[exit_index]
-            self._n += 1
-            n = self._n
-            if self.metric == "p95":
-                self._lat.append(latency_ms)
-                if n < self.window:
+            total, expected, n = self._sum + latency_ms, self._exp + self._expect[exit_index], self._n + 1
+            self._sum, self._exp, self._n = total, expected, n
+            if n < self.window:
+                trip = self._trip
+                if trip is None:  # p95: every latency of the window is kept
+                    self._lat.append(latency_ms)
                     return None
-            elif n < self.window and not self._sum > self._exp * self._trip[n]:
-                return None
+                if not total > expected * trip[n]:
+                    return None
+            elif self._trip is None:
+                self._lat.append(latency_ms)
             return self._decide()
 
     def _decide(self):
