@@ -301,15 +301,15 @@ def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
     assert segment_groups([t <= 1 for t in th[:-1]] + [True]) == ((0, 0), (1, 3), (4, 7))
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, fuse=False)
     fused = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, unit_timing=True)
-    m = plain.manifest
+    units = plain.artifact.units
     for first, last in ((0, 0), (1, 3), (4, 7)):
-        assert fused_path(artifact_copy, m, first, last, head=True).is_file()
-        assert not fused_path(artifact_copy, m, first, last).is_file()  # segments-only graphs are not built
-    assert set(fused.backend._fused) == {(0, 0), (1, 3), (4, 7)}
+        assert fused_path(artifact_copy, units, first, last).is_file()
+    assert fused.runner.fused_groups == {(0, 0), (1, 3), (4, 7)}
+    assert plain.runner.fused_groups == set()  # fuse=False builds nothing
     fused.runner.prepare(CascadePlan.first_exit(K), True)  # another plan's groups: every single exit
-    assert len(fused.backend._fused) == 10
+    assert len(fused.runner.fused_groups) == 10
     fused.runner.forget([fused.plan])  # what profiling does after timing a group
-    assert set(fused.backend._fused) == {(0, 0), (1, 3), (4, 7)}
+    assert fused.runner.fused_groups == {(0, 0), (1, 3), (4, 7)}
     a, b = plain.predict_batch(frames), fused.predict_batch(frames)
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
     np.testing.assert_allclose([p.confidence for p in a], [p.confidence for p in b], atol=1e-5)
@@ -324,7 +324,7 @@ def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
         "import sys; sys.modules['onnx'] = None\n"
         "from edgeexit.runtime import Cascade\n"
         f"c = Cascade.load({str(artifact_copy)!r}, backend='onnxruntime', thresholds={th!r})\n"
-        "assert (4, 7) in c.backend._fused\n"
+        "assert (4, 7) in c.runner.fused_groups\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

@@ -179,30 +179,21 @@ def fp16_parity(folder: Path, units: list[dict], images, labels=None) -> dict:
     """The FP16 chain vs the FP32 chain in ONNX Runtime (CPU): max |Δlogit| and per-exit
     prediction agreement (and accuracy, with ``labels``)."""
     import numpy as np
-    import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    by_name = {u["name"]: u for u in units}
+    from edgeexit.export.parity import cpu_runner
+    from edgeexit.runtime.chain import chain_outputs
+
     k = len(units) // 2
     logits = {}
-    for key in ("onnx", "onnx_fp16"):
-        sess = {
-            u["name"]: ort.InferenceSession(str(folder / u[key]), opts, providers=["CPUExecutionProvider"])
-            for u in units
-        }
-        outs = [[] for _ in range(k)]
-        for s in range(0, len(images), 64):
-            state = (images[s : s + 64],)
-            for pos in range(k):
-                seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
-                feed = {i["name"]: v for i, v in zip(seg["inputs"], state, strict=True)}
-                state = tuple(sess[seg["name"]].run(None, feed))
-                outs[pos].append(sess[head["name"]].run(None, {head["inputs"][0]["name"]: state[-1]})[0])
-        logits[key] = [np.concatenate(o) for o in outs]
+    for precision in ("fp32", "fp16"):
+        runner = cpu_runner(folder, units, precision)
+        try:
+            logits[precision] = chain_outputs(runner, images, k, logits=True)["logits"]
+        finally:
+            runner.close()
     exits = []
     for pos in range(k):
-        a, b = logits["onnx"][pos], logits["onnx_fp16"][pos]
+        a, b = logits["fp32"][pos], logits["fp16"][pos]
         e = {
             "exit": pos + 1,
             "max_abs_logit_diff": float(np.abs(a - b).max()),

@@ -19,33 +19,28 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.runtime.plan import head_name, segment_name
+from edgeexit.runtime.chain import chain_outputs, walk
+from edgeexit.runtime.plan import segment_name
 
 METHODS = ("minmax", "entropy", "percentile")
 
 
-def _chain_inputs(folder: Path, units: list[dict], images: np.ndarray, suffix: str = "onnx") -> dict[str, list]:
-    """Every segment's inputs for ``images`` (batches of 32), running the chain of ``suffix`` files
-    (heads stay FP32, so their inputs are not collected)."""
-    import onnxruntime as ort
+def _chain_inputs(folder: Path, units: list[dict], images: np.ndarray) -> dict[str, list]:
+    """Every segment's inputs (name -> array feeds) for ``images`` in batches of 32, from the FP32
+    chain (heads stay FP32, so their inputs are not collected)."""
+    from edgeexit.export.parity import cpu_runner
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sessions = {
-        u["name"]: ort.InferenceSession(str(folder / u[suffix]), opts, providers=["CPUExecutionProvider"])
-        for u in units
-        if u["kind"] == "segment"
-    }
-    by_name = {u["name"]: u for u in units}
-    feeds: dict[str, list] = {u["name"]: [] for u in units}
-    k = len(units) // 2
-    for start in range(0, len(images), 32):
-        state = (images[start : start + 32],)
-        for pos in range(k):
-            seg = by_name[segment_name(pos)]
-            feed = {i["name"]: s for i, s in zip(seg["inputs"], state, strict=True)}
-            feeds[seg["name"]].append(feed)
-            state = tuple(sessions[seg["name"]].run(None, feed))
+    runner = cpu_runner(folder, units)
+    k = len(runner.units) // 2
+    feeds: dict[str, list] = {segment_name(pos): [] for pos in range(k)}
+    try:
+        for start in range(0, len(images), 32):
+            state = runner.from_host(np.ascontiguousarray(images[start : start + 32]))
+            for pos, inputs, _, _ in walk(runner, state, k):
+                seg = runner.units[2 * pos]
+                feeds[seg.name].append(dict(zip(seg.input_names, inputs, strict=True)))
+    finally:
+        runner.close()
     return feeds
 
 
@@ -179,32 +174,19 @@ def qdq_zero_points(path: Path) -> list[tuple[str, str, bool]]:
 
 def int8_parity(folder: Path, units: list[dict], images: np.ndarray, labels: np.ndarray, tolerance: float) -> dict:
     """Per-exit accuracy of the chained INT8 units vs the FP32 ones on the same held-out images."""
-    import onnxruntime as ort
+    from edgeexit.export.parity import cpu_runner
 
     k = len(units) // 2
-    by_name = {u["name"]: u for u in units}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     preds = {}
-    for suffix in ("onnx", "onnx_int8"):
-        sess = {
-            u["name"]: ort.InferenceSession(str(folder / u[suffix]), opts, providers=["CPUExecutionProvider"])
-            for u in units
-        }
-        out = np.zeros((len(images), k), dtype=np.int64)
-        for start in range(0, len(images), 64):
-            state = (images[start : start + 64],)
-            for pos in range(k):
-                seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
-                state = tuple(
-                    sess[seg["name"]].run(None, {i["name"]: s for i, s in zip(seg["inputs"], state, strict=True)})
-                )
-                logits, _ = sess[head["name"]].run(None, {head["inputs"][0]["name"]: state[-1]})
-                out[start : start + len(logits), pos] = logits.argmax(1)
-        preds[suffix] = out
-    fp32 = (preds["onnx"] == labels[:, None]).mean(0)
-    int8 = (preds["onnx_int8"] == labels[:, None]).mean(0)
-    agree = (preds["onnx"] == preds["onnx_int8"]).mean(0)
+    for precision in ("fp32", "int8"):
+        runner = cpu_runner(folder, units, precision)
+        try:
+            preds[precision] = chain_outputs(runner, images, k)["prediction"]
+        finally:
+            runner.close()
+    fp32 = (preds["fp32"] == labels[:, None]).mean(0)
+    int8 = (preds["int8"] == labels[:, None]).mean(0)
+    agree = (preds["fp32"] == preds["int8"]).mean(0)
     exits = [
         {"exit": p + 1, "fp32_accuracy": float(fp32[p]), "int8_accuracy": float(int8[p]), "agreement": float(agree[p])}
         for p in range(k)

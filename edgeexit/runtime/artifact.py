@@ -61,8 +61,32 @@ class Unit:
     position: int  # 0-based exit position
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    files: Mapping[str, Path]  # precision -> ONNX file: "fp32" always, "int8" after export --int8
+    files: Mapping[str, Path]  # precision -> ONNX file: "fp32" always; "int8" (and "int8_trt", the
+    # TensorRT flavour) after export --int8, "fp16" after export --half
     engines: tuple[Engine, ...] = ()
+
+    def file(self, precision: str = "fp32") -> Path:
+        """The unit's ONNX file of ``precision`` (an ArtifactError naming the export flag when absent)."""
+        path = self.files.get(precision)
+        if path is None:
+            flag = {"int8": "--int8", "int8_trt": "--int8", "fp16": "--half"}.get(precision, "")
+            raise ArtifactError(
+                f"the artifact has no {precision} units ({self.name}): export with `edgeexit export MODEL.pt {flag}`"
+            )
+        return path
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    @property
+    def values_per_sample(self) -> int:
+        """Float values this unit outputs per sample (the dynamic batch dimension excluded)."""
+        return sum(math.prod(d or 1 for d in t.shape[1:]) for t in self.outputs)
 
 
 @dataclass(frozen=True)
@@ -110,6 +134,12 @@ class Calibration:
     ladder: tuple[LadderRung, ...]
     latency_p95_ms: Mapping[str, float] | None  # unit name -> p95 ms, on ``backend``
     device: Mapping | None
+    predicted: Mapping | None = None  # what calibrate predicted for the chosen plan (accuracy, mean_ms, ...)
+    block: Mapping = field(default_factory=dict, compare=False, repr=False)  # the whole block, read-only
+
+    def to_dict(self) -> dict:
+        """The block as a fresh mutable dict (what the budget controller and reports read)."""
+        return _thaw(self.block)
 
 
 @dataclass(frozen=True)
@@ -144,6 +174,27 @@ class Artifact:
     def head(self, pos: int) -> Unit:
         return self.units[2 * pos + 1]
 
+    @property
+    def segments(self) -> tuple[Unit, ...]:
+        return self.units[0::2]
+
+    @property
+    def heads(self) -> tuple[Unit, ...]:
+        return self.units[1::2]
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        return tuple(e for u in self.units for e in u.engines)
+
+    @property
+    def split(self) -> Mapping | None:
+        """The held-out split from the checkpoint (so calibrate can rebuild it with the dataset)."""
+        return self.manifest.get("split")
+
+    @property
+    def dataset(self) -> str | None:
+        return self.manifest.get("dataset")
+
     def manifest_dict(self) -> dict:
         """The manifest as a fresh mutable dict (what readers not yet migrated use), with the
         private keys ``_folder`` and ``_content_id`` that `write_manifest` drops."""
@@ -159,6 +210,53 @@ class Artifact:
 
         check_manifest_dict(folder, raw)  # the field checks of earlier rounds, messages kept
         return _build(folder, raw)
+
+    @classmethod
+    def parse(cls, folder: str | os.PathLike, manifest: Mapping) -> Artifact:
+        """The same checks and build as `load`, on a manifest already in memory (its private
+        ``_`` keys ignored)."""
+        from edgeexit.runtime.manifest import check_manifest_dict
+
+        folder = Path(folder)
+        raw = json.loads(json.dumps(_thaw({k: v for k, v in manifest.items() if not str(k).startswith("_")})))
+        check_manifest_dict(folder, raw)
+        return _build(folder, raw)
+
+
+def as_artifact(manifest) -> Artifact:
+    """An `Artifact` from an Artifact (itself) or a manifest dict from `load_manifest` (with its
+    ``_folder``): what the Python API accepted before the typed contract keeps working."""
+    if isinstance(manifest, Artifact):
+        return manifest
+    if isinstance(manifest, Mapping) and isinstance(manifest.get("_folder"), str):
+        return Artifact.parse(manifest["_folder"], manifest)
+    got = type(manifest).__name__
+    raise TypeError(f"expected an Artifact (Artifact.load) or a manifest from load_manifest, got {got}")
+
+
+def _field_error(where: str):
+    def bad(field_name: str, what: str, fix: str = "re-export the model"):
+        return ArtifactError(f"{where}: {field_name} {what}; {fix}")
+
+    return bad
+
+
+def parse_preprocessing(p: Mapping, where: str = "manifest") -> Preprocessing:
+    """A preprocessing block (in_chans, input_size, mean, std) as `Preprocessing`."""
+    return _preprocessing(_thaw(p), _field_error(where))
+
+
+def parse_calibration(cal: Mapping | None, num_exits: int, where: str = "manifest") -> Calibration | None:
+    """A calibration block as `Calibration` (None stays None)."""
+    return _calibration(_thaw(cal) if cal is not None else None, num_exits, _field_error(where))
+
+
+def parse_units(folder: str | os.PathLike, units: list) -> tuple[Unit, ...]:
+    """Unit entries (the manifest's ``units``, or what export is writing) as `Unit`s, files resolved
+    inside ``folder``."""
+    folder = Path(folder)
+    bad = _field_error(str(folder))
+    return tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(units))
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -325,8 +423,9 @@ def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
     inputs = tuple(_tensor(t, f"units[{name}].inputs[{i}]", bad) for i, t in enumerate(u["inputs"]))
     outputs = tuple(_tensor(t, f"units[{name}].outputs[{i}]", bad) for i, t in enumerate(u["outputs"]))
     files = {"fp32": artifact_file(folder, u["onnx"])}
-    if u.get("onnx_int8") is not None:
-        files["int8"] = artifact_file(folder, u["onnx_int8"])
+    for precision, key in (("int8", "onnx_int8"), ("int8_trt", "onnx_int8_trt"), ("fp16", "onnx_fp16")):
+        if u.get(key) is not None:
+            files[precision] = artifact_file(folder, u[key])
     engines = u.get("engines") or []
     if not isinstance(engines, list):
         raise bad(f"units[{name}].engines", f"must be a list, got {type(engines).__name__}")
@@ -501,6 +600,7 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
     if device is not None and not isinstance(device, dict):
         raise bad("calibration.device", f"must be an object, got {type(device).__name__}", fix)
     th = cal.get("thresholds")
+    predicted = cal.get("predicted")
     return Calibration(
         thresholds=tuple(float(t) for t in th) if th is not None else None,
         policy=policy,
@@ -508,6 +608,8 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
         ladder=rungs,
         latency_p95_ms=p95,
         device=_freeze(device) if device is not None else None,
+        predicted=_freeze(predicted) if isinstance(predicted, dict) else None,
+        block=_freeze(cal),
     )
 
 

@@ -20,14 +20,15 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgeexit.errors import ArtifactError
+from edgeexit.runtime.artifact import Artifact, as_artifact, parse_calibration, parse_preprocessing
 from edgeexit.runtime.backends import Runner, choose_backend, create_backend
-from edgeexit.runtime.manifest import load_manifest, num_exits
 from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.preprocessing import Preprocessor
@@ -68,7 +69,7 @@ class Cascade:
 
     def __init__(
         self,
-        manifest: dict,
+        manifest: Artifact | Mapping,
         runner: Runner,
         thresholds=None,
         policy: str | None = None,
@@ -77,12 +78,16 @@ class Cascade:
         unit_timing: bool = False,
         budget_ms: float | None = None,
     ) -> None:
+        """``manifest``: the `Artifact` (`Artifact.load`), or a manifest dict: one from
+        `load_manifest`, or an in-memory one (units, class_names, preprocessing, calibration) for a
+        runner of your own."""
         if not isinstance(runner, Runner):
             raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
-        self.manifest = manifest
+        self.artifact, num_exits, class_names, pre, cal = _contract(manifest)
+        self.manifest = self.artifact.manifest_dict() if self.artifact is not None else manifest
         self.runner = runner
-        self.num_exits = num_exits(manifest)
-        self.class_names = list(manifest["class_names"])
+        self.num_exits = num_exits
+        self.class_names = list(class_names)
         self._fuse = bool(fuse)
         self._unit_timing = bool(unit_timing)
         self._owns_runner = True
@@ -91,25 +96,23 @@ class Cascade:
         self.backend_choice = "a runner given to Cascade()"
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self._lock = nullcontext() if runner.thread_safe else threading.RLock()
-        calib = manifest.get("calibration") or {}
-        self.policy_name = policy or calib.get("policy", "max_softmax")
+        self.policy_name = policy or (cal.policy if cal is not None else "max_softmax")
         policy_fn = get_policy(self.policy_name)
         self._policy = None if self.policy_name == "max_softmax" else policy_fn
-        self.preprocess = Preprocessor(manifest["preprocessing"], input_order)
-        if thresholds is None:
-            thresholds = calib.get("thresholds")
+        self._preprocessing = pre
+        self.preprocess = Preprocessor(pre, input_order)
+        if thresholds is None and cal is not None:
+            thresholds = cal.thresholds
         self.plan: CascadePlan = CascadePlan.full_model(self.num_exits)
         self.set_thresholds(thresholds if thresholds is not None else self.plan)
         self._seg_p95_ms: tuple[float, ...] | None = None
         self._head_p95_ms: tuple[float, ...] | None = None
-        table = calib.get("latency", {}).get("units") if calib.get("backend") == runner.info.name else None
-        if table:
-            self.set_unit_latency({name: v["p95_ms"] for name, v in table.items()})
-        self.controller = self._controller(calib, budget_ms) if budget_ms is not None else None
+        if cal is not None and cal.latency_p95_ms and cal.backend == runner.info.name:
+            self.set_unit_latency(cal.latency_p95_ms)
+        self.controller = self._controller(cal.to_dict() if cal else {}, budget_ms) if budget_ms is not None else None
         # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
-        # (the budget controller observes each frame after it ran: it takes no cascade lock either)
-        self._lean = runner.thread_safe and not self._unit_timing
-        self.fingerprint_changes = _fingerprint_changes(calib.get("device"), runner.info) if calib else []
+        self._lean = runner.thread_safe and not self._unit_timing and self.controller is None
+        self.fingerprint_changes = _fingerprint_changes(cal.device, runner.info) if cal is not None else []
         if self.fingerprint_changes:
             warnings.warn(
                 "this device differs from the one the artifact was calibrated on ("
@@ -169,11 +172,11 @@ class Cascade:
         (ONNX Runtime; see runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms``
         (costs a few µs per frame). ``budget_ms``: hold the mean latency at this budget as the device
         drifts, moving along the calibration's ladder of plans (`cascade.controller`)."""
-        manifest = load_manifest(artifact)
-        name, why = choose_backend(manifest, backend, backend_options.get("precision"))
-        runner = create_backend(manifest, name, **backend_options)
+        art = Artifact.load(artifact)
+        name, why = choose_backend(art, backend, backend_options.get("precision"))
+        runner = create_backend(art, name, **backend_options)
         try:
-            cascade = cls(manifest, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
+            cascade = cls(art, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
             cascade.backend_choice = why
             return cascade
         except BaseException:
@@ -219,11 +222,6 @@ class Cascade:
             "why": self.backend_choice,
         }
 
-    @property
-    def backend(self) -> Runner:
-        """The runner (kept under its old name)."""
-        return self.runner
-
     def set_unit_latency(self, p95_ms: dict[str, float]) -> None:
         """Per-unit p95 latency used by ``deadline_ms`` (from calibration, or `Cascade.profile`)."""
         seg = tuple(float(p95_ms[segment_name(pos)]) for pos in range(self.num_exits))
@@ -244,7 +242,7 @@ class Cascade:
         if fuse is not None:
             other._fuse = bool(fuse)
         if input_order is not None:
-            other.preprocess = Preprocessor(self.manifest["preprocessing"], input_order)
+            other.preprocess = Preprocessor(self._preprocessing, input_order)
         other.set_thresholds(self.plan if thresholds is None else thresholds)
         return other
 
@@ -300,7 +298,9 @@ class Cascade:
             raise CascadeClosedError("the cascade is closed")
 
     def _run(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
-        """The hot path: each group of segments up to the next evaluated exit, then its head."""
+        """The hot path: each group of segments up to the next evaluated exit, then its head. It
+        inlines `CascadePlan.accepts` (``pos == last or conf >= th[pos]``): a method call per exit is
+        measurable at batch 1 (benchmarks/runtime_overhead.py); the rule's owner is still the plan."""
         runner = self.runner
         fused = self._fuse
         policy = self._policy
@@ -311,7 +311,7 @@ class Cascade:
             if fused:
                 state, head = runner.run_exit(first, pos, state)
             else:
-                state = Runner.run_segments(runner, first, pos, state)
+                state = one_by_one(runner, first, pos, state)
                 head = runner.run_head(pos, state[-1])
             conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
             if pos == last or conf >= th[pos]:
@@ -325,10 +325,7 @@ class Cascade:
         state = runner.from_host(x)
         for (first, pos), name in zip(plan.groups, plan.group_names, strict=True):
             t = clock()
-            if self._fuse:
-                state = runner.run_segments(first, pos, state)
-            else:
-                state = Runner.run_segments(runner, first, pos, state)
+            state = runner.run_segments(first, pos, state) if self._fuse else one_by_one(runner, first, pos, state)
             t2 = clock()
             units_ms[name] = (t2 - t) * 1e3
             head = runner.run_head(pos, state[-1])
@@ -463,24 +460,14 @@ class Cascade:
     def exit_statistics(self, x: np.ndarray, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
         """Run every unit on preprocessed images: (N, K) confidences (this cascade's policy) and
         predictions. Batches respect the runner's max batch."""
-        n, size = len(x), self._batch_size(batch_size)
-        conf = np.zeros((n, self.num_exits))
-        pred = np.zeros((n, self.num_exits), dtype=np.int64)
-        runner = self.runner
+        from edgeexit.runtime.chain import chain_outputs
+
         with self._lock:
             self._check_open()
-            for start in range(0, n, size):
-                xb = np.ascontiguousarray(x[start : start + size], dtype=np.float32)
-                rows = slice(start, start + len(xb))
-                state = runner.from_host(xb)
-                for pos in range(self.num_exits):
-                    state = runner.run_segment(pos, state)
-                    head = runner.run_head(pos, state[-1])
-                    conf[rows, pos] = self.confidence(head)
-                    pred[rows, pos] = head.logits().argmax(axis=1)
-                if progress is not None:
-                    progress(min(start + size, n))
-        return {"confidence": conf, "prediction": pred}
+            out = chain_outputs(
+                self.runner, x, self.num_exits, self._batch_size(batch_size), self.confidence, progress=progress
+            )
+        return {"confidence": out["confidence"], "prediction": out["prediction"]}
 
     def profile(self, image: np.ndarray, batch: int = 1, repeats: int = 200, min_seconds: float = 1.0, progress=None):
         """Per-unit latency on this device (see runtime/profiling.py)."""
@@ -506,6 +493,25 @@ class Cascade:
         self.close()
 
 
+def one_by_one(runner: Runner, first_pos: int, last_pos: int, state: tuple) -> tuple:
+    """Segments first..last as separate calls (fusion off), whatever the runner's `run_segments` does."""
+    for pos in range(first_pos, last_pos + 1):
+        state = runner.run_segment(pos, state)
+    return state
+
+
+def _contract(manifest):
+    """(artifact or None, number of exits, class names, `Preprocessing`, `Calibration` or None)."""
+    if isinstance(manifest, Artifact) or (isinstance(manifest, Mapping) and "_folder" in manifest):
+        art = as_artifact(manifest)
+        return art, art.num_exits, art.class_names, art.preprocessing, art.calibration
+    if not isinstance(manifest, Mapping):
+        raise TypeError(f"manifest must be an Artifact or a manifest dict, got {type(manifest).__name__}")
+    k = len(manifest["units"]) // 2
+    pre = parse_preprocessing(manifest["preprocessing"])
+    return None, k, tuple(manifest["class_names"]), pre, parse_calibration(manifest.get("calibration"), k)
+
+
 _FINGERPRINT_KEYS = (
     "backend",
     "backend_version",
@@ -518,9 +524,9 @@ _FINGERPRINT_KEYS = (
 )
 
 
-def _fingerprint_changes(calibrated: dict | None, info) -> list[str]:
+def _fingerprint_changes(calibrated: Mapping | None, info) -> list[str]:
     """What differs between the calibration's device fingerprint and this one (host name aside)."""
-    if not isinstance(calibrated, dict):
+    if not isinstance(calibrated, Mapping):
         return []
     from edgeexit.runtime.device import fingerprint
 

@@ -1,10 +1,10 @@
-"""Fusing the segments between two evaluated exits into one ONNX graph.
+"""Fusing the segments between two evaluated exits, and the head they end at, into one ONNX graph.
 
 With calibrated thresholds, most heads are skipped, and the segments between two evaluated exits
 always run back to back. Running them as separate ONNX Runtime sessions costs a call (and a copy
 of the state) per unit; fusing them removes that splitting overhead (docs/results.md).
 
-Fused graphs are cached as ``NAME.edgeexit/fused/seg_AA-BB.<hash>.onnx``, keyed by the content of
+Fused graphs are cached as ``NAME.edgeexit/fused/<exit group name>.<hash>.onnx``, keyed by the content of
 the units they were built from; a ``fused`` that is a symlink or leads outside the artifact is
 neither read nor written. Building one needs the ``onnx``
 package (present wherever `edgeexit export` or `calibrate` ran); a runtime without it uses cached
@@ -14,28 +14,25 @@ files when they exist and otherwise runs the units one by one.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
-from edgeexit.runtime.manifest import artifact_file
-from edgeexit.runtime.plan import exit_group_name, group_name
+from edgeexit.runtime.artifact import Unit
+from edgeexit.runtime.plan import exit_group_name
 from edgeexit.util import atomic_write, remove_stale_temps
 
 
-def _units(manifest: dict, first_pos: int, last_pos: int, head: bool) -> list[dict]:
-    """The units a fused graph is made of: segments first..last, then head ``last`` if asked."""
-    segments = [u for u in manifest["units"] if u["kind"] == "segment"]
-    heads = [u for u in manifest["units"] if u["kind"] == "head"]
-    return segments[first_pos : last_pos + 1] + ([heads[last_pos]] if head else [])
+def _units(units: Sequence[Unit], first_pos: int, last_pos: int) -> list[Unit]:
+    """The units a fused graph is made of: segments first..last, then head ``last``."""
+    return [*units[2 * first_pos : 2 * last_pos + 1 : 2], units[2 * last_pos + 1]]
 
 
-def units_digest(
-    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
-) -> str:
+def units_digest(units: Sequence[Unit], first_pos: int, last_pos: int, precision: str = "fp32") -> str:
     """sha256 (12 hex digits) of the unit files a fused graph is built from: the cache key, so a
     fused graph is never used with units other than its own (a new export copied over an old one)."""
     h = hashlib.sha256()
-    for unit in _units(manifest, first_pos, last_pos, head):
-        h.update(artifact_file(folder, unit[key]).read_bytes())
+    for unit in _units(units, first_pos, last_pos):
+        h.update(unit.file(precision).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -49,39 +46,38 @@ def fused_dir(folder: Path) -> Path | None:
 
 
 def fused_path(
-    folder: Path, manifest: dict, first_pos: int, last_pos: int, key: str = "onnx", head: bool = False
+    folder: Path, units: Sequence[Unit], first_pos: int, last_pos: int, precision: str = "fp32"
 ) -> Path | None:
     d = fused_dir(folder)
     if d is None:
         return None
-    name = exit_group_name(first_pos, last_pos) if head else group_name(first_pos, last_pos)
-    return d / f"{name}.{units_digest(folder, manifest, first_pos, last_pos, key, head)}.onnx"
+    return d / f"{exit_group_name(first_pos, last_pos)}.{units_digest(units, first_pos, last_pos, precision)}.onnx"
 
 
-def build_fused(folder: Path, manifest: dict, k0: int, k1: int, key: str = "onnx", head: bool = False) -> bytes:
-    """Merge segments k0..k1 (0-based, inclusive), and head k1 when ``head``, into one model whose
-    outputs are segment k1's outputs, then the head's; returns its serialised bytes."""
+def build_fused(units: Sequence[Unit], k0: int, k1: int, precision: str = "fp32") -> bytes:
+    """Merge segments k0..k1 (0-based, inclusive) and head k1 into one model whose outputs are
+    segment k1's outputs, then the head's; returns its serialised bytes."""
     import onnx
     from onnx import compose
 
-    units = _units(manifest, k0, k1, head)
+    parts = _units(units, k0, k1)
     merged = None
-    for n, unit in enumerate(units):
-        model = onnx.load(str(artifact_file(folder, unit[key])))
+    for n, unit in enumerate(parts):
+        model = onnx.load(str(unit.file(precision)))
         # Internal names (initialisers, intermediate edges) get a per-unit prefix so they cannot
         # collide; graph inputs and outputs keep their contract names so the units connect.
         model = _prefix_internal_names(compose.add_prefix(model, f"u{n:02d}_"), f"u{n:02d}_")
         if merged is None:
             merged = model
             continue
-        previous = units[n - 1]["outputs"]
-        if unit["kind"] == "head":  # the head reads the tap (the last output) and the state stays an output
-            io_map = [(previous[-1]["name"], unit["inputs"][0]["name"])]
-            outputs = [o["name"] for o in (*previous, *unit["outputs"])]
+        previous = parts[n - 1].output_names
+        if unit.kind == "head":  # the head reads the tap (the last output) and the state stays an output
+            io_map = [(previous[-1], unit.input_names[0])]
+            outputs = [*previous, *unit.output_names]
         else:
-            io_map = [(o["name"], i["name"]) for o, i in zip(previous, unit["inputs"], strict=True)]
+            io_map = list(zip(previous, unit.input_names, strict=True))
             outputs = None
-        merged = compose.merge_models(merged, model, io_map=io_map, outputs=outputs, name=group_name(k0, k1))
+        merged = compose.merge_models(merged, model, io_map=io_map, outputs=outputs, name=exit_group_name(k0, k1))
     onnx.checker.check_model(merged)
     return merged.SerializeToString()
 
@@ -101,21 +97,15 @@ def _prefix_internal_names(model, prefix: str):
 
 
 def load_or_build(
-    folder: Path,
-    manifest: dict,
-    first_pos: int,
-    last_pos: int,
-    key: str = "onnx",
-    head: bool = False,
-    cache: bool = True,
+    folder: Path, units: Sequence[Unit], first_pos: int, last_pos: int, precision: str = "fp32", cache: bool = True
 ) -> bytes | str | None:
     """A path to the cached fused model, freshly built bytes (cached when ``cache`` and the artifact
     is writable), or None when it is not cached and the onnx package is missing."""
-    path = fused_path(folder, manifest, first_pos, last_pos, key, head)
+    path = fused_path(folder, units, first_pos, last_pos, precision)
     if path is not None and path.is_file() and not path.is_symlink():
         return str(path)
     try:
-        data = build_fused(folder, manifest, first_pos, last_pos, key, head)
+        data = build_fused(units, first_pos, last_pos, precision)
     except ImportError:
         return None
     if path is not None and cache:

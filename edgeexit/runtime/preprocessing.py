@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from edgeexit.runtime.artifact import Preprocessing
+
 _F32 = np.dtype(np.float32)
 
 
@@ -54,9 +56,12 @@ def resize_uint8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 
 
 class Preprocessor:
-    def __init__(self, preprocessing: dict, input_order: str = "RGB") -> None:
+    def __init__(self, preprocessing, input_order: str = "RGB") -> None:
+        """``preprocessing``: the artifact's `Preprocessing` (runtime/artifact.py) or its dict form."""
         if input_order not in ("RGB", "BGR"):
             raise ValueError(f"input_order must be RGB or BGR, got {input_order}")
+        if isinstance(preprocessing, Preprocessing):
+            preprocessing = preprocessing.to_dict()
         self.input_order = input_order
         self.in_chans = int(preprocessing["in_chans"])
         self.height, self.width = (int(s) for s in preprocessing["input_size"])

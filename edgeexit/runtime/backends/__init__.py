@@ -12,7 +12,15 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-
 __all__ = ["BACKENDS", "HeadOutput", "Runner", "RunnerInfo", "choose_backend", "create_backend"]
 
 
-def choose_backend(manifest: dict, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
+def _for_dict_backend(artifact):
+    """The manifest dict for the backends that still read one (tensorrt, torch: helper A converts
+    them to `Artifact` fields); an Artifact passes through once they take one."""
+    from edgeexit.runtime.artifact import Artifact
+
+    return artifact.manifest_dict() if isinstance(artifact, Artifact) else artifact
+
+
+def choose_backend(artifact, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
     """The backend to use and why: 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu and
     says why it passed over the ones before (e.g. why not TensorRT, or no engines of ``precision``)."""
     from edgeexit.errors import UserError
@@ -23,7 +31,7 @@ def choose_backend(manifest: dict, backend: str = "auto", precision: str | None 
         return ("onnxruntime-cpu" if backend == "onnxruntime" else backend), "asked for"
     from edgeexit.runtime.backends.tensorrt import tensorrt_usable
 
-    ok, why = tensorrt_usable(manifest, precision)
+    ok, why = tensorrt_usable(_for_dict_backend(artifact), precision)
     if ok:
         return "tensorrt", why
     from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
@@ -33,17 +41,21 @@ def choose_backend(manifest: dict, backend: str = "auto", precision: str | None 
     return "onnxruntime-cpu", f"auto, not tensorrt: {why}; no CUDA execution provider in onnxruntime"
 
 
-def create_backend(manifest: dict, backend: str = "auto", **options) -> Runner:
-    """Instantiate a backend by name (see `choose_backend` for 'auto')."""
-    backend, _ = choose_backend(manifest, backend)
+def create_backend(artifact, backend: str = "auto", **options) -> Runner:
+    """Instantiate a backend by name (see `choose_backend` for 'auto') over ``artifact`` (an
+    `Artifact`, or a manifest dict from `load_manifest`)."""
+    from edgeexit.runtime.artifact import as_artifact
+
+    artifact = as_artifact(artifact)
+    backend, _ = choose_backend(artifact, backend)
     if backend.startswith("onnxruntime"):
         from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(manifest, cuda=backend == "onnxruntime-cuda", **options)
+        return OnnxRuntimeBackend(artifact, cuda=backend == "onnxruntime-cuda", **options)
     if backend == "torch":
         from edgeexit.runtime.backends.torch import TorchBackend
 
-        return TorchBackend(manifest, **options)
+        return TorchBackend(_for_dict_backend(artifact), **options)
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(manifest, **options)
+    return TensorRTBackend(_for_dict_backend(artifact), **options)

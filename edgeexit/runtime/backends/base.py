@@ -7,10 +7,11 @@ call only these methods; none of them probes a backend with ``hasattr``.
 - ``thread_safe``: may several threads call it at once? (if not, `Cascade` serialises calls);
 - ``from_host(x)``: float32 (N, C, H, W) numpy → state, a tuple of native arrays;
 - ``run_segment(pos, state) -> state`` and ``run_head(pos, tap) -> HeadOutput`` (0-based positions);
-- ``run_segments(first_pos, last_pos, state)``: segments first..last back to back; the default runs
-  them one by one, a runner that fuses them overrides it (and says so in ``info.fuses``);
+- ``run_segments(first_pos, last_pos, state)``: segments first..last back to back (the default runs
+  them one by one; `Cascade` calls it only for timed groups);
 - ``run_exit(first_pos, pos, state) -> (state, HeadOutput)``: segments first..pos, then head pos;
-  the default calls the two above, a runner that fuses may run them as one graph call;
+  the default calls the two above, a runner that fuses (``info.fuses``: ONNX Runtime) runs them as
+  one graph call once ``prepare`` built it;
 - ``prepare(plan, fuse)``: called before a new `CascadePlan` is used (build fused graphs, ...);
 - ``forget(plans)``: free what ``prepare`` built for groups none of ``plans`` uses (profiling
   builds every group once);
@@ -79,7 +80,7 @@ class Runner(ABC):
     def close(self) -> None: ...
 
     def run_segments(self, first_pos: int, last_pos: int, state: tuple) -> tuple:
-        """Segments first..last (inclusive, 0-based). Runners that fuse override this."""
+        """Segments first..last (inclusive, 0-based), one by one."""
         for pos in range(first_pos, last_pos + 1):
             state = self.run_segment(pos, state)
         return state

@@ -7,14 +7,15 @@ host once per compaction. The IOBinding path is exercised on the CPU by the test
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgeexit.errors import ArtifactError, UserError
+from edgeexit.runtime.artifact import Unit
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
-from edgeexit.runtime.manifest import artifact_file
 
 
 def _ort():
@@ -31,12 +32,25 @@ def _fetch_rows(logits, rows):
     return host if rows is None else host[rows]
 
 
-def _session(ort, path: Path, opts, providers):
+def _session(ort, source, opts, providers):
+    """A session over a file (a Path) or a model's bytes (a fused graph)."""
+    path = str(source) if isinstance(source, Path) else source
     try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        return ort.InferenceSession(path, opts, providers=providers)
     except Exception as e:  # a corrupt or foreign file: the artifact is broken, not edgeexit
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ArtifactError(f"{path} cannot be loaded by ONNX Runtime ({first[:160]}): re-export the model") from None
+        where = path if isinstance(path, str) else "a fused graph of its units"
+        raise ArtifactError(f"{where} cannot be loaded by ONNX Runtime ({first[:160]}): re-export the model") from None
+
+
+def _session_options(ort, threads: int | None):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
 
 
 def cuda_provider_available() -> bool:
@@ -51,40 +65,46 @@ class OnnxRuntimeBackend(Runner):
 
     def __init__(
         self,
-        manifest: dict,
+        artifact,
         cuda: bool = False,
         threads: int | None = 1,
         io_binding: bool | None = None,
         precision: str = "fp32",
     ) -> None:
-        """``threads``: ONNX Runtime intra-op threads. 1 by default: batch-1 units are tiny, and on a
-        2-core CPU a 2-thread pool made latency heavy-tailed (mean 4 ms, p95 17 ms vs 0.67 / 0.77 ms
-        with 1 thread; docs/results.md). Pass None for ONNX Runtime's default, or more for big batches."""
+        """``artifact``: an `Artifact` (or a manifest dict from `load_manifest`). ``threads``: ONNX
+        Runtime intra-op threads. 1 by default: batch-1 units are tiny, and on a 2-core CPU a 2-thread
+        pool made latency heavy-tailed (mean 4 ms, p95 17 ms vs 0.67 / 0.77 ms with 1 thread;
+        docs/results.md). Pass None for ONNX Runtime's default, or more for big batches."""
+        from edgeexit.runtime.artifact import as_artifact
+
+        if precision not in ("fp32", "int8"):
+            raise UserError(f"precision must be fp32 or int8 for ONNX Runtime, got '{precision}'")
+        artifact = as_artifact(artifact)
+        self._open(artifact.folder, artifact.units, precision, cuda, threads, io_binding)
+
+    @classmethod
+    def for_units(cls, folder: Path, units: Sequence[Unit], precision: str = "fp32") -> OnnxRuntimeBackend:
+        """A CPU runner over units that are not an artifact yet (export's parity checks on the
+        temporary folder): ``precision`` names the files run (fp32, int8, fp16)."""
+        runner = cls.__new__(cls)
+        runner._open(Path(folder), tuple(units), precision, cuda=False, threads=None, io_binding=False)
+        return runner
+
+    def _open(self, folder: Path, units: Sequence[Unit], precision: str, cuda: bool, threads, io_binding) -> None:
         ort = _ort()
         if cuda and not cuda_provider_available():
             raise UserError(
                 "onnxruntime-cuda asked for, but this onnxruntime has no CUDAExecutionProvider "
                 "(install onnxruntime-gpu)"
             )
-        if precision not in ("fp32", "int8"):
-            raise UserError(f"precision must be fp32 or int8 for ONNX Runtime, got '{precision}'")
-        self._key = "onnx" if precision == "fp32" else "onnx_int8"
-        if any(self._key not in u for u in manifest["units"]):
-            raise ArtifactError("the artifact has no INT8 units: export with `edgeexit export MODEL.pt --int8`")
-        folder = Path(manifest["_folder"])
-        self._manifest, self._folder = manifest, folder
+        files = [u.file(precision) for u in units]  # an ArtifactError naming the export flag when absent
+        self._precision, self._folder, self._units = precision, folder, tuple(units)
         self._fused: dict[tuple[int, int], tuple] = {}
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self._opts, self._providers = opts, providers
+        self._opts = _session_options(ort, threads)
+        self._providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self._segments, self._heads = [], []
-        for u in manifest["units"]:
-            sess = _session(ort, artifact_file(folder, u[self._key]), opts, providers)
+        for u, path in zip(units, files, strict=True):
+            sess = _session(ort, path, self._opts, self._providers)
             if cuda and "CUDAExecutionProvider" not in sess.get_providers():  # D9: ORT fell back to the CPU
                 raise UserError(
                     "onnxruntime-cuda asked for, but ONNX Runtime could not load its CUDA execution provider and "
@@ -92,8 +112,7 @@ class OnnxRuntimeBackend(Runner):
                     "onnxruntime-gpu build for your CUDA major with cuDNN 9, or call onnxruntime.preload_dlls() "
                     "(ORT >= 1.21); `--backend onnxruntime-cpu` runs on the CPU knowingly"
                 )
-            entry = (sess, [i["name"] for i in u["inputs"]], [o["name"] for o in u["outputs"]])
-            (self._segments if u["kind"] == "segment" else self._heads).append(entry)
+            (self._segments if u.kind == "segment" else self._heads).append((sess, u.input_names, u.output_names))
         self._device = "cuda" if cuda else "cpu"
         self._bind = cuda if io_binding is None else bool(io_binding)
         self._ortvalue = ort.OrtValue
@@ -104,6 +123,16 @@ class OnnxRuntimeBackend(Runner):
             precision=precision,
             fuses=True,
         )
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        """The units this runner runs (seg_01, head_01, ...)."""
+        return self._units
+
+    @property
+    def fused_groups(self) -> frozenset[tuple[int, int]]:
+        """The (first, last) segment groups that run as one graph now (what `prepare` built)."""
+        return frozenset(self._fused)
 
     def from_host(self, x: np.ndarray) -> tuple:
         if self._bind:
@@ -121,8 +150,8 @@ class OnnxRuntimeBackend(Runner):
         sess.run_with_iobinding(binding)
         return tuple(binding.get_outputs())
 
-    def run_segment(self, k: int, state: tuple) -> tuple:
-        return self._run(*self._segments[k], state)
+    def run_segment(self, pos: int, state: tuple) -> tuple:
+        return self._run(*self._segments[pos], state)
 
     def prepare(self, plan, fuse: bool, cache: bool = True) -> None:
         """Fuse each of ``plan``'s groups, its segments and the head it ends at, into one session
@@ -142,12 +171,12 @@ class OnnxRuntimeBackend(Runner):
         from edgeexit.runtime.fusion import load_or_build
 
         try:
-            source = load_or_build(self._folder, self._manifest, first, last, self._key, head=True, cache=cache)
+            source = load_or_build(self._folder, self._units, first, last, self._precision, cache=cache)
         except Exception:  # fusion is an optimisation: never fail the cascade for it
             source = None
         if source is None:
             return
-        sess = _ort().InferenceSession(source, self._opts, providers=self._providers)
+        sess = _session(_ort(), source, self._opts, self._providers)
         state_out = self._segments[last][2]
         # one assignment: a thread running the cascade sees either no entry or a complete one
         self._fused[(first, last)] = (sess, self._segments[first][1], state_out + self._heads[last][2], len(state_out))
@@ -166,8 +195,8 @@ class OnnxRuntimeBackend(Runner):
             return HeadOutput(confidence, logits)
         return HeadOutput(confidence.numpy(), logits, _fetch_rows)
 
-    def run_head(self, k: int, tap) -> HeadOutput:
-        sess, names, outs = self._heads[k]
+    def run_head(self, pos: int, tap) -> HeadOutput:
+        sess, names, outs = self._heads[pos]
         if not self._bind:
             logits, confidence = sess.run(outs, {names[0]: tap})
             return HeadOutput(confidence, logits)
