@@ -90,12 +90,12 @@ def test_nothing_is_left_alive_after_close_or_garbage_collection(gpu, test_frame
     assert cudart.live()["graphs"] == 0  # the cudaGraph_t is destroyed once instantiated
     c.close()
     c.close()  # idempotent
-    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0, "pinned": 0}
     c2 = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
     c2.predict_batch(frames[:10])
     del c2  # never closed
     gc.collect()
-    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0, "pinned": 0}
     assert trt.live_contexts == 0
 
 
@@ -111,10 +111,15 @@ def test_a_failed_init_frees_what_it_allocated(gpu, monkeypatch):
     with pytest.raises(UserError, match="rebuild the engines"):
         Cascade.load(artifact, backend="tensorrt")
     gc.collect()
-    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0}
+    assert cudart.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0, "pinned": 0}
 
 
-def test_a_unit_that_cannot_be_captured_runs_plainly_and_is_not_retried(gpu, test_frames, reference):
+def test_a_unit_that_cannot_be_captured_runs_plainly_and_is_retried_a_bounded_number_of_times(
+    gpu, test_frames, reference
+):
+    """The "enqueue returns False under capture" pattern: per (unit, batch bucket), CAPTURE_ATTEMPTS tries."""
+    from edgeexit.runtime.backends.tensorrt import CAPTURE_ATTEMPTS
+
     artifact, _, cudart = gpu
     frames, _ = test_frames
     expected, _ = reference
@@ -123,11 +128,13 @@ def test_a_unit_that_cannot_be_captured_runs_plainly_and_is_not_retried(gpu, tes
     got = [(p.label, p.exit_index) for p in c.predict_batch(frames[:64])]
     got += [(p.label, p.exit_index) for p in c.predict_batch(frames[64:71])]
     assert got == expected[:71]
-    assert c.runner._graph_failed == {(0, 64), (0, 8)}  # keyed by (unit, batch bucket): 7 rows -> 8
+    assert c.runner._graph_failed == {(0, 64): 1, (0, 8): 1}  # keyed by (unit, batch bucket): 7 rows -> 8
     assert not any(key[0] == 0 for key in c.runner._graphs)
     assert cudart.last_error_reads == 2
-    c.predict_batch(frames[71:135])  # bucket 64 again: not retried
-    assert cudart.last_error_reads == 2
+    for start in range(71, 71 + 64 * CAPTURE_ATTEMPTS, 64):  # bucket 64 again and again
+        c.predict_batch(frames[start : start + 64])
+    assert c.runner._graph_failed[(0, 64)] == CAPTURE_ATTEMPTS
+    assert cudart.last_error_reads == 1 + CAPTURE_ATTEMPTS  # bucket 8 once, bucket 64 no more than allowed
 
 
 def test_graphs_are_instantiated_with_flags_and_the_stream_is_non_blocking(gpu, test_frames, reference):

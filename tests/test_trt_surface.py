@@ -204,3 +204,20 @@ def test_the_fake_cuda_runtime_uses_only_real_cuda_python_names():
     missing = [n for n in names if not hasattr(runtime, n)]
     assert not missing, missing
     assert not hasattr(fake, "cudaGraphInstantiate")  # D16: edgeexit calls the WithFlags spelling only
+
+
+def test_the_fake_cuda_runtime_uses_cuda_pythons_values():
+    """Error codes, copy kinds, capture modes and flags: the same numbers as the real runtime (a
+    status the fake returns is the status a GPU would return)."""
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    fake = FakeCudart()
+    for member in fake.cudaError_t:
+        assert int(getattr(runtime.cudaError_t, member.name)) == int(member), member.name
+    for enum in ("cudaMemcpyKind", "cudaStreamCaptureMode"):
+        for member in getattr(fake, enum):
+            assert int(getattr(getattr(runtime, enum), member.name)) == int(member), member.name
+    for const in ("cudaStreamDefault", "cudaStreamNonBlocking", "cudaHostAllocDefault", "cudaHostAllocMapped"):
+        assert int(getattr(fake, const)) == int(getattr(runtime, const)), const
+    assert int(runtime.cudaStreamLegacy) == fake.cudaStreamLegacy
+    props = fake.cudaGetDeviceProperties(0)[1]
+    assert all(hasattr(runtime.cudaDeviceProp(), f) for f in vars(props))

@@ -15,6 +15,13 @@
 - TensorRT 8.6: every context after an engine's first has no optimisation profile (-1) until one
   is set: each context gets profile 0 explicitly (D2).
 - At load every engine's I/O is checked against the manifest: names, FP32, profile max (D11).
+- Host staging is page-locked (D20): frames go up from a ``cudaMallocHost`` buffer, confidences and
+  logits come back into one, so the copies are truly asynchronous and every host read waits for
+  the stream (``cudaStreamSynchronize``) first. On an integrated GPU (Jetson:
+  ``cudaDeviceProp.integrated``) the frame buffer and every head's confidences are mapped pinned
+  memory instead: TensorRT reads and writes them in place, no copy at all.
+- Streams and graphs are cuda-python handle objects; TensorRT gets the stream as its integer value
+  (a size_t), converted once.
 - Every CUDA object (buffers, stream, graph execs) belongs to one `_Resources` record that
   ``close()`` frees, that a finaliser frees when the backend is garbage-collected, and that a
   failure part-way through ``__init__`` frees.
@@ -27,6 +34,7 @@ machine; `tests/test_tensorrt_sim.py` runs this file against a simulated TensorR
 
 from __future__ import annotations
 
+import operator
 import weakref
 from pathlib import Path
 
@@ -38,6 +46,7 @@ from edgeexit.runtime.manifest import artifact_file
 
 ITEMSIZE = 4  # every unit tensor is float32
 MAX_GRAPHS = 64  # captured graphs (and their contexts) kept at most; beyond, units run plainly
+CAPTURE_ATTEMPTS = 3  # a (unit, bucket) whose capture failed this often runs plainly from then on (D19)
 SUPPORTED_TRT = ((8, 6), (12, 0))  # [min, max)
 
 INSTALL_HINT = (
@@ -188,6 +197,11 @@ class _Resources:
         from edgeexit.runtime.backends.cuda import cudart
 
         rt = cudart()
+        if self.stream is not None:  # work still queued must finish before what it uses goes (S15)
+            try:
+                rt.cudaStreamSynchronize(self.stream)
+            except Exception:  # noqa: BLE001
+                pass
         for g in self.graph_execs:
             try:
                 rt.cudaGraphExecDestroy(g)
@@ -221,23 +235,25 @@ class TensorRTBackend(Runner):
         self._finalizer = weakref.finalize(self, self._res.free)
         try:
             self._res.stream = create_stream()
-            self.stream = self._res.stream
+            self.stream = self._res.stream  # a cudaStream_t object, for cuda-python
+            self._trt_stream = operator.index(self.stream)  # its value, the size_t TensorRT takes
             self._load(trt, manifest, precision)
         except BaseException:
             self._finalizer()
             raise
         self.use_graphs = cuda_graphs
         self._graphs: dict = {}  # (unit, bucket, input addresses) -> (graph exec, its context)
-        self._graph_failed: set[tuple[int, int]] = set()  # (unit, bucket) that cannot be captured
+        self._graph_failed: dict[tuple[int, int], int] = {}  # (unit, bucket) -> failed captures
 
     @property
     def units(self) -> list:
         return self._res.units
 
     def _load(self, trt, manifest: dict, precision: str | None) -> None:
-        from edgeexit.runtime.backends.cuda import DeviceBuffer
+        from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self._trt = trt
+        self.zero_copy = bool(self.device_info["integrated"])  # D20: a Jetson shares DRAM
         self._v86 = trt_major(trt.__version__) < 9
         folder = Path(manifest["_folder"])
         self._logger = trt.Logger(trt.Logger.WARNING)
@@ -251,10 +267,16 @@ class TensorRTBackend(Runner):
                 raise RuntimeError(f"TensorRT could not load {entry['path']}")
             max_batch = int(entry["batch_profile"]["max"])
             check_engine_io(trt, engine, u, max_batch, entry["path"])
-            outputs = {}
+            outputs, host_conf = {}, None
             for o in u["outputs"]:
                 rest = tuple(int(d) for d in o["shape"][1:])
-                buf = DeviceBuffer(max_batch * int(np.prod(rest)) * ITEMSIZE)
+                nbytes = max_batch * int(np.prod(rest)) * ITEMSIZE
+                if self.zero_copy and u["kind"] == "head" and o["name"] == "confidence":
+                    buf = HostBuffer(nbytes, mapped=True)  # written by TensorRT, read by the host in place
+                    self._res.buffers.append(buf)
+                    outputs[o["name"]], host_conf = (buf.device_ptr, rest), buf.array()
+                    continue
+                buf = DeviceBuffer(nbytes)
                 self._res.buffers.append(buf)
                 outputs[o["name"]] = (buf.ptr, rest)
             self._res.units.append(
@@ -264,6 +286,7 @@ class TensorRTBackend(Runner):
                     "outputs": outputs,
                     "max_batch": max_batch,
                     "name": u["name"],
+                    "host_conf": host_conf,
                 }
             )
         # D6: one activation buffer for every context of every engine (serial on one stream)
@@ -288,27 +311,42 @@ class TensorRTBackend(Runner):
         if ctx is None:
             raise RuntimeError(f"TensorRT could not create an execution context for {unit['name']} (out of memory?)")
         if self._v86:  # 8.6: a context after the engine's first has profile -1 until one is set
-            if not ctx.set_optimization_profile_async(0, self.stream):
+            if not ctx.set_optimization_profile_async(0, self._trt_stream):
                 raise RuntimeError(f"TensorRT refused optimisation profile 0 for {unit['name']}")
             self.check(self.rt.cudaStreamSynchronize(self.stream))
         self._res.contexts.append(ctx)
         return ctx
 
     def _allocate_io(self, manifest: dict, version: str, precision: str) -> None:
-        from edgeexit.runtime.backends.cuda import DeviceBuffer
+        from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self.max_batch = min(unit["max_batch"] for unit in self.units)
         self._segment_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "segment"]
         self._head_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "head"]
         first = manifest["units"][0]["inputs"][0]
         self._image_rest = tuple(int(d) for d in first["shape"][1:])
-        self._image = DeviceBuffer(self.max_batch * int(np.prod(self._image_rest)) * ITEMSIZE)
-        self._res.buffers.append(self._image)
+        image_bytes = self.max_batch * int(np.prod(self._image_rest)) * ITEMSIZE
+        if self.zero_copy:  # the frame is written where TensorRT reads it
+            stage = HostBuffer(image_bytes, mapped=True)
+            self._res.buffers.append(stage)
+            self._image_ptr = stage.device_ptr
+        else:  # pinned staging, then one asynchronous upload
+            self._image = DeviceBuffer(image_bytes)
+            stage = HostBuffer(image_bytes)
+            self._res.buffers += [self._image, stage]
+            self._image_ptr = self._image.ptr
+        self._stage_in = stage
         largest = max(int(np.prod(rest)) for unit in self.units for _, rest in unit["outputs"].values())
         # Two scratch buffers per state position for compaction (a state has at most two tensors).
         self._scratch = [DeviceBuffer(self.max_batch * largest * ITEMSIZE) for _ in range(2)]
         self._res.buffers += self._scratch
-        self._host_conf = np.empty(self.max_batch, dtype=np.float32)
+        logit_row = max(
+            int(np.prod(unit["outputs"]["logits"][1])) for unit in self.units if "logits" in unit["outputs"]
+        )
+        self._stage_conf = HostBuffer(self.max_batch * ITEMSIZE)
+        self._stage_logits = HostBuffer(self.max_batch * logit_row * ITEMSIZE)
+        self._res.buffers += [self._stage_conf, self._stage_logits]
+        self._views = (stage.array(), self._stage_conf.array(), self._stage_logits.array())  # dropped at close
         self.info = RunnerInfo(
             name="tensorrt",
             version=version,
@@ -325,10 +363,17 @@ class TensorRTBackend(Runner):
                 f"batch {len(x)} exceeds the engines' max batch {self.max_batch}; pass smaller batches "
                 "or re-export with a larger --batch"
             )
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self.check(self.rt.cudaMemcpyAsync(self._image.ptr, x.ctypes.data, x.nbytes, kind, self.stream))
-        return (_DevTensor(self._image.ptr, x.shape),)
+        if tuple(x.shape[1:]) != self._image_rest:
+            raise ValueError(f"frames of shape {tuple(x.shape[1:])}, the engines take {self._image_rest}")
+        # The staging buffer is page-locked: a copy still queued would read it, so wait for the
+        # stream before overwriting it (idle here in practice: every head ends with a sync).
+        self.check(self.rt.cudaStreamSynchronize(self.stream))
+        stage = self._views[0][: x.size].reshape(x.shape)
+        np.copyto(stage, x)
+        if not self.zero_copy:
+            kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+            self.check(self.rt.cudaMemcpyAsync(self._image_ptr, self._stage_in.ptr, stage.nbytes, kind, self.stream))
+        return (_DevTensor(self._image_ptr, x.shape),)
 
     def _bind(self, ctx, unit: dict, inputs: tuple) -> None:
         for name, t in zip(unit["inputs"], inputs, strict=True):
@@ -349,13 +394,13 @@ class TensorRTBackend(Runner):
             if graph is not None:
                 self.check(self.rt.cudaGraphLaunch(graph[0], self.stream))
                 return self._outputs(unit, n)
-            if (idx, b) not in self._graph_failed and len(self._graphs) < MAX_GRAPHS:
+            if self._graph_failed.get((idx, b), 0) < CAPTURE_ATTEMPTS and len(self._graphs) < MAX_GRAPHS:
                 padded = tuple(_DevTensor(t.ptr, (b, *t.shape[1:])) for t in inputs)
                 if self._capture(key, unit, padded):
                     return self._outputs(unit, n)
         ctx = unit["context"]
         self._bind(ctx, unit, inputs)
-        if not ctx.execute_async_v3(self.stream):
+        if not ctx.execute_async_v3(self._trt_stream):
             raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
         return self._outputs(unit, n)
 
@@ -366,8 +411,9 @@ class TensorRTBackend(Runner):
     def _capture(self, key, unit: dict, inputs: tuple) -> bool:
         """A new context (on the shared activation memory) for this bucket and these addresses: one
         plain run (it also produces this call's outputs), then the same launch recorded into a graph.
-        Any failure (no context, refused shape, capture invalidated, instantiate error) marks the
-        (unit, bucket) and returns False: the caller runs the plain path, nothing is retained."""
+        Any failure (no context, refused shape, capture invalidated, instantiate error) counts
+        against the (unit, bucket) and returns False: the caller runs the plain path, nothing is
+        retained; after ``CAPTURE_ATTEMPTS`` failures that (unit, bucket) is not tried again."""
         from edgeexit.runtime.backends.cuda import clear_error, graph_instantiate
 
         rt = self.rt
@@ -375,13 +421,13 @@ class TensorRTBackend(Runner):
         try:
             ctx = self._new_context(unit)
             self._bind(ctx, unit, inputs)
-            if not ctx.execute_async_v3(self.stream):
+            if not ctx.execute_async_v3(self._trt_stream):
                 raise RuntimeError(f"TensorRT execution of {unit['name']} failed")
             self.check(rt.cudaStreamSynchronize(self.stream))  # as trtexec: warm-up done before capture
             mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             self.check(rt.cudaStreamBeginCapture(self.stream, mode))
             try:
-                ok = ctx.execute_async_v3(self.stream)
+                ok = ctx.execute_async_v3(self._trt_stream)
             finally:
                 graph = self.check(rt.cudaStreamEndCapture(self.stream))
             if not ok:
@@ -389,7 +435,7 @@ class TensorRTBackend(Runner):
             exec_graph = graph_instantiate(graph)
         except Exception:  # noqa: BLE001 - any failure: no graph for this (unit, bucket)
             clear_error()
-            self._graph_failed.add(key[:2])
+            self._graph_failed[key[:2]] = self._graph_failed.get(key[:2], 0) + 1
             if ctx is not None and ctx in self._res.contexts:
                 self._res.contexts.remove(ctx)
             return False
@@ -404,23 +450,27 @@ class TensorRTBackend(Runner):
         return tuple(self._execute(self._segment_units[pos], state).values())
 
     def run_head(self, pos: int, tap) -> HeadOutput:
-        outs = self._execute(self._head_units[pos], (tap,))
+        idx = self._head_units[pos]
+        outs = self._execute(idx, (tap,))
         conf, logits = outs["confidence"], outs["logits"]
         n = conf.shape[0]
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self.check(self.rt.cudaMemcpyAsync(self._host_conf.ctypes.data, conf.ptr, n * ITEMSIZE, kind, self.stream))
-        self.check(self.rt.cudaStreamSynchronize(self.stream))
-        return HeadOutput(self._host_conf[:n].copy(), logits, self._fetch_logits)
+        host = self.units[idx]["host_conf"]  # mapped memory on an integrated GPU: no copy
+        if host is None:
+            kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            self.check(self.rt.cudaMemcpyAsync(self._stage_conf.ptr, conf.ptr, n * ITEMSIZE, kind, self.stream))
+            host = self._views[1]
+        self.check(self.rt.cudaStreamSynchronize(self.stream))  # before the host reads anything
+        return HeadOutput(host[:n].copy(), logits, self._fetch_logits)
 
     def _fetch_logits(self, logits: _DevTensor, rows) -> np.ndarray:
         from edgeexit.runtime.backends.cuda import copy_rows
 
         rows = np.arange(logits.shape[0]) if rows is None else np.asarray(rows)
-        out = np.empty((len(rows), *logits.shape[1:]), dtype=np.float32)
         kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        copy_rows(out.ctypes.data, logits.ptr, rows, logits.row_bytes, kind, self.stream)
+        copy_rows(self._stage_logits.ptr, logits.ptr, rows, logits.row_bytes, kind, self.stream)
         self.check(self.rt.cudaStreamSynchronize(self.stream))
-        return out
+        width = int(np.prod(logits.shape[1:]))
+        return self._views[2][: len(rows) * width].reshape(len(rows), *logits.shape[1:]).copy()
 
     def take(self, state: tuple, rows: np.ndarray) -> tuple:
         from edgeexit.runtime.backends.cuda import copy_rows
@@ -438,4 +488,5 @@ class TensorRTBackend(Runner):
 
     def close(self) -> None:
         self._graphs.clear()
+        self._views = ()  # numpy views of pinned memory must not outlive it
         self._finalizer()  # releases contexts and engines, then frees the CUDA objects, once
