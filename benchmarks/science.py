@@ -957,7 +957,7 @@ def plot(summary: dict, path: str) -> bool:
             err = [0 if cells[k][1] is None else 100 * cells[k][1] for k in keys]
             ax.errorbar([x + (i - 2) * 0.8 for x in xs], mean, yerr=err, marker="o", ms=3, capsize=2, label=m)
         ax.set_title(regime, fontsize=9)
-        ax.set_xlabel("latency budget (% of the full model; 100 = final exit)")
+        ax.set_xlabel("budget, % of full model (100: final exit)", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
