@@ -1,11 +1,16 @@
-"""PyTorch backend: eager on CPU; on CUDA each unit is replayed from a CUDA graph per batch size.
+"""PyTorch backend: eager on CPU; on CUDA each unit is replayed from a CUDA graph per batch bucket.
 
 Rebuilds the network from the artifact's ``weights.pt`` (loaded with ``weights_only=True``).
+
+CUDA graphs (D22): batch sizes are padded up to a power of two (rows are independent; outputs
+are sliced back), so a unit has at most 7 graphs for batch 1..64, and every graph is captured
+into ONE memory pool (``torch.cuda.graph_pool_handle()``), not a private pool each. Sharing a
+pool is only safe for memory that is dead between replays, so a graph's outputs are not left in
+the pool: they are allocated before capture, and the graph's last kernels copy its results into
+them. The pool then holds intermediates only, which any replay order may reuse.
 """
 
 from __future__ import annotations
-
-import threading
 
 import numpy as np
 
@@ -50,9 +55,10 @@ class TorchBackend(Runner):
         self.max_graphs = max_graphs
         self._graphs: dict = {}
         self._graph_failed: set = set()
-        # Captured graphs share static buffers: one caller at a time on CUDA.
+        # Captured graphs share static buffers and a memory pool: one caller at a time on CUDA (the
+        # Cascade serialises callers of a runner that is not thread safe).
         self.thread_safe = not self.use_graphs
-        self._lock = threading.Lock()
+        self._pool = None  # the graph memory pool every capture shares, made at the first capture
         device_name = torch.cuda.get_device_name(self.device) if self.cuda else cpu_name()
         self.info = RunnerInfo(
             name="torch-cuda" if self.cuda else "torch-cpu", version=torch.__version__, device=device_name
@@ -79,13 +85,16 @@ class TorchBackend(Runner):
             if not self.use_graphs or key in self._graph_failed:
                 out = fn(*inputs)
                 return tuple(out)
-            gkey = (key, int(inputs[0].shape[0]))
+            n = int(inputs[0].shape[0])
+            b = bucket(n)
+            gkey = (key, b)
             entry = self._graphs.get(gkey)
             if entry is None:
                 if len(self._graphs) >= self.max_graphs:
                     return tuple(fn(*inputs))
+                padded = tuple(torch.cat([t, t.new_zeros((b - n, *t.shape[1:]))]) if b > n else t for t in inputs)
                 try:
-                    entry = self._capture(fn, inputs)
+                    entry = self._capture(fn, padded)
                 except RuntimeError:
                     # Capture is an optimisation: fall back to eager for this unit.
                     self._graph_failed.add(key)
@@ -93,25 +102,30 @@ class TorchBackend(Runner):
                 self._graphs[gkey] = entry
             graph, static_in, static_out = entry
             for dst, src in zip(static_in, inputs, strict=True):
-                dst.copy_(src)
+                dst[:n].copy_(src)  # rows n..b keep older values: rows are independent
             graph.replay()
-            return static_out
+            return tuple(o[:n] for o in static_out)
 
     def _capture(self, fn, inputs):
         torch = self.torch
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
         static_in = tuple(t.clone() for t in inputs)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):  # warm-up (cuDNN autotuning, allocator) outside the capture
-                fn(*static_in)
+                warm = tuple(fn(*static_in))
+            static_out = tuple(torch.empty_like(o) for o in warm)  # outside the pool: see the module doc
+            del warm
             graph = torch.cuda.CUDAGraph()
             # capture_begin/capture_end rather than torch.cuda.graph(): that context manager
             # synchronises the device and empties the allocator's cache for every new (unit, batch)
             # capture. "thread_local": CUDA work of other threads cannot invalidate this capture.
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
-                static_out = tuple(fn(*static_in))
+                for dst, src in zip(static_out, fn(*static_in), strict=True):
+                    dst.copy_(src)
             finally:
                 graph.capture_end()
         torch.cuda.current_stream(self.device).wait_stream(side)
@@ -136,6 +150,12 @@ class TorchBackend(Runner):
 
     def close(self) -> None:
         self._graphs.clear()
+        self._pool = None
+
+
+def bucket(n: int) -> int:
+    """The batch a graph is captured for: the next power of two."""
+    return 1 << (int(n) - 1).bit_length()
 
 
 def _fetch_rows(logits, rows):
