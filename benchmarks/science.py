@@ -20,7 +20,8 @@ One run:
 3. export to ONNX as ``edgeexit export`` does (parity checked, held-out frames stored in the artifact);
 4. the calibrated cascade: every exit's max-softmax confidence and prediction, computed by the runtime's
    own `Cascade.exit_statistics` on the ONNX units, on the artifact's stored held-out frames and on the
-   test split; at 30/50/70 % of the full model's latency, thresholds chosen by the product's
+   test split; at 40/50/70 % of the full model's latency (30 % is infeasible here, see
+   BUDGET_FRACTIONS), thresholds chosen by the product's
    `cross_fitted` on the held-out frames (as ``edgeexit calibrate --budget 50%`` chooses them) and
    their accuracy and predicted latency on the test split.
 
@@ -52,7 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-BUDGET_FRACTIONS = (0.3, 0.5, 0.7)
+# The issue asks for 30/50/70 %: on this CPU the cheapest cascade (segment 1 + head 1 + per-frame
+# overhead) costs 35-39 % of the full model, so 30 % is infeasible for every method; 40 % replaces it.
+BUDGET_FRACTIONS = (0.4, 0.5, 0.7)
+BUDGET_PCTS = tuple(round(100 * f) for f in BUDGET_FRACTIONS)
+_PCT_TEXT = "/".join(str(p) for p in BUDGET_PCTS)
 FORMAT = "edgeexit-science-run"
 COSTMODEL_FORMAT = "edgeexit-science-costmodel"
 VERSION = 1
@@ -112,10 +117,10 @@ REGIME_SETS: dict[str, dict[str, Regime]] = {
         "label-noise": Regime(images=None, epochs=5, noise=0.2),
         "long": Regime(images=None, epochs=20),
     },
-    "session": {
-        "full-short": Regime(images=20000, epochs=2, methods=(*FIVE, "mlcsd-a5")),
-        "low-data": Regime(images=5000, epochs=8),
-        "label-noise": Regime(images=20000, epochs=2, noise=0.2),
+    "session": {  # what one 3-hour session on the 2-core CPU fits beside other work: ~20k images seen per run
+        "full-short": Regime(images=20000, epochs=1, methods=(*FIVE, "mlcsd-a5")),
+        "low-data": Regime(images=5000, epochs=4),
+        "label-noise": Regime(images=20000, epochs=1, noise=0.2),
     },
     "smoke": {
         "smoke": Regime(**_SMOKE),
@@ -754,7 +759,7 @@ def cmd_run(args) -> int:
         s, acc = p["seconds"], p["cascade"]["accuracy"]
         print(
             f"[{i}/{len(cells)}] {cell.key}: avg {p['average_exit_accuracy']:.4f} final {p['exit_accuracy'][-1]:.4f} "
-            f"cascade@30/50/70 " + "/".join("-" if v is None else f"{v:.4f}" for v in acc.values()) + f"; train "
+            f"cascade@{_PCT_TEXT} " + "/".join("-" if v is None else f"{v:.4f}" for v in acc.values()) + f"; train "
             f"{s['train']:.0f}s eval {s['eval']:.0f}s export {s['export']:.0f}s calibrate {s['calibrate']:.0f}s",
             flush=True,
         )
@@ -833,7 +838,7 @@ def verdict(mean: float, half: float | None) -> str:
 METRICS = (
     ("average exit", lambda r: float(np.mean(r["exit_accuracy"]))),
     ("final exit", lambda r: r["exit_accuracy"][-1]),
-    *((f"cascade {p}%", lambda r, p=p: r["cascade"]["accuracy"].get(str(p))) for p in (30, 50, 70)),
+    *((f"cascade {p}%", lambda r, p=p: r["cascade"]["accuracy"].get(str(p))) for p in BUDGET_PCTS),
 )
 COMPARISONS = (("mlcsd", "sd"), ("mlcsd", "ce"))
 
@@ -896,7 +901,7 @@ def markdown(summary: dict, costmodel: dict | None, cost_models_used: list[str] 
         "<!-- written by benchmarks/science.py report; accuracy in % on the Fashion-MNIST test split -->",
         "",
         "Mean ± half-width of the 95 % t-interval over seeds. Cascade: thresholds by `cross_fitted` on the "
-        "held-out frames at 30/50/70 % of the full model's latency (one shared cost model), accuracy on test.",
+        f"held-out frames at {_PCT_TEXT} % of the full model's latency (one shared cost model), accuracy on test.",
         "",
     ]
     if cost_models_used and len(cost_models_used) > 1:
@@ -949,10 +954,10 @@ def plot(summary: dict, path: str) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, len(summary), figsize=(4.2 * len(summary), 3.6), dpi=120, squeeze=False)
-    xs = [30, 50, 70, 100]
+    xs = [*BUDGET_PCTS, 100]
     for ax, (regime, s) in zip(axes[0], summary.items(), strict=True):
         for i, (m, cells) in enumerate(s["methods"].items()):
-            keys = ["cascade 30%", "cascade 50%", "cascade 70%", "final exit"]
+            keys = [*(f"cascade {p}%" for p in BUDGET_PCTS), "final exit"]
             mean = [np.nan if cells[k][0] is None else 100 * cells[k][0] for k in keys]
             err = [0 if cells[k][1] is None else 100 * cells[k][1] for k in keys]
             ax.errorbar([x + (i - 2) * 0.8 for x in xs], mean, yerr=err, marker="o", ms=3, capsize=2, label=m)
@@ -979,7 +984,7 @@ def cmd_report(args) -> int:
     keys = ("regime", "method", "seed", "exit_accuracy", "cascade", "seconds", "config", "label_noise", "budgeted")
     doc = {
         "schema": "runs: one entry per (regime, method, seed); exit_accuracy: per exit, 0-1, test split; "
-        "cascade.accuracy: calibrated cascade test accuracy at 30/50/70 % of the full model's latency (shared "
+        f"cascade.accuracy: calibrated cascade test accuracy at {_PCT_TEXT} % of the full model's latency (shared "
         "cost model, thresholds by cross_fitted on held-out frames); seconds: wall time per phase",
         "costmodel": costmodel,
         "cost_models_used": used,

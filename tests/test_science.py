@@ -71,7 +71,7 @@ def test_report_paired_differences_by_hand(science, tmp_path):
     for method in final:
         for seed in range(3):
             _fake_run(
-                out, "low", method, seed, [0.5, final[method][seed]], {"30": None, "50": c50[method][seed], "70": 0.9}
+                out, "low", method, seed, [0.5, final[method][seed]], {"40": None, "50": c50[method][seed], "70": 0.9}
             )
     js, md = tmp_path / "science.json", tmp_path / "table.md"
     assert science.main(["report", "--out", str(out), "--json", str(js), "--md", str(md)]) == 0
@@ -95,7 +95,7 @@ def test_report_paired_differences_by_hand(science, tmp_path):
     assert got["verdict"] == "tie" and m - h < 0 < m + h
     # MLCSD - SD cascade at 50 %: diffs -0.02, -0.02, -0.02 -> a loss
     assert paired["mlcsd - sd"]["cascade 50%"]["verdict"] == "loss"
-    assert paired["mlcsd - sd"]["cascade 30%"]["n"] == 0  # infeasible everywhere: no numbers invented
+    assert paired["mlcsd - sd"]["cascade 40%"]["n"] == 0  # infeasible everywhere: no numbers invented
     mean, half, n = science.mean_interval(c50["sd"])
     cell = doc["summary"]["low"]["methods"]["sd"]["cascade 50%"]
     assert (cell["mean"], cell["half_width_95"], cell["n"]) == (pytest.approx(mean), pytest.approx(half), 3)
@@ -207,7 +207,7 @@ def test_shards_then_resume_skip_finished(science, tmp_path, capsys):
     assert len(paths) == 4
     run = json.loads(paths[0].read_text())
     assert len(run["exit_accuracy"]) == 8 and all(0 <= a <= 1 for a in run["exit_accuracy"])
-    assert set(run["cascade"]["accuracy"]) == {"30", "50", "70"}
+    assert set(run["cascade"]["accuracy"]) == {"40", "50", "70"}
     assert run["cascade"]["final_exit_test_accuracy"] == pytest.approx(run["exit_accuracy"][-1], abs=0.01)
     assert min(run["cascade"]["onnx_torch_prediction_agreement"]) >= 0.99
     assert set(run["seconds"]) >= {"train", "eval", "export", "calibrate", "total"}
