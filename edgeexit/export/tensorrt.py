@@ -176,36 +176,32 @@ def engine_parity(folder: Path, units: list[dict], images, labels, precision: st
     prediction agreement and accuracy drop per exit; ``passed`` when no exit's accuracy drops by
     more than ``tolerance`` (a fraction)."""
     import numpy as np
-    import onnxruntime as ort
 
+    from edgeexit.runtime.artifact import parse_units
+    from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
-    from edgeexit.runtime.plan import head_name, segment_name
 
     backend = TensorRTBackend({"_folder": str(folder), "units": units}, precision=precision, cuda_graphs=False)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = {
-        u["name"]: ort.InferenceSession(str(folder / u["onnx"]), opts, providers=["CPUExecutionProvider"])
-        for u in units
-    }
-    by_name = {u["name"]: u for u in units}
+    try:  # the FP32 units on the CPU, through the runtime's own runner (no sessions of our own)
+        reference = OnnxRuntimeBackend.for_units(folder, parse_units(folder, units), "fp32")
+    except BaseException:
+        backend.close()
+        raise
     k = len(units) // 2
     ours, ref = [[] for _ in range(k)], [[] for _ in range(k)]
     step = backend.max_batch
     try:
         for s in range(0, len(images), step):
             x = np.ascontiguousarray(images[s : s + step], dtype=np.float32)
-            state, host = backend.from_host(x), (x,)
+            state, host = backend.from_host(x), reference.from_host(x)
             for pos in range(k):
-                seg, head = by_name[segment_name(pos)], by_name[head_name(pos)]
                 state = backend.run_segment(pos, state)
                 ours[pos].append(backend.run_head(pos, state[-1]).logits())
-                host = tuple(
-                    sess[seg["name"]].run(None, {i["name"]: v for i, v in zip(seg["inputs"], host, strict=True)})
-                )
-                ref[pos].append(sess[head["name"]].run(None, {head["inputs"][0]["name"]: host[-1]})[0])
+                host = reference.run_segment(pos, host)
+                ref[pos].append(reference.run_head(pos, host[-1]).logits())
     finally:
         backend.close()
+        reference.close()
     exits = []
     for pos in range(k):
         a, b = np.concatenate(ref[pos]), np.concatenate(ours[pos])
