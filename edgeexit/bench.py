@@ -1,12 +1,13 @@
 """`edgeexit bench`: per-unit and cumulative per-exit latency; full cascade vs early exit (a job,
-like calibrate: it uses the runtime's profiling mode and only the `Runner` protocol)."""
+like calibrate: it uses the runtime's profiling mode, its chain walk and only the `Runner` protocol)."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from edgeexit.runtime.chain import walk
 from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
-from edgeexit.runtime.profiling import time_call
+from edgeexit.runtime.profiling import time_call, verify
 
 
 def _heldout_frames(cascade, n: int, data_dir: str | None):
@@ -14,14 +15,14 @@ def _heldout_frames(cascade, n: int, data_dir: str | None):
     dataset's when it is available here."""
     from edgeexit.runtime.manifest import load_calibration_frames
 
-    stored = load_calibration_frames(cascade.manifest) if data_dir is None else None
+    stored = load_calibration_frames(cascade.artifact) if data_dir is None else None
     if stored is not None:
         idx = stored["verification"][:n]
         return (stored["frames"][idx], stored["labels"][idx]), None
     try:
-        from edgeexit.calibrate.run import load_frames
+        from edgeexit.data.frames import load_frames
 
-        frames, labels, _ = load_frames(cascade.manifest, None, "heldout", data_dir)
+        frames, labels, _ = load_frames(cascade.artifact, None, "heldout", data_dir)
     except Exception as e:  # no torch or no data on this device: report per-unit numbers only
         return None, f"{type(e).__name__}: {e}"
     idx = np.random.default_rng(0).permutation(len(frames))[:n]
@@ -46,9 +47,7 @@ def _memory_batch_limit(cascade) -> int:
     runtime keeps a group's states, and ONNX Runtime's arena keeps the intermediates inside a unit,
     which the recorded outputs bound from below), as float32, x4 for the copies in flight and the
     arena's growth, within a quarter of the memory available now."""
-    per_sample = sum(
-        int(np.prod([d or 1 for d in o["shape"][1:]])) for u in cascade.manifest["units"] for o in u["outputs"]
-    )
+    per_sample = sum(u.values_per_sample for u in cascade.artifact.units)
     per_sample = max(per_sample, int(np.prod(cascade.preprocess.chw_shape))) * 4 * 4
     available = 8 << 30
     try:
@@ -87,8 +86,6 @@ def bench_cascade(
     }
     result.update(_cascade_latency(cascade, frame, repeats))
     if data is not None:
-        from edgeexit.calibrate.run import verify
-
         ee = verify(cascade, *data, cascade.plan)
         result["early_exit_ms"] = ee["mean_ms"]
         result["early_exit"] = ee
@@ -104,10 +101,8 @@ def _cascade_latency(cascade, frame, repeats: int) -> dict:
     x1 = cascade.preprocess(frame)[None]
 
     def every_unit():
-        state = runner.from_host(x1)
-        for pos in range(k):
-            state = runner.run_segment(pos, state)
-            runner.run_head(pos, state[-1])
+        for _ in walk(runner, runner.from_host(x1), k):
+            pass
 
     full = time_call(every_unit, runner.synchronize, repeats, 1.0)
     plain_model = cascade.derive(CascadePlan.full_model(k))

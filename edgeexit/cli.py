@@ -30,6 +30,8 @@ app = typer.Typer(
     "Flow: [bold]train[/] → model.pt → [bold]export[/] → NAME.edgeexit/ → [bold]calibrate[/] --budget 5ms → "
     "[bold]run[/] / Cascade in your app. [bold]quickstart[/] does all of it on Fashion-MNIST.",
 )
+
+
 # stdout carries data (tables, per-frame lines, JSON) made of class names, file names and paths:
 # markup off, so every such string prints as given. stderr keeps markup for edgeexit's own styling;
 # every foreign string put into a stderr message goes through `edgeexit.util.esc`.
@@ -448,8 +450,9 @@ def export(
     options["data_dir"] = str(data_dir) if data_dir else None
     manifest, path = export_checkpoint(checkpoint, console=console, **options)
     from edgeexit.export.report import info_table
+    from edgeexit.runtime.artifact import Artifact
 
-    out_console.print(info_table(manifest, path))
+    out_console.print(info_table(Artifact.load(path)))
     console.print(f"[green]exported[/] {esc(path)}")
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 
@@ -643,11 +646,11 @@ def info(
         _write_json(json_out, payload)
         return
     from edgeexit.export.report import info_table
-    from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.artifact import Artifact
 
-    manifest = load_manifest(artifact)
-    out_console.print(info_table(manifest, artifact))
-    _write_json(json_out, {k: v for k, v in manifest.items() if not k.startswith("_")})
+    art = Artifact.load(artifact)
+    out_console.print(info_table(art))
+    _write_json(json_out, art.to_json())
 
 
 @app.command()

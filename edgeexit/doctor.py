@@ -231,13 +231,13 @@ def opencv_info() -> dict:
 
 # -- artifact -----------------------------------------------------------------------------------
 def artifact_report(artifact, trt: dict, cuda: dict) -> dict:
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.backends import choose_backend
-    from edgeexit.runtime.manifest import load_manifest
 
-    manifest = load_manifest(artifact)  # ArtifactError (exit 2) for a broken one
-    name, why = choose_backend(manifest, "auto")
+    art = Artifact.load(artifact)  # ArtifactError (exit 2) for a broken one
+    name, why = choose_backend(art, "auto")
     out: dict = {"path": str(artifact), "auto_backend": name, "auto_why": why, "problems": []}
-    engines = [e for u in manifest["units"] for e in (u.get("engines") or [])]
+    engines = [e.info for e in art.engines]
     if engines:
         built = sorted({(e.get("device_name"), e.get("compute_capability"), e.get("trt_version")) for e in engines})
         out["engines"] = [{"device_name": d, "compute_capability": c, "trt_version": v} for d, c, v in built]
@@ -264,14 +264,14 @@ def artifact_report(artifact, trt: dict, cuda: dict) -> dict:
             out["problems"].append(f"its engines match this device but `auto` will not use them: {why}")
     else:
         out["engines"], out["engines_match"] = [], None
-    out.update(_load_and_run(artifact, name, manifest))
+    out.update(_load_and_run(artifact, name, art))
     if out.get("load_error"):
         out["problems"].append(f"the {name} backend cannot run it: {out['load_error']}")
     out["ok"] = not out["problems"]
     return out
 
 
-def _load_and_run(artifact, backend: str, manifest: dict) -> dict:
+def _load_and_run(artifact, backend: str, art) -> dict:
     """Load with the backend auto picks and classify one blank frame; compare the calibration's
     device fingerprint with this device."""
     import warnings
@@ -280,8 +280,8 @@ def _load_and_run(artifact, backend: str, manifest: dict) -> dict:
 
     from edgeexit.runtime import Cascade
 
-    calib = manifest.get("calibration") or {}
-    out: dict = {"calibrated": bool(calib)}
+    calib = art.calibration
+    out: dict = {"calibrated": calib is not None}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -290,14 +290,13 @@ def _load_and_run(artifact, backend: str, manifest: dict) -> dict:
         out["load_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         return out
     try:
-        pre = manifest["preprocessing"]
-        h, w = (int(s) for s in pre["input_size"])
+        h, w = art.preprocessing.input_size
         cascade.predict(np.zeros((h, w, 3), dtype=np.uint8))
         out["backend_info"] = {k: v for k, v in cascade.backend_info.items() if k != "why"}
-        if calib:
+        if calib is not None:
             changes = list(cascade.fingerprint_changes)
             out["calibrated_here"] = not changes
-            out["calibration_device"] = calib.get("device")
+            out["calibration_device"] = calib.to_dict().get("device")
             out["calibration_changes"] = changes
     except Exception as e:
         out["load_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -129,13 +129,14 @@ def _evaluate(q: _Quickstart, test) -> None:
 def _export(q: _Quickstart) -> Path:
     from edgeexit.export.exporter import export_checkpoint
     from edgeexit.export.report import info_table
+    from edgeexit.runtime.artifact import Artifact
 
     t0 = time.perf_counter()
     q.say("[bold cyan]3/5 export[/] one ONNX file per unit, parity against PyTorch")
-    manifest, artifact = export_checkpoint(
+    _, artifact = export_checkpoint(
         q.out / "model.pt", out=q.out / "model.edgeexit", force=True, data_dir=q.data_dir, console=q.console
     )
-    q.show(info_table(manifest, artifact))
+    q.show(info_table(Artifact.load(artifact)))
     q.step("export_s", t0)
     return artifact
 
@@ -164,9 +165,9 @@ def _calibrate(q: _Quickstart, artifact: Path, budget_ms, budget_fraction, max_d
 
 
 def _run(q: _Quickstart, artifact: Path, test, run_images: int) -> dict:
-    from edgeexit.calibrate.run import verify
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.profiling import verify
 
     t0 = time.perf_counter()
     q.say(f"[bold cyan]5/5 run[/] the calibrated cascade on {run_images} test images, one frame at a time")

@@ -1,6 +1,7 @@
 """The package's shape, checked from its source with `ast` (imports inside functions count too).
 
-- no cycle between edgeexit's sub-packages (edgeexit.X, top-level modules included);
+- no cycle between edgeexit's sub-packages (edgeexit.X, top-level modules included), and none
+  between its modules (lazy imports included: a lazy import only hides a cycle);
 - `edgeexit.runtime` (what a camera app embeds) imports no job: train, export, calibrate, data,
   bench, quickstart, cli — only `errors`, `util` and, lazily for the torch backend, `models`;
 - no function in edgeexit/ is longer than MAX_FUNCTION_LINES.
@@ -11,6 +12,7 @@ Run `python tests/test_layering.py` to print the graph.
 from __future__ import annotations
 
 import ast
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -66,6 +68,26 @@ def subpackage_graph() -> dict[str, set[str]]:
     return dict(edges)
 
 
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the edgeexit modules it imports (``from pkg import mod`` counts as ``pkg.mod``)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+    def resolve(name: str) -> str:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name
+
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("edgeexit"):
+                found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules)
+        found |= {resolve(m) for m in _imports(path)}
+        edges[name] = {m for m in found if m and m != name and not name.startswith(m + ".")}
+    return edges
+
+
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -108,6 +130,12 @@ def test_no_cycle_between_subpackages():
     assert find_cycle(edges) is None, f"import cycle: {' -> '.join(find_cycle(edges))}"
 
 
+def test_no_cycle_between_modules():
+    edges = module_graph()
+    assert "edgeexit.train.torch_device" in edges["edgeexit.train.evaluation"]  # the graph sees lazy imports
+    assert find_cycle(edges) is None, f"import cycle: {' -> '.join(find_cycle(edges))}"
+
+
 def test_the_runtime_imports_no_job():
     edges = subpackage_graph()
     assert edges["runtime"] <= RUNTIME_MAY_IMPORT, f"runtime imports {sorted(edges['runtime'] - RUNTIME_MAY_IMPORT)}"
@@ -118,15 +146,16 @@ def test_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
 
 
-def test_the_import_scanner_sees_lazy_and_relative_imports(tmp_path):
+def test_the_import_scanner_sees_lazy_and_relative_imports(tmp_path, monkeypatch):
     f = PACKAGE / "runtime" / "cascade.py"
     assert any(m.startswith("edgeexit.runtime") for m in _imports(f))
-    probe = PACKAGE / "runtime" / "backends" / "_probe_for_test.py"
-    try:
-        probe.write_text("def f():\n    from ...calibrate import run\n    import edgeexit.train.trainer\n")
-        assert _imports(probe) == {"edgeexit.calibrate", "edgeexit.train.trainer"}
-    finally:
-        probe.unlink()
+    # a probe module in a copy of the package's layout (the source tree is never written)
+    fake = tmp_path / "edgeexit"
+    (fake / "runtime" / "backends").mkdir(parents=True)
+    probe = fake / "runtime" / "backends" / "_probe_for_test.py"
+    probe.write_text("def f():\n    from ...calibrate import run\n    import edgeexit.train.trainer\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    assert _imports(probe) == {"edgeexit.calibrate", "edgeexit.train.trainer"}
 
 
 def test_no_long_functions():
@@ -139,4 +168,6 @@ if __name__ == "__main__":
         print(f"{src:11s} -> {', '.join(sorted(graph[src])) or '(nothing)'}")
     cycle = find_cycle(graph)
     print("cycle:", " -> ".join(cycle) if cycle else "none")
+    modules = module_graph()
+    print("module cycle:", " -> ".join(find_cycle(modules) or ["none"]))
     print("functions over", MAX_FUNCTION_LINES, "lines:", long_functions() or "none")

@@ -20,12 +20,13 @@ from edgeexit.calibrate.optimizer import CostModel, Solution, cross_fitted, eval
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.device import fingerprint
-from edgeexit.runtime.manifest import write_manifest
+from edgeexit.runtime.manifest import write_calibration
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, exit_group_name
 from edgeexit.runtime.profiling import (
     frame_overhead_ms,
     fused_frame_overhead_ms,
     profile_exit_groups,
+    verify,
 )
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
@@ -84,57 +85,6 @@ class CalibrationOptions:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 20, got {v}")
         if self.repeats < 1:
             raise UserError(f"--repeats must be at least 1, got {self.repeats}")
-
-
-def load_frames(manifest: dict, data: str | None, split: str, data_dir: str | None):
-    """(uint8 HWC frames, labels) of the chosen split, and a description of it."""
-    from edgeexit.data import load_dataset
-    from edgeexit.data.datasets import load_heldout
-
-    name = data or manifest.get("dataset")
-    if not name:
-        raise UserError("the artifact records no dataset: pass --data")
-    size = manifest["preprocessing"]["input_size"]
-    if split == "heldout":
-        if not isinstance(manifest.get("split"), dict):
-            raise UserError("the artifact records no held-out split: calibrate with --split test (and --data)")
-        ds = load_heldout(manifest["split"], data_dir, name)
-    else:
-        ds = load_dataset(name, "test", data_dir or (manifest.get("split") or {}).get("data_dir"), image_size=size)
-    if ds.in_chans != manifest["preprocessing"]["in_chans"] or ds.input_size != list(size):
-        raise UserError(
-            f"{name} images are {ds.in_chans}x{ds.input_size} but the model expects "
-            f"{manifest['preprocessing']['in_chans']}x{size}"
-        )
-    frames = ds.images.permute(0, 2, 3, 1).contiguous().numpy()
-    return frames, ds.labels.numpy(), name
-
-
-def verify(cascade: Cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_correct: bool = False) -> dict:
-    """Run the real cascade frame by frame (the camera path, preprocessing included) with
-    ``thresholds`` (a list or a CascadePlan), without changing ``cascade`` itself. ``keep_correct``:
-    also return the per-frame correctness (for paired comparisons)."""
-    view = cascade.derive(thresholds)
-    lat, correct, exits = [], [], []
-    for f, y in zip(frames, labels, strict=True):
-        p = view.predict(f)
-        lat.append(p.latency_ms)
-        correct.append(p.label == y)
-        exits.append(p.exit_index)
-    lat_a = np.asarray(lat)
-    counts = np.bincount(np.asarray(exits) - 1, minlength=cascade.num_exits)
-    return {
-        "accuracy": float(np.mean(correct)),
-        "latency_ms": float(lat_a.mean()),
-        "mean_ms": float(lat_a.mean()),
-        "p50_ms": float(np.median(lat_a)),
-        "p95_ms": float(np.percentile(lat_a, 95)),
-        "p99_ms": float(np.percentile(lat_a, 99)),
-        "samples": len(lat),
-        "exit_shares": (counts / len(exits)).tolist(),
-        "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(counts)},
-        **({"correct": np.asarray(correct, bool)} if keep_correct else {}),
-    }
 
 
 @dataclass
@@ -204,20 +154,28 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
     return result
 
 
-def _images(manifest: dict, opts: CalibrationOptions) -> tuple:
+def load_frames(artifact, data: str | None, split: str, data_dir: str | None):
+    """Moved to `edgeexit.data.frames.load_frames` (imported lazily: calibrating on the stored
+    frames needs neither torch nor edgeexit.data); kept here for the scripts that import it."""
+    from edgeexit.data.frames import load_frames as load
+
+    return load(artifact, data, split, data_dir)
+
+
+def _images(artifact, opts: CalibrationOptions) -> tuple:
     """(frames, labels, name, calibration indices, verification indices): the held-out images stored
     in the artifact (no torch, no dataset needed), unless --data, --data-dir, --split test or
     another --seed asks for the dataset itself."""
     from edgeexit.runtime.manifest import load_calibration_frames
 
     if opts.data is None and opts.data_dir is None and opts.split == "heldout" and opts.seed == 0:
-        stored = load_calibration_frames(manifest)
+        stored = load_calibration_frames(artifact)
         if stored is not None:
-            name = f"{manifest.get('dataset')} held-out images stored in the artifact"
+            name = f"{artifact.dataset} held-out images stored in the artifact"
             return stored["frames"], stored["labels"], name, stored["calibration"], stored["verification"]
     from edgeexit.data import split_calibration
 
-    frames, labels, name = load_frames(manifest, opts.data, opts.split, opts.data_dir)
+    frames, labels, name = load_frames(artifact, opts.data, opts.split, opts.data_dir)
     calib_idx, verify_idx = split_calibration(np.arange(len(labels)), opts.seed)
     return frames, labels, name, calib_idx, verify_idx
 
@@ -227,7 +185,7 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     extra = {"precision": opts.precision} if opts.precision else {}
     cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy, **extra)
     try:
-        frames, labels, name, calib_idx, verify_idx = _images(cascade.manifest, opts)
+        frames, labels, name, calib_idx, verify_idx = _images(cascade.artifact, opts)
         calib_idx = calib_idx[: opts.limit] if opts.limit else calib_idx
         verify_idx = verify_idx[: opts.verify_limit] if opts.verify_limit else verify_idx
         if len(calib_idx) < 20 or len(verify_idx) < 20:
@@ -266,7 +224,7 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
         key = hashlib.sha1(
             f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
             f"{len(s.verify_idx)}|all|"
-            f"{cascade.manifest.get('created')}".encode()
+            f"{cascade.artifact.created}".encode()
         ).hexdigest()[:12]
         stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
     s.conf = stats["confidence"]
@@ -560,9 +518,7 @@ def _write(s: _Session, opts: CalibrationOptions, result: dict, say) -> None:
     calibration = {k: v for k, v in result.items() if k not in ("artifact", "frontier", "msdnet_curve", "plot")}
     calibration["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     calibration["backend"] = s.cascade.backend_name
-    manifest = s.cascade.manifest
-    manifest["calibration"] = calibration
-    write_manifest(s.folder, manifest)
+    write_calibration(s.cascade.artifact, calibration)
 
 
 def _pred(s: Solution) -> dict:

@@ -135,11 +135,13 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             simplified=opts.simplify,
             export_s=time.perf_counter() - t_start,
             checkpoint=checkpoint,
+            extra={
+                "calibration_frames": frames,
+                "quantization": quantization,
+                "fp16": fp16,
+                "engine_parity": engine_check,
+            },
         )
-        manifest["calibration_frames"] = frames
-        manifest["quantization"] = quantization
-        manifest["fp16"] = fp16
-        manifest["engine_parity"] = engine_check
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _publish(tmp, dest)
     except BaseException:
@@ -357,8 +359,18 @@ def _publish(tmp: Path, dest: Path) -> None:
 
 
 def build_manifest(
-    ckpt: dict, units: list[dict], parity: dict, *, opset: int, simplified: bool, export_s: float, checkpoint: Path
+    ckpt: dict,
+    units: list[dict],
+    parity: dict,
+    *,
+    opset: int,
+    simplified: bool,
+    export_s: float,
+    checkpoint: Path,
+    extra: dict | None = None,
 ) -> dict:
+    """manifest.json's content (schema in runtime/artifact.py); ``extra``: calibration_frames,
+    quantization, fp16, engine_parity (None when that step did not run)."""
     import onnx
     import onnxruntime
     import torch
@@ -392,4 +404,5 @@ def build_manifest(
             "machine": platform.machine(),
         },
         "calibration": None,
+        **(extra or {}),
     }

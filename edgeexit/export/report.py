@@ -2,38 +2,37 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.table import Table
 
 
-def info_table(manifest: dict, folder) -> Table:
-    folder = Path(folder)
-    cfg = manifest["model"]["config"]
+def info_table(artifact) -> Table:
+    """``artifact``: an `Artifact` (runtime/artifact.py)."""
+    model, pre = artifact.model, artifact.preprocessing
     t = Table(
-        title=f"{folder}  —  {cfg.get('arch', 'resnet18')} ×{cfg['width']}, {manifest['model']['num_exits']} exits, "
-        f"{cfg['in_chans']}×{cfg['input_size'][0]}×{cfg['input_size'][1]} input, "
-        f"{len(manifest['class_names'])} classes"
+        title=f"{artifact.folder}  —  {model.config.get('arch', 'resnet18')} ×{model.width}, {model.num_exits} exits, "
+        f"{pre.in_chans}×{pre.input_size[0]}×{pre.input_size[1]} input, {len(artifact.class_names)} classes"
     )
     for col in ("unit", "inputs → outputs", "MFLOPs", "params", "ONNX KB", "parity |Δ|", "engines"):
         t.add_column(col, justify="left" if col in ("unit", "inputs → outputs", "engines") else "right")
-    for u in manifest["units"]:
+    for u in artifact.units:
         engines = ", ".join(
-            f"{e['precision']} ({e['device_name']}, TRT {e['trt_version']})" for e in u.get("engines", [])
+            f"{e.precision} ({e.info.get('device_name')}, TRT {e.info.get('trt_version')})" for e in u.engines
         )
-        size = (folder / u["onnx"]).stat().st_size / 1024 if (folder / u["onnx"]).is_file() else float("nan")
+        path = u.file("fp32")
+        size = path.stat().st_size / 1024 if path.is_file() else float("nan")
+        parity = u.parity_max_abs_diff
         t.add_row(
-            u["name"],
-            f"{','.join(i['name'] for i in u['inputs'])} → {','.join(o['name'] for o in u['outputs'])}",
-            f"{(u.get('flops') or 0) / 1e6:.2f}",
-            f"{u.get('params') or 0:,}",
+            u.name,
+            f"{','.join(u.input_names)} → {','.join(u.output_names)}",
+            f"{(u.flops or 0) / 1e6:.2f}",
+            f"{u.params or 0:,}",
             f"{size:.1f}",
-            f"{u.get('parity_max_abs_diff', float('nan')):.1e}",
+            f"{parity if parity is not None else float('nan'):.1e}",
             engines or "-",
         )
-    cal = manifest.get("calibration")
-    lines = _quantization_lines(manifest)
-    parity = manifest.get("parity")
+    cal = artifact.calibration.block if artifact.calibration is not None else None
+    lines = _quantization_lines(artifact.quantization)
+    parity = artifact.parity
     if parity:
         lines.append(
             f"parity: {parity['samples']} {parity.get('split', '')} images, max |Δlogit| "
@@ -61,8 +60,7 @@ def info_table(manifest: dict, folder) -> Table:
     return t
 
 
-def _quantization_lines(manifest: dict) -> list[str]:
-    q = manifest.get("quantization")
+def _quantization_lines(q) -> list[str]:
     if not q:
         return []
     p = q["parity"]

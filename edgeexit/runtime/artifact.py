@@ -34,7 +34,11 @@ from pathlib import Path
 from types import MappingProxyType
 
 from edgeexit.errors import ArtifactError
+from edgeexit.runtime.plan import unit_names
 
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REQUIRED = ("schema_version", "preprocessing", "class_names", "units", "model")
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -64,6 +68,9 @@ class Unit:
     files: Mapping[str, Path]  # precision -> ONNX file: "fp32" always; "int8" (and "int8_trt", the
     # TensorRT flavour) after export --int8, "fp16" after export --half
     engines: tuple[Engine, ...] = ()
+    flops: float | None = None  # from the checkpoint's cost count (None when it had none)
+    params: int | None = None
+    parity_max_abs_diff: float | None = None  # ONNX Runtime vs PyTorch, this unit alone
 
     def file(self, precision: str = "fp32") -> Path:
         """The unit's ONNX file of ``precision`` (an ArtifactError naming the export flag when absent)."""
@@ -187,13 +194,31 @@ class Artifact:
         return tuple(e for u in self.units for e in u.engines)
 
     @property
+    def parity(self) -> Mapping | None:
+        """Export's ONNX Runtime vs PyTorch check (samples, per-exit differences, tolerance)."""
+        return self.manifest.get("parity")
+
+    @property
+    def quantization(self) -> Mapping | None:
+        """The INT8 settings and their parity (export --int8), or None."""
+        return self.manifest.get("quantization")
+
+    @property
     def split(self) -> Mapping | None:
         """The held-out split from the checkpoint (so calibrate can rebuild it with the dataset)."""
         return self.manifest.get("split")
 
     @property
+    def created(self) -> str | None:
+        return self.manifest.get("created")
+
+    @property
     def dataset(self) -> str | None:
         return self.manifest.get("dataset")
+
+    def to_json(self) -> dict:
+        """The manifest as it is on disk (a fresh dict: what `info --json` prints)."""
+        return json.loads(json.dumps(_thaw(self.manifest)))
 
     def manifest_dict(self) -> dict:
         """The manifest as a fresh mutable dict (what readers not yet migrated use), with the
@@ -206,8 +231,6 @@ class Artifact:
     def load(cls, folder: str | os.PathLike) -> Artifact:
         folder = Path(folder)
         raw = read_manifest_json(folder)
-        from edgeexit.runtime.manifest import check_manifest_dict
-
         check_manifest_dict(folder, raw)  # the field checks of earlier rounds, messages kept
         return _build(folder, raw)
 
@@ -215,8 +238,6 @@ class Artifact:
     def parse(cls, folder: str | os.PathLike, manifest: Mapping) -> Artifact:
         """The same checks and build as `load`, on a manifest already in memory (its private
         ``_`` keys ignored)."""
-        from edgeexit.runtime.manifest import check_manifest_dict
-
         folder = Path(folder)
         raw = json.loads(json.dumps(_thaw({k: v for k, v in manifest.items() if not str(k).startswith("_")})))
         check_manifest_dict(folder, raw)
@@ -251,6 +272,20 @@ def parse_calibration(cal: Mapping | None, num_exits: int, where: str = "manifes
     return _calibration(_thaw(cal) if cal is not None else None, num_exits, _field_error(where))
 
 
+def runtime_fields(manifest: Mapping) -> tuple[int, tuple[str, ...], Preprocessing, Calibration | None]:
+    """(exits, class names, preprocessing, calibration) of an in-memory manifest with no files (a
+    `Cascade` over a runner of your own: units, class_names, preprocessing, calibration)."""
+    try:
+        k = len(manifest["units"]) // 2
+        names = tuple(manifest["class_names"])
+        pre = parse_preprocessing(manifest["preprocessing"])
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"a manifest needs units, class_names and preprocessing ({type(e).__name__}: {e})"
+        ) from None
+    return k, names, pre, parse_calibration(manifest.get("calibration"), k)
+
+
 def parse_units(folder: str | os.PathLike, units: list) -> tuple[Unit, ...]:
     """Unit entries (the manifest's ``units``, or what export is writing) as `Unit`s, files resolved
     inside ``folder``."""
@@ -259,10 +294,178 @@ def parse_units(folder: str | os.PathLike, units: list) -> tuple[Unit, ...]:
     return tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(units))
 
 
+# -- the field checks on the parsed JSON ------------------------------------------------------------
+def check_manifest_dict(folder: Path, manifest: dict) -> None:
+    """The field checks on the parsed JSON (before the typed build in runtime/artifact.py).
+
+    A manifest is data from whoever made the artifact: every file it names must resolve inside
+    the artifact folder (symlinks resolved), and the preprocessing and class names must make sense
+    for the model, so a tampered or careless manifest fails here rather than giving silent garbage."""
+    path = folder / MANIFEST_NAME
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise ArtifactError(f"{path} lacks {', '.join(missing)}: re-export the model")
+    version = manifest["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION or version < 1:
+        raise ArtifactError(
+            f"{path} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
+            "upgrade edgeexit or re-export with this version"
+        )
+    if not isinstance(manifest["model"], dict):
+        raise ArtifactError(f"{path}: model must be an object; re-export the model")
+    _check_units(path, folder, manifest)
+    _check_preprocessing(path, manifest["preprocessing"])
+    _check_class_names(path, manifest)
+    _check_calibration(path, manifest)
+
+
+def artifact_file(folder: str | os.PathLike, name) -> Path:
+    """``folder/name`` for a file a manifest names, refusing anything that leaves the artifact:
+    an absolute path, ``..``, or a symlink (anywhere on the way) that resolves outside."""
+    folder = Path(folder)
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{folder / MANIFEST_NAME} names a file as {name!r}: not a file name; re-export the model")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ArtifactError(
+            f"{folder / MANIFEST_NAME} names {name!r}, outside the artifact: files must be inside {folder}; "
+            "re-export the model"
+        )
+    path = folder / rel
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ArtifactError(f"{path} resolves outside the artifact {folder} (a symlink?): re-export the model")
+    return path
+
+
+def _check_units(path: Path, folder: Path, manifest: dict) -> None:
+    units = manifest["units"]
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise ArtifactError(f"{path}: units must be a list of objects; re-export the model")
+    names = [u.get("name") for u in units]
+    k = len(names) // 2
+    if k == 0 or names != unit_names(k):
+        raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
+    for u in units:
+        _check_unit_io(path, u)
+        onnx_path = artifact_file(folder, u.get("onnx"))
+        if not onnx_path.is_file():
+            raise ArtifactError(f"{onnx_path} is missing: re-export the model")
+        if "onnx_int8" in u:
+            artifact_file(folder, u["onnx_int8"])
+        engines = u.get("engines") or []
+        if not isinstance(engines, list):
+            raise ArtifactError(f"{path}: unit {u['name']} engines must be a list; re-export the model")
+        for engine in engines:
+            artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
+    if "weights" in manifest:
+        artifact_file(folder, manifest["weights"])
+    frames = manifest.get("calibration_frames")
+    if frames is not None:
+        if not isinstance(frames, dict):
+            raise ArtifactError(f"{path}: calibration_frames must be an object; re-export the model")
+        artifact_file(folder, frames.get("path"))
+
+
+def _check_unit_io(path: Path, u: dict) -> None:
+    kind = "segment" if u["name"].startswith("seg_") else "head"
+    if u.get("kind") != kind:
+        raise ArtifactError(f"{path}: unit {u['name']} must have kind '{kind}'; re-export the model")
+    for key in ("inputs", "outputs"):
+        io = u.get(key)
+        ok = (
+            isinstance(io, list)
+            and io
+            and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list) for t in io
+            )
+        )
+        if not ok:
+            raise ArtifactError(
+                f"{path}: unit {u['name']} {key} must list {{name, shape}} objects; re-export the model"
+            )
+
+
+def _check_calibration(path: Path, manifest: dict) -> None:
+    """A calibration block that the runtime would trip over later is refused now."""
+    from edgeexit.runtime.policies import POLICIES
+
+    cal = manifest.get("calibration")
+    if cal is None:
+        return
+
+    def bad(what: str):
+        return ArtifactError(f"{path}: calibration {what}; run `edgeexit calibrate` again")
+
+    if not isinstance(cal, dict):
+        raise bad("is not an object")
+    th = cal.get("thresholds")
+    k = len(manifest["units"]) // 2
+    if th is not None and not (isinstance(th, list) and len(th) == k and all(_finite(t) for t in th)):
+        raise bad(f"thresholds must be {k} finite numbers, got {th!r}")
+    ladder = cal.get("ladder")
+    if ladder is not None and not (
+        isinstance(ladder, list)
+        and all(
+            isinstance(r, dict)
+            and isinstance(r.get("thresholds"), list)
+            and len(r["thresholds"]) == k
+            and all(_finite(t) for t in r["thresholds"])
+            and _finite(r.get("predicted_ms"))
+            and _finite(r.get("predicted_accuracy"))
+            for r in ladder
+        )
+    ):
+        raise bad(f"ladder must list {{thresholds ({k} numbers), predicted_ms, predicted_accuracy}} objects")
+    policy = cal.get("policy", "max_softmax")
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise bad(f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}")
+    table = (cal.get("latency") or {}).get("units") if isinstance(cal.get("latency"), dict | None) else None
+    if table is not None:
+        names = unit_names(k)
+        if not (
+            isinstance(table, dict)
+            and all(isinstance(table.get(n), dict) and _finite(table[n].get("p95_ms")) for n in names)
+        ):
+            raise bad("latency.units must give p95_ms for every unit")
+
+
+def _check_preprocessing(path: Path, pre) -> None:
+    def bad(what: str):
+        return ArtifactError(f"{path}: preprocessing {what}; re-export the model")
+
+    if not isinstance(pre, dict):
+        raise bad("is not an object")
+    chans = pre.get("in_chans")
+    if chans not in (1, 3):
+        raise bad(f"in_chans must be 1 or 3, got {chans!r}")
+    size = pre.get("input_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 8192 for v in size)):
+        raise bad(f"input_size must be [H, W] with 1..8192 pixels each, got {size!r}")
+    for key, positive in (("mean", False), ("std", True)):
+        v = pre.get(key)
+        ok = isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v)
+        if not ok or (positive and not all(x > 0 for x in v)):
+            need = "positive finite numbers" if positive else "finite numbers"
+            raise bad(f"{key} must be {chans} {need} (one per channel), got {v!r}")
+
+
+def _check_class_names(path: Path, manifest: dict) -> None:
+    names = manifest["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise ArtifactError(f"{path}: class_names must be a non-empty list of strings; re-export the model")
+    try:
+        classes = manifest["units"][1]["outputs"][0]["shape"][1]
+    except (KeyError, IndexError, TypeError):
+        return  # an artifact without recorded shapes: nothing to compare with
+    if isinstance(classes, int) and classes != len(names):
+        raise ArtifactError(
+            f"{path}: {len(names)} class_names but the model has {classes} classes; re-export the model"
+        )
+
+
+
 # -- parsing --------------------------------------------------------------------------------------
 def read_manifest_json(folder: Path) -> dict:
-    from edgeexit.runtime.manifest import MANIFEST_NAME
-
     path = folder / MANIFEST_NAME
     if not folder.exists():
         raise ArtifactError(f"{folder} does not exist: create it with `edgeexit export MODEL.pt --out {folder}`")
@@ -342,8 +545,6 @@ def _finite(x) -> bool:
 
 
 def _build(folder: Path, m: dict) -> Artifact:
-    from edgeexit.runtime.manifest import MANIFEST_NAME, artifact_file
-
     where = folder / MANIFEST_NAME
 
     def bad(field_name: str, what: str, fix: str = "re-export the model"):
@@ -417,8 +618,6 @@ def _tensor(t: dict, where: str, bad) -> TensorSpec:
 
 
 def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
-    from edgeexit.runtime.manifest import artifact_file
-
     name = u["name"]
     inputs = tuple(_tensor(t, f"units[{name}].inputs[{i}]", bad) for i, t in enumerate(u["inputs"]))
     outputs = tuple(_tensor(t, f"units[{name}].outputs[{i}]", bad) for i, t in enumerate(u["outputs"]))
@@ -440,7 +639,9 @@ def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
                 "rebuild the engines (edgeexit export --format engine)",
             )
         parsed.append(Engine(artifact_file(folder, e.get("path")), e["precision"], _freeze(e)))
-    return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed))
+    stats = {key: u.get(key) for key in ("flops", "params", "parity_max_abs_diff")}
+    stats = {key: v if _finite(v) else None for key, v in stats.items()}
+    return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats)
 
 
 def _model(model: dict, k: int, bad) -> ModelInfo:
@@ -529,8 +730,6 @@ def _check_wiring(units, pre: Preprocessing, model: ModelInfo, n_names: int, bad
 
 
 def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
-    from edgeexit.runtime.manifest import artifact_file
-
     if not info:
         return None
     sha = info.get("sha256")
@@ -548,8 +747,6 @@ def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
 def _check_unique(folder: Path, units, weights, frames) -> None:
     """Every file belongs to one unit (or to the weights, or the frames); a unit may name one file for
     several precisions (an INT8 export keeps the heads FP32: ``onnx_int8`` is ``onnx``)."""
-    from edgeexit.runtime.manifest import MANIFEST_NAME
-
     seen: dict[Path, tuple[str, str]] = {}
     named = [(u.name, f"units[{u.name}].files.{p}", path) for u in units for p, path in u.files.items()]
     named += [(u.name, f"units[{u.name}].engines[{i}]", e.path) for u in units for i, e in enumerate(u.engines)]
@@ -568,7 +765,6 @@ def _check_unique(folder: Path, units, weights, frames) -> None:
 
 
 def _calibration(cal, k: int, bad) -> Calibration | None:
-    from edgeexit.runtime.plan import unit_names
     from edgeexit.runtime.policies import POLICIES
 
     if cal is None:

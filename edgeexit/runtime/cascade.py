@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgeexit.errors import ArtifactError
-from edgeexit.runtime.artifact import Artifact, as_artifact, parse_calibration, parse_preprocessing
+from edgeexit.runtime.artifact import Artifact, as_artifact, runtime_fields
 from edgeexit.runtime.backends import Runner, choose_backend, create_backend
 from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
 from edgeexit.runtime.policies import get_policy
@@ -507,9 +507,7 @@ def _contract(manifest):
         return art, art.num_exits, art.class_names, art.preprocessing, art.calibration
     if not isinstance(manifest, Mapping):
         raise TypeError(f"manifest must be an Artifact or a manifest dict, got {type(manifest).__name__}")
-    k = len(manifest["units"]) // 2
-    pre = parse_preprocessing(manifest["preprocessing"])
-    return None, k, tuple(manifest["class_names"]), pre, parse_calibration(manifest.get("calibration"), k)
+    return (None, *runtime_fields(manifest))
 
 
 _FINGERPRINT_KEYS = (

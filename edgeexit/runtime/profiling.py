@@ -115,3 +115,30 @@ def fused_frame_overhead_ms(cascade, frame, first_group_p50: float, repeats: int
     cheapest = cascade.derive(CascadePlan.first_exit(cascade.num_exits), fuse=True)
     lat = time_call(lambda: cheapest.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
     return max(0.0, lat - first_group_p50)
+
+
+def verify(cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_correct: bool = False) -> dict:
+    """Run the real cascade frame by frame (the camera path, preprocessing included) with
+    ``thresholds`` (a list or a CascadePlan), without changing ``cascade`` itself. ``keep_correct``:
+    also return the per-frame correctness (for paired comparisons)."""
+    view = cascade.derive(thresholds)
+    lat, correct, exits = [], [], []
+    for f, y in zip(frames, labels, strict=True):
+        p = view.predict(f)
+        lat.append(p.latency_ms)
+        correct.append(p.label == y)
+        exits.append(p.exit_index)
+    lat_a = np.asarray(lat)
+    counts = np.bincount(np.asarray(exits) - 1, minlength=cascade.num_exits)
+    return {
+        "accuracy": float(np.mean(correct)),
+        "latency_ms": float(lat_a.mean()),
+        "mean_ms": float(lat_a.mean()),
+        "p50_ms": float(np.median(lat_a)),
+        "p95_ms": float(np.percentile(lat_a, 95)),
+        "p99_ms": float(np.percentile(lat_a, 99)),
+        "samples": len(lat),
+        "exit_shares": (counts / len(exits)).tolist(),
+        "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(counts)},
+        **({"correct": np.asarray(correct, bool)} if keep_correct else {}),
+    }

@@ -100,7 +100,7 @@ def evaluate_checkpoint(
     from edgeexit.data import load_dataset
     from edgeexit.data.datasets import load_heldout
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
-    from edgeexit.train.trainer import resolve_device
+    from edgeexit.train.torch_device import resolve_device
 
     if limit_eval is not None and limit_eval < 1:
         raise UserError(f"--limit-eval must be at least 1, got {limit_eval}")

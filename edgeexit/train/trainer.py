@@ -31,6 +31,7 @@ from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_c
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
 from edgeexit.train.losses import METHODS, LossConfig, build_task
 from edgeexit.train.recipes import Recipe, get_recipe
+from edgeexit.train.torch_device import resolve_device
 from edgeexit.util import ContentionGuard
 
 
@@ -142,19 +143,6 @@ def lr_at(recipe: Recipe, epoch_progress: float) -> float:
         return recipe.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     drops = sum(1 for m in recipe.milestones if epoch_progress >= m)
     return recipe.lr * (recipe.lr_gamma**drops)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        if dist.is_available() and dist.is_initialized() and not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got '{device}'") from None
 
 
 def _distributed() -> tuple[int, int]:
