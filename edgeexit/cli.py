@@ -164,24 +164,26 @@ def _write_json(path: Path | None, payload: dict) -> None:
     console.print(f"wrote {path}", markup=False, highlight=False)
 
 
-def _parse_budget(text: str) -> float:
-    from edgeexit.calibrate.optimizer import parse_budget_ms
+def _parse_budget(text: str) -> tuple[float | None, float | None]:
+    """(ms, None) or (None, share of the full model's latency) for every ``--budget``."""
+    from edgeexit.util import parse_budget
 
-    return parse_budget_ms(text)
+    return parse_budget(text) if text else (None, None)
 
 
-def _parse_fraction(text: str) -> float | None:
-    """'50%' → 0.5; anything else → None (a time budget)."""
-    t = text.strip()
-    if not t.endswith("%"):
-        return None
-    try:
-        value = float(t[:-1]) / 100
-    except ValueError:
-        raise UserError(f"cannot read budget '{text}': write it like 50%") from None
-    if not 0 < value <= 100:  # NaN fails too
-        raise UserError(f"a budget in percent must be within (0%, 10000%], got '{text}'")
-    return value
+def _run_budget_ms(artifact: Path, budget: str) -> float | None:
+    """`run --budget`: a time, or a share of the full model's latency that calibrate predicted."""
+    budget_ms, fraction = _parse_budget(budget)
+    if fraction is None:
+        return budget_ms
+    from edgeexit.runtime.artifact import Artifact
+
+    cal = Artifact.load(artifact).calibration
+    full = (cal.block.get("full_model") or {}).get("predicted_ms") if cal is not None else None
+    if not isinstance(full, int | float):
+        raise UserError(f"--budget {budget} is a share of the full model's latency, which calibrate records: "
+                        "calibrate this artifact first, or give a time (5ms)")  # fmt: skip
+    return fraction * float(full)
 
 
 def version_callback(value: bool) -> None:
@@ -408,9 +410,11 @@ def export(
         ),
     ] = "onnx",
     half: Annotated[bool, typer.Option("--half", help="Build FP16 TensorRT engines.")] = False,
-    batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT optimisation profile.")] = 64,
+    batch: Annotated[
+        int, typer.Option(help="Largest batch of the TensorRT optimisation profile (--format engine).")
+    ] = 64,
     batch_opt: BatchOptOpt = 1,
-    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 2.0,
+    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB (--format engine).")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (17-20).")] = 17,
     simplify: Annotated[
         bool, typer.Option("--simplify/--no-simplify", help="Simplify each unit with onnxslim.")
@@ -426,6 +430,10 @@ def export(
     int8: Int8Opt = False,
     int8_images: Int8ImagesOpt = 512,
     int8_method: Int8MethodOpt = "minmax",
+    int8_tolerance: Annotated[
+        float,
+        typer.Option("--int8-tolerance", help="Largest per-exit accuracy drop INT8 vs FP32 (a fraction) that passes."),
+    ] = 0.01,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
@@ -437,17 +445,11 @@ def export(
     _outputs(json=json_out)
     from edgeexit.export.exporter import export_checkpoint
 
-    options = dict(locals())  # every option above; ExportOptions validates them, once
-    for cli_name, name in (
-        ("format", "fmt"),
-        ("batch", "max_batch"),
-        ("batch_opt", "opt_batch"),
-        ("workspace", "workspace_gib"),
-    ):
-        options[name] = options.pop(cli_name)
-    for name in ("checkpoint", "json_out", "export_checkpoint"):
-        options.pop(name)
-    options["data_dir"] = str(data_dir) if data_dir else None
+    options = dict(  # each flag under its own name (ExportOptions validates them, once)
+        out=out, format=format, half=half, batch=batch, batch_opt=batch_opt, workspace=workspace, opset=opset,
+        simplify=simplify, parity_samples=parity_samples, tolerance=tolerance, force=force, calib_images=calib_images,
+        int8=int8, int8_images=int8_images, int8_method=int8_method, int8_tolerance=int8_tolerance,
+        data_dir=str(data_dir) if data_dir else None)  # fmt: skip
     manifest, path = export_checkpoint(checkpoint, console=console, **options)
     from edgeexit.export.report import info_table
     from edgeexit.runtime.artifact import Artifact
@@ -497,10 +499,10 @@ def calibrate(
     _outputs(plot=plot, json=json_out)
     if not budget and not max_drop:
         raise UserError("give --budget (e.g. 5ms or 50%), --max-drop (e.g. 0.5pt), or both")
-    fraction = _parse_fraction(budget) if budget else None
+    budget_ms, fraction = _parse_budget(budget)
     result = run_calibration(
         artifact,
-        budget_ms=_parse_budget(budget) if budget and fraction is None else None,
+        budget_ms=budget_ms,
         budget_fraction=fraction,
         max_drop=_parse_drop(max_drop) if max_drop else None,
         confidence=confidence,
@@ -562,7 +564,8 @@ def run(
     budget: Annotated[
         str,
         typer.Option(
-            help="Hold the mean latency at this budget (5ms) as the device drifts: moves along the calibration's plans."
+            help="Hold the mean latency at this budget (5ms, 800us, 0.005s, or 50% of the full model's latency "
+            "calibrate predicted) as the device drifts: moves along the calibration's plans."
         ),
     ] = "",
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
@@ -583,7 +586,7 @@ def run(
     sources = source or ["0"]
     streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
     extra = {"precision": precision} if precision else {}
-    cascade = Cascade.load(artifact, backend=backend, budget_ms=_parse_budget(budget) if budget else None, **extra)
+    cascade = Cascade.load(artifact, backend=backend, budget_ms=_run_budget_ms(artifact, budget), **extra)
     console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
     if streamed:
         from edgeexit.runtime.streams import run_streams
@@ -670,7 +673,10 @@ def quickstart(
     ] = "",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
     limit_train: Annotated[
-        int | None, typer.Option("--limit-train", help="Training images (of the 55,000 after the held-out split).")
+        int | None,
+        typer.Option(
+            "--limit-train", help="Train on the first N of the 55,000 training images (after the held-out split)."
+        ),
     ] = 20000,
     width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
     test_images: Annotated[
@@ -684,10 +690,10 @@ def quickstart(
     """The whole flow on Fashion-MNIST: train → eval → export → calibrate → run, with a summary."""
     from edgeexit.quickstart import run_quickstart
 
-    fraction = _parse_fraction(budget) if budget else None
+    budget_ms, fraction = _parse_budget(budget)
     run_quickstart(
         out=out,
-        budget_ms=None if (fraction or not budget) else _parse_budget(budget),
+        budget_ms=budget_ms,
         budget_fraction=fraction,
         max_drop=_parse_drop(max_drop),
         run_images=test_images,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -116,11 +117,7 @@ def check_input_file(
         raise UserError(f"{what} {path} cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):
         kind = (
-            "a folder"
-            if stat.S_ISDIR(st.st_mode)
-            else "a FIFO"
-            if stat.S_ISFIFO(st.st_mode)
-            else "not a regular file"
+            "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
         )
         raise UserError(f"{what} {path} is {kind}: edgeexit reads regular files only")
     if root is not None and not path.resolve().is_relative_to(Path(root).resolve()):
@@ -240,3 +237,28 @@ def shorten(text: str, limit: int = 200) -> str:
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s|%)?\s*$")
+
+
+def parse_budget(text: str | float) -> tuple[float | None, float | None]:
+    """Every ``--budget`` (calibrate, run, quickstart): '5ms', '800us', '0.005s' or a bare number of
+    milliseconds → (ms, None); '50%' (of the full model's latency) → (None, 0.5)."""
+    from edgeexit.errors import UserError
+
+    if isinstance(text, int | float):
+        value, unit = float(text), "ms"
+    else:
+        m = _BUDGET.match(str(text))
+        if not m:
+            raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us, 0.005s or 50%")
+        value, unit = float(m.group(1)), (m.group(2) or "ms")
+    if unit == "%":
+        if not (math.isfinite(value) and 0 < value <= 10000):
+            raise UserError(f"a budget in percent must be within (0%, 10000%], got '{text}'")
+        return None, value / 100
+    ms = value * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit]
+    if not (math.isfinite(ms) and ms > 0):
+        raise UserError(f"budget must be a positive finite time, got '{text}'")
+    return ms, None

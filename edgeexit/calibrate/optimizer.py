@@ -20,8 +20,6 @@ Every step only improves the objective, so the search terminates; tests compare 
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,21 +36,15 @@ from edgeexit.runtime.plan import (
     segment_name,
 )
 
-_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s)?\s*$")
-
 
 def parse_budget_ms(text: str | float) -> float:
-    """'5ms', '800us', '0.005s' (or a bare number of milliseconds) → milliseconds."""
-    if isinstance(text, int | float):
-        value, unit = float(text), "ms"
-    else:
-        m = _BUDGET.match(str(text))
-        if not m:
-            raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us or 0.005s")
-        value, unit = float(m.group(1)), (m.group(2) or "ms")
-    ms = value * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit]
-    if not (math.isfinite(ms) and ms > 0):
-        raise UserError(f"budget must be a positive finite time, got '{text}'")
+    """'5ms', '800us', '0.005s' (or a bare number of milliseconds) → milliseconds (the one parser is
+    `edgeexit.util.parse_budget`; a percentage is refused here, where no full model is known)."""
+    from edgeexit.util import parse_budget
+
+    ms, fraction = parse_budget(text)
+    if fraction is not None:
+        raise UserError(f"budget '{text}' is a share of the full model's latency: give a time here (5ms)")
     return ms
 
 
@@ -388,6 +380,7 @@ def plan_ladder(
 
 # --- Budget mode that holds on new images: the approach is chosen out of fold ---------------------------------
 
+
 def _fit_optimised(conf, correct, cost, budget_ms, metric, quick=False):
     kw = {"lambdas": 16, "pairs": False} if quick else {}
     return optimize(conf, correct, cost, budget_ms, metric, **kw)[0].thresholds
@@ -422,8 +415,13 @@ class CrossFit:
 
 
 def cross_fitted(
-    conf: np.ndarray, correct: np.ndarray, cost: CostModel, budget_ms: float, metric: str = "mean",
-    folds: int = 5, seed: int = 0,
+    conf: np.ndarray,
+    correct: np.ndarray,
+    cost: CostModel,
+    budget_ms: float,
+    metric: str = "mean",
+    folds: int = 5,
+    seed: int = 0,
 ) -> CrossFit:
     """Choose between the free optimiser, MSDNet's geometric thresholds and the full model by their
     accuracy on frames they were not fitted on (K-fold cross-fitting: fit on K-1 folds, score the

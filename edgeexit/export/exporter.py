@@ -34,14 +34,15 @@ def _stage(console, text: str, t0: float) -> None:
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """Every option of `edgeexit export`, validated in one place."""
+    """Every option of `edgeexit export`, validated in one place. Field ``x_y`` is the flag ``--x-y``
+    (errors name the flag). Python callers may still use the earlier names (`ALIASES`)."""
 
     out: str | os.PathLike | None = None
-    fmt: str = "onnx"
+    format: str = "onnx"
     half: bool = False
-    max_batch: int = 64
-    opt_batch: int = 1  # the TensorRT profile is tuned for this batch (the camera path runs 1)
-    workspace_gib: float = 2.0
+    batch: int = 64  # the TensorRT profile's largest batch
+    batch_opt: int = 1  # the TensorRT profile is tuned for this batch (the camera path runs 1)
+    workspace: float = 2.0  # GiB
     opset: int = 17
     simplify: bool = True
     parity_samples: int = 256
@@ -65,20 +66,41 @@ class ExportOptions:
             raise UserError(f"--int8-tolerance must be within 0..1, got {self.int8_tolerance}")
         if not 0 <= self.calib_images <= 100_000:
             raise UserError(f"--calib-images must be within 0..100000, got {self.calib_images}")
-        if self.fmt not in ("onnx", "engine"):
-            raise UserError(f"unknown --format '{self.fmt}': use onnx or engine")
+        if self.format not in ("onnx", "engine"):
+            raise UserError(f"unknown --format '{self.format}': use onnx or engine")
+        engine_only = [f"--{k.replace('_', '-')}" for k in ENGINE_ONLY if getattr(self, k) != _DEFAULTS[k]]
+        if self.format == "onnx" and engine_only:
+            raise UserError(
+                f"{', '.join(engine_only)} configure{'s' if len(engine_only) == 1 else ''} the TensorRT engines: "
+                "add --format engine, or leave them out"
+            )
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UserError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
         if self.parity_samples < 1:
             raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
-        if not 1 <= self.max_batch <= 4096:
-            raise UserError(f"--batch must be within 1..4096, got {self.max_batch}")
-        if not 1 <= self.opt_batch <= self.max_batch:
-            raise UserError(f"--batch-opt must be within 1..--batch ({self.max_batch}), got {self.opt_batch}")
-        if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
-            raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace_gib}")
+        if not 1 <= self.batch <= 4096:
+            raise UserError(f"--batch must be within 1..4096, got {self.batch}")
+        if not 1 <= self.batch_opt <= self.batch:
+            raise UserError(f"--batch-opt must be within 1..--batch ({self.batch}), got {self.batch_opt}")
+        if not (math.isfinite(self.workspace) and self.workspace > 0):
+            raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise UserError(f"--tolerance must be a positive number, got {self.tolerance}")
+
+    @classmethod
+    def from_kwargs(cls, **options) -> ExportOptions:
+        """``ExportOptions(**options)`` with the earlier Python names (fmt, max_batch, ...) accepted."""
+        for old, new in ALIASES.items():
+            if old in options:
+                if new in options:
+                    raise TypeError(f"export options {old!r} and {new!r} are one option: give one")
+                options[new] = options.pop(old)
+        return cls(**options)
+
+
+ALIASES = {"fmt": "format", "max_batch": "batch", "opt_batch": "batch_opt", "workspace_gib": "workspace"}
+ENGINE_ONLY = ("batch", "batch_opt", "workspace")  # refused with --format onnx (Ultralytics' validate_args)
+_DEFAULTS = {"batch": 64, "batch_opt": 1, "workspace": 2.0}
 
 
 def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
@@ -90,14 +112,14 @@ def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
         tmp,
         units,
         half=opts.half,
-        max_batch=opts.max_batch,
-        workspace_gib=opts.workspace_gib,
-        opt_batch=opts.opt_batch,
+        max_batch=opts.batch,
+        workspace_gib=opts.workspace,
+        opt_batch=opts.batch_opt,
         timing_cache=_previous_timing_cache(dest),
         int8=opts.int8,
     )
     precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
-    _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.max_batch})", t0)
+    _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.batch})", t0)
     return _check_engines(tmp, units, heldout, opts, precision, console)
 
 
@@ -106,10 +128,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
     from edgeexit.data.datasets import load_heldout
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    opts = ExportOptions(**options)
+    opts = ExportOptions.from_kwargs(**options)
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
-    if opts.fmt == "engine":
+    if opts.format == "engine":
         from edgeexit.runtime.backends.tensorrt import import_tensorrt
 
         import_tensorrt()  # fail before any work if TensorRT is missing
@@ -126,7 +148,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else None
         fp16 = _write_fp16(tmp, units, heldout, opts, console) if opts.half else None
         _write_weights(ckpt, tmp)
-        engine_check = _engines(tmp, units, heldout, opts, dest, console) if opts.fmt == "engine" else None
+        engine_check = _engines(tmp, units, heldout, opts, dest, console) if opts.format == "engine" else None
         manifest = build_manifest(
             ckpt,
             units,

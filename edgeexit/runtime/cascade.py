@@ -202,6 +202,11 @@ class Cascade:
         return np.asarray(self.plan.thresholds)
 
     @property
+    def preprocessing(self):
+        """The artifact's `Preprocessing` (input size, channels, mean, std): what `Preprocessor` takes."""
+        return self._preprocessing
+
+    @property
     def fuse(self) -> bool:
         return self._fuse
 
