@@ -13,7 +13,8 @@ Order (each step is timed and recorded; a failing step records its error and the
 6. onnxruntime-cuda parity and latency, if onnxruntime has the CUDA execution provider.
 
 0. cudart smoke (cuda-python, when importable): buffers, H2D/D2D/D2H copies, stream capture,
-   graph instantiate + launch, the same calls the TensorRT backend makes.
+   graph instantiate + launch, pinned (and, on an integrated GPU, mapped) host staging: the same
+   calls the TensorRT backend makes.
 
 Comparisons run at fixed test thresholds where every exit takes rows (not only the full-model
 plan), plus a per-exit `exit_statistics` comparison (max |Δconfidence|).
@@ -183,6 +184,7 @@ def cudart_smoke() -> dict:
 
     from edgeexit.runtime.backends.cuda import (
         DeviceBuffer,
+        HostBuffer,
         check,
         copy_rows,
         create_stream,
@@ -216,6 +218,14 @@ def cudart_smoke() -> dict:
     check(rt.cudaStreamSynchronize(stream))
     assert np.array_equal(back, x), "graph replay did not copy"
     check(rt.cudaGraphExecDestroy(exe))
+    # D20: the backend's page-locked staging (and mapped zero copy on an integrated GPU)
+    pin_in, pin_out = HostBuffer(x.nbytes), HostBuffer(x.nbytes, mapped=info["integrated"])
+    pin_in.array()[: x.size] = x.ravel()
+    check(rt.cudaMemcpyAsync(a.ptr, pin_in.ptr, x.nbytes, k.cudaMemcpyHostToDevice, stream))
+    check(rt.cudaMemcpyAsync(pin_out.ptr, a.ptr, x.nbytes, k.cudaMemcpyDeviceToHost, stream))
+    check(rt.cudaStreamSynchronize(stream))
+    assert np.array_equal(pin_out.array()[: x.size], x.ravel()), "pinned round trip gave wrong bytes"
+    pin_in.close(), pin_out.close()
     a.close(), b.close()
     check(rt.cudaStreamDestroy(stream))
     _, drv = rt.cudaDriverGetVersion()
@@ -248,8 +258,11 @@ def main() -> int:
         "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
     ).is_file()
     if not has_data and not (ROOT / "runs" / "quickstart" / "model.pt").is_file():
-        report["data"] = {"ok": False, "error": f"no Fashion-MNIST in {args.data_dir} or /usr/share/datasets: copy "
-                          "data/fashion-mnist (the four .gz files, 30 MB) along"}
+        report["data"] = {
+            "ok": False,
+            "error": f"no Fashion-MNIST in {args.data_dir} or /usr/share/datasets: copy "
+            "data/fashion-mnist (the four .gz files, 30 MB) along",
+        }
         _save(report)
         print(f"[gpu-check] FAILED: {report['data']['error']}", flush=True)
         return 1

@@ -443,6 +443,19 @@ class FakeCudart(types.ModuleType):
             return (CudaError.cudaSuccess,)
         return self._enqueue(stream, op)
 
+    def cudaMemsetAsync(self, ptr, value, nbytes, stream):
+        gate = self._gate()
+        if gate:
+            return gate
+        ptr, n = int(ptr), int(nbytes)
+        if not self.is_device(ptr) or self._device_span(ptr, n) is None:
+            return self._ret(CudaError.cudaErrorInvalidValue)
+
+        def op():
+            ctypes.memset(self.device_memory(ptr, n), int(value), n)
+
+        return self._enqueue(stream, op)
+
     # -- streams, events and graphs ----------------------------------------------------------------
     def cudaStreamCreate(self):
         return self.cudaStreamCreateWithFlags(self.cudaStreamDefault)

@@ -323,3 +323,65 @@ def test_s15_close_with_work_still_queued_faults_nothing(built, monkeypatch, tes
     c.close()
     assert rt.sticky is None and rt.pending() == 0 and trt.live_contexts == 0
     assert rt.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0, "pinned": 0}
+
+
+@pytest.mark.parametrize("integrated", [False, True])
+def test_gpu_checks_cudart_smoke_step_passes_under_the_simulations_rules(monkeypatch, integrated):
+    """benchmarks/gpu_check.py's cudart step (D21) is the first thing a real GPU runs: its own
+    logic (syncs, kinds, capture, pinned and mapped staging) must hold under the strict fake."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("gpu_check", None)
+    import gpu_check
+
+    _, rt = install(monkeypatch)
+    rt.integrated = integrated
+    out = gpu_check.cudart_smoke()
+    assert out["name"] == "Simulated GPU" and out["integrated"] is integrated
+    assert rt.sticky is None and rt.live() == {"buffers": 0, "streams": 0, "graphs": 0, "graph_execs": 0, "pinned": 0}
+
+
+def test_s14_two_threads_predicting_on_one_cascade_get_the_reference_answers(
+    built, monkeypatch, test_frames, reference
+):
+    """The runner is not thread safe (one stream, shared staging and graphs): the Cascade's lock
+    must serialise callers; with queued execution a race would hand one thread the other's rows."""
+    c, _, rt = _load(built, monkeypatch)
+    frames, _ = test_frames
+    got: dict = {}
+
+    def singles():
+        got["a"] = [_pairs([c.predict(f)])[0] for f in frames[:100]]
+
+    def batches():
+        got["b"] = [p for s in range(100, 200, 7) for p in _pairs(c.predict_batch(frames[s : min(s + 7, 200)]))]
+
+    threads = [threading.Thread(target=singles), threading.Thread(target=batches)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got["a"] == reference[:100] and got["b"] == reference[100:200]
+    assert rt.sticky is None and rt.pending() == 0
+
+
+def test_d24_d25_the_requested_precision_picks_the_engines_and_no_precision_means_fp32(built, monkeypatch):
+    import json
+
+    from edgeexit.runtime.artifact import parse_units
+    from edgeexit.runtime.backends.tensorrt import select_engine, tensorrt_usable
+    from edgeexit.runtime.manifest import load_manifest
+
+    install(monkeypatch, version="10.3.0")
+    manifest = load_manifest(built["10.3.0"])  # fp32 engines only
+    assert tensorrt_usable(manifest, "fp32")[0] and tensorrt_usable(manifest)[0]
+    ok, why = tensorrt_usable(manifest, "int8")  # D24: auto then passes TensorRT over
+    assert not ok and "no int8 TensorRT engines" in why
+    units = json.loads((built["10.3.0"] / "manifest.json").read_text())["units"]
+    for u in units:
+        u["engines"].insert(0, {**u["engines"][0], "precision": "fp16"})  # fp16 listed first
+    parsed = parse_units(built["10.3.0"], units)
+    assert {select_engine(u, None).precision for u in parsed} == {"fp32"}  # D25
+    assert {select_engine(u, "fp16").precision for u in parsed} == {"fp16"}

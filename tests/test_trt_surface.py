@@ -221,3 +221,18 @@ def test_the_fake_cuda_runtime_uses_cuda_pythons_values():
     assert int(runtime.cudaStreamLegacy) == fake.cudaStreamLegacy
     props = fake.cudaGetDeviceProperties(0)[1]
     assert all(hasattr(runtime.cudaDeviceProp(), f) for f in vars(props))
+
+
+def test_every_cuda_runtime_name_edgeexit_calls_is_real_and_simulated():
+    """The cudart names in the backend's sources (``rt.cuda...``, ``cudart().cuda...``) exist in the
+    real cuda-python runtime, and the fake defines each (so the simulation runs what ships)."""
+    runtime = pytest.importorskip("cuda.bindings.runtime")
+    src = (
+        "".join((ROOT / "edgeexit" / "runtime" / "backends" / f).read_text() for f in ("cuda.py", "tensorrt.py"))
+        + (ROOT / "benchmarks" / "gpu_check.py").read_text()
+    )
+    called = set(re.findall(r"(?:\brt|cudart\(\))\.(cuda\w+)", src))
+    assert {"cudaMallocHost", "cudaHostAlloc", "cudaHostGetDevicePointer", "cudaFreeHost"} <= called
+    fake = FakeCudart()
+    assert not [n for n in called if not hasattr(runtime, n)]
+    assert not [n for n in called if not hasattr(fake, n)]

@@ -181,9 +181,10 @@ def engine_parity(folder: Path, units: list[dict], images, labels, precision: st
     from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
 
-    backend = TensorRTBackend({"_folder": str(folder), "units": units}, precision=precision, cuda_graphs=False)
+    parsed = parse_units(folder, units)
+    backend = TensorRTBackend.for_units(folder, parsed, precision=precision, cuda_graphs=False)
     try:  # the FP32 units on the CPU, through the runtime's own runner (no sessions of our own)
-        reference = OnnxRuntimeBackend.for_units(folder, parse_units(folder, units), "fp32")
+        reference = OnnxRuntimeBackend.for_units(folder, parsed, "fp32")
     except BaseException:
         backend.close()
         raise

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import operator
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from edgeexit.errors import UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
-from edgeexit.runtime.manifest import artifact_file
 
 ITEMSIZE = 4  # every unit tensor is float32
 MAX_GRAPHS = 64  # captured graphs (and their contexts) kept at most; beyond, units run plainly
@@ -88,7 +88,7 @@ def check_trt_version(version: str) -> None:
         )
 
 
-def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None:
+def check_engine_compatible(entry: Mapping, trt_version: str, device: dict) -> None:
     """A plan only runs with the TensorRT version and GPU architecture it was built for."""
     if entry["trt_version"] != trt_version:
         raise UserError(
@@ -103,13 +103,15 @@ def check_engine_compatible(entry: dict, trt_version: str, device: dict) -> None
         )
 
 
-def tensorrt_usable(manifest: dict, precision: str | None = None) -> tuple[bool, str]:
-    """Can the TensorRT backend run this artifact here (at ``precision``, when given: D24)?"""
-    if not any(u.get("engines") for u in manifest["units"]):
+def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
+    """Can the TensorRT backend run this artifact (an `Artifact` or a manifest dict from
+    `load_manifest`) here, at ``precision`` when given (D24)?"""
+    from edgeexit.runtime.artifact import as_artifact
+
+    units = as_artifact(artifact).units
+    if not any(u.engines for u in units):
         return False, "the artifact has no TensorRT engines (export with --format engine on the device)"
-    if precision is not None and not all(
-        any(e["precision"] == precision for e in u.get("engines") or []) for u in manifest["units"]
-    ):
+    if precision is not None and not all(any(e.precision == precision for e in u.engines) for u in units):
         return False, f"the artifact has no {precision} TensorRT engines"
     try:
         import_tensorrt()
@@ -121,19 +123,19 @@ def tensorrt_usable(manifest: dict, precision: str | None = None) -> tuple[bool,
     return True, "engines present, TensorRT and a GPU found"
 
 
-def select_engine(unit: dict, precision: str | None) -> dict:
+def select_engine(unit, precision: str | None):
+    """The `Engine` of ``unit`` (an artifact `Unit`) to run at ``precision``."""
     from edgeexit.errors import ArtifactError
 
-    engines = unit.get("engines") or []
+    engines = list(unit.engines)
     if precision is not None:
-        engines = [e for e in engines if e["precision"] == precision]
-    elif any(e["precision"] == "fp32" for e in engines):  # D25: no --precision means fp32 when built
-        engines = [e for e in engines if e["precision"] == "fp32"]
+        engines = [e for e in engines if e.precision == precision]
+    elif any(e.precision == "fp32" for e in engines):  # D25: no --precision means fp32 when built
+        engines = [e for e in engines if e.precision == "fp32"]
     if not engines:
         want = f" {precision}" if precision else ""
         raise ArtifactError(
-            f"{unit['name']} has no{want} TensorRT engine: run "
-            "`edgeexit export MODEL.pt --format engine` on this device"
+            f"{unit.name} has no{want} TensorRT engine: run `edgeexit export MODEL.pt --format engine` on this device"
         )
     return engines[0]
 
@@ -146,11 +148,11 @@ def _device_memory_size(engine) -> int:
     return int(size)
 
 
-def check_engine_io(trt, engine, unit: dict, max_batch: int, path: str) -> None:
-    """D11: the plan's I/O must be what the manifest says: names, FP32, profile max >= manifest max."""
+def check_engine_io(trt, engine, unit, max_batch: int, path: str) -> None:
+    """D11: the plan's I/O must be what the manifest says (``unit``: an artifact `Unit`): names,
+    FP32, profile max >= manifest max."""
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    want_in = [i["name"] for i in unit["inputs"]]
-    want_out = [o["name"] for o in unit["outputs"]]
+    want_in, want_out = unit.input_names, unit.output_names
     if sorted(names) != sorted(want_in + want_out):
         raise UserError(f"{path}: engine tensors {names} are not the manifest's {want_in + want_out}: re-export")
     for name in names:
@@ -225,7 +227,24 @@ class _Resources:
 class TensorRTBackend(Runner):
     thread_safe = False  # an execution context runs one inference at a time; the Cascade locks
 
-    def __init__(self, manifest: dict, precision: str | None = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, artifact, precision: str | None = None, cuda_graphs: bool = True) -> None:
+        """``artifact``: an `Artifact` (or a manifest dict from `load_manifest`)."""
+        from edgeexit.runtime.artifact import as_artifact
+
+        artifact = as_artifact(artifact)
+        self._open(artifact.folder, artifact.units, precision, cuda_graphs)
+
+    @classmethod
+    def for_units(
+        cls, folder: Path, units: Sequence, precision: str | None = None, cuda_graphs: bool = True
+    ) -> TensorRTBackend:
+        """A backend over units that are not an artifact yet (export runs its engines before
+        publishing them: D12); ``units``: artifact `Unit`s (`parse_units`)."""
+        runner = cls.__new__(cls)
+        runner._open(Path(folder), tuple(units), precision, cuda_graphs)
+        return runner
+
+    def _open(self, folder: Path, units: Sequence, precision: str | None, cuda_graphs: bool) -> None:
         from edgeexit.runtime.backends.cuda import check, create_stream, cuda_device_info, cudart
 
         trt = import_tensorrt()
@@ -237,7 +256,7 @@ class TensorRTBackend(Runner):
             self._res.stream = create_stream()
             self.stream = self._res.stream  # a cudaStream_t object, for cuda-python
             self._trt_stream = operator.index(self.stream)  # its value, the size_t TensorRT takes
-            self._load(trt, manifest, precision)
+            self._load(trt, units, precision)
         except BaseException:
             self._finalizer()
             raise
@@ -249,43 +268,42 @@ class TensorRTBackend(Runner):
     def units(self) -> list:
         return self._res.units
 
-    def _load(self, trt, manifest: dict, precision: str | None) -> None:
+    def _load(self, trt, units: Sequence, precision: str | None) -> None:
         from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self._trt = trt
         self.zero_copy = bool(self.device_info["integrated"])  # D20: a Jetson shares DRAM
         self._v86 = trt_major(trt.__version__) < 9
-        folder = Path(manifest["_folder"])
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._res.runtime = trt.Runtime(self._logger)
-        for u in manifest["units"]:
+        for u in units:
             entry = select_engine(u, precision)
-            check_engine_compatible(entry, trt.__version__, self.device_info)
-            precision = entry["precision"]
-            engine = self._res.runtime.deserialize_cuda_engine(artifact_file(folder, entry["path"]).read_bytes())
+            check_engine_compatible(entry.info, trt.__version__, self.device_info)
+            precision = entry.precision
+            engine = self._res.runtime.deserialize_cuda_engine(entry.path.read_bytes())
             if engine is None:
-                raise RuntimeError(f"TensorRT could not load {entry['path']}")
-            max_batch = int(entry["batch_profile"]["max"])
-            check_engine_io(trt, engine, u, max_batch, entry["path"])
+                raise RuntimeError(f"TensorRT could not load {entry.path.name}")
+            max_batch = int(entry.info["batch_profile"]["max"])  # no typed field for the profile yet
+            check_engine_io(trt, engine, u, max_batch, entry.path.name)
             outputs, host_conf = {}, None
-            for o in u["outputs"]:
-                rest = tuple(int(d) for d in o["shape"][1:])
+            for o in u.outputs:
+                rest = tuple(int(d) for d in o.shape[1:])
                 nbytes = max_batch * int(np.prod(rest)) * ITEMSIZE
-                if self.zero_copy and u["kind"] == "head" and o["name"] == "confidence":
+                if self.zero_copy and u.kind == "head" and o.name == "confidence":
                     buf = HostBuffer(nbytes, mapped=True)  # written by TensorRT, read by the host in place
                     self._res.buffers.append(buf)
-                    outputs[o["name"]], host_conf = (buf.device_ptr, rest), buf.array()
+                    outputs[o.name], host_conf = (buf.device_ptr, rest), buf.array()
                     continue
                 buf = DeviceBuffer(nbytes)
                 self._res.buffers.append(buf)
-                outputs[o["name"]] = (buf.ptr, rest)
+                outputs[o.name] = (buf.ptr, rest)
             self._res.units.append(
                 {
                     "engine": engine,
-                    "inputs": [i["name"] for i in u["inputs"]],
+                    "inputs": u.input_names,
                     "outputs": outputs,
                     "max_batch": max_batch,
-                    "name": u["name"],
+                    "name": u.name,
                     "host_conf": host_conf,
                 }
             )
@@ -295,7 +313,7 @@ class TensorRTBackend(Runner):
         self._res.buffers.append(self._activations)
         for unit in self._res.units:
             unit["context"] = self._new_context(unit)
-        self._allocate_io(manifest, trt.__version__, precision)
+        self._allocate_io(units, trt.__version__, precision)
 
     def _new_context(self, unit: dict):
         """A context on the shared activation memory, on profile 0 (D2, D5, D6)."""
@@ -317,14 +335,13 @@ class TensorRTBackend(Runner):
         self._res.contexts.append(ctx)
         return ctx
 
-    def _allocate_io(self, manifest: dict, version: str, precision: str) -> None:
+    def _allocate_io(self, units: Sequence, version: str, precision: str) -> None:
         from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self.max_batch = min(unit["max_batch"] for unit in self.units)
-        self._segment_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "segment"]
-        self._head_units = [i for i, u in enumerate(manifest["units"]) if u["kind"] == "head"]
-        first = manifest["units"][0]["inputs"][0]
-        self._image_rest = tuple(int(d) for d in first["shape"][1:])
+        self._segment_units = [i for i, u in enumerate(units) if u.kind == "segment"]
+        self._head_units = [i for i, u in enumerate(units) if u.kind == "head"]
+        self._image_rest = tuple(int(d) for d in units[0].inputs[0].shape[1:])
         image_bytes = self.max_batch * int(np.prod(self._image_rest)) * ITEMSIZE
         if self.zero_copy:  # the frame is written where TensorRT reads it
             stage = HostBuffer(image_bytes, mapped=True)

@@ -23,7 +23,7 @@ from edgeexit.runtime.manifest import artifact_file
 class TorchBackend(Runner):
     def __init__(
         self,
-        manifest: dict,
+        artifact,
         device: str | None = None,
         cuda_graphs: bool = True,
         max_graphs: int = 64,
@@ -36,16 +36,16 @@ class TorchBackend(Runner):
         import torch
 
         from edgeexit.models import MultiExitConfig, build_model
-
-        self.torch = torch
-        path = artifact_file(manifest["_folder"], manifest.get("weights", "weights.pt"))
-        if not path.is_file():
-            raise ArtifactError(f"{path} is missing: the torch backend needs the weights; re-export the model")
-        from edgeexit.runtime.artifact import check_weights_config
+        from edgeexit.runtime.artifact import as_artifact, check_weights_config
         from edgeexit.util import load_untrusted
 
+        self.torch = torch
+        artifact = as_artifact(artifact)  # an Artifact, or a manifest dict from load_manifest
+        path = artifact.weights or artifact_file(artifact.folder, "weights.pt")
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: the torch backend needs the weights; re-export the model")
         blob = load_untrusted(path, "weights file")
-        check_weights_config(manifest, blob, path)  # before anything is built from it
+        check_weights_config(artifact.manifest, blob, path)  # before anything is built from it
         model = build_model(MultiExitConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
