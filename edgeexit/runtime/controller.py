@@ -48,6 +48,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+_sqrt = math.sqrt
+
 
 @dataclass(frozen=True)
 class Rung:
@@ -261,15 +263,11 @@ class BudgetController:
         return best
 
     def _set_trip(self) -> None:
-        """Partial-window slowdowns above which the mean metric decides before the window ends."""
-        if self.metric != "mean":
-            self._trip = None
-            return
-        level = max(self.budget_ms / max(1e-12, self.quiet_ms[self.index]), self.envelope)
-        w, first = self.window, max(2, self.window // 4)
-        self._trip = [math.inf] * first + [
-            level * (1 + 3 * self.sigma_q * math.sqrt(w / n)) for n in range(first, w + 1)
-        ]
+        """The partial-window slowdown above which the mean metric decides before the window ends:
+        ``level·(1 + 3·σ_q·√(window/n))`` for ``n ≥ window/4`` frames (two numbers, no table)."""
+        self._trip_first = max(2, self.window // 4) if self.metric == "mean" else math.inf
+        self._trip_level = max(self.budget_ms / max(1e-12, self.quiet_ms[self.index]), self.envelope)
+        self._trip_k = 3 * self.sigma_q * math.sqrt(self.window)
 
     def observe(self, latency_ms: float, exit_index: int = 0):
         """Record one frame's latency and the exit number it took (1-based; 0: unknown); return the
@@ -277,15 +275,14 @@ class BudgetController:
         with self._lock:
             total, expected, n = self._sum + latency_ms, self._exp + self._expect[exit_index], self._n + 1
             self._sum, self._exp, self._n = total, expected, n
-            if n < self.window:
-                trip = self._trip
-                if trip is None:  # p95: every latency of the window is kept
-                    self._lat.append(latency_ms)
-                    return None
-                if not total > expected * trip[n]:
-                    return None
-            elif self._trip is None:
+            if self.metric == "p95":  # every latency of the window is kept
                 self._lat.append(latency_ms)
+                if n < self.window:
+                    return None
+            elif n < self.window and not (
+                n >= self._trip_first and total > expected * self._trip_level * (1 + self._trip_k / _sqrt(n))
+            ):
+                return None
             return self._decide()
 
     def _decide(self):
