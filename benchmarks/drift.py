@@ -275,7 +275,8 @@ def main() -> None:
                     f"{100 * s['accuracy_quiet']:.2f}% | {100 * c['accuracy_quiet']:.2f}% | "
                     f"{c['switches_per_1000_quiet']:.1f} / {c['switches_per_1000']:.1f} | "
                     f"{s['mean_ms_drift']:.3f} | {c['mean_ms_drift']:.3f} | {row['quiet_vs_calibration']:.2f} | "
-                    f"{calm['windows']} | {100 * calm['static_accuracy']:.2f}% | {100 * calm['controller_accuracy']:.2f}% |",
+                    f"{calm['windows']} | {100 * calm['static_accuracy']:.2f}% | "
+                    f"{100 * calm['controller_accuracy']:.2f}% |",
                     flush=True,
                 )
             ctl_cascade.close()
