@@ -410,3 +410,26 @@ def test_batch_window_gathers_the_other_cameras_frames(tiny_artifact, test_frame
         batches[window] = st.summary()["mean_batch"]
     cascade.close()
     assert batches[0.0] < 1.6 and batches[30.0] > 2.3, batches
+
+
+def test_a_real_http_camera_gives_the_newest_frame_not_a_backlog(test_frames):
+    """OpenCV's FFmpeg reading an HTTP MJPEG camera on 127.0.0.1 at 60 fps: while the app takes
+    nothing the reader keeps only the newest frame and counts the others as dropped."""
+    cv2 = pytest.importorskip("cv2")
+    frames, _ = gray_frames(test_frames, 50)
+    server = MjpegServer([cv2.imencode(".jpg", f)[1].tobytes() for f in frames], fps=60).start()
+    src = LiveSource(server.url, backoff_s=(0.05, 0.2), read_timeout_s=2.0).start()
+    try:
+        deadline = time.perf_counter() + 20
+        while src.captured < 5 and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        assert src.take() is not None and src.status == "live"
+        time.sleep(0.5)  # the app is busy: 30 frames arrive, none taken
+        dropped, captured = src.dropped, src.captured
+        frame = src.take()
+    finally:
+        src.close()
+        server.stop()
+    assert frame is not None and frame.id >= captured - 1  # the newest frame the reader had
+    assert dropped >= 5  # the older ones were counted as dropped, never queued
+    assert len(source_threads()) == 0
