@@ -103,15 +103,24 @@ def check_engine_compatible(entry: Mapping, trt_version: str, device: dict) -> N
         )
 
 
+def _engine_precisions(artifact) -> list[list[str]]:
+    """The precisions of each unit's engines: from the typed `Artifact` (or a manifest dict from
+    `load_manifest`); a bare probe without a folder (doctor asks whether TensorRT would run engines
+    at all) is read as the raw entries it is."""
+    from edgeexit.runtime.artifact import Artifact, as_artifact
+
+    if isinstance(artifact, Artifact) or "_folder" in artifact:
+        return [[e.precision for e in u.engines] for u in as_artifact(artifact).units]
+    return [[e.get("precision") for e in u.get("engines") or []] for u in artifact["units"]]
+
+
 def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
     """Can the TensorRT backend run this artifact (an `Artifact` or a manifest dict from
     `load_manifest`) here, at ``precision`` when given (D24)?"""
-    from edgeexit.runtime.artifact import as_artifact
-
-    units = as_artifact(artifact).units
-    if not any(u.engines for u in units):
+    per_unit = _engine_precisions(artifact)
+    if not any(per_unit):
         return False, "the artifact has no TensorRT engines (export with --format engine on the device)"
-    if precision is not None and not all(any(e.precision == precision for e in u.engines) for u in units):
+    if precision is not None and not all(precision in unit for unit in per_unit):
         return False, f"the artifact has no {precision} TensorRT engines"
     try:
         import_tensorrt()
