@@ -117,10 +117,10 @@ REGIME_SETS: dict[str, dict[str, Regime]] = {
         "label-noise": Regime(images=None, epochs=5, noise=0.2),
         "long": Regime(images=None, epochs=20),
     },
-    "session": {  # what one 3-hour session on the 2-core CPU fits beside other work: ~20k images seen per run
-        "full-short": Regime(images=20000, epochs=1, methods=(*FIVE, "mlcsd-a5")),
-        "low-data": Regime(images=5000, epochs=4),
-        "label-noise": Regime(images=20000, epochs=1, noise=0.2),
+    "session": {  # what one 3-hour session on the 2-core CPU fit beside other work (12k-20k images seen per run)
+        "full-short": Regime(images=20000, epochs=1),
+        "low-data": Regime(images=5000, epochs=3),
+        "label-noise": Regime(images=12000, epochs=1, noise=0.2),
     },
     "smoke": {
         "smoke": Regime(**_SMOKE),
