@@ -78,31 +78,17 @@ def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) ->
     (a plan that costs more and is not more accurate is never worth moving to). ``calibrated``:
     ``{thresholds, predicted_ms, predicted_accuracy[, measured, exit_ms]}`` of the calibration's own
     choice, always kept. Rows (and ``calibrated``) may carry what `measure_ladder` measured."""
+
+    def rung(row: dict, is_calibrated: bool) -> Rung:
+        meas, exits = _measured(row)
+        plan = make_plan(row["thresholds"])
+        return Rung(plan, float(row["predicted_ms"]), float(row["predicted_accuracy"]), is_calibrated, meas, exits)
+
     rungs: dict[tuple, Rung] = {}
-    cal_key = None
     if calibrated is not None:
-        cal_key = tuple(calibrated["thresholds"])
-        meas, exits = _measured(calibrated)
-        rungs[cal_key] = Rung(
-            make_plan(calibrated["thresholds"]),
-            float(calibrated["predicted_ms"]),
-            float(calibrated["predicted_accuracy"]),
-            True,
-            meas,
-            exits,
-        )
+        rungs[tuple(calibrated["thresholds"])] = rung(calibrated, True)
     for row in rows:
-        key = tuple(row["thresholds"])
-        if key not in rungs:
-            meas, exits = _measured(row)
-            rungs[key] = Rung(
-                make_plan(row["thresholds"]),
-                float(row["predicted_ms"]),
-                float(row["predicted_accuracy"]),
-                False,
-                meas,
-                exits,
-            )
+        rungs.setdefault(tuple(row["thresholds"]), rung(row, False))
     every_measured = all(r.measured_ms is not None for r in rungs.values())
 
     def cost(r: Rung) -> float:  # rank by what was measured when every rung was
