@@ -68,12 +68,6 @@ class ExportOptions:
             raise UserError(f"--calib-images must be within 0..100000, got {self.calib_images}")
         if self.format not in ("onnx", "engine"):
             raise UserError(f"unknown --format '{self.format}': use onnx or engine")
-        engine_only = [f"--{k.replace('_', '-')}" for k in ENGINE_ONLY if getattr(self, k) != _DEFAULTS[k]]
-        if self.format == "onnx" and engine_only:
-            raise UserError(
-                f"{', '.join(engine_only)} configure{'s' if len(engine_only) == 1 else ''} the TensorRT engines: "
-                "add --format engine, or leave them out"
-            )
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UserError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
         if self.parity_samples < 1:
@@ -86,6 +80,12 @@ class ExportOptions:
             raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace}")
         if not (math.isfinite(self.tolerance) and self.tolerance > 0):
             raise UserError(f"--tolerance must be a positive number, got {self.tolerance}")
+        engine_only = [f"--{k.replace('_', '-')}" for k in ENGINE_ONLY if getattr(self, k) != _DEFAULTS[k]]
+        if self.format == "onnx" and engine_only:
+            raise UserError(
+                f"{', '.join(engine_only)} configure{'s' if len(engine_only) == 1 else ''} the TensorRT engines: "
+                "add --format engine, or leave them out"
+            )
 
     @classmethod
     def from_kwargs(cls, **options) -> ExportOptions:
