@@ -62,10 +62,11 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
     import numpy as np
 
     from edgeexit.calibrate.optimizer import CostModel, evaluate, optimize
-    from edgeexit.calibrate.run import load_frames, verify
     from edgeexit.data import split_calibration
+    from edgeexit.data.frames import load_frames
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
+    from edgeexit.runtime.profiling import verify
 
     cascade = Cascade.load(work, backend=backend)
     cal = cascade.manifest["calibration"]

@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeexit.calibrate.optimizer import CostModel, cross_fitted, evaluate  # noqa: E402
 from edgeexit.calibrate.promise import certify  # noqa: E402
-from edgeexit.calibrate.run import load_frames, verify  # noqa: E402
+from edgeexit.data.frames import load_frames  # noqa: E402
 from edgeexit.runtime import Cascade  # noqa: E402
 from edgeexit.runtime.manifest import load_calibration_frames  # noqa: E402
 from edgeexit.runtime.plan import CascadePlan  # noqa: E402
+from edgeexit.runtime.profiling import verify  # noqa: E402
 
 BUDGETS = (0.3, 0.4, 0.6, 0.8)
 DROPS = (0.0025, 0.005, 0.01)

@@ -54,10 +54,11 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep static baselines already trained in --out")
     args = ap.parse_args()
 
-    from edgeexit.calibrate.run import run_calibration, verify
+    from edgeexit.calibrate.run import run_calibration
     from edgeexit.data import load_dataset
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.profiling import verify
 
     out = Path(args.out)
     test = load_dataset("fashion-mnist", "test")

@@ -148,7 +148,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from edgeexit.calibrate.run import load_frames
+    from edgeexit.data.frames import load_frames
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan
     from edgeexit.runtime.profiling import time_call

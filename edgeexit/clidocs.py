@@ -21,7 +21,9 @@ Generated from `edgeexit COMMAND --help` by `python -m edgeexit.clidocs` (the te
 Exit codes: 0 success, 1 failure while working, 2 bad usage or bad input (one-line reason, no traceback;
 set `EDGEEXIT_DEBUG=1` to see the traceback of an unexpected failure).
 
-JSON outputs (`--json FILE`): `eval` → split/exits/budgeted, `bench` → backend/device/units/full_cascade_ms/early_exit_ms, `calibrate` → budget_ms/metric/thresholds/evaluated_exits/predicted/measured/baseline_msdnet, `run` → frames/exit_histogram/latency_ms.
+JSON outputs (`--json FILE`): `eval` → split/exits/budgeted, `bench` → backend/device/units/
+full_cascade_ms/early_exit_ms, `calibrate` → budget_ms/metric/thresholds/evaluated_exits/predicted/
+measured/baseline_msdnet, `run` → frames/exit_histogram/latency_ms.
 """
 
 

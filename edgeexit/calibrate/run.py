@@ -154,14 +154,6 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
     return result
 
 
-def load_frames(artifact, data: str | None, split: str, data_dir: str | None):
-    """Moved to `edgeexit.data.frames.load_frames` (imported lazily: calibrating on the stored
-    frames needs neither torch nor edgeexit.data); kept here for the scripts that import it."""
-    from edgeexit.data.frames import load_frames as load
-
-    return load(artifact, data, split, data_dir)
-
-
 def _images(artifact, opts: CalibrationOptions) -> tuple:
     """(frames, labels, name, calibration indices, verification indices): the held-out images stored
     in the artifact (no torch, no dataset needed), unless --data, --data-dir, --split test or
@@ -174,6 +166,7 @@ def _images(artifact, opts: CalibrationOptions) -> tuple:
             name = f"{artifact.dataset} held-out images stored in the artifact"
             return stored["frames"], stored["labels"], name, stored["calibration"], stored["verification"]
     from edgeexit.data import split_calibration
+    from edgeexit.data.frames import load_frames  # lazily: calibrating on the stored frames needs no torch
 
     frames, labels, name = load_frames(artifact, opts.data, opts.split, opts.data_dir)
     calib_idx, verify_idx = split_calibration(np.arange(len(labels)), opts.seed)

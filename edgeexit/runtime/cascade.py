@@ -443,7 +443,7 @@ class Cascade:
             if self._fuse:
                 state, head = runner.run_exit(first, pos, state)
             else:
-                state = Runner.run_segments(runner, first, pos, state)
+                state = one_by_one(runner, first, pos, state)
                 head = runner.run_head(pos, state[-1])
             conf = self.confidence(head)
             done = np.ones(len(active), dtype=bool) if pos == last else conf >= plan.thresholds[pos]

@@ -192,23 +192,8 @@ class BudgetController:
         self.metric = metric
         self.z, self.release, self.learn = float(z), float(release), float(learn)
         self.apply = apply
-        anchor = next((i for i, r in enumerate(ladder) if r.calibrated), None)
-        self.anchor = anchor
-        field = f"{metric}_ms"
-        if anchor is not None and measured_ms is None and ladder[anchor].measured_ms is not None:
-            measured_ms = ladder[anchor].measured_ms[field]
-        ratio = 1.0
-        if anchor is not None and measured_ms is not None and measured_ms > 0:
-            ratio = measured_ms / max(1e-12, ladder[anchor].predicted_ms)
-        self.bias = ratio  # measured / predicted, for rungs calibration did not measure
-        # q: each rung's quiet window metric; measured by calibrate where it could, else predicted × bias
-        self.quiet_ms = [r.measured_ms[field] if r.measured_ms else r.predicted_ms * ratio for r in ladder]
-        if anchor is not None and measured_ms is not None:
-            self.quiet_ms[anchor] = float(measured_ms)
-        self._learned = [r.measured_ms is not None or (i == anchor and measured_ms is not None)
-                         for i, r in enumerate(ladder)]  # fmt: skip
-        self._fixed = list(self._learned)  # measured at calibration: never relearned
-        self._seen = [0] * len(ladder)
+        self.anchor = next((i for i, r in enumerate(ladder) if r.calibrated), None)
+        self._quiet_costs(measured_ms)
         self._tables = [self._table(i) for i in range(len(ladder))]
         self.sigma_q = max(0.01, float(noise)) if noise is not None else 0.05
         self.sigma_d = self.sigma_q
@@ -228,6 +213,24 @@ class BudgetController:
         self._last_target = self.index
         self._expect = self._tables[self.index]
         self._set_trip()
+
+    def _quiet_costs(self, measured_ms: float | None) -> None:
+        """q: each rung's quiet window metric; measured by calibrate where it could, else the prediction
+        × the calibrated plan's measured/predicted ratio (learned online while quiet)."""
+        ladder, anchor, field = self.ladder, self.anchor, f"{self.metric}_ms"
+        if anchor is not None and measured_ms is None and ladder[anchor].measured_ms is not None:
+            measured_ms = ladder[anchor].measured_ms[field]
+        ratio = 1.0
+        if anchor is not None and measured_ms is not None and measured_ms > 0:
+            ratio = measured_ms / max(1e-12, ladder[anchor].predicted_ms)
+        self.bias = ratio  # measured / predicted, for rungs calibration did not measure
+        self.quiet_ms = [r.measured_ms[field] if r.measured_ms else r.predicted_ms * ratio for r in ladder]
+        if anchor is not None and measured_ms is not None:
+            self.quiet_ms[anchor] = float(measured_ms)
+        self._learned = [r.measured_ms is not None or (i == anchor and measured_ms is not None)
+                         for i, r in enumerate(ladder)]  # fmt: skip
+        self._fixed = list(self._learned)  # measured at calibration: never relearned
+        self._seen = [0] * len(ladder)
 
     def _table(self, i: int) -> tuple[float, ...]:
         """Expected quiet latency of a frame on rung ``i`` by the exit number it took (index 0: unknown)."""

@@ -125,8 +125,8 @@ class Streams:
         self.events: list[tuple[float, str, str, str]] = []  # (time, source, kind, message)
         self._new_frame = threading.Event()
         self.sources = self._open(sources, realtime, fps)
-        manifest = cascade.manifest["preprocessing"]
-        self._pre = {order: Preprocessor(manifest, order) for order in {src.order for src in self.sources}}
+        pre = cascade.preprocessing
+        self._pre = {order: Preprocessor(pre, order) for order in {src.order for src in self.sources}}
         # per-frame predict (deadline, or batch=False) reads uint8 frames in each source's order
         self._per_order = {order: cascade.derive(input_order=order) for order in self._pre} if not self.batch else {}
         self._stats = [_StreamStats(cascade.num_exits) for _ in self.sources]
