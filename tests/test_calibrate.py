@@ -18,7 +18,7 @@ def calibrated(tiny_artifact, tmp_path_factory):
     dest = tmp_path_factory.mktemp("cal") / "model.edgeexit"
     shutil.copytree(tiny_artifact, dest)
     result = run_calibration(
-        dest, budget_fraction=0.8, backend="onnxruntime", repeats=60, verify_limit=200, iso_accuracy=False
+        dest, budget_fraction=1.5, backend="onnxruntime", repeats=60, verify_limit=200, iso_accuracy=False
     )
     return dest, result
 
