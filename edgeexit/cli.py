@@ -299,7 +299,9 @@ CacheDirOpt = Annotated[
 @command
 def train(
     data: DataOpt = "fashion-mnist",
-    method: Annotated[str, typer.Option(help="ce (MEN), sd (final exit teaches), byot, or mlcsd.")] = "mlcsd",
+    method: Annotated[
+        str, typer.Option(help="ce (every exit on the labels; the default, docs/results.md §8), sd, byot, or mlcsd.")
+    ] = "ce",
     exits: ExitsOpt = None,
     width: Annotated[float | None, typer.Option(help="Channel width multiplier (1.0 = ResNet18).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 240 paper, 2 Fashion-MNIST).")] = None,

@@ -90,12 +90,12 @@ def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -
 
     t0 = time.perf_counter()
     q.say(
-        f"[bold cyan]1/5 train[/] MLCSD, 8 exits, width {width}, {epochs} epoch(s) on "
+        f"[bold cyan]1/5 train[/] CE, 8 exits, width {width}, {epochs} epoch(s) on "
         f"{limit_train or 'all'} Fashion-MNIST images"
     )
     cfg = TrainConfig.from_recipe(
         "fashion-mnist",
-        "mlcsd",
+        "ce",
         out=str(q.out),
         data_dir=q.data_dir,
         epochs=epochs,
