@@ -253,6 +253,15 @@ class FakeCudart(types.ModuleType):
                 hit.append(s)
         return hit
 
+    def _refused(self, n_values: int = 0):
+        """A call CUDA forbids during capture: the sticky error, or the capture error (captures
+        invalidated), in the shape of the call's result; None when the call may go on."""
+        gate = self._gate(n_values)
+        if gate:
+            return gate
+        err = self._unsafe_call()
+        return self._ret(err, *([0] * n_values)) if err else None
+
     def _unsafe_call(self):
         """A call CUDA forbids during capture: invalidate the captures it touches; the error, or None."""
         hit = self._capturing_here()
@@ -304,12 +313,9 @@ class FakeCudart(types.ModuleType):
 
     # -- memory ------------------------------------------------------------------------------------
     def cudaMalloc(self, nbytes):
-        gate = self._gate(1)
-        if gate:
-            return gate
-        err = self._unsafe_call()
-        if err:
-            return self._ret(err, 0)
+        refused = self._refused(1)
+        if refused:
+            return refused
         if self.device_in_use + int(nbytes) > self.device_capacity:
             return self._ret(CudaError.cudaErrorMemoryAllocation, 0)
         buf = np.zeros(int(nbytes), np.uint8)
@@ -324,12 +330,9 @@ class FakeCudart(types.ModuleType):
                 self._run(s)
 
     def cudaFree(self, ptr):
-        gate = self._gate()
-        if gate:
-            return gate
-        err = self._unsafe_call()
-        if err:
-            return self._ret(err)
+        refused = self._refused()
+        if refused:
+            return refused
         self._sync_device()  # cudaFree synchronises the device
         if self.allocations.pop(int(ptr), None) is None:
             return self._ret(CudaError.cudaErrorInvalidValue)
@@ -339,12 +342,9 @@ class FakeCudart(types.ModuleType):
         return self.cudaHostAlloc(nbytes, self.cudaHostAllocDefault)
 
     def cudaHostAlloc(self, nbytes, flags):
-        gate = self._gate(1)
-        if gate:
-            return gate
-        err = self._unsafe_call()
-        if err:
-            return self._ret(err, 0)
+        refused = self._refused(1)
+        if refused:
+            return refused
         buf = np.zeros(max(1, int(nbytes)), np.uint8)
         self.pinned[buf.ctypes.data] = buf
         if int(flags) & self.cudaHostAllocMapped and self.can_map_host_memory:
@@ -363,12 +363,9 @@ class FakeCudart(types.ModuleType):
         return (CudaError.cudaSuccess, alias)
 
     def cudaFreeHost(self, ptr):
-        gate = self._gate()
-        if gate:
-            return gate
-        err = self._unsafe_call()
-        if err:
-            return self._ret(err)
+        refused = self._refused()
+        if refused:
+            return refused
         self._sync_device()
         buf = self.pinned.pop(int(ptr), None)
         if buf is None:
@@ -492,12 +489,9 @@ class FakeCudart(types.ModuleType):
         return self._ret(self.sticky) if self.sticky is not None else (CudaError.cudaSuccess,)
 
     def cudaDeviceSynchronize(self):
-        gate = self._gate()
-        if gate:
-            return gate
-        err = self._unsafe_call()
-        if err:
-            return self._ret(err)
+        refused = self._refused()
+        if refused:
+            return refused
         self._sync_device()
         return self._ret(self.sticky) if self.sticky is not None else (CudaError.cudaSuccess,)
 
