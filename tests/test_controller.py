@@ -129,8 +129,13 @@ def measured_ladder(pred_error=0.8) -> list[Rung]:
     """The ladder as `calibrate` now writes it: every rung measured (true cost COSTS[i]), while the cost
     model's prediction of every multi-exit rung is ``pred_error`` × the truth (20 % too cheap)."""
     return [
-        Rung(f"plan{i}", c * (1.0 if i == 3 else pred_error), 0.80 + 0.02 * i, calibrated=(i == 3),
-             measured_ms={"mean_ms": c, "p95_ms": 1.3 * c})  # fmt: skip
+        Rung(
+            f"plan{i}",
+            c * (1.0 if i == 3 else pred_error),
+            0.80 + 0.02 * i,
+            calibrated=(i == 3),
+            measured_ms={"mean_ms": c, "p95_ms": 1.3 * c},
+        )  # fmt: skip
         for i, c in enumerate(COSTS)
     ]
 
@@ -208,3 +213,39 @@ def test_measure_ladder_runs_every_rung_for_real_on_the_scale_of_the_verificatio
     assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
     lad = build_ladder(rows, tuple, None)
     assert [r.measured_ms is not None for r in lad] == [True] * len(lad)
+
+
+def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():
+    """A manifest is an input: measured latencies that are NaN, negative, strings or missing, and exit
+    tables of the wrong type, are ignored (the prediction × bias is used), never trusted or crashed on."""
+    bad = [
+        {"mean_ms": float("nan"), "p95_ms": 1.0},
+        {"mean_ms": -1.0, "p95_ms": 1.0},
+        {"mean_ms": "0.5", "p95_ms": 1.0},
+        {"mean_ms": float("inf"), "p95_ms": float("inf")},
+        "fast",
+        None,
+    ]
+    rows = [
+        {
+            "thresholds": [0.1 * i],
+            "predicted_ms": 0.2 * (i + 1),
+            "predicted_accuracy": 0.5 + 0.05 * i,
+            "measured": m,
+            "exit_ms": ["x", float("nan"), -3],
+        }  # fmt: skip
+        for i, m in enumerate(bad)
+    ]
+    lad = build_ladder(rows, tuple, None)
+    assert all(r.measured_ms is None and r.exit_ms is None for r in lad)
+    ctl = BudgetController(lad, 0.7, window=8)
+    assert ctl.quiet_ms == [r.predicted_ms for r in lad]  # no calibrated anchor: bias 1
+    good = dict(rows[0], measured={"mean_ms": 0.3, "p95_ms": 0.4}, exit_ms=[0.25, "x", None, -1.0])
+    (rung,) = build_ladder([good], tuple, None)
+    assert rung.measured_ms == {"mean_ms": 0.3, "p95_ms": 0.4} and rung.exit_ms == (0.25, None, None, None)
+    with pytest.raises(ValueError, match="window"):
+        BudgetController(lad, 0.7, window=2)
+    big = BudgetController(lad, 0.7, window=10**9)  # a huge window allocates nothing per window
+    for _ in range(1000):
+        big.observe(0.5, 3)
+    assert big.windows == 0 and big._n == 1000
