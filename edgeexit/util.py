@@ -182,7 +182,7 @@ def runnable_threads() -> int | None:
 class ContentionGuard:
     """Drops a CPU job to one thread while other processes want the cores, and back when they stop.
 
-    Measured on the 2-core box (docs/results.md, contention): with two busy 2-thread neighbours,
+    Measured on the 2-core box (docs/lab-notebook.md, CPU contention): with two busy 2-thread neighbours,
     training with torch's 2 OpenMP threads fell from 395 to 28 img/s, because its workers spin-wait
     for time slices the neighbours hold; with 1 thread it ran at 106 img/s. Alone, 2 threads are
     fastest, so the guard only acts while someone else is running: it reads the number of runnable

@@ -1,6 +1,6 @@
 """Hostile files and careless hands (issue 10): every case is a clear error, with nothing executed,
 nothing read or written outside where it belongs, and nothing lost. One test per case; the table
-in docs/results.md maps each to the behaviour before the fix.
+in docs/lab-notebook.md §3 maps each to the behaviour before the fix.
 """
 
 from __future__ import annotations

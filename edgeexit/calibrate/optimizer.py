@@ -4,7 +4,7 @@ Problem: given every exit's confidence and correctness on the calibration split 
 latency table, choose thresholds th_1..th_{K-1} (a threshold > 1 skips that exit, so its head costs
 nothing) maximising accuracy subject to mean (or p95) latency <= budget.
 
-Method (ARCHITECTURE §6):
+Method (docs/contract.md §6):
 1. *Lagrangian sweep*: maximise Σ_s [correct_s − λ·cost_s] for λ on a log grid. For fixed λ this is
    solved by coordinate ascent in which each step is an **exact** line search over one exit's
    threshold: the samples reaching that exit are fixed by the earlier thresholds, and what happens

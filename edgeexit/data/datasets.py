@@ -111,7 +111,7 @@ class ImageDataset:
         return self if self.rows is None else self.subset(np.arange(len(self)))
 
     def preprocessing(self) -> dict:
-        """The `preprocessing` block of checkpoints and manifests (ARCHITECTURE §4, §5)."""
+        """The `preprocessing` block of checkpoints and manifests (docs/contract.md §4, §5)."""
         return {
             "input_size": self.input_size,
             "in_chans": self.in_chans,

@@ -1,6 +1,6 @@
 """One ONNX file per unit (segment k, head k), with stable tensor names and a dynamic batch axis.
 
-Names (contract, ARCHITECTURE §5): segment 1 takes ``image``; a segment whose state is one tensor
+Names (contract, docs/contract.md §5): segment 1 takes ``image``; a segment whose state is one tensor
 outputs ``feat_KK``; a segment that ends inside a residual block outputs ``skip_KK`` (the block
 input, needed by the shortcut) and ``feat_KK`` (the activation the head reads). The tap is always
 ``feat_KK``. Segment k+1's inputs are segment k's outputs, in order. Head k reads ``feat_KK`` and

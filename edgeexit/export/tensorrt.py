@@ -155,7 +155,7 @@ def _parse(trt, builder, logger, onnx_path: Path, typed: bool):
 
 
 def engine_entry(path: str, precision: str, trt_version: str, device: dict, shapes: dict) -> dict:
-    """The manifest's record of one plan (ARCHITECTURE §5)."""
+    """The manifest's record of one plan (docs/contract.md §5)."""
     return {
         "path": path,
         "precision": precision,

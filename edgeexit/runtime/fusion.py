@@ -2,7 +2,7 @@
 
 With calibrated thresholds, most heads are skipped, and the segments between two evaluated exits
 always run back to back. Running them as separate ONNX Runtime sessions costs a call (and a copy
-of the state) per unit; fusing them removes that splitting overhead (docs/results.md).
+of the state) per unit; fusing them removes that splitting overhead (docs/lab-notebook.md §3).
 
 Fused graphs are cached as ``NAME.edgeexit/fused/<exit group name>.<hash>.onnx``, keyed by the content of
 the units they were built from; a ``fused`` that is a symlink or leads outside the artifact is

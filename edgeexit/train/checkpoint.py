@@ -1,4 +1,4 @@
-"""The `model.pt` checkpoint contract (ARCHITECTURE §4): plain dicts and tensors only.
+"""The `model.pt` checkpoint contract (docs/contract.md §4): plain dicts and tensors only.
 
 Checkpoints load with ``torch.load(path, weights_only=True)`` and are written atomically
 (temporary file in the same directory, then ``os.replace``), so a crash never leaves half a file.

@@ -50,7 +50,7 @@ class Recipe:
 PAPER = Recipe()
 # Fashion-MNIST on two CPU cores: a quarter-width net, batch 32, a cosine schedule with a short
 # warm-up, no crop augmentation, so one or two epochs already give a usable model. Measured on
-# 10,000 images x 1 epoch (docs/results.md): the paper's α=5 lets the KD term (T²·KL summed over 8
+# 10,000 images x 1 epoch (docs/lab-notebook.md §1): the paper's α=5 lets the KD term (T²·KL summed over 8
 # exits) dominate before the exits agree on anything, and the final exit stays near 0.70-0.77;
 # α=0.5, β=1 reaches 0.82. SD gets the same KD weight so the comparison is like for like.
 FAST_CPU = Recipe(

@@ -42,7 +42,7 @@ class TrainingError(Exception):
 @dataclass
 class TrainConfig:
     data: str = "fashion-mnist"
-    method: str = "ce"  # docs/results.md §8: MLCSD did not beat it for the cascade
+    method: str = "ce"  # docs/lab-notebook.md §8: MLCSD did not beat it for the cascade
     out: str = "runs/exp"
     data_dir: str | None = None
     seed: int = 0

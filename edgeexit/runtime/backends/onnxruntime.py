@@ -74,7 +74,7 @@ class OnnxRuntimeBackend(Runner):
         """``artifact``: an `Artifact` (or a manifest dict from `load_manifest`). ``threads``: ONNX
         Runtime intra-op threads. 1 by default: batch-1 units are tiny, and on a 2-core CPU a 2-thread
         pool made latency heavy-tailed (mean 4 ms, p95 17 ms vs 0.67 / 0.77 ms with 1 thread;
-        docs/results.md). Pass None for ONNX Runtime's default, or more for big batches."""
+        docs/lab-notebook.md §3). Pass None for ONNX Runtime's default, or more for big batches."""
         from edgeexit.runtime.artifact import as_artifact
 
         if precision not in ("fp32", "int8"):
