@@ -178,7 +178,7 @@ def test_set_thresholds_swaps_one_plan_object():
 
 
 def test_derive_leaves_the_original_alone_and_does_not_close_the_runner():
-    c, runner = cascade([0.9, 0.8, 0.7, 0.0])
+    c, runner = cascade([0.9, 0.8, 0.7, 0.0], owns_runner=True)
     view = c.derive(CascadePlan.first_exit(K), fuse=False)
     assert {view.predict(frame(i)).exit_index for i in range(10)} == {1}
     assert c.plan.thresholds == (0.9, 0.8, 0.7, 0.0) and c.fuse

@@ -14,22 +14,24 @@ unit runs is the business of a `Runner` (runtime/backends/base.py). `Cascade` jo
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Mapping
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
 from edgeexit.errors import ArtifactError
+from edgeexit.runtime import profiling
 from edgeexit.runtime.artifact import Artifact, as_artifact, runtime_fields
-from edgeexit.runtime.backends import Runner, choose_backend, create_backend
-from edgeexit.runtime.plan import CascadePlan, head_name, segment_name
+from edgeexit.runtime.backends import BackendOptions, Runner, choose_backend, create_backend
+from edgeexit.runtime.backends.options import option_names
+from edgeexit.runtime.plan import CascadePlan, head_name
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.preprocessing import Preprocessor
 
@@ -49,70 +51,157 @@ class CascadeClosedError(RuntimeError):
     """The cascade was closed (by another thread) while or before this call ran."""
 
 
-class _Lifetime:
-    """Whether the runner is still open: one object shared by a cascade and every `derive`d view of
-    it, so a view sees its parent's close (and raises CascadeClosedError, never what a closed runner
-    happens to raise)."""
-
-    __slots__ = ("closed",)
-
-    def __init__(self) -> None:
-        self.closed = False
-
-
 class LatencyTableMissingError(ArtifactError, ValueError):
     """``deadline_ms`` on a cascade without per-unit latencies for its backend (a user error: exit 2)."""
 
 
+@dataclass(frozen=True, slots=True)
+class CascadeOptions:
+    """How a cascade runs, apart from its runner and thresholds. Frozen and checked when built: a
+    view (`Cascade.derive`) gets its own by `replace`, so a new option is a field here and nowhere else.
+
+    ``policy``: the confidence policy (max_softmax, margin, entropy); None: the calibration's, else
+    max_softmax. ``input_order``: channel order of uint8 frames (RGB or BGR). ``fuse``: run the
+    segments between two evaluated exits as one graph where the runner can (ONNX Runtime; see
+    runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms`` (a few µs per frame).
+    ``budget_ms``: hold the mean latency at this budget as the device drifts, moving along the
+    calibration's ladder of plans (`Cascade.controller`). ``budget_window``: frames per controller
+    decision (None: the controller's default for the calibrated metric)."""
+
+    policy: str | None = None
+    input_order: str = "RGB"
+    fuse: bool = True
+    unit_timing: bool = False
+    budget_ms: float | None = None
+    budget_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is not None:
+            get_policy(self.policy)  # a ValueError naming the policies
+        if self.input_order not in ("RGB", "BGR"):
+            raise ValueError(f"input_order must be RGB or BGR, got {self.input_order}")
+        object.__setattr__(self, "fuse", bool(self.fuse))
+        object.__setattr__(self, "unit_timing", bool(self.unit_timing))
+        b = self.budget_ms
+        if b is not None:
+            number = isinstance(b, int | float | np.integer | np.floating) and not isinstance(b, bool | np.bool_)
+            if not (number and math.isfinite(b) and b > 0):  # True is not 1 ms
+                raise ValueError(f"budget_ms must be a positive number of milliseconds, got {b!r}")
+            object.__setattr__(self, "budget_ms", float(b))
+        w = self.budget_window
+        if w is not None and not (isinstance(w, int | np.integer) and not isinstance(w, bool) and w >= 2):
+            raise ValueError(f"budget_window must be a whole number of frames >= 2, got {w!r}")
+
+    def replace(self, **changes) -> CascadeOptions:
+        return replace(self, **changes)
+
+
+_OPTION_FIELDS = frozenset(f.name for f in fields(CascadeOptions))
+
+
+def _with(options: CascadeOptions | None, changes: Mapping, where: str = "Cascade()") -> CascadeOptions:
+    """``options`` (default: `CascadeOptions()`) with option fields given by keyword (the earlier,
+    still accepted spelling: ``Cascade(manifest, runner, unit_timing=True)``)."""
+    if options is None:
+        options = CascadeOptions()
+    elif not isinstance(options, CascadeOptions):
+        raise TypeError(f"options must be a CascadeOptions, got {type(options).__name__}")
+    unknown = sorted(set(changes) - _OPTION_FIELDS)
+    if unknown:
+        raise TypeError(
+            f"{where} got unknown option {', '.join(unknown)} (options: {', '.join(sorted(_OPTION_FIELDS))})"
+        )
+    return options.replace(**changes) if changes else options
+
+
+class _Shared:
+    """What a cascade and every view `derive`d from it share: the runner, its lock, who closes it,
+    whether it is closed (so a view sees its parent's close and raises CascadeClosedError, never what
+    a closed runner happens to raise), and the artifact's fields."""
+
+    __slots__ = ("runner", "lock", "owns_runner", "closed", "backend_choice", "artifact", "manifest",
+                 "num_exits", "class_names", "preprocessing", "calibration", "fingerprint_changes", "views")  # fmt: skip
+
+    def __init__(self, manifest, runner: Runner, owns_runner: bool) -> None:
+        self.artifact, self.num_exits, class_names, self.preprocessing, self.calibration = _contract(manifest)
+        self.manifest = self.artifact.manifest_dict() if self.artifact is not None else manifest
+        self.class_names = list(class_names)
+        self.runner, self.owns_runner, self.closed = runner, bool(owns_runner), False
+        # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
+        self.lock = nullcontext() if runner.thread_safe else threading.RLock()
+        self.backend_choice = "a runner given to Cascade()"
+        cal = self.calibration
+        self.fingerprint_changes = _fingerprint_changes(cal.device, runner.info) if cal is not None else []
+        self.views: weakref.WeakSet[Cascade] = weakref.WeakSet()  # to close with the first one
+
+
+class _PlanFollowers:
+    """The budget controller's ``apply``: a switch assigns the new plan (one assignment each, as
+    `set_thresholds`) to the cascade and to every view derived from it without thresholds of its own:
+    they feed the same controller, so they must run the plan it chose."""
+
+    __slots__ = ("views", "_lock")
+
+    def __init__(self, first: Cascade) -> None:
+        self.views: weakref.WeakSet[Cascade] = weakref.WeakSet([first])
+        self._lock = threading.Lock()
+
+    def add(self, view: Cascade) -> None:
+        with self._lock:
+            self.views.add(view)
+
+    def __call__(self, plan: CascadePlan) -> None:
+        with self._lock:
+            views = list(self.views)
+        for view in views:
+            view.plan = plan
+
+
 class Cascade:
-    """An early-exit cascade over a NAME.edgeexit artifact. Safe to call from several threads."""
+    """An early-exit cascade over a NAME.edgeexit artifact. Safe to call from several threads.
+
+    A cascade is a view: (runner, lock, plan, options). `Cascade(...)`/`Cascade.load` make the first
+    one; `derive` makes more over the same runner and lock, each with its own plan and options."""
+
+    CHUNK = profiling.CHUNK  # frames per call into the runner when a caller gives more
 
     def __init__(
         self,
         manifest: Artifact | Mapping,
         runner: Runner,
         thresholds=None,
-        policy: str | None = None,
-        input_order: str = "RGB",
-        fuse: bool = True,
-        unit_timing: bool = False,
-        budget_ms: float | None = None,
+        options: CascadeOptions | None = None,
+        *,
+        owns_runner: bool = False,
+        **option_fields,
     ) -> None:
         """``manifest``: the `Artifact` (`Artifact.load`), or a manifest dict: one from
         `load_manifest`, or an in-memory one (units, class_names, preprocessing, calibration) for a
-        runner of your own."""
+        runner of your own. ``options``: `CascadeOptions`; its fields are also accepted by keyword
+        (``policy=``, ``input_order=``, ``fuse=``, ``unit_timing=``, ``budget_ms=``, ``budget_window=``).
+        ``owns_runner``: whether `close` (or a failure here) closes ``runner``. Polygraphy's rule: a
+        runner handed in stays the caller's (False, the default); `Cascade.load` creates and owns one."""
         if not isinstance(runner, Runner):
             raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
-        self.artifact, num_exits, class_names, pre, cal = _contract(manifest)
-        self.manifest = self.artifact.manifest_dict() if self.artifact is not None else manifest
-        self.runner = runner
-        self.num_exits = num_exits
-        self.class_names = list(class_names)
-        self._fuse = bool(fuse)
-        self._unit_timing = bool(unit_timing)
-        self._owns_runner = True
-        self._closed = False  # this view closed
-        self._life = _Lifetime()  # the runner closed (shared with derived views)
-        self.backend_choice = "a runner given to Cascade()"
-        # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
-        self._lock = nullcontext() if runner.thread_safe else threading.RLock()
-        self.policy_name = policy or (cal.policy if cal is not None else "max_softmax")
-        policy_fn = get_policy(self.policy_name)
-        self._policy = None if self.policy_name == "max_softmax" else policy_fn
-        self._preprocessing = pre
-        self.preprocess = Preprocessor(pre, input_order)
-        if thresholds is None and cal is not None:
-            thresholds = cal.thresholds
-        self.plan: CascadePlan = CascadePlan.full_model(self.num_exits)
-        self.set_thresholds(thresholds if thresholds is not None else self.plan)
-        self._seg_p95_ms: tuple[float, ...] | None = None
-        self._head_p95_ms: tuple[float, ...] | None = None
-        if cal is not None and cal.latency_p95_ms and cal.backend == runner.info.name:
-            self.set_unit_latency(cal.latency_p95_ms)
-        self.controller = self._controller(cal.to_dict() if cal else {}, budget_ms) if budget_ms is not None else None
-        # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
-        self._lean = runner.thread_safe and not self._unit_timing and self.controller is None
-        self.fingerprint_changes = _fingerprint_changes(cal.device, runner.info) if cal is not None else []
+        try:
+            options = _with(options, option_fields)
+            shared = _Shared(manifest, runner, owns_runner)
+            cal = shared.calibration
+            if options.policy is None:
+                options = options.replace(policy=cal.policy if cal is not None else "max_softmax")
+            if thresholds is None and cal is not None:
+                thresholds = cal.thresholds
+            latency = None
+            if cal is not None and cal.latency_p95_ms and cal.backend == runner.info.name:
+                latency = profiling.unit_latency_table(CascadePlan.full_model(shared.num_exits), cal.latency_p95_ms)
+            self._init_view(shared, options, thresholds, latency, None, root=True)
+            if options.budget_ms is not None:
+                controller, plan = self._controller(cal.to_dict() if cal is not None else {})
+                self.controller, self.plan, self._lean = controller, plan, False
+        except BaseException:
+            if owns_runner:
+                runner.close()
+            raise
         if self.fingerprint_changes:
             warnings.warn(
                 "this device differs from the one the artifact was calibrated on ("
@@ -122,18 +211,33 @@ class Cascade:
                 stacklevel=3,
             )
 
-    def _controller(self, calib: dict, budget_ms: float):
+    def _init_view(self, shared: _Shared, options: CascadeOptions, thresholds, latency, controller, root=False):
+        """Every field of a view, in one place: `__init__` and `derive` both come here."""
+        self._shared, self._root, self._closed = shared, root, False
+        self.runner, self._lock = shared.runner, shared.lock
+        self.artifact, self.manifest = shared.artifact, shared.manifest
+        self.num_exits, self.class_names = shared.num_exits, shared.class_names
+        self.fingerprint_changes = shared.fingerprint_changes
+        self.options = options
+        self.policy_name = options.policy
+        policy_fn = get_policy(options.policy)
+        self._policy = None if options.policy == "max_softmax" else policy_fn
+        self._fuse, self._unit_timing = options.fuse, options.unit_timing  # read by the hot paths
+        self.preprocess = Preprocessor(shared.preprocessing, options.input_order)
+        self._unit_p95: profiling.UnitLatency | None = latency
+        self.controller = controller
+        # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
+        self._lean = self.runner.thread_safe and not options.unit_timing and controller is None
+        self.plan: CascadePlan = CascadePlan.full_model(self.num_exits)
+        self.set_thresholds(thresholds if thresholds is not None else self.plan)
+        shared.views.add(self)
+
+    def _controller(self, calib: dict):
+        """The budget controller over the calibration's ladder, and the plan it starts on."""
         from edgeexit.runtime.controller import build_ladder, controller_for
 
-        number = isinstance(budget_ms, int | float | np.integer | np.floating)
-        ok = number and not isinstance(budget_ms, bool | np.bool_)  # True is not 1 ms
-        if not (ok and math.isfinite(budget_ms) and budget_ms > 0):
-            raise ValueError(f"budget_ms must be a positive number of milliseconds, got {budget_ms!r}")
-        budget_ms = float(budget_ms)
         rows = calib.get("ladder")
         if not rows:
-            from edgeexit.errors import ArtifactError
-
             raise ArtifactError(
                 "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
             )
@@ -149,9 +253,9 @@ class Cascade:
             for rung in ladder:  # fused graphs for every plan the controller may switch to, now
                 self.runner.prepare(rung.plan, self._fuse)
         # the controller swaps the plan itself, under its lock (two threads never undo a switch)
-        controller = controller_for(calib, ladder, budget_ms, apply=lambda plan: setattr(self, "plan", plan))
-        self.plan = controller.plan
-        return controller
+        budget, window = self.options.budget_ms, self.options.budget_window
+        controller = controller_for(calib, ladder, budget, apply=_PlanFollowers(self), window=window)
+        return controller, controller.plan
 
     @classmethod
     def load(
@@ -159,29 +263,31 @@ class Cascade:
         artifact: str | os.PathLike,
         backend: str = "auto",
         thresholds=None,
-        policy: str | None = None,
-        input_order: str = "RGB",
-        fuse: bool = True,
-        unit_timing: bool = False,
-        budget_ms: float | None = None,
-        **backend_options,
+        options: CascadeOptions | None = None,
+        backend_options: BackendOptions | None = None,
+        **keywords,
     ) -> Cascade:
-        """Open NAME.edgeexit. ``backend``: auto (tensorrt > onnxruntime-cuda > onnxruntime-cpu),
-        tensorrt, onnxruntime, onnxruntime-cuda, torch. ``input_order``: channel order of uint8 frames.
-        ``fuse``: run the segments between two evaluated exits as one graph where the backend can
-        (ONNX Runtime; see runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms``
-        (costs a few µs per frame). ``budget_ms``: hold the mean latency at this budget as the device
-        drifts, moving along the calibration's ladder of plans (`cascade.controller`)."""
+        """Open NAME.edgeexit with a runner this cascade owns (`close` closes it). ``backend``: auto
+        (tensorrt > onnxruntime-cuda > onnxruntime-cpu), tensorrt, onnxruntime, onnxruntime-cuda,
+        torch. ``options``: `CascadeOptions` (policy, input_order, fuse, unit_timing, budget_ms, ...).
+        ``backend_options``: the chosen backend's typed options (`OnnxRuntimeOptions`, `TorchOptions`,
+        `TensorRTOptions`: precision, threads, io_binding, device, cuda_graphs, ...). Both are also
+        accepted field by field as keywords: ``Cascade.load(path, budget_ms=5, precision="int8")``."""
+        unknown = sorted(set(keywords) - _OPTION_FIELDS - option_names())
+        if unknown:
+            raise TypeError(
+                f"Cascade.load() got unknown option {', '.join(unknown)} (CascadeOptions: "
+                f"{', '.join(sorted(_OPTION_FIELDS))}; backend options: {', '.join(sorted(option_names()))})"
+            )
+        options = _with(options, {k: v for k, v in keywords.items() if k in _OPTION_FIELDS}, "Cascade.load()")
+        backend_kw = {k: v for k, v in keywords.items() if k not in _OPTION_FIELDS}
         art = Artifact.load(artifact)
-        name, why = choose_backend(art, backend, backend_options.get("precision"))
-        runner = create_backend(art, name, **backend_options)
-        try:
-            cascade = cls(art, runner, thresholds, policy, input_order, fuse, unit_timing, budget_ms)
-            cascade.backend_choice = why
-            return cascade
-        except BaseException:
-            runner.close()
-            raise
+        precision = backend_kw.get("precision", backend_options.precision if backend_options is not None else None)
+        name, why = choose_backend(art, backend, precision)
+        runner = create_backend(art, name, backend_options, **backend_kw)
+        cascade = cls(art, runner, thresholds, options, owns_runner=True)  # closes the runner if it fails
+        cascade._shared.backend_choice = why
+        return cascade
 
     # -- configuration ---------------------------------------------------------------------------
     def set_thresholds(self, thresholds) -> None:
@@ -204,11 +310,20 @@ class Cascade:
     @property
     def preprocessing(self):
         """The artifact's `Preprocessing` (input size, channels, mean, std): what `Preprocessor` takes."""
-        return self._preprocessing
+        return self._shared.preprocessing
 
     @property
     def fuse(self) -> bool:
-        return self._fuse
+        return self.options.fuse
+
+    @property
+    def owns_runner(self) -> bool:
+        """Whether closing this cascade closes its runner (views never do)."""
+        return self._root and self._shared.owns_runner
+
+    @property
+    def backend_choice(self) -> str:
+        return self._shared.backend_choice
 
     @property
     def backend_name(self) -> str:
@@ -227,29 +342,31 @@ class Cascade:
             "why": self.backend_choice,
         }
 
-    def set_unit_latency(self, p95_ms: dict[str, float]) -> None:
+    def set_unit_latency(self, p95_ms: Mapping[str, float]) -> None:
         """Per-unit p95 latency used by ``deadline_ms`` (from calibration, or `Cascade.profile`)."""
-        seg = tuple(float(p95_ms[segment_name(pos)]) for pos in range(self.num_exits))
-        head = tuple(float(p95_ms[head_name(pos)]) for pos in range(self.num_exits))
-        self._seg_p95_ms, self._head_p95_ms = seg, head
+        self._unit_p95 = profiling.unit_latency_table(self.plan, p95_ms)
 
     def derive(self, thresholds=None, fuse: bool | None = None, input_order: str | None = None) -> Cascade:
-        """Another cascade over the same loaded runner (and lock) with other thresholds, fusion or
-        frame channel order. Closing it leaves the runner open; closing the cascade it came from closes
-        the view too (its calls raise CascadeClosedError)."""
+        """Another view over the same loaded runner (and lock) with other thresholds, fusion or
+        frame channel order. Without thresholds it keeps this cascade's plan and budget controller (a
+        switch moves both); with them, no controller moves it. Closing it leaves the runner open;
+        closing the cascade it came from closes the view too (its calls raise CascadeClosedError)."""
         self._check_open()
-        other = copy.copy(self)  # shares the runner, its lock and its lifetime
-        other._owns_runner = False
-        other._closed = False
-        if thresholds is not None:  # a view with its own plan: no budget controller moves it
-            other.controller = None
-            other._lean = self.runner.thread_safe and not self._unit_timing
+        changes: dict = {} if thresholds is None else {"budget_ms": None}
         if fuse is not None:
-            other._fuse = bool(fuse)
+            changes["fuse"] = fuse
         if input_order is not None:
-            other.preprocess = Preprocessor(self._preprocessing, input_order)
-        other.set_thresholds(self.plan if thresholds is None else thresholds)
-        return other
+            changes["input_order"] = input_order
+        controller = self.controller if thresholds is None else None
+        view = type(self).__new__(type(self))
+        plan = self.plan if thresholds is None else thresholds
+        view._init_view(self._shared, self.options.replace(**changes), plan, self._unit_p95, controller)
+        if controller is not None:
+            with self._lock:
+                for rung in controller.ladder:  # fused graphs (if the view fuses) for every plan it may get
+                    self.runner.prepare(rung.plan, view._fuse)
+            controller.apply.add(view)
+        return view
 
     def confidence(self, head) -> np.ndarray:
         """This cascade's confidence (its policy) for every row of a head's output."""
@@ -292,14 +409,14 @@ class Cascade:
 
     @property
     def closed(self) -> bool:
-        return self._closed or self._life.closed
+        return self._closed or self._shared.closed
 
     def _raise_if_closed(self) -> None:
-        if self._closed or self._life.closed:
+        if self._closed or self._shared.closed:
             raise CascadeClosedError("the cascade was closed while this call ran") from None
 
     def _check_open(self) -> None:
-        if self._closed or self._life.closed:
+        if self._closed or self._shared.closed:
             raise CascadeClosedError("the cascade is closed")
 
     def _run(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
@@ -345,13 +462,13 @@ class Cascade:
         A skipped head still runs when nothing else could answer before the deadline."""
         if not deadline_ms >= 0:  # NaN fails this too
             raise ValueError(f"deadline_ms must be a number >= 0 (0: answer from the first exit), got {deadline_ms}")
-        seg_p95, head_p95 = self._seg_p95_ms, self._head_p95_ms
-        if seg_p95 is None or head_p95 is None:
+        if self._unit_p95 is None:
             raise LatencyTableMissingError(
                 f"deadline_ms (--deadline-ms) needs per-unit latencies measured on {self.backend_name}: "
                 f"calibrate the artifact on this backend first (`edgeexit calibrate --backend {self.backend_name}`) "
                 "or call set_unit_latency()"
             )
+        seg_p95, head_p95 = self._unit_p95
         runner, units_ms, best, last = self.runner, {}, None, self.num_exits - 1
         state = runner.from_host(x)
 
@@ -405,12 +522,8 @@ class Cascade:
         x = x if isinstance(x, np.ndarray) else np.asarray(x)  # converted and checked chunk by chunk
         return self._run_batches(x, self.plan, t0, checked=False)
 
-    CHUNK = 256  # frames per call into the runner when a caller gives more
-
     def _batch_size(self, requested: int | None = None) -> int:
-        limit = self.runner.info.max_batch
-        size = min(requested or self.CHUNK, self.CHUNK)
-        return min(size, limit) if limit else size
+        return profiling.chunk_size(self.runner, requested, self.CHUNK)
 
     def _run_batches(self, x: np.ndarray, plan: CascadePlan, t0: float, checked: bool = True) -> dict[str, np.ndarray]:
         """Batches larger than a chunk (or than the runner takes at once) run in slices; unchecked
@@ -461,35 +574,40 @@ class Cascade:
                 state = runner.take(state, keep)
                 active = active[keep]
 
-    # -- statistics and timing for calibration ---------------------------------------------------
+    # -- statistics and timing for calibration (runtime/profiling.py) ---------------------------------
+    @contextmanager
+    def _runner_held(self):
+        """The runner, under the lock, while this cascade is open (what the profiling calls need)."""
+        with self._lock:
+            self._check_open()
+            yield self.runner
+
     def exit_statistics(self, x: np.ndarray, batch_size: int = 256, progress=None) -> dict[str, np.ndarray]:
         """Run every unit on preprocessed images: (N, K) confidences (this cascade's policy) and
-        predictions. Batches respect the runner's max batch."""
-        from edgeexit.runtime.chain import chain_outputs
-
-        with self._lock:
-            self._check_open()
-            out = chain_outputs(
-                self.runner, x, self.num_exits, self._batch_size(batch_size), self.confidence, progress=progress
-            )
-        return {"confidence": out["confidence"], "prediction": out["prediction"]}
+        predictions (`profiling.exit_statistics`). Batches respect the runner's max batch."""
+        with self._runner_held() as runner:
+            return profiling.exit_statistics(runner, self.plan, x, self.confidence, batch_size, progress)
 
     def profile(self, image: np.ndarray, batch: int = 1, repeats: int = 200, min_seconds: float = 1.0, progress=None):
-        """Per-unit latency on this device (see runtime/profiling.py)."""
-        from edgeexit.runtime.profiling import profile_units
-
-        with self._lock:
-            self._check_open()
-            return profile_units(self, image, batch, repeats, min_seconds, progress)
+        """Per-unit latency on this device (`profiling.profile_units`)."""
+        with self._runner_held() as r:
+            return profiling.profile_units(r, self.plan, image, batch, repeats, min_seconds, progress, self.confidence)
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        """Free the runner. A call running in another thread finishes or raises CascadeClosedError."""
+        """Close this cascade. Closing the one `Cascade(...)`/`load` made also closes every view
+        derived from it, and frees the runner if the cascade owns it (``owns_runner``). A call
+        running in another thread finishes or raises CascadeClosedError."""
         with self._lock:
             self._closed = True
-            if self._owns_runner and not self._life.closed:
-                self._life.closed = True  # first, so that a call failing on the closing runner says why
-                self.runner.close()
+            self._lean = False  # the checked path from now on: a runner it does not own still runs
+            shared = self._shared
+            if self._root and not shared.closed:
+                shared.closed = True  # first, so that a call failing on the closing runner says why
+                for view in list(shared.views):
+                    view._lean = False
+                if shared.owns_runner:
+                    self.runner.close()
 
     def __enter__(self) -> Cascade:
         return self

@@ -10,10 +10,16 @@ at the cascade's insides.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
+from edgeexit.runtime.backends.base import HeadOutput, Runner
 from edgeexit.runtime.plan import SKIP, CascadePlan, exit_group_name, head_name, segment_name
+
+Confidence = Callable[[HeadOutput], np.ndarray]  # a head's output → one confidence per row (a policy)
+CHUNK = 256  # frames per call into a runner when a caller gives more
 
 
 def latency_stats(samples_ms) -> dict:
@@ -43,16 +49,48 @@ def time_call(fn, sync, repeats: int = 200, min_seconds: float = 1.0, warmup: in
     return latency_stats(times)
 
 
-def profile_units(cascade, image: np.ndarray, batch: int, repeats: int, min_seconds: float, progress=None) -> dict:
+def chunk_size(runner: Runner, requested: int | None = None, chunk: int = CHUNK) -> int:
+    """Rows per runner call: ``requested`` (at most ``chunk``), within the runner's max batch."""
+    limit = runner.info.max_batch
+    size = min(requested or chunk, chunk)
+    return min(size, limit) if limit else size
+
+
+def exit_statistics(
+    runner: Runner,
+    plan: CascadePlan,
+    x: np.ndarray,
+    confidence: Confidence | None = None,
+    batch_size: int = CHUNK,
+    progress=None,
+) -> dict[str, np.ndarray]:
+    """Every unit of ``plan``'s model on preprocessed images ``x``: (N, K) ``confidence`` (the head's
+    own max-softmax, or ``confidence(head)``) and ``prediction``. Batches respect the runner's max batch."""
+    from edgeexit.runtime.chain import chain_outputs
+
+    size = chunk_size(runner, batch_size)
+    out = chain_outputs(runner, x, plan.num_exits, size, confidence, progress=progress)
+    return {"confidence": out["confidence"], "prediction": out["prediction"]}
+
+
+def profile_units(
+    runner: Runner,
+    plan: CascadePlan,
+    image: np.ndarray,
+    batch: int = 1,
+    repeats: int = 200,
+    min_seconds: float = 1.0,
+    progress=None,
+    confidence: Confidence | None = None,
+) -> dict:
     """Per-unit latency at ``batch`` (a real preprocessed image repeated), plus the decision:
-    reading a head's confidence (the cascade's policy) and comparing it with a threshold."""
-    runner = cascade.runner
+    reading a head's confidence (``confidence``, the cascade's policy) and comparing it with a threshold."""
     runner.check_batch(batch)
     x = np.ascontiguousarray(np.repeat(image[None], batch, axis=0), dtype=np.float32)
     state = runner.from_host(x)
     units: dict[str, dict] = {}
     head = None
-    for pos in range(cascade.num_exits):
+    for pos in range(plan.num_exits):
         s_in = state
         units[segment_name(pos)] = time_call(
             lambda s_in=s_in, pos=pos: runner.run_segment(pos, s_in), runner.synchronize, repeats, min_seconds
@@ -66,8 +104,37 @@ def profile_units(cascade, image: np.ndarray, batch: int, repeats: int, min_seco
             head = runner.run_head(pos, tap)
         if progress is not None:
             progress(pos + 1)
-    decision = time_call(lambda: float(cascade.confidence(head)[0]) >= 0.5, lambda: None, repeats, 0.2)
+    conf = (lambda h: h.confidence) if confidence is None else confidence
+    decision = time_call(lambda: float(conf(head)[0]) >= 0.5, lambda: None, repeats, 0.2)
     return {"batch": batch, "units": units, "decision": decision}
+
+
+class UnitLatency(NamedTuple):
+    """Per-unit p95 latency by 0-based position: what ``predict(frame, deadline_ms=...)`` plans with."""
+
+    segment_ms: tuple[float, ...]
+    head_ms: tuple[float, ...]
+
+
+def unit_latency_table(plan: CascadePlan, p95_ms: Mapping[str, float]) -> UnitLatency:
+    """``p95_ms`` (unit name → ms: calibration's ``latency_p95_ms``, or `profile_units` p95s) as the
+    table for ``plan``'s model: every segment and head must be there, as a finite number >= 0."""
+    if not isinstance(p95_ms, Mapping):
+        raise ValueError(f"unit latencies must be a mapping of unit name to ms, got {type(p95_ms).__name__}")
+
+    def ms(name: str) -> float:
+        if name not in p95_ms:
+            raise ValueError(f"unit latencies lack {name} (every segment and head needs a p95 in ms)")
+        try:
+            v = float(p95_ms[name])
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"unit latency of {name} must be a finite number of ms >= 0, got {p95_ms[name]!r}")
+        return v
+
+    k = plan.num_exits
+    return UnitLatency(tuple(ms(segment_name(p)) for p in range(k)), tuple(ms(head_name(p)) for p in range(k)))
 
 
 def frame_overhead_ms(cascade, frame, unit_p50: dict, repeats: int = 100) -> float:

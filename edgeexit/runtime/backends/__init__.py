@@ -6,10 +6,29 @@ Heavy libraries are imported inside each backend module, only when that backend 
 from __future__ import annotations
 
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.backends.options import (
+    BackendOptions,
+    OnnxRuntimeOptions,
+    TensorRTOptions,
+    TorchOptions,
+    backend_options,
+)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
 
-__all__ = ["BACKENDS", "HeadOutput", "Runner", "RunnerInfo", "choose_backend", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "BackendOptions",
+    "HeadOutput",
+    "OnnxRuntimeOptions",
+    "Runner",
+    "RunnerInfo",
+    "TensorRTOptions",
+    "TorchOptions",
+    "backend_options",
+    "choose_backend",
+    "create_backend",
+]
 
 
 def _for_dict_backend(artifact):
@@ -41,21 +60,24 @@ def choose_backend(artifact, backend: str = "auto", precision: str | None = None
     return "onnxruntime-cpu", f"auto, not tensorrt: {why}; no CUDA execution provider in onnxruntime"
 
 
-def create_backend(artifact, backend: str = "auto", **options) -> Runner:
+def create_backend(artifact, backend: str = "auto", options: BackendOptions | None = None, **changes) -> Runner:
     """Instantiate a backend by name (see `choose_backend` for 'auto') over ``artifact`` (an
-    `Artifact`, or a manifest dict from `load_manifest`)."""
+    `Artifact`, or a manifest dict from `load_manifest`). ``options``: that backend's typed options
+    (`OnnxRuntimeOptions`, `TorchOptions`, `TensorRTOptions`); ``changes``: options by keyword."""
     from edgeexit.runtime.artifact import as_artifact
 
     artifact = as_artifact(artifact)
-    backend, _ = choose_backend(artifact, backend)
+    precision = options.precision if options is not None else changes.get("precision")
+    backend, _ = choose_backend(artifact, backend, precision)
+    kw = backend_options(backend, options, **changes).constructor_kwargs()
     if backend.startswith("onnxruntime"):
         from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifact, cuda=backend == "onnxruntime-cuda", **options)
+        return OnnxRuntimeBackend(artifact, cuda=backend == "onnxruntime-cuda", **kw)
     if backend == "torch":
         from edgeexit.runtime.backends.torch import TorchBackend
 
-        return TorchBackend(_for_dict_backend(artifact), **options)
+        return TorchBackend(_for_dict_backend(artifact), **kw)
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(_for_dict_backend(artifact), **options)
+    return TensorRTBackend(_for_dict_backend(artifact), **kw)
