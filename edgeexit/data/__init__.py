@@ -1,7 +1,9 @@
 """Datasets (real on-disk formats, as uint8) and batched augmentation.
 
 The names below load lazily (PEP 562), so ``edgeexit.data.folder`` — what the decode worker
-processes import — imports numpy and Pillow only, never torch."""
+processes import — imports numpy and Pillow only, never torch. ``NAMED`` and
+``canonical_dataset`` (the one rule for comparing dataset names) come from ``edgeexit.data.names``,
+which imports nothing heavy."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ __all__ = [
     "NAMED",
     "ImageDataset",
     "augment",
+    "canonical_dataset",
     "load_dataset",
     "normalize",
     "random_resized_crop",
@@ -17,7 +20,14 @@ __all__ = [
 ]
 
 
+_NAMES = ("NAMED", "canonical_dataset")
+
+
 def __getattr__(name: str):
+    if name in _NAMES:
+        from edgeexit.data import names
+
+        return getattr(names, name)
     if name in __all__:
         from edgeexit.data import datasets
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeexit.data.folder import IMAGE_EXTS  # noqa: F401  (one list for the index and the decoder)
+from edgeexit.data.names import NAMED, canonical_dataset
 from edgeexit.errors import UserError
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -33,8 +33,6 @@ FASHION_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
-NAMED = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
-
 # Per-channel statistics on 0-1 pixel values (training sets).
 STATS = {
     "fashion-mnist": ([0.2860], [0.3530]),
@@ -384,12 +382,12 @@ def load_dataset(
     always or never."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split}")
-    key = name.lower()
-    if key in ("fashion-mnist", "fashion_mnist", "fashionmnist"):
+    key = canonical_dataset(name)
+    if key == "fashion-mnist":
         return load_fashion_mnist(split, data_dir)
-    if key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
-        return load_cifar(key.replace("-", ""), split, data_dir)
-    if key in ("tiny-imagenet", "tinyimagenet", "tiny-imagenet-200"):
+    if key in ("cifar10", "cifar100"):
+        return load_cifar(key, split, data_dir)
+    if key == "tiny-imagenet":
         return load_tiny_imagenet(split, data_dir)
     path = Path(name)
     if path.is_dir():

@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
+from edgeexit.runtime.sources import IMAGE_EXTS  # the one list: what `run` reads from a folder, too
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"}
 MAX_DEPTH = 4  # folder levels read below a class folder (class/a/b/c/d/image.jpg)
 NO_IMAGE_LIMIT = 10_000  # entries of a class folder examined before "this is not an ImageFolder"
 MAX_PIXELS = 64_000_000  # a larger image is a decompression bomb (64 MP; a 4K frame is 8.3 MP)

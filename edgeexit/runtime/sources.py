@@ -15,7 +15,8 @@ import numpy as np
 
 from edgeexit.errors import UserError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
+# The one list of image file suffixes: folder sources here, and ImageFolder datasets (edgeexit.data.folder).
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
 
 
 def _cv2():

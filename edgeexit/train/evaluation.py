@@ -99,6 +99,7 @@ def evaluate_checkpoint(
     budgeted curve's thresholds from the held-out split it recorded."""
     from edgeexit.data import load_dataset
     from edgeexit.data.datasets import load_heldout
+    from edgeexit.data.names import canonical_dataset
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from edgeexit.train.torch_device import resolve_device
 
@@ -118,7 +119,8 @@ def evaluate_checkpoint(
     test.mean, test.std = list(ckpt["preprocessing"]["mean"]), list(ckpt["preprocessing"]["std"])
     if limit_eval:
         test = test.subset(np.arange(min(limit_eval, len(test))))
-    val = load_heldout(ckpt["split"], ddir, name) if name == ckpt.get("dataset") else None
+    same = ckpt.get("dataset") is not None and canonical_dataset(name) == canonical_dataset(ckpt["dataset"])
+    val = load_heldout(ckpt["split"], ddir, name) if same else None
     result = evaluate(model, test, val, device=resolve_device(device))
     result["checkpoint"] = str(checkpoint)
     result["dataset"] = name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from edgeexit.data.names import canonical_dataset
 from edgeexit.train.losses import METHODS, LossConfig
 
 # Per-method loss settings. MLCSD: the paper's T=4, α=5, β=10, γ=1. SD: KD from the final exit at
@@ -90,6 +91,6 @@ def get_recipe(dataset: str, method: str, finetune: bool = False) -> Recipe:
         raise ValueError(f"unknown method '{method}': use one of {', '.join(METHODS)}")
     if finetune:
         return replace(FINETUNE, loss=replace(METHOD_LOSS[method], **FAST_CPU_LOSS.get(method, {})))
-    if dataset == "fashion-mnist":
+    if canonical_dataset(dataset) == "fashion-mnist":
         return replace(FAST_CPU, loss=replace(METHOD_LOSS[method], **FAST_CPU_LOSS.get(method, {})))
     return replace(PAPER, loss=replace(METHOD_LOSS[method]))

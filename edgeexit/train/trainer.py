@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from edgeexit.data import ImageDataset, augment, load_dataset, normalize, random_resized_crop, split_train_val
+from edgeexit.data.names import canonical_dataset, is_named
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, build_model
 from edgeexit.models.multiexit import LAYOUTS
@@ -60,6 +61,7 @@ class TrainConfig:
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:  # paths as plain strings: the config is stored in checkpoints
+        self.data = canonical_dataset(self.data)
         for name in ("out", "data_dir", "cache_dir", "init"):
             v = getattr(self, name)
             if isinstance(v, os.PathLike):
@@ -71,11 +73,9 @@ class TrainConfig:
         option is validated here, once, for the CLI and the Python API alike."""
         if method not in METHODS:
             raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
+        data = canonical_dataset(data)  # 'CIFAR10' is cifar10 for the recipe, the split and the checkpoint
         # from ImageNet weights, or the ImageNet stem on a folder of photos: the fine-tuning recipe
-        finetune = overrides.get("init") is not None or (
-            overrides.get("stem") == "imagenet"
-            and data not in ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
-        )
+        finetune = overrides.get("init") is not None or (overrides.get("stem") == "imagenet" and not is_named(data))
         recipe = get_recipe(data, method, finetune=finetune)
         recipe_fields, loss_fields, run_fields = {}, {}, {}
         for k, v in overrides.items():
@@ -157,9 +157,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-NAMED_DATASETS = ("fashion-mnist", "cifar10", "cifar100", "tiny-imagenet")
-
-
 # A mapped training set up to this size is copied to the GPU once, as the in-memory path does.
 GPU_RESIDENT_BYTES = 4 << 30
 
@@ -170,7 +167,7 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
 
     r = cfg.recipe
     size = None
-    if cfg.data not in NAMED_DATASETS:  # an ImageFolder: its images are brought to the training size
+    if not is_named(cfg.data):  # an ImageFolder: its images are brought to the training size
         side = r.image_size or NATURAL_SIZE[r.stem]
         size = [side, side]
     elif r.image_size is not None:
@@ -360,6 +357,8 @@ def _check_same_run(last: Path, saved: dict, now: dict) -> None:
         a, b = saved, now
         for k in keys:
             a, b = (a or {}).get(k), (b or {}).get(k)
+        if keys == ("data",) and isinstance(a, str) and isinstance(b, str):  # a run saved as 'CIFAR10'
+            a, b = canonical_dataset(a), canonical_dataset(b)
         if a is not None and a != b:
             flag = "--" + keys[-1].replace("_", "-")
             raise UserError(f"--resume: {last} was trained with {flag} {a}, not {b}; resume with the same {flag}")

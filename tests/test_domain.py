@@ -1,0 +1,151 @@
+"""One home per domain word: dataset names, image suffixes, image-count flags, shared option help."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeexit.errors import UserError
+
+PACKAGE = Path(__file__).resolve().parent.parent / "edgeexit"
+
+
+def _string_constants(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+# ---- dataset names ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelling, name",
+    [
+        ("cifar10", "cifar10"),
+        ("CIFAR10", "cifar10"),
+        ("Cifar-10", "cifar10"),
+        ("CIFAR-100", "cifar100"),
+        ("Fashion-MNIST", "fashion-mnist"),
+        ("fashion_mnist", "fashion-mnist"),
+        ("Tiny-ImageNet-200", "tiny-imagenet"),
+        ("photos/train", "photos/train"),  # a path to an ImageFolder is returned as given
+        ("CIFAR10x", "CIFAR10x"),
+    ],
+)
+def test_canonical_dataset(spelling, name):
+    from edgeexit.data import NAMED, canonical_dataset
+
+    assert canonical_dataset(spelling) == name
+    assert (canonical_dataset(spelling) in NAMED) == (name in NAMED)
+    assert canonical_dataset(Path(spelling)) == str(Path(name))
+
+
+def test_the_named_datasets_are_spelled_in_one_module():
+    """Only data/names.py lists the datasets' aliases; datasets.py (the loaders, their statistics) is
+    the only other module that may name one, and no module keeps its own tuple of them."""
+    allowed = {PACKAGE / "data" / "names.py", PACKAGE / "data" / "datasets.py"}
+    spelled = {
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p not in allowed and {"cifar10", "cifar100"} & set(_string_constants(p))
+    }
+    assert spelled == set()
+    aliases = [p for p in PACKAGE.rglob("*.py") if "cifar-10" in _string_constants(p)]
+    assert aliases == [PACKAGE / "data" / "names.py"]
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_every_spelling_of_a_named_dataset_gets_the_same_recipe(tmp_path, stem):
+    """`--data CIFAR10 --stem imagenet` used to pick the fine-tuning recipe (a case-sensitive
+    comparison in the trainer) while `--data cifar10 --stem imagenet` did not."""
+    from edgeexit.train.trainer import TrainConfig
+
+    configs = [TrainConfig.from_recipe(d, "ce", out=str(tmp_path / d), stem=stem) for d in ("cifar10", "CIFAR10")]
+    assert configs[0].recipe == configs[1].recipe
+    assert configs[1].data == "cifar10"  # what the checkpoint and split record
+    r = configs[1].recipe
+    assert (r.epochs, r.crop, r.normalize, r.backbone_lr_scale, r.stem) == (240, "pad", "dataset", 1.0, stem)
+
+
+def test_fashion_mnist_spelled_otherwise_gets_the_cpu_recipe(tmp_path):
+    from edgeexit.train.recipes import get_recipe
+    from edgeexit.train.trainer import TrainConfig
+
+    cfg = TrainConfig.from_recipe("Fashion-MNIST", "ce", out=str(tmp_path / "r"))
+    assert cfg.recipe == get_recipe("fashion-mnist", "ce") and cfg.recipe.epochs == 2
+    assert get_recipe("FASHION_MNIST", "ce").epochs == 2 and get_recipe("cifar10", "ce").epochs == 240
+
+
+def _cifar10(root: Path) -> Path:
+    rng = np.random.default_rng(3)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [(i + j) % 10 for j in range(4)]}
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                                                  b"labels": [1, 2, 3]}))  # fmt: skip
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return root
+
+
+def test_an_upper_case_named_dataset_is_not_sized_as_an_image_folder(tmp_path):
+    """prepare_data recorded a 224-px split.image_size for 32-px CIFAR spelled 'CIFAR10' (it was taken
+    for a folder); now both spellings give the same split."""
+    from edgeexit.train.trainer import TrainConfig, prepare_data
+
+    root = _cifar10(tmp_path / "data")
+    splits = []
+    for d in ("cifar10", "CIFAR10"):
+        cfg = TrainConfig.from_recipe(d, "ce", out=str(tmp_path / d), stem="imagenet", data_dir=str(root), val_size=4)
+        train, val, split = prepare_data(cfg)
+        assert train.input_size == [32, 32] and len(train) == 16 and len(val) == 4
+        splits.append(split)
+    assert splits[0] == splits[1]
+    assert splits[1]["image_size"] is None and splits[1]["dataset"] == "cifar10"
+
+
+def test_resuming_a_run_recorded_under_another_spelling_is_the_same_run(tmp_path):
+    from edgeexit.train.trainer import _check_same_run
+
+    _check_same_run(tmp_path / "last.pt", {"data": "CIFAR10"}, {"data": "cifar10"})
+    with pytest.raises(UserError, match="--data cifar100"):
+        _check_same_run(tmp_path / "last.pt", {"data": "cifar100"}, {"data": "cifar10"})
+
+
+# ---- image suffixes ---------------------------------------------------------------------------
+
+
+def test_image_suffixes_have_one_home():
+    from edgeexit.data import folder
+    from edgeexit.runtime import sources
+
+    assert folder.IMAGE_EXTS is sources.IMAGE_EXTS
+    homes = []
+    for p in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IMAGE_EXTS" for t in node.targets):
+                homes.append(p.relative_to(PACKAGE))
+    assert homes == [Path("runtime/sources.py")]
+
+
+def test_run_reads_every_suffix_an_image_folder_trains_on(tmp_path):
+    """A GIF was an image for ImageFolder training but not for `run` on a folder (two lists)."""
+    from PIL import Image
+
+    from edgeexit.data.folder import index_image_folder
+    from edgeexit.runtime.sources import iter_frames
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((9, 7, 3), 40 if cls == "a" else 200, np.uint8)).save(tmp_path / cls / "x.gif")
+    frames, order = iter_frames(str(tmp_path))
+    got = list(frames)
+    assert [name for name, _ in got] == ["x.gif", "x.gif"] and order == "RGB"
+    assert got[0][1].shape == (9, 7, 3) and int(got[0][1].mean()) == 40
+    classes, files, _ = index_image_folder(tmp_path)
+    assert list(classes) == ["a", "b"] and len(files) == 2
