@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from edgeexit import __version__
 from edgeexit.errors import UserError
@@ -186,6 +187,51 @@ def _run_budget_ms(artifact: Path, budget: str) -> float | None:
     return fraction * float(full)
 
 
+# Earlier spellings of renamed options, per command: they still work (rewritten to the one name
+# before parsing, with a one-line note on stderr), so scripts written against them keep running.
+RENAMED = {
+    "train": {"--limit-train": "--train-images", "--limit-eval": "--eval-images"},
+    "eval": {"--limit-eval": "--images"},
+    "export": {"--parity-samples": "--parity-images"},
+    "calibrate": {"--limit": "--images", "--verify-limit": "--verify-images"},
+    "quickstart": {"--limit-train": "--train-images"},
+}
+
+
+def renamed_args(command: str, args: list[str]) -> list[str]:
+    """``args`` with each earlier spelling of an option (``RENAMED``) replaced by its one name
+    (``--old=V`` too, nothing after ``--``); one note per spelling used."""
+    table, out, noted = RENAMED.get(command, {}), [], set()
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + list(args[i:])
+        old, eq, value = arg.partition("=")
+        if old in table:
+            if old not in noted:
+                noted.add(old)
+                console.print(f"note: {old} is now {table[old]} (the old spelling still works)", highlight=False)
+            arg = table[old] + eq + value
+        out.append(arg)
+    return out
+
+
+class _RenamedOptions(TyperCommand):
+    """A command that still accepts the earlier spellings of its renamed options (`RENAMED`)."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, renamed_args(self.name or "", args))
+
+
+def _load_cascade(artifact: Path, backend: str, precision: str | None, **options):
+    """`run` and `bench`: the artifact's cascade on --backend, at --precision when given (else the
+    backend's default), with its backend's reason printed."""
+    from edgeexit.runtime import Cascade
+
+    cascade = Cascade.load(artifact, backend=backend, **options, **({"precision": precision} if precision else {}))
+    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
+    return cascade
+
+
 def version_callback(value: bool) -> None:
     if value:
         out_console.print(f"edgeexit {__version__}")
@@ -226,6 +272,12 @@ Int8MethodOpt = Annotated[
 PrecisionOpt = Annotated[
     str | None, typer.Option(help="Units to run: fp32, int8 (after export --int8), fp16 (TensorRT); default fp32.")
 ]
+BACKEND_HELP = (
+    "auto (TensorRT engines on a GPU, else ONNX Runtime), tensorrt, onnxruntime, onnxruntime-cuda, "
+    "onnxruntime-cpu, torch."
+)
+BackendOpt = Annotated[str, typer.Option("--backend", help=BACKEND_HELP)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: auto, cpu, cuda or cuda:N.")]
 BatchOptOpt = Annotated[
     int, typer.Option("--batch-opt", help="Batch the TensorRT profile is tuned for (1: camera, frame by frame).")
 ]
@@ -295,7 +347,7 @@ CacheDirOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=_RenamedOptions)
 @command
 def train(
     data: DataOpt = "fashion-mnist",
@@ -322,10 +374,14 @@ def train(
         ),
     ] = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop + flip.")] = None,
-    limit_train: Annotated[int | None, typer.Option("--limit-train", help="Train on the first N images only.")] = None,
-    limit_eval: Annotated[int | None, typer.Option("--limit-eval", help="Validate on N held-out images only.")] = None,
+    train_images: Annotated[
+        int | None, typer.Option("--train-images", help="Train on the first N training images only.")
+    ] = None,
+    eval_images: Annotated[
+        int | None, typer.Option("--eval-images", help="Validate every epoch on the first N held-out images only.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, split, shuffling and augmentation.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Run folder: model.pt (best) and last.pt (resume).")] = Path("runs/exp"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt exactly.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a run already in OUT.")] = False,
@@ -346,9 +402,12 @@ def train(
     from edgeexit.train.trainer import TrainConfig, TrainingError
     from edgeexit.train.trainer import train as run_train
 
-    options = dict(locals())  # every option above, validated once by TrainConfig (paths made str there)
-    for name in ("data", "method", "json_out", "TrainConfig", "TrainingError", "run_train"):
-        options.pop(name)
+    options = dict(  # each flag under its TrainConfig / Recipe / LossConfig name (validated once there)
+        exits=exits, width=width, epochs=epochs, batch_size=batch_size, lr=lr, teacher_weights=teacher_weights,
+        temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, val_size=val_size, augment=augment,
+        limit_train=train_images, limit_eval=eval_images, seed=seed, device=device, out=out, resume=resume,
+        force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
+        strict=strict, cache_dir=cache_dir)  # fmt: skip
     cfg = TrainConfig.from_recipe(data, method, **options)
     try:
         result = run_train(cfg, console=console)
@@ -368,13 +427,13 @@ def _report_training(result: dict, out: Path, json_out: Path | None) -> None:
     _write_json(json_out, result)
 
 
-@app.command("eval")
+@app.command("eval", cls=_RenamedOptions)
 @command
 def eval_(
     checkpoint: Annotated[Path, typer.Argument(help="model.pt written by `edgeexit train`.")],
     data: Annotated[str | None, typer.Option("--data", help="Dataset (default: the one it was trained on).")] = None,
-    limit_eval: Annotated[int | None, typer.Option("--limit-eval", help="Evaluate on the first N test images.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda.")] = "auto",
+    images: Annotated[int | None, typer.Option("--images", help="Evaluate on the first N test images.")] = None,
+    device: DeviceOpt = "auto",
     plot: Annotated[Path | None, typer.Option(help="Write the budgeted-batch curve as a PNG here.")] = None,
     data_dir: DataDirOpt = None,
     json_out: JsonOpt = None,
@@ -387,7 +446,7 @@ def eval_(
     _check_device(device)
     from edgeexit.train.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, data, limit_eval, device, data_dir)
+    result = evaluate_checkpoint(checkpoint, data, images, device, data_dir)
     from edgeexit.train.report import budgeted_plot, eval_table
 
     out_console.print(eval_table(result))
@@ -397,7 +456,7 @@ def eval_(
     _write_json(json_out, result)
 
 
-@app.command()
+@app.command(cls=_RenamedOptions)
 @command
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="model.pt written by `edgeexit train`.")],
@@ -421,8 +480,8 @@ def export(
     simplify: Annotated[
         bool, typer.Option("--simplify/--no-simplify", help="Simplify each unit with onnxslim.")
     ] = True,
-    parity_samples: Annotated[
-        int, typer.Option("--parity-samples", help="Held-out images for the parity check.")
+    parity_images: Annotated[
+        int, typer.Option("--parity-images", help="Held-out images for the parity check.")
     ] = 256,
     tolerance: Annotated[float, typer.Option(help="Max abs logit difference ONNX Runtime vs PyTorch.")] = 1e-3,
     force: Annotated[
@@ -449,7 +508,7 @@ def export(
 
     options = dict(  # each flag under its own name (ExportOptions validates them, once)
         out=out, format=format, half=half, batch=batch, batch_opt=batch_opt, workspace=workspace, opset=opset,
-        simplify=simplify, parity_samples=parity_samples, tolerance=tolerance, force=force, calib_images=calib_images,
+        simplify=simplify, parity_samples=parity_images, tolerance=tolerance, force=force, calib_images=calib_images,
         int8=int8, int8_images=int8_images, int8_method=int8_method, int8_tolerance=int8_tolerance,
         data_dir=str(data_dir) if data_dir else None)  # fmt: skip
     manifest, path = export_checkpoint(checkpoint, console=console, **options)
@@ -461,7 +520,7 @@ def export(
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 
 
-@app.command()
+@app.command(cls=_RenamedOptions)
 @command
 def calibrate(
     artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder written by `edgeexit export`.")],
@@ -470,14 +529,14 @@ def calibrate(
     confidence: Annotated[float, typer.Option(help="Confidence of the --max-drop promise.")] = 0.95,
     precision: PrecisionOpt = None,
     metric: Annotated[str, typer.Option(help="Budget on the mean or the p95 latency.")] = "mean",
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    backend: BackendOpt = "auto",
     data: Annotated[
         str | None, typer.Option("--data", help="Dataset (default: the one the model was trained on).")
     ] = None,
     split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
-    limit: Annotated[int | None, typer.Option("--limit", help="Use at most N images per calibration half.")] = None,
-    verify_limit: Annotated[
-        int | None, typer.Option("--verify-limit", help="At most N verification images (default: the whole half).")
+    images: Annotated[int | None, typer.Option("--images", help="Use at most N images per calibration half.")] = None,
+    verify_images: Annotated[
+        int | None, typer.Option("--verify-images", help="At most N verification images (default: the whole half).")
     ] = None,
     repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (stops after 1 s once 30 are done).")] = 200,
     policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
@@ -513,8 +572,8 @@ def calibrate(
         backend=backend,
         data=data,
         split=split,
-        limit=limit,
-        verify_limit=verify_limit,
+        limit=images,
+        verify_limit=verify_images,
         repeats=repeats,
         policy=policy,
         data_dir=str(data_dir) if data_dir else None,
@@ -550,7 +609,7 @@ def run(
             "repeat it for several streams, batched together. Default: camera 0."
         ),
     ] = None,
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    backend: BackendOpt = "auto",
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames (per stream).")] = None,
     realtime: Annotated[
         bool,
@@ -582,14 +641,11 @@ def run(
     of every stream run as one batch, a live table per stream. Ctrl-C ends with the summary.
     """
     _outputs(save_video=save_video, json=json_out)
-    from edgeexit.runtime import Cascade
     from edgeexit.runtime.sources import run_source, summary_table, wants_streams
 
     sources = source or ["0"]
     streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
-    extra = {"precision": precision} if precision else {}
-    cascade = Cascade.load(artifact, backend=backend, budget_ms=_run_budget_ms(artifact, budget), **extra)
-    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
+    cascade = _load_cascade(artifact, backend, precision, budget_ms=_run_budget_ms(artifact, budget))
     if streamed:
         from edgeexit.runtime.streams import run_streams
 
@@ -606,7 +662,7 @@ def run(
 @command
 def bench(
     artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder.")],
-    backend: Annotated[str, typer.Option(help="auto, onnxruntime, tensorrt, torch.")] = "auto",
+    backend: BackendOpt = "auto",
     batch: Annotated[int, typer.Option(help="Batch size for the per-unit timings.")] = 1,
     repeats: Annotated[int, typer.Option(help="Repetitions per unit.")] = 200,
     images: Annotated[int, typer.Option(help="Held-out images for the early-exit latency.")] = 500,
@@ -617,10 +673,8 @@ def bench(
     """Per-unit and cumulative per-exit latency; full cascade vs early exit at the current thresholds."""
     _outputs(json=json_out)
     from edgeexit.bench import bench_cascade, bench_table
-    from edgeexit.runtime import Cascade
 
-    cascade = Cascade.load(artifact, backend=backend, **({"precision": precision} if precision else {}))
-    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
+    cascade = _load_cascade(artifact, backend, precision)
     result = bench_cascade(
         cascade,
         batch=batch,
@@ -658,7 +712,7 @@ def info(
     _write_json(json_out, art.to_json())
 
 
-@app.command()
+@app.command(cls=_RenamedOptions)
 @command
 def quickstart(
     out: Annotated[Path, typer.Option(help="Folder for the run.")] = Path("runs/quickstart"),
@@ -674,10 +728,10 @@ def quickstart(
         typer.Option(help="Budget mode instead of the promise: 2ms, or a share of the full model's latency (60%)."),
     ] = "",
     epochs: Annotated[int, typer.Option(help="Training epochs.")] = 2,
-    limit_train: Annotated[
+    train_images: Annotated[
         int | None,
         typer.Option(
-            "--limit-train", help="Train on the first N of the 55,000 training images (after the held-out split)."
+            "--train-images", help="Train on the first N of the 55,000 training images (after the held-out split)."
         ),
     ] = 20000,
     width: Annotated[float, typer.Option(help="Width multiplier.")] = 0.25,
@@ -700,7 +754,7 @@ def quickstart(
         max_drop=_parse_drop(max_drop),
         run_images=test_images,
         epochs=epochs,
-        limit_train=limit_train,
+        limit_train=train_images,
         width=width,
         data_dir=str(data_dir) if data_dir else None,
         console=console,

@@ -149,3 +149,86 @@ def test_run_reads_every_suffix_an_image_folder_trains_on(tmp_path):
     assert got[0][1].shape == (9, 7, 3) and int(got[0][1].mean()) == 40
     classes, files, _ = index_image_folder(tmp_path)
     assert list(classes) == ["a", "b"] and len(files) == 2
+
+
+# ---- the command line: one name per image count, shared option definitions --------------------
+
+
+def _commands():
+    import typer
+
+    from edgeexit.cli import app
+
+    return typer.main.get_command(app).commands
+
+
+def _options(command: str) -> dict[str, str]:
+    return {p.opts[0]: p.help or "" for p in _commands()[command].params if p.param_type_name == "option"}
+
+
+def test_every_image_count_is_spelled_with_images():
+    counts = {
+        name: sorted(o for o in _options(name) if o.endswith("images") or "limit" in o or "samples" in o)
+        for name in _commands()
+    }
+    assert {k: v for k, v in counts.items() if v} == {
+        "train": ["--eval-images", "--train-images"],
+        "eval": ["--images"],
+        "export": ["--calib-images", "--int8-images", "--parity-images"],
+        "calibrate": ["--images", "--verify-images"],
+        "bench": ["--images"],
+        "quickstart": ["--test-images", "--train-images"],
+    }
+
+
+def test_backend_device_and_precision_are_one_definition_each():
+    from edgeexit.runtime.backends import BACKENDS
+
+    shared = {"--backend": ("calibrate", "run", "bench"), "--device": ("train", "eval"),
+              "--precision": ("calibrate", "run", "bench")}  # fmt: skip
+    for option, commands in shared.items():
+        helps = {_options(c)[option] for c in commands}
+        assert len(helps) == 1, (option, helps)
+    backend_help = _options("run")["--backend"]
+    assert all(b in backend_help.replace(",", " ").replace(".", " ").split() for b in BACKENDS)
+    assert "cuda:N" in _options("eval")["--device"]
+
+
+def test_renamed_args_maps_each_old_spelling_and_notes_it_once(capsys):
+    from edgeexit.cli import renamed_args
+
+    args = ["a.edgeexit", "--limit", "30", "--verify-limit=40", "--limit", "50", "--", "--limit"]
+    assert renamed_args("calibrate", args) == [
+        "a.edgeexit", "--images", "30", "--verify-images=40", "--images", "50", "--", "--limit"]  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("--limit is now --images") == 1 and err.count("--verify-limit is now --verify-images") == 1
+    assert renamed_args("bench", ["--limit", "3"]) == ["--limit", "3"]  # only the command's own renames
+
+
+@pytest.mark.parametrize(
+    "old, value, new",
+    [("--limit-train", "0", "--train-images"), ("--limit-eval", "-3", "--eval-images"),
+     ("--limit-train=-7", None, "--train-images")],  # fmt: skip
+)
+def test_an_old_spelling_still_reaches_its_option(tmp_path, old, value, new):
+    """`train --limit-train 0` is `train --train-images 0`: refused naming the new flag, with a note."""
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    args = ["train", old, *([value] if value is not None else []), "--out", str(tmp_path / "r")]
+    res = CliRunner().invoke(app, args)
+    got = value if value is not None else old.split("=")[1]
+    assert res.exit_code == 2, res.output
+    assert f"{new} must be at least 1, got {got}" in res.output
+    assert f"{old.split('=')[0]} is now {new}" in res.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_shows_only_the_one_spelling():
+    from edgeexit.cli import RENAMED
+
+    for command, table in RENAMED.items():
+        options = _options(command)
+        assert set(table.values()) <= set(options), command
+        assert not set(table) & set(options), command

@@ -153,8 +153,8 @@ def test_deadlines_must_be_numbers_at_least_zero(artifact_copy, test_frames):
         (["bench", "{a}", "--backend", "onnxruntime", "--batch", "0"], "--batch must be within 1.."),
         (["bench", "{a}", "--backend", "onnxruntime", "--batch", "100000000"], "--batch must be within 1.."),
         (["bench", "{a}", "--backend", "onnxruntime", "--repeats", "-5"], "--repeats must be at least 1"),
-        (["train", "--limit-train", "0", "--out", "{t}/r"], "--limit-train must be at least 1"),
-        (["train", "--limit-eval", "0", "--out", "{t}/r"], "--limit-eval must be at least 1"),
+        (["train", "--train-images", "0", "--out", "{t}/r"], "--train-images must be at least 1"),
+        (["train", "--eval-images", "0", "--out", "{t}/r"], "--eval-images must be at least 1"),
         (["train", "--val-size", "0", "--out", "{t}/r"], "--val-size must be at least 1"),
         (["train", "--val-size", "99999999", "--out", "{t}/r"], "--val-size 99999999 is more than half"),
         (["train", "--epochs", "0", "--out", "{t}/r"], "--epochs must be at least 1"),
@@ -171,8 +171,8 @@ def test_out_of_range_numbers_are_refused_with_the_range(artifact_copy, tmp_path
 
 
 def test_eval_limit_zero_is_refused(tiny_run):
-    res = cli("eval", tiny_run[0] / "model.pt", "--limit-eval", "0")
-    assert res.exit_code == 2 and "--limit-eval must be at least 1" in res.output
+    res = cli("eval", tiny_run[0] / "model.pt", "--images", "0")
+    assert res.exit_code == 2 and "--images must be at least 1" in res.output
 
 
 # -- frames -------------------------------------------------------------------------------------

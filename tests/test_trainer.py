@@ -93,8 +93,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_tes
     "overrides,match",
     [
         ({"epochs": 0}, "--epochs must be at least 1"),
-        ({"limit_train": 0}, "--limit-train must be at least 1"),
-        ({"limit_eval": -100}, "--limit-eval must be at least 1"),
+        ({"limit_train": 0}, "--train-images must be at least 1"),
+        ({"limit_eval": -100}, "--eval-images must be at least 1"),
         ({"width": float("nan")}, "--width must be a positive number"),
         ({"exits": 5}, "--exits must be 4, 8 or 9"),
         ({"teacher_weights": "magic"}, "--teacher-weights"),

@@ -104,7 +104,7 @@ def evaluate_checkpoint(
     from edgeexit.train.torch_device import resolve_device
 
     if limit_eval is not None and limit_eval < 1:
-        raise UserError(f"--limit-eval must be at least 1, got {limit_eval}")
+        raise UserError(f"--images must be at least 1, got {limit_eval}")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     name = data or ckpt.get("dataset") or ckpt.get("split", {}).get("dataset")

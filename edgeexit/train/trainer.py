@@ -97,41 +97,54 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        r = self.recipe
-        if r.exits not in LAYOUTS:
-            raise UserError(f"--exits must be 4, 8 or 9, got {r.exits}")
-        if r.stem not in ("cifar", "imagenet"):
-            raise UserError(f"--stem must be cifar or imagenet, got '{r.stem}'")
-        if r.image_size is not None and not 8 <= r.image_size <= 1024:
-            raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
+        """Every option checked once (for the CLI and the Python API alike); errors name the flag."""
+        _check_model_options(self.recipe)
         if self.init is not None and not Path(self.init).is_file():
             from edgeexit.models.pretrained import TORCHVISION_HINT
 
             raise UserError(f"--init {self.init}: no such file. {TORCHVISION_HINT}")
-        if r.loss.teacher_weights not in ("learned", "frozen"):
-            raise UserError(f"--teacher-weights must be 'learned' or 'frozen', got '{r.loss.teacher_weights}'")
-        for name, v in (
-            ("--epochs", r.epochs),
-            ("--batch-size", r.batch_size),
-            ("--val-size", 1 if r.val_size is None else r.val_size),
-        ):
-            if v < 1:
-                raise UserError(f"{name} must be at least 1, got {v}")
-        for name, v in (("--limit-train", self.limit_train), ("--limit-eval", self.limit_eval)):
-            if v is not None and v < 1:
-                raise UserError(f"{name} must be at least 1, got {v}")
-        for name, v in (("--width", r.width), ("--lr", r.lr), ("--temperature", r.loss.temperature)):
-            if not (math.isfinite(v) and v > 0):
-                raise UserError(f"{name} must be a positive number, got {v}")
-        for name, v in (("--alpha", r.loss.alpha), ("--beta", r.loss.beta), ("--gamma", r.loss.gamma)):
-            if not (math.isfinite(v) and v >= 0):
-                raise UserError(f"{name} must be a number >= 0, got {v}")
+        _check_numbers(self)
         out = Path(self.out)
         if any(p.is_file() for p in (out, *out.parents)):
             raise UserError(f"--out {out}: a file is in the way; the run folder must be a folder")
         has_run = (out / "model.pt").exists() or (out / "last.pt").exists()
         if has_run and not (self.resume or self.force):
             raise UserError(f"{out} already holds a run (model.pt/last.pt): pass --resume to continue it or --force")
+
+
+# The `edgeexit train` flag of each field whose flag is not ``--field-name``.
+FLAGS = {"limit_train": "--train-images", "limit_eval": "--eval-images"}
+
+
+def flag(field_name: str) -> str:
+    """The `edgeexit train` flag of a TrainConfig / Recipe / LossConfig field (what errors name)."""
+    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def _check_model_options(r: Recipe) -> None:
+    if r.exits not in LAYOUTS:
+        raise UserError(f"--exits must be 4, 8 or 9, got {r.exits}")
+    if r.stem not in ("cifar", "imagenet"):
+        raise UserError(f"--stem must be cifar or imagenet, got '{r.stem}'")
+    if r.image_size is not None and not 8 <= r.image_size <= 1024:
+        raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
+    if r.loss.teacher_weights not in ("learned", "frozen"):
+        raise UserError(f"--teacher-weights must be 'learned' or 'frozen', got '{r.loss.teacher_weights}'")
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    r, loss = cfg.recipe, cfg.recipe.loss
+    counts = {"epochs": r.epochs, "batch_size": r.batch_size, "val_size": r.val_size,
+              "limit_train": cfg.limit_train, "limit_eval": cfg.limit_eval}  # fmt: skip
+    for name, v in counts.items():
+        if v is not None and v < 1:
+            raise UserError(f"{flag(name)} must be at least 1, got {v}")
+    for name, v in (("width", r.width), ("lr", r.lr), ("temperature", loss.temperature)):
+        if not (math.isfinite(v) and v > 0):
+            raise UserError(f"{flag(name)} must be a positive number, got {v}")
+    for name, v in (("alpha", loss.alpha), ("beta", loss.beta), ("gamma", loss.gamma)):
+        if not (math.isfinite(v) and v >= 0):
+            raise UserError(f"{flag(name)} must be a number >= 0, got {v}")
 
 
 def lr_at(recipe: Recipe, epoch_progress: float) -> float:
@@ -360,8 +373,8 @@ def _check_same_run(last: Path, saved: dict, now: dict) -> None:
         if keys == ("data",) and isinstance(a, str) and isinstance(b, str):  # a run saved as 'CIFAR10'
             a, b = canonical_dataset(a), canonical_dataset(b)
         if a is not None and a != b:
-            flag = "--" + keys[-1].replace("_", "-")
-            raise UserError(f"--resume: {last} was trained with {flag} {a}, not {b}; resume with the same {flag}")
+            name = flag(keys[-1])
+            raise UserError(f"--resume: {last} was trained with {name} {a}, not {b}; resume with the same {name}")
 
 
 def _check_same_split(last: Path, ckpt: dict, now: dict) -> None:
