@@ -141,6 +141,12 @@ def test_a_view_without_thresholds_follows_the_controller_it_feeds():
     assert own.plan == CascadePlan.from_thresholds([SKIP, SKIP, SKIP, 0.0])  # a view of its own stays
 
 
+def test_the_controller_window_is_an_option():
+    assert Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=2.8).controller.window == 32  # mean: default
+    c = Cascade(ladder_manifest(), SlowRunner(0.0), options=CascadeOptions(budget_ms=2.8, budget_window=np.int64(8)))
+    assert c.controller.window == 8 and c.options.budget_window == 8
+
+
 # -- typed backend options ------------------------------------------------------------------------
 def test_backend_options_are_typed_per_backend():
     assert backend_options("onnxruntime-cpu") == OnnxRuntimeOptions()

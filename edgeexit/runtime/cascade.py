@@ -91,6 +91,8 @@ class CascadeOptions:
         w = self.budget_window
         if w is not None and not (isinstance(w, int | np.integer) and not isinstance(w, bool) and w >= 2):
             raise ValueError(f"budget_window must be a whole number of frames >= 2, got {w!r}")
+        if w is not None:
+            object.__setattr__(self, "budget_window", int(w))
 
     def replace(self, **changes) -> CascadeOptions:
         return replace(self, **changes)
@@ -119,8 +121,21 @@ class _Shared:
     whether it is closed (so a view sees its parent's close and raises CascadeClosedError, never what
     a closed runner happens to raise), and the artifact's fields."""
 
-    __slots__ = ("runner", "lock", "owns_runner", "closed", "backend_choice", "artifact", "manifest",
-                 "num_exits", "class_names", "preprocessing", "calibration", "fingerprint_changes", "views")  # fmt: skip
+    __slots__ = (
+        "runner",
+        "lock",
+        "owns_runner",
+        "closed",
+        "backend_choice",
+        "views",
+        "artifact",
+        "manifest",
+        "num_exits",
+        "class_names",
+        "preprocessing",
+        "calibration",
+        "fingerprint_changes",
+    )
 
     def __init__(self, manifest, runner: Runner, owns_runner: bool) -> None:
         self.artifact, self.num_exits, class_names, self.preprocessing, self.calibration = _contract(manifest)
@@ -142,8 +157,8 @@ class _PlanFollowers:
 
     __slots__ = ("views", "_lock")
 
-    def __init__(self, first: Cascade) -> None:
-        self.views: weakref.WeakSet[Cascade] = weakref.WeakSet([first])
+    def __init__(self) -> None:
+        self.views: weakref.WeakSet[Cascade] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def add(self, view: Cascade) -> None:
@@ -194,10 +209,12 @@ class Cascade:
             latency = None
             if cal is not None and cal.latency_p95_ms and cal.backend == runner.info.name:
                 latency = profiling.unit_latency_table(CascadePlan.full_model(shared.num_exits), cal.latency_p95_ms)
-            self._init_view(shared, options, thresholds, latency, None, root=True)
-            if options.budget_ms is not None:
-                controller, plan = self._controller(cal.to_dict() if cal is not None else {})
-                self.controller, self.plan, self._lean = controller, plan, False
+            controller = None
+            if options.budget_ms is not None:  # it picks the plan to start on
+                controller, thresholds = _controller(
+                    cal.to_dict() if cal is not None else {}, options, shared.num_exits
+                )
+            self._init_view(shared, options, thresholds, latency, controller, root=True)
         except BaseException:
             if owns_runner:
                 runner.close()
@@ -231,31 +248,11 @@ class Cascade:
         self.plan: CascadePlan = CascadePlan.full_model(self.num_exits)
         self.set_thresholds(thresholds if thresholds is not None else self.plan)
         shared.views.add(self)
-
-    def _controller(self, calib: dict):
-        """The budget controller over the calibration's ladder, and the plan it starts on."""
-        from edgeexit.runtime.controller import build_ladder, controller_for
-
-        rows = calib.get("ladder")
-        if not rows:
-            raise ArtifactError(
-                "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
-            )
-        pred = calib.get("predicted") or {}
-        chosen = None  # the calibrated plan: a rung of its own, its measured latency the quiet anchor
-        if calib.get("thresholds") is not None and isinstance(pred.get("mean_ms"), int | float):
-            meas = calib.get("measured") or {}
-            chosen = {"thresholds": calib["thresholds"], "predicted_ms": pred["mean_ms"],
-                      "predicted_accuracy": pred.get("accuracy", 0.0), "measured": meas,
-                      "exit_ms": meas.get("exit_ms")}  # fmt: skip
-        ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, self.num_exits), chosen)
-        with self._lock:
-            for rung in ladder:  # fused graphs for every plan the controller may switch to, now
-                self.runner.prepare(rung.plan, self._fuse)
-        # the controller swaps the plan itself, under its lock (two threads never undo a switch)
-        budget, window = self.options.budget_ms, self.options.budget_window
-        controller = controller_for(calib, ladder, budget, apply=_PlanFollowers(self), window=window)
-        return controller, controller.plan
+        if controller is not None:  # a switch assigns this view's plan too; fused graphs for every rung, now
+            with self._lock:
+                for rung in controller.ladder:
+                    self.runner.prepare(rung.plan, self._fuse)
+            controller.apply.add(self)
 
     @classmethod
     def load(
@@ -361,11 +358,6 @@ class Cascade:
         view = type(self).__new__(type(self))
         plan = self.plan if thresholds is None else thresholds
         view._init_view(self._shared, self.options.replace(**changes), plan, self._unit_p95, controller)
-        if controller is not None:
-            with self._lock:
-                for rung in controller.ladder:  # fused graphs (if the view fuses) for every plan it may get
-                    self.runner.prepare(rung.plan, view._fuse)
-            controller.apply.add(view)
         return view
 
     def confidence(self, head) -> np.ndarray:
@@ -614,6 +606,29 @@ class Cascade:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _controller(calib: dict, options: CascadeOptions, num_exits: int):
+    """The budget controller over the calibration's ladder, and the plan it starts on. Its ``apply``
+    assigns every switch to the views `_init_view` registers (the controller swaps the plan itself,
+    under its lock, so two threads never undo a switch)."""
+    from edgeexit.runtime.controller import build_ladder, controller_for
+
+    rows = calib.get("ladder")
+    if not rows:
+        raise ArtifactError(
+            "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
+        )
+    pred = calib.get("predicted") or {}
+    chosen = None  # the calibrated plan: a rung of its own, its measured latency the quiet anchor
+    if calib.get("thresholds") is not None and isinstance(pred.get("mean_ms"), int | float):
+        meas = calib.get("measured") or {}
+        chosen = {"thresholds": calib["thresholds"], "predicted_ms": pred["mean_ms"],
+                  "predicted_accuracy": pred.get("accuracy", 0.0), "measured": meas,
+                  "exit_ms": meas.get("exit_ms")}  # fmt: skip
+    ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, num_exits), chosen)
+    controller = controller_for(calib, ladder, options.budget_ms, apply=_PlanFollowers(), window=options.budget_window)
+    return controller, controller.plan
 
 
 def one_by_one(runner: Runner, first_pos: int, last_pos: int, state: tuple) -> tuple:
