@@ -97,15 +97,15 @@ def bench_cascade(
 
 def _cascade_latency(cascade, frame, repeats: int) -> dict:
     """Batch 1: every unit (a cascade where nothing exits) and the plain model (backbone + final head)."""
-    runner, k = cascade.runner, cascade.num_exits
+    runner, num_exits = cascade.runner, cascade.num_exits
     x1 = cascade.preprocess(frame)[None]
 
     def every_unit():
-        for _ in walk(runner, runner.from_host(x1), k):
+        for _ in walk(runner, runner.from_host(x1), num_exits):
             pass
 
     full = time_call(every_unit, runner.synchronize, repeats, 1.0)
-    plain_model = cascade.derive(CascadePlan.full_model(k))
+    plain_model = cascade.derive(CascadePlan.full_model(num_exits))
     plain = time_call(lambda: plain_model.predict(frame), runner.synchronize, repeats, 1.0)
     return {"full_cascade_ms": full["mean_ms"], "full_cascade": full, "backbone_and_final_head_ms": plain["mean_ms"]}
 

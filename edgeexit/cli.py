@@ -332,6 +332,23 @@ AdaptThreadsOpt = Annotated[
         help="On CPU, drop to one thread while other processes want the cores (fixed: bit-exact runs).",
     ),
 ]
+MethodOpt = Annotated[
+    str, typer.Option(help="ce (every exit on the labels; the default, docs/results.md §8), sd, byot, or mlcsd.")
+]
+TeacherWeightsOpt = Annotated[
+    str | None,
+    typer.Option("--teacher-weights", help="mlcsd: 'learned' (default) or 'frozen' (the authors' released code)."),
+]
+ValSizeOpt = Annotated[
+    int | None,
+    typer.Option("--val-size", help="Held-out images taken from the training set for model selection and calibration."),
+]
+TrainImagesOpt = Annotated[
+    int | None, typer.Option("--train-images", help="Train on the first N training images only.")
+]
+EvalImagesOpt = Annotated[
+    int | None, typer.Option("--eval-images", help="Validate every epoch on the first N held-out images only.")
+]
 JsonOpt = Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")]
 StrictOpt = Annotated[
     bool,
@@ -351,35 +368,21 @@ CacheDirOpt = Annotated[
 @command
 def train(
     data: DataOpt = "fashion-mnist",
-    method: Annotated[
-        str, typer.Option(help="ce (every exit on the labels; the default, docs/results.md §8), sd, byot, or mlcsd.")
-    ] = "ce",
+    method: MethodOpt = "ce",
     exits: ExitsOpt = None,
     width: Annotated[float | None, typer.Option(help="Channel width multiplier (1.0 = ResNet18).")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (recipe default: 240 paper, 2 Fashion-MNIST).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Batch size per process.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (SGD, momentum 0.9).")] = None,
-    teacher_weights: Annotated[
-        str | None,
-        typer.Option("--teacher-weights", help="mlcsd: 'learned' (default) or 'frozen' (the authors' released code)."),
-    ] = None,
+    teacher_weights: TeacherWeightsOpt = None,
     temperature: Annotated[float | None, typer.Option(help="Distillation temperature T.")] = None,
     alpha: Annotated[float | None, typer.Option(help="KD weight α.")] = None,
     beta: Annotated[float | None, typer.Option(help="Feature weight β.")] = None,
     gamma: Annotated[float | None, typer.Option(help="Weight of the non-final exits' CE (γ).")] = None,
-    val_size: Annotated[
-        int | None,
-        typer.Option(
-            "--val-size", help="Held-out images taken from the training set for model selection and calibration."
-        ),
-    ] = None,
+    val_size: ValSizeOpt = None,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop + flip.")] = None,
-    train_images: Annotated[
-        int | None, typer.Option("--train-images", help="Train on the first N training images only.")
-    ] = None,
-    eval_images: Annotated[
-        int | None, typer.Option("--eval-images", help="Validate every epoch on the first N held-out images only.")
-    ] = None,
+    train_images: TrainImagesOpt = None,
+    eval_images: EvalImagesOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for weights, split, shuffling and augmentation.")] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Path, typer.Option(help="Run folder: model.pt (best) and last.pt (resume).")] = Path("runs/exp"),

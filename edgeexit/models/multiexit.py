@@ -1,7 +1,8 @@
-"""Multi-exit CIFAR ResNet18 (MLCSD paper layout) and its stage split.
+"""Multi-exit ResNet18 (MLCSD paper layout; CIFAR or ImageNet stem) and its stage split.
 
-The network is stored as it is deployed: ``segments[k]`` maps the state after exit k-1 to the
-state at exit k, and ``heads[k]`` reads the *tap* tensor of that state. A state is a tuple of
+The network is stored as it is deployed: ``segments[pos]`` maps the state after the previous exit
+to the state at exit ``pos + 1``, and ``heads[pos]`` reads the *tap* tensor of that state.
+Names: ``pos`` is a 0-based position, ``exit_number`` the 1-based exit, ``num_exits`` a count. A state is a tuple of
 tensors: one tensor at a layer boundary, two inside a residual block (block input for the
 shortcut, and the activation after conv1-bn1-relu, which is the tap).
 """
@@ -164,7 +165,7 @@ class ExitHead(nn.Module):
 
 
 class MultiExitNet(nn.Module):
-    """CIFAR ResNet18 with ``config.exits`` exits; ``forward`` returns (logits list, features list)."""
+    """ResNet18 with ``config.exits`` exits; ``forward`` returns (logits list, features list)."""
 
     def __init__(self, config: MultiExitConfig) -> None:
         super().__init__()
@@ -239,8 +240,8 @@ def count_unit_cost(model: MultiExitNet, input_size: list[int] | None = None) ->
 
     def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if isinstance(mod, nn.Conv2d):
-            k = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
-            macs[mod] = macs.get(mod, 0) + out.numel() * k
+            fan_in = mod.kernel_size[0] * mod.kernel_size[1] * (mod.in_channels // mod.groups)
+            macs[mod] = macs.get(mod, 0) + out.numel() * fan_in
         elif isinstance(mod, nn.Linear):
             macs[mod] = macs.get(mod, 0) + out.numel() * mod.in_features
 
@@ -251,13 +252,13 @@ def count_unit_cost(model: MultiExitNet, input_size: list[int] | None = None) ->
     try:
         with torch.no_grad():
             state: State = (torch.zeros(1, cfg.in_chans, h, w),)
-            for k, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True), 1):
+            for exit_number, (segment, head) in enumerate(zip(model.segments, model.heads, strict=True), 1):
                 macs.clear()
                 state = segment(*state)
-                units.append(_unit_cost(f"seg_{k:02d}", "segment", k, sum(macs.values()), model, segment))
+                units.append(_unit_cost("segment", exit_number, sum(macs.values()), model, segment))
                 macs.clear()
                 head(state[-1])
-                units.append(_unit_cost(f"head_{k:02d}", "head", k, sum(macs.values()), model, head))
+                units.append(_unit_cost("head", exit_number, sum(macs.values()), model, head))
     finally:
         for hd in handles:
             hd.remove()
@@ -265,11 +266,12 @@ def count_unit_cost(model: MultiExitNet, input_size: list[int] | None = None) ->
     return units
 
 
-def _unit_cost(name: str, kind: str, k: int, unit_macs: int, model: MultiExitNet, module: nn.Module) -> dict:
+def _unit_cost(kind: str, exit_number: int, unit_macs: int, model: MultiExitNet, module: nn.Module) -> dict:
+    prefix = "seg" if kind == "segment" else "head"
     return {
-        "name": name,
+        "name": f"{prefix}_{exit_number:02d}",  # runtime.plan.segment_name / head_name (0-based there)
         "kind": kind,
-        "exit_index": k,
+        "exit_index": exit_number,  # the 1-based exit (the manifest's key)
         "macs": int(unit_macs),
         "flops": int(2 * unit_macs),
         "params": int(sum(p.numel() for p in _own_parameters(model, module))),
@@ -294,7 +296,8 @@ def _own_parameters(model: MultiExitNet, module: nn.Module) -> list[nn.Parameter
 
 
 def cumulative_exit_flops(units: list[dict]) -> list[float]:
-    """FLOPs to reach and evaluate exit k when every earlier head is evaluated (anytime cascade)."""
+    """Per exit (by position), the FLOPs to reach and evaluate it when every earlier head is
+    evaluated (anytime cascade)."""
     total, out = 0, []
     for u in units:
         total += u["flops"]

@@ -78,7 +78,8 @@ def evaluate(
         "split": "test",
         "num_samples": int(len(test)),
         "exits": [
-            {"exit": i + 1, "accuracy": a, "cumulative_flops": c} for i, (a, c) in enumerate(zip(acc, cum, strict=True))
+            {"exit": pos + 1, "accuracy": a, "cumulative_flops": c}
+            for pos, (a, c) in enumerate(zip(acc, cum, strict=True))
         ],
         "average_accuracy": float(np.mean(acc)),
         "units": units,

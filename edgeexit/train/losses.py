@@ -131,13 +131,13 @@ class MLCSDTask(Task):
 
         ce = [F.cross_entropy(zi, labels) for zi in logits]
         loss = ce[-1] + cfg.gamma * sum(ce[:-1])
-        k = z.shape[1]
-        kd = sum(kd_loss(z[:, i], teacher_z[:, i].detach(), cfg.temperature) for i in range(k))
-        mse = sum(F.mse_loss(f[:, i], teacher_f[:, i].detach()) for i in range(k))
+        num_exits = z.shape[1]
+        kd = sum(kd_loss(z[:, pos], teacher_z[:, pos].detach(), cfg.temperature) for pos in range(num_exits))
+        mse = sum(F.mse_loss(f[:, pos], teacher_f[:, pos].detach()) for pos in range(num_exits))
         loss = loss + self.distill_scale * (cfg.alpha * kd + cfg.beta * mse)
         out = {"loss": loss, "logits": logits, "teacher_weights": w.detach()}
         if cfg.teacher_weights == "learned":
-            loss_w = sum(F.cross_entropy(teacher_z[:, i], labels) for i in range(k))
+            loss_w = sum(F.cross_entropy(teacher_z[:, pos], labels) for pos in range(num_exits))
             out["loss"] = loss + loss_w
             out["loss_w"] = loss_w.detach()
         return out
