@@ -116,10 +116,8 @@ def _walk_class(folder: Path, root_real: Path, progress) -> tuple[list[tuple[str
     return found, too_deep
 
 
-def index_image_folder(root: str | os.PathLike, console=None):
-    """(class names, [(path, size, mtime_ns)], labels) of an ImageFolder, by a bounded walk."""
-    root = Path(root)
-    root_real = Path(os.path.realpath(root))
+def _class_folders(root: Path, root_real: Path) -> list[str]:
+    """The class folders directly under ``root``, sorted; a symlink leading out of it is refused."""
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as e:
@@ -135,6 +133,14 @@ def index_image_folder(root: str | os.PathLike, console=None):
         classes.append(e.name)
     if not classes:
         raise UserError(f"{root} has no class folders (expected {root}/<class>/<image files>)")
+    return classes
+
+
+def index_image_folder(root: str | os.PathLike, console=None):
+    """(class names, [(path, size, mtime_ns)], labels) of an ImageFolder, by a bounded walk."""
+    root = Path(root)
+    root_real = Path(os.path.realpath(root))
+    classes = _class_folders(root, root_real)
     console = console or _console()
     t0, count = time.perf_counter(), [0]
     status = console.status("indexing", spinner="dots") if console.is_terminal else None
@@ -270,6 +276,32 @@ def _worker_main() -> None:  # pragma: no cover — runs in the decode worker pr
         out.flush()
 
 
+def _read_results(proc, results) -> None:
+    """A worker's pickled results onto ``results``; then None (its end) or the exception that ended it."""
+    import pickle
+
+    try:
+        while True:
+            results.put(pickle.load(proc.stdout))
+    except EOFError:
+        results.put(None)
+    except Exception as e:  # noqa: BLE001
+        results.put(e)
+
+
+def _consume_results(results, workers: int, consume) -> None:
+    """``consume`` every result until each of ``workers`` has ended; a worker's exception is raised."""
+    finished = 0
+    while finished < workers:
+        res = results.get()
+        if res is None:
+            finished += 1
+        elif isinstance(res, Exception):
+            raise res
+        else:
+            consume(res)
+
+
 def _run_workers(tasks, workers: int, target, n: int, in_chans: int, size, consume) -> None:
     """Decode ``tasks`` in ``workers`` fresh processes (not forks of this torch-laden one), each
     writing its rows into the mmap file ``target``; ``consume`` sees each result as it arrives."""
@@ -280,33 +312,15 @@ def _run_workers(tasks, workers: int, target, n: int, in_chans: int, size, consu
 
     results: queue.Queue = queue.Queue()
     procs = []
-
-    def reader(proc):
-        try:
-            while True:
-                results.put(pickle.load(proc.stdout))
-        except EOFError:
-            results.put(None)
-        except Exception as e:  # noqa: BLE001
-            results.put(e)
-
     cmd = [sys.executable, "-c", "from edgeexit.data.folder import _worker_main; _worker_main()"]
     try:
-        for k in range(workers):
+        for pos in range(workers):
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             procs.append(proc)
-            pickle.dump(tasks[k::workers], proc.stdin)
+            pickle.dump(tasks[pos::workers], proc.stdin)
             proc.stdin.close()
-            threading.Thread(target=reader, args=(proc,), daemon=True).start()
-        finished = 0
-        while finished < workers:
-            res = results.get()
-            if res is None:
-                finished += 1
-            elif isinstance(res, Exception):
-                raise res
-            else:
-                consume(res)
+            threading.Thread(target=_read_results, args=(proc, results), daemon=True).start()
+        _consume_results(results, workers, consume)
         for proc in procs:
             if proc.wait() != 0:
                 raise RuntimeError(f"a decode worker exited with code {proc.returncode}")
