@@ -232,3 +232,29 @@ def test_help_shows_only_the_one_spelling():
         options = _options(command)
         assert set(table.values()) <= set(options), command
         assert not set(table) & set(options), command
+
+
+# ---- stems, layouts and teacher weights: checked where they are defined -----------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field, problem",
+    [
+        ({"exits": 5}, "exits", "must be 4, 8 or 9, got 5"),
+        ({"stem": "resnet"}, "stem", "must be cifar or imagenet, got 'resnet'"),
+        ({"teacher_weights": "magic"}, "teacher_weights", "must be 'learned' or 'frozen', got 'magic'"),
+    ],
+)
+def test_model_and_loss_settings_are_checked_once_and_named_as_flags(tmp_path, overrides, field, problem):
+    """models / losses own the check (ConfigError names the field); the trainer only names the flag."""
+    from edgeexit.models import MultiExitConfig
+    from edgeexit.models.multiexit import ConfigError
+    from edgeexit.train.losses import LossConfig
+    from edgeexit.train.trainer import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        LossConfig(**overrides) if field == "teacher_weights" else MultiExitConfig(**overrides)
+    assert (info.value.field, info.value.problem) == (field, problem)
+    with pytest.raises(UserError) as info:
+        TrainConfig.from_recipe("fashion-mnist", "mlcsd", out=str(tmp_path / "r"), **overrides)
+    assert str(info.value) == f"--{field.replace('_', '-')} {problem}"

@@ -21,6 +21,23 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 2, 2, 2)
 
 
+class ConfigError(ValueError):
+    """A model or loss setting outside its domain. ``field`` names the setting, so a caller can
+    name it its own way (the trainer names the CLI flag): ``f"{field} {problem}"`` is the message."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def check_architecture(exits: int, stem: str) -> None:
+    """The one check of the layout (`LAYOUTS`) and the stem (`STEMS`); raises ConfigError."""
+    if exits not in LAYOUTS:
+        raise ConfigError("exits", f"must be {', '.join(map(str, LAYOUTS[:-1]))} or {LAYOUTS[-1]}, got {exits}")
+    if stem not in STEMS:
+        raise ConfigError("stem", f"must be {' or '.join(STEMS)}, got '{stem}'")
+
+
 @dataclass
 class MultiExitConfig:
     """Everything needed to rebuild a :class:`MultiExitNet` (plain JSON types only)."""
@@ -37,12 +54,9 @@ class MultiExitConfig:
     stem: str = "cifar"
 
     def __post_init__(self) -> None:
-        if self.exits not in LAYOUTS:
-            raise ValueError(f"exits must be 4, 8 or 9, got {self.exits}")
-        if self.stem not in STEMS:
-            raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {self.stem}")
+        check_architecture(self.exits, self.stem)
         if self.width <= 0:
-            raise ValueError(f"width must be positive, got {self.width}")
+            raise ConfigError("width", f"must be positive, got {self.width}")
         self.input_size = [int(s) for s in self.input_size]
 
     def to_dict(self) -> dict:

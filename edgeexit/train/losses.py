@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeexit.models import MultiExitNet
+from edgeexit.models.multiexit import ConfigError
 
 METHODS = ("ce", "sd", "byot", "mlcsd")
 
@@ -41,6 +42,13 @@ class LossConfig:
     # Distillation terms ramp linearly from 0 to full weight over this many epochs. Teachers are
     # random at the start; very short CPU runs learn faster with the ramp. Paper recipes: 0.
     distill_warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:  # also on every dataclasses.replace
+        if self.teacher_weights not in TEACHER_WEIGHTS:
+            raise ConfigError("teacher_weights", f"must be 'learned' or 'frozen', got '{self.teacher_weights}'")
+
+
+TEACHER_WEIGHTS = ("learned", "frozen")
 
 
 class Task(nn.Module):
@@ -115,9 +123,7 @@ class MLCSDTask(Task):
     def __init__(self, model: MultiExitNet, cfg: LossConfig) -> None:
         super().__init__(model, cfg)
         self.weights = TeacherWeights(model.num_exits, model.feat_dim)
-        if cfg.teacher_weights not in ("learned", "frozen"):
-            raise ValueError(f"teacher_weights must be learned or frozen, got {cfg.teacher_weights}")
-        if cfg.teacher_weights == "frozen":
+        if cfg.teacher_weights == "frozen":  # LossConfig checked the value
             self.weights.requires_grad_(False)
 
     def forward(self, images, labels):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from edgeexit.data import ImageDataset, augment, load_dataset, normalize, random
 from edgeexit.data.names import canonical_dataset, is_named
 from edgeexit.errors import UserError
 from edgeexit.models import MultiExitConfig, build_model
-from edgeexit.models.multiexit import LAYOUTS
+from edgeexit.models.multiexit import ConfigError, check_architecture
 from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
 from edgeexit.train.losses import METHODS, LossConfig, build_task
@@ -78,20 +79,21 @@ class TrainConfig:
         finetune = overrides.get("init") is not None or (overrides.get("stem") == "imagenet" and not is_named(data))
         recipe = get_recipe(data, method, finetune=finetune)
         recipe_fields, loss_fields, run_fields = {}, {}, {}
-        for k, v in overrides.items():
-            if k in Recipe.__dataclass_fields__:
+        for name, v in overrides.items():
+            if name in Recipe.__dataclass_fields__:
                 if v is not None:  # None: keep the recipe's value
-                    recipe_fields[k] = v
-            elif k in LossConfig.__dataclass_fields__:
+                    recipe_fields[name] = v
+            elif name in LossConfig.__dataclass_fields__:
                 if v is not None:
-                    loss_fields[k] = v
+                    loss_fields[name] = v
             else:
-                run_fields[k] = v
+                run_fields[name] = v
         if "epochs" in recipe_fields and recipe.schedule == "multistep" and "milestones" not in recipe_fields:
             # Scale the paper's milestones (150/180/210 of 240) to a shorter run.
             scale = recipe_fields["epochs"] / recipe.epochs
             recipe_fields["milestones"] = [max(1, round(m * scale)) for m in recipe.milestones]
-        recipe = replace(recipe, loss=replace(recipe.loss, **loss_fields), **recipe_fields)
+        with _named_flag():
+            recipe = replace(recipe, loss=replace(recipe.loss, **loss_fields), **recipe_fields)
         cfg = cls(data=data, method=method, recipe=recipe, **run_fields)
         cfg.validate()
         return cfg
@@ -121,15 +123,20 @@ def flag(field_name: str) -> str:
     return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
 
 
+@contextmanager
+def _named_flag():
+    """The models' and losses' ConfigError (which names a field) as a UserError naming the flag."""
+    try:
+        yield
+    except ConfigError as e:
+        raise UserError(f"{flag(e.field)} {e.problem}") from None
+
+
 def _check_model_options(r: Recipe) -> None:
-    if r.exits not in LAYOUTS:
-        raise UserError(f"--exits must be 4, 8 or 9, got {r.exits}")
-    if r.stem not in ("cifar", "imagenet"):
-        raise UserError(f"--stem must be cifar or imagenet, got '{r.stem}'")
+    with _named_flag():  # layouts and stems are checked in models, once (teacher weights: LossConfig)
+        check_architecture(r.exits, r.stem)
     if r.image_size is not None and not 8 <= r.image_size <= 1024:
         raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
-    if r.loss.teacher_weights not in ("learned", "frozen"):
-        raise UserError(f"--teacher-weights must be 'learned' or 'frozen', got '{r.loss.teacher_weights}'")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
