@@ -9,7 +9,12 @@ unit runs is the business of a `Runner` (runtime/backends/base.py). `Cascade` jo
 - The hot path (`predict` at default settings) does the frame checks and runs the plan: no dict,
   no per-unit timing. ``Cascade.load(..., unit_timing=True)`` fills ``Prediction.unit_latency_ms``.
 - `derive` gives a second view (other thresholds, fusion off) of the same loaded runner, for
-  verification and profiling, without touching the cascade a camera thread is using.
+  verification and profiling, without touching the cascade a camera thread is using. How a view
+  runs is one frozen `CascadeOptions`; what views share (runner, lock, lifetime) is one `_Shared`.
+- Ownership follows Polygraphy: `Cascade.load` creates its runner and `close` frees it; a runner
+  handed to `Cascade(manifest, runner)` stays the caller's unless ``owns_runner=True``.
+- Calibration's services (`exit_statistics`, `profile`, `set_unit_latency`) are functions over a
+  runner and a plan in runtime/profiling.py; the methods here delegate to them.
 """
 
 from __future__ import annotations
