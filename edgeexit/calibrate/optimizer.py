@@ -110,6 +110,10 @@ class CostModel:
             return float(self.overhead_ms + self.group_ms[0, -1] + self.decision_ms)
         return float(self.overhead_ms + self.segment_ms.sum() + self.head_ms[-1] + self.decision_ms)
 
+    def all_exits_ms(self) -> float:
+        """Every exit evaluated, the frame leaving at the last: the dearest cascade (the top of the ladder)."""
+        return float(self.exit_costs(np.ones(self.num_exits, bool))[-1])
+
     def min_ms(self) -> float:
         """Cheapest possible cascade: everything leaves at exit 1."""
         if self.group_ms is not None:

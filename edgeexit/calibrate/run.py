@@ -4,6 +4,11 @@ Every stored held-out frame decides (issue 20): the budget mode picks its approa
 MSDNet's thresholds, full model) by K-fold cross-fitting and refits the winner on all frames; the
 --max-drop promise is a fixed-sequence test (Learn-then-Test) on all frames. The verification half is
 still run through the real cascade, frame by frame, for the measured latency and a runtime check.
+
+The run is a chain of stages, each returning a frozen value that the next reads and none changes:
+`_measure` → `Measurements`; `_choose` → `Choice`; `_verify` → `Verification` (`Verified` rows);
+`_measure_ladder` → `Ladder`; `_assemble` → `CalibrationReport`, whose `.manifest_block()` is the
+manifest's ``calibration`` block and whose `.to_json()` is what `run_calibration` returns.
 """
 
 from __future__ import annotations
@@ -11,14 +16,24 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgeexit.calibrate.optimizer import CostModel, Solution, cross_fitted, evaluate, msdnet_baseline, optimize
+from edgeexit.calibrate.optimizer import (
+    CostModel,
+    CrossFit,
+    Solution,
+    cross_fitted,
+    evaluate,
+    msdnet_baseline,
+    optimize,
+)
+from edgeexit.calibrate.promise import DropEstimate, Promise
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
+from edgeexit.runtime.artifact import LadderRung
 from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.manifest import write_calibration
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, exit_group_name
@@ -31,6 +46,30 @@ from edgeexit.runtime.profiling import (
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
+
+# How the CLI names each option field in messages (fields without a flag keep their own name).
+CLI_NAMES = {
+    "budget_ms": "the budget",
+    "budget_fraction": "the budget",
+    "max_drop": "--max-drop",
+    "confidence": "--confidence",
+    "metric": "--metric",
+    "split": "--split",
+    "policy": "--policy",
+    "limit": "--limit",
+    "verify_limit": "--verify-limit",
+    "repeats": "--repeats",
+}
+
+
+class OptionError(UserError):
+    """A bad `CalibrationOptions` value: ``fields`` names the fields at fault and ``problem`` says what
+    is wrong with them; the message is that, phrased with the CLI's names (`CLI_NAMES`)."""
+
+    def __init__(self, fields: str | tuple[str, ...], problem: str, message: str | None = None) -> None:
+        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
+        self.problem = problem
+        super().__init__(message or f"{CLI_NAMES.get(self.fields[0], self.fields[0])} {problem}")
 
 
 @dataclass(frozen=True)
@@ -60,36 +99,52 @@ class CalibrationOptions:
         from edgeexit.runtime.policies import POLICIES
 
         if self.budget_ms is not None and self.budget_fraction is not None:
-            raise UserError("give one budget: in time (5ms) or as a share of the full model (50%), not both")
+            raise OptionError(
+                ("budget_ms", "budget_fraction"),
+                "both given",
+                "give one budget: in time (5ms) or as a share of the full model (50%), not both",
+            )
         if self.budget_ms is None and self.budget_fraction is None and self.max_drop is None:
-            raise UserError("give --budget (5ms, 50%), --max-drop (0.5pt), or both")
+            raise OptionError(
+                ("budget_ms", "budget_fraction", "max_drop"),
+                "none given",
+                "give --budget (5ms, 50%), --max-drop (0.5pt), or both",
+            )
         if self.max_drop is not None and not (0 <= self.max_drop < 1):
-            raise UserError(f"--max-drop must be within 0pt..100pt, got {self.max_drop}")
+            raise OptionError("max_drop", f"must be within 0pt..100pt, got {self.max_drop}")
         if not 2 <= self.ladder_steps <= 200:
-            raise UserError(f"ladder_steps must be within 2..200, got {self.ladder_steps}")
+            raise OptionError("ladder_steps", f"must be within 2..200, got {self.ladder_steps}")
         if not 0.5 <= self.confidence < 1:
-            raise UserError(f"--confidence must be within 0.5..0.999, got {self.confidence}")
+            raise OptionError("confidence", f"must be within 0.5..0.999, got {self.confidence}")
         for name in ("budget_ms", "budget_fraction"):
             v = getattr(self, name)
             if v is not None and not (np.isfinite(v) and v > 0):
-                raise UserError(f"the budget must be a positive finite number, got {v}")
+                raise OptionError(name, f"must be a positive finite number, got {v}")
         if self.metric not in ("mean", "p95"):
-            raise UserError(f"--metric must be mean or p95, got '{self.metric}'")
+            raise OptionError("metric", f"must be mean or p95, got '{self.metric}'")
         if self.split not in ("heldout", "test"):
-            raise UserError(f"--split must be heldout or test, got '{self.split}'")
+            raise OptionError("split", f"must be heldout or test, got '{self.split}'")
         if self.policy not in POLICIES:
-            raise UserError(f"--policy must be one of {', '.join(POLICIES)}, got '{self.policy}'")
+            raise OptionError("policy", f"must be one of {', '.join(POLICIES)}, got '{self.policy}'")
         for name in ("limit", "verify_limit"):
             v = getattr(self, name)
             if v is not None and v < 20:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 20, got {v}")
+                raise OptionError(name, f"must be at least 20, got {v}")
         if self.repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {self.repeats}")
+            raise OptionError("repeats", f"must be at least 1, got {self.repeats}")
+
+    @property
+    def limited(self) -> bool:
+        """A latency budget was given (--budget), in time or as a share of the full model."""
+        return self.budget_ms is not None or self.budget_fraction is not None
 
 
-@dataclass
+# --- Stage outputs --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class _Session:
-    """What one calibration run has loaded and measured."""
+    """What one calibration run has loaded: the cascade and the frames that decide."""
 
     folder: Path
     cascade: Cascade
@@ -98,60 +153,315 @@ class _Session:
     dataset: str
     calib_idx: np.ndarray
     verify_idx: np.ndarray
-    profile: dict | None = None
-    overhead_ms: float = 0.0
-    groups: dict | None = None  # fused exit groups' latency, on a runner that fuses
-    conf: np.ndarray | None = None  # exit statistics of every deciding frame (calibration + verification)
-    correct: np.ndarray | None = None
 
     @property
     def decide_idx(self) -> np.ndarray:
         return np.concatenate([self.calib_idx, self.verify_idx])
 
+    def run(self, solution: Solution) -> Verified:
+        """``solution``'s plan run for real through the cascade on the verification frames."""
+        m = verify(self.cascade, self.frames[self.verify_idx], self.labels[self.verify_idx], solution.plan)
+        return Verified(solution, {k: m[k] for k in _MEASURED})
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What `_measure` timed and collected on this device (every field set when it returns)."""
+
+    profile: dict  # Cascade.profile: {"units": name -> stats, "decision": stats}
+    groups: dict | None  # fused exit groups' latency, on a runner that fuses (None: units run one by one)
+    overhead_ms: float  # per frame, outside the units
+    conf: np.ndarray  # (frames, exits): exit statistics of every deciding frame (calibration + verification)
+    correct: np.ndarray  # (frames, exits) bool
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.conf)
+
+    def cost(self, metric: str) -> CostModel:
+        field = "mean_ms" if metric == "mean" else "p95_ms"
+        units, decision = self.profile["units"], self.profile["decision"][field]
+        return CostModel.from_timings(self.conf.shape[1], units, field, decision, self.overhead_ms, self.groups)
+
+    def evaluate(self, cost: CostModel, th, metric: str) -> Solution:
+        return evaluate(self.conf, self.correct, cost, th, metric)
+
+    def plan_correct(self, plan: CascadePlan) -> np.ndarray:
+        """Which deciding frames ``plan`` gets right (from the exit statistics)."""
+        return self.correct[np.arange(len(self.correct)), plan.exit_positions(self.conf)]
+
+    def latency_block(self) -> dict:
+        return {
+            "batch": 1,
+            "units": self.profile["units"],
+            "decision_ms": self.profile["decision"]["mean_ms"],
+            "frame_overhead_ms": self.overhead_ms,
+            **({"exit_groups": self.groups} if self.groups is not None else {}),
+        }
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The plan chosen on the stored frames, and how."""
+
+    solution: Solution
+    frontier: list  # the optimiser's accuracy-latency frontier (Solutions) on every frame
+    promise: Promise | None = None  # --max-drop: the fixed-sequence test that certified the plan
+    frames_needed: dict | None = None  # --max-drop: speed-up -> frames that would certify it (None: out of reach)
+    crossfit: CrossFit | None = None  # budget mode: the approach chosen out of fold
+
+
+_MEASURED = ("accuracy", "latency_ms", "mean_ms", "p50_ms", "p95_ms", "samples", "exit_shares")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A plan run for real through the cascade on the verification frames."""
+
+    solution: Solution  # the plan and what the cost model predicted for it on the stored frames
+    measured: dict  # `_MEASURED` of `verify`
+
+    @property
+    def thresholds(self) -> list[float]:
+        return self.solution.plan.to_list()
+
+    def predicted_dict(self) -> dict:
+        s = self.solution
+        return {
+            "accuracy": s.accuracy,
+            "latency_ms": s.latency_ms,
+            "mean_ms": s.mean_ms,
+            "p95_ms": s.p95_ms,
+            "exit_shares": s.exit_shares,
+        }
+
+
+@dataclass(frozen=True)
+class LatencyCorrection:
+    """The real cascade overran the budget: the cost model's ratio and what ran first."""
+
+    ratio: float  # measured / predicted
+    first_measured_ms: float
+    first_thresholds: list | None  # None: nothing cheaper to refit to, the plan was kept
+
+    def to_dict(self) -> dict:
+        out = {"ratio": self.ratio, "first_measured_ms": self.first_measured_ms}
+        if self.first_thresholds is None:
+            return {**out, "refit": False}
+        return {**out, "first_thresholds": self.first_thresholds}
+
+
+@dataclass(frozen=True)
+class IsoAccuracy:
+    """The cheapest plan certified within ``max_drop`` of the full model, run for real."""
+
+    verified: Verified
+    drop_bound: float
+    max_drop: float
+
+    def to_dict(self, full: Verified) -> dict:
+        m = self.verified.measured
+        return {
+            "max_drop": self.max_drop,
+            "drop_bound": self.drop_bound,
+            "predicted": self.verified.predicted_dict(),
+            "measured": dict(m),
+            "thresholds": self.verified.thresholds,
+            "latency_fraction_of_full": m["latency_ms"] / full.measured["latency_ms"],
+            "accuracy_drop_vs_full_measured": full.measured["accuracy"] - m["accuracy"],
+        }
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Every plan the report names, each run for real on the verification frames."""
+
+    chosen: Verified  # what calibration chose (after the latency correction, if one was needed)
+    full: Verified  # the full model (every intermediate exit skipped)
+    baseline: Verified | None  # MSDNet's geometric thresholds at the same budget (None: none fits)
+    iso: IsoAccuracy | None  # None: not asked for, or nothing faster than the full model certified
+    correction: LatencyCorrection | None
+    note: str | None
+
+
+@dataclass(frozen=True)
+class MeasuredRung:
+    """One ladder rung: the manifest's `LadderRung` and what the real cascade measured for it."""
+
+    budget_ms: float
+    rung: LadderRung
+    measured: dict  # {mean_ms, p95_ms, frames}
+    exit_ms: list  # mean latency per exit position taken (None where no frame left there)
+
+    def to_dict(self) -> dict:
+        return {
+            "budget_ms": self.budget_ms,
+            "thresholds": list(self.rung.thresholds),
+            "predicted_ms": self.rung.predicted_ms,
+            "predicted_accuracy": self.rung.predicted_accuracy,
+            "measured": self.measured,
+            "exit_ms": self.exit_ms,
+        }
+
+
+@dataclass(frozen=True)
+class Ladder:
+    rungs: tuple[MeasuredRung, ...]
+    chosen_exit_ms: list  # the chosen plan's latency per exit position, on the rungs' scale
+    scale: float  # verification-run / interleaved-run latency of the chosen plan
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """One calibration, assembled once from the stages' outputs."""
+
+    artifact: str
+    backend: str
+    created: str
+    seconds: float
+    options: CalibrationOptions
+    budget_ms: float
+    n_frames: int  # every deciding frame
+    full_predicted_ms: float  # the cost model's full model (every intermediate exit skipped)
+    decided_by: str
+    choice: Choice
+    verification: Verification
+    ladder: Ladder
+    accuracy_interval_95: tuple[float, float]  # of the chosen plan, on the stored frames
+    drop: DropEstimate  # of the chosen plan vs the full model, paired, on the stored frames
+    device: dict
+    latency: dict
+    data: dict
+    msdnet_curve: tuple[dict, ...]
+    certifiable: dict
+    plot: str | None = None
+
+    @property
+    def verified_drop(self) -> float:
+        """The full model's measured accuracy minus the chosen plan's, on the verification frames."""
+        v = self.verification
+        return v.full.measured["accuracy"] - v.chosen.measured["accuracy"]
+
+    def manifest_block(self) -> dict:
+        """The manifest's ``calibration`` block (read back as `edgeexit.runtime.artifact.Calibration`):
+        the report without the artifact's path and the plot, stamped with the time and the backend."""
+        return {**self._body(curves=False), "created": self.created, "backend": self.backend}
+
+    def to_json(self) -> dict:
+        """What `run_calibration` returns and `calibrate --json` writes: the report with the artifact's
+        path, the plot's curves and the plot's path (when one was drawn)."""
+        out = {"artifact": self.artifact, **self._body(curves=True)}
+        return {**out, "plot": self.plot} if self.plot is not None else out
+
+    def _body(self, curves: bool) -> dict:
+        o, v, c = self.options, self.verification, self.choice
+        chosen = v.chosen
+        predicted = {
+            **chosen.predicted_dict(),
+            "accuracy_interval_95": list(self.accuracy_interval_95),
+            "drop_vs_full": self.drop.drop,
+            "drop_interval_95": list(self.drop.interval(0.95)),
+        }
+        oof = c.crossfit.out_of_fold.get(c.crossfit.chosen) if c.crossfit is not None else None
+        if oof:
+            predicted["out_of_fold_accuracy"] = oof["accuracy"]
+        measured = {
+            **chosen.measured,
+            "drop_vs_full": self.verified_drop,
+            "exit_ms": self.ladder.chosen_exit_ms,
+            "ladder_scale": self.ladder.scale,
+        }
+        out = {
+            "budget_ms": self.budget_ms,
+            "metric": o.metric,
+            "policy": o.policy,
+            "thresholds": chosen.thresholds,
+            "evaluated_exits": chosen.solution.evaluated_exits,
+            "predicted": predicted,
+            "measured": measured,
+            "baseline_msdnet": _baseline_block(v.baseline),
+            "full_model": {
+                "predicted_ms": self.full_predicted_ms,
+                "measured": dict(v.full.measured),
+                "calibration_accuracy": self.full_calibration_accuracy,
+            },
+            "iso_accuracy": v.iso.to_dict(v.full) if v.iso is not None else None,
+            "note": v.note,
+        }
+        if v.correction is not None:
+            out["latency_correction"] = v.correction.to_dict()
+        out["decided_by"] = self.decided_by
+        if c.promise is not None:
+            out["max_drop"] = self._promise_block()
+        if c.crossfit is not None:
+            out["cross_fit"] = c.crossfit.to_dict()
+        out.update(device=self.device, latency=self.latency, data=self.data)
+        if curves:
+            out["frontier"] = [{"accuracy": f.accuracy, "latency_ms": f.latency_ms} for f in c.frontier]
+            out["msdnet_curve"] = [dict(p) for p in self.msdnet_curve]
+        out["options"] = {k: val for k, val in asdict(o).items() if k not in ("plot", "data_dir")}
+        out["certifiable"] = self.certifiable
+        out["ladder"] = [r.to_dict() for r in self.ladder.rungs]
+        out["seconds"] = self.seconds
+        return out
+
+    @property
+    def full_calibration_accuracy(self) -> float:
+        return self.verification.full.solution.accuracy
+
+    def _promise_block(self) -> dict:
+        p, o = self.choice.promise, self.options
+        return {
+            "max_drop": o.max_drop,
+            "confidence": o.confidence,
+            "method": "fixed-sequence test (Learn-then-Test) of the paired drop vs the full model along a shared "
+            "threshold from 1 down, per exit family, Bonferroni over the families",
+            "z": p.z,
+            "families": [[e + 1 for e in t.exits] for t in p.tests],
+            "family": [e + 1 for e in p.family] if p.family else None,
+            "drop_bound": p.drop_bound,
+            "n_frames": self.n_frames,
+            "frontier": p.frontier,
+            "frames_needed": self.choice.frames_needed,
+            "verified_drop": self.verified_drop,
+            "kept": bool(self.verified_drop <= o.max_drop + 1e-12),
+        }
+
+
+def _baseline_block(b: Verified | None) -> dict | None:
+    if b is None:
+        return None
+    return {
+        "accuracy": b.measured["accuracy"],
+        "latency_ms": b.measured["latency_ms"],
+        "predicted": b.predicted_dict(),
+        "thresholds": b.thresholds,
+    }
+
+
+# --- The run --------------------------------------------------------------------------------------------------
+
 
 def run_calibration(artifact, *, console=None, **options) -> dict:
-    """Calibrate ``artifact`` in place (see `CalibrationOptions` for the options) and return the result."""
+    """Calibrate ``artifact`` in place (see `CalibrationOptions` for the options) and return the result
+    (`CalibrationReport.to_json`)."""
     opts = CalibrationOptions(**options)
     t_start = time.perf_counter()
     say = console.print if console is not None else (lambda *a, **k: None)
     s = _open(Path(artifact), opts, say)
     try:
-        _measure(s, opts, console)
-        cost = _cost_model(s, opts.metric)
+        m = _measure(s, opts, console)
+        cost = m.cost(opts.metric)
         budget_ms = _budget(opts, cost, say)
-        promise, crossfit = None, None
-        if opts.max_drop is not None:
-            chosen, promise = _choose_within_drop(s, opts, cost, budget_ms, say)
-            _, frontier = optimize(s.conf, s.correct, cost, budget_ms, opts.metric, pairs=False)
-        else:
-            crossfit = cross_fitted(s.conf, s.correct, cost, budget_ms, opts.metric, seed=opts.seed)
-            chosen, frontier = crossfit.solution, crossfit.frontier
-            say(
-                f"  chosen out of fold ({crossfit.folds} folds): [bold]{crossfit.chosen}[/] — "
-                + ", ".join(
-                    f"{a} {100 * v['accuracy']:.2f}%" if v else f"{a} infeasible"
-                    for a, v in crossfit.out_of_fold.items()
-                )
-            )
-        result = _verify_choices(s, opts, cost, budget_ms, chosen, say)
-        if crossfit is not None:
-            chosen = _hold_measured(s, opts, cost, budget_ms, chosen, crossfit.chosen, result, say)
-        result.update(_intervals(s, opts, chosen, result, promise))
-        if crossfit is not None:
-            result["cross_fit"] = crossfit.to_dict()
-            oof = crossfit.out_of_fold.get(crossfit.chosen)
-            if oof:
-                result["predicted"]["out_of_fold_accuracy"] = oof["accuracy"]
-        result.update(_report_extras(s, opts, cost, frontier))
-        cert = _certify(s, opts, cost, ISO_ACCURACY_DROP, None)
-        result["certifiable"] = {"confidence": opts.confidence, "n_frames": int(len(s.conf)), "frontier": cert.frontier}
-        result["ladder"] = _ladder(s, opts, cost)
-        _measure_ladder(s, opts, result, console)
-        result["seconds"] = round(time.perf_counter() - t_start, 1)
-        _write(s, opts, result, say)
+        choice = _choose(m, opts, cost, budget_ms, say)
+        iso_promise = _certify(m, opts, cost, ISO_ACCURACY_DROP, None)  # the iso-accuracy point, certifiable
+        verification = _verify(s, m, opts, cost, budget_ms, choice, iso_promise, say)
+        ladder = _measure_ladder(s, m, opts, cost, verification.chosen, console)
+        report = _assemble(s, m, opts, cost, budget_ms, choice, verification, ladder, iso_promise, t_start)
+        report = _write(s, opts, report, say)
     finally:
         s.cascade.close()
-    return result
+    return report.to_json()
 
 
 def _images(artifact, opts: CalibrationOptions) -> tuple:
@@ -193,26 +503,27 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     return _Session(folder, cascade, frames, labels, name, calib_idx, verify_idx)
 
 
-def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
+def _measure(s: _Session, opts: CalibrationOptions, console) -> Measurements:
     """Unit latencies, per-frame overhead and exit statistics (cached beside the manifest)."""
     from rich.progress import Progress
 
     cascade = s.cascade
     x_calib = cascade.preprocess.batch(s.frames[s.decide_idx])
+    groups = None
     with Progress(console=console, transient=True, disable=console is None) as prog:
         task = prog.add_task("profiling units", total=cascade.num_exits)
-        s.profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
-        p50 = {n: v["p50_ms"] for n, v in s.profile["units"].items()}
+        profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
+        p50 = {n: v["p50_ms"] for n, v in profile["units"].items()}
         if cascade.fuse and cascade.runner.info.fuses:  # what runs is timed: each evaluated exit's call
             k = cascade.num_exits
             task = prog.add_task("profiling fused exit groups", total=k)
-            s.groups = profile_exit_groups(
+            groups = profile_exit_groups(
                 cascade, x_calib[0], opts.repeats, progress=lambda n: prog.update(task, completed=n)
             )
-            first = s.groups[exit_group_name(0, 0)]["p50_ms"]
-            s.overhead_ms = fused_frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], first)
+            first = groups[exit_group_name(0, 0)]["p50_ms"]
+            overhead_ms = fused_frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], first)
         else:
-            s.overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
+            overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
             f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
@@ -220,8 +531,8 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> None:
             f"{cascade.artifact.created}".encode()
         ).hexdigest()[:12]
         stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
-    s.conf = stats["confidence"]
-    s.correct = stats["prediction"] == s.labels[s.decide_idx][:, None]
+    correct = stats["prediction"] == s.labels[s.decide_idx][:, None]
+    return Measurements(profile, groups, overhead_ms, stats["confidence"], correct)
 
 
 def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
@@ -234,18 +545,11 @@ def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progr
     return stats
 
 
-def _cost_model(s: _Session, metric: str) -> CostModel:
-    field = "mean_ms" if metric == "mean" else "p95_ms"
-    return CostModel.from_timings(
-        s.cascade.num_exits, s.profile["units"], field, s.profile["decision"][field], s.overhead_ms, s.groups
-    )
-
-
 def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     full_ms = cost.full_ms()
     budget_ms = opts.budget_ms
-    if budget_ms is None and opts.budget_fraction is None:  # --max-drop alone: no latency limit
-        budget_ms = max(full_ms, cost.exit_costs(np.ones(cost.num_exits, bool))[-1])
+    if not opts.limited:  # --max-drop alone: no latency limit
+        budget_ms = max(full_ms, cost.all_exits_ms())
     elif budget_ms is None:
         budget_ms = opts.budget_fraction * full_ms
         say(f"  budget = {100 * opts.budget_fraction:.0f}% of the full model = {budget_ms:.3f} ms")
@@ -256,44 +560,51 @@ def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
     return budget_ms
 
 
-def _plan_correct(s: _Session, plan: CascadePlan) -> np.ndarray:
-    """Which calibration images ``plan`` gets right (from the exit statistics)."""
-    return s.correct[np.arange(len(s.correct)), plan.exit_positions(s.conf)]
-
-
-def _certify(s: _Session, opts, cost: CostModel, max_drop: float, budget_ms: float | None):
+def _certify(m: Measurements, opts, cost: CostModel, max_drop: float, budget_ms: float | None) -> Promise:
     from edgeexit.calibrate.promise import certify
 
-    return certify(s.conf, s.correct, cost, max_drop, opts.confidence, budget_ms, opts.metric)
+    return certify(m.conf, m.correct, cost, max_drop, opts.confidence, budget_ms, opts.metric)
 
 
-def _frames_advice(s: _Session, cost: CostModel, p, max_drop: float) -> dict[str, int | None]:
+def _frames_advice(m: Measurements, cost: CostModel, p: Promise, max_drop: float) -> dict[str, int | None]:
     """For speed-ups not certified at ``max_drop``: about how many frames would certify them."""
     from edgeexit.calibrate.promise import frames_for
 
     reached = cost.full_ms() / p.latency_ms
     return {
-        f"{x:g}": frames_for(p, x, max_drop, cost.full_ms(), cost, s.conf, s.correct)
+        f"{x:g}": frames_for(p, x, max_drop, cost.full_ms(), cost, m.conf, m.correct)
         for x in (1.25, 1.5, 2.0)
         if x > reached + 1e-9
     }
 
 
-def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, say) -> tuple[Solution, dict]:
+def _choose(m: Measurements, opts: CalibrationOptions, cost: CostModel, budget_ms: float, say) -> Choice:
+    if opts.max_drop is not None:
+        return _choose_within_drop(m, opts, cost, budget_ms, say)
+    crossfit = cross_fitted(m.conf, m.correct, cost, budget_ms, opts.metric, seed=opts.seed)
+    say(
+        f"  chosen out of fold ({crossfit.folds} folds): [bold]{crossfit.chosen}[/] — "
+        + ", ".join(
+            f"{a} {100 * v['accuracy']:.2f}%" if v else f"{a} infeasible" for a, v in crossfit.out_of_fold.items()
+        )
+    )
+    return Choice(crossfit.solution, crossfit.frontier, crossfit=crossfit)
+
+
+def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float, say) -> Choice:
     """The cheapest plan whose accuracy drop against the full model is certified within --max-drop at
     --confidence on every stored frame (fixed-sequence testing, see calibrate/promise.py `certify`)."""
-    limited = opts.budget_ms is not None or opts.budget_fraction is not None
-    p = _certify(s, opts, cost, opts.max_drop, budget_ms if limited else None)
-    k, n = s.cascade.num_exits, len(s.conf)
-    if p.thresholds is None and limited and cost.full_ms() > budget_ms + 1e-9:
+    p = _certify(m, opts, cost, opts.max_drop, budget_ms if opts.limited else None)
+    k, n = m.conf.shape[1], m.num_frames
+    if p.thresholds is None and opts.limited and cost.full_ms() > budget_ms + 1e-9:
         raise UserError(
             f"--max-drop {100 * opts.max_drop:.2f}pt cannot be met within the budget {budget_ms:.3f} ms: no plan "
             f"within it is certified at {100 * opts.confidence:.0f}% on {n} frames; raise the budget, allow a "
             f"larger drop, or store more frames (export --calib-images)"
         )
     th = p.thresholds if p.thresholds is not None else CascadePlan.full_model(k).thresholds
-    chosen = evaluate(s.conf, s.correct, cost, th, opts.metric)
-    advice = _frames_advice(s, cost, p, opts.max_drop)
+    chosen = m.evaluate(cost, th, opts.metric)
+    advice = _frames_advice(m, cost, p, opts.max_drop)
     say(
         f"  --max-drop {100 * opts.max_drop:.2f}pt at {100 * opts.confidence:.0f}%: fixed-sequence test on {n} "
         f"frames; chosen {chosen.latency_ms:.3f} ms ({cost.full_ms() / chosen.latency_ms:.2f}× the full model), "
@@ -304,225 +615,154 @@ def _choose_within_drop(s: _Session, opts, cost: CostModel, budget_ms: float, sa
             f"  {x}× at {100 * opts.max_drop:.2f} pt "
             + (f"needs ≈ {need:,} frames: re-export with --calib-images {need}" if need else "is out of reach")
         )
-    promise = {
-        "max_drop": opts.max_drop,
-        "confidence": opts.confidence,
-        "method": "fixed-sequence test (Learn-then-Test) of the paired drop vs the full model along a shared "
-        "threshold from 1 down, per exit family, Bonferroni over the families",
-        "z": p.z,
-        "families": [[e + 1 for e in t.exits] for t in p.tests],
-        "family": [e + 1 for e in p.family] if p.family else None,
-        "drop_bound": p.drop_bound,
-        "n_frames": n,
-        "frontier": p.frontier,
-        "frames_needed": advice,
-    }
-    return chosen, promise
+    _, frontier = optimize(m.conf, m.correct, cost, budget_ms, opts.metric, pairs=False)
+    return Choice(chosen, frontier, promise=p, frames_needed=advice)
 
 
-def _intervals(s: _Session, opts, chosen: Solution, result: dict, promise: dict | None) -> dict:
-    """Predicted accuracy and drop vs the full model with 95 % intervals, and the verified values."""
-    from edgeexit.calibrate.promise import accuracy_interval, paired_drop
-
-    correct = _plan_correct(s, chosen.plan)
-    drop = paired_drop(s.correct[:, -1], correct)
-    verified_drop = result["full_model"]["measured"]["accuracy"] - result["measured"]["accuracy"]
-    result["predicted"]["accuracy_interval_95"] = list(accuracy_interval(correct))
-    result["predicted"]["drop_vs_full"] = drop.drop
-    result["predicted"]["drop_interval_95"] = list(drop.interval(0.95))
-    result["measured"]["drop_vs_full"] = verified_drop
-    out = {
-        "decided_by": f"all {len(s.conf)} stored frames ({s.dataset} {opts.split}); the {len(s.verify_idx)} "
-        "verification frames among them were also run through the real cascade"
-    }
-    if promise is not None:
-        promise["verified_drop"] = verified_drop
-        promise["kept"] = bool(verified_drop <= opts.max_drop + 1e-12)
-        out["max_drop"] = promise
-    return out
-
-
-def _verify_choices(s: _Session, opts, cost: CostModel, budget_ms: float, chosen: Solution, say) -> dict:
+def _verify(
+    s: _Session, m: Measurements, opts, cost: CostModel, budget_ms: float, choice: Choice, iso: Promise, say
+) -> Verification:
     """The chosen plan, the MSDNet baseline, the full model and the iso-accuracy point, each run for
-    real on the verification half."""
-    k, final_acc, full_ms = s.cascade.num_exits, float(s.correct[:, -1].mean()), cost.full_ms()
-    vf, vl = s.frames[s.verify_idx], s.labels[s.verify_idx]
+    real on the verification half (then, in the budget mode, the latency correction)."""
+    k, full_ms = m.conf.shape[1], cost.full_ms()
     note = None
-    if budget_ms >= full_ms and (opts.budget_ms is not None or opts.budget_fraction is not None):
+    if budget_ms >= full_ms and opts.limited:
+        final_acc = float(m.correct[:, -1].mean())
         note = (
             f"budget {budget_ms:.3f} ms is at or above the full model ({full_ms:.3f} ms): final-exit accuracy "
             f"({final_acc:.4f}) is kept; thresholds only add exits that help"
         )
         say(f"  [yellow]{note}[/]")
-    base = msdnet_baseline(s.conf, s.correct, cost, budget_ms, opts.metric)
-    base_measured = verify(s.cascade, vf, vl, base.plan) if base is not None else None
-    full_measured = verify(s.cascade, vf, vl, CascadePlan.full_model(k))
-    return {
-        "artifact": str(s.folder),
-        "budget_ms": budget_ms,
-        "metric": opts.metric,
-        "policy": opts.policy,
-        "thresholds": chosen.to_dict()["thresholds"],
-        "evaluated_exits": chosen.evaluated_exits,
-        "predicted": _pred(chosen),
-        "measured": _meas(verify(s.cascade, vf, vl, chosen.plan)),
-        "baseline_msdnet": (
-            {
-                "accuracy": base_measured["accuracy"],
-                "latency_ms": base_measured["latency_ms"],
-                "predicted": _pred(base),
-                "thresholds": base.to_dict()["thresholds"],
-            }
-            if base is not None
-            else None
-        ),
-        "full_model": {"predicted_ms": full_ms, "measured": _meas(full_measured), "calibration_accuracy": final_acc},
-        "iso_accuracy": _iso_accuracy(s, opts, cost, full_measured) if opts.iso_accuracy else None,
-        "note": note,
-    }
+    base = msdnet_baseline(m.conf, m.correct, cost, budget_ms, opts.metric)
+    baseline = s.run(base) if base is not None else None
+    full = s.run(m.evaluate(cost, CascadePlan.full_model(k).thresholds, opts.metric))
+    chosen = s.run(choice.solution)
+    iso_point = None
+    if opts.iso_accuracy and iso.thresholds is not None:
+        iso_point = IsoAccuracy(s.run(m.evaluate(cost, iso.thresholds, opts.metric)), iso.drop_bound, ISO_ACCURACY_DROP)
+    correction = None
+    if choice.crossfit is not None:
+        chosen, correction = _hold_measured(s, m, opts, cost, budget_ms, chosen, choice.crossfit.chosen, say)
+    return Verification(chosen, full, baseline, iso_point, correction, note)
 
 
-def _hold_measured(s: _Session, opts, cost: CostModel, budget_ms: float, chosen: Solution, approach, result, say):
+def _hold_measured(
+    s: _Session, m: Measurements, opts, cost: CostModel, budget_ms: float, chosen: Verified, approach: str, say
+) -> tuple[Verified, LatencyCorrection | None]:
     """The cost model adds timings of pieces profiled one at a time; a cascade alternating between
     them can run slower (measured: 1.2x on an AVX-512 Xeon for 6 evaluated exits, within a few % on an
     EPYC). When the real cascade overruns the budget by more than 3 %, refit the same approach at the
     budget scaled by measured/predicted and run it again: the budget holds for what runs."""
     from edgeexit.calibrate.optimizer import APPROACHES
 
-    measured, predicted = result["measured"][f"{opts.metric}_ms"], getattr(chosen, f"{opts.metric}_ms")
-    if opts.budget_ms is None and opts.budget_fraction is None or measured <= budget_ms * 1.03 or predicted <= 0:
-        return chosen
+    measured, predicted = chosen.measured[f"{opts.metric}_ms"], getattr(chosen.solution, f"{opts.metric}_ms")
+    if not opts.limited or measured <= budget_ms * 1.03 or predicted <= 0:
+        return chosen, None
     ratio = measured / predicted
     if budget_ms / ratio < cost.min_ms():  # nothing cheaper to refit to: keep the plan, say so in the report
-        result["latency_correction"] = {"ratio": ratio, "first_measured_ms": measured, "refit": False}
-        return chosen
+        return chosen, LatencyCorrection(ratio, measured, None)
     try:
-        th = APPROACHES[approach](s.conf, s.correct, cost, budget_ms / ratio, opts.metric)
+        th = APPROACHES[approach](m.conf, m.correct, cost, budget_ms / ratio, opts.metric)
     except UserError:
         th = None
     if th is None:
-        return chosen
-    fixed = evaluate(s.conf, s.correct, cost, th, opts.metric)
-    m = verify(s.cascade, s.frames[s.verify_idx], s.labels[s.verify_idx], fixed.plan)
+        return chosen, None
+    fixed = s.run(m.evaluate(cost, th, opts.metric))
     say(
         f"  the real cascade ran {ratio:.2f}x the cost model ({measured:.3f} ms > budget {budget_ms:.3f} ms): "
-        f"refitted at {budget_ms / ratio:.3f} ms predicted, measured {m[f'{opts.metric}_ms']:.3f} ms"
+        f"refitted at {budget_ms / ratio:.3f} ms predicted, measured {fixed.measured[f'{opts.metric}_ms']:.3f} ms"
     )
-    result["latency_correction"] = {
-        "ratio": ratio,
-        "first_measured_ms": measured,
-        "first_thresholds": result["thresholds"],
-    }
-    result.update(thresholds=fixed.to_dict()["thresholds"], evaluated_exits=fixed.evaluated_exits)
-    result["predicted"], result["measured"] = _pred(fixed), _meas(m)
-    return fixed
+    return fixed, LatencyCorrection(ratio, measured, chosen.thresholds)
 
 
-def _iso_accuracy(s: _Session, opts, cost: CostModel, full_measured: dict) -> dict | None:
-    """The cheapest plan certified within ISO_ACCURACY_DROP of the full model (as --max-drop 0.5pt
-    would choose), run for real on the verification half."""
-    p = _certify(s, opts, cost, ISO_ACCURACY_DROP, None)
-    if p.thresholds is None:
-        return None
-    sol = evaluate(s.conf, s.correct, cost, p.thresholds, opts.metric)
-    measured = verify(s.cascade, s.frames[s.verify_idx], s.labels[s.verify_idx], sol.plan)
-    return {
-        "max_drop": ISO_ACCURACY_DROP,
-        "drop_bound": p.drop_bound,
-        "predicted": _pred(sol),
-        "measured": _meas(measured),
-        "thresholds": sol.to_dict()["thresholds"],
-        "latency_fraction_of_full": measured["latency_ms"] / full_measured["latency_ms"],
-        "accuracy_drop_vs_full_measured": full_measured["accuracy"] - measured["accuracy"],
-    }
-
-
-def _ladder(s: _Session, opts, cost: CostModel) -> list[dict]:
-    """The most accurate plan at ``ladder_steps`` budgets from the cheapest cascade to every exit evaluated:
-    what the runtime's budget controller moves along when the device slows down or recovers."""
-    from edgeexit.calibrate.optimizer import plan_ladder
-
-    hi = cost.exit_costs(np.ones(cost.num_exits, bool))[-1]
-    rows = []
-    for budget, sol in plan_ladder(s.conf, s.correct, cost, cost.min_ms(), hi, opts.ladder_steps, opts.metric):
-        rows.append(
-            {
-                "budget_ms": budget,
-                "thresholds": sol.plan.to_list(),
-                "predicted_ms": sol.mean_ms,
-                "predicted_accuracy": sol.accuracy,
-            }
-        )
-    return rows
-
-
-def _measure_ladder(s: _Session, opts, result: dict, console) -> None:
-    """Every rung run for real on verification frames, interleaved with the chosen plan: the budget
-    controller compares against these measured costs (and per-exit latencies), not the cost model's."""
+def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen: Verified, console) -> Ladder:
+    """The most accurate plan at ``ladder_steps`` budgets from the cheapest cascade to every exit evaluated
+    (what the runtime's budget controller moves along when the device slows down or recovers), every rung
+    run for real on verification frames, interleaved with the chosen plan: the budget controller compares
+    against these measured costs (and per-exit latencies), not the cost model's."""
     from rich.progress import Progress
 
+    from edgeexit.calibrate.optimizer import plan_ladder
     from edgeexit.runtime.controller import measure_ladder
 
+    plans = plan_ladder(m.conf, m.correct, cost, cost.min_ms(), cost.all_exits_ms(), opts.ladder_steps, opts.metric)
+    rungs = [(b, LadderRung(tuple(sol.plan.to_list()), sol.mean_ms, sol.accuracy)) for b, sol in plans]
+    # measure_ladder writes its measurements into these dicts (the controller's row format)
+    rows = [{"thresholds": list(r.thresholds)} for _, r in rungs]
+    anchor = {"thresholds": chosen.thresholds, "measured": dict(chosen.measured)}
     frames = s.frames[s.verify_idx]
     n = min(len(frames), 600)
     with Progress(console=console, transient=True, disable=console is None) as prog:
-        task = prog.add_task(f"measuring {len(result['ladder']) + 1} plans of the ladder", total=n)
-        measure_ladder(s.cascade, frames, result["ladder"], result, opts.metric, max_frames=n,
+        task = prog.add_task(f"measuring {len(rows) + 1} plans of the ladder", total=n)
+        measure_ladder(s.cascade, frames, rows, anchor, opts.metric, max_frames=n,
                        progress=lambda k: prog.update(task, completed=k))  # fmt: skip
+    return Ladder(
+        tuple(MeasuredRung(b, r, row["measured"], row["exit_ms"]) for (b, r), row in zip(rungs, rows, strict=True)),
+        anchor["measured"]["exit_ms"],
+        anchor["measured"]["ladder_scale"],
+    )
 
 
-def _report_extras(s: _Session, opts, cost: CostModel, frontier: list[Solution]) -> dict:
+def _assemble(
+    s: _Session,
+    m: Measurements,
+    opts: CalibrationOptions,
+    cost: CostModel,
+    budget_ms: float,
+    choice: Choice,
+    verification: Verification,
+    ladder: Ladder,
+    iso: Promise,
+    t_start: float,
+) -> CalibrationReport:
+    """The report, from the stages' outputs (plus the intervals and curves computed from them)."""
+    from edgeexit.calibrate.promise import accuracy_interval, paired_drop
+
+    correct = m.plan_correct(verification.chosen.solution.plan)
     msd_curve = []
     for q in MSDNET_QS:
-        sol = evaluate(s.conf, s.correct, cost, CascadePlan.msdnet(s.conf, q).thresholds, opts.metric)
+        sol = m.evaluate(cost, CascadePlan.msdnet(m.conf, q).thresholds, opts.metric)
         msd_curve.append({"q": q, "accuracy": sol.accuracy, "latency_ms": sol.latency_ms})
-    return {
-        "device": fingerprint(s.cascade.runner.info),
-        "latency": {
-            "batch": 1,
-            "units": s.profile["units"],
-            "decision_ms": s.profile["decision"]["mean_ms"],
-            "frame_overhead_ms": s.overhead_ms,
-            **({"exit_groups": s.groups} if s.groups is not None else {}),
-        },
-        "data": {
+    return CalibrationReport(
+        artifact=str(s.folder),
+        backend=s.cascade.backend_name,
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - t_start, 1),
+        options=opts,
+        budget_ms=budget_ms,
+        n_frames=m.num_frames,
+        full_predicted_ms=cost.full_ms(),
+        decided_by=f"all {m.num_frames} stored frames ({s.dataset} {opts.split}); the {len(s.verify_idx)} "
+        "verification frames among them were also run through the real cascade",
+        choice=choice,
+        verification=verification,
+        ladder=ladder,
+        accuracy_interval_95=accuracy_interval(correct),
+        drop=paired_drop(m.correct[:, -1], correct),
+        device=fingerprint(s.cascade.runner.info),
+        latency=m.latency_block(),
+        data={
             "dataset": s.dataset,
             "split": opts.split,
             "calibration_images": int(len(s.calib_idx)),
             "verification_images": int(len(s.verify_idx)),
             "seed": opts.seed,
         },
-        "frontier": [{"accuracy": f.accuracy, "latency_ms": f.latency_ms} for f in frontier],
-        "msdnet_curve": msd_curve,
-        "options": {k: v for k, v in asdict(opts).items() if k not in ("plot", "data_dir")},
-    }
+        msdnet_curve=tuple(msd_curve),
+        certifiable={"confidence": opts.confidence, "n_frames": m.num_frames, "frontier": iso.frontier},
+    )
 
 
-def _write(s: _Session, opts: CalibrationOptions, result: dict, say) -> None:
-    """The plot first, then the manifest: no file the manifest names is written after it."""
+def _write(s: _Session, opts: CalibrationOptions, report: CalibrationReport, say) -> CalibrationReport:
+    """The plot first, then the manifest: no file the manifest names is written after it. Returns the
+    report with the plot's path (when matplotlib drew it)."""
     plot_path = Path(opts.plot) if opts.plot else s.folder / "calibration.png"
     try:
         from edgeexit.calibrate.report import calibration_plot
 
-        calibration_plot(result, plot_path)
-        result["plot"] = str(plot_path)
+        calibration_plot(report.to_json(), plot_path)
+        report = replace(report, plot=str(plot_path))
     except ImportError:
         say("  (matplotlib not installed: no plot)")
-    calibration = {k: v for k, v in result.items() if k not in ("artifact", "frontier", "msdnet_curve", "plot")}
-    calibration["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    calibration["backend"] = s.cascade.backend_name
-    write_calibration(s.cascade.artifact, calibration)
-
-
-def _pred(s: Solution) -> dict:
-    return {
-        "accuracy": s.accuracy,
-        "latency_ms": s.latency_ms,
-        "mean_ms": s.mean_ms,
-        "p95_ms": s.p95_ms,
-        "exit_shares": s.exit_shares,
-    }
-
-
-def _meas(m: dict) -> dict:
-    return {k: m[k] for k in ("accuracy", "latency_ms", "mean_ms", "p50_ms", "p95_ms", "samples", "exit_shares")}
+    write_calibration(s.cascade.artifact, report.manifest_block())
+    return report
