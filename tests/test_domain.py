@@ -258,3 +258,17 @@ def test_model_and_loss_settings_are_checked_once_and_named_as_flags(tmp_path, o
     with pytest.raises(UserError) as info:
         TrainConfig.from_recipe("fashion-mnist", "mlcsd", out=str(tmp_path / "r"), **overrides)
     assert str(info.value) == f"--{field.replace('_', '-')} {problem}"
+
+
+def test_calibrate_names_a_renamed_flag_as_it_is_now(artifact_copy):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    for args, message in (
+        (["--verify-images", "3"], "--verify-images must be at least 20, got 3"),
+        (["--verify-limit", "5"], "--verify-images must be at least 20, got 5"),
+        (["--metric", "p50"], "--metric must be mean or p95, got 'p50'"),  # the options' own phrasing
+    ):
+        res = CliRunner().invoke(app, ["calibrate", str(artifact_copy), "--budget", "50%", *args])
+        assert res.exit_code == 2 and message in res.output, res.output

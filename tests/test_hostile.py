@@ -146,8 +146,8 @@ def test_deadlines_must_be_numbers_at_least_zero(artifact_copy, test_frames):
     "args,match",
     [
         (["run", "{a}", "--source", "{a}", "--max-frames", "-3"], "--max-frames must be at least 1"),
-        (["calibrate", "{a}", "--budget", "50%", "--limit", "-100"], "--limit must be at least 20"),
-        (["calibrate", "{a}", "--budget", "50%", "--limit", "0"], "--limit must be at least 20"),
+        (["calibrate", "{a}", "--budget", "50%", "--images", "-100"], "--images must be at least 20"),
+        (["calibrate", "{a}", "--budget", "50%", "--limit", "0"], "--images must be at least 20"),  # earlier spelling
         (["calibrate", "{a}", "--budget", "50%", "--repeats", "0"], "--repeats must be at least 1"),
         (["calibrate", "{a}", "--budget", "50%", "--metric", "p99"], "--metric must be mean or p95"),
         (["bench", "{a}", "--backend", "onnxruntime", "--batch", "0"], "--batch must be within 1.."),
