@@ -5,10 +5,11 @@ MSDNet's thresholds, full model) by K-fold cross-fitting and refits the winner o
 --max-drop promise is a fixed-sequence test (Learn-then-Test) on all frames. The verification half is
 still run through the real cascade, frame by frame, for the measured latency and a runtime check.
 
-The run is a chain of stages, each returning a frozen value that the next reads and none changes:
-`_measure` → `Measurements`; `_choose` → `Choice`; `_verify` → `Verification` (`Verified` rows);
-`_measure_ladder` → `Ladder`; `_assemble` → `CalibrationReport`, whose `.manifest_block()` is the
-manifest's ``calibration`` block and whose `.to_json()` is what `run_calibration` returns.
+The run is a chain of stages, each returning a frozen value (calibrate/result.py) that the next reads
+and none changes: `_measure` → `Measurements`; `_choose` → `Choice`; `_verify` → `Verification` (of
+`Verified` rows); `_measure_ladder` → `Ladder`; `_assemble` → `CalibrationReport`, whose
+`.manifest_block()` is the manifest's ``calibration`` block and whose `.to_json()` is what
+`run_calibration` returns.
 """
 
 from __future__ import annotations
@@ -16,21 +17,26 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from edgeexit.calibrate.optimizer import (
-    CostModel,
-    CrossFit,
-    Solution,
-    cross_fitted,
-    evaluate,
-    msdnet_baseline,
-    optimize,
+from edgeexit.calibrate.optimizer import CostModel, Solution, cross_fitted, msdnet_baseline, optimize
+from edgeexit.calibrate.options import CalibrationOptions
+from edgeexit.calibrate.promise import Promise
+from edgeexit.calibrate.result import (
+    MEASURED,
+    CalibrationReport,
+    Choice,
+    IsoAccuracy,
+    Ladder,
+    LatencyCorrection,
+    MeasuredRung,
+    Measurements,
+    Verification,
+    Verified,
 )
-from edgeexit.calibrate.promise import DropEstimate, Promise
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import LadderRung
@@ -46,100 +52,6 @@ from edgeexit.runtime.profiling import (
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
-
-# How the CLI names each option field in messages (fields without a flag keep their own name).
-CLI_NAMES = {
-    "budget_ms": "the budget",
-    "budget_fraction": "the budget",
-    "max_drop": "--max-drop",
-    "confidence": "--confidence",
-    "metric": "--metric",
-    "split": "--split",
-    "policy": "--policy",
-    "limit": "--limit",
-    "verify_limit": "--verify-limit",
-    "repeats": "--repeats",
-}
-
-
-class OptionError(UserError):
-    """A bad `CalibrationOptions` value: ``fields`` names the fields at fault and ``problem`` says what
-    is wrong with them; the message is that, phrased with the CLI's names (`CLI_NAMES`)."""
-
-    def __init__(self, fields: str | tuple[str, ...], problem: str, message: str | None = None) -> None:
-        self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
-        self.problem = problem
-        super().__init__(message or f"{CLI_NAMES.get(self.fields[0], self.fields[0])} {problem}")
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """Every option of `edgeexit calibrate`, validated in one place."""
-
-    budget_ms: float | None = None
-    budget_fraction: float | None = None  # of the full model's predicted latency
-    metric: str = "mean"
-    backend: str = "auto"
-    data: str | None = None
-    split: str = "heldout"
-    limit: int | None = None  # calibration images
-    verify_limit: int | None = None
-    repeats: int = 200
-    policy: str = "max_softmax"
-    data_dir: str | None = None
-    plot: str | None = None
-    seed: int = 0
-    iso_accuracy: bool = True
-    max_drop: float | None = None  # accuracy drop vs the full model allowed (fraction: 0.005 = 0.5 pt)
-    precision: str | None = None  # the units to calibrate (int8 after `export --int8`); None: the backend's
-    confidence: float = 0.95  # of the --max-drop promise
-    ladder_steps: int = 16  # plans in the ladder (the budget controller's rungs; benchmarks ask for more)
-
-    def __post_init__(self) -> None:
-        from edgeexit.runtime.policies import POLICIES
-
-        if self.budget_ms is not None and self.budget_fraction is not None:
-            raise OptionError(
-                ("budget_ms", "budget_fraction"),
-                "both given",
-                "give one budget: in time (5ms) or as a share of the full model (50%), not both",
-            )
-        if self.budget_ms is None and self.budget_fraction is None and self.max_drop is None:
-            raise OptionError(
-                ("budget_ms", "budget_fraction", "max_drop"),
-                "none given",
-                "give --budget (5ms, 50%), --max-drop (0.5pt), or both",
-            )
-        if self.max_drop is not None and not (0 <= self.max_drop < 1):
-            raise OptionError("max_drop", f"must be within 0pt..100pt, got {self.max_drop}")
-        if not 2 <= self.ladder_steps <= 200:
-            raise OptionError("ladder_steps", f"must be within 2..200, got {self.ladder_steps}")
-        if not 0.5 <= self.confidence < 1:
-            raise OptionError("confidence", f"must be within 0.5..0.999, got {self.confidence}")
-        for name in ("budget_ms", "budget_fraction"):
-            v = getattr(self, name)
-            if v is not None and not (np.isfinite(v) and v > 0):
-                raise OptionError(name, f"must be a positive finite number, got {v}")
-        if self.metric not in ("mean", "p95"):
-            raise OptionError("metric", f"must be mean or p95, got '{self.metric}'")
-        if self.split not in ("heldout", "test"):
-            raise OptionError("split", f"must be heldout or test, got '{self.split}'")
-        if self.policy not in POLICIES:
-            raise OptionError("policy", f"must be one of {', '.join(POLICIES)}, got '{self.policy}'")
-        for name in ("limit", "verify_limit"):
-            v = getattr(self, name)
-            if v is not None and v < 20:
-                raise OptionError(name, f"must be at least 20, got {v}")
-        if self.repeats < 1:
-            raise OptionError("repeats", f"must be at least 1, got {self.repeats}")
-
-    @property
-    def limited(self) -> bool:
-        """A latency budget was given (--budget), in time or as a share of the full model."""
-        return self.budget_ms is not None or self.budget_fraction is not None
-
-
-# --- Stage outputs --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -161,282 +73,7 @@ class _Session:
     def run(self, solution: Solution) -> Verified:
         """``solution``'s plan run for real through the cascade on the verification frames."""
         m = verify(self.cascade, self.frames[self.verify_idx], self.labels[self.verify_idx], solution.plan)
-        return Verified(solution, {k: m[k] for k in _MEASURED})
-
-
-@dataclass(frozen=True)
-class Measurements:
-    """What `_measure` timed and collected on this device (every field set when it returns)."""
-
-    profile: dict  # Cascade.profile: {"units": name -> stats, "decision": stats}
-    groups: dict | None  # fused exit groups' latency, on a runner that fuses (None: units run one by one)
-    overhead_ms: float  # per frame, outside the units
-    conf: np.ndarray  # (frames, exits): exit statistics of every deciding frame (calibration + verification)
-    correct: np.ndarray  # (frames, exits) bool
-
-    @property
-    def num_frames(self) -> int:
-        return len(self.conf)
-
-    def cost(self, metric: str) -> CostModel:
-        field = "mean_ms" if metric == "mean" else "p95_ms"
-        units, decision = self.profile["units"], self.profile["decision"][field]
-        return CostModel.from_timings(self.conf.shape[1], units, field, decision, self.overhead_ms, self.groups)
-
-    def evaluate(self, cost: CostModel, th, metric: str) -> Solution:
-        return evaluate(self.conf, self.correct, cost, th, metric)
-
-    def plan_correct(self, plan: CascadePlan) -> np.ndarray:
-        """Which deciding frames ``plan`` gets right (from the exit statistics)."""
-        return self.correct[np.arange(len(self.correct)), plan.exit_positions(self.conf)]
-
-    def latency_block(self) -> dict:
-        return {
-            "batch": 1,
-            "units": self.profile["units"],
-            "decision_ms": self.profile["decision"]["mean_ms"],
-            "frame_overhead_ms": self.overhead_ms,
-            **({"exit_groups": self.groups} if self.groups is not None else {}),
-        }
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The plan chosen on the stored frames, and how."""
-
-    solution: Solution
-    frontier: list  # the optimiser's accuracy-latency frontier (Solutions) on every frame
-    promise: Promise | None = None  # --max-drop: the fixed-sequence test that certified the plan
-    frames_needed: dict | None = None  # --max-drop: speed-up -> frames that would certify it (None: out of reach)
-    crossfit: CrossFit | None = None  # budget mode: the approach chosen out of fold
-
-
-_MEASURED = ("accuracy", "latency_ms", "mean_ms", "p50_ms", "p95_ms", "samples", "exit_shares")
-
-
-@dataclass(frozen=True)
-class Verified:
-    """A plan run for real through the cascade on the verification frames."""
-
-    solution: Solution  # the plan and what the cost model predicted for it on the stored frames
-    measured: dict  # `_MEASURED` of `verify`
-
-    @property
-    def thresholds(self) -> list[float]:
-        return self.solution.plan.to_list()
-
-    def predicted_dict(self) -> dict:
-        s = self.solution
-        return {
-            "accuracy": s.accuracy,
-            "latency_ms": s.latency_ms,
-            "mean_ms": s.mean_ms,
-            "p95_ms": s.p95_ms,
-            "exit_shares": s.exit_shares,
-        }
-
-
-@dataclass(frozen=True)
-class LatencyCorrection:
-    """The real cascade overran the budget: the cost model's ratio and what ran first."""
-
-    ratio: float  # measured / predicted
-    first_measured_ms: float
-    first_thresholds: list | None  # None: nothing cheaper to refit to, the plan was kept
-
-    def to_dict(self) -> dict:
-        out = {"ratio": self.ratio, "first_measured_ms": self.first_measured_ms}
-        if self.first_thresholds is None:
-            return {**out, "refit": False}
-        return {**out, "first_thresholds": self.first_thresholds}
-
-
-@dataclass(frozen=True)
-class IsoAccuracy:
-    """The cheapest plan certified within ``max_drop`` of the full model, run for real."""
-
-    verified: Verified
-    drop_bound: float
-    max_drop: float
-
-    def to_dict(self, full: Verified) -> dict:
-        m = self.verified.measured
-        return {
-            "max_drop": self.max_drop,
-            "drop_bound": self.drop_bound,
-            "predicted": self.verified.predicted_dict(),
-            "measured": dict(m),
-            "thresholds": self.verified.thresholds,
-            "latency_fraction_of_full": m["latency_ms"] / full.measured["latency_ms"],
-            "accuracy_drop_vs_full_measured": full.measured["accuracy"] - m["accuracy"],
-        }
-
-
-@dataclass(frozen=True)
-class Verification:
-    """Every plan the report names, each run for real on the verification frames."""
-
-    chosen: Verified  # what calibration chose (after the latency correction, if one was needed)
-    full: Verified  # the full model (every intermediate exit skipped)
-    baseline: Verified | None  # MSDNet's geometric thresholds at the same budget (None: none fits)
-    iso: IsoAccuracy | None  # None: not asked for, or nothing faster than the full model certified
-    correction: LatencyCorrection | None
-    note: str | None
-
-
-@dataclass(frozen=True)
-class MeasuredRung:
-    """One ladder rung: the manifest's `LadderRung` and what the real cascade measured for it."""
-
-    budget_ms: float
-    rung: LadderRung
-    measured: dict  # {mean_ms, p95_ms, frames}
-    exit_ms: list  # mean latency per exit position taken (None where no frame left there)
-
-    def to_dict(self) -> dict:
-        return {
-            "budget_ms": self.budget_ms,
-            "thresholds": list(self.rung.thresholds),
-            "predicted_ms": self.rung.predicted_ms,
-            "predicted_accuracy": self.rung.predicted_accuracy,
-            "measured": self.measured,
-            "exit_ms": self.exit_ms,
-        }
-
-
-@dataclass(frozen=True)
-class Ladder:
-    rungs: tuple[MeasuredRung, ...]
-    chosen_exit_ms: list  # the chosen plan's latency per exit position, on the rungs' scale
-    scale: float  # verification-run / interleaved-run latency of the chosen plan
-
-
-@dataclass(frozen=True)
-class CalibrationReport:
-    """One calibration, assembled once from the stages' outputs."""
-
-    artifact: str
-    backend: str
-    created: str
-    seconds: float
-    options: CalibrationOptions
-    budget_ms: float
-    n_frames: int  # every deciding frame
-    full_predicted_ms: float  # the cost model's full model (every intermediate exit skipped)
-    decided_by: str
-    choice: Choice
-    verification: Verification
-    ladder: Ladder
-    accuracy_interval_95: tuple[float, float]  # of the chosen plan, on the stored frames
-    drop: DropEstimate  # of the chosen plan vs the full model, paired, on the stored frames
-    device: dict
-    latency: dict
-    data: dict
-    msdnet_curve: tuple[dict, ...]
-    certifiable: dict
-    plot: str | None = None
-
-    @property
-    def verified_drop(self) -> float:
-        """The full model's measured accuracy minus the chosen plan's, on the verification frames."""
-        v = self.verification
-        return v.full.measured["accuracy"] - v.chosen.measured["accuracy"]
-
-    def manifest_block(self) -> dict:
-        """The manifest's ``calibration`` block (read back as `edgeexit.runtime.artifact.Calibration`):
-        the report without the artifact's path and the plot, stamped with the time and the backend."""
-        return {**self._body(curves=False), "created": self.created, "backend": self.backend}
-
-    def to_json(self) -> dict:
-        """What `run_calibration` returns and `calibrate --json` writes: the report with the artifact's
-        path, the plot's curves and the plot's path (when one was drawn)."""
-        out = {"artifact": self.artifact, **self._body(curves=True)}
-        return {**out, "plot": self.plot} if self.plot is not None else out
-
-    def _body(self, curves: bool) -> dict:
-        o, v, c = self.options, self.verification, self.choice
-        chosen = v.chosen
-        predicted = {
-            **chosen.predicted_dict(),
-            "accuracy_interval_95": list(self.accuracy_interval_95),
-            "drop_vs_full": self.drop.drop,
-            "drop_interval_95": list(self.drop.interval(0.95)),
-        }
-        oof = c.crossfit.out_of_fold.get(c.crossfit.chosen) if c.crossfit is not None else None
-        if oof:
-            predicted["out_of_fold_accuracy"] = oof["accuracy"]
-        measured = {
-            **chosen.measured,
-            "drop_vs_full": self.verified_drop,
-            "exit_ms": self.ladder.chosen_exit_ms,
-            "ladder_scale": self.ladder.scale,
-        }
-        out = {
-            "budget_ms": self.budget_ms,
-            "metric": o.metric,
-            "policy": o.policy,
-            "thresholds": chosen.thresholds,
-            "evaluated_exits": chosen.solution.evaluated_exits,
-            "predicted": predicted,
-            "measured": measured,
-            "baseline_msdnet": _baseline_block(v.baseline),
-            "full_model": {
-                "predicted_ms": self.full_predicted_ms,
-                "measured": dict(v.full.measured),
-                "calibration_accuracy": self.full_calibration_accuracy,
-            },
-            "iso_accuracy": v.iso.to_dict(v.full) if v.iso is not None else None,
-            "note": v.note,
-        }
-        if v.correction is not None:
-            out["latency_correction"] = v.correction.to_dict()
-        out["decided_by"] = self.decided_by
-        if c.promise is not None:
-            out["max_drop"] = self._promise_block()
-        if c.crossfit is not None:
-            out["cross_fit"] = c.crossfit.to_dict()
-        out.update(device=self.device, latency=self.latency, data=self.data)
-        if curves:
-            out["frontier"] = [{"accuracy": f.accuracy, "latency_ms": f.latency_ms} for f in c.frontier]
-            out["msdnet_curve"] = [dict(p) for p in self.msdnet_curve]
-        out["options"] = {k: val for k, val in asdict(o).items() if k not in ("plot", "data_dir")}
-        out["certifiable"] = self.certifiable
-        out["ladder"] = [r.to_dict() for r in self.ladder.rungs]
-        out["seconds"] = self.seconds
-        return out
-
-    @property
-    def full_calibration_accuracy(self) -> float:
-        return self.verification.full.solution.accuracy
-
-    def _promise_block(self) -> dict:
-        p, o = self.choice.promise, self.options
-        return {
-            "max_drop": o.max_drop,
-            "confidence": o.confidence,
-            "method": "fixed-sequence test (Learn-then-Test) of the paired drop vs the full model along a shared "
-            "threshold from 1 down, per exit family, Bonferroni over the families",
-            "z": p.z,
-            "families": [[e + 1 for e in t.exits] for t in p.tests],
-            "family": [e + 1 for e in p.family] if p.family else None,
-            "drop_bound": p.drop_bound,
-            "n_frames": self.n_frames,
-            "frontier": p.frontier,
-            "frames_needed": self.choice.frames_needed,
-            "verified_drop": self.verified_drop,
-            "kept": bool(self.verified_drop <= o.max_drop + 1e-12),
-        }
-
-
-def _baseline_block(b: Verified | None) -> dict | None:
-    if b is None:
-        return None
-    return {
-        "accuracy": b.measured["accuracy"],
-        "latency_ms": b.measured["latency_ms"],
-        "predicted": b.predicted_dict(),
-        "thresholds": b.thresholds,
-    }
+        return Verified(solution, {k: m[k] for k in MEASURED})
 
 
 # --- The run --------------------------------------------------------------------------------------------------
