@@ -279,7 +279,7 @@ BACKEND_HELP = (
 )
 BackendOpt = Annotated[str, typer.Option("--backend", help=BACKEND_HELP)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: auto, cpu, cuda or cuda:N.")]
-BatchOptOpt = Annotated[
+ProfileBatchOpt = Annotated[
     int, typer.Option("--batch-opt", help="Batch the TensorRT profile is tuned for (1: camera, frame by frame).")
 ]
 CalibImagesOpt = Annotated[
@@ -478,7 +478,7 @@ def export(
     batch: Annotated[
         int, typer.Option(help="Largest batch of the TensorRT optimisation profile (--format engine).")
     ] = 64,
-    batch_opt: BatchOptOpt = 1,
+    batch_opt: ProfileBatchOpt = 1,
     workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB (--format engine).")] = 2.0,
     opset: Annotated[int, typer.Option(help="ONNX opset (17-20).")] = 17,
     simplify: Annotated[

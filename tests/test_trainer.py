@@ -50,7 +50,7 @@ def _train_epochs(cfg, stop_after: int):
     """Run the first `stop_after` epochs of cfg's schedule, as an interrupted run would leave it."""
     from edgeexit.train import trainer
 
-    original = trainer.validate
+    original = trainer.heldout_accuracy
     calls = {"n": 0}
 
     def validate_then_stop(*args, **kwargs):
@@ -68,12 +68,12 @@ def _train_epochs(cfg, stop_after: int):
         if Path(path).name == "last.pt" and calls["n"] >= stop_after:
             raise Stop
 
-    trainer.validate, trainer.atomic_torch_save = validate_then_stop, save_and_maybe_stop
+    trainer.heldout_accuracy, trainer.atomic_torch_save = validate_then_stop, save_and_maybe_stop
     try:
         with pytest.raises(Stop):
             train(cfg, progress=False)
     finally:
-        trainer.validate, trainer.atomic_torch_save = original, real_save
+        trainer.heldout_accuracy, trainer.atomic_torch_save = original, real_save
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_test):

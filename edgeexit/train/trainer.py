@@ -230,7 +230,8 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
 
 
 @torch.no_grad()
-def validate(model, val: ImageDataset, limit: int | None, device) -> list[float]:
+def heldout_accuracy(model, val: ImageDataset, limit: int | None, device) -> list[float]:
+    """Every exit's accuracy on the held-out split (its first ``limit`` images), for model selection."""
     data = val.subset(np.arange(min(len(val), limit)), view=val.mapped) if limit else val
     # 512 small images per batch; fewer large ones (224 px: 53), so activations stay ~1/4 GB
     batch = int(min(512, max(16, 8_000_000 // (val.in_chans * val.input_size[0] * val.input_size[1]))))
@@ -493,7 +494,7 @@ def _step(run: _Run, module, xb, yb, epoch: int, step: int, steps: int):
 def _end_epoch(run: _Run, prog, bar, epoch: int, loss: float, epoch_time: float) -> None:
     """Validate on the held-out split; write model.pt (when best) and last.pt, atomically."""
     cfg = run.cfg
-    val_acc = validate(run.model, run.val_set, cfg.limit_eval, run.device)
+    val_acc = heldout_accuracy(run.model, run.val_set, cfg.limit_eval, run.device)
     avg = float(np.mean(val_acc))
     run.history.append(
         {
