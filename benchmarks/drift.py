@@ -72,7 +72,7 @@ class Hogs:
                 pass
 
 
-def stream(cascades: dict, frames, labels, n: int, profile: str, hogs: Hogs | None, block: int = 150) -> dict:
+def stream(cascades: dict, frames, labels, n: int, profile: str, hogs: Hogs | None, block: int = 150) -> dict:  # noqa: C901
     """``n`` frames one at a time through every cascade of ``cascades`` (name -> Cascade), interleaved
     in blocks of ``block`` frames (the order alternating per block), so that static and controlled
     cascades meet the same conditions at the same moments; the profile's drift in frames n/3 .. 2n/3.

@@ -374,7 +374,7 @@ class FakeCudart(types.ModuleType):
         self._graveyard.append(buf)
         return (CudaError.cudaSuccess,)
 
-    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):  # noqa: C901
         """Checked as a GPU does: the kind against the address spaces, the device side (and a
         pinned host side) against its allocation; pageable host memory synchronises (see module)."""
         gate = self._gate()
@@ -845,7 +845,7 @@ def _check_qdq(model) -> str | None:
     return None
 
 
-def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 64) -> types.ModuleType:
+def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 64) -> types.ModuleType:  # noqa: C901
     """A SIMULATED tensorrt module with the surface of ``version`` (8.6 / 10.x / 11.x): only the
     names that version's real bindings have (checked against the wheels' string tables by
     tests/test_trt_surface.py)."""

@@ -60,7 +60,7 @@ class CalibrationOptions:
     confidence: float = 0.95  # of the --max-drop promise
     ladder_steps: int = 16  # plans in the ladder (the budget controller's rungs; benchmarks ask for more)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         from edgeexit.runtime.policies import POLICIES
 
         if self.budget_ms is not None and self.budget_fraction is not None:

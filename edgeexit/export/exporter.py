@@ -55,7 +55,7 @@ class ExportOptions:
     int8_method: str = "minmax"
     int8_tolerance: float = 0.01  # largest per-exit accuracy drop INT8 vs FP32 (fraction) before failing
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: C901
         from edgeexit.export.quantize import METHODS
 
         if self.int8_method not in METHODS:

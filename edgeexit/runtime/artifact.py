@@ -680,7 +680,7 @@ def _model(model: dict, k: int, bad) -> ModelInfo:
     )
 
 
-def _check_wiring(units, pre: Preprocessing, model: ModelInfo, n_names: int, bad) -> int:
+def _check_wiring(units, pre: Preprocessing, model: ModelInfo, n_names: int, bad) -> int:  # noqa: C901
     """The chain the runtime relies on, checked on the recorded shapes; returns the class count."""
     image = units[0].inputs
     want = (pre.in_chans, *pre.input_size)

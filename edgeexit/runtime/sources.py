@@ -332,7 +332,7 @@ class LiveSource:
         """Sleep unless closed; True when closed."""
         return self._stop.wait(seconds) if seconds > 0 else self._stop.is_set()
 
-    def _read_loop(self) -> None:
+    def _read_loop(self) -> None:  # noqa: C901
         delay = self.backoff_s[0]
         cap = None
         while not self._stop.is_set():

@@ -420,7 +420,7 @@ def streams_table(summary: dict):
     return t
 
 
-def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err) -> dict:
+def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err) -> dict:  # noqa: C901
     """`edgeexit run` over live or several sources: one line per result for one stream, a live
     rich table for several; Ctrl-C ends the run with its summary (``interrupted``)."""
     from rich.live import Live
