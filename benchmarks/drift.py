@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="own,60,80", help="own and/or percentages of the full model")
     ap.add_argument("--ramp-hogs", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--wander-frames", type=int, default=6000, help="frames of the quiet probe before the grid")
     ap.add_argument("--png", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -215,10 +216,14 @@ def main() -> None:
         sys.exit("drift.py: the artifact is not calibrated (run `edgeexit calibrate ... --budget 60%` first)")
     metric = cal.get("metric", "mean")
     field = "mean_ms" if metric == "mean" else "p95_ms"
+    # the plan's own measured latency: interleaved with the ladder and the full model when calibrate
+    # measured it so (the controller's quiet reference), else the verification run
+    ref = cal["measured"].get("interleaved") or cal["measured"]
+    own_ms = float(ref[field])
     budgets = {}
     for b in args.budgets.split(","):
         if b == "own":
-            budgets["own"] = float(cal["measured"][field])
+            budgets["own"] = own_ms
         else:
             budgets[f"{b}%"] = float(b) / 100 * float(cal["full_model"]["predicted_ms"])
     test = load_dataset(manifest["dataset"], "test")
@@ -235,6 +240,15 @@ def main() -> None:
             c.predict(f)
     cheap_ms = float(np.mean([cheap.predict(f).latency_ms for f in frames[:1000]]))
     print(f"metric {metric}; budgets (ms): {budgets}; cheapest plan quiet {cheap_ms:.3f} ms")
+    # how quiet is "quiet" here: the calibrated plan alone, nothing else running, in windows
+    wander = windows(np.array([static.predict(frames[i % len(frames)]).latency_ms
+                               for i in range(args.wander_frames)]), args.window, metric) / own_ms  # fmt: skip
+    q = np.percentile(wander, [5, 25, 50, 75, 95]).round(2).tolist() if len(wander) else []
+    over = float((wander > 1.1).mean()) if len(wander) else float("nan")
+    print(
+        f"quiet machine: the calibrated plan alone, {len(wander)} windows / its calibrated latency: "
+        f"p5/p25/p50/p75/p95 {q}; windows over 1.1x: {100 * over:.0f}%"
+    )
     hogs = Hogs(2)
     ramp_hogs = hogs if args.ramp_hogs == 2 else Hogs(args.ramp_hogs)
     rows = []
@@ -251,7 +265,7 @@ def main() -> None:
                 s_run, c_run = runs["static"], runs["controller"]
                 s, c = summarise(s_run, budget, args.window, metric), summarise(c_run, budget, args.window, metric)
                 slowdown = s["mean_ms_drift"] / s["mean_ms_quiet"]
-                calm = calibration_conditions(s_run, c_run, n, args.window, float(cal["measured"][field]), metric)
+                calm = calibration_conditions(s_run, c_run, n, args.window, own_ms, metric)
                 row = {
                     "budget": name,
                     "budget_ms": budget,
@@ -262,7 +276,7 @@ def main() -> None:
                     "slowdown": slowdown,
                     "feasible": bool(cheap_ms * slowdown <= budget),
                     # > 1: the "quiet" thirds ran slower than calibration measured (a shared or noisy machine)
-                    "quiet_vs_calibration": s["mean_ms_quiet"] / float(cal["measured"]["mean_ms"]),
+                    "quiet_vs_calibration": s["mean_ms_quiet"] / float(ref["mean_ms"]),
                     "calibration_conditions": calm,
                     "controller_state": ctl_cascade.controller.state(),
                     "seconds": round(time.perf_counter() - t0, 1),
@@ -294,7 +308,18 @@ def main() -> None:
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"metric": metric, "cheapest_ms": cheap_ms, "window": args.window, "rows": rows}, f)
+            json.dump(
+                {
+                    "metric": metric,
+                    "cheapest_ms": cheap_ms,
+                    "window": args.window,
+                    "own_ms": own_ms,
+                    "calibration_measured": cal["measured"],
+                    "quiet_wander": wander.tolist(),
+                    "rows": rows,
+                },
+                f,
+            )
         os.replace(tmp, args.json)
     if args.png:
         plot(rows, args.window, args.png)

@@ -248,8 +248,8 @@ def test_the_budget_controller_moves_down_when_the_device_slows_and_back_up_when
     runner = SlowRunner(0.001)
     c = Cascade(ladder_manifest(), runner, budget_ms=2.8)
     assert len(c.controller.ladder) == 3 and c.plan.evaluated_exits[0] == 2  # start: best predicted to fit
-    first_exits = {c.predict(frame(0)).exit_index for _ in range(70)}
-    assert first_exits == {2}
+    first_exits = [c.predict(frame(0)).exit_index for _ in range(70)]
+    assert first_exits.count(2) >= 60  # (a loaded CI box may slow a window of 1-ms sleeps by 40 %: then it moves)
     runner.delay_s = 0.002  # the device halves its speed: exit 2 now takes 4 ms > 2.8
     exits = [c.predict(frame(0)).exit_index for _ in range(140)]
     assert exits[-1] == 1 and c.controller.slowdown > 1.5

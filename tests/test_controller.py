@@ -54,6 +54,40 @@ def test_step_change_is_answered_within_one_window_and_the_plan_comes_back():
     assert after[200:].count(3) / len(after[200:]) > 0.97
 
 
+def test_recovery_is_believed_after_two_agreeing_windows_not_one():
+    ctl = make()
+    feed(ctl, 320)
+    feed(ctl, 320, slowdown=1.65, jitter=0.01)
+    assert ctl.index < 3
+    lucky = feed(ctl, 32, jitter=0.01)  # one quiet window's worth of frames: not yet a recovery
+    assert lucky[-1] < 3
+    # two full quiet windows agree (the first window after the return still held slow frames): back
+    second = feed(ctl, 64, jitter=0.01)
+    assert second[-1] == 3 and second.index(3) >= 32
+    flicker = iter(range(10**6))  # quiet and slow windows alternating: no climbing on the quiet ones
+    seen = feed(ctl, 640, slowdown=lambda: 1.65 if (next(flicker) // 32) % 2 else 1.0, jitter=0.01)
+    over = [COSTS[i] * 1.65 > 1.1 for k, i in enumerate(seen) if (k // 32) % 2]
+    assert sum(over) / len(over) < 0.1
+
+
+def measured_ladder() -> list[Rung]:
+    return [Rung(f"plan{i}", c, 0.80 + 0.02 * i, calibrated=(i == 3), measured_ms={"mean_ms": c, "p95_ms": 1.2 * c})
+            for i, c in enumerate(COSTS)]  # fmt: skip
+
+
+def test_a_device_faster_than_at_calibration_affords_a_more_accurate_rung():
+    ctl = BudgetController(measured_ladder(), 1.0, window=32, noise=0.03)
+    assert ctl.index == 3
+    seen = feed(ctl, 640, slowdown=0.70, jitter=0.02)  # rung 4 (1.30 ms quiet) costs 0.91 ms here
+    assert seen[-1] == 4 and COSTS[4] * 0.70 <= 1.0
+    back = feed(ctl, 320, slowdown=1.0, jitter=0.02)  # calibration's speed again: the calibrated plan
+    assert back[-1] == 3 and back.index(3) <= 32
+    slightly = BudgetController(measured_ladder(), 1.0, window=32, noise=0.03)  # faster by less than the noise
+    assert feed(slightly, 640, slowdown=0.95, jitter=0.02)[-1] == 3
+    learned = make(budget=1.0)  # rungs without measurements learn against slowdown 1: no climbing above
+    assert feed(learned, 640, slowdown=0.70, jitter=0.02)[-1] == 3
+
+
 def test_margin_grows_with_window_to_window_variance():
     calm, noisy = make(), make()
     feed(calm, 640, slowdown=1.5, jitter=0.02)
@@ -187,32 +221,46 @@ def test_harder_images_on_a_quiet_device_are_not_a_slowdown():
     assert seen.count(1) / len(seen) < 0.5
 
 
-def test_measure_ladder_runs_every_rung_for_real_on_the_scale_of_the_verification_run():
+def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
+    """Every rung, the chosen plan and the full model run interleaved on the same moments; every figure is
+    on the interleaved run's scale (a verification run that met a lucky moment does not rescale it), the
+    chosen plan's verification/interleaved ratio is kept for the record, and a controller built from the
+    result anchors "quiet" on the interleaved measurement."""
     from test_cascade_logic import SlowRunner, frame, ladder_manifest
 
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.controller import measure_ladder
+    from edgeexit.runtime.controller import controller_for, measure_ladder
 
     c = Cascade(ladder_manifest(), SlowRunner(0.001))
     rows = [dict(r) for r in c.manifest["calibration"]["ladder"]]
-    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": {"mean_ms": 8.0, "p95_ms": 9.0}}
+    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": {"mean_ms": 2.0, "p95_ms": 2.5}}
     frames = np.stack([frame(0)] * 30)
     measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
-    scale = chosen["measured"]["ladder_scale"]
-    assert 0 < scale < 2  # the chosen plan (4 segments of >= 1 ms) ran at >= 4 ms; its verification said 8
+    inter = chosen["measured"]["interleaved"]
+    assert inter["frames"] == 30 and inter["mean_ms"] >= 4.0  # 4 segments of >= 1 ms each, measured
+    assert inter["full_mean_ms"] >= inter["mean_ms"] * 0.9 and inter["speedup"] == pytest.approx(
+        inter["full_mean_ms"] / inter["mean_ms"])  # fmt: skip
+    assert inter["block_sd"] is not None and 0 <= inter["block_sd"] < 0.5  # 3 blocks of one steady runner
+    assert chosen["measured"]["ladder_scale"] == pytest.approx(2.0 / inter["mean_ms"])  # < 1: verification lucky
     means = []
     for row, segments in zip(rows, (1, 2, 2, 4), strict=True):
         assert row["measured"]["frames"] == 30
         means.append(row["measured"]["mean_ms"] / segments)
     assert max(means) < 1.6 * min(means)  # cost per segment alike: each rung measured for what it runs
-    assert rows[3]["measured"]["mean_ms"] == pytest.approx(8.0, rel=0.25)  # the chosen plan's own rung, rescaled
+    assert rows[3]["measured"]["mean_ms"] == pytest.approx(inter["mean_ms"], rel=0.25)  # the chosen plan's rung
     for row in rows:  # nobody is confident: every frame leaves at the plan's first evaluated exit
         taken = [v for v in row["exit_ms"] if v is not None]
         assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
-    assert chosen["measured"]["exit_ms"][3] == pytest.approx(8.0, rel=0.01)
+    assert chosen["measured"]["exit_ms"][3] == pytest.approx(inter["mean_ms"], rel=0.01)
     assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
-    lad = build_ladder(rows, tuple, None)
+    lad = build_ladder(rows, tuple, dict(chosen, predicted_ms=2.0, predicted_accuracy=0.9))
     assert [r.measured_ms is not None for r in lad] == [True] * len(lad)
+    anchor = next(r for r in lad if r.calibrated)
+    assert anchor.measured_ms["mean_ms"] == pytest.approx(inter["mean_ms"])  # not the verification's 2.0
+    calib = {"metric": "mean", "measured": chosen["measured"]}
+    ctl = controller_for(calib, lad, budget_ms=inter["mean_ms"])
+    assert ctl.quiet_ms[ctl.anchor] == pytest.approx(inter["mean_ms"])
+    assert ctl.index == ctl.anchor  # B = the plan's own interleaved latency: the calibrated plan runs
 
 
 def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():

@@ -6,8 +6,10 @@ when it matters. `BudgetController` moves between pre-computed plans (SPINN / Ed
 calibration's *ladder* (the most accurate plan at ≥ 16 budgets) plus the calibrated plan itself.
 
 **What calibration measured, per rung.** `calibrate` runs every rung for real on the verification
-frames, interleaved with the chosen plan (`measure_ladder`), and stores each rung's quiet latency
-(mean and p95) and its mean latency per exit taken. The controller compares against those
+frames, interleaved with the chosen plan and the full model (`measure_ladder`), and stores each
+rung's quiet latency (mean and p95) and its mean latency per exit taken, all measured on the same
+moments: on a shared VM the speed wanders by ±30 % over seconds, so a plan timed alone (the
+verification run) is one moment's sample, not the reference. The controller compares against those
 measurements, not the cost model's prediction (which can be 20 % off for multi-exit plans). A
 ladder from an older calibration without them falls back to prediction × the calibrated plan's
 measured/predicted ratio, learned online while quiet.
@@ -21,19 +23,19 @@ whatever the images.
 
 After every window of ``window`` frames (or earlier, see the trip below):
 
-- ``s̄`` follows ``ŝ`` at once upward and decays by ``release`` per window downward (an envelope:
-  a step is seen in one window, a recovery takes a few);
+- ``s̄`` is the larger of this window's ``ŝ`` and the last one's (an envelope: a step is seen in
+  one window, a recovery is believed when two windows agree);
 - ``σ_q`` is the window-to-window standard deviation of ``ŝ`` in quiet windows (seeded from the
   calibration's measured spread), ``σ_d`` the recent one in any window (what contention adds);
   both from successive windows on one rung, each jump counted at most 3 σ;
 - **quiet** when ``s̄ ≤ 1 + z·σ_q``: the plan is chosen as at calibration (slowdown 1), so the
   calibrated plan (or a more accurate rung, when the budget is above its measured cost) comes back
-  as soon as the device does;
+  as soon as the device does; a device clearly faster than at calibration (``s̄ + z·σ_q < 1``)
+  affords a more accurate rung, chosen for slowdown ``s̄ + z·σ_q``;
 - otherwise the plan is chosen for slowdown ``S = s̄ + z·σ_d``: the margin grows with the
   measured variance, not a fixed constant;
 - the chosen rung is the most accurate with ``q·S ≤ budget``, ``q`` its measured quiet latency.
-  Down at once; up only to the lower of the last two windows' choices (no climbing on one lucky
-  window).
+  Down at once; up when the envelope allows it, i.e. after two windows agree.
 
 **Trip**: with the mean metric, a partial window of ≥ ``window/4`` frames whose slowdown already
 exceeds ``max(budget/q, s̄)·(1 + 3·σ_q·√(window/n))`` decides at once, so a step change is answered
@@ -63,6 +65,8 @@ class Rung:
 
 def _measured(row: dict) -> tuple[dict | None, tuple | None]:
     meas = row.get("measured")
+    if isinstance(meas, dict) and isinstance(meas.get("interleaved"), dict):
+        meas = meas["interleaved"]  # the chosen plan measured on the same moments as the rungs
     ok = isinstance(meas, dict) and all(
         isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0 for k in ("mean_ms", "p95_ms")
     )
@@ -107,15 +111,23 @@ def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) ->
 
 def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str = "mean", max_frames: int = 600,
                    block: int = 50, progress=None) -> None:  # fmt: skip
-    """Run every ladder rung and the chosen plan for real, frame by frame (the camera path), on up to
-    ``max_frames`` of ``frames``, interleaved in blocks so that a drift during calibration touches all
-    rungs alike. Writes ``measured`` ({mean_ms, p95_ms, frames}) and ``exit_ms`` (mean latency per exit
-    position taken; None where no frame left there) into every row, on the scale of ``chosen["measured"]``
-    (the chosen plan's own verification run, which anchors the budget controller's "quiet"), and
-    ``exit_ms`` into ``chosen["measured"]``. ``cascade`` is not changed."""
+    """Run every ladder rung, the chosen plan and the full model for real, frame by frame (the camera
+    path), on up to ``max_frames`` of ``frames``, interleaved in blocks so that the device's drift
+    during calibration touches all of them alike (on a shared or throttling device the speed wanders
+    by tens of percent over seconds: plans timed one after the other are compared across moments).
+
+    Writes into every row ``measured`` ({mean_ms, p95_ms, frames}) and ``exit_ms`` (mean latency per
+    exit position taken; None where no frame left there), and into ``chosen["measured"]``:
+    ``interleaved`` ({mean_ms, p95_ms, frames, full_mean_ms, speedup, block_sd}: the chosen plan and
+    the full model on the same moments; ``block_sd`` the relative block-to-block sd of the chosen
+    plan's slowdown, the noise of calibration conditions), ``exit_ms`` and ``ladder_scale``
+    (verification run / interleaved run of the chosen plan, > 1 when the verification run met a slow
+    moment). Every figure is on one scale, the interleaved run's: the budget controller's quiet
+    reference. ``cascade`` is not changed."""
     k = cascade.num_exits
     frames = frames[: max(1, min(len(frames), max_frames))]
-    plans = [chosen["thresholds"]] + [r["thresholds"] for r in rows]
+    full = [2.0] * (k - 1) + [0.0]  # every exit but the last skipped
+    plans = [chosen["thresholds"], full] + [r["thresholds"] for r in rows]
     views = [cascade.derive(th) for th in plans]
     lat = [[] for _ in views]
     exits = [[] for _ in views]
@@ -126,9 +138,10 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
         done = 0
         for start in range(0, len(frames), block):
             part = frames[start : start + block]
-            for j, v in enumerate(views):
+            order = range(len(views)) if (start // block) % 2 == 0 else range(len(views) - 1, -1, -1)
+            for j in order:  # alternating order: no plan always runs right after the same one
                 for f in part:
-                    p = v.predict(f)
+                    p = views[j].predict(f)
                     lat[j].append(p.latency_ms)
                     exits[j].append(p.exit_index - 1)
             done += len(part)
@@ -138,27 +151,36 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
         for v in views:
             v.close()
 
-    def summary(j: int, scale: float) -> tuple[dict, list]:
+    def summary(j: int) -> tuple[dict, list]:
         a = sorted(lat[j])
         n = len(a)
-        mean = sum(a) / n
         p95 = a[min(n - 1, math.ceil(0.95 * n) - 1)]
         per = []
         for pos in range(k):
             xs = [t for t, e in zip(lat[j], exits[j], strict=True) if e == pos]
-            per.append(scale * sum(xs) / len(xs) if xs else None)
-        return {"mean_ms": scale * mean, "p95_ms": scale * p95, "frames": n}, per
+            per.append(sum(xs) / len(xs) if xs else None)
+        return {"mean_ms": sum(a) / n, "p95_ms": p95, "frames": n}, per
 
+    own, own_exits = summary(0)
+    # the chosen plan's slowdown per block (its frames' latency over what their exits cost on average)
+    expected = [own_exits[e] for e in exits[0]]
+    ratios = []
+    for s in range(0, len(lat[0]), block):
+        num, den = sum(lat[0][s : s + block]), sum(expected[s : s + block])
+        if den > 0:
+            ratios.append(num / den)
+    m = sum(ratios) / len(ratios)
+    block_sd = math.sqrt(sum((r - m) ** 2 for r in ratios) / (len(ratios) - 1)) / m if len(ratios) > 1 else None
+    full_mean = summary(1)[0]["mean_ms"]
     anchor = chosen.get("measured") or {}
-    own, _ = summary(0, 1.0)
     ref = anchor.get(f"{metric}_ms")
-    scale = ref / own[f"{metric}_ms"] if isinstance(ref, int | float) and ref > 0 else 1.0
-    _, chosen_exits = summary(0, scale)
-    anchor["exit_ms"] = chosen_exits
-    anchor["ladder_scale"] = scale  # verification-run / interleaved-run latency of the chosen plan
+    anchor["interleaved"] = {**own, "full_mean_ms": full_mean, "speedup": full_mean / own["mean_ms"],
+                             "block_frames": block, "block_sd": block_sd}  # fmt: skip
+    anchor["exit_ms"] = own_exits
+    anchor["ladder_scale"] = ref / own[f"{metric}_ms"] if isinstance(ref, int | float) and ref > 0 else 1.0
     chosen["measured"] = anchor
-    for j, row in enumerate(rows, start=1):
-        row["measured"], row["exit_ms"] = summary(j, scale)
+    for j, row in enumerate(rows, start=2):
+        row["measured"], row["exit_ms"] = summary(j)
 
 
 class BudgetController:
@@ -175,7 +197,6 @@ class BudgetController:
         measured_ms: float | None = None,
         noise: float | None = None,
         z: float = 2.5,
-        release: float = 0.5,
         learn: float = 0.1,
         apply=None,
         start: int | None = None,
@@ -190,7 +211,7 @@ class BudgetController:
         self.budget_ms = float(budget_ms)
         self.window = window
         self.metric = metric
-        self.z, self.release, self.learn = float(z), float(release), float(learn)
+        self.z, self.learn = float(z), float(learn)
         self.apply = apply
         self.anchor = next((i for i, r in enumerate(ladder) if r.calibrated), None)
         self._quiet_costs(measured_ms)
@@ -199,18 +220,17 @@ class BudgetController:
         self.sigma_d = self.sigma_q
         self.envelope = 1.0
         self.slowdown = 1.0
+        self._s_prev = 1.0  # the last window's slowdown
         self.quiet = True
         self.window_ms: float | None = None
         self.switches = 0
         self.windows = 0
         self.history: list[tuple[float, int]] = []  # (time, rung) at every switch, for benchmarks
         self._prev: tuple[int, float, bool] | None = None  # (rung, ŝ, quiet) of the last window
-        self._last_target: int | None = None
         self._lock = threading.Lock()
         self._lat: list[float] = []
         self._sum, self._exp, self._n = 0.0, 0.0, 0
         self.index = self._choose(1.0, quiet=True) if start is None else int(start)
-        self._last_target = self.index
         self._expect = self._tables[self.index]
         self._set_trip()
 
@@ -297,16 +317,26 @@ class BudgetController:
             if self._prev[2] and s <= 1 + self.z * self.sigma_q:  # both quiet: the accepted noise
                 d2q = min(d2, 4.5 * self.sigma_q**2)
                 self.sigma_q = max(0.01, math.sqrt((1 - 0.05) * self.sigma_q**2 + 0.05 * d2q))
-        self.envelope = s if s > self.envelope else self.envelope + self.release * (s - self.envelope)
+        # the envelope: the larger of this window's slowdown and the last one's. A step up is answered
+        # in this window; a return to quiet is believed after two windows agree (one lucky window is
+        # not a recovery), with no slower decay (the device's quiet comes back at once, so should we)
+        self.envelope = max(s, self._s_prev)
+        self._s_prev = s
         quiet = self.envelope <= 1 + self.z * self.sigma_q
         self.quiet = quiet
         if full and quiet and not self._fixed[i]:  # an unmeasured rung (older calibration) learns its cost
             self._learn(i, m)
         self._prev = (i, s, quiet) if full else None
-        target = self._choose(1.0 if quiet else self.envelope + self.z * self.sigma_d, quiet)
-        last, self._last_target = self._last_target, target
-        if target > i:
-            target = max(i, min(target, last if last is not None else target))
+        # quiet: as at calibration (slowdown 1), or as fast as the device now clearly is (a quieter device
+        # than calibration's affords a more accurate rung); else the slowdown plus a margin of the
+        # variance measured under these conditions
+        if not quiet:
+            slowdown = self.envelope + self.z * self.sigma_d
+        elif all(self._fixed):  # every rung's quiet cost measured: a faster device is measurable too
+            slowdown = min(1.0, self.envelope + self.z * self.sigma_q)
+        else:  # costs learned online are learned against slowdown 1
+            slowdown = 1.0
+        target = self._choose(slowdown, quiet)
         if target != i:
             self.index = target
             self._expect = self._tables[target]
@@ -358,23 +388,35 @@ class BudgetController:
 
 
 def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None, window: int | None = None):
-    """A controller seeded from a manifest's calibration block (measured latency and its spread)."""
+    """A controller seeded from a manifest's calibration block: the calibrated plan's measured
+    latency (interleaved with the ladder when calibrate measured it so, else the verification run) and
+    its spread (the block-to-block sd calibrate measured, else one guessed from the frame p95)."""
     metric = calib.get("metric", "mean")
     if metric not in ("mean", "p95"):
         metric = "mean"
     w = window or (32 if metric == "mean" else 64)
     meas = calib.get("measured") or {}
+    inter = meas.get("interleaved")
+    if isinstance(inter, dict):
+        meas = inter
     measured = meas.get("mean_ms" if metric == "mean" else "p95_ms")
     noise = None
+    sd, block = meas.get("block_sd"), meas.get("block_frames")
     mean, p95 = meas.get("mean_ms"), meas.get("p95_ms")
-    if isinstance(mean, int | float) and isinstance(p95, int | float) and mean > 0 and p95 > mean:
-        noise = (p95 - mean) / 1.645 / math.sqrt(w) / mean  # frame sd → window-mean sd, relative
+    if _positive(sd) and _positive(block):
+        noise = min(0.5, sd * math.sqrt(block / w))  # block-mean sd -> window-mean sd
+    elif _positive(mean) and _positive(p95) and p95 > mean:
+        noise = (p95 - mean) / 1.645 / math.sqrt(w) / mean  # frame sd -> window-mean sd, relative
     return BudgetController(
         ladder,
         budget_ms,
         window=w,
         metric=metric,
-        measured_ms=float(measured) if isinstance(measured, int | float) and measured > 0 else None,
+        measured_ms=float(measured) if _positive(measured) else None,
         noise=noise,
         apply=apply,
     )
+
+
+def _positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
