@@ -216,9 +216,9 @@ def main() -> None:
         sys.exit("drift.py: the artifact is not calibrated (run `edgeexit calibrate ... --budget 60%` first)")
     metric = cal.get("metric", "mean")
     field = "mean_ms" if metric == "mean" else "p95_ms"
-    # the plan's own measured latency: interleaved with the ladder and the full model when calibrate
-    # measured it so (the controller's quiet reference), else the verification run
-    ref = cal["measured"].get("interleaved") or cal["measured"]
+    # the plan's own measured latency: the controller's quiet reference (calibrate's verification and
+    # interleaved runs pooled) when calibrate measured one, else the verification run
+    ref = cal["measured"].get("reference") or cal["measured"]
     own_ms = float(ref[field])
     budgets = {}
     for b in args.budgets.split(","):

@@ -70,11 +70,6 @@ def test_recovery_is_believed_after_two_agreeing_windows_not_one():
     assert sum(over) / len(over) < 0.1
 
 
-def measured_ladder() -> list[Rung]:
-    return [Rung(f"plan{i}", c, 0.80 + 0.02 * i, calibrated=(i == 3), measured_ms={"mean_ms": c, "p95_ms": 1.2 * c})
-            for i, c in enumerate(COSTS)]  # fmt: skip
-
-
 def test_a_device_faster_than_at_calibration_affords_a_more_accurate_rung():
     ctl = BudgetController(measured_ladder(), 1.0, window=32, noise=0.03)
     assert ctl.index == 3
@@ -222,10 +217,9 @@ def test_harder_images_on_a_quiet_device_are_not_a_slowdown():
 
 
 def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
-    """Every rung, the chosen plan and the full model run interleaved on the same moments; every figure is
-    on the interleaved run's scale (a verification run that met a lucky moment does not rescale it), the
-    chosen plan's verification/interleaved ratio is kept for the record, and a controller built from the
-    result anchors "quiet" on the interleaved measurement."""
+    """Every rung, the chosen plan and the full model run interleaved on the same moments; the scale is
+    the interleaved run's speed pooled with the verification run's (frame-weighted, through the exit mix);
+    a controller built from the result anchors "quiet" on that reference."""
     from test_cascade_logic import SlowRunner, frame, ladder_manifest
 
     from edgeexit.runtime import Cascade
@@ -233,34 +227,42 @@ def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
 
     c = Cascade(ladder_manifest(), SlowRunner(0.001))
     rows = [dict(r) for r in c.manifest["calibration"]["ladder"]]
-    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": {"mean_ms": 2.0, "p95_ms": 2.5}}
+    # the verification run (90 frames, all leaving at exit 4) said 2 ms: a lucky moment, 2x faster
+    verified = {"mean_ms": 2.0, "p95_ms": 2.5, "samples": 90, "exit_shares": [0.0, 0.0, 0.0, 1.0]}
+    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": dict(verified)}
     frames = np.stack([frame(0)] * 30)
     measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
-    inter = chosen["measured"]["interleaved"]
+    inter, ref = chosen["measured"]["interleaved"], chosen["measured"]["reference"]
     assert inter["frames"] == 30 and inter["mean_ms"] >= 4.0  # 4 segments of >= 1 ms each, measured
     assert inter["full_mean_ms"] >= inter["mean_ms"] * 0.9 and inter["speedup"] == pytest.approx(
         inter["full_mean_ms"] / inter["mean_ms"])  # fmt: skip
-    assert inter["block_sd"] is not None and 0 <= inter["block_sd"] < 0.5  # 3 blocks of one steady runner
-    assert chosen["measured"]["ladder_scale"] == pytest.approx(2.0 / inter["mean_ms"])  # < 1: verification lucky
+    r_v = 2.0 / inter["mean_ms"]  # the verification run's speed relative to the interleaved run
+    scale = (90 * r_v + 30) / 120
+    assert chosen["measured"]["ladder_scale"] == pytest.approx(scale)
+    assert ref["mean_ms"] == pytest.approx(scale * inter["mean_ms"]) and ref["frames"] == 120
+    assert ref["block_sd"] is not None and 0 <= ref["block_sd"] < 0.5  # 3 blocks of one steady runner
     means = []
     for row, segments in zip(rows, (1, 2, 2, 4), strict=True):
         assert row["measured"]["frames"] == 30
         means.append(row["measured"]["mean_ms"] / segments)
     assert max(means) < 1.6 * min(means)  # cost per segment alike: each rung measured for what it runs
-    assert rows[3]["measured"]["mean_ms"] == pytest.approx(inter["mean_ms"], rel=0.25)  # the chosen plan's rung
+    assert rows[3]["measured"]["mean_ms"] == pytest.approx(ref["mean_ms"], rel=0.25)  # the chosen plan's rung
     for row in rows:  # nobody is confident: every frame leaves at the plan's first evaluated exit
         taken = [v for v in row["exit_ms"] if v is not None]
         assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
-    assert chosen["measured"]["exit_ms"][3] == pytest.approx(inter["mean_ms"], rel=0.01)
+    assert chosen["measured"]["exit_ms"][3] == pytest.approx(ref["mean_ms"], rel=0.01)
     assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
     lad = build_ladder(rows, tuple, dict(chosen, predicted_ms=2.0, predicted_accuracy=0.9))
     assert [r.measured_ms is not None for r in lad] == [True] * len(lad)
     anchor = next(r for r in lad if r.calibrated)
-    assert anchor.measured_ms["mean_ms"] == pytest.approx(inter["mean_ms"])  # not the verification's 2.0
-    calib = {"metric": "mean", "measured": chosen["measured"]}
-    ctl = controller_for(calib, lad, budget_ms=inter["mean_ms"])
-    assert ctl.quiet_ms[ctl.anchor] == pytest.approx(inter["mean_ms"])
-    assert ctl.index == ctl.anchor  # B = the plan's own interleaved latency: the calibrated plan runs
+    assert anchor.measured_ms["mean_ms"] == pytest.approx(ref["mean_ms"])
+    ctl = controller_for({"metric": "mean", "measured": chosen["measured"]}, lad, budget_ms=ref["mean_ms"])
+    assert ctl.quiet_ms[ctl.anchor] == pytest.approx(ref["mean_ms"])
+    assert ctl.index == ctl.anchor  # B = the plan's own reference latency: the calibrated plan runs
+    # a verification run that cannot be compared (an exit the interleaved run never saw) pools nothing
+    odd = {"thresholds": chosen["thresholds"], "measured": dict(verified, exit_shares=[1.0, 0.0, 0.0, 0.0])}
+    measure_ladder(c, frames, [dict(r) for r in rows], odd, max_frames=30, block=10)
+    assert odd["measured"]["ladder_scale"] == 1.0 and odd["measured"]["reference"]["frames"] == 30
 
 
 def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():

@@ -65,8 +65,8 @@ class Rung:
 
 def _measured(row: dict) -> tuple[dict | None, tuple | None]:
     meas = row.get("measured")
-    if isinstance(meas, dict) and isinstance(meas.get("interleaved"), dict):
-        meas = meas["interleaved"]  # the chosen plan measured on the same moments as the rungs
+    if isinstance(meas, dict) and isinstance(meas.get("reference"), dict):
+        meas = meas["reference"]  # the chosen plan on the rungs' scale (measure_ladder)
     ok = isinstance(meas, dict) and all(
         isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0 for k in ("mean_ms", "p95_ms")
     )
@@ -118,12 +118,14 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
 
     Writes into every row ``measured`` ({mean_ms, p95_ms, frames}) and ``exit_ms`` (mean latency per
     exit position taken; None where no frame left there), and into ``chosen["measured"]``:
-    ``interleaved`` ({mean_ms, p95_ms, frames, full_mean_ms, speedup, block_sd}: the chosen plan and
-    the full model on the same moments; ``block_sd`` the relative block-to-block sd of the chosen
-    plan's slowdown, the noise of calibration conditions), ``exit_ms`` and ``ladder_scale``
-    (verification run / interleaved run of the chosen plan, > 1 when the verification run met a slow
-    moment). Every figure is on one scale, the interleaved run's: the budget controller's quiet
-    reference. ``cascade`` is not changed."""
+    ``interleaved`` (the raw run: {mean_ms, p95_ms, frames, full_mean_ms, speedup}, the chosen plan and
+    the full model on the same moments), ``reference`` ({mean_ms, p95_ms, frames, block_frames,
+    block_sd}: the chosen plan on the scale every row is written in; ``block_sd`` the relative
+    block-to-block sd of its slowdown, the noise of calibration conditions), ``exit_ms`` and
+    ``ladder_scale``. The scale: the interleaved run's speed pooled with the verification run's
+    (``chosen["measured"]``, frame-weighted, compared through the exit mix), because both are samples
+    of one wandering device; relative costs come from the interleaved run alone. The result is the
+    budget controller's quiet reference. ``cascade`` is not changed."""
     k = cascade.num_exits
     frames = frames[: max(1, min(len(frames), max_frames))]
     full = [2.0] * (k - 1) + [0.0]  # every exit but the last skipped
@@ -151,15 +153,15 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
         for v in views:
             v.close()
 
-    def summary(j: int) -> tuple[dict, list]:
+    def summary(j: int, scale: float = 1.0) -> tuple[dict, list]:
         a = sorted(lat[j])
         n = len(a)
         p95 = a[min(n - 1, math.ceil(0.95 * n) - 1)]
         per = []
         for pos in range(k):
             xs = [t for t, e in zip(lat[j], exits[j], strict=True) if e == pos]
-            per.append(sum(xs) / len(xs) if xs else None)
-        return {"mean_ms": sum(a) / n, "p95_ms": p95, "frames": n}, per
+            per.append(scale * sum(xs) / len(xs) if xs else None)
+        return {"mean_ms": scale * sum(a) / n, "p95_ms": scale * p95, "frames": n}, per
 
     own, own_exits = summary(0)
     # the chosen plan's slowdown per block (its frames' latency over what their exits cost on average)
@@ -173,14 +175,33 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     block_sd = math.sqrt(sum((r - m) ** 2 for r in ratios) / (len(ratios) - 1)) / m if len(ratios) > 1 else None
     full_mean = summary(1)[0]["mean_ms"]
     anchor = chosen.get("measured") or {}
-    ref = anchor.get(f"{metric}_ms")
-    anchor["interleaved"] = {**own, "full_mean_ms": full_mean, "speedup": full_mean / own["mean_ms"],
-                             "block_frames": block, "block_sd": block_sd}  # fmt: skip
-    anchor["exit_ms"] = own_exits
-    anchor["ladder_scale"] = ref / own[f"{metric}_ms"] if isinstance(ref, int | float) and ref > 0 else 1.0
+    scale, pooled = _pooled_scale(anchor, own_exits, len(lat[0]))
+    anchor["interleaved"] = {**own, "full_mean_ms": full_mean, "speedup": full_mean / own["mean_ms"]}
+    ref, anchor["exit_ms"] = summary(0, scale)
+    ref["frames"] = pooled
+    anchor["reference"] = {**ref, "block_frames": block, "block_sd": block_sd}
+    anchor["ladder_scale"] = scale
     chosen["measured"] = anchor
     for j, row in enumerate(rows, start=2):
-        row["measured"], row["exit_ms"] = summary(j)
+        row["measured"], row["exit_ms"] = summary(j, scale)
+
+
+def _pooled_scale(verified: dict, exit_ms: list, frames: int) -> tuple[float, int]:
+    """The factor from the interleaved run's speed to the speed of both runs of the chosen plan
+    pooled (frame-weighted): the verification run met other moments of the device. Its speed relative
+    to the interleaved run is its mean latency over what its exit mix costs at the interleaved run's
+    per-exit latencies. Returns (factor, frames pooled); (1, ``frames``) when the verification run
+    cannot be compared (no mix, an exit unseen)."""
+    mean, n, shares = verified.get("mean_ms"), verified.get("samples"), verified.get("exit_shares")
+    if not (_positive(mean) and _positive(n) and isinstance(shares, list) and len(shares) == len(exit_ms)):
+        return 1.0, frames
+    if any(_positive(sh) and exit_ms[e] is None for e, sh in enumerate(shares)):
+        return 1.0, frames
+    expected = sum(sh * exit_ms[e] for e, sh in enumerate(shares) if _positive(sh))
+    if not expected > 0:
+        return 1.0, frames
+    n = int(n)
+    return (n * (mean / expected) + frames) / (n + frames), n + frames
 
 
 class BudgetController:
@@ -389,16 +410,16 @@ class BudgetController:
 
 def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None, window: int | None = None):
     """A controller seeded from a manifest's calibration block: the calibrated plan's measured
-    latency (interleaved with the ladder when calibrate measured it so, else the verification run) and
-    its spread (the block-to-block sd calibrate measured, else one guessed from the frame p95)."""
+    latency (its ``reference`` on the ladder's scale when calibrate measured one, else the
+    verification run) and its spread (the block-to-block sd calibrate measured, else one guessed
+    from the frame p95)."""
     metric = calib.get("metric", "mean")
     if metric not in ("mean", "p95"):
         metric = "mean"
     w = window or (32 if metric == "mean" else 64)
     meas = calib.get("measured") or {}
-    inter = meas.get("interleaved")
-    if isinstance(inter, dict):
-        meas = inter
+    if isinstance(meas.get("reference"), dict):
+        meas = meas["reference"]
     measured = meas.get("mean_ms" if metric == "mean" else "p95_ms")
     noise = None
     sd, block = meas.get("block_sd"), meas.get("block_frames")
