@@ -142,7 +142,7 @@ def test_a_view_without_thresholds_follows_the_controller_it_feeds():
 
 
 def test_the_controller_window_is_an_option():
-    assert Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=2.8).controller.window == 32  # mean: default
+    assert Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=2.8).controller.window == 64  # default
     c = Cascade(ladder_manifest(), SlowRunner(0.0), options=CascadeOptions(budget_ms=2.8, budget_window=np.int64(8)))
     assert c.controller.window == 8 and c.options.budget_window == 8
 

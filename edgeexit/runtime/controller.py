@@ -335,8 +335,11 @@ class BudgetController:
             # a jump beyond 3 σ counts as 3 σ: a step is a change of level (the envelope's job), not noise
             d2 = 0.5 * min((s - self._prev[1]) ** 2, 9 * self.sigma_d**2)
             self.sigma_d = math.sqrt((1 - 0.25) * self.sigma_d**2 + 0.25 * d2)
-            if self._prev[2] and s <= 1 + self.z * self.sigma_q:  # both quiet: the accepted noise
-                d2q = min(d2, 4.5 * self.sigma_q**2)
+            # the accepted noise: pairs whose first window was quiet, whatever the second (counting only
+            # second windows inside the band truncated the sample: σ_q shrank, the band with it, and a
+            # quiet device looked loaded); a jump beyond 3 σ_q counts as 3 σ_q (a step is no noise)
+            if self._prev[2]:
+                d2q = min(0.5 * (s - self._prev[1]) ** 2, 4.5 * self.sigma_q**2)
                 self.sigma_q = max(0.01, math.sqrt((1 - 0.05) * self.sigma_q**2 + 0.05 * d2q))
         # the envelope: the larger of this window's slowdown and the last one's. A step up is answered
         # in this window; a return to quiet is believed after two windows agree (one lucky window is
@@ -416,7 +419,9 @@ def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None
     metric = calib.get("metric", "mean")
     if metric not in ("mean", "p95"):
         metric = "mean"
-    w = window or (32 if metric == "mean" else 64)
+    # 64 frames: on a shared CPU a 32-frame window's slowdown has a sd of ~8 % (white noise the envelope and
+    # the margin then pay for twice); a step is still answered within 16-64 frames (the trip)
+    w = window or 64
     meas = calib.get("measured") or {}
     if isinstance(meas.get("reference"), dict):
         meas = meas["reference"]
