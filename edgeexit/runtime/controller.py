@@ -32,8 +32,9 @@ After every window of ``window`` frames (or earlier, see the trip below):
   calibrated plan (or a more accurate rung, when the budget is above its measured cost) comes back
   as soon as the device does; a device clearly faster than at calibration (``s̄ + z·σ_q < 1``)
   affords a more accurate rung, chosen for slowdown ``s̄ + z·σ_q``;
-- otherwise the plan is chosen for slowdown ``S = s̄ + z·σ_d``: the margin grows with the
-  measured variance, not a fixed constant;
+- otherwise the plan is chosen for slowdown ``S = s̄ + z_m·σ_d`` (``z_m`` = 1.645: the next window
+  over B one time in twenty; the quiet band's ``z`` = 2.5 is wider, so that calibration's own noise
+  is not taken for a load): the margin grows with the measured variance, not a fixed constant;
 - the chosen rung is the most accurate with ``q·S ≤ budget``, ``q`` its measured quiet latency.
   Down at once; up when the envelope allows it, i.e. after two windows agree.
 
@@ -207,7 +208,8 @@ def _pooled_scale(verified: dict, exit_ms: list, frames: int) -> tuple[float, in
 class BudgetController:
     """See the module docstring. ``measured_ms``: the calibrated plan's measured window metric
     (its quiet latency); ``noise``: a seed for σ_q (relative window-to-window sd of the slowdown);
-    ``apply``: called with the new plan, under the controller's lock, at every switch."""
+    ``apply``: called with the new plan, under the controller's lock, at every switch. ``z``: the quiet
+    band in σ_q; ``margin_z``: the margin in σ_d."""
 
     def __init__(
         self,
@@ -218,6 +220,7 @@ class BudgetController:
         measured_ms: float | None = None,
         noise: float | None = None,
         z: float = 2.5,
+        margin_z: float = 1.645,
         learn: float = 0.1,
         apply=None,
         start: int | None = None,
@@ -232,7 +235,7 @@ class BudgetController:
         self.budget_ms = float(budget_ms)
         self.window = window
         self.metric = metric
-        self.z, self.learn = float(z), float(learn)
+        self.z, self.margin_z, self.learn = float(z), float(margin_z), float(learn)
         self.apply = apply
         self.anchor = next((i for i, r in enumerate(ladder) if r.calibrated), None)
         self._quiet_costs(measured_ms)
@@ -355,7 +358,7 @@ class BudgetController:
         # than calibration's affords a more accurate rung); else the slowdown plus a margin of the
         # variance measured under these conditions
         if not quiet:
-            slowdown = self.envelope + self.z * self.sigma_d
+            slowdown = self.envelope + self.margin_z * self.sigma_d
         elif all(self._fixed):  # every rung's quiet cost measured: a faster device is measurable too
             slowdown = min(1.0, self.envelope + self.z * self.sigma_q)
         else:  # costs learned online are learned against slowdown 1
@@ -404,7 +407,7 @@ class BudgetController:
             "quiet": self.quiet,
             "sigma_quiet": self.sigma_q,
             "sigma_recent": self.sigma_d,
-            "margin": 0.0 if self.quiet else self.z * self.sigma_d,
+            "margin": 0.0 if self.quiet else self.margin_z * self.sigma_d,
             "window_ms": self.window_ms,
             "windows": self.windows,
             "switches": self.switches,
