@@ -6,7 +6,9 @@
    the per-window decision included (it is amortised over the window's frames).
 2. ``Cascade.predict`` static vs ``budget_ms=`` a large budget with the controller trimmed to
    the calibrated plan alone (every decision runs, the plan cannot move: both run the same plan),
-   interleaved in blocks of 500 frames, median of the blocks' per-frame difference (artifact given).
+   in rounds of 500 frames each, the order random per round, median of the rounds' per-frame
+   difference with a bootstrap interval, beside an A/A difference (a second static cascade) that
+   shows this machine's noise floor in the same run (artifact given).
 """
 
 from __future__ import annotations
@@ -57,27 +59,39 @@ def main() -> None:
     a = k.anchor if k.anchor is not None else k.index
     k.ladder, k.quiet_ms, k._learned, k._seen = [k.ladder[a]], [k.quiet_ms[a]], [True], [0]
     k._fixed, k._tables = [True], [k._tables[a]]
-    k.anchor = k.index = k._last_target = 0
+    k.anchor = k.index = 0
     k._expect = k._tables[0]
     k._set_trip()
     ctl.plan = k.plan
     static.set_thresholds(ctl.plan)
-    for c in (static, ctl):
+    twin = Cascade.load(args.artifact, backend="onnxruntime", thresholds=list(ctl.plan.thresholds))  # A/A
+    cascades = {"static": static, "twin": twin, "controller": ctl}
+    for c in cascades.values():
         for _ in range(500):
             c.predict(frame)
-    diffs = []
-    for _ in range(max(1, args.frames // 1000)):
+    rng = np.random.default_rng(1)
+    ab, aa = [], []
+    for _ in range(max(1, args.frames // 500)):
         per = {}
-        for name, c in (("static", static), ("controller", ctl)):
+        for name in rng.permutation(list(cascades)):  # a fresh order every round: no position bias
+            c = cascades[name]
             t0 = time.perf_counter()
             for _ in range(500):
                 c.predict(frame)
             per[name] = (time.perf_counter() - t0) / 500
-        diffs.append(per["controller"] - per["static"])
+        ab.append(per["controller"] - per["static"])
+        aa.append(per["twin"] - per["static"])
+
+    def ci(d: list) -> str:
+        d = np.asarray(d) * 1e6
+        boot = np.median(rng.choice(d, (2000, len(d))), axis=1)
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        return f"median {np.median(d):+.2f} µs [95 % bootstrap {lo:+.2f}, {hi:+.2f}]"
+
     print(
-        f"Cascade.predict with the controller minus static: median {1e6 * np.median(diffs):.2f} µs per frame "
-        f"over {len(diffs)} interleaved block pairs (static {1e3 * per['static']:.3f} ms/frame); "
-        f"switches {ctl.controller.switches}"
+        f"Cascade.predict, {len(ab)} rounds of 500 frames in a random order (static {1e3 * per['static']:.3f} "
+        f"ms/frame): controller − static {ci(ab)}; the A/A noise floor, a second static cascade − static, "
+        f"{ci(aa)}; switches {ctl.controller.switches}"
     )
 
 
