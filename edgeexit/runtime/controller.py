@@ -132,24 +132,8 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     full = [2.0] * (k - 1) + [0.0]  # every exit but the last skipped
     plans = [chosen["thresholds"], full] + [r["thresholds"] for r in rows]
     views = [cascade.derive(th) for th in plans]
-    lat = [[] for _ in views]
-    exits = [[] for _ in views]
     try:
-        for v in views:  # warm-up: fused graphs, caches
-            for f in frames[:10]:
-                v.predict(f)
-        done = 0
-        for start in range(0, len(frames), block):
-            part = frames[start : start + block]
-            order = range(len(views)) if (start // block) % 2 == 0 else range(len(views) - 1, -1, -1)
-            for j in order:  # alternating order: no plan always runs right after the same one
-                for f in part:
-                    p = views[j].predict(f)
-                    lat[j].append(p.latency_ms)
-                    exits[j].append(p.exit_index - 1)
-            done += len(part)
-            if progress is not None:
-                progress(done)
+        lat, exits = _interleaved(views, frames, block, progress)
     finally:
         for v in views:
             v.close()
@@ -185,6 +169,28 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     chosen["measured"] = anchor
     for j, row in enumerate(rows, start=2):
         row["measured"], row["exit_ms"] = summary(j, scale)
+
+
+def _interleaved(views, frames, block: int, progress) -> tuple[list, list]:
+    """Latency and 0-based exit of every frame on every view, the views taking turns per block."""
+    lat = [[] for _ in views]
+    exits = [[] for _ in views]
+    for v in views:  # warm-up: fused graphs, caches
+        for f in frames[:10]:
+            v.predict(f)
+    done = 0
+    for start in range(0, len(frames), block):
+        part = frames[start : start + block]
+        order = range(len(views)) if (start // block) % 2 == 0 else range(len(views) - 1, -1, -1)
+        for j in order:  # alternating order: no plan always runs right after the same one
+            for f in part:
+                p = views[j].predict(f)
+                lat[j].append(p.latency_ms)
+                exits[j].append(p.exit_index - 1)
+        done += len(part)
+        if progress is not None:
+            progress(done)
+    return lat, exits
 
 
 def _pooled_scale(verified: dict, exit_ms: list, frames: int) -> tuple[float, int]:
