@@ -373,6 +373,43 @@ def test_iso_accuracy_point_is_within_its_tolerance_and_faster(artifact_copy, mo
     assert load_manifest(artifact_copy)["calibration"]["iso_accuracy"] == iso
 
 
+def test_a_cascade_slower_than_predicted_is_refitted_and_reported(artifact_copy, monkeypatch):
+    """Every verification run made to measure 2.5 times its real latency, the optimiser's plan chosen
+    (at 150 % the tiny model's choice out of fold is the full model, which has nothing to refit): the plan
+    overruns the budget, so the optimiser is refitted at the budget scaled by measured/predicted (or, when
+    nothing cheaper exists, the plan is kept), and the report's latency_correction says which."""
+    from dataclasses import replace
+
+    import edgeexit.calibrate.run as run
+
+    real_verify, real_fit = run.verify, run.cross_fitted
+
+    def slow(*a, **k):
+        m = real_verify(*a, **k)
+        return {**m, **{f: 2.5 * m[f] for f in ("latency_ms", "mean_ms", "p50_ms", "p95_ms")}}
+
+    def optimised(*a, **k):
+        fit = real_fit(*a, **k)
+        return replace(fit, chosen="optimised", solution=fit.fits["optimised"])
+
+    monkeypatch.setattr(run, "verify", slow)
+    monkeypatch.setattr(run, "cross_fitted", optimised)
+    r = run_calibration(
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100, iso_accuracy=False
+    )
+    lc = r["latency_correction"]
+    assert r["cross_fit"]["chosen"] == "optimised"
+    assert set(schema(r)) & LATENCY_CORRECTION == {"latency_correction"} | {f"latency_correction.{k}" for k in lc}
+    assert lc["first_measured_ms"] > 1.03 * r["budget_ms"] and lc["ratio"] > 1.03
+    if "first_thresholds" in lc:  # refitted: the new plan is predicted within the corrected budget
+        assert len(lc["first_thresholds"]) == 8
+        assert r["predicted"]["latency_ms"] <= r["budget_ms"] / lc["ratio"] + 1e-9
+        assert r["predicted"]["latency_ms"] < lc["first_measured_ms"] / lc["ratio"] + 1e-9
+    else:
+        assert lc["refit"] is False
+    assert load_manifest(artifact_copy)["calibration"]["latency_correction"] == lc
+
+
 @pytest.mark.parametrize(
     ("options", "fields", "message"),
     [
