@@ -27,6 +27,21 @@ host memory behind addresses of its own, so a GPU's rules can be enforced:
 - Integrated GPUs (D20): ``FakeCudart.integrated`` makes ``cudaDeviceProp.integrated`` 1
   (a Jetson): mapped pinned memory is then device-visible through ``cudaHostGetDevicePointer``.
 
+What the simulation cannot catch (a test passing here says nothing about these; they need a GPU):
+- Real kernels and numerics: an "engine" is the ONNX file run by ONNX Runtime in FP32, so FP16/INT8
+  accuracy, TensorRT's layer fusions, tactic choice, timing caches and build failures of real
+  TensorRT (unsupported ops, workspace too small) are not exercised.
+- Timing: nothing here measures speed; latency tables, CUDA graph gains and copy/compute overlap
+  are not real. Queued work runs at the sync, in order, on one host thread: races between two
+  real streams, or between a stream and the host beyond the stale-read rule, are not modelled.
+- An enqueue that is really synchronous (a driver or TensorRT version that blocks in
+  `execute_async_v3`) looks the same as an asynchronous one to our code, and so do drivers whose
+  errors arrive later than the call that caused them (only the sticky illegal-address is modelled).
+- Memory limits (out-of-memory at cudaMalloc or at context creation), multi-GPU, MIG, MPS,
+  driver/runtime version mismatches beyond the checks the backend itself makes, and the Python
+  packaging of TensorRT (which wheel, which libs) — tests/test_trt_surface.py checks the names only.
+The tests that run on this simulation are marked ``sim`` (``pytest -m sim`` runs them alone).
+
 Every name here is anchored to the real bindings by tests/test_trt_surface.py (cuda-python's
 names and enum values; TensorRT's per-version string tables). Modelled on the documented APIs:
 TensorRT's name-based tensor API (`set_input_shape`, `set_tensor_address`, `execute_async_v3`,

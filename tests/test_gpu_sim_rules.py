@@ -18,6 +18,8 @@ from fake_gpu import DEVICE_BASE, CudaError, FakeCudart, add_engines, install
 
 from edgeexit.runtime import Cascade
 
+pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu.py)
+
 SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
 TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
 OK = CudaError.cudaSuccess

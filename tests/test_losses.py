@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -101,3 +103,33 @@ def test_paper_recipe_values():
         [150, 180, 210],
     )
     assert (r.loss.temperature, r.loss.alpha, r.loss.beta, r.loss.gamma) == (4.0, 5.0, 10.0, 1.0)
+
+
+@pytest.mark.parametrize("method", ["sd", "mlcsd"])
+def test_distill_warmup_ramps_the_distillation_terms_linearly_then_holds(method):
+    """distill_warmup_epochs: distillation weight 0 at step 0, half at half the warm-up, full from its end
+    on; the CE part never changes. With no warm-up the scale is 1 from the start."""
+    cfg = get_recipe("cifar10", method).loss
+    ce_only = build_task("ce", model(), cfg)
+    x, y = batch()
+    task = build_task(method, model(), dataclasses.replace(cfg, distill_warmup_epochs=2.0))
+    scales = []
+    for progress in (0.0, 0.5, 1.0, 2.0, 3.5):
+        task.set_progress(progress)
+        scales.append(task.distill_scale)
+    assert scales == [0.0, 0.25, 0.5, 1.0, 1.0]
+    task.set_progress(0.0)
+    with torch.no_grad():
+        ce_loss = ce_only(x, y)["loss"]
+        at_start = task(x, y)["loss"]  # the same weights (seed 0): only the distillation terms differ
+        task.set_progress(2.0)
+        full = task(x, y)["loss"]
+        task.set_progress(1.0)
+        half = task(x, y)["loss"]
+    if method == "sd":  # SD's loss is CE + scale·α·KD: exactly linear in the scale
+        assert at_start.item() == pytest.approx(ce_loss.item(), rel=1e-5)
+        assert half.item() == pytest.approx((at_start.item() + full.item()) / 2, rel=1e-5)
+    assert full.item() > at_start.item()
+    none = build_task(method, model(), cfg)  # recipe default: no warm-up
+    none.set_progress(0.0)
+    assert none.distill_scale == 1.0

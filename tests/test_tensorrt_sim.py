@@ -17,6 +17,8 @@ from fake_gpu import add_engines, install
 
 from edgeexit.runtime import Cascade
 
+pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu.py)
+
 K = 8
 TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
 
