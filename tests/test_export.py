@@ -46,8 +46,12 @@ def test_sixteen_units_pass_the_checker_and_manifest_follows_the_contract(tiny_a
 def test_chained_onnxruntime_reproduces_pytorch_on_1000_real_test_images(tiny_artifact, tiny_run, fashion_test, batch):
     model = model_from_checkpoint(load_checkpoint(tiny_run[0] / "model.pt"))
     m = load_manifest(tiny_artifact)
+    # one intra-op thread, as the runtime's sessions: ORT's default pool spin-waits against torch's OpenMP
+    # threads in this process (measured: 4x to 20x slower on the 2-core box) without changing any logit
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sess = {
-        u["name"]: ort.InferenceSession(str(tiny_artifact / u["onnx"]), providers=["CPUExecutionProvider"])
+        u["name"]: ort.InferenceSession(str(tiny_artifact / u["onnx"]), opts, providers=["CPUExecutionProvider"])
         for u in m["units"]
     }
     n = 1000 if batch != 1 else 100  # batch 1 over 100 images keeps the suite fast
