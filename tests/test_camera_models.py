@@ -85,7 +85,9 @@ def test_the_whole_flow_at_224_px(photos, tmp_path):
     art = tmp_path / "model.edgeexit"
     res = run.invoke(app, ["export", str(out / "model.pt"), "--out", str(art), "--parity-samples", "6"])
     assert res.exit_code == 0, res.output
-    res = run.invoke(app, ["calibrate", str(art), "--budget", "90%", "--backend", "onnxruntime", "--repeats", "20"])
+    # 150 %: budget mode that timing noise cannot push below the cheapest cascade (at 224 px exit 1 costs
+    # about what the full model does: the stem dominates; 90 % failed under a loaded CPU)
+    res = run.invoke(app, ["calibrate", str(art), "--budget", "150%", "--backend", "onnxruntime", "--repeats", "20"])
     assert res.exit_code == 0, res.output
     res = run.invoke(app, ["run", str(art), "--source", str(photos / "test"), "--json", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output

@@ -218,7 +218,9 @@ def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp
     from edgeexit.calibrate.run import run_calibration
 
     # the promise mode: a budget fraction of a tiny model can fall below its cheapest cascade by timing noise
-    run_calibration(dest, max_drop=0.01, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False)
+    run_calibration(
+        dest, max_drop=0.01, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False, ladder_steps=2
+    )
     assert not any(p.exists() for p in stale)
     assert not [p for p in dest.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
     assert (dest / "calibration.png").stat().st_size > 1000

@@ -497,7 +497,9 @@ def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_fram
     t.start()
     try:
         # the promise mode: no budget that timing noise under the running loop could make infeasible
-        run_calibration(artifact_copy, max_drop=0.01, backend="onnxruntime", repeats=5, verify_limit=40, limit=40)
+        run_calibration(
+            artifact_copy, max_drop=0.01, backend="onnxruntime", repeats=5, verify_limit=40, limit=40, ladder_steps=2
+        )
     finally:
         stop.set()
         t.join(30)
