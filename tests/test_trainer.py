@@ -121,13 +121,23 @@ def test_resume_without_state_is_a_user_error(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_with_gloo(tmp_path, fashion_test):
     script = tmp_path / "ddp.py"
+    # each rank records the DDP module the trainer wraps, and writes its weights after training
     script.write_text(
         "import sys; sys.path.insert(0, {!r})\n"
+        "import torch\n"
+        "seen = []\n"
+        "class Recorded(torch.nn.parallel.DistributedDataParallel):\n"
+        "    def __init__(self, *a, **k):\n"
+        "        super().__init__(*a, **k)\n"
+        "        seen.append(self)\n"
+        "torch.nn.parallel.DistributedDataParallel = Recorded\n"
         "from conftest import tiny_config\n"
         "from edgeexit.train.trainer import train\n"
         "r = train(tiny_config({!r}, epochs=1, limit_train=512, device='cpu'), progress=False)\n"
-        "open({!r} + str(r['rank']), 'w').write(str(r['world_size']))\n".format(
-            str(Path(__file__).parent), str(tmp_path / "ddp"), str(tmp_path / "rank")
+        "open({!r} + str(r['rank']), 'w').write(str(r['world_size']))\n"
+        "torch.save({{k: v.detach().clone() for k, v in seen[0].module.named_parameters()}}, "
+        "{!r} + str(r['rank']) + '.pt')\n".format(
+            str(Path(__file__).parent), str(tmp_path / "ddp"), str(tmp_path / "rank"), str(tmp_path / "weights")
         )
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -142,6 +152,15 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path, fashion_test):
     assert (tmp_path / "rank0").read_text() == "2" and (tmp_path / "rank1").read_text() == "2"
     ckpt = load_checkpoint(tmp_path / "ddp" / "model.pt")
     assert ckpt["metrics"]["val_exit_accuracy"][-1] > 0.1
+    # the two ranks trained on different shards and end with identical parameters (gradients all-reduced;
+    # a rank that stepped alone would differ after 4 steps). BatchNorm running statistics are not compared:
+    # DDP broadcasts them from rank 0 before each forward, so each rank's last batch leaves its own.
+    w0, w1 = (torch.load(tmp_path / f"weights{r}.pt", weights_only=True) for r in (0, 1))
+    assert w0.keys() == w1.keys() and len(w0) > 10
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), [k for k in w0 if not torch.equal(w0[k], w1[k])][:3]
+    saved = ckpt["state_dict"]  # rank 0 saved what it trained
+    model_keys = [k for k in w0 if k.startswith("model.")]
+    assert model_keys and all(torch.equal(w0[k], saved[k.removeprefix("model.")]) for k in model_keys)
 
 
 def test_contention_guard_drops_to_one_thread_while_others_run_and_recovers():

@@ -47,7 +47,7 @@ from edgeexit.runtime.profiling import (
     frame_overhead_ms,
     fused_frame_overhead_ms,
     profile_exit_groups,
-    verify,
+    verify_together,
 )
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
@@ -72,8 +72,14 @@ class _Session:
 
     def run(self, solution: Solution) -> Verified:
         """``solution``'s plan run for real through the cascade on the verification frames."""
-        m = verify(self.cascade, self.frames[self.verify_idx], self.labels[self.verify_idx], solution.plan)
-        return Verified(solution, {k: m[k] for k in MEASURED})
+        return self.run_together([solution])[0]
+
+    def run_together(self, solutions: list[Solution]) -> list[Verified]:
+        """Several plans run for real on the verification frames, interleaved in blocks: on the same
+        moments of the device, so that their latencies (the speed-up over the full model) compare."""
+        x, y = self.frames[self.verify_idx], self.labels[self.verify_idx]
+        runs = verify_together(self.cascade, x, y, [sol.plan for sol in solutions])
+        return [Verified(sol, {k: m[k] for k in MEASURED}) for sol, m in zip(solutions, runs, strict=True)]
 
 
 # --- The run --------------------------------------------------------------------------------------------------
@@ -271,9 +277,10 @@ def _verify(
         )
         say(f"  [yellow]{note}[/]")
     base = msdnet_baseline(m.conf, m.correct, cost, budget_ms, opts.metric)
-    baseline = s.run(base) if base is not None else None
-    full = s.run(m.evaluate(cost, CascadePlan.full_model(k).thresholds, opts.metric))
-    chosen = s.run(choice.solution)
+    full_solution = m.evaluate(cost, CascadePlan.full_model(k).thresholds, opts.metric)
+    # the chosen plan, the full model and the baseline on the same moments: their latencies compare
+    runs = s.run_together([choice.solution, full_solution] + ([base] if base is not None else []))
+    chosen, full, baseline = runs[0], runs[1], (runs[2] if base is not None else None)
     iso_point = None
     if opts.iso_accuracy and iso.thresholds is not None:
         iso_point = IsoAccuracy(s.run(m.evaluate(cost, iso.thresholds, opts.metric)), iso.drop_bound, ISO_ACCURACY_DROP)
