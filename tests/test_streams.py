@@ -291,6 +291,9 @@ def test_ctrl_c_ends_with_the_summary(tmp_path, tiny_artifact, test_frames):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "COLUMNS": "160"},
+        # Ctrl-C's default, whatever this suite inherited (a suite started as a background job ignores
+        # SIGINT, and so would the child: Python installs no KeyboardInterrupt handler then)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 60
     while time.time() < deadline and "backend" not in (p.stderr.readline() or "backend"):
