@@ -299,3 +299,28 @@ def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():
     for _ in range(1000):
         big.observe(0.5, 3)
     assert big.windows == 0 and big._n == 1000
+
+
+def test_hostile_reference_and_noise_fields_fall_back_to_the_verification_run():
+    """calibration.measured.reference / .interleaved are manifest inputs: NaN, strings, negatives, huge or
+    zero block sizes never reach the controller; it falls back to the verification run (and its p95 spread)."""
+    from edgeexit.runtime.controller import controller_for
+
+    lad = [Rung(f"plan{i}", c, 0.80 + 0.02 * i, calibrated=(i == 3)) for i, c in enumerate(COSTS)]
+    verified = {"mean_ms": 1.1, "p95_ms": 1.5}  # rung 3 predicted 1.0: a fall-back to it would show
+    for ref in (
+        {"mean_ms": float("nan"), "p95_ms": 1.0, "block_sd": float("nan"), "block_frames": 50},
+        {"mean_ms": "0.5", "p95_ms": -1, "block_sd": "big", "block_frames": 0},
+        {"mean_ms": -2.0, "p95_ms": 1.0, "block_sd": True, "block_frames": 10**300},
+        "fast",
+        None,
+    ):
+        ctl = controller_for({"metric": "mean", "measured": {**verified, "reference": ref}}, lad, budget_ms=1.1)
+        assert ctl.quiet_ms[ctl.anchor] == pytest.approx(1.1) and 0.01 <= ctl.sigma_q <= 0.5
+        assert ctl.index == ctl.anchor  # B = the verification run's latency: the calibrated plan
+    huge = controller_for(
+        {"metric": "mean", "measured": {**verified, "reference": {**verified, "block_sd": 1e6, "block_frames": 50}}},
+        lad,
+        budget_ms=1.1,
+    )
+    assert huge.sigma_q == 0.5  # an absurd spread is capped, not trusted

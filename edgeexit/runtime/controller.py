@@ -432,8 +432,9 @@ def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None
     # the margin then pay for twice); a step is still answered within 16-64 frames (the trip)
     w = window or 64
     meas = calib.get("measured") or {}
-    if isinstance(meas.get("reference"), dict):
-        meas = meas["reference"]
+    ref = meas.get("reference")
+    if isinstance(ref, dict) and _positive(ref.get("mean_ms")) and _positive(ref.get("p95_ms")):
+        meas = ref  # a broken reference falls back to the verification run
     measured = meas.get("mean_ms" if metric == "mean" else "p95_ms")
     noise = None
     sd, block = meas.get("block_sd"), meas.get("block_frames")
