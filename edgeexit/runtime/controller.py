@@ -1,4 +1,5 @@
-"""Holding a latency budget while the device drifts (stdlib only; issue 21).
+"""Holding a latency budget while the device drifts (issue 21; the controller is stdlib only, measure_ladder
+runs the cascade through runtime.profiling).
 
 A calibration is a snapshot: a Jetson that throttles, a camera pipeline sharing the CPU or a
 second app thread makes every unit slower, and fixed thresholds then overrun their budget exactly
@@ -127,16 +128,15 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     (``chosen["measured"]``, frame-weighted, compared through the exit mix), because both are samples
     of one wandering device; relative costs come from the interleaved run alone. The result is the
     budget controller's quiet reference. ``cascade`` is not changed."""
+    from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.profiling import predict_interleaved
+
     k = cascade.num_exits
     frames = frames[: max(1, min(len(frames), max_frames))]
-    full = [2.0] * (k - 1) + [0.0]  # every exit but the last skipped
-    plans = [chosen["thresholds"], full] + [r["thresholds"] for r in rows]
-    views = [cascade.derive(th) for th in plans]
-    try:
-        lat, exits = _interleaved(views, frames, block, progress)
-    finally:
-        for v in views:
-            v.close()
+    plans = [chosen["thresholds"], CascadePlan.full_model(k)] + [r["thresholds"] for r in rows]
+    runs = predict_interleaved(cascade, frames, plans, block, warmup=10, progress=progress)
+    lat = [[p.latency_ms for p in preds] for preds in runs]
+    exits = [[p.exit_index - 1 for p in preds] for preds in runs]
 
     def summary(j: int, scale: float = 1.0) -> tuple[dict, list]:
         a = sorted(lat[j])
@@ -169,28 +169,6 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     chosen["measured"] = anchor
     for j, row in enumerate(rows, start=2):
         row["measured"], row["exit_ms"] = summary(j, scale)
-
-
-def _interleaved(views, frames, block: int, progress) -> tuple[list, list]:
-    """Latency and 0-based exit of every frame on every view, the views taking turns per block."""
-    lat = [[] for _ in views]
-    exits = [[] for _ in views]
-    for v in views:  # warm-up: fused graphs, caches
-        for f in frames[:10]:
-            v.predict(f)
-    done = 0
-    for start in range(0, len(frames), block):
-        part = frames[start : start + block]
-        order = range(len(views)) if (start // block) % 2 == 0 else range(len(views) - 1, -1, -1)
-        for j in order:  # alternating order: no plan always runs right after the same one
-            for f in part:
-                p = views[j].predict(f)
-                lat[j].append(p.latency_ms)
-                exits[j].append(p.exit_index - 1)
-        done += len(part)
-        if progress is not None:
-            progress(done)
-    return lat, exits
 
 
 def _pooled_scale(verified: dict, exit_ms: list, frames: int) -> tuple[float, int]:

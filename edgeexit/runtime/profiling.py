@@ -194,29 +194,42 @@ def verify(cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_cor
 def verify_together(
     cascade, frames: np.ndarray, labels: np.ndarray, plans: list, keep_correct: bool = False, block: int = 50
 ) -> list[dict]:
-    """`verify` for several plans on the same moments: the frames in blocks of ``block``, every plan
-    running each block in turn (the order alternating per block). On a shared or throttling device the
-    speed wanders by tens of percent over seconds (measured on this project's 2-vCPU VM: ±30 %), so two
-    plans timed one after the other compare two moments of the device, not two plans; interleaved, a
-    speed-up is a speed-up. Accuracy and exits do not depend on the order."""
+    """`verify` for several plans on the same moments (`predict_interleaved`). On a shared or
+    throttling device the speed wanders by tens of percent over seconds (measured on this project's
+    2-vCPU VM: ±30 %), so two plans timed one after the other compare two moments of the device, not
+    two plans; interleaved, a speed-up is a speed-up. Accuracy and exits do not depend on the order."""
+    runs = predict_interleaved(cascade, frames, plans, block)
+    out = []
+    for preds in runs:
+        lat = [p.latency_ms for p in preds]
+        correct = [p.label == y for p, y in zip(preds, labels, strict=True)]
+        out.append(_verified(lat, correct, [p.exit_index for p in preds], cascade.num_exits, keep_correct))
+    return out
+
+
+def predict_interleaved(cascade, frames, plans: list, block: int = 50, warmup: int = 0, progress=None) -> list[list]:
+    """Every frame through every plan (a list or a CascadePlan each), one at a time (the camera path),
+    without changing ``cascade``: the frames in blocks of ``block``, every plan running each block in
+    turn, the order alternating per block, so that no plan always follows the same one and a drift of
+    the device touches all alike. ``warmup``: frames each plan runs first, unrecorded (fused graphs,
+    caches). ``progress(frames done)`` after each block. Returns each plan's Predictions in frame order."""
     views = [cascade.derive(p) for p in plans]
-    runs = [([], [], []) for _ in views]
+    runs = [[] for _ in views]
     try:
+        for v in views:
+            for f in frames[:warmup]:
+                v.predict(f)
         for start in range(0, len(frames), block):
-            part = zip(frames[start : start + block], labels[start : start + block], strict=True)
-            part = list(part)
+            part = frames[start : start + block]
             order = range(len(views)) if (start // block) % 2 == 0 else range(len(views) - 1, -1, -1)
             for j in order:
-                lat, correct, exits = runs[j]
-                for f, y in part:
-                    p = views[j].predict(f)
-                    lat.append(p.latency_ms)
-                    correct.append(p.label == y)
-                    exits.append(p.exit_index)
+                runs[j].extend(views[j].predict(f) for f in part)
+            if progress is not None:
+                progress(min(len(frames), start + block))
     finally:
         for v in views:
             v.close()
-    return [_verified(lat, correct, exits, cascade.num_exits, keep_correct) for lat, correct, exits in runs]
+    return runs
 
 
 def _verified(lat: list, correct: list, exits: list, num_exits: int, keep_correct: bool) -> dict:
