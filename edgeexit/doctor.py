@@ -13,9 +13,10 @@ import importlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
 from pathlib import Path
+
+from edgeexit.util import bounded_text, run_probe
 
 
 def _try(fn, *args):
@@ -139,17 +140,10 @@ def _nvidia_smi() -> dict:
     exe = shutil.which("nvidia-smi")
     if not exe:
         return {}
-    try:
-        res = subprocess.run(
-            [exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    line = res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else ""
-    parts = [p.strip() for p in line.split(",")]
+    res = run_probe([exe, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"], timeout_s=10)
+    text = res.text.strip() if res is not None and res.returncode == 0 else ""
+    line = text.splitlines()[0] if text else ""
+    parts = [bounded_text(p) for p in line.split(",")]
     if len(parts) < 3:
         return {}
     return {"name": parts[0], "compute_capability": parts[1], "driver_version": parts[2]}

@@ -243,8 +243,9 @@ _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ms|us|µs|s|
 
 
 def parse_budget(text: str | float) -> tuple[float | None, float | None]:
-    """Every ``--budget`` (calibrate, run, quickstart): '5ms', '800us', '0.005s' or a bare number of
-    milliseconds → (ms, None); '50%' (of the full model's latency) → (None, 0.5)."""
+    """Every ``--budget`` (calibrate, run, quickstart): '5ms', '800us', '0.005s' → (ms, None); '50%' (of
+    the full model's latency) → (None, 0.5). A number passed from Python is milliseconds; a string
+    without a unit is refused, because '5' could mean 5 ms or 5 % and the two plans differ entirely."""
     from edgeexit.errors import UserError
 
     if isinstance(text, int | float):
@@ -253,7 +254,12 @@ def parse_budget(text: str | float) -> tuple[float | None, float | None]:
         m = _BUDGET.match(str(text))
         if not m:
             raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us, 0.005s or 50%")
-        value, unit = float(m.group(1)), (m.group(2) or "ms")
+        if m.group(2) is None:
+            raise UserError(
+                f"budget '{text.strip()}' has no unit: write {m.group(1)}ms for a time per image, or "
+                f"{m.group(1)}% for a share of the full model's latency (e.g. 5ms or 5%)"
+            )
+        value, unit = float(m.group(1)), m.group(2)
     if unit == "%":
         if not (math.isfinite(value) and 0 < value <= 10000):
             raise UserError(f"a budget in percent must be within (0%, 10000%], got '{text}'")
@@ -262,3 +268,66 @@ def parse_budget(text: str | float) -> tuple[float | None, float | None]:
     if not (math.isfinite(ms) and ms > 0):
         raise UserError(f"budget must be a positive finite time, got '{text}'")
     return ms, None
+
+
+PROBE_BYTES = 64 * 1024  # an external tool's answer is a few lines; more than this is not an answer
+PROBE_TEXT = 120  # characters of a probed value kept in a manifest or report
+
+
+class ProbeOutput:
+    """What an external command printed, decoded with errors replaced; ``complete`` is False when it
+    was cut (too long or too slow) and ``returncode`` is None then."""
+
+    def __init__(self, text: str, returncode: int | None, complete: bool) -> None:
+        self.text, self.returncode, self.complete = text, returncode, complete
+
+
+def run_probe(cmd: list[str], timeout_s: float = 5.0, max_bytes: int = PROBE_BYTES) -> ProbeOutput | None:
+    """The one way edgeexit runs an external tool (nvpmodel, nvidia-smi, ...): its output is an
+    untrusted input. At most ``max_bytes`` of stdout are read and at most ``timeout_s`` seconds
+    waited; then the tool and anything it started are killed. Invalid UTF-8 becomes U+FFFD instead of
+    an exception. None when it cannot be started."""
+    import select
+    import signal
+    import subprocess
+    import time
+
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    except (OSError, ValueError):
+        return None
+    buf, deadline, ended = bytearray(), time.monotonic() + timeout_s, False
+    fd = proc.stdout.fileno()
+    try:
+        while len(buf) < max_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            chunk = os.read(fd, min(65536, max_bytes - len(buf)))
+            if not chunk:
+                ended = True
+                break
+            buf += chunk
+        rc = None
+        if ended:
+            try:
+                rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+    finally:
+        if proc.poll() is None or not ended:
+            try:  # its own session: a shell script's children go too
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        proc.stdout.close()
+    return ProbeOutput(bytes(buf).decode("utf-8", errors="replace"), rc, ended and rc is not None)
+
+
+def bounded_text(value: str, limit: int = PROBE_TEXT) -> str:
+    """A probed string fit for a manifest: control characters removed, at most ``limit`` characters."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in str(value)).strip()
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"

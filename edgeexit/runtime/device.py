@@ -6,8 +6,9 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 from pathlib import Path
+
+from edgeexit.util import bounded_text, run_probe
 
 
 def _read(path: str) -> str | None:
@@ -43,11 +44,11 @@ def jetson_power_mode() -> str | None:
     exe = shutil.which("nvpmodel")
     if not exe:
         return None
-    try:
-        out = subprocess.run([exe, "-q"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
+    res = run_probe([exe, "-q"])
+    if res is None:
         return None
-    return parse_nvpmodel(out)
+    mode = parse_nvpmodel(res.text)
+    return bounded_text(mode) if mode else None
 
 
 def parse_nvpmodel(out: str) -> str | None:
@@ -89,22 +90,11 @@ def gpu_identity() -> dict | None:
     exe = shutil.which("nvidia-smi")
     if not exe:
         return None
-    try:
-        out = (
-            subprocess.run(
-                [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-            )
-            .stdout.strip()
-            .splitlines()
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
+    res = run_probe([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    out = res.text.strip().splitlines() if res is not None and res.returncode == 0 else []
     if not out or "," not in out[0]:
         return None
-    name, cc = (v.strip() for v in out[0].rsplit(",", 1))
+    name, cc = (bounded_text(v) for v in out[0].rsplit(",", 1))
     return {"name": name, "compute_capability": cc}
 
 
@@ -137,4 +127,5 @@ def fingerprint(info) -> dict:
             value = _read(path)
             if value:
                 fp[key] = value.splitlines()[0][:120]
-    return fp
+    # every string here came from the system or a tool: bounded, so a hostile one cannot bloat the manifest
+    return {k: bounded_text(v) if isinstance(v, str) else v for k, v in fp.items()}
