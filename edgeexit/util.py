@@ -256,8 +256,8 @@ def parse_budget(text: str | float) -> tuple[float | None, float | None]:
             raise UserError(f"cannot read budget '{text}': write it like 5ms, 800us, 0.005s or 50%")
         if m.group(2) is None:
             raise UserError(
-                f"budget '{text.strip()}' has no unit: write {m.group(1)}ms for a time per image, or "
-                f"{m.group(1)}% for a share of the full model's latency (e.g. 5ms or 5%)"
+                f"budget '{text.strip()}' has no unit: write {m.group(1)}ms for a time per image or "
+                f"{m.group(1)}% for a share of the full model's latency"
             )
         value, unit = float(m.group(1)), m.group(2)
     if unit == "%":
