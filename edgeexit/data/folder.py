@@ -15,7 +15,9 @@
   tensor (as before); above it, in a memory-mapped uint8 file (``<cache>/<key>.u8`` + ``.json``),
   decoded once and keyed by the file list, sizes, mtimes, resolution and channels. The page cache
   does the I/O, so resident memory is file-backed and reclaimable, not anonymous. Decoding runs
-  in one worker process per core, each writing its rows straight into the file.
+  in one worker process per core, each writing its rows straight into the file. The cache folder
+  is a verified store (``edgeexit.data.cache_store``): no link in it is followed, the meta records
+  what the rows were decoded from and their checksums, and what fails a check is decoded again.
 - **Many processes** (torchrun ranks, several nodes on a shared filesystem): the cache is built
   under an exclusive ``flock`` on ``<key>.lock``; whoever gets it first decodes, the others wait
   and then map the finished file. Nothing is decoded twice.
@@ -23,8 +25,6 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -80,7 +80,7 @@ def check_entry(path: Path, root_real: Path) -> os.stat_result:
 
 
 def _walk_class(folder: Path, root_real: Path, progress) -> tuple[list[tuple[str, int, int]], int]:
-    """Images under one class folder: [(path, size, mtime_ns)], sorted, and the number of folders
+    """Images under one class folder: [(path, size, mtime_ns, ctime_ns, inode)], sorted, and the number of folders
     deeper than MAX_DEPTH that were not read."""
     found, seen, too_deep = [], 0, 0
     stack = [(folder, 0)]
@@ -109,7 +109,7 @@ def _walk_class(folder: Path, root_real: Path, progress) -> tuple[list[tuple[str
             if p.suffix.lower() not in IMAGE_EXTS:
                 continue
             st = check_entry(p, root_real)
-            found.append((str(p), int(st.st_size), int(st.st_mtime_ns)))
+            found.append((str(p), int(st.st_size), int(st.st_mtime_ns), int(st.st_ctime_ns), int(st.st_ino)))
             if progress is not None and len(found) % 1000 == 0:
                 progress()
     found.sort()
@@ -137,7 +137,7 @@ def _class_folders(root: Path, root_real: Path) -> list[str]:
 
 
 def index_image_folder(root: str | os.PathLike, console=None):
-    """(class names, [(path, size, mtime_ns)], labels) of an ImageFolder, by a bounded walk."""
+    """(class names, [(path, size, mtime_ns, ctime_ns, inode)], labels) of an ImageFolder, by a bounded walk."""
     root = Path(root)
     root_real = Path(os.path.realpath(root))
     classes = _class_folders(root, root_real)
@@ -227,8 +227,9 @@ def _decode_chunk(args) -> tuple[int, list[str | None], np.ndarray, np.ndarray |
     start, paths, size, in_chans, target, total = args
     c, h, w = in_chans, size[0], size[1]
     out = None
-    if target is not None:
-        mm = np.memmap(target, dtype=np.uint8, mode="r+", shape=(total, c, h, w))
+    if target is not None:  # opened without following a link: the target is a name in the cache folder
+        with open(os.open(target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC), "r+b") as f:
+            mm = np.memmap(f, dtype=np.uint8, mode="r+", shape=(total, c, h, w))
     else:
         out = np.zeros((len(paths), c, h, w), np.uint8)
     errors: list[str | None] = []
@@ -338,7 +339,11 @@ def decode_all(paths: list[str], size, in_chans, target: str | None, console, st
     if target is None and _workers() > 1 and n > CHUNK:  # workers write to a file, read in after
         import tempfile
 
-        with tempfile.TemporaryDirectory(prefix="edgeexit-decode-") as tmp:
+        from edgeexit.util import remove_stale_temps, temp_prefix
+
+        # named .edgeexit-decode.PID.*.partial: a run killed here leaves it, and the next run removes it
+        remove_stale_temps(tempfile.gettempdir(), "edgeexit-decode")
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("edgeexit-decode"), suffix=".partial") as tmp:
             f = os.path.join(tmp, "images.u8")
             with open(f, "wb") as fh:
                 fh.truncate(n * in_chans * size[0] * size[1])
@@ -428,60 +433,18 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 def cache_key(root: Path, files, size, in_chans: int) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, str(Path(os.path.realpath(root))), list(size), in_chans]).encode())
-    for p, s, m in files:
-        h.update(f"\n{os.path.relpath(p, root)}\0{s}\0{m}".encode())
+    for p, s, m, *_ in files:
+        h.update(f"\n{os.path.relpath(p, root)}\0{s}\0{m}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]
 
 
-def _read_meta(meta: Path, n: int, shape) -> dict | None:
-    try:
-        d = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(d, dict) or d.get("version") != CACHE_VERSION or d.get("shape") != list(shape):
-        return None
-    if len(d.get("ok", [])) != n:
-        return None
-    return d
-
-
-def _build_cache(folder: Path, key: str, paths, shape, console, strict: bool) -> dict:
-    from edgeexit.util import atomic_write_text, temp_prefix
-
-    data, meta = folder / f"{key}.u8", folder / f"{key}.json"
-    fd_tmp, tmp = None, folder / f"{temp_prefix(key + '.u8')}build.tmp"
-    try:
-        fd_tmp = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-        try:  # reserve the space now: a full disk is a clear error here, not a SIGBUS mid-decode
-            os.posix_fallocate(fd_tmp, 0, int(np.prod(shape)))
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise UserError(
-                    f"cannot reserve {int(np.prod(shape)) / 1e9:.1f} GB for the decoded images in {folder}: "
-                    f"{e.strerror}; free space or pass --cache-dir"
-                ) from None
-            os.ftruncate(fd_tmp, int(np.prod(shape)))
-        os.close(fd_tmp)
-        fd_tmp = None
-        ok, mean, std, _, bad = decode_all(paths, list(shape[2:]), shape[1], str(tmp), console, strict)
-        os.replace(tmp, data)
-    except BaseException:
-        if fd_tmp is not None:
-            os.close(fd_tmp)
-        tmp.unlink(missing_ok=True)
-        raise
-    d = {"version": CACHE_VERSION, "shape": list(shape), "ok": ok.astype(int).tolist(), "mean": mean, "std": std,
-         "bad": bad, "created": time.time()}  # fmt: skip
-    atomic_write_text(meta, json.dumps(d))  # written last: its presence means the data is complete
-    return d
-
-
 def cached_images(root: Path, files, size, in_chans: int, console, strict: bool, where=None):
-    """(uint8 tensor view of the mmap file, ok mask, mean, std, bad) — decoding only when no valid
-    cache exists; concurrent callers (torchrun ranks) wait on the lock instead of decoding too."""
+    """(uint8 tensor view of the mapped rows, ok mask, mean, std, bad) from the verified store
+    (``cache_store.open_cache``) — decoding only when it holds no usable cache; concurrent callers
+    (torchrun ranks) wait on the key's lock instead of decoding too."""
     import torch
 
-    from edgeexit.util import remove_stale_temps
+    from edgeexit.data.cache_store import files_digest, open_cache
 
     folder = cache_dir(where)
     try:
@@ -490,24 +453,19 @@ def cached_images(root: Path, files, size, in_chans: int, console, strict: bool,
         raise UserError(f"cannot create the decoded-image cache {folder}: {e.strerror or e}; set --cache-dir") from None
     key = cache_key(root, files, size, in_chans)
     shape = (len(files), in_chans, *size)
-    data, meta = folder / f"{key}.u8", folder / f"{key}.json"
-    with open(folder / f"{key}.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _say(console, f"waiting for another process to finish decoding {root} into {folder}")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        d = _read_meta(meta, len(files), shape)
-        if d is None or not data.is_file() or data.stat().st_size != int(np.prod(shape)):
-            remove_stale_temps(folder, key + ".u8")
-            d = _build_cache(folder, key, [f[0] for f in files], shape, console, strict)
-        elif strict and d["bad"]:
-            p, why = d["bad"][0]
-            raise UserError(f"{p}: {why} (--strict refuses bad images; without it, they are skipped)")
-        elif d["bad"]:
-            _say(console, f"{len(d['bad'])} bad image(s) skipped (listed in {meta})")
-    mm = np.memmap(data, dtype=np.uint8, mode="c", shape=shape)  # copy-on-write: never written back
-    return torch.from_numpy(mm), np.asarray(d["ok"], bool), d["mean"], d["std"], d["bad"]
+    paths = [f[0] for f in files]
+
+    def decode(target: str):
+        ok, mean, std, _, bad = decode_all(paths, list(size), in_chans, target, console, strict)
+        return ok, mean, std, bad
+
+    mm, d, built = open_cache(folder, key, files_digest(root, files), shape, decode, console, root)
+    if not built and strict and d["bad"]:
+        p, why = d["bad"][0]
+        raise UserError(f"{p}: {why} (--strict refuses bad images; without it, they are skipped)")
+    if not built and d["bad"]:
+        _say(console, f"{len(d['bad'])} bad image(s) skipped (listed in {folder / (key + '.json')})")
+    return torch.from_numpy(mm), np.asarray(d["ok"], bool), d["mean"], d["std"], [tuple(b) for b in d["bad"]]
 
 
 def load_folder_images(
