@@ -32,6 +32,7 @@ class Measurements:
     overhead_ms: float  # per frame, outside the units
     conf: np.ndarray  # (frames, exits): exit statistics of every deciding frame (calibration + verification)
     correct: np.ndarray  # (frames, exits) bool
+    prediction: np.ndarray | None = None  # (frames, exits) class per exit (the drift monitor's class shares)
 
     @property
     def num_frames(self) -> int:
@@ -191,6 +192,7 @@ class CalibrationReport:
     msdnet_curve: tuple[dict, ...]
     certifiable: dict
     plot: str | None = None
+    drift_reference: dict | None = None  # runtime/monitor.py `reference_statistics`, on the stored frames
 
     @property
     def verified_drop(self) -> float:
@@ -258,6 +260,8 @@ class CalibrationReport:
         out["options"] = {k: val for k, val in asdict(o).items() if k not in ("plot", "data_dir")}
         out["certifiable"] = self.certifiable
         out["ladder"] = [r.to_dict() for r in self.ladder.rungs]
+        if self.drift_reference is not None:
+            out["drift_reference"] = self.drift_reference
         out["seconds"] = self.seconds
         return out
 

@@ -142,6 +142,8 @@ class Calibration:
     latency_p95_ms: Mapping[str, float] | None  # unit name -> p95 ms, on ``backend``
     device: Mapping | None
     predicted: Mapping | None = None  # what calibrate predicted for the chosen plan (accuracy, mean_ms, ...)
+    # the drift monitor's reference (runtime/monitor.py): None in calibrations made before it existed
+    drift_reference: Mapping | None = None
     block: Mapping = field(default_factory=dict, compare=False, repr=False)  # the whole block, read-only
 
     def to_dict(self) -> dict:
@@ -797,6 +799,14 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
         raise bad("calibration.device", f"must be an object, got {type(device).__name__}", fix)
     th = cal.get("thresholds")
     predicted = cal.get("predicted")
+    drift = cal.get("drift_reference")
+    if drift is not None:
+        from edgeexit.runtime.monitor import parse_reference
+
+        try:
+            parse_reference(drift, k)
+        except ValueError as e:
+            raise bad("calibration.drift_reference", f"is malformed ({e})", fix) from None
     return Calibration(
         thresholds=tuple(float(t) for t in th) if th is not None else None,
         policy=policy,
@@ -805,6 +815,7 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
         latency_p95_ms=p95,
         device=_freeze(device) if device is not None else None,
         predicted=_freeze(predicted) if isinstance(predicted, dict) else None,
+        drift_reference=_freeze(drift) if drift is not None else None,
         block=_freeze(cal),
     )
 

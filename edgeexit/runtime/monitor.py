@@ -1,0 +1,392 @@
+"""A label-free drift warning with a false-alarm guarantee: an e-detector per camera.
+
+Everything calibration promises (the ``--max-drop`` certificate, the thresholds chosen for a budget)
+assumes that the frames at run time look like the calibration frames. This module watches that
+assumption without labels, frame by frame, and says when it no longer holds.
+
+**The statistic.** Per sampled frame, ``x = 1[c < q_k]``: whether the confidence ``c`` of the first
+exit the plan evaluates (exit ``k``; it always runs, so watching it costs no extra unit) is below
+``q_k``, the median of that exit's confidence on the calibration frames. Under the conditions of
+calibration ``P(x = 1) = p_k``, with Clopper-Pearson bounds ``[lo_k, hi_k]`` from the calibration
+frames (each one-sided at ``delta``). A darker, noisier, blurred or unfamiliar image moves ``p_k``
+up (less confident) or down (a uniform or inverted image can make the cheap exit *more* confident),
+so the test is two-sided. A second channel watches the answered class (label shift): ``E = p̂(y) /
+hi(y)`` with ``p̂`` a predictable mixture of the calibration class shares and a moving class
+histogram, ``hi(y)`` the class share's upper bound; under the calibration's class shares its
+expectation is at most 1 whatever ``p̂`` is.
+
+**The e-detector** (Shin, Ramdas & Rinaldo 2022, arXiv 2203.03532). Each channel and each bet
+``λ`` of a small grid is a CUSUM e-detector ``M_t = max(1, M_{t-1}) · E_t`` with ``E_t = 1 + λ(x_t -
+hi_k)`` (upper half) or ``1 + λ(lo_k - x_t)`` (lower half): a conditional e-value while the frames
+look like calibration, with no i.i.d. assumption. The average of e-detectors is an e-detector, so
+the statistic ``S_t = Σ_channels w_c · mean_λ M_t`` is one, and alarming when ``S_t ≥ 1/α`` gives
+an average run length to a false alarm of at least ``1/α`` sampled frames (CUSUM ≤ Shiryaev-Roberts,
+whose value minus t is a supermartingale). ``alpha`` is "at most one false alarm per 1/α sampled
+frames"; it holds when the calibration bounds hold (probability ≥ 1 - 2·delta per exit, and ≥ 1 -
+delta for the class shares together).
+
+**What it cannot catch.** A change that leaves the first evaluated exit's below-median rate and the
+answered class shares inside their calibration bounds (an image change the cheap exit is blind to,
+or one that moves accuracy without moving confidence). The guarantee is on sampled frames that are
+conditionally no more often below ``q_k`` than at calibration: consecutive video frames of one
+scene are strongly dependent, so a live camera samples every ``every``-th frame (`DriftOptions`).
+
+Per sampled frame the work is two table lookups and ``2·len(BET_GAPS)`` (+2 for the labels)
+multiply-adds in Python; benchmarks/drift_warning.py measures it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgeexit.errors import ArtifactError
+
+REFERENCE_VERSION = 1
+REFERENCE_QUANTILE = 0.5  # q_k is this quantile of exit k's confidence on the calibration frames
+REFERENCE_DELTA = 1e-3  # each Clopper-Pearson bound misses the true rate with probability <= this
+DEFAULT_ALPHA = 1e-4  # one false alarm per 10^4 sampled frames at most, on average
+# The bets: each λ is the Kelly bet for a rate this far beyond the bound (λ = gap / (p (1 - p))),
+# so the mixture is close to the best single bet for shifts from 2.5 to 40 points.
+BET_GAPS = (0.025, 0.05, 0.1, 0.2, 0.4)
+LABEL_RATE = 1 / 64  # the moving class histogram's forgetting rate (label channel)
+LABEL_MIX = 0.5  # p̂ = (1 - mix) · calibration shares + mix · moving histogram
+# A live camera (or URL, or a video played in real time) is sampled every this many frames it
+# delivers: at 30 frames/s, 3 samples a second, so 10^4 sampled frames are about an hour of video.
+LIVE_EVERY = 10
+_CAP = 1e30  # the statistic is held below this after an alarm (no float overflow on a long run)
+
+
+class DriftUnavailableError(ArtifactError, ValueError):
+    """The artifact has no drift reference (calibrated before the drift monitor existed)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DriftOptions:
+    """How the drift monitor runs. ``alpha``: at most one false alarm per ``1/alpha`` sampled frames
+    on average. ``every``: sample every ``every``-th frame (1: every frame; None: every frame of a
+    folder or of a video read in order, every `LIVE_EVERY`-th of a camera, URL or ``realtime`` video,
+    whose consecutive frames are nearly the same image while the guarantee wants sampled frames that
+    are not). ``labels``: also watch the answered class (label shift)."""
+
+    def every_for(self, live: bool) -> int:
+        """The sampling interval for a live or an ordered source."""
+        return self.every if self.every is not None else (LIVE_EVERY if live else 1)
+
+    alpha: float = DEFAULT_ALPHA
+    every: int | None = None  # None: 1 for one cascade, a folder or a video read in order; LIVE_EVERY live
+    labels: bool = True
+
+    def __post_init__(self) -> None:
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, int | float | np.floating) or not (0 < a < 1):
+            raise ValueError(f"drift alpha must be a number in (0, 1), e.g. 1e-4, got {a!r}")
+        object.__setattr__(self, "alpha", float(a))
+        e = self.every
+        if e is not None and (isinstance(e, bool) or not isinstance(e, int | np.integer) or e < 1):
+            raise ValueError(f"drift sampling interval (every) must be a whole number >= 1, got {e!r}")
+        object.__setattr__(self, "every", int(e) if e is not None else None)
+        object.__setattr__(self, "labels", bool(self.labels))
+
+
+def as_options(drift) -> DriftOptions | None:
+    """``drift=`` as the API takes it: None/False (off), True (defaults) or a `DriftOptions`."""
+    if drift is None or drift is False:
+        return None
+    if drift is True:
+        return DriftOptions()
+    if isinstance(drift, DriftOptions):
+        return drift
+    raise TypeError(f"drift must be True, False or a DriftOptions, got {type(drift).__name__}")
+
+
+# --- the reference, computed by calibrate -------------------------------------------------------------
+
+
+def _log_binom_pmf(n: int, p: float) -> np.ndarray:
+    i = np.arange(n + 1, dtype=np.float64)
+    lg = math.lgamma(n + 1) - np.array([math.lgamma(k + 1) + math.lgamma(n - k + 1) for k in range(n + 1)])
+    with np.errstate(divide="ignore"):
+        return lg + i * np.log(p) + (n - i) * np.log1p(-p)
+
+
+def _tail_le(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p)."""
+    lp = _log_binom_pmf(n, p)[: k + 1]
+    m = lp.max()
+    return float(math.exp(m) * np.exp(lp - m).sum())
+
+
+def clopper_pearson(k: int, n: int, delta: float) -> tuple[float, float]:
+    """One-sided Clopper-Pearson bounds (each misses with probability <= ``delta``) of a binomial rate
+    from ``k`` successes in ``n`` trials, by bisection on the binomial tail (no scipy in the runtime)."""
+    if n <= 0:
+        return 0.0, 1.0
+
+    def solve(f) -> float:  # f increasing in p, root in (0, 1)
+        a, b = 0.0, 1.0
+        for _ in range(60):
+            mid = 0.5 * (a + b)
+            if f(mid) < 0:
+                a = mid
+            else:
+                b = mid
+        return 0.5 * (a + b)
+
+    # upper: P(X <= k; hi) = delta; lower: P(X >= k; lo) = delta, i.e. 1 - P(X <= k-1; lo) = delta
+    hi = 1.0 if k >= n else solve(lambda p: delta - _tail_le(k, n, p))
+    lo = 0.0 if k <= 0 else solve(lambda p: (1.0 - _tail_le(k - 1, n, p)) - delta)
+    return lo, hi
+
+
+def reference_statistics(
+    confidence: np.ndarray, answered: np.ndarray | None, num_classes: int, thresholds, delta: float = REFERENCE_DELTA
+) -> dict:
+    """The manifest's ``calibration.drift_reference`` block from the calibration frames' exit
+    statistics on the deployed units: per exit the median confidence ``q``, the count below it and
+    its Clopper-Pearson bounds; the answered classes' shares under the calibrated ``thresholds`` and
+    their upper bounds (Bonferroni over the classes)."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    n, k = conf.shape
+    exits = []
+    for pos in range(k):
+        q = float(np.quantile(conf[:, pos], REFERENCE_QUANTILE))
+        below = int((conf[:, pos] < q).sum())
+        lo, hi = clopper_pearson(below, n, delta)
+        exits.append({"q": q, "below": below, "low": lo, "high": hi})
+    out = {
+        "version": REFERENCE_VERSION,
+        "statistic": "first evaluated exit's confidence below its calibration median",
+        "frames": int(n),
+        "delta": float(delta),
+        "exits": exits,
+        "thresholds": [float(t) for t in thresholds] if thresholds is not None else None,
+    }
+    if answered is not None:
+        counts = np.bincount(np.asarray(answered, dtype=np.int64), minlength=num_classes)[:num_classes]
+        per = delta / num_classes
+        out["classes"] = {
+            "counts": [int(c) for c in counts],
+            "high": [clopper_pearson(int(c), n, per)[1] for c in counts],
+        }
+    return out
+
+
+def parse_reference(block, num_exits: int) -> dict | None:
+    """The ``drift_reference`` block checked (None when absent); a malformed one raises ValueError."""
+    if block is None:
+        return None
+    if not isinstance(block, Mapping) or block.get("version") != REFERENCE_VERSION:
+        raise ValueError("calibration.drift_reference is not one this edgeexit reads")
+    exits = block.get("exits")
+    if not isinstance(exits, list | tuple) or len(exits) != num_exits:
+        raise ValueError(f"calibration.drift_reference.exits must list {num_exits} exits")
+    for e in exits:
+        if not isinstance(e, Mapping):
+            raise ValueError("calibration.drift_reference.exits holds a non-object")
+        lo, hi, q = e.get("low"), e.get("high"), e.get("q")
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi, q)):
+            raise ValueError("calibration.drift_reference.exits needs finite q, low and high")
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError("calibration.drift_reference.exits: need 0 <= low <= high <= 1")
+    classes = block.get("classes")
+    if classes is not None:
+        counts, high = classes.get("counts"), classes.get("high")
+        seqs = isinstance(counts, list | tuple) and isinstance(high, list | tuple)
+        ok = seqs and len(counts) == len(high) and len(high) > 0
+        if not ok or not all(isinstance(h, int | float) and 0.0 < h <= 1.0 for h in high):
+            raise ValueError("calibration.drift_reference.classes needs counts and upper bounds in (0, 1]")
+        if sum(counts) <= 0:
+            raise ValueError("calibration.drift_reference.classes.counts are all zero")
+    return dict(block)
+
+
+# --- the monitor ------------------------------------------------------------------------------------
+
+
+def _bets(rate_bound: float, upper: bool) -> tuple[float, ...]:
+    """λ for each gap of `BET_GAPS`, kept below the largest bet that leaves every e-value > 0."""
+    p = min(max(rate_bound, 1e-6), 1 - 1e-6)
+    cap = 0.9 / p if upper else 0.9 / (1 - p)
+    return tuple(min(g / (p * (1 - p)), cap) for g in BET_GAPS)
+
+
+class DriftMonitor:
+    """One stream's e-detector. `observe(exit_position, confidence, label)` once per frame (it
+    samples every ``options.every``-th); `state()` is the JSON block. Thread safe (one lock)."""
+
+    def __init__(self, reference: Mapping, options: DriftOptions | None = None, live: bool = False) -> None:
+        options = options or DriftOptions()
+        self.options = options
+        self.every = options.every_for(live)
+        self.alpha = options.alpha
+        self.threshold = 1.0 / options.alpha
+        self._lock = threading.Lock()
+        exits = reference["exits"]
+        self._q = [float(e["q"]) for e in exits]
+        # per exit, per x in (0, 1): the multipliers of both halves in one list (upper half first),
+        # so that a frame is one list comprehension and one sum
+        self._factors = []
+        for e in exits:
+            hi, lo = float(e["high"]), float(e["low"])
+            lu, ld = _bets(hi, True), _bets(lo, False)
+            x0 = [1.0 - lam * hi for lam in lu] + [1.0 + lam * lo for lam in ld]
+            x1 = [1.0 + lam * (1.0 - hi) for lam in lu] + [1.0 - lam * (1.0 - lo) for lam in ld]
+            self._factors.append((x0, x1))
+        self._k = len(BET_GAPS)
+        self._m = [1.0] * (2 * self._k)
+        classes = reference.get("classes") if options.labels else None
+        self.labels = classes is not None
+        ref_th = reference.get("thresholds")
+        self._label_thresholds = tuple(float(t) for t in ref_th) if ref_th is not None else None
+        if self.labels:
+            counts = [float(c) for c in classes["counts"]]
+            total = sum(counts)
+            self._pi = [c / total for c in counts]
+            self._hi = [float(h) for h in classes["high"]]
+            # the moving histogram stored as B[c] = G · ewma(c), so that one frame costs O(1) (see _label)
+            self._b = list(self._pi)
+            self._g = 1.0
+            self._m_label = 1.0
+        # the weights of the channels: the two confidence halves and the labels share alpha equally;
+        # each half is the mean of its bets' CUSUMs
+        self._w = 1.0 / (3 if self.labels else 2)
+        self._w_bet = self._w / self._k
+        self.frames = 0
+        self.sampled = 0
+        self.statistic = 0.0
+        self.alarm = False
+        self.first_alarm_frame: int | None = None  # the frame's number in the stream (1-based, every frame)
+        self.first_alarm_sample: int | None = None
+        self.channel: str | None = None  # what raised the alarm: confidence down/up, labels
+        self._label_plan = True  # whether the answering plan is the calibrated one (labels watched)
+        self._plan = None  # the plan last seen (an identity check per frame notices a switch)
+
+    def set_label_plan(self, thresholds) -> None:
+        """The label channel's reference holds for the calibrated plan only: another plan (other
+        thresholds, a budget controller's rung) answers with other class shares, so its labels are
+        not watched (e-value 1) while it runs."""
+        cal = self._label_thresholds
+        self._label_plan = cal is not None and tuple(float(t) for t in thresholds) == cal
+
+    def observe(self, pos: int, confidence: float, label: int | None = None, plan=None) -> bool:
+        """One frame: the first evaluated exit's position (0-based) and confidence, the answered
+        class and the `CascadePlan` that answered (its thresholds decide whether the labels are
+        watched). Returns whether the monitor is in alarm."""
+        with self._lock:
+            self.frames += 1
+            if plan is not self._plan and plan is not None:
+                self._plan = plan
+                self.set_label_plan(plan.to_list())
+            every = self.every
+            if every > 1 and (self.frames - 1) % every:
+                return self.alarm
+            return self._update(pos, confidence, label)
+
+    def _update(self, pos: int, confidence: float, label) -> bool:
+        self.sampled += 1
+        f = self._factors[pos][1 if confidence < self._q[pos] else 0]
+        m = self._m = [(a if a > 1.0 else 1.0) * b for a, b in zip(self._m, f, strict=True)]
+        s = self._w_bet * sum(m)
+        if self.labels:
+            s += self._w * self._label(label)
+        self.statistic = s
+        if s >= self.threshold:
+            self._alarm(s)
+        return self.alarm
+
+    def _alarm(self, s: float) -> None:
+        if not self.alarm:
+            self.alarm = True
+            self.first_alarm_frame, self.first_alarm_sample = self.frames, self.sampled
+            k = self._k
+            parts = {
+                "confidence down": sum(self._m[:k]) / k,  # more frames below the median: less confident
+                "confidence up": sum(self._m[k:]) / k,
+                "labels": self._m_label if self.labels else 0.0,
+            }
+            self.channel = max(parts, key=parts.get)
+        if s > _CAP:  # keeps the numbers finite on an endless run (the alarm is already raised)
+            r = _CAP / s
+            self._m = [a * r for a in self._m]
+            if self.labels:
+                self._m_label *= r
+
+    def _label(self, y) -> float:
+        """The label channel's CUSUM after class ``y``. Its e-value p̂(y)/hi(y) uses only the frames
+        before this one (p̂ is predictable). The moving histogram is B/G with G growing by 1/(1-η)
+        per frame, so a frame updates one class, not all of them."""
+        m = self._m_label
+        m = m if m > 1.0 else 1.0
+        if y is None or not self._label_plan or not (0 <= y < len(self._pi)):
+            self._m_label = m  # this frame tells nothing about the class shares: e-value 1
+            return m
+        b, g = self._b, self._g
+        m *= ((1.0 - LABEL_MIX) * self._pi[y] + LABEL_MIX * b[y] / g) / self._hi[y]
+        g /= 1.0 - LABEL_RATE
+        b[y] += LABEL_RATE * g
+        if g > 1e100:  # renormalise (rarely): B and G scale together
+            self._b = [v / g for v in b]
+            g = 1.0
+        self._g = g
+        self._m_label = m
+        return m
+
+    def state(self) -> dict:
+        """The ``drift`` block of `edgeexit run --json`: alarm, first_alarm_frame, statistic (compared
+        with 1/alpha), alpha, sampled_frames; and what raised the alarm."""
+        with self._lock:
+            return {
+                "alarm": self.alarm,
+                "first_alarm_frame": self.first_alarm_frame,
+                "statistic": float(self.statistic),
+                "alpha": self.alpha,
+                "sampled_frames": self.sampled,
+                "frames": self.frames,
+                "every": self.every,
+                "threshold": self.threshold,
+                "channel": self.channel,
+                "labels_watched": self.labels and self._label_plan,
+            }
+
+
+def monitor_for(calibration, num_exits: int, options: DriftOptions, live: bool = False) -> DriftMonitor:
+    """A monitor from a `Calibration` (runtime/artifact.py) or None; a calibration without the
+    reference raises `DriftUnavailableError` saying what to do."""
+    block = None if calibration is None else getattr(calibration, "drift_reference", None)
+    if block is None:
+        raise DriftUnavailableError(
+            "the drift monitor needs the calibration's drift reference, which this artifact does not have "
+            "(calibrated before the monitor existed, or not calibrated): run `edgeexit calibrate` again"
+        )
+    ref = parse_reference(block, num_exits)
+    return DriftMonitor(ref, options, live)
+
+
+def alarm_message(source: str, state: Mapping) -> str:
+    """The warning `run` prints once a stream's monitor alarms."""
+    return (
+        f"{source}: drift warning at frame {state['first_alarm_frame']} ({state['channel']}; e-detector "
+        f"{state['statistic']:.3g} >= 1/alpha = {1 / state['alpha']:.0f}): the images no longer look like the "
+        "calibration images, so the --max-drop certificate and the calibrated thresholds no longer apply; "
+        "re-calibrate on labelled frames from this camera (edgeexit calibrate --data FOLDER)"
+    )
+
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "LIVE_EVERY",
+    "DriftMonitor",
+    "DriftOptions",
+    "DriftUnavailableError",
+    "alarm_message",
+    "as_options",
+    "clopper_pearson",
+    "monitor_for",
+    "parse_reference",
+    "reference_statistics",
+]
