@@ -1,4 +1,4 @@
-"""`edgeexit` command line: train, eval, export, calibrate, run, bench, info, quickstart.
+"""`edgeexit` command line: train, eval, export, engines, calibrate, run, bench, info, quickstart.
 
 Heavy libraries (torch, onnx, onnxruntime, tensorrt, cv2, matplotlib) are imported inside the
 commands, so `edgeexit --help` is fast and works without the optional extras.
@@ -322,8 +322,9 @@ ImageSizeOpt = Annotated[
 InitOpt = Annotated[
     str | None,
     typer.Option(
-        help="Start the backbone from a torchvision ResNet18 state_dict (e.g. resnet18-f37072fd.pth from "
-        "~/.cache/torch/hub/checkpoints); implies the fine-tuning recipe. Nothing is downloaded."
+        help="Start the backbone from a torchvision state_dict: ResNet18's (e.g. resnet18-f37072fd.pth from "
+        "~/.cache/torch/hub/checkpoints), or with --backbone that architecture's (your fine-tuned network); "
+        "implies the fine-tuning recipe. Nothing is downloaded."
     ),
 ]
 AdaptThreadsOpt = Annotated[
@@ -393,12 +394,30 @@ def train(
     stem: StemOpt = None,
     image_size: ImageSizeOpt = None,
     init: InitOpt = None,
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="A torchvision network with exits at its stage boundaries: resnet18/34/50, mobilenet_v2, "
+            "mobilenet_v3_small/large, efficientnet_b0/b1/b2, regnet_y_400mf/800mf (default: the multi-exit "
+            "ResNet18 of --exits/--stem)."
+        ),
+    ] = None,
+    exit_layout: Annotated[
+        str, typer.Option("--exit-layout", help="With --backbone: stages (one exit per stage) or dense.")
+    ] = "stages",
+    freeze_trunk: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-trunk",
+            help="With --backbone and --init: train only the early exits; the final exit stays your network.",
+        ),
+    ] = False,
     data_dir: DataDirOpt = None,
     strict: StrictOpt = False,
     cache_dir: CacheDirOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Train a multi-exit ResNet18 with MLCSD or a baseline; writes OUT/model.pt.
+    """Train a multi-exit ResNet18 (or a torchvision --backbone) with MLCSD or a baseline; writes OUT/model.pt.
 
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
@@ -411,7 +430,8 @@ def train(
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, val_size=val_size, augment=augment,
         limit_train=train_images, limit_eval=eval_images, seed=seed, device=device, out=out, resume=resume,
         force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
-        strict=strict, cache_dir=cache_dir)  # fmt: skip
+        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout,
+        freeze_trunk=freeze_trunk)  # fmt: skip
     cfg = TrainConfig.from_recipe(data, method, **options)
     try:
         result = run_train(cfg, console=console)
@@ -524,6 +544,37 @@ def export(
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 
 
+@app.command()
+@command
+def engines(
+    artifact: Annotated[Path, typer.Argument(help="NAME.edgeexit folder written by `edgeexit export`.")],
+    half: Annotated[bool, typer.Option("--half", help="FP16 engines (from the artifact's onnx_fp16 units).")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="INT8 engines (from the artifact's TensorRT Q/DQ units, onnx_int8_trt).")
+    ] = False,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimisation profile.")] = 64,
+    batch_opt: ProfileBatchOpt = 1,
+    workspace: Annotated[float, typer.Option(help="TensorRT builder workspace in GiB.")] = 2.0,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild engines that already run here.")] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Build this device's TensorRT engines from the artifact alone (no torch, checkpoint or dataset).
+
+    Plans come from the artifact's own ONNX units (export them on a desktop with --half / --int8 for
+    those flavours), are checked exit by exit against the FP32 units on the stored calibration frames
+    (CUDA graphs off and on), and only then written into the artifact. Needs TensorRT and cuda-python.
+    """
+    _outputs(json=json_out)
+    from edgeexit.export.tensorrt import build_artifact_engines
+
+    console.print(f"[bold]engines[/] {esc(str(artifact))}")
+    gate = build_artifact_engines(
+        artifact, half=half, int8=int8, max_batch=max_batch, opt_batch=batch_opt, workspace_gib=workspace,
+        force=force, console=console)  # fmt: skip
+    console.print(f"[green]engines built[/] {esc(str(artifact))} ({gate['precision']}, gate passed)")
+    _write_json(json_out, gate)
+
+
 @app.command(cls=_RenamedOptions)
 @command
 def calibrate(
@@ -548,6 +599,14 @@ def calibrate(
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
     ] = None,
     data_dir: DataDirOpt = None,
+    restore: Annotated[
+        bool,
+        typer.Option(
+            "--restore",
+            help="Put back the calibration the last calibrate replaced (kept in calibration.previous.json); "
+            "the current one is kept there instead.",
+        ),
+    ] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Measure latency on this device, then choose exit thresholds: the most accurate within --budget,
@@ -562,6 +621,9 @@ def calibrate(
     from edgeexit.calibrate.run import run_calibration
 
     _outputs(plot=plot, json=json_out)
+    if restore:
+        _restore_calibration(artifact, budget or max_drop)
+        return
     if not budget and not max_drop:
         raise UserError("give --budget (e.g. 5ms or 50%), --max-drop (e.g. 0.5pt), or both")
     budget_ms, fraction = _parse_budget(budget)
@@ -574,6 +636,19 @@ def calibrate(
             data_dir=str(data_dir) if data_dir else None, plot=plot, console=console)  # fmt: skip
     out_console.print(calibration_table(result))
     _write_json(json_out, result)
+
+
+def _restore_calibration(artifact: Path, goal: str) -> None:
+    from edgeexit.calibrate.history import describe, restore
+
+    if goal:
+        raise UserError("--restore puts an earlier calibration back: give it without --budget or --max-drop")
+    restored, replaced = restore(artifact)
+    console.print(f"restored: {describe(restored)}", markup=False, highlight=False, soft_wrap=True)
+    if replaced is not None:
+        console.print(
+            f"kept instead: {describe(replaced)} (--restore again puts it back)",
+            markup=False, highlight=False, soft_wrap=True)  # fmt: skip
 
 
 # `CalibrationOptions` fields whose calibrate flag was renamed (the options' own table, CLI_NAMES,
@@ -641,6 +716,34 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
     precision: PrecisionOpt = None,
     save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
+    drift: Annotated[
+        bool,
+        typer.Option(
+            "--drift/--no-drift",
+            help="Warn when the frames stop looking like the calibration frames (a label-free e-detector per "
+            "stream; docs/design.md).",
+        ),
+    ] = True,
+    drift_alpha: Annotated[
+        float,
+        typer.Option("--drift-alpha", help="At most one false drift alarm per 1/α sampled frames, on average."),
+    ] = 1e-4,
+    drift_every: Annotated[
+        int | None,
+        typer.Option(
+            "--drift-every",
+            help="Give the drift monitor every N-th frame (default: every frame of a folder or a video read in "
+            "order; every 10th of a camera, URL or --realtime video, whose neighbouring frames are alike).",
+        ),
+    ] = None,
+    jsonl: Annotated[
+        Path | None,
+        typer.Option(
+            "--jsonl",
+            help="Write one JSON line per frame, flushed as it is classified: source, frame, class, label, "
+            "confidence, exit, preprocess_ms, cascade_ms, total_ms.",
+        ),
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Classify frames from folders, videos, cameras or stream URLs with the calibrated cascade.
@@ -649,22 +752,86 @@ def run(
     several sources: newest frame only per source (older ones counted as dropped), the newest frame
     of every stream run as one batch, a live table per stream. Ctrl-C ends with the summary.
     """
-    _outputs(save_video=save_video, json=json_out)
-    from edgeexit.runtime.sources import run_source, summary_table, wants_streams
+    _outputs(save_video=save_video, json=json_out, jsonl=jsonl)
+    from edgeexit.runtime.sources import JsonLines, run_source, summary_table, wants_streams
 
     sources = source or ["0"]
     streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
-    cascade = _load_cascade(artifact, backend, precision, budget_ms=_run_budget_ms(artifact, budget))
-    if streamed:
-        from edgeexit.runtime.streams import run_streams
+    watch = _run_drift_options(artifact, drift, drift_alpha, drift_every)
+    cascade = _load_cascade(
+        artifact, backend, precision, budget_ms=_run_budget_ms(artifact, budget), drift=None if streamed else watch
+    )
+    lines = JsonLines(jsonl) if jsonl is not None else None  # one flushed line per frame, closed below
+    try:
+        if streamed:
+            from edgeexit.runtime.streams import run_streams
 
-        args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
-        summary = run_streams(cascade, sources, *args, out_console, console)
-    else:
-        echo = None if quiet else out_console.print
-        summary = run_source(cascade, sources[0], max_frames, deadline_ms, save_video, echo)
-        out_console.print(summary_table(summary))
+            args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
+            summary = run_streams(cascade, sources, *args, out_console, console, drift=watch, jsonl=lines)
+        else:
+            echo = None if quiet else out_console.print
+            summary = run_source(
+                cascade, sources[0], max_frames, deadline_ms, save_video, echo, warn=_drift_warning, jsonl=lines
+            )
+            out_console.print(summary_table(summary))
+    finally:
+        if lines is not None:
+            lines.close()
+    _drift_verdict(summary)
     _write_json(json_out, summary)
+
+
+def _run_drift_options(artifact: Path, on: bool, alpha: float, every: int | None):
+    """`run`'s drift monitor options, or None: off (--no-drift), or unavailable on an artifact whose
+    calibration has no drift reference (said, and the run goes on without it)."""
+    from edgeexit.runtime.artifact import Artifact
+    from edgeexit.runtime.monitor import DriftOptions
+
+    try:
+        options = DriftOptions(alpha=alpha, every=every)
+    except ValueError as e:
+        raise UserError(str(e).replace("drift alpha", "--drift-alpha").replace("(every)", "(--drift-every)")) from None
+    if not on:
+        return None
+    cal = Artifact.load(artifact).calibration
+    if cal is None or cal.drift_reference is None:
+        why = "not calibrated" if cal is None else "calibrated before the drift monitor existed"
+        console.print(
+            f"drift monitor unavailable: this artifact is {why}, so there is no reference to compare the frames "
+            "with; `edgeexit calibrate` again to get one",
+            markup=False,
+            highlight=False,
+        )
+        return None
+    return options
+
+
+def _drift_warning(message: str) -> None:
+    console.print(f"[bold yellow]drift warning[/]: {esc(message)}", highlight=False)
+
+
+def _drift_verdict(summary: dict) -> None:
+    """After the run: each monitored stream's verdict; after an alarm, what no longer holds."""
+    blocks = [(summary.get("source"), summary.get("drift"))] if "drift" in summary else []
+    blocks += [(s["source"], s.get("drift")) for s in summary.get("streams") or []]
+    for source, d in blocks:
+        if not d:
+            continue
+        if d["alarm"]:
+            console.print(
+                f"[bold yellow]drift[/]: {esc(str(source))}: alarm at frame {d['first_alarm_frame']} "
+                f"({d['channel']}) of {d['frames']}: the --max-drop certificate and the calibrated thresholds no "
+                "longer apply to these frames; re-calibrate on labelled frames from this camera "
+                "(`edgeexit calibrate ARTIFACT --data FOLDER --split test`, FOLDER holding one folder per class)",
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"drift: {source}: no alarm in {d['sampled_frames']} sampled frames (e-detector "
+                f"{d['statistic']:.3g}, alarm at 1/α = {1 / d['alpha']:.0f})",
+                markup=False,
+                highlight=False,
+            )
 
 
 @app.command()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
-COMMANDS = ("train", "eval", "export", "calibrate", "run", "doctor", "bench", "info", "quickstart")
+COMMANDS = ("train", "eval", "export", "engines", "calibrate", "run", "doctor", "bench", "info", "quickstart")
 END = "<!-- end of the generated help: the sections below are written by hand -->"
 HEADER = """# edgeexit command line
 

@@ -27,10 +27,28 @@ host memory behind addresses of its own, so a GPU's rules can be enforced:
 - Integrated GPUs (D20): ``FakeCudart.integrated`` makes ``cudaDeviceProp.integrated`` 1
   (a Jetson): mapped pinned memory is then device-visible through ``cudaHostGetDevicePointer``.
 
+- Builder flags change numerics (S1): an engine built with the FP16 flag (weak typing, 8.6) rounds
+  its inputs and outputs to FP16, as the layers the flag covers would; with ``trt.tf32 = True``
+  (``install(..., tf32=True)``) every engine rounds its inputs to TF32 (10-bit mantissa), which
+  TensorRT enables by default on Ampere and later. Cannot catch: the rounding of intermediate
+  layers (only a unit's inputs and outputs are rounded), FP16 accumulation, per-tactic choice. TF32
+  is off by default so the data-path tests can compare engines bit-exactly with ONNX Runtime.
+- Driver and flavour (S4): ``trt.cuda_major`` is the CUDA major the "wheel" is built for;
+  ``trt.Builder(...)`` and ``trt.Runtime(...)`` raise the bare pybind11 TypeError real TensorRT
+  raises when the driver is older than that. Cannot catch: what the real wheel names (the
+  distribution's name is read from package metadata, which the tests stand in for).
+- 256-byte alignment (S6): ``set_tensor_address`` refuses an address that is not a multiple of 256,
+  as TensorRT does. Cannot catch: stricter alignment some tactics want.
+- 8.6's ``set_optimization_profile_async`` raises RuntimeError on failure, as the real binding does
+  (S7); from 9 on it returns False.
+- 10.0 (S2): no ``device_memory_size_v2`` and no ``set_device_memory`` (those arrive in 10.1), so
+  the backend's older spelling (``create_execution_context_without_device_memory`` + the
+  ``device_memory`` property) is what runs there.
+
 What the simulation cannot catch (a test passing here says nothing about these; they need a GPU):
-- Real kernels and numerics: an "engine" is the ONNX file run by ONNX Runtime in FP32, so FP16/INT8
-  accuracy, TensorRT's layer fusions, tactic choice, timing caches and build failures of real
-  TensorRT (unsupported ops, workspace too small) are not exercised.
+- Real kernels and numerics: an "engine" is the ONNX file run by ONNX Runtime in FP32 (with the
+  rounding above), so real FP16/INT8 accuracy, TensorRT's layer fusions, tactic choice, timing
+  caches and build failures of real TensorRT (unsupported ops, workspace too small) are not exercised.
 - Timing: nothing here measures speed; latency tables, CUDA graph gains and copy/compute overlap
   are not real. Queued work runs at the sync, in order, on one host thread: races between two
   real streams, or between a stream and the host beyond the stale-read rule, are not modelled.
@@ -60,6 +78,12 @@ from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
+
+try:  # held here: a test that makes onnx unimportable for edgeexit still lets the simulation parse
+    import onnx as _onnx
+    import onnx.numpy_helper as _numpy_helper
+except ImportError:  # pragma: no cover - onnx is a test dependency
+    _onnx = _numpy_helper = None
 
 DEVICE_BASE = 1 << 56  # simulated device addresses start here (x86-64/arm64 user space ends below 2**48)
 ALIGN = 256  # cudaMalloc's alignment
@@ -701,6 +725,8 @@ class FakeContext:
 
     def set_optimization_profile_async(self, index, stream) -> bool:
         if index != 0 or self.engine.trt.cudart._stream(self._stream_value(stream)) is None:
+            if self.engine.trt.major < 9:  # pyCore.cpp release/8.6: the binding raises on failure
+                raise RuntimeError("Error in set optimization profile.")
             return False
         self.profile = 0
         return True
@@ -732,8 +758,8 @@ class FakeContext:
             return False
         room = self.engine.trt.cudart.device_room(int(ptr))
         need = self._nbytes(name)
-        if not room or (need is not None and room < need):
-            return False
+        if not room or (need is not None and room < need) or int(ptr) % ALIGN:
+            return False  # TensorRT wants 256-byte aligned tensor addresses
         self.addresses[name] = int(ptr)
         return True
 
@@ -761,6 +787,7 @@ class FakeContext:
         memory = (self.device_ptr, eng.activation_bytes) if self.memory == "user" else None
 
         me = weakref.ref(self)
+        fp16, tf32 = "FP16" in eng.flags, eng.trt.tf32
 
         def op(feeds=feeds, outs=outs, memory=memory, sess=eng.session):
             if me() is None:  # S15: the context was destroyed with its work still queued
@@ -768,7 +795,7 @@ class FakeContext:
             if memory is not None:
                 rt.device_memory(*memory)  # the activation memory must still be there
             inputs = {n: _read(rt.device_memory(p, 4 * int(np.prod(s))), s) for n, (p, s) in feeds.items()}
-            values = sess.run(list(outs), inputs)
+            values = _run_rounded(sess, list(outs), inputs, fp16, tf32)
             for (ptr, nbytes), v in zip(outs.values(), values, strict=True):
                 v = np.ascontiguousarray(v, np.float32)
                 ctypes.memmove(rt.device_memory(ptr, max(nbytes, v.nbytes)), v.ctypes.data, v.nbytes)
@@ -776,15 +803,37 @@ class FakeContext:
         return rt._enqueue(stream, op)[0] == CudaError.cudaSuccess
 
 
+def _run_rounded(sess, outs: list, inputs: dict, fp16: bool, tf32: bool) -> list:
+    """The unit in ONNX Runtime with the builder's precision applied at its boundary: FP16 (the
+    layers the FP16 flag covers compute in FP16) rounds inputs and outputs, TF32 rounds inputs."""
+    if fp16:
+        inputs = {n: _round_fp16(v) for n, v in inputs.items()}
+    elif tf32:
+        inputs = {n: _round_tf32(v) for n, v in inputs.items()}
+    values = sess.run(outs, inputs)
+    return [_round_fp16(v) for v in values] if fp16 else values
+
+
+def _round_fp16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _round_tf32(x: np.ndarray) -> np.ndarray:
+    """FP32 rounded to TF32's 10-bit mantissa (round to nearest even), kept in FP32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    u = (u + np.uint32(0x0FFF) + ((u >> np.uint32(13)) & np.uint32(1))) & np.uint32(0xFFFFE000)
+    return u.view(np.float32)
+
+
 class FakeEngine:
     def __init__(self, trt, plan: bytes) -> None:
-        import onnx
         import onnxruntime as ort
 
         self.trt = trt
-        model = onnx.load_from_string(plan)
+        model = _onnx.load_from_string(plan)
         meta = {p.key: p.value for p in model.metadata_props}
         self.version, self.max_batch = meta["fake_trt_version"], int(meta["fake_trt_max_batch"])
+        self.flags = set(filter(None, meta.get("fake_trt_flags", "").split(",")))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = 1
         opts.log_severity_level = 3
@@ -803,7 +852,7 @@ class FakeEngine:
         self.contexts_made = 0
         if trt.major < 11:
             self.device_memory_size = self.activation_bytes
-        if trt.major >= 10:
+        if trt.has_v2:  # 10.1 and later
             self.device_memory_size_v2 = self.activation_bytes
 
     # introspection
@@ -844,9 +893,7 @@ def _no_memory_context(engine):
 
 def _check_qdq(model) -> str | None:
     """onnx-tensorrt's rule (onnxOpImporters.cpp): Q/DQ zero points INT8 and all zero; no INT32 DQ."""
-    from onnx import numpy_helper
-
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    init = {t.name: _numpy_helper.to_array(t) for t in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
@@ -871,6 +918,14 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
     trt.max_batch = max_batch
     trt.live_contexts = 0
     trt.built = []  # (unit file, network flags, builder flags) per build, for the tests
+    trt.tf32 = False  # engines round their inputs to TF32 (TensorRT's default on Ampere+); see the docstring
+    trt.cuda_major = 12  # the CUDA major this "wheel" is built for (tensorrt-cu12 / -cu13)
+    minor = int(version.split(".")[1])
+    trt.has_v2 = (major, minor) >= (10, 1)  # device_memory_size_v2 / set_device_memory arrived in 10.1
+
+    def _needs_driver() -> None:
+        if cudart.driver_version // 1000 < trt.cuda_major:  # NVIDIA/TensorRT#2913: CUDA init fails
+            raise TypeError("pybind11::init(): factory function returned nullptr")
 
     class Logger:
         WARNING = 2
@@ -923,9 +978,7 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
             self.network, self.errors = network, []
 
         def parse_from_file(self, path) -> bool:
-            import onnx
-
-            model = onnx.load(str(path))
+            model = _onnx.load(str(path))
             err = _check_qdq(model)
             if err:
                 self.errors.append(err)
@@ -975,6 +1028,7 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
 
     class Builder:
         def __init__(self, logger) -> None:
+            _needs_driver()
             self.logger = logger
 
         def create_network(self, flags=0):
@@ -999,13 +1053,20 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
             model.graph.name = Path(network.source).name.split(".")[0]
             mx = {n: s[2][0] for n, s in config.profiles[0].shapes.items()}
             del model.metadata_props[:]
-            for k, v in (("fake_trt_version", version), ("fake_trt_max_batch", str(min(mx.values())))):
+            flags = ",".join(sorted(f.name for f in config.flags))
+            meta = (
+                ("fake_trt_version", version),
+                ("fake_trt_max_batch", str(min(mx.values()))),
+                ("fake_trt_flags", flags),
+            )
+            for k, v in meta:
                 model.metadata_props.add(key=k, value=v)
             trt.built.append((Path(network.source).name, network.flags, sorted(f.name for f in config.flags)))
             return model.SerializeToString()
 
     class Runtime:
         def __init__(self, logger) -> None:
+            _needs_driver()
             self.logger = logger
 
         def deserialize_cuda_engine(self, plan: bytes):
@@ -1024,7 +1085,7 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
                 delattr(FakeEngine, name)
         if isinstance(getattr(FakeContext, "device_memory", None), property):
             del FakeContext.device_memory
-    if major >= 10:
+    if trt.has_v2:
         FakeContext.set_device_memory = FakeContext._set_memory
     elif hasattr(FakeContext, "set_device_memory"):
         del FakeContext.set_device_memory
@@ -1034,12 +1095,13 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0", max_batch: int = 
     return trt
 
 
-def install(monkeypatch, version: str = "10.3.0", max_batch: int = 64):
+def install(monkeypatch, version: str = "10.3.0", max_batch: int = 64, tf32: bool = False):
     """Put the simulated tensorrt and cuda.bindings.runtime in sys.modules; returns (trt, cudart)."""
     from edgeexit.runtime.backends import cuda
 
     cudart = FakeCudart()
     trt = make_tensorrt(cudart, version, max_batch)
+    trt.tf32 = tf32
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     pkg = types.ModuleType("cuda")

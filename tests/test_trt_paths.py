@@ -87,7 +87,8 @@ def test_int8_engines_are_built_from_the_trt_flavour_and_run(
     sources = {src for src, _, _ in trt.built}
     assert all(".int8trt." in s for s in sources if s.startswith("seg_"))
     typed = int(version.split(".")[0]) >= 10
-    assert all(flags == ([] if typed else ["FP16", "INT8"]) for _, _, flags in trt.built)
+    for src, _, flags in trt.built:  # 8.6: flags on segments only, heads stay FP32
+        assert flags == ([] if typed or src.startswith("head_") else ["FP16", "INT8"])
     frames, _ = test_frames
     c = Cascade.load(art, backend="tensorrt", precision="int8", thresholds=TH)
     ref = Cascade.load(art, backend="onnxruntime", thresholds=TH, fuse=False)
@@ -231,7 +232,7 @@ def test_an_engine_whose_io_is_not_the_manifests_is_refused(monkeypatch, artifac
             self.dtypes[self.input_names[0]] = trt_.DataType.HALF
 
         monkeypatch.setattr(FakeEngine, "__init__", half_io)
-    with pytest.raises(UserError, match="re-export"):
+    with pytest.raises(UserError, match="edgeexit engines ARTIFACT"):
         Cascade.load(artifact_copy, backend="tensorrt")
 
 
@@ -295,8 +296,10 @@ def test_export_format_engine_half_runs_the_engines_before_publishing(monkeypatc
     )
     assert all(u["engines"][0]["precision"] == "fp16" for u in m["units"])
     assert m["fp16"]["max_abs_logit_diff"] < 0.05
-    ep = m["engine_parity"]
-    assert ep["passed"] and ep["images"] == 256 and len(ep["exits"]) == 8
-    assert all(e["prediction_agreement"] >= 0.95 for e in ep["exits"])
+    ep = m["engine_parity"]  # every exit, CUDA graphs off and on, against FP32 on 256 held-out images
+    assert ep["passed"] and ep["frames"] == 256 and set(ep["runs"]) == {"plain", "graphs"}
+    assert all(len(r["exits"]) == 8 and r["frames"] == 256 for r in ep["runs"].values())
+    assert ep["min_prediction_agreement"] >= 0.95
+    assert ep["max_abs_confidence_diff"] <= ep["tolerance"]["max_abs_confidence"]
     typed = version[0] != "8"
     assert all((".fp16." in src) == typed for src, _, _ in trt.built if src.startswith("seg_"))

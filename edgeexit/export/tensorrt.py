@@ -4,7 +4,12 @@ Written against TensorRT's Python API, 8.6 to 11.x (name-based tensors, optimisa
 ``build_serialized_network``). On >= 10 networks are built strongly typed (the flag's value is
 read from the enum: 1 on 10.x, 0 on 11) and precision comes from the ONNX file: ``onnx`` (fp32),
 ``onnx_fp16`` (--half), ``onnx_int8_trt`` (--int8: symmetric INT8 Q/DQ, the rest FP32). On 8.6
-(no strong typing) the FP32 file is built with the FP16 / INT8 builder flags.
+(no strong typing) segments are built from the FP32 file (INT8: the Q/DQ file) with the FP16 / INT8
+builder flags, and heads without any: their softmax confidence stays FP32, as on >= 10 where the
+head's file is FP32 and strong typing keeps it so (thresholds live near 1.0, where FP16's spacing
+is 2^-11). `build_artifact_engines` is `edgeexit engines`: plans built on the device from the
+artifact's own ONNX flavours, gated, then published into the artifact; it imports no torch, onnx
+or dataset code.
 This layer is kept thin: everything that does not need TensorRT
 (profile shapes, manifest entries, compatibility checks) lives in plain functions that are tested
 without it. Plans are written raw (no header), so trtexec and DeepStream read them too.
@@ -17,7 +22,7 @@ import logging
 from pathlib import Path
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.backends.tensorrt import import_tensorrt, trt_major
+from edgeexit.runtime.backends.tensorrt import check_tensorrt_runs, import_tensorrt, trt_major
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +63,17 @@ def build_engines(
     opt_batch: int = 1,
     timing_cache: Path | None = None,
     int8: bool = False,
+    out: Path | None = None,
 ) -> None:
-    """Build ``folder/<unit>.<precision>.engine`` for every unit and add its entry to ``unit['engines']``.
+    """Build ``<out>/<unit>.<precision>.engine`` for every unit from its ONNX file in ``folder`` and
+    add its entry (path relative to ``folder``) to ``unit['engines']``; ``out`` defaults to ``folder``.
 
     One timing cache serves every unit; it starts from ``timing_cache`` (a previous export's, e.g.
-    the artifact being replaced) when given, and is written to ``folder/timing.cache`` for the next."""
+    the artifact being replaced) when given, and is written to ``out/timing.cache`` for the next."""
     trt = import_tensorrt()
     device = gpu_fingerprint()
+    check_tensorrt_runs(trt)  # a wheel for another CUDA major: a named fix, not a pybind TypeError
+    out = folder if out is None else out
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     precision = "int8" if int8 else ("fp16" if half else "fp32")
@@ -78,7 +87,7 @@ def build_engines(
         network, parser = _parse(trt, builder, logger, folder / unit[key], typed)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-        if not typed:  # 8.6: weak typing, precision from the builder flags
+        if not typed and unit["kind"] != "head":  # 8.6: weak typing, precision from the builder flags
             if half or int8:
                 config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
             if int8:
@@ -99,12 +108,13 @@ def build_engines(
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise RuntimeError(f"TensorRT failed to build {unit['name']}")
-        path = folder / engine_filename(unit["name"], precision)
+        path = out / engine_filename(unit["name"], precision)
         path.write_bytes(bytes(plan))
         cache_bytes = bytes(config.get_timing_cache().serialize())
-        unit["engines"].append(engine_entry(path.name, precision, trt.__version__, device, shapes))
-    (folder / "timing.cache").write_bytes(cache_bytes)
-    (folder / CACHE_META).write_text(
+        rel = path.relative_to(folder).as_posix()
+        unit["engines"].append(engine_entry(rel, precision, trt.__version__, device, shapes))
+    (out / "timing.cache").write_bytes(cache_bytes)
+    (out / CACHE_META).write_text(
         json.dumps({"trt_version": trt.__version__, "compute_capability": device["compute_capability"]})
     )
 
@@ -123,8 +133,8 @@ def source_key(precision: str, typed: bool) -> str:
 
 
 def _seed_cache(timing_cache: Path | None, version: str, device: dict) -> bytes:
-    """The previous export's timing cache, only when it was built by this TensorRT on this GPU
-    architecture (D3: TensorRT refuses any other, and re-export is the documented recovery path)."""
+    """The previous build's timing cache, only when it was built by this TensorRT on this GPU
+    architecture (TensorRT refuses any other; an empty cache is the recovery path)."""
     if timing_cache is None or not timing_cache.is_file():
         return b""
     try:
@@ -170,58 +180,188 @@ def engine_entry(path: str, precision: str, trt_version: str, device: dict, shap
     }
 
 
-def engine_parity(folder: Path, units: list[dict], images, labels, precision: str, tolerance: float) -> dict:
-    """D12: the built engines RUN before they are published: every exit's logits from the
-    TensorRT backend vs the FP32 ONNX units in ONNX Runtime (CPU) on held-out images: max |Δlogit|,
-    prediction agreement and accuracy drop per exit; ``passed`` when no exit's accuracy drops by
-    more than ``tolerance`` (a fraction)."""
-    import numpy as np
+ENGINE_GATE_FRAMES = 5000  # at most this many stored calibration frames judge the engines
 
+
+def engine_gate(
+    folder: Path, units: list[dict], images, labels, precision: str, max_frames: int = ENGINE_GATE_FRAMES
+) -> dict:
+    """The built engines RUN before they are published: every exit of the TensorRT backend against
+    the FP32 ONNX units in ONNX Runtime (CPU), with `edgeexit.runtime.compare.compare_exits` (max
+    |Δconfidence| and prediction agreement with a binomial bound, tolerances per precision), once
+    with CUDA graphs off and once with them on (the path calibrate and run use). ``images``:
+    preprocessed float32 (N, C, H, W), up to ``max_frames`` of them are used."""
     from edgeexit.runtime.artifact import parse_units
     from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
+    from edgeexit.runtime.compare import TOLERANCES, compare_exits
 
+    images, labels = images[:max_frames], None if labels is None else labels[:max_frames]
     parsed = parse_units(folder, units)
-    backend = TensorRTBackend.for_units(folder, parsed, precision=precision, cuda_graphs=False)
-    try:  # the FP32 units on the CPU, through the runtime's own runner (no sessions of our own)
-        reference = OnnxRuntimeBackend.for_units(folder, parsed, "fp32")
-    except BaseException:
-        backend.close()
-        raise
     k = len(units) // 2
-    ours, ref = [[] for _ in range(k)], [[] for _ in range(k)]
-    step = backend.max_batch
+    runs = {}
+    reference = OnnxRuntimeBackend.for_units(folder, parsed, "fp32")
     try:
-        for s in range(0, len(images), step):
-            x = np.ascontiguousarray(images[s : s + step], dtype=np.float32)
-            state, host = backend.from_host(x), reference.from_host(x)
-            for pos in range(k):
-                state = backend.run_segment(pos, state)
-                ours[pos].append(backend.run_head(pos, state[-1]).logits())
-                host = reference.run_segment(pos, host)
-                ref[pos].append(reference.run_head(pos, host[-1]).logits())
+        for graphs in (False, True):
+            backend = TensorRTBackend.for_units(folder, parsed, precision=precision, cuda_graphs=graphs)
+            try:
+                runs["graphs" if graphs else "plain"] = compare_exits(
+                    reference, backend, images, labels, num_exits=k, tolerance=precision
+                )
+            finally:
+                backend.close()
     finally:
-        backend.close()
         reference.close()
-    exits = []
-    for pos in range(k):
-        a, b = np.concatenate(ref[pos]), np.concatenate(ours[pos])
-        drop = float((a.argmax(1) == labels).mean() - (b.argmax(1) == labels).mean())
-        exits.append(
-            {
-                "exit": pos + 1,
-                "max_abs_logit_diff": float(np.abs(a - b).max()),
-                "prediction_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
-                "accuracy_drop_pt": 100 * drop,
-            }
-        )
-    worst = max(e["accuracy_drop_pt"] for e in exits)
+    failures = [f"{name}: {line}" for name, c in runs.items() for line in c.failures]
     return {
         "precision": precision,
-        "images": int(len(images)),
+        "frames": int(len(images)),
         "reference": "onnxruntime-cpu fp32",
-        "exits": exits,
-        "max_accuracy_drop_pt": worst,
-        "tolerance_pt": 100 * tolerance,
-        "passed": worst <= 100 * tolerance + 1e-9,
+        "tolerance": {"max_abs_confidence": TOLERANCES[precision].max_abs_confidence,
+                      "max_disagreement": TOLERANCES[precision].max_disagreement},  # fmt: skip
+        "runs": {name: c.to_json() for name, c in runs.items()},
+        "max_abs_confidence_diff": max(c.to_json()["max_abs_confidence_diff"] for c in runs.values()),
+        "min_prediction_agreement": min(c.to_json()["min_prediction_agreement"] for c in runs.values()),
+        "failures": failures,
+        "passed": not failures,
     }
+
+
+def gate_summary(gate: dict) -> str:
+    """One line: what the gate measured, on how many frames, and against which tolerance."""
+    tol = gate["tolerance"]
+    return (
+        f"engines vs ONNX Runtime FP32 on {gate['frames']} stored frames, CUDA graphs off and on: max "
+        f"|Δconfidence| {gate['max_abs_confidence_diff']:.2e} (≤ {tol['max_abs_confidence']:g}), predictions agree "
+        f"≥ {gate['min_prediction_agreement']:.4f} (disagreement ≤ {100 * tol['max_disagreement']:g} % at 95 %)"
+    )
+
+
+def build_artifact_engines(
+    artifact,
+    *,
+    half: bool = False,
+    int8: bool = False,
+    max_batch: int = 64,
+    opt_batch: int = 1,
+    workspace_gib: float = 2.0,
+    force: bool = False,
+    console=None,
+) -> dict:
+    """`edgeexit engines ARTIFACT`: build this device's TensorRT plans from the artifact's own ONNX
+    flavours (``onnx``, ``onnx_fp16`` with ``half``, ``onnx_int8_trt`` with ``int8``), gate them on
+    the stored calibration frames (`engine_gate`), then publish them into the artifact: plans are
+    built in a temporary folder inside it and renamed into place, and the manifest is rewritten
+    atomically last, so an interrupted or failed build leaves the artifact as it was. Needs numpy,
+    onnxruntime, TensorRT and cuda-python only. Returns the gate's report."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from edgeexit.runtime.artifact import Artifact
+    from edgeexit.runtime.manifest import load_calibration_frames, write_manifest
+    from edgeexit.runtime.preprocessing import Preprocessor
+
+    _check_options(half, int8, max_batch, opt_batch, workspace_gib)
+    precision = "int8" if int8 else ("fp16" if half else "fp32")
+    art = Artifact.load(artifact)
+    folder = art.folder
+    trt = import_tensorrt()
+    device = gpu_fingerprint()
+    manifest = art.manifest_dict()
+    units = manifest["units"]
+    key = source_key(precision, trt_major(trt.__version__) >= 10)
+    missing = [u["name"] for u in units if not u.get(key)]
+    if missing:
+        flag = {"fp16": "--half", "int8": "--int8"}.get(precision, "")
+        raise UserError(
+            f"the artifact has no {key} files for {precision} engines ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): export it with `edgeexit export MODEL.pt {flag}` on a desktop "
+            "(it writes every ONNX flavour; no TensorRT needed there), then copy it here"
+        )
+    if not force:
+        _refuse_current(folder, units, precision, trt.__version__, device)
+    frames = load_calibration_frames(art)
+    if frames is None or len(frames["frames"]) == 0:
+        raise UserError(
+            f"{folder} stores no calibration frames to check the engines on: re-export it with --calib-images N"
+        )
+    images = Preprocessor(art.preprocessing).batch(frames["frames"][:ENGINE_GATE_FRAMES])
+    labels = frames["labels"][:ENGINE_GATE_FRAMES]
+    tmp = Path(tempfile.mkdtemp(prefix=".engines-", suffix=".partial", dir=folder))
+    try:
+        new_units = [{**u, "engines": []} for u in units]
+        t0 = time.perf_counter()
+        build_engines(
+            folder,
+            new_units,
+            half=half,
+            int8=int8,
+            max_batch=max_batch,
+            opt_batch=opt_batch,
+            workspace_gib=workspace_gib,
+            timing_cache=_artifact_timing_cache(folder),
+            out=tmp,
+        )
+        if console is not None:
+            console.print(
+                f"  {len(units)} TensorRT {trt.__version__} plans ({precision}, batch 1..{max_batch}) for "
+                f"{device['name']} (sm {device['compute_capability']}) [dim]({time.perf_counter() - t0:.1f}s)[/]"
+            )
+        t0 = time.perf_counter()
+        gate = engine_gate(folder, new_units, images, labels, precision)
+        if console is not None:
+            console.print(f"  {gate_summary(gate)} [dim]({time.perf_counter() - t0:.1f}s)[/]")
+        if not gate["passed"]:
+            more = len(gate["failures"]) - 1
+            raise RuntimeError(
+                f"TensorRT {precision} engines differ from FP32 beyond tolerance: {gate['failures'][0]}"
+                f"{f' (and {more} more)' if more else ''}: not published"
+            )
+        for u, new in zip(units, new_units, strict=True):
+            (entry,) = new["engines"]
+            final = Path(entry["path"]).name
+            os.replace(folder / entry["path"], folder / final)
+            entry["path"] = final
+            kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
+            u["engines"] = [*kept, entry]
+        for name in ("timing.cache", CACHE_META):
+            os.replace(tmp / name, folder / name)
+        manifest["engine_parity"] = gate
+        write_manifest(folder, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return gate
+
+
+def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, workspace_gib: float) -> None:
+    if half and int8:
+        raise UserError("--half and --int8 build one precision each: run `edgeexit engines` once per precision")
+    if not 1 <= max_batch <= 4096:
+        raise UserError(f"--max-batch must be within 1..4096, got {max_batch}")
+    if not 1 <= opt_batch <= max_batch:
+        raise UserError(f"--batch-opt must be within 1..--max-batch ({max_batch}), got {opt_batch}")
+    if not (workspace_gib > 0 and workspace_gib < float("inf")):
+        raise UserError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
+
+
+def _refuse_current(folder: Path, units: list[dict], precision: str, version: str, device: dict) -> None:
+    """Engines of ``precision`` that already run here are rebuilt only with --force; stale ones
+    (another TensorRT or GPU) are what this command is for."""
+    from edgeexit.runtime.backends.tensorrt import check_engine_compatible
+
+    current = [e for u in units for e in u.get("engines") or [] if e.get("precision") == precision]
+    if not current:
+        return
+    try:
+        for e in current:
+            check_engine_compatible(e, version, device)
+    except UserError:
+        return
+    raise UserError(f"{folder} already has {precision} engines built for this TensorRT and GPU: pass --force")
+
+
+def _artifact_timing_cache(folder: Path) -> Path | None:
+    path = folder / "timing.cache"
+    return path if path.is_file() and not path.is_symlink() else None

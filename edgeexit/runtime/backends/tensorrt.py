@@ -88,18 +88,29 @@ def check_trt_version(version: str) -> None:
         )
 
 
-def check_engine_compatible(entry: Mapping, trt_version: str, device: dict) -> None:
+REBUILD = "edgeexit engines ARTIFACT"  # builds plans on the device from the artifact's own ONNX files
+
+
+def rebuild_hint(folder=None, precision: str | None = None) -> str:
+    """The command that builds this artifact's engines here (no torch, no checkpoint, no dataset)."""
+    flag = {"fp16": " --half", "int8": " --int8"}.get(precision or "", "")
+    target = str(folder) if folder is not None else "ARTIFACT"
+    return f"`edgeexit engines {target}{flag} --force`"
+
+
+def check_engine_compatible(entry: Mapping, trt_version: str, device: dict, folder=None) -> None:
     """A plan only runs with the TensorRT version and GPU architecture it was built for."""
+    hint = rebuild_hint(folder, entry.get("precision"))
     if entry["trt_version"] != trt_version:
         raise UserError(
             f"{entry['path']} was built with TensorRT {entry['trt_version']} but this is TensorRT "
-            f"{trt_version}: rebuild with `edgeexit export MODEL.pt --format engine --force`"
+            f"{trt_version}: rebuild the engines here with {hint}"
         )
     if entry["compute_capability"] != device["compute_capability"]:
         raise UserError(
             f"{entry['path']} was built for {entry['device_name']} (sm {entry['compute_capability']}) "
             f"but this GPU is {device['name']} (sm {device['compute_capability']}): rebuild the engines "
-            "on this device with `edgeexit export MODEL.pt --format engine --force`"
+            f"on this device with {hint}"
         )
 
 
@@ -114,22 +125,94 @@ def _engine_precisions(artifact) -> list[list[str]]:
     return [[e.get("precision") for e in u.get("engines") or []] for u in artifact["units"]]
 
 
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major the installed TensorRT wheel is built for, from its distribution's name
+    (tensorrt-cu12-bindings, tensorrt_cu13_libs, ...); None when unknown (JetPack's apt package has
+    no Python distribution: there the `trt.Runtime` construction is the check)."""
+    import importlib.metadata as md
+
+    try:
+        names = md.packages_distributions().get("tensorrt", [])
+    except Exception:  # noqa: BLE001 - broken metadata elsewhere in site-packages: unknown, not fatal
+        return None
+    return cuda_major_of(names)
+
+
+def cuda_major_of(distributions) -> int | None:
+    """``tensorrt-cu13-bindings`` -> 13; None when no name carries a CUDA flavour."""
+    import re
+
+    for name in distributions:
+        m = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_].*)?", name.lower())
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def check_tensorrt_runs(trt) -> None:
+    """TensorRT must be able to start here. A wheel built for a newer CUDA than the driver supports
+    (tensorrt-cu13 needs driver >= 580) fails inside ``trt.Runtime(...)`` with a bare pybind11
+    TypeError ("factory function returned nullptr"): compare the flavour's CUDA major with the
+    driver's first, then construct a Runtime, and say what to install either way."""
+    from edgeexit.runtime.backends.cuda import cudart
+
+    rt = cudart()
+    err, driver = rt.cudaDriverGetVersion()
+    flavour = tensorrt_cuda_major()
+    if int(err) == int(rt.cudaError_t.cudaSuccess) and int(driver) and flavour is not None:
+        if int(driver) // 1000 < flavour:
+            raise UserError(
+                f"TensorRT {trt.__version__} is the CUDA {flavour} build (tensorrt-cu{flavour}) but the NVIDIA "
+                f"driver supports CUDA {int(driver) // 1000}.{int(driver) % 1000 // 10}: "
+                f"`pip install 'tensorrt-cu{int(driver) // 1000}>=8.6,<12'`, or update the driver"
+            )
+    try:
+        trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    except (TypeError, RuntimeError) as e:
+        raise UserError(
+            f"TensorRT {trt.__version__} cannot start here ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+            "its CUDA build needs a newer driver than this one, or no GPU is visible; install the TensorRT flavour "
+            "of this driver's CUDA major (tensorrt-cu12 for drivers 525-579, tensorrt-cu13 from 580)"
+        ) from None
+
+
 def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
     """Can the TensorRT backend run this artifact (an `Artifact` or a manifest dict from
-    `load_manifest`) here, at ``precision`` when given (D24)?"""
+    `load_manifest`) here, at ``precision`` when given (D24)? Checks that TensorRT starts (a real
+    `trt.Runtime`, the wheel's CUDA major against the driver's) and that the engines the backend
+    would pick were built by this TensorRT for this GPU: `auto` then falls back to the ONNX units
+    with the reason instead of failing on stale plans."""
     per_unit = _engine_precisions(artifact)
     if not any(per_unit):
-        return False, "the artifact has no TensorRT engines (export with --format engine on the device)"
+        return False, f"the artifact has no TensorRT engines (build them on this device with `{REBUILD}`)"
     if precision is not None and not all(precision in unit for unit in per_unit):
-        return False, f"the artifact has no {precision} TensorRT engines"
+        return False, f"the artifact has no {precision} TensorRT engines (`{REBUILD}`)"
     try:
-        import_tensorrt()
+        trt = import_tensorrt()
         from edgeexit.runtime.backends.cuda import cuda_device_info
 
-        cuda_device_info()
+        device = cuda_device_info()
+        check_tensorrt_runs(trt)
+        for entry in _selected_entries(artifact, precision):
+            check_engine_compatible(entry, trt.__version__, device)
     except Exception as e:  # any reason at all: say it, and let auto pick the next backend
         return False, f"TensorRT unusable here: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    return True, "engines present, TensorRT and a GPU found"
+    return True, "engines present and built for this TensorRT and GPU"
+
+
+def _selected_entries(artifact, precision: str | None) -> list[Mapping]:
+    """The manifest entries of the engines `select_engine` would load (none for a bare probe)."""
+    from edgeexit.runtime.artifact import Artifact, as_artifact
+
+    if not (isinstance(artifact, Artifact) or "_folder" in artifact):
+        return []
+    out = []
+    for u in as_artifact(artifact).units:
+        try:
+            out.append(select_engine(u, precision).info)
+        except Exception:  # noqa: BLE001 - a unit without such an engine: the precision check above said so
+            continue
+    return out
 
 
 def select_engine(unit, precision: str | None):
@@ -144,7 +227,8 @@ def select_engine(unit, precision: str | None):
     if not engines:
         want = f" {precision}" if precision else ""
         raise ArtifactError(
-            f"{unit.name} has no{want} TensorRT engine: run `edgeexit export MODEL.pt --format engine` on this device"
+            f"{unit.name} has no{want} TensorRT engine: build them on this device with "
+            f"{rebuild_hint(None, precision)}"
         )
     return engines[0]
 
@@ -157,26 +241,29 @@ def _device_memory_size(engine) -> int:
     return int(size)
 
 
+_REBUILD_IO = f"rebuild the engines with `{REBUILD} --force`"
+
+
 def check_engine_io(trt, engine, unit, max_batch: int, path: str) -> None:
     """D11: the plan's I/O must be what the manifest says (``unit``: an artifact `Unit`): names,
     FP32, profile max >= manifest max."""
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     want_in, want_out = unit.input_names, unit.output_names
     if sorted(names) != sorted(want_in + want_out):
-        raise UserError(f"{path}: engine tensors {names} are not the manifest's {want_in + want_out}: re-export")
+        raise UserError(f"{path}: engine tensors {names} are not the manifest's {want_in + want_out}: {_REBUILD_IO}")
     for name in names:
         mode = engine.get_tensor_mode(name)
         expected = trt.TensorIOMode.INPUT if name in want_in else trt.TensorIOMode.OUTPUT
         if mode != expected:
-            raise UserError(f"{path}: {name} is an {mode} of the engine, the manifest says otherwise: re-export")
+            raise UserError(f"{path}: {name} is an {mode} of the engine, the manifest says otherwise: {_REBUILD_IO}")
         if engine.get_tensor_dtype(name) != trt.DataType.FLOAT:
             raise UserError(
-                f"{path}: {name} is {engine.get_tensor_dtype(name)}, edgeexit moves FP32 between units: re-export"
+                f"{path}: {name} is {engine.get_tensor_dtype(name)}, edgeexit moves FP32 between units: {_REBUILD_IO}"
             )
         if name in want_in:
             top = engine.get_tensor_profile_shape(name, 0)[2]
             if int(top[0]) < max_batch:
-                raise UserError(f"{path}: profile max batch {top[0]} < the manifest's {max_batch}: re-export")
+                raise UserError(f"{path}: profile max batch {top[0]} < the manifest's {max_batch}: {_REBUILD_IO}")
 
 
 class _DevTensor:
@@ -257,6 +344,7 @@ class TensorRTBackend(Runner):
         from edgeexit.runtime.backends.cuda import check, create_stream, cuda_device_info, cudart
 
         trt = import_tensorrt()
+        self._folder = folder
         self.rt, self.check = cudart(), check
         self.device_info = cuda_device_info()
         self._res = _Resources()
@@ -284,10 +372,11 @@ class TensorRTBackend(Runner):
         self.zero_copy = bool(self.device_info["integrated"])  # D20: a Jetson shares DRAM
         self._v86 = trt_major(trt.__version__) < 9
         self._logger = trt.Logger(trt.Logger.WARNING)
+        check_tensorrt_runs(trt)  # a wheel whose CUDA the driver lacks: a named fix, not a pybind TypeError
         self._res.runtime = trt.Runtime(self._logger)
         for u in units:
             entry = select_engine(u, precision)
-            check_engine_compatible(entry.info, trt.__version__, self.device_info)
+            check_engine_compatible(entry.info, trt.__version__, self.device_info, self._folder)
             precision = entry.precision
             engine = self._res.runtime.deserialize_cuda_engine(entry.path.read_bytes())
             if engine is None:
@@ -387,7 +476,7 @@ class TensorRTBackend(Runner):
         if len(x) > self.max_batch:
             raise ValueError(
                 f"batch {len(x)} exceeds the engines' max batch {self.max_batch}; pass smaller batches "
-                "or re-export with a larger --batch"
+                f"or rebuild the engines with a larger --max-batch (`{REBUILD} --max-batch N --force`)"
             )
         if tuple(x.shape[1:]) != self._image_rest:
             raise ValueError(f"frames of shape {tuple(x.shape[1:])}, the engines take {self._image_rest}")
