@@ -64,6 +64,10 @@ class MultiExitConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MultiExitConfig:
+        if d.get("backbone") is not None:  # a torchvision backbone (models.backbones) rebuilds its own way
+            from edgeexit.models.backbones import BackboneConfig
+
+            return BackboneConfig.from_dict(d)
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
@@ -321,6 +325,12 @@ def cumulative_exit_flops(units: list[dict]) -> list[float]:
 
 
 def build_model(config: MultiExitConfig | dict) -> MultiExitNet:
+    """The network a config describes: the multi-exit ResNet18, or a torchvision backbone with exits
+    (a config naming a ``backbone``)."""
     if isinstance(config, dict):
         config = MultiExitConfig.from_dict(config)
+    if not isinstance(config, MultiExitConfig):
+        from edgeexit.models.backbones import BackboneNet
+
+        return BackboneNet(config)
     return MultiExitNet(config)

@@ -59,6 +59,11 @@ class TrainConfig:
     init: str | None = None  # torchvision ResNet18 state_dict to start the backbone from
     strict: bool = False  # ImageFolder: a bad image file is an error (default: skipped, named)
     cache_dir: str | None = None  # ImageFolder: where the decoded-once cache lives (shared by ranks)
+    # A torchvision architecture with exits at its stage boundaries (models.backbones); None: the
+    # multi-exit ResNet18 of --exits/--stem
+    backbone: str | None = None
+    exit_layout: str = "stages"  # with --backbone: stages, or dense (also inside long stages)
+    freeze_trunk: bool = False  # with --backbone and --init: train only the early exit heads
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:  # paths as plain strings: the config is stored in checkpoints
@@ -74,6 +79,13 @@ class TrainConfig:
         option is validated here, once, for the CLI and the Python API alike."""
         if method not in METHODS:
             raise UserError(f"unknown --method '{method}': use one of {', '.join(METHODS)}")
+        if overrides.get("backbone") is not None:
+            for name in ("exits", "stem"):
+                if overrides.get(name) is not None:
+                    raise UserError(
+                        f"{flag(name)} sets the ResNet18 layout; with --backbone exits sit at the network's "
+                        "stage boundaries (--exit-layout stages|dense)"
+                    )
         data = canonical_dataset(data)  # 'CIFAR10' is cifar10 for the recipe, the split and the checkpoint
         # from ImageNet weights, or the ImageNet stem on a folder of photos: the fine-tuning recipe
         finetune = overrides.get("init") is not None or (overrides.get("stem") == "imagenet" and not is_named(data))
@@ -101,6 +113,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Every option checked once (for the CLI and the Python API alike); errors name the flag."""
         _check_model_options(self.recipe)
+        _check_backbone_options(self)
         if self.init is not None and not Path(self.init).is_file():
             from edgeexit.models.pretrained import TORCHVISION_HINT
 
@@ -137,6 +150,28 @@ def _check_model_options(r: Recipe) -> None:
         check_architecture(r.exits, r.stem)
     if r.image_size is not None and not 8 <= r.image_size <= 1024:
         raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
+
+
+def _check_backbone_options(cfg: TrainConfig) -> None:
+    if cfg.backbone is None:
+        for name in ("freeze_trunk",):
+            if getattr(cfg, name):
+                raise UserError(f"{flag(name)} adds exits to a torchvision network: pass --backbone NAME")
+        if cfg.exit_layout != "stages":
+            raise UserError("--exit-layout places the exits of a --backbone network: pass --backbone NAME")
+        return
+    from edgeexit.models.backbones import BACKBONES, LAYOUTS
+
+    if cfg.backbone not in BACKBONES:
+        raise UserError(f"unknown --backbone '{cfg.backbone}': use one of {', '.join(BACKBONES)}")
+    if cfg.exit_layout not in LAYOUTS:
+        raise UserError(f"--exit-layout must be {' or '.join(LAYOUTS)}, got '{cfg.exit_layout}'")
+    if cfg.method not in ("ce", "sd"):
+        # byot and mlcsd mix every exit's pooled features, which need one size at every exit; a
+        # backbone's early heads are narrower than its final features
+        raise UserError(f"--method {cfg.method} is for the ResNet18 layouts; with --backbone use ce or sd")
+    if cfg.freeze_trunk and cfg.init is None:
+        raise UserError("--freeze-trunk adds exits to a network you trained: pass its state_dict with --init FILE")
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -188,7 +223,7 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
     r = cfg.recipe
     size = None
     if not is_named(cfg.data):  # an ImageFolder: its images are brought to the training size
-        side = r.image_size or NATURAL_SIZE[r.stem]
+        side = r.image_size or (224 if cfg.backbone else NATURAL_SIZE[r.stem])
         size = [side, side]
     elif r.image_size is not None:
         raise UserError(f"--image-size is for ImageFolder data; {cfg.data} has a fixed size")
@@ -305,6 +340,42 @@ def _setup(cfg: TrainConfig) -> _Run:
     r = cfg.recipe
     torch.manual_seed(cfg.seed)
     train_set, val_set, split = prepare_data(cfg, world)
+    if cfg.backbone is not None:
+        model = _backbone_model(cfg, train_set)
+    else:
+        model = _resnet_model(cfg, train_set)
+    task = build_task(cfg.method, model, r.loss).to(device)
+    opt = _optimizer(task, model, r)
+    run = _Run(cfg, rank, world, device, Path(cfg.out), train_set, val_set, split, model, task, opt)
+    if cfg.resume:
+        _resume(run)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return run
+
+
+def _backbone_model(cfg: TrainConfig, train_set: ImageDataset):
+    from edgeexit.models.backbones import BackboneConfig, BackboneNet, load_torchvision_weights
+
+    bcfg = BackboneConfig(
+        backbone=cfg.backbone,
+        width=cfg.recipe.width,
+        in_chans=train_set.in_chans,
+        num_classes=train_set.num_classes,
+        input_size=train_set.input_size,
+        layout=cfg.exit_layout,
+        freeze_trunk=cfg.freeze_trunk,
+    )
+    model = BackboneNet(bcfg)
+    if cfg.init is not None:
+        from edgeexit.models.pretrained import load_init_file
+
+        load_torchvision_weights(model, load_init_file(cfg.init))
+    return model
+
+
+def _resnet_model(cfg: TrainConfig, train_set: ImageDataset):
+    r = cfg.recipe
     mcfg = MultiExitConfig(
         exits=r.exits,
         width=r.width,
@@ -318,14 +389,7 @@ def _setup(cfg: TrainConfig) -> _Run:
         from edgeexit.models.pretrained import load_init_file, load_torchvision_resnet18
 
         load_torchvision_resnet18(model, load_init_file(cfg.init), include_fc=mcfg.num_classes == 1000)
-    task = build_task(cfg.method, model, r.loss).to(device)
-    opt = _optimizer(task, model, r)
-    run = _Run(cfg, rank, world, device, Path(cfg.out), train_set, val_set, split, model, task, opt)
-    if cfg.resume:
-        _resume(run)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    return run
+    return model
 
 
 def _optimizer(task, model, r: Recipe) -> torch.optim.Optimizer:
@@ -370,6 +434,9 @@ _RESUME_KEYS = (
     ("recipe", "image_size"),
     ("seed",),
     ("recipe", "loss", "teacher_weights"),
+    ("backbone",),
+    ("exit_layout",),
+    ("freeze_trunk",),
 )
 
 
