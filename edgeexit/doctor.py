@@ -132,8 +132,18 @@ def tensorrt_info(py: dict, jetson: dict) -> dict:
         if verr:
             out["why"] = verr.split(": ", 1)[-1]
             return out
+    _, rerr = _try(_tensorrt_starts, trt, trt_backend)
+    if rerr:  # e.g. the CUDA 13 wheel on a driver < 580: the Runtime cannot be constructed
+        out["why"] = rerr.split(": ", 1)[-1]
+        return out
     out["usable"] = True
     return out
+
+
+def _tensorrt_starts(trt, trt_backend) -> None:
+    """TensorRT starts here: the wheel's CUDA major against the driver's, then a real `trt.Runtime`
+    (a CUDA 13 wheel on a driver < 580 imports fine and fails only there)."""
+    trt_backend.check_tensorrt_runs(trt)
 
 
 def _nvidia_smi() -> dict:
@@ -251,7 +261,7 @@ def artifact_report(artifact, trt: dict, cuda: dict) -> dict:
             out["problems"].append(
                 "its TensorRT engines do not fit this device: "
                 + "; ".join(dict.fromkeys(mismatch))
-                + ": rebuild them here with `edgeexit export MODEL.pt --format engine --force` "
+                + f": rebuild them here with `edgeexit engines {artifact} --force` "
                 "(or run its ONNX units with --backend onnxruntime)"
             )
         elif name != "tensorrt":
