@@ -76,7 +76,52 @@ def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: b
         units.append({"name": segment_name(pos), "kind": "segment", "exit_index": pos + 1, **seg, "tap": out_names[-1]})
         units.append({"name": head_name(pos), "kind": "head", "exit_index": pos + 1, **hd})
         example, in_names = out_state, out_names
+    if opset <= TRT86_MAX_OPSET:
+        check_trt86_ops(folder, units)
     return units
+
+
+# ONNX operators TensorRT 8.6's parser imports, from onnx-tensorrt's operator matrix for 8.5 (opset <= 17;
+# 8.6 imports a superset). LayerNormalization is not among them: a ConvNeXt's LayerNorm exported at
+# opset 17 would fail on the device, so the export names it instead.
+TRT86_MAX_OPSET = 17
+TRT86_OPS = frozenset(
+    """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil
+    Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
+    DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
+    GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
+    GridSample GRU HardSwish HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN LeakyRelu Less
+    LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean
+    MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+    ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform
+    RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean
+    ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round
+    ScaledTanh Scan Scatter ScatterElements ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice
+    Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
+    Transpose Trilu Unsqueeze Upsample Where Xor""".split()
+)
+
+
+def unsupported_ops(path: Path) -> list[str]:
+    """The operators of one ONNX file that TensorRT 8.6 cannot import (sorted, each once)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and n.op_type not in TRT86_OPS})
+
+
+def check_trt86_ops(folder: Path, units: list[dict]) -> None:
+    """At export, not on the device: a unit using an operator TensorRT 8.6 does not import is a
+    UserError naming the unit and the operators."""
+    from edgeexit.errors import UserError
+
+    bad = {u["onnx"]: ops for u in units if (ops := unsupported_ops(folder / u["onnx"]))}
+    if bad:
+        where = "; ".join(f"{name}: {', '.join(ops)}" for name, ops in bad.items())
+        raise UserError(
+            f"TensorRT 8.6 (opset <= {TRT86_MAX_OPSET}) cannot import these operators ({where}): "
+            "export with --opset 18 or later for TensorRT 10, or choose another backbone"
+        )
 
 
 def _export_unit(module, args, inputs, outputs, path: Path, opset: int, simplify: bool) -> dict:

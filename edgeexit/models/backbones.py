@@ -299,6 +299,7 @@ class BackboneNet(nn.Module):
         shapes = block_shapes(blocks, config.in_chans)
         if config.small_input:
             reduce_stem_stride(net, family)
+            blocks, pool, classifier = split_network(net, family)  # the ResNet stem holds the new max-pool
         self.stage_info = stages_of(shapes)
         self.feature_info = [
             {"num_chs": s["num_chs"], "reduction": s["reduction"], "module": f"blocks.{s['end'] - 1}"}

@@ -1,0 +1,227 @@
+"""Torchvision backbones with exits (edgeexit.models.backbones): train, export, calibrate and run.
+
+Each family is trained for a few steps on real Fashion-MNIST at a small width (the small-input
+variant: 28 px, one channel), exported with FP32 parity, INT8 Q/DQ (both flavours) and FP16 units,
+built on the simulated TensorRT 8.6, 10.3 and 11.4 (tests/fake_gpu.py), calibrated and run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from edgeexit.errors import UserError
+from edgeexit.models.backbones import BACKBONES, BackboneConfig, BackboneNet, torchvision_network
+
+SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
+# One architecture per family (six families), at widths that keep each test to seconds
+FAMILIES = {
+    "resnet18": 0.125,
+    "mobilenet_v2": 0.25,
+    "mobilenet_v3_small": 0.25,
+    "efficientnet_b0": 0.25,
+    "regnet_y_400mf": 0.25,
+    "resnet50": 0.0625,
+}
+
+
+def _train(out, backbone, width, **kw):
+    from edgeexit.train.trainer import TrainConfig, train
+
+    cfg = TrainConfig.from_recipe(
+        "fashion-mnist", "ce", out=str(out), epochs=1, limit_train=256, limit_eval=200, batch_size=64,
+        backbone=backbone, width=width, adapt_threads=False, **kw,
+    )  # fmt: skip
+    cfg.recipe = replace(cfg.recipe, val_size=600)
+    return train(cfg, progress=False)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("backbone", list(FAMILIES))
+def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, monkeypatch, test_frames):
+    from fake_gpu import add_engines, install
+
+    from edgeexit.calibrate.run import run_calibration
+    from edgeexit.export.exporter import export_checkpoint
+    from edgeexit.runtime import Cascade
+
+    torch.set_num_threads(1)
+    result = _train(tmp_path / "run", backbone, FAMILIES[backbone])
+    assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss"])
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["config"]["backbone"] == backbone and ckpt["config"]["small_input"] is True
+    k = len(ckpt["units"]) // 2
+    assert k >= 4  # exits at the stride-4, -8 and -16 stage ends and the network's own classifier
+
+    art = tmp_path / "model.edgeexit"
+    manifest, _ = export_checkpoint(
+        tmp_path / "run" / "model.pt", out=art, parity_samples=64, calib_images=400, int8=True, int8_images=64,
+        int8_tolerance=0.2, half=True,
+    )  # fmt: skip
+    assert manifest["parity"]["max_abs_logit_diff"] <= 1e-3
+    assert len(manifest["parity"]["exits"]) == k
+    assert manifest["fp16"]["max_abs_logit_diff"] < 0.1
+    units = manifest["units"]
+    assert all(u.get("onnx_int8") and u.get("onnx_int8_trt") for u in units if u["kind"] == "segment")
+
+    frames, labels = test_frames
+    ref = Cascade.load(art, backend="onnxruntime", thresholds=[0.0] * k, fuse=False)
+    first = [p.exit_index for p in ref.predict_batch(frames[:32])]
+    assert first == [1] * 32  # threshold 0 at exit 1: everything leaves there
+    for version in SURFACES:
+        install(monkeypatch, version=version)
+        for precision in ("fp32", "fp16", "int8"):
+            add_engines(art, version=version, precision=precision)
+            c = Cascade.load(art, backend="tensorrt", precision=precision, thresholds=[2.0] * (k - 1) + [0.0])
+            got = c.predict_batch(frames[:64])
+            assert {p.exit_index for p in got} == {k}, (version, precision)
+            full = Cascade.load(art, backend="onnxruntime", thresholds=[2.0] * (k - 1) + [0.0], fuse=False)
+            agree = np.mean([a.label == b.label for a, b in zip(got, full.predict_batch(frames[:64]), strict=True)])
+            assert agree >= (0.98 if precision != "int8" else 0.8), (version, precision, agree)
+            c.close()
+        monkeypatch.undo()
+    json.loads((art / "manifest.json").read_text())
+
+    r = run_calibration(
+        art, budget_fraction=1.5, backend="onnxruntime", repeats=20, verify_limit=100, iso_accuracy=False,
+        ladder_steps=2,
+    )  # fmt: skip
+    assert len(r["thresholds"]) == k and r["measured"]["latency_ms"] > 0
+    c = Cascade.load(art, backend="onnxruntime")
+    preds = c.predict_batch(frames[:200])
+    assert np.mean([p.label == y for p, y in zip(preds, labels[:200], strict=True)]) > 0.1
+
+
+def _random_bn_stats(net):
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet18"])
+def test_freeze_trunk_final_exit_is_bit_identical_to_the_users_network(backbone, tmp_path, fashion_test):
+    """The user's network (torchvision, 10 classes, its own BN statistics) goes in with --init; after
+    training with --freeze-trunk the final exit's logits equal the network's, bit for bit, while
+    the early heads did learn."""
+    from conftest import normalised
+
+    torch.manual_seed(3)
+    user = torchvision_network(backbone, width=FAMILIES[backbone], num_classes=10)
+    # a 1-channel stem, as a Fashion-MNIST network has
+    from edgeexit.models.backbones import adapt_input_channels
+
+    adapt_input_channels(user, 1)
+    _random_bn_stats(user)
+    path = tmp_path / "user.pth"
+    torch.save(user.state_dict(), path)
+
+    _train(tmp_path / "run", backbone, FAMILIES[backbone], init=str(path), freeze_trunk=True)
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["config"]["freeze_trunk"] is True
+    model = BackboneNet(BackboneConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+
+    # the user's network, at the same (small-input) stem stride, evaluated as the user would
+    from edgeexit.models.backbones import reduce_stem_stride
+
+    reduce_stem_stride(user, BACKBONES[backbone])
+    user.eval()
+    x = torch.from_numpy(normalised(fashion_test, 256))
+    with torch.no_grad():
+        logits, _ = model(x)
+        theirs = user(x)
+    assert torch.equal(logits[-1], theirs)
+    for key, value in user.state_dict().items():  # nothing of the trunk moved, BN statistics included
+        assert torch.equal(model.network.state_dict()[key], value), key
+    fresh = BackboneNet(BackboneConfig.from_dict(ckpt["config"]))
+    assert not torch.equal(model.heads[0].fc.weight, fresh.heads[0].fc.weight)  # the early heads trained
+
+
+def test_freeze_trunk_refuses_a_classifier_for_other_classes(tmp_path):
+    net = torchvision_network("mobilenet_v3_small", width=0.25, num_classes=1000)
+    path = tmp_path / "imagenet.pth"
+    torch.save(net.state_dict(), path)
+    with pytest.raises(UserError, match="--freeze-trunk keeps the network's own classifier"):
+        _train(tmp_path / "run", "mobilenet_v3_small", 0.25, init=str(path), freeze_trunk=True)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"backbone": "vgg16"}, "unknown --backbone 'vgg16'"),
+        ({"backbone": "resnet18", "exits": 8}, "--exits sets the ResNet18 layout"),
+        ({"backbone": "resnet18", "exit_layout": "every"}, "--exit-layout must be stages or dense"),
+        ({"freeze_trunk": True}, "--freeze-trunk adds exits to a torchvision network"),
+        ({"backbone": "resnet18", "freeze_trunk": True}, "pass its state_dict with --init"),
+    ],
+)
+def test_bad_backbone_options_are_one_line_errors(kw, message, tmp_path):
+    from edgeexit.train.trainer import TrainConfig
+
+    with pytest.raises(UserError, match=message):
+        TrainConfig.from_recipe("fashion-mnist", "ce", out=str(tmp_path / "r"), **kw)
+
+
+def test_mlcsd_is_refused_with_a_backbone(tmp_path):
+    from edgeexit.train.trainer import TrainConfig
+
+    with pytest.raises(UserError, match="with --backbone use ce or sd"):
+        TrainConfig.from_recipe("fashion-mnist", "mlcsd", out=str(tmp_path / "r"), backbone="mobilenet_v2")
+
+
+def test_stages_are_measured_and_exits_sit_at_their_ends():
+    m = BackboneNet(BackboneConfig(backbone="mobilenet_v2", width=0.25, in_chans=1, input_size=[28, 28]))
+    assert [s["reduction"] for s in m.stage_info] == [2, 4, 8, 16, 32]
+    # exits after the stride-4, -8 and -16 stages, then the network's own classifier
+    assert m.exit_blocks == [s["end"] for s in m.stage_info[1:]]
+    dense = BackboneNet(
+        BackboneConfig(backbone="mobilenet_v2", width=0.25, in_chans=1, input_size=[28, 28], layout="dense")
+    )
+    assert len(dense.heads) > len(m.heads) and set(m.exit_blocks) <= set(dense.exit_blocks)
+    big = BackboneNet(BackboneConfig(backbone="resnet18", width=0.125, input_size=[64, 64]))
+    assert big.config.small_input is False
+    x = torch.zeros(1, 3, 64, 64)
+    assert big.segments[0](x)[0].shape[-1] == 16  # stride 4 at the first exit: the published stem
+    small = BackboneNet(BackboneConfig(backbone="resnet18", width=0.125, input_size=[32, 32]))
+    assert small.segments[0](torch.zeros(1, 3, 32, 32))[0].shape[-1] == 32  # the stride-1 stem
+
+
+def test_an_operator_tensorrt_86_cannot_import_is_named_at_export(tmp_path):
+    from torch import nn
+
+    from edgeexit.export.onnx_units import check_trt86_ops, export_units
+
+    m = BackboneNet(BackboneConfig(backbone="mobilenet_v3_small", width=0.25, in_chans=1, input_size=[28, 28]))
+    # a LayerNorm over channels inside the last segment (what ConvNeXt has): opset 17's LayerNormalization
+    m.segments[-1].blocks.append(_ChannelNorm(m.feat_dim))
+    with pytest.raises(UserError, match=r"seg_04\.onnx: LayerNormalization"):
+        export_units(m.eval(), tmp_path, opset=17)
+    units = export_units(m.eval(), tmp_path, opset=18)  # TensorRT 10 imports it: no error
+    with pytest.raises(UserError, match="LayerNormalization"):
+        check_trt86_ops(tmp_path, units)
+    assert isinstance(m.segments[-1].blocks[-1], nn.Module)
+
+
+class _ChannelNorm(torch.nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(c)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_init_with_another_width_names_the_key(tmp_path):
+    from edgeexit.models.backbones import load_torchvision_weights
+
+    sd = torchvision_network("regnet_y_400mf", width=0.25).state_dict()
+    m = BackboneNet(BackboneConfig(backbone="regnet_y_400mf", width=0.5, in_chans=3, input_size=[32, 32]))
+    with pytest.raises(UserError, match="torchvision's weights need --width 1"):
+        load_torchvision_weights(m, sd)
