@@ -23,12 +23,32 @@ from edgeexit import __version__
 from edgeexit.errors import UserError
 from edgeexit.util import esc
 
+
+def _flags_without_type() -> None:
+    """Typer's rich help prints a flag (--quiet, --force, --version) with the type column ``<bool>``, as
+    if it took a value; a flag takes none, so its type column is left empty (only the help changes)."""
+    from typer.core import TyperOption
+
+    show = getattr(TyperOption, "display_type_rich", None)
+    if show is None or getattr(show, "_edgeexit", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and not getattr(self, "count", False) else show(self, ctx)
+
+    display_type_rich._edgeexit = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_type()
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
-    help="Train multi-exit (MLCSD) classifiers and deploy them as calibrated early-exit cascades.\n\n"
+    help="Train multi-exit image classifiers and run them as early-exit cascades calibrated on your device to a "
+    "latency budget or an accuracy promise.\n\n"
     "Flow: [bold]train[/] → model.pt → [bold]export[/] → NAME.edgeexit/ → [bold]calibrate[/] --budget 5ms → "
     "[bold]run[/] / Cascade in your app. [bold]quickstart[/] does all of it on Fashion-MNIST.",
 )

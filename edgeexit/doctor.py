@@ -233,6 +233,97 @@ def opencv_info() -> dict:
     return {"version": cv2.__version__, "video_backends": wanted, "video_io": backends}
 
 
+def tensorrt_install_why(cuda: dict) -> str:
+    """Why TensorRT is absent and the ONE command that installs it on this machine (x86 or other
+    non-Jetson): the wheel's CUDA major follows the driver (cuda-python 13 needs driver >= 580)."""
+    if not cuda.get("gpu"):
+        return "not installed; it needs an NVIDIA GPU and none was found here (ONNX Runtime runs these artifacts)"
+    driver = cuda.get("driver_cuda")
+    try:
+        major = int(str(driver).split(".")[0])
+    except ValueError:
+        major = 12
+    if major >= 13:
+        return "not installed: `pip install 'tensorrt-cu13>=10,<12' 'cuda-python>=13,<14'`"
+    return "not installed: `pip install 'tensorrt-cu12>=8.6,<12' 'cuda-python>=12,<13'`"
+
+
+def _one_install_command(why: str) -> str:
+    """The backend choice's reason without the general TensorRT install text (it names commands for
+    several machines); the TensorRT line gives the one for this machine."""
+    from edgeexit.runtime.backends.tensorrt import INSTALL_HINT
+
+    return why.replace(INSTALL_HINT, "TensorRT is not installed (see the TensorRT line)")
+
+
+# Camera indices doctor tries, and the time it may spend on them all: a camera opens in well under a
+# second, and an index with nothing behind it fails at once.
+CAMERA_INDICES = 10
+CAMERA_PROBE_S = 5.0
+
+
+def camera_info(indices: int = CAMERA_INDICES, budget_s: float = CAMERA_PROBE_S) -> dict:
+    """The cameras OpenCV can open here (index, frame size), trying indices 0..indices-1 for at most
+    ``budget_s`` in all. On Linux only the indices with a /dev/videoN node are tried (none: no camera,
+    and OpenCV is not asked at all)."""
+    import time
+
+    cv2, err = _try(importlib.import_module, "cv2")
+    if cv2 is None:
+        return {"probed": [], "found": [], "error": err}
+    candidates = list(range(indices))
+    if sys.platform.startswith("linux"):
+        candidates = [i for i in candidates if Path(f"/dev/video{i}").exists()]
+    found, probed, t0 = [], [], time.perf_counter()
+    level = _quiet_opencv(cv2)
+    try:
+        for i in candidates:
+            if time.perf_counter() - t0 > budget_s:
+                break
+            probed.append(i)
+            cap = cv2.VideoCapture(i)
+            try:
+                ok, frame = cap.read() if cap.isOpened() else (False, None)
+            except Exception:
+                ok, frame = False, None
+            finally:
+                cap.release()
+            if ok and frame is not None:
+                found.append({"index": i, "width": int(frame.shape[1]), "height": int(frame.shape[0])})
+    finally:
+        _quiet_opencv(cv2, level)
+    return {"probed": probed, "found": found, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _quiet_opencv(cv2, level=None):
+    """Silence OpenCV's per-index warnings while probing (returns the level to restore)."""
+    logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging is None:
+        return None
+    try:
+        if level is not None:
+            logging.setLogLevel(level)
+            return level
+        old = logging.getLogLevel()
+        logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+        return old
+    except Exception:
+        return None
+
+
+def _camera_line(cams: dict | None) -> str:
+    if not cams:
+        return "Cameras       not probed"
+    if cams.get("error"):
+        return "Cameras       unknown: OpenCV is absent (`pip install 'edgeexit[camera]'`)"
+    if not cams["found"]:
+        where = f"tried {', '.join(map(str, cams['probed']))}" if cams["probed"] else "no /dev/video device"
+        return f"Cameras       no camera found ({where}): `run --source N` needs one"
+    return "Cameras       " + ", ".join(
+        f"{c['index']} ({c['width']}×{c['height']})" for c in cams["found"]
+    ) + " (use `run --source INDEX`)"
+
+
 # -- artifact -----------------------------------------------------------------------------------
 def artifact_report(artifact, trt: dict, cuda: dict) -> dict:
     from edgeexit.runtime.artifact import Artifact
@@ -243,7 +334,8 @@ def artifact_report(artifact, trt: dict, cuda: dict) -> dict:
     out: dict = {"path": str(artifact), "auto_backend": name, "auto_why": why, "problems": []}
     engines = [e.info for e in art.engines]
     if engines:
-        built = sorted({(e.get("device_name"), e.get("compute_capability"), e.get("trt_version")) for e in engines})
+        found = {(e.get("device_name"), e.get("compute_capability"), e.get("trt_version")) for e in engines}
+        built = sorted(found, key=lambda t: tuple("" if v is None else str(v) for v in t))  # a field may be absent
         out["engines"] = [{"device_name": d, "compute_capability": c, "trt_version": v} for d, c, v in built]
         here_cc, here_trt = cuda.get("compute_capability"), trt.get("version")
         mismatch = []
@@ -314,6 +406,8 @@ def diagnose(artifact=None) -> dict:
     jetson = jetson_info()
     trt = tensorrt_info(py, jetson)
     cuda = cuda_info()
+    if trt["version"] is None and not jetson["jetson"] and not trt.get("jetson_venv"):
+        trt["why"] = tensorrt_install_why(cuda)
     report = {
         "python": py,
         "numpy": numpy_info(),
@@ -322,6 +416,7 @@ def diagnose(artifact=None) -> dict:
         "cuda": cuda,
         "jetson": jetson,
         "opencv": opencv_info(),
+        "cameras": camera_info(),
         "cpu_threads": os.cpu_count(),
         "torch_imported": sys.modules.get("torch") is not None,
     }
@@ -392,7 +487,9 @@ def doctor_text(report: dict) -> list[str]:
         lines.append(
             f"OpenCV        absent ({cv.get('error')}): video and camera sources need `pip install 'edgeexit[camera]'`"
         )
-    lines.append(f"auto backend  {report['auto_backend']} ({report.get('auto_why') or report['artifact']['auto_why']})")
+    lines.append(_camera_line(report.get("cameras")))
+    why = report.get("auto_why") or report["artifact"]["auto_why"]
+    lines.append(f"auto backend  {report['auto_backend']} ({_one_install_command(why)})")
     art = report.get("artifact")
     if art:
         lines += _artifact_lines(art, yn)

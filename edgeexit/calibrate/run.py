@@ -200,6 +200,17 @@ def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
         f"  full model (every intermediate exit skipped): {full_ms:.3f} ms predicted; cheapest cascade "
         f"{cost.min_ms():.3f} ms"
     )
+    if opts.limited and budget_ms >= full_ms:
+        then = (
+            "the --max-drop promise alone chooses the plan"
+            if opts.max_drop is not None
+            else "the plan becomes the most accurate one, which costs about what the full model costs (no speed-up)"
+        )
+        say(
+            f"  [bold yellow]warning[/]: the budget {budget_ms:.3f} ms is above the full model's {full_ms:.3f} ms on "
+            f"this device, so it limits nothing: {then}. To run faster give less, e.g. "
+            f"--budget {0.6 * full_ms:.3g}ms or --budget 60%"
+        )
     return budget_ms
 
 
@@ -225,10 +236,14 @@ def _choose(m: Measurements, opts: CalibrationOptions, cost: CostModel, budget_m
     if opts.max_drop is not None:
         return _choose_within_drop(m, opts, cost, budget_ms, say)
     crossfit = cross_fitted(m.conf, m.correct, cost, budget_ms, opts.metric, seed=opts.seed)
+    names = {"optimised": "edgeexit's optimiser", "msdnet": "MSDNet's thresholds", "full-model": "the full model"}
     say(
-        f"  chosen out of fold ({crossfit.folds} folds): [bold]{crossfit.chosen}[/] — "
+        f"  thresholds from [bold]{names.get(crossfit.chosen, crossfit.chosen)}[/], the most accurate on frames its "
+        f"thresholds were not fitted on ({crossfit.folds} rounds, each fitting on {crossfit.folds - 1}/"
+        f"{crossfit.folds} of the frames and scoring the rest): "
         + ", ".join(
-            f"{a} {100 * v['accuracy']:.2f}%" if v else f"{a} infeasible" for a, v in crossfit.out_of_fold.items()
+            f"{names.get(a, a)} {100 * v['accuracy']:.2f}%" if v else f"{names.get(a, a)} cannot meet the budget"
+            for a, v in crossfit.out_of_fold.items()
         )
     )
     return Choice(crossfit.solution, crossfit.frontier, crossfit=crossfit)
@@ -249,14 +264,15 @@ def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float
     chosen = m.evaluate(cost, th, opts.metric)
     advice = _frames_advice(m, cost, p, opts.max_drop)
     say(
-        f"  --max-drop {100 * opts.max_drop:.2f}pt at {100 * opts.confidence:.0f}%: fixed-sequence test on {n} "
-        f"frames; chosen {chosen.latency_ms:.3f} ms ({cost.full_ms() / chosen.latency_ms:.2f}× the full model), "
-        f"drop ≤ {100 * p.drop_bound:.2f} pt"
+        f"  --max-drop {100 * opts.max_drop:.2f}pt at {100 * opts.confidence:.0f}% confidence: the fastest plan whose "
+        f"accuracy drop vs the full model is at most {100 * p.drop_bound:.2f} pt with that confidence on {n} "
+        f"frames; predicted {chosen.latency_ms:.3f} ms (measured below)"
     )
     for x, need in advice.items():
         say(
-            f"  {x}× at {100 * opts.max_drop:.2f} pt "
-            + (f"needs ≈ {need:,} frames: re-export with --calib-images {need}" if need else "is out of reach")
+            f"  {x}× as fast within {100 * opts.max_drop:.2f} pt "
+            + (f"would need ≈ {need:,} stored frames: re-export with --calib-images {need}"
+               if need else "is out of reach")
         )
     _, frontier = optimize(m.conf, m.correct, cost, budget_ms, opts.metric, pairs=False)
     return Choice(chosen, frontier, promise=p, frames_needed=advice)
@@ -274,8 +290,7 @@ def _verify(
         note = (
             f"budget {budget_ms:.3f} ms is at or above the full model ({full_ms:.3f} ms): final-exit accuracy "
             f"({final_acc:.4f}) is kept; thresholds only add exits that help"
-        )
-        say(f"  [yellow]{note}[/]")
+        )  # said as a warning when the budget was read (`_budget`); kept in the report
     base = msdnet_baseline(m.conf, m.correct, cost, budget_ms, opts.metric)
     full_solution = m.evaluate(cost, CascadePlan.full_model(k).thresholds, opts.metric)
     # the chosen plan, the full model and the baseline on the same moments: their latencies compare
@@ -410,3 +425,11 @@ def _write(s: _Session, opts: CalibrationOptions, report: CalibrationReport, say
         say("  (matplotlib not installed: no plot)")
     write_calibration(s.cascade.artifact, report.manifest_block())
     return report
+    from edgeexit.calibrate.history import PREVIOUS_NAME, describe, keep_previous
+
+    replaced = keep_previous(s.cascade.artifact)  # saved before the manifest changes: never lost
+    if replaced is not None:
+        say(
+            f"  [yellow]replaced[/] the earlier calibration ({esc(describe(replaced))}); it is kept in "
+            f"{PREVIOUS_NAME}: `edgeexit calibrate {esc(str(s.folder))} --restore` puts it back"
+        )

@@ -40,24 +40,40 @@ def info_table(artifact) -> Table:
             f"{min(e['prediction_agreement'] for e in parity['exits']):.4f}"
         )
     if cal:
-        lines.append(
-            f"calibrated on {cal['backend']} ({cal['device'].get('device') or cal['device'].get('cpu')}): "
-            f"budget {cal['budget_ms']:.3f} ms ({cal['metric']}), thresholds "
-            f"{[round(x, 4) for x in cal['thresholds']]}, measured accuracy {cal['measured']['accuracy']:.4f} at "
-            f"{cal['measured']['latency_ms']:.3f} ms"
-        )
-        cert = cal.get("certifiable")
-        if isinstance(cert, dict) and isinstance(cert.get("frontier"), list):
-            from edgeexit.calibrate.report import frontier_text
-
-            lines.append(
-                f"certifiable drop vs the full model ({100 * cert['confidence']:.0f}%, {cert['n_frames']} frames): "
-                + frontier_text(cert["frontier"])
-            )
+        lines += _calibration_lines(artifact, cal)
     else:
         lines.append("not calibrated: run `edgeexit calibrate ARTIFACT --budget 5ms`")
     t.caption = "\n".join(lines)
     return t
+
+
+def _calibration_lines(artifact, cal: dict) -> list[str]:
+    """The calibration as `calibrate` prints it: its goal (budget or --max-drop promise), each exit's
+    threshold in words (skip / 0.8000 / accept all), what was measured, and the one speed-up figure."""
+    from edgeexit.calibrate.history import PREVIOUS_NAME, plan_goal, threshold_words
+    from edgeexit.calibrate.report import FRONTIER_WORDS, frontier_text, speedup
+
+    meas = cal["measured"]
+    lines = [
+        f"calibrated {cal.get('created') or ''} on {cal['backend']} "
+        f"({cal['device'].get('device') or cal['device'].get('cpu')}) for {plan_goal(cal)}",
+        "thresholds: " + ", ".join(f"exit {k} {w}" for k, w in enumerate(threshold_words(cal["thresholds"]), 1)),
+    ]
+    full = (cal.get("full_model") or {}).get("measured")
+    faster = f"; {speedup(full, meas):.2f}× as fast as the full model" if full and meas.get("mean_ms") else ""
+    lines.append(
+        f"measured on {meas.get('samples', '?')} verification frames: accuracy {100 * meas['accuracy']:.2f}%, "
+        f"mean {meas.get('mean_ms', meas['latency_ms']):.3f} ms{faster}"
+    )
+    cert = cal.get("certifiable")
+    if isinstance(cert, dict) and isinstance(cert.get("frontier"), list):
+        lines.append(
+            f"{FRONTIER_WORDS}{frontier_text(cert['frontier'])} ({100 * cert['confidence']:.0f}% confidence, "
+            f"{cert['n_frames']} frames)"
+        )
+    if (artifact.folder / PREVIOUS_NAME).is_file():
+        lines.append(f"an earlier calibration is kept: `edgeexit calibrate {artifact.folder} --restore` puts it back")
+    return lines
 
 
 def _quantization_lines(q) -> list[str]:

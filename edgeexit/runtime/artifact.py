@@ -640,6 +640,10 @@ def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
                 f"must be one of {', '.join(PRECISIONS)}, got {e.get('precision')!r}",
                 "rebuild the engines (edgeexit export --format engine)",
             )
+        for key in ("trt_version", "device_name", "compute_capability"):  # compared and sorted as strings
+            if e.get(key) is not None and not isinstance(e[key], str):
+                raise bad(f"units[{name}].engines[{i}].{key}", f"must be a string, got {e[key]!r}",
+                          "rebuild the engines (edgeexit export --format engine)")  # fmt: skip
         parsed.append(Engine(artifact_file(folder, e.get("path")), e["precision"], _freeze(e)))
     stats = {key: u.get(key) for key in ("flops", "params", "parity_max_abs_diff")}
     stats = {key: v if _finite(v) else None for key, v in stats.items()}
@@ -797,6 +801,7 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
     device = cal.get("device")
     if device is not None and not isinstance(device, dict):
         raise bad("calibration.device", f"must be an object, got {type(device).__name__}", fix)
+    _check_calibration_numbers(cal, bad, fix)
     th = cal.get("thresholds")
     predicted = cal.get("predicted")
     drift = cal.get("drift_reference")
@@ -818,6 +823,50 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
         drift_reference=_freeze(drift) if drift is not None else None,
         block=_freeze(cal),
     )
+
+
+_MS_FIELDS = ("mean_ms", "p95_ms", "latency_ms")
+
+
+def _object(cal: dict, name: str, bad, fix: str) -> dict:
+    value = cal.get(name.rsplit(".", 1)[-1])
+    if value is not None and not isinstance(value, dict):
+        raise bad(f"calibration.{name}", f"must be an object, got {type(value).__name__} {_short(value)}", fix)
+    return value or {}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _check_numbers(block: dict, name: str, bad, fix: str) -> None:
+    """Latencies in ``block`` positive finite numbers, an accuracy within [0, 1] (None: not recorded)."""
+    for key in (*_MS_FIELDS, "accuracy"):
+        v = block.get(key)
+        if v is None:
+            continue
+        ok = type(v) in (int, float) and math.isfinite(v) and (0 <= v <= 1 if key == "accuracy" else v > 0)
+        if not ok:
+            want = "a number within [0, 1]" if key == "accuracy" else "a positive finite number of milliseconds"
+            raise bad(f"calibration.{name}.{key}", f"must be {want}, got {_short(v)}", fix)
+
+
+def _check_calibration_numbers(cal: dict, bad, fix: str) -> None:
+    """The calibration block's predicted and measured figures, typed all the way: what the budget
+    controller, `run --budget 50%` and doctor read from them is a number or absent, never a string
+    or a list that fails later as a raw exception."""
+    for name in ("predicted", "measured"):
+        _check_numbers(_object(cal, name, bad, fix), name, bad, fix)
+    exit_ms = _object(cal, "measured", bad, fix).get("exit_ms")
+    if exit_ms is not None and not (isinstance(exit_ms, list) and all(v is None or _finite(v) for v in exit_ms)):
+        raise bad("calibration.measured.exit_ms", f"must list a number (or null) per exit, got {_short(exit_ms)}", fix)
+    full = _object(cal, "full_model", bad, fix)
+    predicted_ms = full.get("predicted_ms")
+    if predicted_ms is not None and not (_finite(predicted_ms) and predicted_ms > 0):
+        got = _short(predicted_ms)
+        raise bad("calibration.full_model.predicted_ms", f"must be a positive finite number, got {got}", fix)
+    _check_numbers(_object(full, "full_model.measured", bad, fix), "full_model.measured", bad, fix)
 
 
 def content_id(folder: Path, m: dict) -> str:

@@ -482,18 +482,10 @@ def _check_same_split(last: Path, ckpt: dict, now: dict) -> None:
 
 
 def _progress_bar(console, show: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """A bar per epoch on a terminal; one line per epoch in a log file (edgeexit/progress.py)."""
+    from edgeexit.progress import progress
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[ips]:.0f} img/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not show,
-        transient=False,
-    )
+    return progress(console, "loss {task.fields[loss]:.3f}  {task.fields[ips]:.0f} img/s", show=show)
 
 
 def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int) -> tuple:
