@@ -175,7 +175,7 @@ def _measure(s: _Session, opts: CalibrationOptions, console) -> Measurements:
         ).hexdigest()[:12]
         stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
     correct = stats["prediction"] == s.labels[s.decide_idx][:, None]
-    return Measurements(profile, groups, overhead_ms, stats["confidence"], correct)
+    return Measurements(profile, groups, overhead_ms, stats["confidence"], correct, stats["prediction"])
 
 
 def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
@@ -409,7 +409,20 @@ def _assemble(
         },
         msdnet_curve=tuple(msd_curve),
         certifiable={"confidence": opts.confidence, "n_frames": m.num_frames, "frontier": iso.frontier},
+        drift_reference=_drift_reference(s, m, verification.chosen.solution.plan),
     )
+
+
+def _drift_reference(s: _Session, m: Measurements, plan: CascadePlan) -> dict | None:
+    """What the runtime's drift monitor compares a camera's frames with (runtime/monitor.py): the
+    exit confidences of every stored frame on the units and precision calibrated here, and the
+    classes the chosen plan answers."""
+    from edgeexit.runtime.monitor import reference_statistics
+
+    answered = None
+    if m.prediction is not None:
+        answered = m.prediction[np.arange(m.num_frames), plan.exit_positions(m.conf)]
+    return reference_statistics(m.conf, answered, len(s.cascade.class_names), plan.to_list())
 
 
 def _write(s: _Session, opts: CalibrationOptions, report: CalibrationReport, say) -> CalibrationReport:

@@ -36,6 +36,8 @@ from edgeexit.runtime import profiling
 from edgeexit.runtime.artifact import Artifact, as_artifact, runtime_fields
 from edgeexit.runtime.backends import BackendOptions, Runner, choose_backend, create_backend
 from edgeexit.runtime.backends.options import option_names
+from edgeexit.runtime.monitor import DriftMonitor, monitor_for
+from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.plan import CascadePlan, head_name
 from edgeexit.runtime.policies import get_policy
 from edgeexit.runtime.preprocessing import Preprocessor
@@ -50,6 +52,9 @@ class Prediction:
     latency_ms: float
     unit_latency_ms: dict[str, float] | None = None  # only with unit_timing=True
     deadline_hit: bool = False  # True when a deadline stopped the cascade before a confident exit
+    # the first evaluated exit's confidence (what the drift monitor watches); only with a drift
+    # monitor or CascadeOptions(first_confidence=True), so the default path does not pay for it
+    first_confidence: float | None = None
 
 
 class CascadeClosedError(RuntimeError):
@@ -71,7 +76,8 @@ class CascadeOptions:
     runtime/fusion.py). ``unit_timing``: fill ``Prediction.unit_latency_ms`` (a few µs per frame).
     ``budget_ms``: hold the mean latency at this budget as the device drifts, moving along the
     calibration's ladder of plans (`Cascade.controller`). ``budget_window``: frames per controller
-    decision (None: the controller's default for the calibrated metric)."""
+    decision (None: the controller's default for the calibrated metric). ``first_confidence``: fill
+    ``Prediction.first_confidence`` (what a drift monitor watches; on with ``drift=``)."""
 
     policy: str | None = None
     input_order: str = "RGB"
@@ -79,6 +85,7 @@ class CascadeOptions:
     unit_timing: bool = False
     budget_ms: float | None = None
     budget_window: int | None = None
+    first_confidence: bool = False
 
     def __post_init__(self) -> None:
         if self.policy is not None:
@@ -87,6 +94,7 @@ class CascadeOptions:
             raise ValueError(f"input_order must be RGB or BGR, got {self.input_order}")
         object.__setattr__(self, "fuse", bool(self.fuse))
         object.__setattr__(self, "unit_timing", bool(self.unit_timing))
+        object.__setattr__(self, "first_confidence", bool(self.first_confidence))
         b = self.budget_ms
         if b is not None:
             number = isinstance(b, int | float | np.integer | np.floating) and not isinstance(b, bool | np.bool_)
@@ -193,6 +201,7 @@ class Cascade:
         options: CascadeOptions | None = None,
         *,
         owns_runner: bool = False,
+        drift=None,
         **option_fields,
     ) -> None:
         """``manifest``: the `Artifact` (`Artifact.load`), or a manifest dict: one from
@@ -200,7 +209,10 @@ class Cascade:
         runner of your own. ``options``: `CascadeOptions`; its fields are also accepted by keyword
         (``policy=``, ``input_order=``, ``fuse=``, ``unit_timing=``, ``budget_ms=``, ``budget_window=``).
         ``owns_runner``: whether `close` (or a failure here) closes ``runner``. Polygraphy's rule: a
-        runner handed in stays the caller's (False, the default); `Cascade.load` creates and owns one."""
+        runner handed in stays the caller's (False, the default); `Cascade.load` creates and owns one.
+        ``drift``: True or a `DriftOptions` to watch the frames for drift from the calibration
+        frames (``cascade.drift``, runtime/monitor.py); an artifact calibrated without the monitor's
+        reference raises `DriftUnavailableError`."""
         if not isinstance(runner, Runner):
             raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
         try:
@@ -219,7 +231,12 @@ class Cascade:
                 controller, thresholds = _controller(
                     cal.to_dict() if cal is not None else {}, options, shared.num_exits
                 )
-            self._init_view(shared, options, thresholds, latency, controller, root=True)
+            monitor = None
+            drift_options = as_drift_options(drift)
+            if drift_options is not None:
+                monitor = monitor_for(cal, shared.num_exits, drift_options)
+                options = options.replace(first_confidence=True)
+            self._init_view(shared, options, thresholds, latency, controller, root=True, drift=monitor)
         except BaseException:
             if owns_runner:
                 runner.close()
@@ -233,8 +250,14 @@ class Cascade:
                 stacklevel=3,
             )
 
-    def _init_view(self, shared: _Shared, options: CascadeOptions, thresholds, latency, controller, root=False):
+    def _init_view(
+        self, shared: _Shared, options: CascadeOptions, thresholds, latency, controller, root=False, drift=None
+    ):
         """Every field of a view, in one place: `__init__` and `derive` both come here."""
+        self.drift: DriftMonitor | None = drift
+        if options.first_confidence or drift is not None:
+            # the watched hot path, bound on this instance only: a cascade without it runs `_run` untouched
+            self._run = self._run_watched
         self._shared, self._root, self._closed = shared, root, False
         self.runner, self._lock = shared.runner, shared.lock
         self.artifact, self.manifest = shared.artifact, shared.manifest
@@ -267,6 +290,7 @@ class Cascade:
         thresholds=None,
         options: CascadeOptions | None = None,
         backend_options: BackendOptions | None = None,
+        drift=None,
         **keywords,
     ) -> Cascade:
         """Open NAME.edgeexit with a runner this cascade owns (`close` closes it). ``backend``: auto
@@ -274,7 +298,9 @@ class Cascade:
         torch. ``options``: `CascadeOptions` (policy, input_order, fuse, unit_timing, budget_ms, ...).
         ``backend_options``: the chosen backend's typed options (`OnnxRuntimeOptions`, `TorchOptions`,
         `TensorRTOptions`: precision, threads, io_binding, device, cuda_graphs, ...). Both are also
-        accepted field by field as keywords: ``Cascade.load(path, budget_ms=5, precision="int8")``."""
+        accepted field by field as keywords: ``Cascade.load(path, budget_ms=5, precision="int8")``.
+        ``drift``: True or a `DriftOptions`: watch for frames unlike the calibration frames
+        (``cascade.drift.state()``; runtime/monitor.py)."""
         unknown = sorted(set(keywords) - _OPTION_FIELDS - option_names())
         if unknown:
             raise TypeError(
@@ -287,7 +313,7 @@ class Cascade:
         precision = backend_kw.get("precision", backend_options.precision if backend_options is not None else None)
         name, why = choose_backend(art, backend, precision)
         runner = create_backend(art, name, backend_options, **backend_kw)
-        cascade = cls(art, runner, thresholds, options, owns_runner=True)  # closes the runner if it fails
+        cascade = cls(art, runner, thresholds, options, owns_runner=True, drift=drift)  # closes the runner if it fails
         cascade._shared.backend_choice = why
         return cascade
 
@@ -313,6 +339,11 @@ class Cascade:
     def preprocessing(self):
         """The artifact's `Preprocessing` (input size, channels, mean, std): what `Preprocessor` takes."""
         return self._shared.preprocessing
+
+    @property
+    def calibration(self):
+        """The artifact's typed `Calibration` (runtime/artifact.py), or None when not calibrated."""
+        return self._shared.calibration
 
     @property
     def fuse(self) -> bool:
@@ -348,10 +379,17 @@ class Cascade:
         """Per-unit p95 latency used by ``deadline_ms`` (from calibration, or `Cascade.profile`)."""
         self._unit_p95 = profiling.unit_latency_table(self.plan, p95_ms)
 
-    def derive(self, thresholds=None, fuse: bool | None = None, input_order: str | None = None) -> Cascade:
+    def derive(
+        self,
+        thresholds=None,
+        fuse: bool | None = None,
+        input_order: str | None = None,
+        first_confidence: bool | None = None,
+    ) -> Cascade:
         """Another view over the same loaded runner (and lock) with other thresholds, fusion or
         frame channel order. Without thresholds it keeps this cascade's plan and budget controller (a
-        switch moves both); with them, no controller moves it. Closing it leaves the runner open;
+        switch moves both) and its drift monitor (its frames are watched too); with them, neither.
+        ``first_confidence``: fill ``Prediction.first_confidence``. Closing it leaves the runner open;
         closing the cascade it came from closes the view too (its calls raise CascadeClosedError)."""
         self._check_open()
         changes: dict = {} if thresholds is None else {"budget_ms": None}
@@ -359,10 +397,15 @@ class Cascade:
             changes["fuse"] = fuse
         if input_order is not None:
             changes["input_order"] = input_order
+        if first_confidence is not None:
+            changes["first_confidence"] = first_confidence
         controller = self.controller if thresholds is None else None
+        drift = self.drift if thresholds is None else None
+        if drift is not None:
+            changes["first_confidence"] = True
         view = type(self).__new__(type(self))
         plan = self.plan if thresholds is None else thresholds
-        view._init_view(self._shared, self.options.replace(**changes), plan, self._unit_p95, controller)
+        view._init_view(self._shared, self.options.replace(**changes), plan, self._unit_p95, controller, drift=drift)
         return view
 
     def confidence(self, head) -> np.ndarray:
@@ -438,10 +481,40 @@ class Cascade:
                 return Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
         raise AssertionError("unreachable: the last exit always accepts")
 
+    def _run_watched(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
+        """`_run` that also keeps the first evaluated exit's confidence (it always runs) in the
+        prediction and feeds the drift monitor: bound in place of `_run` only on a cascade that
+        watches, so one that does not pays nothing."""
+        runner = self.runner
+        fused = self._fuse
+        policy = self._policy
+        th = plan.thresholds
+        last = self.num_exits - 1
+        state = runner.from_host(x)
+        first = None
+        for group, pos in plan.groups:
+            if fused:
+                state, head = runner.run_exit(group, pos, state)
+            else:
+                state = one_by_one(runner, group, pos, state)
+                head = runner.run_head(pos, state[-1])
+            conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
+            if first is None:
+                first, first_pos = conf, pos
+            if pos == last or conf >= th[pos]:
+                label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
+                pred = Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
+                pred.first_confidence = first
+                if self.drift is not None:
+                    self.drift.observe(first_pos, first, label, plan)
+                return pred
+        raise AssertionError("unreachable: the last exit always accepts")
+
     def _run_timed(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
         """`_run` with each group's and head's latency recorded (``unit_timing=True``)."""
         runner, clock, units_ms = self.runner, time.perf_counter, {}
         state = runner.from_host(x)
+        watched = None
         for (first, pos), name in zip(plan.groups, plan.group_names, strict=True):
             t = clock()
             state = runner.run_segments(first, pos, state) if self._fuse else one_by_one(runner, first, pos, state)
@@ -450,8 +523,9 @@ class Cascade:
             head = runner.run_head(pos, state[-1])
             conf = float(self.confidence(head)[0])
             units_ms[head_name(pos)] = (clock() - t2) * 1e3
+            watched = watched or (pos, conf)
             if plan.accepts(pos, conf):
-                return self._prediction(pos, conf, head, t0, units_ms)
+                return self._prediction(pos, conf, head, t0, units_ms, watched=watched, plan=plan)
         raise AssertionError("unreachable: the last exit always accepts")
 
     def _run_deadline(self, x: np.ndarray, plan: CascadePlan, t0: float, deadline_ms: float) -> Prediction:
@@ -468,13 +542,14 @@ class Cascade:
         seg_p95, head_p95 = self._unit_p95
         runner, units_ms, best, last = self.runner, {}, None, self.num_exits - 1
         state = runner.from_host(x)
+        first_pos, watched = plan.groups[0][1], None  # the watched exit, if the deadline lets it run
 
         def elapsed_ms() -> float:
             return (time.perf_counter() - t0) * 1e3
 
         for pos in range(self.num_exits):
             if best is not None and elapsed_ms() + seg_p95[pos] + head_p95[pos] > deadline_ms:
-                return self._prediction(*best, t0, units_ms, deadline_hit=True)
+                return self._prediction(*best, t0, units_ms, deadline_hit=True, watched=watched, plan=plan)
             state = runner.run_segment(pos, state)
             must_answer = (
                 pos < last and best is None and elapsed_ms() + seg_p95[pos + 1] + head_p95[pos + 1] > deadline_ms
@@ -483,14 +558,17 @@ class Cascade:
                 continue
             head = runner.run_head(pos, state[-1])
             conf = float(self.confidence(head)[0])
+            if pos == first_pos:
+                watched = (pos, conf)
             if plan.accepts(pos, conf):
-                return self._prediction(pos, conf, head, t0, units_ms)
+                return self._prediction(pos, conf, head, t0, units_ms, watched=watched, plan=plan)
             best = (pos, conf, head)
         raise AssertionError("unreachable: the last exit always accepts")
 
-    def _prediction(self, pos, conf, head, t0, units_ms, deadline_hit=False) -> Prediction:
+    def _prediction(self, pos, conf, head, t0, units_ms, deadline_hit=False, watched=None, plan=None) -> Prediction:
+        """``watched``: (position, confidence) of the first evaluated exit, when it ran."""
         label = int(np.argmax(head.logits()[0]))
-        return Prediction(
+        pred = Prediction(
             label,
             self.class_names[label],
             conf,
@@ -499,17 +577,30 @@ class Cascade:
             units_ms if self._unit_timing else None,
             deadline_hit,
         )
+        if watched is not None and self.options.first_confidence:
+            pred.first_confidence = watched[1]
+            if self.drift is not None:
+                self.drift.observe(watched[0], watched[1], label, plan)
+        return pred
 
     # -- batch -----------------------------------------------------------------------------------
     def predict_batch(self, frames) -> list[Prediction]:
         """Classify a batch; samples that exit are dropped before the next unit (compaction)."""
         t0 = time.perf_counter()
-        out = self._run_batches(self.preprocess.batch(frames), self.plan, t0)
+        plan = self.plan
+        out = self._run_batches(self.preprocess.batch(frames), plan, t0)
         names = self.class_names
-        return [
+        preds = [
             Prediction(int(y), names[int(y)], float(c), int(e), float(t))
             for y, c, e, t in zip(out["label"], out["confidence"], out["exit"], out["latency_ms"], strict=True)
         ]
+        if "first_confidence" in out:
+            first_pos, drift = plan.groups[0][1], self.drift
+            for p, c in zip(preds, out["first_confidence"].tolist(), strict=True):
+                p.first_confidence = c
+                if drift is not None:
+                    drift.observe(first_pos, c, p.label, plan)
+        return preds
 
     def predict_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Preprocessed float (N, C, H, W) → arrays: label, confidence, exit (1-based), latency_ms.
@@ -534,6 +625,8 @@ class Cascade:
             "exit": np.zeros(n, dtype=np.int64),
             "latency_ms": np.zeros(n, dtype=np.float64),
         }
+        if self.options.first_confidence:
+            out["first_confidence"] = np.zeros(n, dtype=np.float64)
         try:
             with self._lock:
                 self._check_open()
@@ -556,6 +649,8 @@ class Cascade:
                 state = one_by_one(runner, first, pos, state)
                 head = runner.run_head(pos, state[-1])
             conf = self.confidence(head)
+            if pos == plan.groups[0][1] and "first_confidence" in out:
+                out["first_confidence"][active] = conf
             done = np.ones(len(active), dtype=bool) if pos == last else conf >= plan.thresholds[pos]
             rows = np.flatnonzero(done)
             if len(rows):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
+from edgeexit.runtime.monitor import alarm_message
 
 # The one list of image file suffixes: folder sources here, and ImageFolder datasets (edgeexit.data.folder).
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
@@ -89,8 +90,16 @@ def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def run_source(
-    cascade, source: str, max_frames: int | None = None, deadline_ms: float | None = None, save_video=None, echo=None
+    cascade,
+    source: str,
+    max_frames: int | None = None,
+    deadline_ms: float | None = None,
+    save_video=None,
+    echo=None,
+    warn=None,
 ) -> dict:
+    """`edgeexit run` on one folder or video, every frame in order. A cascade loaded with ``drift``
+    watches the frames; ``warn(message)`` is called once, at its first alarm."""
     if max_frames is not None and max_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {max_frames}")
     if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms >= 0):
@@ -100,10 +109,15 @@ def run_source(
     writer = None
     exits: dict[str, int] = {str(k): 0 for k in range(1, cascade.num_exits + 1)}
     latencies, n, t_start = [], 0, time.perf_counter()
+    drift, warned = cascade.drift, False
     try:
         for name, frame in frames:
             pred = cascade.predict(frame, deadline_ms=deadline_ms)
             n += 1
+            if drift is not None and not warned and drift.alarm:
+                warned = True
+                if warn is not None:
+                    warn(alarm_message(source, drift.state()))
             exits[str(pred.exit_index)] += 1
             latencies.append(pred.latency_ms)
             if echo is not None:
@@ -135,6 +149,7 @@ def run_source(
         "controller": cascade.controller.state() if cascade.controller is not None else None,
         "wall_s": time.perf_counter() - t_start,
         "source": source,
+        "drift": drift.state() if drift is not None else None,
     }
 
 

@@ -22,6 +22,8 @@
 - A stream that stalls (no frame for ``stall_s``), ends or fails is reported (``on_event``) and the
   others go on; URLs and cameras reconnect with backoff. `close()` stops and joins every reader
   thread.
+- ``drift`` gives every stream its own drift monitor (runtime/monitor.py): each camera is compared
+  with the calibration frames on its own, and the first alarm of a stream is an event ("drift").
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeexit.runtime.monitor import alarm_message, monitor_for
+from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.preprocessing import Preprocessor
 from edgeexit.runtime.sources import open_source
 
@@ -85,7 +89,10 @@ class Streams:
     stream. ``on_event(source, kind, message)``: stalled, resumed, reconnecting, reconnected,
     ended, error. ``batch_window_ms``: after the first frame of a tick, wait up to this long
     for the other live streams' next frames, to batch more (DeepStream's batched-push-timeout;
-    0: run what is there at once; it adds up to that much latency).
+    0: run what is there at once; it adds up to that much latency). ``drift``: True or a
+    `DriftOptions`: a drift monitor per stream (``drift`` event at its first alarm; the ``drift`` block
+    of each stream in `summary`); a live stream samples every `LIVE_EVERY`-th frame unless
+    ``DriftOptions.every`` says otherwise.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class Streams:
         stall_s: float = 2.0,
         batch_window_ms: float = 0.0,
         on_event: Callable[[str, str, str], None] | None = None,
+        drift=None,
     ) -> None:
         from edgeexit.errors import UserError
 
@@ -127,8 +135,17 @@ class Streams:
         self.sources = self._open(sources, realtime, fps)
         pre = cascade.preprocessing
         self._pre = {order: Preprocessor(pre, order) for order in {src.order for src in self.sources}}
+        self.drift = self._monitors(as_drift_options(drift))
+        watch = self.drift is not None
+        # the batch runs on a view that keeps each frame's first evaluated exit's confidence (what the
+        # monitors watch); it follows the cascade's plan and controller
+        self._batched = cascade.derive(first_confidence=True) if watch and self.batch else cascade
         # per-frame predict (deadline, or batch=False) reads uint8 frames in each source's order
-        self._per_order = {order: cascade.derive(input_order=order) for order in self._pre} if not self.batch else {}
+        self._per_order = (
+            {order: cascade.derive(input_order=order, first_confidence=watch) for order in self._pre}
+            if not self.batch
+            else {}
+        )
         self._stats = [_StreamStats(cascade.num_exits) for _ in self.sources]
         self._started = False
         self._closed = False
@@ -152,6 +169,14 @@ class Streams:
                 src.close()
             raise
         return opened
+
+    def _monitors(self, options) -> list | None:
+        """One drift monitor per stream, or None (off); an artifact without the calibration's drift
+        reference raises `DriftUnavailableError` (runtime/monitor.py)."""
+        if options is None:
+            return None
+        cascade = self.cascade
+        return [monitor_for(cascade.calibration, cascade.num_exits, options, src.live) for src in self.sources]
 
     # -- events -----------------------------------------------------------------------------------
     def _reader_event(self, src, kind: str, message: str) -> None:
@@ -269,7 +294,7 @@ class Streams:
                 except ValueError as e:  # a corrupt or odd frame: report it, the others go on
                     self._bad_frame(i, e)
             if rows:
-                preds = cascade.predict_batch(np.stack(rows))
+                preds = self._batched.predict_batch(np.stack(rows))
                 controller = cascade.controller
                 if controller is not None:  # hold --budget as one source does: every frame's latency
                     new_plan = None
@@ -286,6 +311,7 @@ class Streams:
                 except ValueError as e:
                     self._bad_frame(i, e)
         done = time.perf_counter()
+        self._watch(good, preds)
         for (i, frame), pred in zip(good, preds, strict=True):
             st = self._stats[i]
             e2e = (done - frame.capture_time) * 1e3
@@ -297,6 +323,19 @@ class Streams:
             st.last_result = done
             yield StreamResult(i, self.sources[i].source, frame.id, frame.capture_time, pred, done, frame.image)
 
+    def _watch(self, good, preds) -> None:
+        """Each stream's frames to its own monitor; a stream's first alarm is an event."""
+        if self.drift is None:
+            return
+        plan = self.cascade.plan
+        first_pos = plan.groups[0][1]
+        for (i, _), pred in zip(good, preds, strict=True):
+            if pred.first_confidence is None:  # a deadline stopped the cascade before the watched exit
+                continue
+            monitor = self.drift[i]
+            if not monitor.alarm and monitor.observe(first_pos, pred.first_confidence, pred.label, plan):
+                self._record(self.sources[i].source, "drift", alarm_message(self.sources[i].source, monitor.state()))
+
     def _bad_frame(self, i: int, e: Exception) -> None:
         src = self.sources[i]
         src.errors += 1
@@ -307,7 +346,7 @@ class Streams:
     def stream_stats(self) -> list[dict]:
         end = self.t_end or time.perf_counter()
         out = []
-        for src, st in zip(self.sources, self._stats, strict=True):
+        for i, (src, st) in enumerate(zip(self.sources, self._stats, strict=True)):
             n = len(st.e2e_ms)
             # a stream that ended is measured over its own span, not the others' run
             stop = st.last_result if src.status == "ended" and st.last_result is not None else end
@@ -330,6 +369,7 @@ class Streams:
                     "reconnects": src.reconnects,
                     "errors": src.errors,
                     "last_error": src.last_error,
+                    "drift": self.drift[i].state() if self.drift is not None else None,
                 }
             )
         return out
@@ -420,7 +460,9 @@ def streams_table(summary: dict):
     return t
 
 
-def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err) -> dict:  # noqa: C901
+def run_streams(  # noqa: C901
+    cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err, drift=None
+) -> dict:
     """`edgeexit run` over live or several sources: one line per result for one stream, a live
     rich table for several; Ctrl-C ends the run with its summary (``interrupted``)."""
     from rich.live import Live
@@ -430,7 +472,14 @@ def run_streams(cascade, sources, realtime, fps, max_frames, deadline_ms, durati
         err.print(f"[yellow]{kind}[/]: {escape(message)}", highlight=False)
 
     streams = Streams(
-        cascade, sources, realtime=realtime, fps=fps, deadline_ms=deadline_ms, max_frames=max_frames, on_event=event
+        cascade,
+        sources,
+        realtime=realtime,
+        fps=fps,
+        deadline_ms=deadline_ms,
+        max_frames=max_frames,
+        on_event=event,
+        drift=drift,
     )
     several = len(streams.sources) > 1
     live = Live(streams_table(streams.summary()), console=out, auto_refresh=False) if several and not quiet else None
