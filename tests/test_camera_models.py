@@ -20,7 +20,8 @@ def test_training_resize_equals_the_runtime_resize_at_224(photos):
     ds = load_dataset(str(photos), "train", image_size=[224, 224])
     files = sorted(p for p in (photos / "train").rglob("*") if p.is_file())
     assert ds.images.shape[1:] == (3, 224, 224) and len(files) == len(ds)
-    pre = Preprocessor({"in_chans": 3, "input_size": [224, 224], "mean": ds.mean, "std": ds.std})
+    pre = Preprocessor(ds.preprocessing())
+    assert pre.resize == "area"
     resized = 0
     for path, img in zip(files, ds.images, strict=True):  # the loader's order: class folders, sorted files
         frame = np.asarray(Image.open(path).convert("RGB"))

@@ -19,6 +19,7 @@ import torch
 
 from edgeexit.data.names import NAMED, canonical_dataset
 from edgeexit.errors import UserError
+from edgeexit.runtime.preprocessing import DEFAULT_RESIZE
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -116,7 +117,7 @@ class ImageDataset:
             "mean": list(self.mean),
             "std": list(self.std),
             "channel_order": "RGB" if self.in_chans == 3 else "GRAY",
-            "resize": "bilinear",
+            "resize": DEFAULT_RESIZE,
         }
 
 

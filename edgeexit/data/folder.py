@@ -185,7 +185,7 @@ def decode_file(path: str, size: list[int], in_chans: int) -> np.ndarray:
     frame. Raises BadImage for a file that cannot be used."""
     from PIL import Image
 
-    from edgeexit.runtime.preprocessing import resize_uint8, to_gray
+    from edgeexit.runtime.preprocessing import DEFAULT_RESIZE, frame_to_input_uint8
     from edgeexit.runtime.sources import _to_uint8 as to_uint8  # the run-time conversion itself
 
     try:
@@ -213,11 +213,7 @@ def decode_file(path: str, size: list[int], in_chans: int) -> np.ndarray:
         raise BadImage(f"{type(e).__name__}: {str(e).strip() or 'cannot decode'}") from None
     if a.ndim == 2:
         a = a[:, :, None]
-    if in_chans == 1 and a.shape[2] == 3:
-        a = to_gray(a)
-    elif in_chans == 3 and a.shape[2] == 1:
-        a = np.repeat(a, 3, axis=2)
-    a = resize_uint8(np.ascontiguousarray(a), *size)
+    a = frame_to_input_uint8(a, size[0], size[1], in_chans, DEFAULT_RESIZE)
     return a.transpose(2, 0, 1)
 
 
@@ -432,7 +428,10 @@ def cache_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 def cache_key(root: Path, files, size, in_chans: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, str(Path(os.path.realpath(root))), list(size), in_chans]).encode())
+    from edgeexit.runtime.preprocessing import DEFAULT_RESIZE  # images decoded another way are another cache
+
+    fields = [CACHE_VERSION, str(Path(os.path.realpath(root))), list(size), in_chans, DEFAULT_RESIZE]
+    h.update(json.dumps(fields).encode())
     for p, s, m, *_ in files:
         h.update(f"\n{os.path.relpath(p, root)}\0{s}\0{m}".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:32]

@@ -49,10 +49,147 @@ def to_gray(rgb: np.ndarray) -> np.ndarray:
 
 def resize_uint8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """HxWxC uint8 → out_h x out_w x C uint8: bilinear (half-pixel centres), rounded to the nearest
-    integer. Training data (ImageFolder) and camera frames both go through this function."""
+    integer: the ``"bilinear"`` resize of artifacts made before the area shrink. It takes 4 source
+    pixels per output pixel, so a large shrink aliases."""
     if img.shape[:2] == (out_h, out_w):
         return img
     return np.clip(np.rint(resize_bilinear(img.astype(np.float32), out_h, out_w)), 0, 255).astype(np.uint8)
+
+
+# How a frame of another size is brought to the network's input size (the manifest's
+# ``preprocessing.resize``). "area": every source pixel is read once, into the mean of its f x f block
+# (f = the integer part of the shrink), and the remaining shrink (under 2x) is bilinear; "bilinear":
+# the older 4-pixel sample, kept so that models trained with it still see what they were trained on.
+RESIZE_METHODS = ("area", "bilinear")
+DEFAULT_RESIZE = "area"
+_GRAY_WEIGHTS = np.array([19595, 38470, 7471], dtype=np.float32) / np.float32(65536)
+
+
+def _block_factor(size: int, out: int) -> tuple[int, int, int]:
+    """(factor, offset, blocks) along one axis: the largest integer factor f that leaves at least
+    ``out`` blocks, and the centred crop it reads. Fewer than f source pixels are left out in all,
+    split between the two edges: under half an output pixel's span at each."""
+    f = max(1, size // out)
+    blocks = size // f
+    return f, (size - blocks * f) // 2, blocks
+
+
+def _row_sums(img: np.ndarray, fy: int, oy: int, blocks: int) -> np.ndarray:
+    """Sums of each ``fy`` consecutive rows of the crop, exact in integers: one pass over the frame,
+    each step a long contiguous add."""
+    a = img[oy : oy + blocks * fy]
+    if fy == 1:
+        return a
+    acc = a[0::fy].astype(np.uint16 if fy * 255 <= 0xFFFF else np.uint32)
+    for k in range(1, fy):
+        acc += a[k::fy]
+    return acc
+
+
+def _col_sums(acc: np.ndarray, fx: int, ox: int, blocks: int, dtype) -> np.ndarray:
+    """Sums of each ``fx`` consecutive pixels along axis 1, exact in integers. Each row is one long
+    channel-interleaved vector: sliding sums of 1, 2, 4, ... pixels by doubling (long contiguous
+    adds, ~log2(fx) passes), combined along fx's binary digits, then one pick per block. Summing
+    fx strided columns instead runs numpy's inner loop over 3 values at a time: 3x slower."""
+    h, _, c = acc.shape
+    x = np.ascontiguousarray(acc[:, ox : ox + blocks * fx], dtype=dtype).reshape(h, -1)
+    if fx == 1:
+        return x.reshape(h, blocks, c)
+    result, covered = None, 0  # result[:, i]: the sum of `covered` pixels starting at element i
+    power, width, n = x, 1, fx  # power[:, i]: the sum of `width` pixels starting at element i
+    while True:
+        if n & 1:
+            if result is None:
+                result, covered = power, width
+            else:
+                shift = covered * c
+                m = min(result.shape[1], power.shape[1] - shift)
+                result = result[:, :m] + power[:, shift : shift + m]
+                covered += width
+        n >>= 1
+        if not n:
+            break
+        shift = width * c
+        power = power[:, :-shift] + power[:, shift:]
+        width *= 2
+    starts = (np.arange(blocks)[:, None] * (fx * c) + np.arange(c)[None, :]).ravel()
+    return result[:, starts].reshape(h, blocks, c)
+
+
+def _bilinear_at(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """HxWxC float32 sampled bilinearly at row positions ``ys`` and column positions ``xs`` (clipped),
+    as two 1-D passes: rows first (whole-row gathers), then columns."""
+    h, w = img.shape[:2]
+    ys = np.clip(ys, 0, h - 1)
+    xs = np.clip(xs, 0, w - 1)
+    y0 = np.floor(ys).astype(np.intp)
+    x0 = np.floor(xs).astype(np.intp)
+    y1 = np.minimum(y0 + 1, h - 1)
+    x1 = np.minimum(x0 + 1, w - 1)
+    wy = (ys - y0).astype(np.float32)[:, None, None]
+    wx = (xs - x0).astype(np.float32)[None, :, None]
+    rows = np.take(img, y0, axis=0) * (1 - wy) + np.take(img, y1, axis=0) * wy
+    return np.take(rows, x0, axis=1) * (1 - wx) + np.take(rows, x1, axis=1) * wx
+
+
+def shrink_area(img: np.ndarray, out_h: int, out_w: int, gray: bool = False, bgr: bool = False) -> np.ndarray:
+    """HxWxC uint8 → out_h x out_w x C' uint8 (C' = 1 when ``gray``, else C), anti-aliased.
+
+    Each source pixel is read once, into an exact integer sum over its f_y x f_x block (f = the
+    integer part of the shrink along that axis); float work is done only on the block means, whose
+    grid is at most 2x the output: the rest of the shrink is bilinear at half-pixel centres, and the
+    gray conversion (BT.601, PIL's weights) is applied to the means. ``bgr``: the frame's channels are
+    BGR (OpenCV's order); they are reversed on the small means, not on the frame (a reversed view
+    of a whole frame makes every add stride backwards: 10x slower). One rounding, at the end. A frame
+    no larger than twice the output along an axis is not blocked along it (f = 1: plain bilinear), so
+    an upscale, or a frame already at the output size, is bilinear or unchanged. Training's folder
+    reader and the runtime both call this, so their images agree bit for bit."""
+    h, w, c = img.shape
+    if (h, w) == (out_h, out_w) and not (gray and c == 3):
+        return img[:, :, ::-1] if bgr and c == 3 else img
+    fy, oy, by = _block_factor(h, out_h)
+    fx, ox, bx = _block_factor(w, out_w)
+    dtype = np.uint16 if fy * fx * 255 <= 0xFFFF else np.uint32
+    sums = _col_sums(_row_sums(img, fy, oy, by), fx, ox, bx, dtype)
+    means = sums.astype(np.float32)
+    if fy * fx > 1:
+        means *= np.float32(1.0 / (fy * fx))
+    if gray and c == 3:
+        # one fixed order of float operations for RGB and BGR frames, so both round alike
+        r, g, b = (means[:, :, i] for i in ((2, 1, 0) if bgr else (0, 1, 2)))
+        wr, wg, wb = _GRAY_WEIGHTS
+        means = (r * wr + g * wg + b * wb)[:, :, None]
+    elif bgr and c == 3:
+        means = means[:, :, ::-1]
+    if (by, bx) != (out_h, out_w) or fy * fx > 1:
+        # block i's centre is source coordinate oy + i*fy + (fy-1)/2; the output pixel's is
+        # (j + 0.5) * h / out_h - 0.5 (half-pixel centres, as the bilinear resize)
+        ys = ((np.arange(out_h) + 0.5) * (h / out_h) - 0.5 - oy - (fy - 1) / 2) / fy
+        xs = ((np.arange(out_w) + 0.5) * (w / out_w) - 0.5 - ox - (fx - 1) / 2) / fx
+        means = _bilinear_at(means, ys, xs)
+    return np.clip(np.rint(means), 0, 255).astype(np.uint8)
+
+
+def frame_to_input_uint8(
+    img: np.ndarray, out_h: int, out_w: int, in_chans: int, resize: str = DEFAULT_RESIZE, bgr: bool = False
+) -> np.ndarray:
+    """An RGB (``bgr``: BGR) or gray HxWxC uint8 image → out_h x out_w x in_chans uint8 (RGB or
+    gray), the network's input before normalisation. The one conversion behind both a camera frame
+    at run time and an image file in training (data/folder.py), so the two agree bit for bit.
+    ``resize``: one of RESIZE_METHODS."""
+    if resize == "area":
+        img = shrink_area(img, out_h, out_w, gray=in_chans == 1, bgr=bgr)
+    elif resize == "bilinear":
+        if bgr and img.shape[2] == 3:
+            img = img[:, :, ::-1]
+        if in_chans == 1 and img.shape[2] == 3:
+            img = to_gray(img)
+        img = resize_uint8(np.ascontiguousarray(img), out_h, out_w)
+    else:
+        raise ValueError(f"unknown resize {resize!r}: expected one of {', '.join(RESIZE_METHODS)}")
+    if in_chans == 3 and img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
+    return img
 
 
 class Preprocessor:
@@ -61,7 +198,14 @@ class Preprocessor:
         if input_order not in ("RGB", "BGR"):
             raise ValueError(f"input_order must be RGB or BGR, got {input_order}")
         if isinstance(preprocessing, Preprocessing):
+            resize = preprocessing.resize
             preprocessing = preprocessing.to_dict()
+        else:
+            resize = preprocessing.get("resize")
+        # no method named: the manifest predates the choice, and its model was trained on bilinear
+        self.resize = "bilinear" if resize is None else resize
+        if self.resize not in RESIZE_METHODS:
+            raise ValueError(f"preprocessing.resize {resize!r} is not one of {', '.join(RESIZE_METHODS)}")
         self.input_order = input_order
         self.in_chans = int(preprocessing["in_chans"])
         self.height, self.width = (int(s) for s in preprocessing["input_size"])
@@ -136,14 +280,9 @@ class Preprocessor:
             raise ValueError(f"expected {self.expected()}; got a uint8 array of shape {frame.shape}")
         if img.shape[0] < 1 or img.shape[1] < 1:
             raise ValueError(f"empty frame of shape {frame.shape}")
-        if img.shape[2] == 3 and self.input_order == "BGR":
-            img = img[:, :, ::-1]
-        if self.in_chans == 1 and img.shape[2] == 3:
-            img = to_gray(img)
-        elif self.in_chans == 3 and img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
-        # the same uint8 resize (with rounding) as the training data: frames match it exactly
-        img = resize_uint8(img, self.height, self.width)
+        # the same conversion (with rounding) as the training data's: frames match it exactly
+        bgr = self.input_order == "BGR"
+        img = frame_to_input_uint8(img, self.height, self.width, self.in_chans, self.resize, bgr=bgr)
         if self.in_chans == 1:
             return self._lut[0][img[:, :, 0]][None]
         out = np.empty(self.chw_shape, dtype=np.float32)
