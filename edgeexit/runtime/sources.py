@@ -89,6 +89,59 @@ def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
         cap.release()
 
 
+def timing_stats(values) -> dict:
+    """mean, p50, p95 and max of a list of milliseconds (None each when it is empty)."""
+    if len(values) == 0:
+        return {"mean": None, "p50": None, "p95": None, "max": None}
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "p50": float(np.median(a)), "p95": float(np.percentile(a, 95)),
+            "max": float(a.max())}  # fmt: skip
+
+
+class JsonLines:
+    """`edgeexit run --jsonl FILE`: one JSON object per classified frame, each line flushed as it is
+    written, so that a harness reading the file (or ``tail -f``) sees every frame when it is done and a
+    killed run leaves every line it finished. ``cascade_ms`` is `Prediction.latency_ms` (the cascade
+    alone), ``preprocess_ms`` the frame-to-tensor time, ``total_ms`` the two together."""
+
+    def __init__(self, path) -> None:
+        from edgeexit.util import check_output_path
+
+        self.path = check_output_path(path, "--jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8")  # closed by close()
+        self.lines = 0
+
+    def write(self, source: str, frame_index: int, pred, **extra) -> None:
+        import json
+
+        record = {
+            "source": source,
+            "frame": frame_index,
+            "class": pred.class_name,
+            "label": pred.label,
+            "confidence": round(float(pred.confidence), 6),
+            "exit": pred.exit_index,
+            "preprocess_ms": round(float(pred.preprocess_ms), 4),
+            "cascade_ms": round(float(pred.latency_ms), 4),
+            "total_ms": round(float(pred.preprocess_ms + pred.latency_ms), 4),
+            **({"deadline_hit": True} if pred.deadline_hit else {}),
+            **extra,
+        }
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        self.lines += 1
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonLines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_source(
     cascade,
     source: str,
@@ -96,6 +149,7 @@ def run_source(
     deadline_ms: float | None = None,
     save_video=None,
     echo=None,
+    jsonl: JsonLines | None = None,
     warn=None,
 ) -> dict:
     """`edgeexit run` on one folder or video, every frame in order. A cascade loaded with ``drift``
@@ -108,7 +162,7 @@ def run_source(
     cascade = cascade.derive(input_order=order)
     writer = None
     exits: dict[str, int] = {str(k): 0 for k in range(1, cascade.num_exits + 1)}
-    latencies, n, t_start = [], 0, time.perf_counter()
+    latencies, preprocess, n, t_start = [], [], 0, time.perf_counter()
     drift, warned = cascade.drift, False
     try:
         for name, frame in frames:
@@ -120,10 +174,13 @@ def run_source(
                     warn(alarm_message(source, drift.state()))
             exits[str(pred.exit_index)] += 1
             latencies.append(pred.latency_ms)
+            preprocess.append(pred.preprocess_ms)
+            if jsonl is not None:
+                jsonl.write(source, n - 1, pred, name=name)
             if echo is not None:
                 echo(
                     f"{name}: {pred.class_name} ({pred.confidence:.3f}) exit {pred.exit_index}/{cascade.num_exits} "
-                    f"{pred.latency_ms:.3f} ms",
+                    f"{pred.latency_ms:.3f} ms (+ {pred.preprocess_ms:.3f} ms preprocessing)",
                     highlight=False,
                 )
             if save_video is not None:
@@ -135,16 +192,12 @@ def run_source(
             writer.release()
     if n == 0:
         raise UserError(f"no frames read from {source}")
-    lat = np.asarray(latencies)
     return {
         "frames": n,
         "exit_histogram": exits,
-        "latency_ms": {
-            "mean": float(lat.mean()),
-            "p50": float(np.median(lat)),
-            "p95": float(np.percentile(lat, 95)),
-            "max": float(lat.max()),
-        },
+        "latency_ms": timing_stats(latencies),  # the cascade alone (Prediction.latency_ms)
+        "preprocess_ms": timing_stats(preprocess),
+        "total_ms": timing_stats(np.add(latencies, preprocess)),
         "backend": cascade.backend_name,
         "controller": cascade.controller.state() if cascade.controller is not None else None,
         "wall_s": time.perf_counter() - t_start,
@@ -186,8 +239,7 @@ def summary_table(summary: dict):
     t.add_column("share", justify="right")
     for k, v in summary["exit_histogram"].items():
         t.add_row(k, str(v), f"{100 * v / summary['frames']:.1f}%")
-    lat = summary["latency_ms"]
-    t.caption = f"latency mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms"
+    t.caption = timing_caption(summary)
     ctrl = summary.get("controller")
     if ctrl:
         t.caption += (
@@ -197,6 +249,19 @@ def summary_table(summary: dict):
             f"{ctrl['switches']} plan switches"
         )
     return t
+
+
+def timing_caption(summary: dict) -> str:
+    """'cascade mean … p95 …; preprocessing mean …; frame in to answer out mean … p95 …' (the last two
+    when the summary has them)."""
+    lat = summary["latency_ms"]
+    text = f"cascade mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms"
+    pre, total = summary.get("preprocess_ms"), summary.get("total_ms")
+    if pre and pre.get("mean") is not None:
+        text += f"; preprocessing mean {pre['mean']:.3f} ms, p95 {pre['p95']:.3f} ms"
+    if total and total.get("mean") is not None:
+        text += f"; frame in to answer out mean {total['mean']:.3f} ms, p95 {total['p95']:.3f} ms"
+    return text
 
 
 # -- live sources (issue 27): a reader thread keeps only the newest frame --------------------------
@@ -217,6 +282,9 @@ def is_url(source: str) -> bool:
 
 
 MAX_CAMERA_INDEX = 1023
+# Failed tries in a row before a source that never gave a frame is given up: with the backoff
+# (0.25 s doubling) about 4 s for a camera index with nothing behind it.
+OPEN_TRIES = 5
 
 
 def camera_index(source: str) -> int | None:
@@ -242,7 +310,11 @@ class LiveSource:
     The thread keeps only the newest frame (stamped with its capture time); a frame not taken with
     `take` before the next one arrives is counted in ``dropped``, never queued. Camera and URL
     sources that fail or end are reopened with exponential backoff (``backoff_s``: first and largest
-    wait); a video file ends at its last frame. ``status`` is one of opening, live, reconnecting,
+    wait); a video file ends at its last frame. A source that has not given a frame yet is given up
+    (status error) after ``open_tries`` failed tries in a row: a camera index with no camera behind
+    it, or a dead URL, ends the run instead of retrying forever. After its first frame a source
+    reconnects ``reconnect_tries`` times in a row at most (None: for as long as it runs, as a camera
+    app that lost its camera for a while expects). ``status`` is one of opening, live, reconnecting,
     ended, error; ``last_error`` says why. ``opener`` (tests, custom pipelines) returns an object
     with OpenCV's ``read()``, ``release()``, ``isOpened()`` and ``get()``.
     """
@@ -258,6 +330,8 @@ class LiveSource:
         read_timeout_s: float = 5.0,
         opener=None,
         on_event=None,
+        open_tries: int | None = OPEN_TRIES,
+        reconnect_tries: int | None = None,
     ) -> None:
         import threading
 
@@ -271,6 +345,9 @@ class LiveSource:
         self.is_file = not (camera_index(source) is not None or is_url(source))
         self.reconnect = (not self.is_file) if reconnect is None else reconnect
         self.backoff_s = backoff_s
+        self.open_tries, self.reconnect_tries = open_tries, reconnect_tries
+        self._failures = 0  # failed tries in a row (reset by a frame)
+        self._first_failure: float | None = None
         self.read_timeout_s = read_timeout_s
         self._opener = opener or self._open_cv2
         self.on_event = on_event
@@ -412,19 +489,41 @@ class LiveSource:
         return 1.0 / fps
 
     def _give_up_or_wait(self, why: str, delay: float) -> bool:
-        """After a failure: False (status error) when this source does not reconnect, else wait."""
+        """After a failure: False (status error) when this source does not reconnect or has failed
+        its tries in a row, else wait."""
         self.last_error = why
-        if not self.reconnect:
+        self._failures += 1
+        if self._first_failure is None:
+            self._first_failure = time.perf_counter()
+        limit = self.open_tries if self.captured == 0 else self.reconnect_tries
+        gave_up = self.reconnect and limit is not None and self._failures >= limit
+        if gave_up:
+            self.last_error = why = self._gave_up(why)
+        if not self.reconnect or gave_up:
             self.status = "error"
             self._event("error", f"{self.source}: {why}")
             self._notify()
             return False
         self.status = "reconnecting"
         self.reconnects += 1
-        self._event("reconnecting", f"{self.source}: {why}; reconnecting in {delay:.2g} s")
+        limit = self.open_tries if self.captured == 0 else self.reconnect_tries
+        of = f" (try {self._failures + 1} of {limit})" if limit is not None else ""
+        self._event("reconnecting", f"{self.source}: {why}; reconnecting in {delay:.2g} s{of}")
         return not self._wait(delay)
 
+    def _gave_up(self, why: str) -> str:
+        spent = time.perf_counter() - (self._first_failure or time.perf_counter())
+        tries = f"{self._failures} tries in {spent:.1f} s"
+        cam = camera_index(self.source)
+        if cam is not None and self.captured == 0:
+            return (f"camera {cam} did not open ({tries}; {why}): `edgeexit doctor` lists the cameras this "
+                    "machine can open")  # fmt: skip
+        if self.captured == 0:
+            return f"{self.source} did not open ({tries}): {why}"
+        return f"{self.source} did not come back ({tries}): {why}"
+
     def _publish(self, image: np.ndarray) -> None:
+        self._failures, self._first_failure = 0, None
         now = time.perf_counter()
         frame = Frame(self.captured, now, image)
         with self._lock:

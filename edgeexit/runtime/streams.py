@@ -61,6 +61,7 @@ class _StreamStats:
     def __init__(self, num_exits: int) -> None:
         self.e2e_ms: list[float] = []
         self.inference_ms: list[float] = []
+        self.preprocess_ms: list[float] = []
         self.exits = [0] * num_exits
         self.first_result: float | None = None
         self.last_result: float | None = None
@@ -280,21 +281,33 @@ class Streams:
                 self._record(src.source, "resumed", f"{src.source}: frames again")
             st.stalled = stalled
 
+    def _preprocess(self, taken) -> tuple[list, list, list[float]]:
+        """(frames kept, their tensors, each one's preprocessing ms): the batch gets tensors, so each
+        frame's own frame-to-tensor time is measured here; a corrupt or odd frame is reported and left
+        out, the others go on."""
+        good, rows, row_ms = [], [], []
+        for i, frame in taken:
+            t_row = time.perf_counter()
+            try:
+                rows.append(self._pre[self.sources[i].order](frame.image))
+            except ValueError as e:
+                self._bad_frame(i, e)
+                continue
+            row_ms.append((time.perf_counter() - t_row) * 1e3)
+            good.append((i, frame))
+        return good, rows, row_ms
+
     def _run_tick(self, taken) -> Iterator[StreamResult]:
         cascade = self.cascade
         self.ticks += 1
         self.batch_sizes.append(len(taken))
         good, preds = [], []
         if self.batch:
-            rows = []
-            for i, frame in taken:
-                try:
-                    rows.append(self._pre[self.sources[i].order](frame.image))
-                    good.append((i, frame))
-                except ValueError as e:  # a corrupt or odd frame: report it, the others go on
-                    self._bad_frame(i, e)
+            good, rows, row_ms = self._preprocess(taken)
             if rows:
                 preds = self._batched.predict_batch(np.stack(rows))
+                for pred, ms in zip(preds, row_ms, strict=True):
+                    pred.preprocess_ms += ms  # predict_batch timed only its check of the tensors
                 controller = cascade.controller
                 if controller is not None:  # hold --budget as one source does: every frame's latency
                     new_plan = None
@@ -317,6 +330,7 @@ class Streams:
             e2e = (done - frame.capture_time) * 1e3
             st.e2e_ms.append(e2e)
             st.inference_ms.append(pred.latency_ms)
+            st.preprocess_ms.append(pred.preprocess_ms)
             st.exits[pred.exit_index - 1] += 1
             if st.first_result is None:
                 st.first_result = done
@@ -365,6 +379,8 @@ class Streams:
                     "fps": n / wall if wall > 0 else 0.0,
                     "e2e_latency_ms": _percentiles(st.e2e_ms),
                     "inference_latency_ms": _percentiles(st.inference_ms),
+                    "preprocess_ms": _percentiles(st.preprocess_ms),
+                    "total_ms": _percentiles(list(np.add(st.inference_ms, st.preprocess_ms))),
                     "exit_histogram": {str(k + 1): v for k, v in enumerate(st.exits)},
                     "reconnects": src.reconnects,
                     "errors": src.errors,
@@ -378,13 +394,16 @@ class Streams:
         """The `edgeexit run --json` summary: totals (as for one source) and ``streams``."""
         streams = self.stream_stats()
         inference = [v for st in self._stats for v in st.inference_ms]
+        preprocess = [v for st in self._stats for v in st.preprocess_ms]
         e2e = [v for st in self._stats for v in st.e2e_ms]
         exits = [sum(st.exits[k] for st in self._stats) for k in range(self.cascade.num_exits)]
         wall = (self.t_end or time.perf_counter()) - (self.t_start or time.perf_counter())
         return {
             "frames": len(e2e),
             "exit_histogram": {str(k + 1): v for k, v in enumerate(exits)},
-            "latency_ms": _percentiles(inference),
+            "latency_ms": _percentiles(inference),  # the cascade alone (Prediction.latency_ms)
+            "preprocess_ms": _percentiles(preprocess),
+            "total_ms": _percentiles(list(np.add(inference, preprocess))),
             "e2e_latency_ms": _percentiles(e2e),
             "fps": len(e2e) / wall if wall > 0 else 0.0,
             "dropped": sum(s["dropped"] for s in streams),
@@ -461,10 +480,11 @@ def streams_table(summary: dict):
 
 
 def run_streams(  # noqa: C901
-    cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err, drift=None
+    cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err, jsonl=None, drift=None
 ) -> dict:
     """`edgeexit run` over live or several sources: one line per result for one stream, a live
-    rich table for several; Ctrl-C ends the run with its summary (``interrupted``)."""
+    rich table for several; Ctrl-C ends the run with its summary (``interrupted``). ``jsonl``: a
+    `runtime.sources.JsonLines` that gets one line per result."""
     from rich.live import Live
     from rich.markup import escape
 
@@ -490,6 +510,8 @@ def run_streams(  # noqa: C901
             last = 0.0
             try:
                 for r in streams.results(duration_s):
+                    if jsonl is not None:
+                        jsonl.write(r.source, r.frame_id, r.prediction, capture_to_result_ms=round(r.e2e_ms, 3))
                     if live is not None:
                         if r.result_time - last > 0.5:
                             live.update(streams_table(streams.summary()), refresh=True)
@@ -498,8 +520,8 @@ def run_streams(  # noqa: C901
                         p = r.prediction
                         out.print(
                             f"{r.source} frame {r.frame_id}: {p.class_name} ({p.confidence:.3f}) exit "
-                            f"{p.exit_index}/{cascade.num_exits} {p.latency_ms:.3f} ms, capture to result "
-                            f"{r.e2e_ms:.1f} ms",
+                            f"{p.exit_index}/{cascade.num_exits} {p.latency_ms:.3f} ms (+ {p.preprocess_ms:.3f} ms "
+                            f"preprocessing), capture to result {r.e2e_ms:.1f} ms",
                             highlight=False,
                         )
             except KeyboardInterrupt:
