@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import sys
 from pathlib import Path
@@ -897,7 +896,9 @@ def info(
         payload = {
             k: ckpt[k] for k in ("config", "preprocessing", "class_names", "metrics", "split", "units") if k in ckpt
         }
-        out_console.print_json(json.dumps(payload, default=float))
+        from edgeexit.util import strict_json
+
+        out_console.print_json(strict_json(payload))  # the one writer: NaN/inf metrics print as null
         _write_json(json_out, payload)
         return
     from edgeexit.export.report import info_table

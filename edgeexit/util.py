@@ -161,9 +161,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
 
 
-def strict_json(payload) -> str:
-    """JSON that every parser accepts: a NaN or an infinity anywhere is an error, not ``NaN``."""
-    return json.dumps(payload, indent=2, default=float, allow_nan=False) + "\n"
+def _finite_tree(obj, path: str, found: list[str]):
+    """``obj`` with every NaN/inf number replaced by None (paths appended to ``found``); objects JSON
+    has no type for (numpy and torch scalars) are converted with ``float`` first."""
+    if obj is None or isinstance(obj, str | bool | int):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _finite_tree(v, f"{path}.{k}" if path else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_tree(v, f"{path}[{i}]", found) for i, v in enumerate(obj)]
+    value = obj if isinstance(obj, float) else float(obj)  # what json's default=float did: a TypeError stays one
+    if math.isfinite(value):
+        return value
+    found.append(path or "(the value)")
+    return None
+
+
+def strict_json(payload, indent: int | None = 2, ensure_ascii: bool = True) -> str:
+    """The one JSON writer (every --json, report and manifest edgeexit writes): JSON that every parser
+    accepts. The rule for numbers JSON cannot hold: a NaN or an infinity is written as ``null``, and a
+    one-line note on stderr names each field where that happened, so nothing fails at the end of a
+    long run and nothing is silently dropped."""
+    import sys
+
+    found: list[str] = []
+    clean = _finite_tree(payload, "", found)
+    if found:
+        shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+        print(f"note: {len(found)} non-finite number(s) written as null (JSON has no NaN or infinity): {shown}",
+              file=sys.stderr)  # fmt: skip
+    text = json.dumps(clean, indent=indent, allow_nan=False, ensure_ascii=ensure_ascii)
+    return text + "\n" if indent is not None else text
 
 
 def atomic_write_json(path: str | os.PathLike, payload: dict) -> None:

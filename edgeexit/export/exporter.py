@@ -136,6 +136,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
 
         import_tensorrt()  # fail before any work if TensorRT is missing
     ckpt = load_checkpoint(checkpoint)
+    check_finite_weights(ckpt.get("state_dict") or {}, checkpoint, opts.half)
     model = model_from_checkpoint(ckpt)
     dest, tmp = _prepare_destination(checkpoint, opts)
     try:
@@ -170,6 +171,31 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, dest
+
+
+FP16_MAX = 65504.0
+
+
+def check_finite_weights(state_dict, checkpoint: Path, half: bool) -> None:
+    """Refuse, naming the tensor, a checkpoint whose weights hold NaN or infinity (INT8 calibration
+    would stop on a bare "scale issue", FP32 export would ship a model that answers NaN) and, for
+    --half, one whose weights exceed FP16's range (they would become infinity)."""
+    import torch
+
+    for name, t in state_dict.items():
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise UserError(
+                f"{checkpoint}: tensor {name} holds {bad} NaN/infinite value(s) of {t.numel()}: the training diverged; "
+                "export an earlier checkpoint (last.pt) or train again with a lower --lr"
+            )
+        if half and t.numel() and float(t.abs().max()) > FP16_MAX:
+            raise UserError(
+                f"{checkpoint}: tensor {name} reaches {float(t.abs().max()):.4g}, beyond FP16's largest value "
+                f"({FP16_MAX:g}): it would overflow to infinity; export without --half"
+            )
 
 
 def _previous_timing_cache(dest: Path) -> Path | None:
