@@ -783,6 +783,9 @@ def run(
     lines = JsonLines(jsonl) if jsonl is not None else None  # one flushed line per frame, closed below
     try:
         if streamed:
+    # OpenCV's own per-try warnings ("can't open camera by index") repeat what the run's reconnect
+    # lines say; a user who set OPENCV_LOG_LEVEL keeps theirs
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
             from edgeexit.runtime.streams import run_streams
 
             args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
