@@ -772,6 +772,9 @@ def run(
     of every stream run as one batch, a live table per stream. Ctrl-C ends with the summary.
     """
     _outputs(save_video=save_video, json=json_out, jsonl=jsonl)
+    # OpenCV's own per-try warnings ("can't open camera by index") repeat what the run's reconnect
+    # lines say; a user who set OPENCV_LOG_LEVEL keeps theirs
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     from edgeexit.runtime.sources import JsonLines, run_source, summary_table, wants_streams
 
     sources = source or ["0"]
@@ -783,9 +786,6 @@ def run(
     lines = JsonLines(jsonl) if jsonl is not None else None  # one flushed line per frame, closed below
     try:
         if streamed:
-    # OpenCV's own per-try warnings ("can't open camera by index") repeat what the run's reconnect
-    # lines say; a user who set OPENCV_LOG_LEVEL keeps theirs
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
             from edgeexit.runtime.streams import run_streams
 
             args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
