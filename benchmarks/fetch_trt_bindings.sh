@@ -6,7 +6,7 @@ set -e
 cd "$(dirname "$0")/.."
 PIP="${PIP:-.venv/bin/pip}"
 mkdir -p build/trt-wheels && cd build/trt-wheels
-for spec in "tensorrt-cu12-bindings==11.4.0.106" "tensorrt-cu12-bindings==10.3.0" "tensorrt-bindings==8.6.1"; do
+for spec in "tensorrt-cu12-bindings==11.4.0.106" "tensorrt-cu12-bindings==10.3.0" "tensorrt-cu12-bindings==10.0.1" "tensorrt-bindings==8.6.1"; do
   "../../$PIP" download --no-deps -q -d . "$spec" || "$PIP" download --no-deps -q -d . "$spec"
 done
 for w in *.whl; do d="${w%%-cp*}"; mkdir -p "$d"; unzip -q -o "$w" -d "$d"; done

@@ -1,6 +1,6 @@
 """The SIMULATED TensorRT / cuda-python (tests/fake_gpu.py) anchored to the real API names.
 
-TensorRT: the real Python bindings of 8.6.1, 10.3.0 and 11.4.0.106 are on PyPI (without TensorRT's
+TensorRT: the real Python bindings of 8.6.1, 10.0.1, 10.3.0 and 11.4.0.106 are on PyPI (without TensorRT's
 libraries); `benchmarks/fetch_trt_bindings.sh` unpacks them into build/trt-wheels/, and each
 tensorrt.so's string table lists every class, method and enum name of that version. Checked: every
 name a fake surface defines is in its version's table, and every TensorRT name edgeexit calls on
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "build" / "trt-wheels"
 SO = {
     "8.6.1": "tensorrt_bindings-8.6.1",
+    "10.0.1": "tensorrt_cu12_bindings-10.0.1",
     "10.3.0": "tensorrt_cu12_bindings-10.3.0",
     "11.4.0": "tensorrt_cu12_bindings-11.4.0.106",
 }
@@ -77,6 +78,13 @@ CALLED = {
         "device_memory",
         "set_optimization_profile_async",
     ],
+    "10.0.1": CALLED_ALL  # no device_memory_size_v2 / set_device_memory before 10.1: the older spelling
+    + [
+        "STRONGLY_TYPED",
+        "device_memory_size",
+        "create_execution_context_without_device_memory",
+        "device_memory",
+    ],
     "10.3.0": CALLED_ALL
     + [
         "STRONGLY_TYPED",
@@ -97,17 +105,23 @@ CALLED = {
 GONE_IN_11 = ["platform_has_fast_fp16", "EXPLICIT_BATCH", "create_execution_context_without_device_memory"]
 
 
+# The linker merges string literals by suffix: these enum names are stored only inside the longer
+# literal named here (found in the wheels' tables), never as a whole word of their own.
+TAIL_MERGED = {"INPUT": "CONDITIONAL_INPUT", "OUTPUT": "CONDITIONAL_OUTPUT", "STATIC": "SHARED_STATIC"}
+
+
 class _Table:
-    """The string table; a name counts when it occurs as a whole word (method names also appear
-    inside the docstrings, e.g. ":attr:`num_errors`"), or as the tail of a longer string: the linker
-    merges string literals by suffix, so enum names such as "INPUT" are stored only inside
-    "CONDITIONAL_INPUT"."""
+    """The string table; a name counts only as a whole word of it (method names also appear inside
+    the docstrings, e.g. ":attr:`num_errors`"), never as the tail of a longer word, except the few
+    names of `TAIL_MERGED`, accepted when the literal that holds them is there.
+    What it cannot catch: a name found only in a docstring counts; which class owns a name, and
+    signatures, are not checked."""
 
     def __init__(self, text: str) -> None:
         self.text, self.words = text, set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.words or any(w.endswith(name) for w in self.words)
+        return name in self.words or TAIL_MERGED.get(name) in self.words
 
 
 def _table(version: str) -> _Table:
@@ -236,3 +250,11 @@ def test_every_cuda_runtime_name_edgeexit_calls_is_real_and_simulated():
     fake = FakeCudart()
     assert not [n for n in called if not hasattr(runtime, n)]
     assert not [n for n in called if not hasattr(fake, n)]
+
+
+def test_the_name_table_matches_whole_names_only():
+    table = _Table("get_num_errors CONDITIONAL_INPUT UINT8 :attr:`set_shape`")
+    assert "num_errors" not in table and "INT8" not in table  # tails of longer names do not count
+    assert "set_shape" in table and "get_num_errors" in table
+    assert "INPUT" in table  # stored only inside CONDITIONAL_INPUT by the linker (TAIL_MERGED)
+    assert "OUTPUT" not in table  # its literal is not in this table
