@@ -783,19 +783,22 @@ def run(
     cascade = _load_cascade(
         artifact, backend, precision, budget_ms=_run_budget_ms(artifact, budget), drift=None if streamed else watch
     )
+    from edgeexit.util import sigterm_as_interrupt
+
     lines = JsonLines(jsonl) if jsonl is not None else None  # one flushed line per frame, closed below
     try:
-        if streamed:
-            from edgeexit.runtime.streams import run_streams
+        with sigterm_as_interrupt():  # SIGTERM ends the run as Ctrl-C does: with the summary and --json
+            if streamed:
+                from edgeexit.runtime.streams import run_streams
 
-            args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
-            summary = run_streams(cascade, sources, *args, out_console, console, drift=watch, jsonl=lines)
-        else:
-            echo = None if quiet else out_console.print
-            summary = run_source(
-                cascade, sources[0], max_frames, deadline_ms, save_video, echo, warn=_drift_warning, jsonl=lines
-            )
-            out_console.print(summary_table(summary))
+                args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
+                summary = run_streams(cascade, sources, *args, out_console, console, drift=watch, jsonl=lines)
+            else:
+                echo = None if quiet else out_console.print
+                summary = run_source(
+                    cascade, sources[0], max_frames, deadline_ms, save_video, echo, warn=_drift_warning, jsonl=lines
+                )
+                out_console.print(summary_table(summary))
     finally:
         if lines is not None:
             lines.close()

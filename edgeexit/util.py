@@ -359,3 +359,31 @@ def bounded_text(value: str, limit: int = PROBE_TEXT) -> str:
     """A probed string fit for a manifest: control characters removed, at most ``limit`` characters."""
     clean = "".join(ch if ch.isprintable() else " " for ch in str(value)).strip()
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+def _interrupt(signum, frame):
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the summary short
+    raise KeyboardInterrupt
+
+
+class sigterm_as_interrupt:  # noqa: N801 — used as a context manager, named like one
+    """While inside: SIGTERM (what systemd, `docker stop` and `kill` send) raises KeyboardInterrupt in
+    the main thread, exactly as Ctrl-C does, so that `run` and `Streams` end either way with their
+    summary and --json written. Off the main thread (where no handler can be set) it does nothing."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)

@@ -265,7 +265,9 @@ def _worker_main() -> None:  # pragma: no cover — runs in the decode worker pr
     """A decode worker: tasks (pickled, from our own parent) on stdin, one pickled result per task
     on stdout. Imports numpy and Pillow only, never torch: a worker costs ~50 MB, not the parent's."""
     import pickle
+    import signal
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to report, once
     tasks = pickle.load(sys.stdin.buffer)
     out = sys.stdout.buffer
     for t in tasks:
@@ -312,7 +314,9 @@ def _run_workers(tasks, workers: int, target, n: int, in_chans: int, size, consu
     cmd = [sys.executable, "-c", "from edgeexit.data.folder import _worker_main; _worker_main()"]
     try:
         for pos in range(workers):
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            # a process group of its own: the terminal's Ctrl-C reaches the parent only, which stops the
+            # workers and reports the interruption once (no traceback per worker)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, process_group=0)
             procs.append(proc)
             pickle.dump(tasks[pos::workers], proc.stdin)
             proc.stdin.close()

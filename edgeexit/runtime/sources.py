@@ -163,7 +163,7 @@ def run_source(
     writer = None
     exits: dict[str, int] = {str(k): 0 for k in range(1, cascade.num_exits + 1)}
     latencies, preprocess, n, t_start = [], [], 0, time.perf_counter()
-    drift, warned = cascade.drift, False
+    drift, warned, interrupted = cascade.drift, False, False
     try:
         for name, frame in frames:
             pred = cascade.predict(frame, deadline_ms=deadline_ms)
@@ -175,21 +175,18 @@ def run_source(
             exits[str(pred.exit_index)] += 1
             latencies.append(pred.latency_ms)
             preprocess.append(pred.preprocess_ms)
-            if jsonl is not None:
-                jsonl.write(source, n - 1, pred, name=name)
-            if echo is not None:
-                echo(
-                    f"{name}: {pred.class_name} ({pred.confidence:.3f}) exit {pred.exit_index}/{cascade.num_exits} "
-                    f"{pred.latency_ms:.3f} ms (+ {pred.preprocess_ms:.3f} ms preprocessing)",
-                    highlight=False,
-                )
+            _emit(jsonl, echo, source, n - 1, name, pred, cascade.num_exits)
             if save_video is not None:
                 writer = _annotate_and_write(writer, save_video, frame, pred, order)
             if max_frames and n >= max_frames:
                 break
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under util.sigterm_as_interrupt: the frames so far are the run
+        if n == 0:
+            raise
+        interrupted = True
     finally:
         if writer is not None:
-            writer.release()
+            writer.release()  # the video holds every frame answered, interrupted or not
     if n == 0:
         raise UserError(f"no frames read from {source}")
     return {
@@ -203,7 +200,19 @@ def run_source(
         "wall_s": time.perf_counter() - t_start,
         "source": source,
         "drift": drift.state() if drift is not None else None,
+        "interrupted": interrupted,
     }
+
+
+def _emit(jsonl, echo, source: str, index: int, name: str, pred, num_exits: int) -> None:
+    if jsonl is not None:
+        jsonl.write(source, index, pred, name=name)
+    if echo is not None:
+        echo(
+            f"{name}: {pred.class_name} ({pred.confidence:.3f}) exit {pred.exit_index}/{num_exits} "
+            f"{pred.latency_ms:.3f} ms (+ {pred.preprocess_ms:.3f} ms preprocessing)",
+            highlight=False,
+        )
 
 
 def _annotate_and_write(writer, path, frame, pred, order):
@@ -233,7 +242,8 @@ def _annotate_and_write(writer, path, frame, pred, order):
 def summary_table(summary: dict):
     from rich.table import Table
 
-    t = Table(title=f"{summary['frames']} frames on {summary['backend']}")
+    ended = " (interrupted)" if summary.get("interrupted") else ""
+    t = Table(title=f"{summary['frames']} frames on {summary['backend']}{ended}")
     t.add_column("exit", justify="right")
     t.add_column("frames", justify="right")
     t.add_column("share", justify="right")
