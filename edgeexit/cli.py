@@ -618,6 +618,14 @@ def calibrate(
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
     ] = None,
     data_dir: DataDirOpt = None,
+    frame_size: Annotated[
+        str | None,
+        typer.Option(
+            "--frame-size",
+            help="WIDTHxHEIGHT of the frames your app passes (e.g. 1920x1080): their preprocessing is measured "
+            "here and the budget covers it too. Without it the budget covers the cascade on network-size frames.",
+        ),
+    ] = None,
     restore: Annotated[
         bool,
         typer.Option(
@@ -646,9 +654,12 @@ def calibrate(
     if not budget and not max_drop:
         raise UserError("give --budget (e.g. 5ms or 50%), --max-drop (e.g. 0.5pt), or both")
     budget_ms, fraction = _parse_budget(budget)
+    from edgeexit.calibrate.options import parse_frame_size
+
     with _calibrate_flags():
         result = run_calibration(
             artifact, budget_ms=budget_ms, budget_fraction=fraction, confidence=confidence,
+            frame_size=parse_frame_size(frame_size) if frame_size else None,
             max_drop=_parse_drop(max_drop) if max_drop else None, precision=precision, metric=metric, backend=backend,
             data=data, split=split,
             limit=images, verify_limit=verify_images, repeats=repeats, policy=policy,

@@ -143,3 +143,49 @@ def test_prediction_reports_the_frame_apart_from_the_cascade(tiny_artifact):
         assert cascade.predict(ready).label == p_big.label
         batch = cascade.predict_batch([big, big, small])
         assert len({p.preprocess_ms for p in batch}) == 1 and batch[0].preprocess_ms > 0
+
+
+def test_calibrate_frame_size_budgets_the_frame(artifact_copy):
+    """--frame-size: preprocessing at that size is measured here and taken off the budget; a share
+    budget is of the full model's frame-to-answer time. Without it the block says the budget covers
+    the cascade on network-size frames."""
+    from edgeexit.calibrate.run import run_calibration
+    from edgeexit.runtime.artifact import Artifact
+
+    r = run_calibration(
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100,
+        iso_accuracy=False, ladder_steps=2, frame_size=(1280, 720))  # fmt: skip
+    frame = r["frame"]
+    assert frame["covers"] == "frame" and frame["size"] == [1280, 720] and frame["network_size"] == [28, 28]
+    pre_ms = frame["preprocess"]["mean_ms"]
+    assert pre_ms > 0 and frame["rounds"] > 0
+    # the cascade gets 150 % of (full model + preprocessing), less the preprocessing
+    assert r["budget_ms"] == pytest.approx(1.5 * (r["full_model"]["predicted_ms"] + pre_ms) - pre_ms)
+    stored = Artifact.load(artifact_copy).calibration.block["frame"]  # read back frozen (tuples)
+    assert list(stored["size"]) == [1280, 720] and stored["preprocess"]["mean_ms"] == pre_ms
+    plain = run_calibration(
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100,
+        iso_accuracy=False, ladder_steps=2)  # fmt: skip
+    assert plain["frame"] == {"size": None, "network_size": [28, 28], "covers": "cascade"}
+    assert plain["budget_ms"] == pytest.approx(1.5 * plain["full_model"]["predicted_ms"])
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--frame-size", "1920"], "--frame-size must be WIDTHxHEIGHT"),
+        (["--frame-size", "0x480"], "each 1..16384"),
+        (["--frame-size", "1920x1080", "--budget", "1us"], "used up by converting a 1920x1080 frame"),
+    ],
+)
+def test_calibrate_frame_size_refusals_are_one_line(artifact_copy, args, says):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    argv = ["calibrate", str(artifact_copy), "--backend", "onnxruntime", "--repeats", "20", *args]
+    if "--budget" not in args:
+        argv += ["--budget", "50%"]
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 2, res.output
+    assert says in res.output and "Traceback" not in res.output

@@ -24,7 +24,22 @@ CLI_NAMES = {
     "limit": "--limit",
     "verify_limit": "--verify-limit",
     "repeats": "--repeats",
+    "frame_size": "--frame-size",
 }
+
+
+MAX_FRAME_SIDE = 16384  # wider than any camera sensor's frame; larger is a typo
+
+
+def parse_frame_size(text: str) -> tuple[int, int]:
+    """``1920x1080`` (also ``1920X1080``, ``1920*1080``) → (1920, 1080); anything else is an OptionError."""
+    parts = text.strip().lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise OptionError("frame_size", f"must be WIDTHxHEIGHT in pixels (e.g. 1920x1080), got '{text}'")
+    w, h = (int(p) for p in parts)
+    if not (1 <= w <= MAX_FRAME_SIDE and 1 <= h <= MAX_FRAME_SIDE):
+        raise OptionError("frame_size", f"must be WIDTHxHEIGHT, each 1..{MAX_FRAME_SIDE} pixels, got '{text}'")
+    return w, h
 
 
 class OptionError(UserError):
@@ -59,6 +74,9 @@ class CalibrationOptions:
     precision: str | None = None  # the units to calibrate (int8 after `export --int8`); None: the backend's
     confidence: float = 0.95  # of the --max-drop promise
     ladder_steps: int = 16  # plans in the ladder (the budget controller's rungs; benchmarks ask for more)
+    # (width, height) of the frames the app hands the cascade: the budget then covers their
+    # preprocessing too; None: the budget covers the cascade on network-size frames
+    frame_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:  # noqa: C901
         from edgeexit.runtime.policies import POLICIES
@@ -97,6 +115,12 @@ class CalibrationOptions:
                 raise OptionError(name, f"must be at least 20, got {v}")
         if self.repeats < 1:
             raise OptionError("repeats", f"must be at least 1, got {self.repeats}")
+        if self.frame_size is not None and not (
+            len(self.frame_size) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_FRAME_SIDE for v in self.frame_size)
+        ):
+            raise OptionError(
+                "frame_size", f"must be WIDTHxHEIGHT, each 1..{MAX_FRAME_SIDE} pixels, got {self.frame_size}"
+            )
 
     @property
     def limited(self) -> bool:

@@ -193,6 +193,9 @@ class CalibrationReport:
     certifiable: dict
     plot: str | None = None
     drift_reference: dict | None = None  # runtime/monitor.py `reference_statistics`, on the stored frames
+    # what the budget covers: the cascade on network-size frames, or (--frame-size) the frame, with the
+    # preprocessing cost measured at that size (calibrate/run.py `_frame_cost`)
+    frame: dict | None = None
 
     @property
     def verified_drop(self) -> float:
@@ -262,6 +265,8 @@ class CalibrationReport:
         out["ladder"] = [r.to_dict() for r in self.ladder.rungs]
         if self.drift_reference is not None:
             out["drift_reference"] = self.drift_reference
+        if self.frame is not None:
+            out["frame"] = self.frame
         out["seconds"] = self.seconds
         return out
 

@@ -95,12 +95,14 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
     try:
         m = _measure(s, opts, console)
         cost = m.cost(opts.metric)
-        budget_ms = _budget(opts, cost, say)
+        frame = _frame_cost(s, opts, say)
+        budget_ms = _budget(opts, cost, say, frame)
         choice = _choose(m, opts, cost, budget_ms, say)
         iso_promise = _certify(m, opts, cost, ISO_ACCURACY_DROP, None)  # the iso-accuracy point, certifiable
         verification = _verify(s, m, opts, cost, budget_ms, choice, iso_promise, say)
         ladder = _measure_ladder(s, m, opts, cost, verification.chosen, console)
         report = _assemble(s, m, opts, cost, budget_ms, choice, verification, ladder, iso_promise, t_start)
+        report = replace(report, frame=frame)
         report = _write(s, opts, report, say)
     finally:
         s.cascade.close()
@@ -188,14 +190,80 @@ def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progr
     return stats
 
 
-def _budget(opts: CalibrationOptions, cost: CostModel, say) -> float:
+FRAME_ROUNDS = 100  # preprocessing/full-model pairs timed for --frame-size (~0.5 s at 1080p on 2 cores)
+
+
+def _frame_cost(s: _Session, opts: CalibrationOptions, say) -> dict:
+    """The ``frame`` block: what the budget covers. With --frame-size, what preprocessing a frame of
+    that size costs on this device, timed in rounds interleaved with the full model on a network-size
+    input (each round: one frame converted, one full-model run), so the two compare on the same moments."""
+    pre = s.cascade.preprocess
+    network = [pre.width, pre.height]
+    if opts.frame_size is None:
+        say(
+            f"  the budget covers the cascade on {network[0]}x{network[1]} frames (the network's input); converting "
+            "larger camera frames costs extra: --frame-size WxH budgets it too"
+        )
+        return {"size": None, "network_size": network, "covers": "cascade"}
+    fw, fh = opts.frame_size
+    frame = np.random.default_rng(0).integers(0, 256, (fh, fw, 3), dtype=np.uint8)  # cost does not depend on pixels
+    full = s.cascade.derive(thresholds=CascadePlan.full_model(s.cascade.num_exits).thresholds)
+    ready = pre(frame)
+    full.predict(ready)
+    pre_ms, full_ms = [], []
+    clock = time.perf_counter
+    for _ in range(FRAME_ROUNDS):
+        t = clock()
+        pre(frame)
+        pre_ms.append((clock() - t) * 1e3)
+        full_ms.append(full.predict(ready).latency_ms)
+
+    def stats(v: list[float]) -> dict:
+        a = np.asarray(v)
+        p50, p95 = np.percentile(a, [50, 95])
+        return {"mean_ms": float(a.mean()), "p50_ms": float(p50), "p95_ms": float(p95)}
+
+    block = {
+        "size": [fw, fh],
+        "network_size": network,
+        "covers": "frame",
+        "preprocess": stats(pre_ms),
+        "full_model_same_moments": stats(full_ms),
+        "rounds": FRAME_ROUNDS,
+    }
+    key = "mean_ms" if opts.metric == "mean" else "p95_ms"
+    say(
+        f"  a {fw}x{fh} frame takes {block['preprocess'][key]:.3f} ms ({opts.metric}) to convert to {network[0]}x"
+        f"{network[1]} on this device ({block['full_model_same_moments'][key]:.3f} ms for the full model, same moments)"
+    )
+    return block
+
+
+def _budget(opts: CalibrationOptions, cost: CostModel, say, frame: dict | None = None) -> float:
+    """The cascade's budget in ms. With --frame-size the budget the user gave covers the frame: its
+    preprocessing (measured in `_frame_cost`) is taken off first, and a share (50%) is of the full
+    model's frame-to-answer time, preprocessing included."""
     full_ms = cost.full_ms()
     budget_ms = opts.budget_ms
+    frame_ms = 0.0
+    if frame is not None and frame.get("covers") == "frame":
+        frame_ms = frame["preprocess"]["mean_ms" if opts.metric == "mean" else "p95_ms"]
     if not opts.limited:  # --max-drop alone: no latency limit
         budget_ms = max(full_ms, cost.all_exits_ms())
     elif budget_ms is None:
-        budget_ms = opts.budget_fraction * full_ms
-        say(f"  budget = {100 * opts.budget_fraction:.0f}% of the full model = {budget_ms:.3f} ms")
+        budget_ms = opts.budget_fraction * (full_ms + frame_ms)
+        whole = "frame to answer" if frame_ms else "cascade"
+        say(f"  budget = {100 * opts.budget_fraction:.0f}% of the full model ({whole}) = {budget_ms:.3f} ms")
+    if opts.limited and frame_ms:
+        size = "x".join(map(str, frame["size"]))
+        if budget_ms - frame_ms <= 0:
+            raise UserError(
+                f"the budget {budget_ms:.3f} ms is used up by converting a {size} frame ({frame_ms:.3f} ms on this "
+                "device) before the cascade starts: give more time, or ask the camera for smaller frames"
+            )
+        say(f"  of the {budget_ms:.3f} ms per {size} frame, {frame_ms:.3f} ms go to preprocessing: the cascade gets "
+            f"{budget_ms - frame_ms:.3f} ms")  # fmt: skip
+        budget_ms -= frame_ms
     say(
         f"  full model (every intermediate exit skipped): {full_ms:.3f} ms predicted; cheapest cascade "
         f"{cost.min_ms():.3f} ms"
@@ -436,13 +504,13 @@ def _write(s: _Session, opts: CalibrationOptions, report: CalibrationReport, say
         report = replace(report, plot=str(plot_path))
     except ImportError:
         say("  (matplotlib not installed: no plot)")
-    write_calibration(s.cascade.artifact, report.manifest_block())
-    return report
     from edgeexit.calibrate.history import PREVIOUS_NAME, describe, keep_previous
 
     replaced = keep_previous(s.cascade.artifact)  # saved before the manifest changes: never lost
+    write_calibration(s.cascade.artifact, report.manifest_block())
     if replaced is not None:
         say(
             f"  [yellow]replaced[/] the earlier calibration ({esc(describe(replaced))}); it is kept in "
             f"{PREVIOUS_NAME}: `edgeexit calibrate {esc(str(s.folder))} --restore` puts it back"
         )
+    return report
