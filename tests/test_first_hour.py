@@ -290,3 +290,42 @@ def test_progress_in_a_log_file_is_one_readable_line_per_epoch():
     for epoch, line in enumerate(lines):
         assert line.startswith(f"epoch {epoch + 1}/2 val avg 0.81{epoch} final 0.85{epoch}: 625/625")
         assert f"loss {0.5 - 0.1 * epoch:.3f}" in line and "3000 img/s" in line
+
+
+def test_a_source_that_dropped_is_given_up_when_the_run_is_bounded_by_frames(tiny_artifact, test_frames, tmp_path):
+    """A camera that gave frames and then went away for good: with reconnect_tries (what `run
+    --max-frames` sets) the reader gives up after that many failed reconnects in a row, so the run
+    ends; without it, it keeps reconnecting (a camera app that lost its camera for a while)."""
+    import time
+
+    cv2 = pytest.importorskip("cv2")
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.sources import RECONNECT_TRIES, LiveSource
+    from edgeexit.runtime.streams import Streams
+
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (28, 28))
+    for f in test_frames[0][:8]:
+        writer.write(cv2.cvtColor(f[:, :, 0], cv2.COLOR_GRAY2BGR))
+    writer.release()
+    opened = []
+
+    def opener():  # the camera is there once, then never again
+        opened.append(1)
+        return cv2.VideoCapture(str(video) if len(opened) == 1 else str(tmp_path / "gone.avi"))
+
+    src = LiveSource(str(video), reconnect=True, reconnect_tries=3, backoff_s=(0.01, 0.02), opener=opener)
+    src.start()
+    t0 = time.perf_counter()
+    while src.status != "error" and time.perf_counter() - t0 < 20:
+        time.sleep(0.01)
+    src.close()
+    # three failures in a row: the drop itself, then two reopenings that failed
+    assert src.status == "error" and src.captured == 8 and len(opened) == 3
+    assert "did not come back (3 tries in" in src.last_error
+    # the CLI's streams: bounded by frames → bounded reconnects; the library default keeps reconnecting
+    cascade = Cascade.load(tiny_artifact, backend="onnxruntime")
+    with Streams(cascade, ["http://127.0.0.1:9/x"], reconnect_tries=RECONNECT_TRIES) as s:
+        assert s.sources[0].reconnect_tries == RECONNECT_TRIES
+    with Streams(cascade, ["http://127.0.0.1:9/x"]) as s:
+        assert s.sources[0].reconnect_tries is None

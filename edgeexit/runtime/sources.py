@@ -295,6 +295,9 @@ MAX_CAMERA_INDEX = 1023
 # Failed tries in a row before a source that never gave a frame is given up: with the backoff
 # (0.25 s doubling) about 4 s for a camera index with nothing behind it.
 OPEN_TRIES = 5
+# Failures in a row (the drop, then failed reopenings) before a source that gave frames is given up,
+# when the run is bounded by frames (`run --max-frames`): about 40 s with the backoff (8 s at most).
+RECONNECT_TRIES = 10
 
 
 def camera_index(source: str) -> int | None:
@@ -322,9 +325,10 @@ class LiveSource:
     sources that fail or end are reopened with exponential backoff (``backoff_s``: first and largest
     wait); a video file ends at its last frame. A source that has not given a frame yet is given up
     (status error) after ``open_tries`` failed tries in a row: a camera index with no camera behind
-    it, or a dead URL, ends the run instead of retrying forever. After its first frame a source
-    reconnects ``reconnect_tries`` times in a row at most (None: for as long as it runs, as a camera
-    app that lost its camera for a while expects). ``status`` is one of opening, live, reconnecting,
+    it, or a dead URL, ends the run instead of retrying forever. After its first frame a source is
+    given up after ``reconnect_tries`` failures in a row, the drop and the failed reopenings after it
+    (None: it reconnects for as long as it runs, as a camera app that lost its camera for a while
+    expects). ``status`` is one of opening, live, reconnecting,
     ended, error; ``last_error`` says why. ``opener`` (tests, custom pipelines) returns an object
     with OpenCV's ``read()``, ``release()``, ``isOpened()`` and ``get()``.
     """
@@ -619,12 +623,15 @@ def wants_streams(sources: list[str], realtime: bool, fps, duration_s, save_vide
     return streamed
 
 
-def open_source(source: str, realtime: bool = False, fps: float | None = None, on_event=None):
-    """A `LiveSource` (camera index, URL, or video file with ``realtime``) or an `OrderedSource`."""
+def open_source(
+    source: str, realtime: bool = False, fps: float | None = None, on_event=None, reconnect_tries: int | None = None
+):
+    """A `LiveSource` (camera index, URL, or video file with ``realtime``) or an `OrderedSource`.
+    ``reconnect_tries``: see `LiveSource` (None: a live source that dropped reconnects for as long as it runs)."""
     if not source.strip():
         raise UserError("--source is empty: give a folder of images, a video file, a camera index or a URL")
     if is_live(source, realtime):
-        return LiveSource(source, realtime=realtime, fps=fps, on_event=on_event)
+        return LiveSource(source, realtime=realtime, fps=fps, on_event=on_event, reconnect_tries=reconnect_tries)
     if fps is not None and Path(source).is_file():
         raise UserError("--fps paces a video file played with --realtime; add --realtime")
     return OrderedSource(source)

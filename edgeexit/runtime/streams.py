@@ -38,7 +38,7 @@ import numpy as np
 from edgeexit.runtime.monitor import alarm_message, monitor_for
 from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.preprocessing import Preprocessor
-from edgeexit.runtime.sources import open_source
+from edgeexit.runtime.sources import RECONNECT_TRIES, open_source
 
 
 @dataclass(slots=True)
@@ -93,7 +93,8 @@ class Streams:
     0: run what is there at once; it adds up to that much latency). ``drift``: True or a
     `DriftOptions`: a drift monitor per stream (``drift`` event at its first alarm; the ``drift`` block
     of each stream in `summary`); a live stream samples every `LIVE_EVERY`-th frame unless
-    ``DriftOptions.every`` says otherwise.
+    ``DriftOptions.every`` says otherwise. ``reconnect_tries``: failed reconnects in a row after which
+    a live source opened here that dropped is given up (None: it reconnects for as long as the run goes).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class Streams:
         batch_window_ms: float = 0.0,
         on_event: Callable[[str, str, str], None] | None = None,
         drift=None,
+        reconnect_tries: int | None = None,
     ) -> None:
         from edgeexit.errors import UserError
 
@@ -131,6 +133,7 @@ class Streams:
             raise UserError(f"batch_window_ms must be within 0..10000 ms, got {batch_window_ms}")
         self.batch_window_s = float(batch_window_ms) / 1e3
         self._user_event = on_event
+        self._reconnect_tries = reconnect_tries  # for the sources opened here from strings
         self.events: list[tuple[float, str, str, str]] = []  # (time, source, kind, message)
         self._new_frame = threading.Event()
         self.sources = self._open(sources, realtime, fps)
@@ -161,7 +164,9 @@ class Streams:
         opened = []
         try:
             for s in sources:
-                src = open_source(s, realtime, fps, self._reader_event) if isinstance(s, str) else s
+                src = s
+                if isinstance(s, str):
+                    src = open_source(s, realtime, fps, self._reader_event, self._reconnect_tries)
                 if getattr(src, "on_event", False) is None:  # a LiveSource made by the caller
                     src.on_event = self._reader_event
                 opened.append(src)
@@ -500,6 +505,8 @@ def run_streams(  # noqa: C901
         max_frames=max_frames,
         on_event=event,
         drift=drift,
+        # a run bounded by frames ends even when a source that dropped never comes back
+        reconnect_tries=RECONNECT_TRIES if max_frames is not None else None,
     )
     several = len(streams.sources) > 1
     live = Live(streams_table(streams.summary()), console=out, auto_refresh=False) if several and not quiet else None
