@@ -164,6 +164,24 @@ def latency_part(backbones: list[str], rounds: int, size: int, dynamo: bool) -> 
     return rows
 
 
+def exporters_part(backbones: list[str], size: int) -> list[dict]:
+    """Only the exporter comparison (no timing): the whole network through both exporters."""
+    import torch
+
+    from edgeexit.models.backbones import BackboneConfig, BackboneNet
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in backbones:
+        model = BackboneNet(BackboneConfig(backbone=name, num_classes=1000, input_size=[size, size])).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            ts = _export_whole(model.network, Path(tmp) / "whole.onnx", False, size)
+            dy = _export_whole(model.network, Path(tmp) / "whole_dynamo.onnx", True, size)
+        rows.append({"backbone": name, "exporter_torchscript": ts, "exporter_dynamo": dy})
+        print(name, json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _time_interleaved(sessions: dict, whole_s, x, k: int, rounds: int) -> tuple[dict, list, list]:
     """Per round: the whole model once and the unit chain once (every segment and head, each timed),
     the order alternating per round. Returns (per-unit times, whole-model times, split times: the
@@ -336,6 +354,63 @@ def plot(latency_json: Path, fmnist_json: Path, png: Path) -> None:
     os.replace(tmp, png)
 
 
+def projected_224(lat_row: dict, fm_row: dict) -> float | None:
+    """The Fashion-MNIST cascade's exit shares and evaluated exits priced at the 224 px unit latencies:
+    a projection (the 224 px network was not trained), the whole network's latency over the cascade's."""
+    k = lat_row["exits"]
+    if fm_row["exits"] != k:
+        return None
+    u = lat_row["unit_ms"]
+    evaluated = set(fm_row["evaluated_exits"])
+    cost, reach = 0.0, 0.0
+    for pos in range(k):
+        reach += u[f"seg_{pos + 1:02d}"] + (u[f"head_{pos + 1:02d}"] if pos + 1 in evaluated else 0.0)
+        cost += fm_row["cascade"]["exit_shares"][pos] * reach
+    return lat_row["whole_ms"] / cost
+
+
+def table(latency_json: Path, fmnist_json: Path) -> str:
+    """The backbone table of docs/results.md (markdown)."""
+    lat = {r["backbone"]: r for r in json.loads(latency_json.read_text())["rows"]}
+    fm = json.loads(fmnist_json.read_text())["rows"] if fmnist_json.is_file() else []
+    lines = [
+        "| backbone | exits | MFLOPs (224 px) | per unit, ms (seg / head, 224 px) | whole model, ms | split overhead "
+        "| exporter (whole net: TorchScript / dynamo) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in lat.items():
+        k = r["exits"]
+        ms = r["unit_ms"]
+        units = " · ".join(f"{ms[f'seg_{p:02d}']:.2f}/{ms[f'head_{p:02d}']:.2f}" for p in range(1, k + 1))
+        ts, dy = r["exporter_torchscript"], r.get("exporter_dynamo")
+        exp = f"opset {ts['opset']}, {ts['nodes']} nodes, Δ {ts['max_abs_diff']:.0e}"
+        if dy and dy["ok"]:
+            exp += f" / opset {dy['opset']}, {dy['nodes']} nodes, Δ {dy['max_abs_diff']:.0e}"
+        elif dy:
+            exp += " / failed"
+        lines.append(
+            f"| {name} | {k} | {r['mflops_network']:.0f} | {units} | {r['whole_ms']:.2f} | "
+            f"{r['split_overhead']:.3f} (paired {r['split_overhead_paired']:.3f}) | {exp} |"
+        )
+    if fm:
+        lines += [
+            "",
+            "| backbone (width) | training | static: accuracy, ms | cascade at --max-drop 0.5pt: accuracy, ms "
+            "| speed-up | drop, pt | exit shares | 224 px projection |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in fm:
+            proj = projected_224(lat[r["backbone"]], r) if r["backbone"] in lat else None
+            lines.append(
+                f"| {r['backbone']} ({r['width']}) | {r['label']} | {100 * r['static']['accuracy']:.2f} %, "
+                f"{r['static']['latency_ms']:.3f} | {100 * r['cascade']['accuracy']:.2f} %, "
+                f"{r['cascade']['latency_ms']:.3f} | {r['speedup']:.2f}x | {r['drop_pt']:+.2f} | "
+                f"{' / '.join(f'{x:.2f}' for x in r['cascade']['exit_shares'])} | "
+                f"{f'{proj:.2f}x' if proj else '-'} |"
+            )
+    return "\n".join(lines)
+
+
 def _write(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -344,7 +419,7 @@ def _write(path: Path, obj) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["latency", "fmnist", "plot"], required=True)
+    p.add_argument("--part", choices=["latency", "exporters", "fmnist", "plot", "table"], required=True)
     p.add_argument("--backbones", nargs="*", help="subset (default: all of the part's)")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--size", type=int, default=224)
@@ -365,13 +440,18 @@ def main(argv=None) -> None:
     if a.part == "latency":
         rows = latency_part(a.backbones or LATENCY_BACKBONES, a.rounds, a.size, not a.no_dynamo and _has_onnxscript())
         _write(a.out or a.latency_json, {"machine": machine, "size": a.size, "rows": rows})
+    elif a.part == "exporters":
+        rows = exporters_part(a.backbones or LATENCY_BACKBONES, a.size)
+        _write(a.out or Path("docs/backbones_exporters.json"), {"machine": machine, "size": a.size, "rows": rows})
     elif a.part == "fmnist":
         chosen = {n: FMNIST[n] for n in (a.backbones or FMNIST)}
         a.work.mkdir(parents=True, exist_ok=True)
         rows = fmnist_part(chosen, a.work, a.train_images, a.epochs, a.test_images, a.frozen)
         _write(a.out or a.fmnist_json, {"machine": machine, "rows": rows})
-    else:
+    elif a.part == "plot":
         plot(a.latency_json, a.fmnist_json, a.png)
+    else:
+        print(table(a.latency_json, a.fmnist_json))
 
 
 def _has_onnxscript() -> bool:

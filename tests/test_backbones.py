@@ -235,3 +235,13 @@ def test_init_with_another_width_names_the_key(tmp_path):
     m = BackboneNet(BackboneConfig(backbone="regnet_y_400mf", width=0.5, in_chans=3, input_size=[32, 32]))
     with pytest.raises(UserError, match="torchvision's weights need --width 1"):
         load_torchvision_weights(m, sd)
+
+
+def test_cli_unknown_backbone_is_one_line_and_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--backbone", "vgg16", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2, res.output
+    assert "unknown --backbone 'vgg16'" in res.output and "Traceback" not in res.output
