@@ -757,6 +757,7 @@ _FINGERPRINT_KEYS = (
     "gpu",
     "compute_capability",
     "jetson_power_mode",
+    "jetson_clocks_locked",  # latency is what calibration promises: pinned vs scaling clocks change it
 )
 
 

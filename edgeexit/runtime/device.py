@@ -64,14 +64,29 @@ def parse_nvpmodel(out: str) -> str | None:
     return None
 
 
-def clocks_locked() -> bool | None:
+# Jetson GPU devfreq nodes, as jetson_stats identifies them (jtop/core/gpu.py): by the device-tree
+# node name, since an Orin's GPU is /sys/class/devfreq/17000000.ga10b (no "gpu" in the entry name).
+JETSON_GPU_NODES = ("gv11b", "gp10b", "ga10b", "gb10b", "gpu")
+
+
+def _is_gpu_devfreq(entry: Path) -> bool:
+    node = _read(str(entry / "device" / "of_node" / "name"))
+    if node in JETSON_GPU_NODES:
+        return True
+    return entry.name.split(".")[-1] in JETSON_GPU_NODES or "gpu" in entry.name
+
+
+def clocks_locked(sysfs: str = "/sys") -> bool | None:
     """jetson_clocks (or any fixed clocks): min == max for the CPU and GPU frequencies, from sysfs
-    without root; None when there is nothing to read."""
+    without root; None when there is nothing to read. ``sysfs``: the sysfs root (tests)."""
+    root = Path(sysfs)
     pairs = []
-    for cpu in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cpufreq")):
+    for cpu in sorted((root / "devices/system/cpu").glob("cpu[0-9]*/cpufreq")):
         pairs.append((_read(str(cpu / "scaling_min_freq")), _read(str(cpu / "scaling_max_freq"))))
-    for gpu in Path("/sys/class/devfreq").glob("*gpu*") if Path("/sys/class/devfreq").is_dir() else []:
-        pairs.append((_read(str(gpu / "min_freq")), _read(str(gpu / "max_freq"))))
+    devfreq = root / "class/devfreq"
+    for gpu in sorted(devfreq.iterdir()) if devfreq.is_dir() else []:
+        if _is_gpu_devfreq(gpu):
+            pairs.append((_read(str(gpu / "min_freq")), _read(str(gpu / "max_freq"))))
     pairs = [(a, b) for a, b in pairs if a and b]
     if not pairs:
         return None
