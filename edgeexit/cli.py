@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -193,18 +195,42 @@ def _parse_budget(text: str) -> tuple[float | None, float | None]:
 
 
 def _run_budget_ms(artifact: Path, budget: str) -> float | None:
-    """`run --budget`: a time, or a share of the full model's latency that calibrate predicted."""
+    """`run --budget`: a time, or a share of the full model's latency that calibrate predicted, with
+    calibrate's meaning: when calibrate measured a frame size (--frame-size), the budget covers the
+    frame, and the cascade (what the controller holds) gets it less the measured preprocessing."""
     budget_ms, fraction = _parse_budget(budget)
-    if fraction is None:
-        return budget_ms
+    if budget_ms is None and fraction is None:
+        return None
     from edgeexit.runtime.artifact import Artifact
 
     cal = Artifact.load(artifact).calibration
-    full = (cal.block.get("full_model") or {}).get("predicted_ms") if cal is not None else None
-    if not isinstance(full, int | float):
-        raise UserError(f"--budget {budget} is a share of the full model's latency, which calibrate records: "
-                        "calibrate this artifact first, or give a time (5ms)")  # fmt: skip
-    return fraction * float(full)
+    block = cal.block if cal is not None else {}
+    frame = block.get("frame")
+    frame = frame if isinstance(frame, Mapping) else {}
+    frame_ms = 0.0
+    if frame.get("covers") == "frame":
+        metric = "p95_ms" if block.get("metric") == "p95" else "mean_ms"
+        pre = frame.get("preprocess")
+        value = pre.get(metric) if isinstance(pre, Mapping) else None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            raise UserError(f"{artifact}: calibration.frame.preprocess.{metric} must be a number of ms >= 0, got "
+                            f"{value!r}: calibrate again")  # fmt: skip
+        frame_ms = float(value)
+    if fraction is not None:
+        full = (block.get("full_model") or {}).get("predicted_ms")
+        if not isinstance(full, int | float) or isinstance(full, bool) or not full > 0:
+            raise UserError(f"--budget {budget} is a share of the full model's latency, which calibrate records: "
+                            "calibrate this artifact first, or give a time (5ms)")  # fmt: skip
+        budget_ms = fraction * (float(full) + frame_ms)
+    if frame_ms:
+        size = "x".join(str(v) for v in frame.get("size") or ())
+        if budget_ms - frame_ms <= 0:
+            raise UserError(f"--budget {budget} is used up by converting a {size} frame ({frame_ms:.3f} ms when "
+                            "calibrated) before the cascade starts: give more time")  # fmt: skip
+        console.print(f"budget {budget_ms:.3f} ms per {size} frame: {frame_ms:.3f} ms preprocessing (as calibrated), "
+                      f"{budget_ms - frame_ms:.3f} ms for the cascade", markup=False, highlight=False)  # fmt: skip
+        budget_ms -= frame_ms
+    return budget_ms
 
 
 # Earlier spellings of renamed options, per command: they still work (rewritten to the one name
@@ -857,8 +883,8 @@ def _drift_verdict(summary: dict) -> None:
             console.print(
                 f"[bold yellow]drift[/]: {esc(str(source))}: alarm at frame {d['first_alarm_frame']} "
                 f"({d['channel']}) of {d['frames']}: the --max-drop certificate and the calibrated thresholds no "
-                "longer apply to these frames; re-calibrate on labelled frames from this camera "
-                "(`edgeexit calibrate ARTIFACT --data FOLDER --split test`, FOLDER holding one folder per class)",
+                "longer apply to these frames; collect labelled frames from this camera and re-calibrate on them "
+                "(edgeexit calibrate --data)",
                 highlight=False,
             )
         else:

@@ -189,3 +189,32 @@ def test_calibrate_frame_size_refusals_are_one_line(artifact_copy, args, says):
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 2, res.output
     assert says in res.output and "Traceback" not in res.output
+
+
+def test_run_budget_has_calibrates_meaning(artifact_copy):
+    """`run --budget` after `calibrate --frame-size`: the budget covers the frame, so the controller
+    holds the cascade at the budget less the preprocessing calibrate measured; a hostile value there
+    is a one-line refusal."""
+    import json
+
+    from edgeexit.cli import _run_budget_ms
+    from edgeexit.errors import UserError
+    from edgeexit.runtime.manifest import write_calibration
+
+    manifest = json.loads((artifact_copy / "manifest.json").read_text())
+    block = {
+        "thresholds": [2.0] * 7 + [0.0], "metric": "mean", "full_model": {"predicted_ms": 2.0},
+        "frame": {"size": [1920, 1080], "covers": "frame", "preprocess": {"mean_ms": 1.5, "p95_ms": 2.0}},
+    }  # fmt: skip
+    from edgeexit.runtime.artifact import Artifact
+
+    art = Artifact.load(artifact_copy)
+    write_calibration(art, {**(manifest.get("calibration") or {}), **block})
+    assert _run_budget_ms(artifact_copy, "5ms") == pytest.approx(3.5)
+    assert _run_budget_ms(artifact_copy, "50%") == pytest.approx(0.5 * (2.0 + 1.5) - 1.5)
+    with pytest.raises(UserError, match="used up by converting a 1920x1080 frame"):
+        _run_budget_ms(artifact_copy, "1ms")
+    block["frame"]["preprocess"]["mean_ms"] = "abc"
+    write_calibration(Artifact.load(artifact_copy), {**(manifest.get("calibration") or {}), **block})
+    with pytest.raises(UserError, match="calibration.frame.preprocess.mean_ms must be a number"):
+        _run_budget_ms(artifact_copy, "5ms")
