@@ -51,7 +51,8 @@ def main() -> int:
                 print(
                     f"{r.source + ' ' if several else ''}frame {r.frame_id}: {p.class_name} "
                     f"conf {p.confidence:.2f} exit {p.exit_index} "
-                    f"inference {p.latency_ms:.2f} ms, capture to result {r.e2e_ms:.1f} ms"
+                    f"preprocess {p.preprocess_ms:.2f} ms + cascade {p.latency_ms:.2f} ms, "
+                    f"capture to result {r.e2e_ms:.1f} ms"
                 )
                 if args.show:
                     import cv2
