@@ -28,10 +28,11 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import NamedTuple, TypeGuard
 
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime.plan import unit_names
@@ -445,8 +446,8 @@ def _check_preprocessing(path: Path, pre) -> None:
         raise bad(f"input_size must be [H, W] with 1..8192 pixels each, got {size!r}")
     for key, positive in (("mean", False), ("std", True)):
         v = pre.get(key)
-        ok = isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v)
-        if not ok or (positive and not all(x > 0 for x in v)):
+        numbers = v if isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v) else None
+        if numbers is None or (positive and not all(x > 0 for x in numbers)):
             need = "positive finite numbers" if positive else "finite numbers"
             raise bad(f"{key} must be {chans} {need} (one per channel), got {v!r}")
 
@@ -538,7 +539,7 @@ def _thaw(obj):
     return obj
 
 
-def _int(x) -> bool:
+def _int(x) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
@@ -555,10 +556,7 @@ def _build(folder: Path, m: dict) -> Artifact:
     k = len(m["units"]) // 2
     pre = _preprocessing(m["preprocessing"], bad)
     units = tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(m["units"]))
-    model = _model(m["model"], k, bad)
-    num_classes = _check_wiring(units, pre, model, len(m["class_names"]), bad)
-    if model.num_classes is None:
-        model = ModelInfo(**{**model.__dict__, "num_classes": num_classes})
+    model = _model(m["model"], k, bad, lambda declared: _check_wiring(units, pre, declared, len(m["class_names"]), bad))
     weights = artifact_file(folder, m["weights"]) if "weights" in m else None
     frames = _frames(folder, m.get("calibration_frames"), bad)
     _check_unique(folder, units, weights, frames)
@@ -650,7 +648,8 @@ def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
     return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats)
 
 
-def _model(model: dict, k: int, bad) -> ModelInfo:
+def _model(model: dict, k: int, bad, wiring: Callable[[_DeclaredModel], int]) -> ModelInfo:
+    """The model block, checked; ``wiring`` checks it against the units and returns the class count."""
     config = model.get("config")
     if not isinstance(config, dict):
         raise bad("model.config", f"must be an object (the training config), got {config!r}")
@@ -674,19 +673,28 @@ def _model(model: dict, k: int, bad) -> ModelInfo:
         v = config.get(key) if key == "stem" else model.get(key)
         if v is not None and not isinstance(v, str):
             raise bad(f"model.{'config.' if key == 'stem' else ''}{key}", f"must be a string, got {v!r}")
+    input_size = (size[0], size[1]) if size else None
     return ModelInfo(
         num_exits=exits if _int(exits) else k,
-        num_classes=classes,
+        num_classes=wiring(_DeclaredModel(chans, input_size, classes)),
         config=_freeze(config),
         width=width,
         in_chans=chans,
-        input_size=tuple(size) if size else None,
+        input_size=input_size,
         stem=config.get("stem"),
         method=model.get("method"),
     )
 
 
-def _check_wiring(units, pre: Preprocessing, model: ModelInfo, n_names: int, bad) -> int:  # noqa: C901
+class _DeclaredModel(NamedTuple):
+    """What the training config declares about the model's input and output, where it says so."""
+
+    in_chans: int | None
+    input_size: tuple[int, int] | None
+    num_classes: int | None
+
+
+def _check_wiring(units, pre: Preprocessing, model: _DeclaredModel, n_names: int, bad) -> int:  # noqa: C901
     """The chain the runtime relies on, checked on the recorded shapes; returns the class count."""
     image = units[0].inputs
     want = (pre.in_chans, *pre.input_size)

@@ -229,7 +229,7 @@ class Cascade:
             controller = None
             if options.budget_ms is not None:  # it picks the plan to start on
                 controller, thresholds = _controller(
-                    cal.to_dict() if cal is not None else {}, options, shared.num_exits
+                    cal.to_dict() if cal is not None else {}, options, options.budget_ms, shared.num_exits
                 )
             monitor = None
             drift_options = as_drift_options(drift)
@@ -265,7 +265,7 @@ class Cascade:
         self.fingerprint_changes = shared.fingerprint_changes
         self.options = options
         self.policy_name = options.policy
-        policy_fn = get_policy(options.policy)
+        policy_fn = get_policy(options.policy or "max_softmax")  # a root's options name it (`__init__`)
         self._policy = None if options.policy == "max_softmax" else policy_fn
         self._fuse, self._unit_timing = options.fuse, options.unit_timing  # read by the hot paths
         self.preprocess = Preprocessor(shared.preprocessing, options.input_order)
@@ -540,7 +540,8 @@ class Cascade:
                 "or call set_unit_latency()"
             )
         seg_p95, head_p95 = self._unit_p95
-        runner, units_ms, best, last = self.runner, {}, None, self.num_exits - 1
+        runner, best, last = self.runner, None, self.num_exits - 1
+        units_ms: dict[str, float] = {}  # the deadline walk times no unit
         state = runner.from_host(x)
         first_pos, watched = plan.groups[0][1], None  # the watched exit, if the deadline lets it run
 
@@ -708,7 +709,7 @@ class Cascade:
         self.close()
 
 
-def _controller(calib: dict, options: CascadeOptions, num_exits: int):
+def _controller(calib: dict, options: CascadeOptions, budget_ms: float, num_exits: int):
     """The budget controller over the calibration's ladder, and the plan it starts on. Its ``apply``
     assigns every switch to the views `_init_view` registers (the controller swaps the plan itself,
     under its lock, so two threads never undo a switch)."""
@@ -727,7 +728,7 @@ def _controller(calib: dict, options: CascadeOptions, num_exits: int):
                   "predicted_accuracy": pred.get("accuracy", 0.0), "measured": meas,
                   "exit_ms": meas.get("exit_ms")}  # fmt: skip
     ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, num_exits), chosen)
-    controller = controller_for(calib, ladder, options.budget_ms, apply=_PlanFollowers(), window=options.budget_window)
+    controller = controller_for(calib, ladder, budget_ms, apply=_PlanFollowers(), window=options.budget_window)
     return controller, controller.plan
 
 

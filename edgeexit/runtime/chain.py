@@ -9,10 +9,22 @@ temporary folder), rather than each building its own sessions.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TypedDict
 
 import numpy as np
 
 from edgeexit.runtime.backends.base import HeadOutput, Runner
+
+
+class _ChainExits(TypedDict):
+    confidence: np.ndarray  # (N, K)
+    prediction: np.ndarray  # (N, K) int64
+
+
+class ChainOutputs(_ChainExits, total=False):
+    """What `chain_outputs` returns; ``logits`` only when asked for."""
+
+    logits: list[np.ndarray]  # K arrays of (N, classes)
 
 
 def walk(runner: Runner, state: tuple, num_exits: int) -> Iterator[tuple[int, tuple, tuple, HeadOutput]]:
@@ -32,7 +44,7 @@ def chain_outputs(
     confidence: Callable[[HeadOutput], np.ndarray] | None = None,
     logits: bool = False,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray | list[np.ndarray]]:
+) -> ChainOutputs:
     """Every exit on preprocessed float32 (N, C, H, W) images, in batches of ``batch_size``:
     ``confidence`` (N, K) (the head's own, or ``confidence(head)``), ``prediction`` (N, K) and, with
     ``logits``, a list of K (N, classes) arrays."""
@@ -51,7 +63,7 @@ def chain_outputs(
                 kept[pos].append(np.asarray(z))
         if progress is not None:
             progress(min(start + batch_size, n))
-    out: dict = {"confidence": conf, "prediction": pred}
+    out: ChainOutputs = {"confidence": conf, "prediction": pred}
     if logits:
         out["logits"] = [np.concatenate(k) for k in kept]
     return out

@@ -51,6 +51,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from typing import TypeGuard
 
 _sqrt = math.sqrt
 
@@ -69,14 +70,20 @@ def _measured(row: dict) -> tuple[dict | None, tuple | None]:
     meas = row.get("measured")
     if isinstance(meas, dict) and isinstance(meas.get("reference"), dict):
         meas = meas["reference"]  # the chosen plan on the rungs' scale (measure_ladder)
-    ok = isinstance(meas, dict) and all(
-        isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0 for k in ("mean_ms", "p95_ms")
+    good = (
+        meas
+        if isinstance(meas, dict)
+        and all(
+            isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0
+            for k in ("mean_ms", "p95_ms")
+        )
+        else None
     )
     ex = row.get("exit_ms")
     exits = None
-    if ok and isinstance(ex, list) and ex:
+    if good is not None and isinstance(ex, list) and ex:
         exits = tuple(float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None for v in ex)
-    return ({"mean_ms": float(meas["mean_ms"]), "p95_ms": float(meas["p95_ms"])} if ok else None), exits
+    return ({"mean_ms": float(good["mean_ms"]), "p95_ms": float(good["p95_ms"])} if good is not None else None), exits
 
 
 def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) -> list[Rung]:
@@ -85,20 +92,20 @@ def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) ->
     ``{thresholds, predicted_ms, predicted_accuracy[, measured, exit_ms]}`` of the calibration's own
     choice, always kept. Rows (and ``calibrated``) may carry what `measure_ladder` measured."""
 
-    def rung(row: dict, is_calibrated: bool) -> Rung:
+    def to_rung(row: dict, is_calibrated: bool) -> Rung:
         meas, exits = _measured(row)
         plan = make_plan(row["thresholds"])
         return Rung(plan, float(row["predicted_ms"]), float(row["predicted_accuracy"]), is_calibrated, meas, exits)
 
     rungs: dict[tuple, Rung] = {}
     if calibrated is not None:
-        rungs[tuple(calibrated["thresholds"])] = rung(calibrated, True)
+        rungs[tuple(calibrated["thresholds"])] = to_rung(calibrated, True)
     for row in rows:
-        rungs.setdefault(tuple(row["thresholds"]), rung(row, False))
+        rungs.setdefault(tuple(row["thresholds"]), to_rung(row, False))
     every_measured = all(r.measured_ms is not None for r in rungs.values())
 
     def cost(r: Rung) -> float:  # rank by what was measured when every rung was
-        return r.measured_ms["mean_ms"] if every_measured else r.predicted_ms
+        return r.measured_ms["mean_ms"] if every_measured and r.measured_ms is not None else r.predicted_ms
 
     ladder: list[Rung] = []
     for rung in sorted(rungs.values(), key=lambda r: (cost(r), -r.predicted_accuracy)):
@@ -246,8 +253,9 @@ class BudgetController:
         """q: each rung's quiet window metric; measured by calibrate where it could, else the prediction
         × the calibrated plan's measured/predicted ratio (learned online while quiet)."""
         ladder, anchor, field = self.ladder, self.anchor, f"{self.metric}_ms"
-        if anchor is not None and measured_ms is None and ladder[anchor].measured_ms is not None:
-            measured_ms = ladder[anchor].measured_ms[field]
+        anchor_measured = ladder[anchor].measured_ms if anchor is not None else None
+        if measured_ms is None and anchor_measured is not None:
+            measured_ms = anchor_measured[field]
         ratio = 1.0
         if anchor is not None and measured_ms is not None and measured_ms > 0:
             ratio = measured_ms / max(1e-12, ladder[anchor].predicted_ms)
@@ -432,5 +440,5 @@ def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None
     )
 
 
-def _positive(x) -> bool:
+def _positive(x) -> TypeGuard[int | float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0

@@ -60,16 +60,16 @@ def build_fused(units: Sequence[Unit], k0: int, k1: int, precision: str = "fp32"
     import onnx
     from onnx import compose
 
-    parts = _units(units, k0, k1)
-    merged = None
-    for n, unit in enumerate(parts):
+    def load(n: int, unit: Unit) -> onnx.ModelProto:
         model = onnx.load(str(unit.file(precision)))
         # Internal names (initialisers, intermediate edges) get a per-unit prefix so they cannot
         # collide; graph inputs and outputs keep their contract names so the units connect.
-        model = _prefix_internal_names(compose.add_prefix(model, f"u{n:02d}_"), f"u{n:02d}_")
-        if merged is None:
-            merged = model
-            continue
+        return _prefix_internal_names(compose.add_prefix(model, f"u{n:02d}_"), f"u{n:02d}_")
+
+    parts = _units(units, k0, k1)  # at least one segment and the head
+    merged = load(0, parts[0])
+    for n, unit in enumerate(parts[1:], start=1):
+        model = load(n, unit)
         previous = parts[n - 1].output_names
         if unit.kind == "head":  # the head reads the tap (the last output) and the state stays an output
             io_map = [(previous[-1], unit.input_names[0])]

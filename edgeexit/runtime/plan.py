@@ -26,7 +26,9 @@ SKIP = 2.0  # any threshold > 1 skips the exit; this is the value edgeexit write
 
 # MSDNet's budgeted-batch rule (a share ∝ q^k of the samples leaves at exit k), one grid of q for
 # every caller: evaluation's budgeted curve, the calibration baseline and its plot.
-MSDNET_QS = tuple(float(q) for q in np.round(np.r_[np.arange(0.02, 1.0, 0.02), np.arange(1.0, 4.01, 0.1)], 4))
+MSDNET_QS = tuple(
+    float(q) for q in np.round(np.concatenate([np.arange(0.02, 1.0, 0.02), np.arange(1.0, 4.01, 0.1)]), 4).tolist()
+)
 
 
 def segment_name(pos: int) -> str:

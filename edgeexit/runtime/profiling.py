@@ -89,7 +89,7 @@ def profile_units(
     x = np.ascontiguousarray(np.repeat(image[None], batch, axis=0), dtype=np.float32)
     state = runner.from_host(x)
     units: dict[str, dict] = {}
-    head = None
+    head: HeadOutput | None = None
     for pos in range(plan.num_exits):
         s_in = state
         units[segment_name(pos)] = time_call(
@@ -104,8 +104,11 @@ def profile_units(
             head = runner.run_head(pos, tap)
         if progress is not None:
             progress(pos + 1)
+    if head is None:
+        raise ValueError("profile_units needs a plan with at least one exit")
+    first: HeadOutput = head
     conf = (lambda h: h.confidence) if confidence is None else confidence
-    decision = time_call(lambda: float(conf(head)[0]) >= 0.5, lambda: None, repeats, 0.2)
+    decision = time_call(lambda: float(conf(first)[0]) >= 0.5, lambda: None, repeats, 0.2)
     return {"batch": batch, "units": units, "decision": decision}
 
 
@@ -214,7 +217,7 @@ def predict_interleaved(cascade, frames, plans: list, block: int = 50, warmup: i
     the device touches all alike. ``warmup``: frames each plan runs first, unrecorded (fused graphs,
     caches). ``progress(frames done)`` after each block. Returns each plan's Predictions in frame order."""
     views = [cascade.derive(p) for p in plans]
-    runs = [[] for _ in views]
+    runs: list[list] = [[] for _ in views]
     try:
         for v in views:
             for f in frames[:warmup]:

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,6 +41,9 @@ from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.preprocessing import Preprocessor
 from edgeexit.runtime.sources import RECONNECT_TRIES, open_source
 
+if TYPE_CHECKING:
+    from edgeexit.runtime.cascade import Prediction
+
 
 @dataclass(slots=True)
 class StreamResult:
@@ -47,7 +51,7 @@ class StreamResult:
     source: str
     frame_id: int  # the frame's number in its source (gaps: dropped frames)
     capture_time: float  # time.perf_counter() when the frame was captured
-    prediction: object  # edgeexit.runtime.Prediction
+    prediction: Prediction
     result_time: float  # time.perf_counter() when the prediction was ready
     image: np.ndarray | None = None  # the frame itself (for an overlay), as the source gave it
 
@@ -223,15 +227,15 @@ class Streams:
                 taken = self._take({})
                 if taken and self.batch_window_s and len(taken) < len(self.sources):
                     taken = self._fill_window(taken)
-                taken = sorted(taken.items())
+                ready = sorted(taken.items())
                 self._check_stalls()
-                if not taken:
+                if not ready:
                     if self._all_done():
                         break
                     wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.perf_counter()))
                     self._new_frame.wait(wait)
                     continue
-                yield from self._run_tick(taken)
+                yield from self._run_tick(ready)
         finally:
             self.t_end = time.perf_counter()
 
@@ -278,7 +282,7 @@ class Streams:
         for src, st in zip(self.sources, self._stats, strict=True):
             if not src.live or src.status in ("ended", "error"):
                 continue
-            last = src.last_capture if src.last_capture is not None else self.t_start
+            last = src.last_capture if src.last_capture is not None else (self.t_start or now)
             stalled = now - last > self.stall_s
             if stalled and not st.stalled:
                 self._record(src.source, "stalled", f"{src.source}: no frame for {now - last:.1f} s ({src.status})")
@@ -306,7 +310,8 @@ class Streams:
         cascade = self.cascade
         self.ticks += 1
         self.batch_sizes.append(len(taken))
-        good, preds = [], []
+        good: list = []
+        preds: list[Prediction] = []
         if self.batch:
             good, rows, row_ms = self._preprocess(taken)
             if rows:

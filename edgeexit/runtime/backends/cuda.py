@@ -144,7 +144,7 @@ class HostBuffer:
     def __init__(self, nbytes: int, mapped: bool = False) -> None:
         rt = cudart()
         self.nbytes = max(1, int(nbytes))
-        self.device_ptr = None
+        self.device_ptr: int | None = None
         if mapped:
             self.ptr = int(check(rt.cudaHostAlloc(self.nbytes, rt.cudaHostAllocMapped)))
             try:
@@ -154,6 +154,12 @@ class HostBuffer:
                 raise
         else:
             self.ptr = int(check(rt.cudaMallocHost(self.nbytes)))
+
+    def mapped_ptr(self) -> int:
+        """``device_ptr`` of a ``mapped=True`` buffer."""
+        if self.device_ptr is None:
+            raise ValueError("this HostBuffer was not allocated with mapped=True: it has no device address")
+        return self.device_ptr
 
     def array(self, dtype=np.float32) -> np.ndarray:
         raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,9 @@ class OnnxRuntimeBackend(Runner):
         self._fused: dict[tuple[int, int], tuple] = {}
         self._opts = _session_options(ort, threads)
         self._providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        self._segments, self._heads = [], []
+        # per unit: (session, input names, output names)
+        self._segments: list[tuple[Any, list[str], list[str]]] = []
+        self._heads: list[tuple[Any, list[str], list[str]]] = []
         for u, path in zip(units, files, strict=True):
             sess = _session(ort, path, self._opts, self._providers)
             if cuda and "CUDAExecutionProvider" not in sess.get_providers():  # D9: ORT fell back to the CPU

@@ -38,6 +38,7 @@ import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -284,12 +285,12 @@ class _Resources:
     then the memory they used, then the stream."""
 
     def __init__(self) -> None:
-        self.stream = None
+        self.stream: Any = None  # a cuda-python cudaStream_t
         self.buffers: list = []
         self.graph_execs: list = []
         self.contexts: list = []
         self.units: list = []  # the backend's unit records (they hold the engines)
-        self.runtime = None
+        self.runtime: Any = None  # the trt.Runtime the engines were deserialised with
 
     def free(self) -> None:
         from edgeexit.runtime.backends.cuda import cudart
@@ -374,10 +375,11 @@ class TensorRTBackend(Runner):
         self._logger = trt.Logger(trt.Logger.WARNING)
         check_tensorrt_runs(trt)  # a wheel whose CUDA the driver lacks: a named fix, not a pybind TypeError
         self._res.runtime = trt.Runtime(self._logger)
+        built = ""  # the precision of the engines loaded: the first unit's choice binds the others
         for u in units:
             entry = select_engine(u, precision)
             check_engine_compatible(entry.info, trt.__version__, self.device_info, self._folder)
-            precision = entry.precision
+            precision = built = entry.precision
             engine = self._res.runtime.deserialize_cuda_engine(entry.path.read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {entry.path.name}")
@@ -388,9 +390,9 @@ class TensorRTBackend(Runner):
                 rest = tuple(int(d) for d in o.shape[1:])
                 nbytes = max_batch * int(np.prod(rest)) * ITEMSIZE
                 if self.zero_copy and u.kind == "head" and o.name == "confidence":
-                    buf = HostBuffer(nbytes, mapped=True)  # written by TensorRT, read by the host in place
-                    self._res.buffers.append(buf)
-                    outputs[o.name], host_conf = (buf.device_ptr, rest), buf.array()
+                    mapped = HostBuffer(nbytes, mapped=True)  # written by TensorRT, read by the host in place
+                    self._res.buffers.append(mapped)
+                    outputs[o.name], host_conf = (mapped.mapped_ptr(), rest), mapped.array()
                     continue
                 buf = DeviceBuffer(nbytes)
                 self._res.buffers.append(buf)
@@ -411,7 +413,7 @@ class TensorRTBackend(Runner):
         self._res.buffers.append(self._activations)
         for unit in self._res.units:
             unit["context"] = self._new_context(unit)
-        self._allocate_io(units, trt.__version__, precision)
+        self._allocate_io(units, trt.__version__, built)
 
     def _new_context(self, unit: dict):
         """A context on the shared activation memory, on profile 0 (D2, D5, D6)."""
@@ -444,7 +446,7 @@ class TensorRTBackend(Runner):
         if self.zero_copy:  # the frame is written where TensorRT reads it
             stage = HostBuffer(image_bytes, mapped=True)
             self._res.buffers.append(stage)
-            self._image_ptr = stage.device_ptr
+            self._image_ptr = stage.mapped_ptr()
         else:  # pinned staging, then one asynchronous upload
             self._image = DeviceBuffer(image_bytes)
             stage = HostBuffer(image_bytes)
@@ -461,7 +463,8 @@ class TensorRTBackend(Runner):
         self._stage_conf = HostBuffer(self.max_batch * ITEMSIZE)
         self._stage_logits = HostBuffer(self.max_batch * logit_row * ITEMSIZE)
         self._res.buffers += [self._stage_conf, self._stage_logits]
-        self._views = (stage.array(), self._stage_conf.array(), self._stage_logits.array())  # dropped at close
+        # numpy views of the pinned staging memory, dropped at close
+        self._views: tuple[np.ndarray, ...] = (stage.array(), self._stage_conf.array(), self._stage_logits.array())
         self.info = RunnerInfo(
             name="tensorrt",
             version=version,
