@@ -42,6 +42,7 @@ def install(version: str, integrated: bool) -> None:
     cudart = fake_gpu.FakeCudart()
     cudart.integrated = integrated
     trt = fake_gpu.make_tensorrt(cudart, version)
+    trt.tf32 = True  # FP32 engines round to TF32, TensorRT's default on Ampere and later (an Orin too)
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = cudart
     pkg = types.ModuleType("cuda")

@@ -34,6 +34,8 @@ def desktop_artifact(tiny_run, tmp_path_factory):
         tiny_run[0] / "model.pt", out=dest, half=True, int8=True, int8_images=64, int8_tolerance=0.05,
         parity_samples=64)  # fmt: skip
     assert all(u["onnx_fp16"] and u["onnx_int8_trt"] and not u["engines"] for u in m["units"])
+    trt_int8 = m["quantization"]["trt_parity"]  # the TensorRT INT8 flavour ran (ONNX Runtime CPU) before shipping
+    assert trt_int8["checked"] and trt_int8["passed"] and len(trt_int8["exits"]) == 8 and trt_int8["frames"] >= 100
     return dest
 
 
@@ -71,14 +73,15 @@ def test_a_device_without_torch_builds_its_engines_calibrates_runs_and_passes_do
     try:
         step("engines", art)
         step("engines", art, "--half")
+        step("engines", art, "--int8")
         step("engines", art, expect=2)  # fp32 engines already run here: only --force rebuilds them
         m = json.loads((art / "manifest.json").read_text())
         for u in m["units"]:
-            assert sorted(e["precision"] for e in u["engines"]) == ["fp16", "fp32"]
+            assert sorted(e["precision"] for e in u["engines"]) == ["fp16", "fp32", "int8"]
             assert {e["trt_version"] for e in u["engines"]} == {version}
             assert all((art / e["path"]).is_file() and "/" not in e["path"] for e in u["engines"])
         gate = m["engine_parity"]
-        assert gate["passed"] and gate["precision"] == "fp16" and gate["frames"] == m["calibration_frames"]["count"]
+        assert gate["passed"] and gate["precision"] == "int8" and gate["frames"] == m["calibration_frames"]["count"]
         assert not list(art.glob(".engines-*"))  # the build folder is gone
         step("calibrate", art, "--budget", "80%", "--images", "150", "--repeats", "30")
         assert json.loads((art / "manifest.json").read_text())["calibration"]["backend"] == "tensorrt"
@@ -89,7 +92,8 @@ def test_a_device_without_torch_builds_its_engines_calibrates_runs_and_passes_do
         assert report["ok"] and report["artifact"]["auto_backend"] == "tensorrt"
         assert report["artifact"]["engines_match"] is True
     finally:
-        text = f"# simulated TensorRT {version} (integrated GPU), torch/onnx unimportable\n" + "\n".join(transcript)
+        head = f"# simulated TensorRT {version} (integrated GPU, TF32 on), torch/onnx unimportable\n"
+        text = head + "\n".join(transcript)
         keep = os.environ.get("EDGEEXIT_JOURNEY_DIR")
         if keep:
             Path(keep).mkdir(parents=True, exist_ok=True)

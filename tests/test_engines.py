@@ -279,3 +279,32 @@ def test_the_simulation_refuses_unaligned_addresses_and_86_profile_failures_rais
     with pytest.raises(RuntimeError):
         engine.create_execution_context().set_optimization_profile_async(1, 0)
     buf.close()
+
+
+@pytest.mark.sim
+@pytest.mark.slow
+def test_batch_work_keeps_every_unit_and_bucket_on_the_graph_path(monkeypatch, artifact_copy, test_frames):
+    """16 units x 7 buckets x 2 input addresses can be captured: past the former fixed cap of 64
+    graphs, batch work no longer falls back to plain runs with a shape change per call."""
+    install(monkeypatch, version="10.3.0")
+    add_engines(artifact_copy)
+    frames, _ = test_frames
+    c = Cascade.load(artifact_copy, backend="tensorrt", thresholds=TH)
+    start = 0
+    for size in (64, 33, 17, 9, 5, 3, 2, 1, 64, 40, 20, 7):
+        c.predict_batch(frames[start : start + size])
+        start += size
+    runner = c.runner
+    assert runner._graph_capacity == 16 * 7 * 2
+    assert 64 < len(runner._graphs) <= runner._graph_capacity and not runner._graph_failed
+
+
+def test_onnx_runtime_refusals_name_where_fp16_and_int8_run(artifact_copy, monkeypatch):
+    from edgeexit.runtime.artifact import Artifact
+    from edgeexit.runtime.backends import onnxruntime as ortb
+
+    with pytest.raises(UserError, match=r"fp16 runs on TensorRT only, and auto cannot use it here \(the artifact"):
+        Cascade.load(artifact_copy, backend="auto", precision="fp16")
+    monkeypatch.setattr(ortb, "cuda_provider_available", lambda: True)
+    with pytest.raises(UserError, match="onnxruntime-cuda does not accelerate INT8"):
+        ortb.OnnxRuntimeBackend(Artifact.load(artifact_copy), precision="int8", cuda=True)

@@ -342,7 +342,15 @@ def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, consol
             f"INT8 parity failed: an exit lost {parity['max_drop_pt']:.2f} pt > {100 * opts.int8_tolerance:.2f} pt; "
             "try --int8-method entropy or percentile, more --int8-images, or a larger --int8-tolerance"
         )
-    return {**settings, "parity": parity}
+    from edgeexit.export.tensorrt import trt_int8_parity
+
+    trt_parity = trt_int8_parity(tmp, units, images[rest], heldout.labels[rest].numpy())
+    if trt_parity.get("checked") and not trt_parity["passed"]:
+        raise RuntimeError(
+            f"the TensorRT INT8 units (onnx_int8_trt) differ from FP32 beyond tolerance: {trt_parity['failures'][0]}; "
+            "try --int8-method entropy or percentile, or more --int8-images"
+        )
+    return {**settings, "parity": parity, "trt_parity": trt_parity}
 
 
 def _held_out_images(heldout, n: int):

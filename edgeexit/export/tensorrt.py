@@ -365,3 +365,29 @@ def _refuse_current(folder: Path, units: list[dict], precision: str, version: st
 def _artifact_timing_cache(folder: Path) -> Path | None:
     path = folder / "timing.cache"
     return path if path.is_file() and not path.is_symlink() else None
+
+
+def trt_int8_parity(folder: Path, units: list[dict], images, labels) -> dict:
+    """The TensorRT INT8 flavour (``onnx_int8_trt``: symmetric S8S8 Q/DQ, what `engines --int8`
+    builds from) run by ONNX Runtime on the CPU against the FP32 units, exit by exit, with the int8
+    tolerance of `edgeexit.runtime.compare`: an artifact never ships a TensorRT flavour nobody ran.
+    ONNX Runtime is not TensorRT (other kernels, other fusions): on the device the engine gate
+    compares the built engines again."""
+    from edgeexit.runtime.artifact import parse_units
+    from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from edgeexit.runtime.compare import MIN_FRAMES, compare_exits
+
+    if len(images) < MIN_FRAMES:
+        why = f"{len(images)} held-out images, fewer than the {MIN_FRAMES} a comparison needs"
+        return {"checked": False, "why": why}
+    parsed = parse_units(folder, units)
+    reference = OnnxRuntimeBackend.for_units(folder, parsed, "fp32")
+    try:
+        candidate = OnnxRuntimeBackend.for_units(folder, parsed, "int8_trt")
+        try:
+            result = compare_exits(reference, candidate, images, labels, num_exits=len(units) // 2, tolerance="int8")
+        finally:
+            candidate.close()
+    finally:
+        reference.close()
+    return {"checked": True, "flavour": "onnx_int8_trt", "runtime": "onnxruntime-cpu", **result.to_json()}

@@ -53,6 +53,11 @@ def choose_backend(artifact, backend: str = "auto", precision: str | None = None
     ok, why = tensorrt_usable(_for_dict_backend(artifact), precision)
     if ok:
         return "tensorrt", why
+    if precision == "fp16":  # only TensorRT runs fp16: no backend to fall back to, say why
+        raise UserError(
+            f"fp16 runs on TensorRT only, and auto cannot use it here ({why}): build fp16 engines on this device "
+            "with `edgeexit engines ARTIFACT --half`, or run fp32 / int8 on ONNX Runtime"
+        )
     from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
 
     if cuda_provider_available():

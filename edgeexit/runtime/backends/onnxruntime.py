@@ -79,7 +79,16 @@ class OnnxRuntimeBackend(Runner):
         from edgeexit.runtime.artifact import as_artifact
 
         if precision not in ("fp32", "int8"):
-            raise UserError(f"precision must be fp32 or int8 for ONNX Runtime, got '{precision}'")
+            raise UserError(
+                f"precision must be fp32 or int8 for ONNX Runtime, got '{precision}'"
+                + (": fp16 runs on TensorRT (`edgeexit engines ARTIFACT --half`)" if precision == "fp16" else "")
+            )
+        if cuda and precision == "int8":  # Q/DQ would run as separate kernels around FP32 convs: slower
+            raise UserError(
+                "onnxruntime-cuda does not accelerate INT8 (its CUDA execution provider runs the Q/DQ units "
+                "unfused, slower than fp32): run int8 on TensorRT (`edgeexit engines ARTIFACT --int8`) or "
+                "on the CPU (--backend onnxruntime-cpu)"
+            )
         artifact = as_artifact(artifact)
         self._open(artifact.folder, artifact.units, precision, cuda, threads, io_binding)
 
@@ -100,6 +109,13 @@ class OnnxRuntimeBackend(Runner):
                 "onnxruntime-cuda asked for, but this onnxruntime has no CUDAExecutionProvider "
                 "(install onnxruntime-gpu)"
             )
+        if cuda and hasattr(ort, "preload_dlls"):
+            # ORT >= 1.21 with CUDA/cuDNN from pip wheels finds them only after this (torch, when
+            # imported first, has loaded them already); a failure here leaves the check below to say so
+            try:
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001
+                pass
         files = [u.file(precision) for u in units]  # an ArtifactError naming the export flag when absent
         self._precision, self._folder, self._units = precision, folder, tuple(units)
         self._fused: dict[tuple[int, int], tuple] = {}

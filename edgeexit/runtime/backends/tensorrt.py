@@ -7,7 +7,8 @@
   copy per run of consecutive rows.
 - CUDA graphs: one per (unit, batch bucket, input addresses), each captured on **its own execution
   context** (NVIDIA's samples keep one graph per context and shape), after a plain warm-up run on
-  that context; at most ``MAX_GRAPHS``. Batch sizes are padded up to a power of two (rows are
+  that context; as many as (unit, bucket, input addresses) can take, so batch work never falls off
+  the graph path (``MAX_GRAPHS`` caps it when set). Batch sizes are padded up to a power of two (rows are
   independent), so a unit has at most 7 graphs for batch 1..64. Every context is created WITHOUT
   its own activation memory: all of them share one device buffer sized for the largest engine
   (units run serially on one stream, which TensorRT allows; D6). A (unit, bucket) whose capture
@@ -46,7 +47,10 @@ from edgeexit.errors import UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 
 ITEMSIZE = 4  # every unit tensor is float32
-MAX_GRAPHS = 64  # captured graphs (and their contexts) kept at most; beyond, units run plainly
+# Captured graphs (and their contexts) kept at most; beyond, units run plainly. None: every key there
+# can be, units x buckets x 2 input addresses (a unit reads its predecessor's outputs, or the scratch
+# buffer after compaction); contexts carry no activation memory, so each costs little.
+MAX_GRAPHS: int | None = None
 CAPTURE_ATTEMPTS = 3  # a (unit, bucket) whose capture failed this often runs plainly from then on (D19)
 SUPPORTED_TRT = ((8, 6), (12, 0))  # [min, max)
 
@@ -439,6 +443,8 @@ class TensorRTBackend(Runner):
         from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self.max_batch = min(unit["max_batch"] for unit in self.units)
+        buckets = max(unit["max_batch"] - 1 for unit in self.units).bit_length() + 1
+        self._graph_capacity = len(self.units) * buckets * 2
         self._segment_units = [i for i, u in enumerate(units) if u.kind == "segment"]
         self._head_units = [i for i, u in enumerate(units) if u.kind == "head"]
         self._image_rest = tuple(int(d) for d in units[0].inputs[0].shape[1:])
@@ -512,7 +518,8 @@ class TensorRTBackend(Runner):
             if graph is not None:
                 self.check(self.rt.cudaGraphLaunch(graph[0], self.stream))
                 return self._outputs(unit, n)
-            if self._graph_failed.get((idx, b), 0) < CAPTURE_ATTEMPTS and len(self._graphs) < MAX_GRAPHS:
+            cap = MAX_GRAPHS if MAX_GRAPHS is not None else self._graph_capacity
+            if self._graph_failed.get((idx, b), 0) < CAPTURE_ATTEMPTS and len(self._graphs) < cap:
                 padded = tuple(_DevTensor(t.ptr, (b, *t.shape[1:])) for t in inputs)
                 if self._capture(key, unit, padded):
                     return self._outputs(unit, n)
