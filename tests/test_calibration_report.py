@@ -210,9 +210,26 @@ def _manifest_keys(result_keys: set[str]) -> set[str]:
     return {p for p in result_keys if not plot_only(p)} | {"created", "backend"}
 
 
+# Added since the capture, in both modes: the drift monitor's reference (runtime/monitor.py).
+DRIFT_REFERENCE = {
+    "drift_reference",
+    "drift_reference.classes",
+    "drift_reference.classes.counts",
+    "drift_reference.classes.high",
+    "drift_reference.delta",
+    "drift_reference.exits",
+    "drift_reference.exits[].below",
+    "drift_reference.exits[].high",
+    "drift_reference.exits[].low",
+    "drift_reference.exits[].q",
+    "drift_reference.frames",
+    "drift_reference.statistic",
+    "drift_reference.thresholds",
+    "drift_reference.version",
+}
 BEFORE = {
-    "budget": {"result": BEFORE_COMMON | BEFORE_BUDGET_ONLY},
-    "max_drop": {"result": BEFORE_COMMON | BEFORE_MAX_DROP_ONLY},
+    "budget": {"result": BEFORE_COMMON | BEFORE_BUDGET_ONLY | DRIFT_REFERENCE},
+    "max_drop": {"result": BEFORE_COMMON | BEFORE_MAX_DROP_ONLY | DRIFT_REFERENCE},
 }
 for _mode in BEFORE.values():
     _mode["manifest"] = _manifest_keys(_mode["result"])

@@ -55,6 +55,7 @@ DEFAULT_ALPHA = 1e-4  # one false alarm per 10^4 sampled frames at most, on aver
 BET_GAPS = (0.025, 0.05, 0.1, 0.2, 0.4)
 LABEL_RATE = 1 / 64  # the moving class histogram's forgetting rate (label channel)
 LABEL_MIX = 0.5  # p̂ = (1 - mix) · calibration shares + mix · moving histogram
+_KEEP = 1.0 - LABEL_RATE
 # A live camera (or URL, or a video played in real time) is sampled every this many frames it
 # delivers: at 30 frames/s, 3 samples a second, so 10^4 sampled frames are about an hour of video.
 LIVE_EVERY = 10
@@ -247,6 +248,8 @@ class DriftMonitor:
             counts = [float(c) for c in classes["counts"]]
             total = sum(counts)
             self._pi = [c / total for c in counts]
+            self._pi_kept = [(1.0 - LABEL_MIX) * p for p in self._pi]
+            self._classes = len(self._pi)
             self._hi = [float(h) for h in classes["high"]]
             # the moving histogram stored as B[c] = G · ewma(c), so that one frame costs O(1) (see _label)
             self._b = list(self._pi)
@@ -276,7 +279,8 @@ class DriftMonitor:
     def observe(self, pos: int, confidence: float, label: int | None = None, plan=None) -> bool:
         """One frame: the first evaluated exit's position (0-based) and confidence, the answered
         class and the `CascadePlan` that answered (its thresholds decide whether the labels are
-        watched). Returns whether the monitor is in alarm."""
+        watched). Returns whether the monitor is in alarm. One function, no calls inside: it runs
+        once per frame on the hot path."""
         with self._lock:
             self.frames += 1
             if plan is not self._plan and plan is not None:
@@ -285,19 +289,32 @@ class DriftMonitor:
             every = self.every
             if every > 1 and (self.frames - 1) % every:
                 return self.alarm
-            return self._update(pos, confidence, label)
-
-    def _update(self, pos: int, confidence: float, label) -> bool:
-        self.sampled += 1
-        f = self._factors[pos][1 if confidence < self._q[pos] else 0]
-        m = self._m = [(a if a > 1.0 else 1.0) * b for a, b in zip(self._m, f, strict=True)]
-        s = self._w_bet * sum(m)
-        if self.labels:
-            s += self._w * self._label(label)
-        self.statistic = s
-        if s >= self.threshold:
-            self._alarm(s)
-        return self.alarm
+            self.sampled += 1
+            f = self._factors[pos][1 if confidence < self._q[pos] else 0]
+            m = self._m = [(a if a > 1.0 else 1.0) * b for a, b in zip(self._m, f, strict=False)]
+            s = self._w_bet * sum(m)
+            if self.labels:
+                # the label channel's CUSUM: e-value p̂(y)/hi(y), p̂ from the frames before this one
+                # (predictable); the moving histogram is B/G with G growing by 1/(1-η) per frame, so
+                # a frame updates one class, not all of them
+                ml = self._m_label
+                ml = ml if ml > 1.0 else 1.0
+                y = label
+                if y is not None and self._label_plan and 0 <= y < self._classes:
+                    b, g = self._b, self._g
+                    ml *= (self._pi_kept[y] + LABEL_MIX * b[y] / g) / self._hi[y]
+                    g /= _KEEP
+                    b[y] += LABEL_RATE * g
+                    if g > 1e100:  # renormalise (rarely): B and G scale together
+                        self._b = [v / g for v in b]
+                        g = 1.0
+                    self._g = g
+                self._m_label = ml  # a frame without a watched class has e-value 1
+                s += self._w * ml
+            self.statistic = s
+            if s >= self.threshold:
+                self._alarm(s)
+            return self.alarm
 
     def _alarm(self, s: float) -> None:
         if not self.alarm:
@@ -315,26 +332,6 @@ class DriftMonitor:
             self._m = [a * r for a in self._m]
             if self.labels:
                 self._m_label *= r
-
-    def _label(self, y) -> float:
-        """The label channel's CUSUM after class ``y``. Its e-value p̂(y)/hi(y) uses only the frames
-        before this one (p̂ is predictable). The moving histogram is B/G with G growing by 1/(1-η)
-        per frame, so a frame updates one class, not all of them."""
-        m = self._m_label
-        m = m if m > 1.0 else 1.0
-        if y is None or not self._label_plan or not (0 <= y < len(self._pi)):
-            self._m_label = m  # this frame tells nothing about the class shares: e-value 1
-            return m
-        b, g = self._b, self._g
-        m *= ((1.0 - LABEL_MIX) * self._pi[y] + LABEL_MIX * b[y] / g) / self._hi[y]
-        g /= 1.0 - LABEL_RATE
-        b[y] += LABEL_RATE * g
-        if g > 1e100:  # renormalise (rarely): B and G scale together
-            self._b = [v / g for v in b]
-            g = 1.0
-        self._g = g
-        self._m_label = m
-        return m
 
     def state(self) -> dict:
         """The ``drift`` block of `edgeexit run --json`: alarm, first_alarm_frame, statistic (compared
@@ -368,12 +365,17 @@ def monitor_for(calibration, num_exits: int, options: DriftOptions, live: bool =
 
 
 def alarm_message(source: str, state: Mapping) -> str:
-    """The warning `run` prints once a stream's monitor alarms."""
+    """The warning `run` prints once a stream's monitor alarms (the caller adds "drift warning: ")."""
+    why = {
+        "confidence down": "the first evaluated exit is less confident than on the calibration images",
+        "confidence up": "the first evaluated exit is more confident than on the calibration images",
+        "labels": "the answered classes are not shared as on the calibration images",
+    }.get(state["channel"], "")
     return (
-        f"{source}: drift warning at frame {state['first_alarm_frame']} ({state['channel']}; e-detector "
-        f"{state['statistic']:.3g} >= 1/alpha = {1 / state['alpha']:.0f}): the images no longer look like the "
-        "calibration images, so the --max-drop certificate and the calibrated thresholds no longer apply; "
-        "re-calibrate on labelled frames from this camera (edgeexit calibrate --data FOLDER)"
+        f"{source}: at frame {state['first_alarm_frame']} the images stopped looking like the calibration images "
+        f"({why}; e-detector {state['statistic']:.3g} >= 1/alpha = {1 / state['alpha']:.0f}): the --max-drop "
+        "certificate and the calibrated thresholds no longer apply; collect labelled frames from this camera and "
+        "re-calibrate on them (edgeexit calibrate --data)"
     )
 
 
