@@ -460,6 +460,9 @@ def train(
     data_dir: DataDirOpt = None,
     strict: StrictOpt = False,
     cache_dir: CacheDirOpt = None,
+    dist_timeout: Annotated[
+        float, typer.Option(help="torchrun: minutes the processes wait for each other (torch's default: 30).")
+    ] = 5.0,
     json_out: JsonOpt = None,
 ) -> None:
     """Train a multi-exit ResNet18 (or a torchvision --backbone) with MLCSD or a baseline; writes OUT/model.pt.
@@ -475,7 +478,7 @@ def train(
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, val_size=val_size, augment=augment,
         limit_train=train_images, limit_eval=eval_images, seed=seed, device=device, out=out, resume=resume,
         force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
-        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout,
+        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout, dist_timeout_min=dist_timeout,
         freeze_trunk=freeze_trunk)  # fmt: skip
     cfg = TrainConfig.from_recipe(data, method, **options)
     try:

@@ -111,6 +111,9 @@ def _check_frames(art, path, out: dict) -> None:
     """Stored frames must be what the model takes, labels its classes, the two splits disjoint."""
     import numpy as np
 
+    for key, value in out.items():  # a 0-d or non-.npy member (raw bytes, a pickle) is not an array of rows
+        if not isinstance(value, np.ndarray) or value.ndim == 0:
+            raise ArtifactError(f"{path}: member {key} is not an array of rows; re-export the model")
     n = len(out["frames"])
     if out["frames"].dtype != np.uint8 or len(out["labels"]) != n:
         raise ArtifactError(f"{path}: frames must be uint8 with one label each; re-export the model")

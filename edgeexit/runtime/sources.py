@@ -349,8 +349,7 @@ class LiveSource:
     ) -> None:
         import threading
 
-        if fps is not None and not (math.isfinite(fps) and fps > 0):
-            raise UserError(f"--fps must be a positive number, got {fps}")
+        check_pace(fps, None)
         self.source = source
         self.order = "BGR"
         self.live = True
@@ -612,9 +611,27 @@ class OrderedSource:
                 close()  # releases the VideoCapture (the generator's finally)
 
 
+FPS_RANGE = (0.01, 10_000.0)  # one frame per 100 s .. a high-speed camera; beyond, the pacing sleep breaks
+MAX_DURATION_S = 366 * 86400.0
+
+
+def check_pace(fps, duration_s) -> None:
+    """--fps within FPS_RANGE and --duration a positive finite number of seconds (None: not given).
+    NaN, infinity and 1e-300 are refused here: a reader thread would otherwise die on the sleep while
+    its stream stays "live", and a NaN duration would never end."""
+    lo, hi = FPS_RANGE
+    if fps is not None and not (isinstance(fps, int | float) and math.isfinite(fps) and lo <= fps <= hi):
+        raise UserError(f"--fps must be within {lo:g}..{hi:g} frames per second, got {fps}")
+    if duration_s is not None and not (
+        isinstance(duration_s, int | float) and math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S
+    ):
+        raise UserError(f"--duration must be a positive finite number of seconds, got {duration_s}")
+
+
 def wants_streams(sources: list[str], realtime: bool, fps, duration_s, save_video) -> bool:
     """Whether `edgeexit run` goes through Streams (several, live or --realtime sources); refuses
     the options that do not mix."""
+    check_pace(fps, duration_s)
     streamed = len(sources) > 1 or realtime or duration_s is not None or any(is_live(s) for s in sources)
     if streamed and save_video is not None:
         raise UserError("--save-video takes one folder or video file read in order, not live or several sources")

@@ -64,10 +64,16 @@ class TrainConfig:
     backbone: str | None = None
     exit_layout: str = "stages"  # with --backbone: stages, or dense (also inside long stages)
     freeze_trunk: bool = False  # with --backbone and --init: train only the early exit heads
+    # torchrun: how long ranks wait for each other at rendezvous and in collectives (torch's default is
+    # 30 min, which a stale WORLD_SIZE in a shell turned into a silent half-hour hang)
+    dist_timeout_min: float = 5.0
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:  # paths as plain strings: the config is stored in checkpoints
         self.data = canonical_dataset(self.data)
+        t = self.dist_timeout_min
+        if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 1440):
+            raise UserError(f"--dist-timeout must be a number of minutes within (0, 1440], got {t!r}")
         for name in ("out", "data_dir", "cache_dir", "init"):
             v = getattr(self, name)
             if isinstance(v, os.PathLike):
@@ -200,13 +206,55 @@ def lr_at(recipe: Recipe, epoch_progress: float) -> float:
     return recipe.lr * (recipe.lr_gamma**drops)
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+TORCHRUN_VARS = "WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT"
+
+
+def check_dist_env(environ=os.environ) -> tuple[int, int, int] | None:
+    """(world, rank, local rank) of a torchrun environment, None outside one (no WORLD_SIZE, or 1).
+    What would fail or hang at rendezvous is a UserError naming the variables: a WORLD_SIZE that is
+    not a positive integer, one without RANK (left over in a shell), a rank outside the world, no
+    MASTER_ADDR/MASTER_PORT."""
+    if environ.get("WORLD_SIZE") is None:
+        return None
+    fix = f"start training with torchrun (it sets {TORCHRUN_VARS}), or unset WORLD_SIZE if it is left over"
+
+    def integer(name: str, lo: int, hi: int) -> int:
+        raw = environ.get(name)
+        if raw is None or not raw.strip():
+            raise UserError(f"WORLD_SIZE={environ['WORLD_SIZE']} is set but {name} is not: {fix}")
+        try:
+            value = int(raw)
+        except ValueError:
+            raise UserError(f"{name}={raw!r} is not an integer: {fix}") from None
+        if not lo <= value <= hi:
+            raise UserError(f"{name}={value} is outside {lo}..{hi} (WORLD_SIZE={environ['WORLD_SIZE']}): {fix}")
+        return value
+
+    world = integer("WORLD_SIZE", 1, 1 << 20)
+    if world == 1:
+        return None
+    rank, local = integer("RANK", 0, world - 1), integer("LOCAL_RANK", 0, world - 1)
+    if not environ.get("MASTER_ADDR"):
+        raise UserError(f"WORLD_SIZE={world} is set but MASTER_ADDR is not: {fix}")
+    integer("MASTER_PORT", 1, 65535)
+    return world, rank, local
+
+
+def _distributed(timeout_min: float = 5.0) -> tuple[int, int]:
+    from datetime import timedelta
+
+    env = check_dist_env()
+    if env is not None and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        try:
+            dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+        except (RuntimeError, ValueError) as e:  # DistStoreError (a timeout) is a RuntimeError
+            raise UserError(
+                f"the {env[0]} torchrun processes did not meet within --dist-timeout {timeout_min:g} min "
+                f"(rank {env[1]}; check {TORCHRUN_VARS} on every node): {str(e).splitlines()[0][:200]}"
+            ) from None
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(env[2])
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -333,7 +381,7 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
 
 
 def _setup(cfg: TrainConfig) -> _Run:
-    rank, world = _distributed()
+    rank, world = _distributed(cfg.dist_timeout_min)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
