@@ -590,6 +590,7 @@ def _preprocessing(p: dict, bad) -> Preprocessing:
             "preprocessing",
             f"mean {p['mean']} / std {p['std']} are not finite in float32 (normalised pixels would be inf or NaN)",
         )
+    _check_normalised_range(mean, std, np.abs(ends).max(axis=1), bad)
     order = p.get("channel_order")
     resize = p.get("resize")
     for name, v in (("channel_order", order), ("resize", resize)):
@@ -603,6 +604,23 @@ def _preprocessing(p: dict, bad) -> Preprocessing:
         channel_order=order,
         resize=resize,
     )
+
+
+# Largest |(pixel - mean) / std| for a pixel in [0, 1] that an artifact may imply. Training clamps a
+# folder's std at 1e-3, so a real model has seen at most ~1e3; 1e4 leaves room and still refuses a
+# std of 1e-30 (finite in float32, normalised pixels of 1e30) that makes every answer meaningless.
+MAX_NORMALISED = 1e4
+
+
+def _check_normalised_range(mean, std, reach, bad) -> None:
+    for c, value in enumerate(reach):
+        if value > MAX_NORMALISED:
+            field_name, given = ("std", std[c]) if std[c] < 1e-3 else ("mean", mean[c])
+            raise bad(
+                f"preprocessing.{field_name}[{c}]",
+                f"({float(given):.3g}) puts normalised pixels at up to {float(value):.3g}, beyond "
+                f"±{MAX_NORMALISED:g}: no trained model sees such inputs",
+            )
 
 
 def _tensor(t: dict, where: str, bad) -> TensorSpec:
