@@ -9,7 +9,8 @@ Order (each step is timed and recorded; a failing step records its error and the
 3. per-unit and cascade latency at batch 1 and 64 (`edgeexit bench --backend torch`);
 4. GPU training throughput (`benchmarks/train_throughput.py`, width 1, batch 64 and 512,
    bf16 + channels_last);
-5. TensorRT engines + backend parity and latency, if `import tensorrt` works;
+5. TensorRT, if `import tensorrt` works: an artifact with every ONNX flavour, `edgeexit engines`
+   fp32 and fp16 on it (built, gated, published), parity with CUDA graphs off and on, latency;
 6. onnxruntime-cuda parity and latency, if onnxruntime has the CUDA execution provider.
 
 0. cudart smoke (cuda-python, when importable): buffers, H2D/D2D/D2H copies, stream capture,
@@ -17,7 +18,8 @@ Order (each step is timed and recorded; a failing step records its error and the
    calls the TensorRT backend makes.
 
 Comparisons run at fixed test thresholds where every exit takes rows (not only the full-model
-plan), plus a per-exit `exit_statistics` comparison (max |Δconfidence|).
+plan), plus a per-exit `exit_statistics` comparison judged against the engine gate's tolerance for
+the precision (edgeexit.runtime.compare.TOLERANCES): a step whose numbers miss it FAILS.
 The JSON is rewritten after every step; the exit status is 1 when any step failed.
 On a machine without a CUDA GPU it says so in one line and exits 0 having checked nothing.
 Designed to finish within 8 minutes on one H100/H200-class GPU. Works with torch + CUDA only: no
@@ -72,8 +74,14 @@ def _step(report: dict, name: str, fn, *args) -> object:
     t0 = time.perf_counter()
     try:
         value = fn(*args)
-        report[name] = {"ok": True, "seconds": round(time.perf_counter() - t0, 1), "result": value}
-        print(f"[gpu-check] {name}: ok ({report[name]['seconds']} s)", flush=True)
+        failures = value.get("failures") if isinstance(value, dict) else None
+        seconds = round(time.perf_counter() - t0, 1)
+        report[name] = {"ok": not failures, "seconds": seconds, "result": value}
+        if failures:  # the numbers were measured and miss their tolerance: the step fails
+            report[name]["error"] = "; ".join(failures[:5])
+            print(f"[gpu-check] {name}: FAILED (out of tolerance) {report[name]['error']}", flush=True)
+        else:
+            print(f"[gpu-check] {name}: ok ({seconds} s)", flush=True)
         return value
     except Exception as e:  # record and go on: one broken step must not hide the others
         report[name] = {
@@ -107,17 +115,25 @@ def get_model(work: Path, data_dir: str | None) -> str:
     return str(work / "run" / "model.pt")
 
 
-def export(model_pt: str, work: Path, data_dir: str | None, fmt: str = "onnx") -> str:
+def export(model_pt: str, work: Path, data_dir: str | None, half: bool = False) -> str:
+    """The ONNX artifact (with ``half``: also the FP16 flavour, for `edgeexit engines --half`)."""
     from edgeexit.export.exporter import export_checkpoint
 
-    out = work / f"model.{fmt}.edgeexit"
+    out = work / f"model{'.all' if half else ''}.edgeexit"
     import importlib.util
 
     simplify = importlib.util.find_spec("onnxslim") is not None
-    export_checkpoint(
-        model_pt, out=out, fmt=fmt, force=True, data_dir=data_dir, half=fmt == "engine", simplify=simplify
-    )
+    export_checkpoint(model_pt, out=out, force=True, data_dir=data_dir, half=half, simplify=simplify)
     return str(out)
+
+
+def engines(artifact: str, precision: str) -> dict:
+    """`edgeexit engines ARTIFACT [--half]` on this GPU: build, gate (graphs off and on), publish."""
+    from edgeexit.export.tensorrt import build_artifact_engines
+
+    gate = build_artifact_engines(artifact, half=precision == "fp16", force=True)
+    return {k: gate[k] for k in ("precision", "frames", "tolerance", "max_abs_confidence_diff",
+                                 "min_prediction_agreement", "failures", "passed")}  # fmt: skip
 
 
 def test_frames(data_dir: str | None, n: int = 1000):
@@ -128,19 +144,32 @@ def test_frames(data_dir: str | None, n: int = 1000):
 
 
 def parity(artifact: str, frames, labels, backend: str, **options) -> dict:
+    """``backend`` vs ONNX Runtime CPU FP32, judged: per exit, max |Δconfidence| and prediction
+    agreement against the engine gate's tolerance for the precision (edgeexit.runtime.compare:
+    fp32 includes TF32); a miss is listed in ``failures`` and fails the step."""
     import numpy as np
 
     from edgeexit.runtime import Cascade
+    from edgeexit.runtime.compare import TOLERANCES, clopper_pearson
 
     ref = Cascade.load(artifact, backend="onnxruntime", thresholds=TH, fuse=False)
     other = Cascade.load(artifact, backend=backend, thresholds=TH, **options)
-    out = {}
+    out: dict = {"failures": []}
     a = ref.exit_statistics(ref.preprocess.batch(frames))
     b = other.exit_statistics(other.preprocess.batch(frames), batch_size=64)
     out["per_exit"] = {
         "prediction_agreement": [float(x) for x in (a["prediction"] == b["prediction"]).mean(0)],
         "max_abs_confidence_diff": [float(x) for x in np.abs(a["confidence"] - b["confidence"]).max(0)],
     }
+    tol = TOLERANCES[options.get("precision") or "fp32"]
+    out["tolerance"] = {"max_abs_confidence": tol.max_abs_confidence, "max_disagreement": tol.max_disagreement}
+    n = len(frames)
+    for pos, (agree, dconf) in enumerate(zip(*out["per_exit"].values(), strict=True)):
+        if not dconf <= tol.max_abs_confidence:
+            out["failures"].append(f"exit {pos + 1}: max |Δconfidence| {dconf:.3g} > {tol.max_abs_confidence:g}")
+        lower, _ = clopper_pearson(round((1 - agree) * n), n)
+        if lower > tol.max_disagreement:
+            out["failures"].append(f"exit {pos + 1}: agreement {agree:.4f}, disagreement ≥ {100 * lower:.2f} % at 95 %")
     for batch in (1, 64):
         a, b = [], []
         for s in range(0, len(frames), batch):
@@ -278,10 +307,15 @@ def main() -> int:
     try:
         import tensorrt  # noqa: F401
 
-        engines = step(report, "export_engine", export, model_pt, work, data_dir, "engine")
-        if engines and frames_labels is not None:
-            step(report, "tensorrt_parity", parity, engines, *frames_labels, "tensorrt")
-            step(report, "tensorrt_bench", bench, engines, "tensorrt", data_dir)
+        every = step(report, "export_all_flavours", export, model_pt, work, data_dir, True) if model_pt else None
+        for precision in ("fp32", "fp16") if every else ():
+            if step(report, f"engines_{precision}", engines, every, precision) and frames_labels is not None:
+                for graphs in (False, True):
+                    name = f"tensorrt_{precision}_{'graphs' if graphs else 'plain'}_parity"
+                    step(report, name, parity, every, *frames_labels, "tensorrt", precision=precision,
+                         cuda_graphs=graphs)  # fmt: skip
+        if every and frames_labels is not None:
+            step(report, "tensorrt_bench", bench, every, "tensorrt", data_dir)
     except ImportError as e:
         report["tensorrt"] = f"not checked: {e}"
     from edgeexit.runtime.backends.onnxruntime import cuda_provider_available
