@@ -53,16 +53,37 @@ def iter_frames(source: str) -> tuple[Iterator[tuple[str, np.ndarray]], str]:
     raise UserError(f"source '{source}' is not a folder, a video file or a camera index")
 
 
+SHOW_SKIPPED = 20  # per-file lines before the rest of a folder's skipped files are only counted
+
+
 def _image_files(files) -> Iterator[tuple[str, np.ndarray]]:
+    """A folder's frames by the input rules training applies (util.check_input_file): a FIFO, socket
+    or device named like an image is never opened, and it, or a file that is not a usable image (corrupt,
+    32-bit, a decompression bomb), is skipped with one line on stderr instead of blocking or ending the run."""
+    import sys
+    import warnings
+
     from PIL import Image
 
+    from edgeexit.util import check_input_file
+
+    skipped = 0
     for p in files:
         try:
-            with Image.open(p) as im:
-                frame = _to_uint8(p, im)
-        except OSError as e:
-            raise UserError(f"cannot read image {p}: {e}") from None
+            check_input_file(p, "image")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(p) as im:
+                    frame = _to_uint8(p, im)
+        except (UserError, OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+            skipped += 1
+            if skipped <= SHOW_SKIPPED:
+                line = f"skipped: {e}" if isinstance(e, UserError) else f"skipped {p}: {type(e).__name__}: {e}"
+                print(line, file=sys.stderr)
+            continue
         yield p.name, frame
+    if skipped > SHOW_SKIPPED:
+        print(f"... and {skipped - SHOW_SKIPPED} more files skipped", file=sys.stderr)
 
 
 def _to_uint8(path: Path, im) -> np.ndarray:
