@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,18 +25,24 @@ def plan_goal(block: Mapping) -> str:
     opts = block.get("options") if isinstance(block.get("options"), Mapping) else {}
     promise = block.get("max_drop") if isinstance(block.get("max_drop"), Mapping) else None
     parts = []
-    if promise:
+    if promise and _number(promise.get("max_drop")) and _number(promise.get("confidence")):
         parts.append(
-            f"--max-drop {100 * float(promise['max_drop']):.2f} pt at {100 * float(promise['confidence']):.0f}% "
+            f"--max-drop {100 * promise['max_drop']:.2f} pt at {100 * promise['confidence']:.0f}% "
             "confidence (at most that much less accurate than the full model)"
         )
     limited = opts.get("budget_ms") is not None or opts.get("budget_fraction") is not None
-    if limited or not promise:
-        fraction = opts.get("budget_fraction")
-        budget = f"budget {float(block['budget_ms']):.3f} ms ({block.get('metric', 'mean')} per image"
-        budget += f", {100 * float(fraction):.0f}% of the full model)" if fraction else ")"
+    if limited or not parts:
+        fraction, budget_ms = opts.get("budget_fraction"), block.get("budget_ms")
+        budget = f"budget {budget_ms:.3f} ms" if _number(budget_ms) else "a budget"
+        budget += f" ({block.get('metric', 'mean')} per image"
+        budget += f", {100 * fraction:.0f}% of the full model)" if _number(fraction) else ")"
         parts.append(budget)
     return " and ".join(parts)
+
+
+def _number(value) -> bool:
+    """A finite number (not a bool): what a block read from a file must hold before it is printed."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def threshold_words(thresholds) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rich.table import Table
 
 
@@ -60,7 +62,8 @@ def _calibration_lines(artifact, cal: dict) -> list[str]:
         "thresholds: " + ", ".join(f"exit {k} {w}" for k, w in enumerate(threshold_words(cal["thresholds"]), 1)),
     ]
     full = (cal.get("full_model") or {}).get("measured")
-    faster = f"; {speedup(full, meas):.2f}× as fast as the full model" if full and meas.get("mean_ms") else ""
+    timed = all(isinstance(d, Mapping) and _positive(d.get("mean_ms")) for d in (full, meas))
+    faster = f"; {speedup(full, meas):.2f}× as fast as the full model" if timed else ""
     lines.append(
         f"measured on {meas.get('samples', '?')} verification frames: accuracy {100 * meas['accuracy']:.2f}%, "
         f"mean {meas.get('mean_ms', meas['latency_ms']):.3f} ms{faster}"
@@ -74,6 +77,10 @@ def _calibration_lines(artifact, cal: dict) -> list[str]:
     if (artifact.folder / PREVIOUS_NAME).is_file():
         lines.append(f"an earlier calibration is kept: `edgeexit calibrate {artifact.folder} --restore` puts it back")
     return lines
+
+
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 def _quantization_lines(q) -> list[str]:
