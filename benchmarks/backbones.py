@@ -69,6 +69,9 @@ def _export_whole(net, path: Path, dynamo: bool, size: int) -> dict:
     import onnx
     import torch
 
+    # eval before each export and again after it: the TorchScript exporter restores the mode it found
+    # by net.train(mode), which reaches every submodule (BatchNorm would then use batch statistics)
+    net.eval()
     x = torch.randn(2, 3, size, size)
     t0 = time.perf_counter()
     try:
@@ -82,6 +85,7 @@ def _export_whole(net, path: Path, dynamo: bool, size: int) -> dict:
         import onnxslim
 
         onnx.save(onnxslim.slim(str(path)), str(path))
+    net.eval()
     m = onnx.load(str(path))
     sess = _session(path)
     xi = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
@@ -173,7 +177,7 @@ def exporters_part(backbones: list[str], size: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for name in backbones:
-        model = BackboneNet(BackboneConfig(backbone=name, num_classes=1000, input_size=[size, size])).eval()
+        model = BackboneNet(BackboneConfig(backbone=name, num_classes=1000, input_size=[size, size]))
         with tempfile.TemporaryDirectory() as tmp:
             ts = _export_whole(model.network, Path(tmp) / "whole.onnx", False, size)
             dy = _export_whole(model.network, Path(tmp) / "whole_dynamo.onnx", True, size)
@@ -271,7 +275,10 @@ def _cascade_row(model_pt: Path, art: Path, test_images: int, label: str) -> dic
     return row
 
 
-def fmnist_part(backbones: dict, work: Path, images: int, epochs: int, test_images: int, frozen: list[str]) -> list:
+def fmnist_part(
+    backbones: dict, work: Path, images: int, epochs: int, test_images: int, frozen: list[str], save
+) -> list:
+    """Rows as they finish; ``save(rows)`` after each, so a run stopped early keeps what it measured."""
     rows = []
     for name, width in backbones.items():
         t0 = time.perf_counter()
@@ -281,8 +288,10 @@ def fmnist_part(backbones: dict, work: Path, images: int, epochs: int, test_imag
         row["bench_s"] = round(time.perf_counter() - t0)
         _say(row)
         rows.append(row)
+        save(rows)
         if name in frozen:
             rows.append(_frozen(name, width, work, images, epochs, test_images))
+            save(rows)
     return rows
 
 
@@ -428,6 +437,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--frozen", nargs="*", default=["mobilenet_v3_small"])
+    p.add_argument("--width", type=float, help="fmnist: one width for every backbone (default: FMNIST's)")
     p.add_argument("--work", type=Path, default=Path("runs/backbones"))
     p.add_argument("--out", type=Path)
     p.add_argument("--latency-json", type=Path, default=Path("docs/backbones_latency.json"))
@@ -444,10 +454,13 @@ def main(argv=None) -> None:
         rows = exporters_part(a.backbones or LATENCY_BACKBONES, a.size)
         _write(a.out or Path("docs/backbones_exporters.json"), {"machine": machine, "size": a.size, "rows": rows})
     elif a.part == "fmnist":
-        chosen = {n: FMNIST[n] for n in (a.backbones or FMNIST)}
+        chosen = {n: a.width or FMNIST[n] for n in (a.backbones or FMNIST)}
         a.work.mkdir(parents=True, exist_ok=True)
-        rows = fmnist_part(chosen, a.work, a.train_images, a.epochs, a.test_images, a.frozen)
-        _write(a.out or a.fmnist_json, {"machine": machine, "rows": rows})
+        out = a.out or a.fmnist_json
+        fmnist_part(
+            chosen, a.work, a.train_images, a.epochs, a.test_images, a.frozen,
+            lambda rows: _write(out, {"machine": machine, "rows": rows}),
+        )  # fmt: skip
     elif a.part == "plot":
         plot(a.latency_json, a.fmnist_json, a.png)
     else:
