@@ -357,7 +357,8 @@ class Streams:
             if pred.first_confidence is None:  # a deadline stopped the cascade before the watched exit
                 continue
             monitor = self.drift[i]
-            if not monitor.alarm and monitor.observe(first_pos, pred.first_confidence, pred.label, plan):
+            before = monitor.alarm  # every frame is watched; only the first alarm is an event
+            if monitor.observe(first_pos, pred.first_confidence, pred.label, plan) and not before:
                 self._record(self.sources[i].source, "drift", alarm_message(self.sources[i].source, monitor.state()))
 
     def _bad_frame(self, i: int, e: Exception) -> None:
