@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgeexit.errors import UserError
+from edgeexit.runtime.latency import percentile
 from edgeexit.runtime.plan import (
     MSDNET_QS,
     SKIP,
@@ -156,7 +157,7 @@ def evaluate(conf: np.ndarray, correct: np.ndarray, cost: CostModel, th, metric:
     e = exit_positions(conf, th)
     lat = cost.exit_costs(evaluated_mask(th))[e]
     acc = float(correct[np.arange(len(e)), e].mean())
-    mean, p95 = float(lat.mean()), float(np.percentile(lat, 95))
+    mean, p95 = float(lat.mean()), percentile(lat, 95)
     shares = (np.bincount(e, minlength=conf.shape[1]) / len(e)).tolist()
     return Solution(th, acc, mean if metric == "mean" else p95, mean, p95, shares)
 

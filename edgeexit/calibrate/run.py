@@ -41,6 +41,7 @@ from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import LadderRung
 from edgeexit.runtime.device import fingerprint
+from edgeexit.runtime.latency import LatencyStats
 from edgeexit.runtime.manifest import write_calibration
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, exit_group_name
 from edgeexit.runtime.profiling import (
@@ -219,9 +220,8 @@ def _frame_cost(s: _Session, opts: CalibrationOptions, say) -> dict:
         full_ms.append(full.predict(ready).latency_ms)
 
     def stats(v: list[float]) -> dict:
-        a = np.asarray(v)
-        p50, p95 = np.percentile(a, [50, 95])
-        return {"mean_ms": float(a.mean()), "p50_ms": float(p50), "p95_ms": float(p95)}
+        s = LatencyStats.from_samples(v)
+        return {"mean_ms": s.mean_ms, "p50_ms": s.p50_ms, "p95_ms": s.p95_ms}
 
     block = {
         "size": [fw, fh],

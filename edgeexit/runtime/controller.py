@@ -1,5 +1,5 @@
-"""Holding a latency budget while the device drifts (issue 21; the controller is stdlib only, measure_ladder
-runs the cascade through runtime.profiling).
+"""Holding a latency budget while the device drifts (the controller needs only the standard library
+and runtime.latency's percentile; measure_ladder runs the cascade through runtime.profiling).
 
 A calibration is a snapshot: a Jetson that throttles, a camera pipeline sharing the CPU or a
 second app thread makes every unit slower, and fixed thresholds then overrun their budget exactly
@@ -52,6 +52,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import TypeGuard
+
+from edgeexit.runtime.latency import LatencyStats, percentile
 
 _sqrt = math.sqrt
 
@@ -146,14 +148,12 @@ def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str 
     exits = [[p.exit_index - 1 for p in preds] for preds in runs]
 
     def summary(j: int, scale: float = 1.0) -> tuple[dict, list]:
-        a = sorted(lat[j])
-        n = len(a)
-        p95 = a[min(n - 1, math.ceil(0.95 * n) - 1)]
+        s = LatencyStats.from_samples(lat[j])
         per = []
         for pos in range(k):
             xs = [t for t, e in zip(lat[j], exits[j], strict=True) if e == pos]
             per.append(scale * sum(xs) / len(xs) if xs else None)
-        return {"mean_ms": scale * sum(a) / n, "p95_ms": scale * p95, "frames": n}, per
+        return {"mean_ms": scale * s.mean_ms, "p95_ms": scale * s.p95_ms, "frames": s.n}, per
 
     own, own_exits = summary(0)
     # the chosen plan's slowdown per block (its frames' latency over what their exits cost on average)
@@ -319,8 +319,7 @@ class BudgetController:
             m = self._sum / n
             s = self._sum / max(1e-12, self._exp)
         else:
-            lat = sorted(self._lat)
-            m = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
+            m = percentile(self._lat, 95)
             mix = mean_expected / max(1e-12, self._expect[0])  # harder images than calibration's: > 1
             s = m / max(1e-12, self.quiet_ms[i] * mix)
         self._sum, self._exp, self._n, self._lat = 0.0, 0.0, 0, []

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 from edgeexit.runtime.backends.base import HeadOutput, Runner
+from edgeexit.runtime.latency import LatencyStats
 from edgeexit.runtime.plan import SKIP, CascadePlan, exit_group_name, head_name, segment_name
 
 Confidence = Callable[[HeadOutput], np.ndarray]  # a head's output → one confidence per row (a policy)
@@ -23,14 +24,9 @@ CHUNK = 256  # frames per call into a runner when a caller gives more
 
 
 def latency_stats(samples_ms) -> dict:
-    a = np.asarray(samples_ms, dtype=np.float64)
-    return {
-        "p50_ms": float(np.median(a)),
-        "p95_ms": float(np.percentile(a, 95)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "mean_ms": float(a.mean()),
-        "repeats": int(len(a)),
-    }
+    """A unit's timing as profile tables keep it (`LatencyStats`, with ``repeats`` for its ``n``)."""
+    s = LatencyStats.from_samples(samples_ms)
+    return {"p50_ms": s.p50_ms, "p95_ms": s.p95_ms, "p99_ms": s.p99_ms, "mean_ms": s.mean_ms, "repeats": s.n}
 
 
 def time_call(fn, sync, repeats: int = 200, min_seconds: float = 1.0, warmup: int = 10, min_repeats: int = 30) -> dict:
@@ -236,16 +232,16 @@ def predict_interleaved(cascade, frames, plans: list, block: int = 50, warmup: i
 
 
 def _verified(lat: list, correct: list, exits: list, num_exits: int, keep_correct: bool) -> dict:
-    lat_a = np.asarray(lat)
+    s = LatencyStats.from_samples(lat)
     counts = np.bincount(np.asarray(exits) - 1, minlength=num_exits)
     return {
         "accuracy": float(np.mean(correct)),
-        "latency_ms": float(lat_a.mean()),
-        "mean_ms": float(lat_a.mean()),
-        "p50_ms": float(np.median(lat_a)),
-        "p95_ms": float(np.percentile(lat_a, 95)),
-        "p99_ms": float(np.percentile(lat_a, 99)),
-        "samples": len(lat),
+        "latency_ms": s.mean_ms,
+        "mean_ms": s.mean_ms,
+        "p50_ms": s.p50_ms,
+        "p95_ms": s.p95_ms,
+        "p99_ms": s.p99_ms,
+        "samples": s.n,
         "exit_shares": (counts / len(exits)).tolist(),
         "exit_histogram": {str(k + 1): int(c) for k, c in enumerate(counts)},
         **({"correct": np.asarray(correct, bool)} if keep_correct else {}),

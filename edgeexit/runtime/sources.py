@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
+from edgeexit.runtime.latency import run_summary
 from edgeexit.runtime.monitor import alarm_message
 
 # The one list of image file suffixes: folder sources here, and ImageFolder datasets (edgeexit.data.folder).
@@ -110,15 +111,6 @@ def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
         cap.release()
 
 
-def timing_stats(values) -> dict:
-    """mean, p50, p95 and max of a list of milliseconds (None each when it is empty)."""
-    if len(values) == 0:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
-    a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "p50": float(np.median(a)), "p95": float(np.percentile(a, 95)),
-            "max": float(a.max())}  # fmt: skip
-
-
 class JsonLines:
     """`edgeexit run --jsonl FILE`: one JSON object per classified frame, each line flushed as it is
     written, so that a harness reading the file (or ``tail -f``) sees every frame when it is done and a
@@ -213,9 +205,9 @@ def run_source(
     return {
         "frames": n,
         "exit_histogram": exits,
-        "latency_ms": timing_stats(latencies),  # the cascade alone (Prediction.latency_ms)
-        "preprocess_ms": timing_stats(preprocess),
-        "total_ms": timing_stats(np.add(latencies, preprocess)),
+        "latency_ms": run_summary(latencies),  # the cascade alone (Prediction.latency_ms)
+        "preprocess_ms": run_summary(preprocess),
+        "total_ms": run_summary(np.add(latencies, preprocess)),
         "backend": cascade.backend_name,
         "controller": cascade.controller.state() if cascade.controller is not None else None,
         "wall_s": time.perf_counter() - t_start,

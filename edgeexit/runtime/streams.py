@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgeexit.runtime.latency import run_summary
 from edgeexit.runtime.monitor import alarm_message, monitor_for
 from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.preprocessing import Preprocessor
@@ -70,18 +71,6 @@ class _StreamStats:
         self.first_result: float | None = None
         self.last_result: float | None = None
         self.stalled = False
-
-
-def _percentiles(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "p50": None, "p95": None, "max": None}
-    a = np.asarray(values)
-    return {
-        "mean": float(a.mean()),
-        "p50": float(np.median(a)),
-        "p95": float(np.percentile(a, 95)),
-        "max": float(a.max()),
-    }
 
 
 class Streams:
@@ -388,10 +377,10 @@ class Streams:
                     "dropped": src.dropped,
                     "drop_rate": src.dropped / seen if seen else 0.0,
                     "fps": n / wall if wall > 0 else 0.0,
-                    "e2e_latency_ms": _percentiles(st.e2e_ms),
-                    "inference_latency_ms": _percentiles(st.inference_ms),
-                    "preprocess_ms": _percentiles(st.preprocess_ms),
-                    "total_ms": _percentiles(list(np.add(st.inference_ms, st.preprocess_ms))),
+                    "e2e_latency_ms": run_summary(st.e2e_ms),
+                    "inference_latency_ms": run_summary(st.inference_ms),
+                    "preprocess_ms": run_summary(st.preprocess_ms),
+                    "total_ms": run_summary(list(np.add(st.inference_ms, st.preprocess_ms))),
                     "exit_histogram": {str(k + 1): v for k, v in enumerate(st.exits)},
                     "reconnects": src.reconnects,
                     "errors": src.errors,
@@ -412,10 +401,10 @@ class Streams:
         return {
             "frames": len(e2e),
             "exit_histogram": {str(k + 1): v for k, v in enumerate(exits)},
-            "latency_ms": _percentiles(inference),  # the cascade alone (Prediction.latency_ms)
-            "preprocess_ms": _percentiles(preprocess),
-            "total_ms": _percentiles(list(np.add(inference, preprocess))),
-            "e2e_latency_ms": _percentiles(e2e),
+            "latency_ms": run_summary(inference),  # the cascade alone (Prediction.latency_ms)
+            "preprocess_ms": run_summary(preprocess),
+            "total_ms": run_summary(list(np.add(inference, preprocess))),
+            "e2e_latency_ms": run_summary(e2e),
             "fps": len(e2e) / wall if wall > 0 else 0.0,
             "dropped": sum(s["dropped"] for s in streams),
             "batched": self.batch,
