@@ -253,6 +253,7 @@ def test_streams_give_each_camera_its_own_monitor(calibrated, test_frames, tmp_p
     normal_drift, dark_drift = (st["drift"] for st in summary["streams"])
     assert normal_drift["alarm"] is False and normal_drift["sampled_frames"] == 400
     assert dark_drift["alarm"] is True and dark_drift["first_alarm_frame"] <= 400
+    assert dark_drift["sampled_frames"] == 400  # still watched after the alarm
     drift_events = [e for e in events if e[1] == "drift"]
     assert len(drift_events) == 1 and drift_events[0][0] == str(dark)
 
