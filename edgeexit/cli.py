@@ -1010,7 +1010,10 @@ def quickstart(
 @command
 def doctor(
     artifact: Annotated[Path | None, typer.Argument(help="NAME.edgeexit folder to check against this device.")] = None,
-    json_flag: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the report to this JSON file; '-' prints it on stdout instead."),
+    ] = None,
 ) -> None:
     """What this machine can run: Python, numpy, ONNX Runtime, TensorRT, CUDA, GPU, Jetson, OpenCV.
 
@@ -1019,14 +1022,18 @@ def doctor(
     """
     from edgeexit.doctor import diagnose, doctor_text
 
+    to_stdout = json_out is not None and str(json_out) == "-"
+    if not to_stdout:
+        _outputs(json=json_out)
     report = diagnose(artifact)
-    if json_flag:
+    if to_stdout:
         from edgeexit.util import strict_json
 
         sys.stdout.write(strict_json(report))
     else:
         for line in doctor_text(report):
             out_console.print(line, highlight=False, soft_wrap=True)
+        _write_json(json_out, report)
     if not report["ok"]:
         raise typer.Exit(2)
 

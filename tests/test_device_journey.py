@@ -87,7 +87,7 @@ def test_a_device_without_torch_builds_its_engines_calibrates_runs_and_passes_do
         assert json.loads((art / "manifest.json").read_text())["calibration"]["backend"] == "tensorrt"
         r = step("run", art, "--source", frame_folder, "--max-frames", "12")
         assert "tensorrt" in r.stdout + r.stderr
-        r = step("doctor", art, "--json")
+        r = step("doctor", art, "--json", "-")
         report = json.loads(r.stdout)
         assert report["ok"] and report["artifact"]["auto_backend"] == "tensorrt"
         assert report["artifact"]["engines_match"] is True

@@ -21,7 +21,7 @@ def doctor(*args):
 
 
 def test_doctor_without_artifact_reports_this_machine_without_torch():
-    res = doctor("--json")
+    res = doctor("--json", "-")
     assert res.returncode == 0, res.stderr
     d = json.loads(res.stdout)
     assert d["ok"] is True and d["auto_backend"] == "onnxruntime-cpu"
@@ -35,7 +35,7 @@ def test_doctor_without_artifact_reports_this_machine_without_torch():
 
 
 def test_doctor_onnx_artifact_runs_here(artifact_copy):
-    res = doctor(artifact_copy, "--json")
+    res = doctor(artifact_copy, "--json", "-")
     assert res.returncode == 0, res.stderr + res.stdout
     d = json.loads(res.stdout)
     assert d["ok"] is True and d["auto_backend"] == "onnxruntime-cpu" and d["reason"] is None
@@ -58,7 +58,7 @@ def test_doctor_refuses_engines_built_for_another_gpu(artifact_copy):
             }
         ]
     manifest_path.write_text(json.dumps(m))
-    res = doctor(artifact_copy, "--json")
+    res = doctor(artifact_copy, "--json", "-")
     assert res.returncode == 2, res.stdout
     d = json.loads(res.stdout)
     assert d["ok"] is False and d["auto_backend"] == "onnxruntime-cpu"
@@ -82,3 +82,17 @@ def test_doctor_on_a_broken_artifact_is_a_one_line_error(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
     res = doctor(tmp_path / "missing.edgeexit")
     assert res.returncode == 2 and "does not exist" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_doctor_json_takes_a_file_like_every_command_and_dash_prints_it(tmp_path):
+    out = tmp_path / "report.json"
+    res = doctor("--json", out)
+    assert res.returncode == 0, res.stderr
+    assert "Python" in res.stdout and f"wrote {out}" in res.stderr  # the text report, and the file as for any --json
+    d = json.loads(out.read_text())
+    assert d["ok"] is True and d["auto_backend"] == "onnxruntime-cpu"
+    assert d.keys() == json.loads(doctor("--json", "-").stdout).keys()
+    res = doctor("--json", tmp_path)  # a folder is refused before anything runs, as for every --json
+    assert res.returncode == 2 and "--json" in res.stderr and "Traceback" not in res.stderr
+    res = doctor("--json")
+    assert res.returncode == 2 and "requires an argument" in res.stderr

@@ -237,7 +237,7 @@ def test_jsonl_lines_are_on_disk_as_each_frame_is_written(tiny_artifact, test_fr
 def test_doctor_lists_cameras_and_says_when_there_is_none():
     from pathlib import Path
 
-    res = cli("doctor", "--json")
+    res = cli("doctor", "--json", "-")
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     cams = report["cameras"]
@@ -251,7 +251,7 @@ def test_doctor_lists_cameras_and_says_when_there_is_none():
 def test_doctor_gives_one_tensorrt_install_command_for_this_machine():
     from edgeexit.doctor import doctor_text, tensorrt_install_why
 
-    text = "\n".join(doctor_text(json.loads(cli("doctor", "--json").output)))
+    text = "\n".join(doctor_text(json.loads(cli("doctor", "--json", "-").output)))
     assert text.count("pip install 'tensorrt") <= 1 and "JetPack" not in text
     assert "tensorrt-cu12" in tensorrt_install_why({"gpu": "RTX 4090", "driver_cuda": "12.4"})
     cu13 = tensorrt_install_why({"gpu": "H100", "driver_cuda": "13.0"})
