@@ -51,6 +51,7 @@ def test_a_budget_without_a_unit_is_refused_naming_both_readings(command, tiny_a
         assert load_manifest(tiny_artifact)["calibration"] is None  # nothing was measured or written
 
 
+@pytest.mark.slow  # a real calibration of the tiny artifact (about 50 s on the loaded 2-core VM)
 def test_calibrate_speaks_one_speed_up_per_plan_without_jargon(calibrated):
     _, result, output = calibrated
     text = words(output)
@@ -67,6 +68,7 @@ def test_calibrate_speaks_one_speed_up_per_plan_without_jargon(calibrated):
     assert {"budget_ms", "thresholds", "full_model", "measured", "cross_fit"} <= set(result)
 
 
+@pytest.mark.slow  # a real calibration of the tiny artifact (about 50 s on the loaded 2-core VM)
 def test_info_prints_thresholds_and_the_goal_as_calibrate_does(calibrated):
     dest, result, _ = calibrated
     res = cli("info", dest)
@@ -82,6 +84,7 @@ def test_info_prints_thresholds_and_the_goal_as_calibrate_does(calibrated):
     assert f"{full['mean_ms'] / meas['mean_ms']:.2f}× as fast as the full model" in text
 
 
+@pytest.mark.slow  # a real calibration of the tiny artifact (about 50 s on the loaded 2-core VM)
 def test_a_budget_above_the_full_model_is_said_loudly(artifact_copy):
     res = cli("calibrate", artifact_copy, "--budget", "1000ms", *CALIBRATE)
     assert res.exit_code == 0, res.output
@@ -91,6 +94,7 @@ def test_a_budget_above_the_full_model_is_said_loudly(artifact_copy):
     assert "limits nothing" in text and "no speed-up" in text and "--budget 60%" in text
 
 
+@pytest.mark.slow  # a real calibration of the tiny artifact (about 50 s on the loaded 2-core VM)
 def test_recalibration_says_what_it_replaces_and_restore_puts_it_back(calibrated, tmp_path):
     first_dir, first, _ = calibrated
     dest = tmp_path / "model.edgeexit"
