@@ -26,6 +26,7 @@ def _folder(root: Path, n: int = 24) -> Path:
     return root
 
 
+@pytest.mark.slow  # two torchrun ranks with decode workers: processes, torch imports, a training run
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None, reason="no torchrun")
 def test_torchrun_two_ranks_decode_once_and_train(tmp_path):
     data = _folder(tmp_path / "ds")

@@ -1,0 +1,190 @@
+"""The cascade with input it must not misread or outlive: dtypes and ranges of frames (the
+Preprocessor's rules), `budget_ms` typing, a calibration never written into an artifact replaced
+meanwhile (the content id), the lifetime derived views share with their parent, and bounded memory
+(chunked predict_arrays, bench's batch bound).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from test_hostile import edit_manifest  # the first hostile-input file's helpers
+from typer.testing import CliRunner
+
+from edgeexit.cli import app
+from edgeexit.errors import ArtifactError
+from edgeexit.runtime import Cascade
+from edgeexit.runtime.cascade import CascadeClosedError
+from edgeexit.runtime.manifest import load_manifest, write_manifest
+
+runner = CliRunner()
+
+
+def cli(*args):
+    res = runner.invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+# -- silent wrong results ----------------------------------------------------------------------------
+def test_predict_batch_takes_the_dtypes_predict_takes(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    x = np.stack([c.preprocess(f) for f in test_frames[0][:4]])
+    for dtype in (np.int32, np.bool_, np.int64):
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            c.predict(x[0].astype(dtype))
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            c.predict_batch(x.astype(dtype))
+        with pytest.raises(ValueError, match="unsupported dtype"):
+            c.predict_arrays(x.astype(dtype))
+
+
+def test_one_out_of_range_value_in_a_normalised_frame_is_refused(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    x = c.preprocess(test_frames[0][0]).copy()
+    assert c.predict(x).label == c.predict(test_frames[0][0]).label
+    x[0, 3, 3] = 50.0
+    for call in (c.predict, lambda v: c.predict_batch([v]), lambda v: c.predict_arrays(v[None])):
+        with pytest.raises(ValueError, match="must be normalised"):
+            call(x)
+
+
+def _with_ladder(artifact):
+    edit_manifest(
+        artifact,
+        lambda m: m.update(
+            calibration={
+                "thresholds": [0.9] * 7 + [0.0],
+                "ladder": [
+                    {"thresholds": [2.0] * 7 + [0.0], "predicted_ms": 2.0, "predicted_accuracy": 0.8},
+                    {"thresholds": [0.9] * 7 + [0.0], "predicted_ms": 1.0, "predicted_accuracy": 0.7},
+                ],
+            }
+        ),
+    )
+
+
+def test_budget_ms_refuses_bools_and_takes_numpy_numbers(artifact_copy):
+    _with_ladder(artifact_copy)
+    for bad in (True, False, np.bool_(True), "5", float("nan")):
+        with pytest.raises(ValueError, match="budget_ms must be a positive number"):
+            Cascade.load(artifact_copy, backend="onnxruntime", budget_ms=bad)
+    for good in (np.float32(5.0), np.int64(5), 5, 5.0):
+        c = Cascade.load(artifact_copy, backend="onnxruntime", budget_ms=good)
+        assert c.controller.budget_ms == 5.0
+
+
+def test_calibration_is_not_written_into_an_artifact_replaced_meanwhile(artifact_copy, tiny_run):
+    """A calibrate finishing after `export --force` replaced its artifact writes nothing."""
+    from edgeexit.export.exporter import export_checkpoint
+
+    manifest = load_manifest(artifact_copy)  # what calibrate holds while it works
+    export_checkpoint(tiny_run[0] / "model.pt", out=artifact_copy, force=True, parity_samples=16, calib_images=0)
+    fresh = (artifact_copy / "manifest.json").read_text()
+    manifest["calibration"] = {"thresholds": [0.5] * 8}
+    with pytest.raises(ArtifactError, match="replaced by another export"):
+        write_manifest(artifact_copy, manifest)
+    assert (artifact_copy / "manifest.json").read_text() == fresh
+    again = load_manifest(artifact_copy)  # the same export, read again: writes
+    again["calibration"] = None
+    write_manifest(artifact_copy, again)
+
+
+# -- closing and concurrency -------------------------------------------------------------------------
+def test_every_call_after_close_is_cascade_closed_error(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    view = c.derive([0.5] * 8)
+    x = c.preprocess(test_frames[0][0])
+    c.close()
+    for target in (c, view):
+        for call in (
+            lambda t: t.predict(test_frames[0][0]),
+            lambda t: t.predict_batch([test_frames[0][0]]),
+            lambda t: t.predict_arrays(x[None]),
+            lambda t: t.exit_statistics(x[None]),
+            lambda t: t.set_thresholds([0.5] * 8),
+            lambda t: t.derive([0.4] * 8),
+            lambda t: t.profile(x, repeats=1, min_seconds=0),
+        ):
+            with pytest.raises(CascadeClosedError):
+                call(target)
+    assert view.closed and c.closed
+
+
+def test_a_view_predicting_while_its_parent_closes(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    view = c.derive([2.0] * 7 + [0.0], fuse=False)
+    frames = test_frames[0][:64]
+    errors, started = [], threading.Event()
+
+    def loop():
+        try:
+            while True:
+                started.set()
+                view.predict_batch(list(frames))
+                view.predict(frames[0])
+        except Exception as e:  # noqa: BLE001 - the type is the point
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    started.wait(10)
+    c.close()
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], CascadeClosedError), errors
+
+
+def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_frames):
+    from edgeexit.calibrate.run import run_calibration
+
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    stop, errors, count = threading.Event(), [], [0]
+
+    def loop():
+        try:
+            while not stop.is_set():
+                c.predict(test_frames[0][count[0] % 100])
+                count[0] += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        # the promise mode: no budget that timing noise under the running loop could make infeasible
+        run_calibration(
+            artifact_copy, max_drop=0.01, backend="onnxruntime", repeats=5, verify_limit=40, limit=40, ladder_steps=2
+        )
+    finally:
+        stop.set()
+        t.join(30)
+    assert not errors and count[0] > 0
+    assert Cascade.load(artifact_copy, backend="onnxruntime").manifest["calibration"]["thresholds"]
+
+
+# -- unbounded memory --------------------------------------------------------------------------------
+def test_predict_arrays_runs_in_chunks(artifact_copy, test_frames):
+    c = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=[2.0] * 7 + [0.0], fuse=False)
+    x = np.stack([c.preprocess(f) for f in test_frames[0][:600]]).astype(np.float64)
+    sizes = []
+    original = c.runner.from_host
+    c.runner.from_host = lambda a: (sizes.append(len(a)), original(a))[1]
+    out = c.predict_arrays(x)
+    assert max(sizes) <= Cascade.CHUNK and sum(sizes) == 600
+    labels = [p.label for p in c.predict_batch(list(test_frames[0][:600]))]
+    assert out["label"].tolist() == labels
+
+
+def test_bench_batch_is_bounded_by_every_units_outputs(artifact_copy):
+    from edgeexit.bench import _memory_batch_limit
+
+    c = Cascade.load(artifact_copy, backend="onnxruntime")
+    limit = _memory_batch_limit(c)
+    every_output = sum(int(np.prod(o["shape"][1:])) for u in c.manifest["units"] for o in u["outputs"])
+    with open("/proc/meminfo") as f:
+        avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert limit * every_output * 4 * 4 <= avail / 4 * 1.2
+    res = cli("bench", artifact_copy, "--backend", "onnxruntime", "--batch", str(limit * 2))
+    assert res.exit_code == 2 and "--batch must be within 1.." in res.output
