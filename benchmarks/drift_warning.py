@@ -125,9 +125,10 @@ PRIOR_CLASSES = (0, 6)  # T-shirt/top and shirt: the answered classes of the pri
 
 
 @np.errstate(over="ignore")
-def e_detector_delays(ref: dict, pos: int, conf: np.ndarray, label: np.ndarray, alpha: float) -> np.ndarray:
+def e_detector_delays(ref: dict, pos: int, conf: np.ndarray, label: np.ndarray | None, alpha: float) -> np.ndarray:
     """First alarm (1-based sampled frame, 0: none) of each stream (rows) under the same arithmetic as
-    `DriftMonitor` (labels watched: the calibrated plan runs), all streams at once."""
+    `DriftMonitor` (labels watched: the calibrated plan runs; ``label`` None: the confidence channel
+    alone, as ``DriftOptions(labels=False)``), all streams at once."""
     e = ref["exits"][pos]
     hi, lo = float(e["high"]), float(e["low"])
     lu, ld = np.array(_bets(hi, True)), np.array(_bets(lo, False))
@@ -135,15 +136,21 @@ def e_detector_delays(ref: dict, pos: int, conf: np.ndarray, label: np.ndarray, 
     f1 = np.concatenate([1 + lu * (1 - hi), 1 - ld * (1 - lo)])
     k = len(BET_GAPS)
     q = float(e["q"])
-    counts = np.asarray(ref["classes"]["counts"], np.float64)
-    pi, chi = counts / counts.sum(), np.asarray(ref["classes"]["high"], np.float64)
     r, t_len = conf.shape
     m = np.ones((r, 2 * k))
+    first = np.zeros(r, np.int64)
+    if label is None:
+        for t in range(t_len):
+            m = np.maximum(m, 1.0) * np.where((conf[:, t] < q)[:, None], f1, f0)
+            new = (1 / 2 / k * m.sum(axis=1) >= 1 / alpha) & (first == 0)
+            first[new] = t + 1
+        return first
+    counts = np.asarray(ref["classes"]["counts"], np.float64)
+    pi, chi = counts / counts.sum(), np.asarray(ref["classes"]["high"], np.float64)
     ml = np.ones(r)
     b = np.tile(pi, (r, 1))
     g = np.ones(r)
     w = 1 / 3
-    first = np.zeros(r, np.int64)
     rows = np.arange(r)
     for t in range(t_len):  # after an alarm the label CUSUM may overflow to inf: only the first alarm counts
         x = (conf[:, t] < q)[:, None]
@@ -361,6 +368,12 @@ def main() -> None:  # noqa: C901
     ap.add_argument("--adwin-delta", type=float, default=0.002)
     ap.add_argument("--overhead-rounds", type=int, default=20)
     ap.add_argument("--overhead-only", action="store_true", help="re-measure part 3 only, into --json")
+    ap.add_argument(
+        "--statistic-only",
+        action="store_true",
+        help="the choice of q: delays of the confidence channel alone with q at the 25th, 50th and 75th "
+        "percentile of the calibration confidences, moderate shifts, into --json",
+    )
     ap.add_argument("--json", default="docs/drift_warning.json")
     ap.add_argument("--plot", default="docs/drift_warning.png")
     args = ap.parse_args()
@@ -376,6 +389,11 @@ def main() -> None:  # noqa: C901
     plan = cascade.plan
     pos = plan.groups[0][1]
     ref = parse_reference(cascade.calibration.to_dict()["drift_reference"], cascade.num_exits)
+    if args.statistic_only:
+        result = json.loads(Path(args.json).read_text())
+        result["statistic_choice"] = statistic_choice(args, view, ref, pos)
+        _write_json(Path(args.json), result)
+        return
     if args.overhead_only:
         result = json.loads(Path(args.json).read_text())
         ds = load_dataset("fashion-mnist", "test")
@@ -543,6 +561,53 @@ def main() -> None:  # noqa: C901
     _write_json(Path(args.json), result)
     plot(result, args.plot)
     print(f"wrote {args.json} and {args.plot} ({result['seconds']:.0f} s)")
+
+
+def statistic_choice(args, view, ref: dict, pos: int) -> dict:
+    """Which quantile q of the first evaluated exit's calibration confidences makes the best 0/1
+    statistic: the confidence channel alone (labels off), moderate shifts, each q with its own
+    Clopper-Pearson bounds from the stored calibration frames."""
+    from edgeexit.data import load_dataset
+    from edgeexit.runtime.manifest import load_calibration_frames
+    from edgeexit.runtime.monitor import REFERENCE_DELTA, clopper_pearson
+
+    rng = np.random.default_rng(0)
+    ds = load_dataset("fashion-mnist", "test")
+    test = ds.images.permute(0, 2, 3, 1).numpy()
+    clean_c, clean_y = first_exit_values(view, test)
+    cal_c, _ = first_exit_values(view, load_calibration_frames(view.artifact)["frames"])
+    digits_c, _ = first_exit_values(view, digits_28(args.digits))
+    pool = rng.choice(len(test), 2000, replace=False)
+    shifted_c = {}
+    for name in SHIFTS:
+        if name == "class prior (two classes)":
+            shifted_c[name] = clean_c[np.isin(clean_y, PRIOR_CLASSES)]
+        elif name == "out of distribution (digits)":
+            shifted_c[name] = digits_c
+        else:
+            shifted_c[name] = first_exit_values(view, shifted(name, 0, test[pool], rng))[0]
+    out = {"quantiles": [0.25, 0.5, 0.75], "streams": args.drift_streams, "pre": args.pre, "post": args.post,
+           "alpha": args.alpha, "median_delay": {}}  # fmt: skip
+    for quantile in out["quantiles"]:
+        q = float(np.quantile(cal_c, quantile))
+        below = int((cal_c < q).sum())
+        lo, hi = clopper_pearson(below, len(cal_c), REFERENCE_DELTA)
+        exits = [dict(e) for e in ref["exits"]]
+        exits[pos] = {"q": q, "below": below, "low": lo, "high": hi}
+        ref_q = {**ref, "exits": exits}
+        row = {}
+        for name, s_c in shifted_c.items():
+            mix = 0.5 if name in MIXED else 1.0
+            r_s, pre, post = args.drift_streams, args.pre, args.post
+            conf = np.empty((r_s, pre + post))
+            conf[:, :pre] = clean_c[rng.integers(0, len(clean_c), (r_s, pre))]
+            take = rng.random((r_s, post)) < mix
+            conf[:, pre:] = np.where(take, s_c[rng.integers(0, len(s_c), (r_s, post))],
+                                     clean_c[rng.integers(0, len(clean_c), (r_s, post))])  # fmt: skip
+            row[name] = summarise(e_detector_delays(ref_q, pos, conf, None, args.alpha), pre)["median"]
+        out["median_delay"][f"{quantile:g}"] = row
+        print(f"q at the {100 * quantile:.0f}th percentile ({q:.4f}): " + ", ".join(f"{k} {v}" for k, v in row.items()))
+    return out
 
 
 def overhead_block(args, ref: dict, pos: int, frame: np.ndarray) -> dict:
