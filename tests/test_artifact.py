@@ -168,6 +168,7 @@ def test_an_artifact_of_an_earlier_version_loads_with_typed_fields(artifact_copy
     assert Cascade.load(artifact_copy, backend="onnxruntime").num_exits == 8
 
 
+@pytest.mark.slow
 def test_artifact_load_never_raises_anything_but_artifact_error(artifact_copy):
     """The mechanism covers the class: every field of the manifest (top level, model, preprocessing,
     a segment, a head, a tensor, calibration) replaced by a value of each wrong type either loads or

@@ -8,6 +8,10 @@ from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.manifest import load_manifest
 
+# Every test here calibrates (or reads the module's calibration): profiling, the fused exit groups and
+# the interleaved verification take tens of seconds of CPU each. `make test-fast` leaves them out.
+pytestmark = pytest.mark.slow
+
 CONTRACT = {"budget_ms", "metric", "thresholds", "evaluated_exits", "predicted", "measured", "baseline_msdnet"}
 
 

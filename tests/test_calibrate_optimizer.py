@@ -56,6 +56,7 @@ def test_optimizer_near_brute_force_with_four_exits(seed):
     assert sol.accuracy >= best.accuracy - 1 / 40  # at most one sample from the optimum
 
 
+@pytest.mark.slow
 def test_optimizer_never_worse_than_msdnet_and_respects_p95():
     conf, correct, cost = synthetic(n=2000, k=8, seed=7)
     full = cost.full_ms()

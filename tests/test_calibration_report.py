@@ -301,6 +301,7 @@ def budget_run(tiny_artifact, tmp_path_factory):
     return dest, result
 
 
+@pytest.mark.slow
 def test_budget_mode_keeps_every_key_of_the_result_and_the_manifest_block(budget_run):
     dest, result = budget_run
     assert_same_keys(result, BEFORE["budget"]["result"])
@@ -311,6 +312,7 @@ def test_budget_mode_keeps_every_key_of_the_result_and_the_manifest_block(budget
     assert cal["thresholds"] == result["thresholds"] and cal["ladder"] == result["ladder"]
 
 
+@pytest.mark.slow
 def test_the_manifest_block_parses_as_the_runtime_calibration(budget_run):
     dest, result = budget_run
     cal = parse_calibration(load_manifest(dest)["calibration"], 8)
@@ -326,6 +328,7 @@ def test_the_manifest_block_parses_as_the_runtime_calibration(budget_run):
     assert result["measured"]["ladder_scale"] > 0 and len(result["measured"]["exit_ms"]) == 8
 
 
+@pytest.mark.slow
 def test_cli_max_drop_json_and_manifest_keep_every_key(artifact_copy, tmp_path):
     from typer.testing import CliRunner
 
@@ -357,6 +360,7 @@ def test_iso_accuracy_is_none_when_the_frames_cannot_certify_it(budget_run):
     assert all(p["certified_drop"] > ISO_ACCURACY_DROP for p in faster)
 
 
+@pytest.mark.slow
 def test_iso_accuracy_point_is_within_its_tolerance_and_faster(artifact_copy, monkeypatch):
     """The tiny model's early exits are weak (40 % at exit 1 vs 67 % at the last): nothing faster than the
     full model is certified within 0.5 pt on its frames. At a tolerance it can meet (45 pt: above every
@@ -390,6 +394,7 @@ def test_iso_accuracy_point_is_within_its_tolerance_and_faster(artifact_copy, mo
     assert load_manifest(artifact_copy)["calibration"]["iso_accuracy"] == iso
 
 
+@pytest.mark.slow
 def test_a_cascade_slower_than_predicted_is_refitted_and_reported(artifact_copy, monkeypatch):
     """Every verification run made to measure 2.5 times its real latency, the optimiser's plan chosen
     (at 150 % the tiny model's choice out of fold is the full model, which has nothing to refit): the plan

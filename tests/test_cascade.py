@@ -76,6 +76,7 @@ def test_budget_ms_refuses_bools_and_takes_numpy_numbers(artifact_copy):
         assert c.controller.budget_ms == 5.0
 
 
+@pytest.mark.slow
 def test_calibration_is_not_written_into_an_artifact_replaced_meanwhile(artifact_copy, tiny_run):
     """A calibrate finishing after `export --force` replaced its artifact writes nothing."""
     from edgeexit.export.exporter import export_checkpoint
@@ -136,6 +137,7 @@ def test_a_view_predicting_while_its_parent_closes(artifact_copy, test_frames):
     assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], CascadeClosedError), errors
 
 
+@pytest.mark.slow
 def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_frames):
     from edgeexit.calibrate.run import run_calibration
 

@@ -59,6 +59,7 @@ def test_corrupt_checkpoint_is_exit_2(tmp_path):
     assert res.exit_code == 2 and "not an edgeexit checkpoint" in res.output
 
 
+@pytest.mark.slow
 def test_eval_json_contract(tiny_run, tmp_path):
     out = tmp_path / "e.json"
     res = runner.invoke(
@@ -86,6 +87,7 @@ def test_eval_json_contract(tiny_run, tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_train_command_writes_a_loadable_checkpoint(tmp_path, fashion_test):
     res = runner.invoke(
         app,

@@ -56,6 +56,7 @@ def test_an_out_path_with_markup_is_named_as_given(tiny_run, tmp_path):
     assert res.exit_code == 2 and "absent[/]x.pt" in res.output
 
 
+@pytest.mark.slow
 def test_an_export_into_a_markup_folder_runs_and_names_it_as_given(tiny_run, tmp_path):
     out = tmp_path / "m[/].edgeexit"  # folders "m[" and "].edgeexit"
     res = cli("export", tiny_run[0] / "model.pt", "--out", out, "--parity-samples", "16", "--calib-images", "0")

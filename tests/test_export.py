@@ -97,6 +97,7 @@ def test_force_never_deletes_user_files_or_the_source_run(tiny_run, tmp_path):
     assert afile.read_text() == "x"
 
 
+@pytest.mark.slow
 def test_failed_export_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
     from edgeexit.export import parity
 
@@ -110,6 +111,7 @@ def test_failed_export_leaves_nothing_behind(tiny_run, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_force_replaces_an_artifact_only_when_the_new_one_is_complete(tiny_run, artifact_copy, monkeypatch):
     before = (artifact_copy / "manifest.json").read_text()
     from edgeexit.export import parity
@@ -121,6 +123,7 @@ def test_force_replaces_an_artifact_only_when_the_new_one_is_complete(tiny_run, 
     assert sorted(p.name for p in artifact_copy.parent.iterdir()) == ["model.edgeexit"]
 
 
+@pytest.mark.slow
 def test_parity_above_tolerance_fails_the_export(tiny_run, tmp_path):
     with pytest.raises(RuntimeError, match="parity check failed"):
         export_checkpoint(tiny_run[0] / "model.pt", out=tmp_path / "x.edgeexit", tolerance=1e-12, parity_samples=16)

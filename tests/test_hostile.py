@@ -198,6 +198,7 @@ def test_frames_that_used_to_be_misread(artifact_copy, test_frames, tmp_path):
 
 
 # -- leftovers of interrupted runs --------------------------------------------------------------
+@pytest.mark.slow
 def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp_path):
     from edgeexit.export.exporter import export_checkpoint
 
@@ -227,6 +228,7 @@ def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp
 
 
 # -- careless training --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_with_other_settings_names_the_setting(tmp_path):
     from conftest import tiny_config
 

@@ -93,6 +93,7 @@ def test_threads_get_what_sequential_calls_get(tiny_artifact, test_frames):
     assert all(results[t] == expected for t in range(4))
 
 
+@pytest.mark.slow
 def test_torch_backend_matches_onnxruntime(tiny_artifact, test_frames):
     frames, _ = test_frames
     frames = frames[:300]
@@ -329,6 +330,7 @@ def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monkeypatch):
     """The CUDA-graph cache logic of the torch backend, with capture simulated on the CPU: replays
     equal eager results, the cache is capped, and a unit that cannot be captured is not retried."""
