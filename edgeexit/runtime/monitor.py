@@ -9,8 +9,8 @@ exit the plan evaluates (exit ``k``; it always runs, so watching it costs no ext
 ``q_k``, the median of that exit's confidence on the calibration frames. Under the conditions of
 calibration ``P(x = 1) = p_k``, with Clopper-Pearson bounds ``[lo_k, hi_k]`` from the calibration
 frames (each one-sided at ``delta``). A darker, noisier, blurred or unfamiliar image moves ``p_k``
-up (less confident) or down (a uniform or inverted image can make the cheap exit *more* confident),
-so the test is two-sided. A second channel watches the answered class (label shift): ``E = p̂(y) /
+up (less confident) or down (images the cheap exit finds easier, plainer ones for example, make it
+*more* confident), so the test is two-sided. A second channel watches the answered class (label shift): ``E = p̂(y) /
 hi(y)`` with ``p̂`` a predictable mixture of the calibration class shares and a moving class
 histogram, ``hi(y)`` the class share's upper bound; under the calibration's class shares its
 expectation is at most 1 whatever ``p̂`` is.
@@ -251,7 +251,7 @@ class DriftMonitor:
             self._pi_kept = [(1.0 - LABEL_MIX) * p for p in self._pi]
             self._classes = len(self._pi)
             self._hi = [float(h) for h in classes["high"]]
-            # the moving histogram stored as B[c] = G · ewma(c), so that one frame costs O(1) (see _label)
+            # the moving histogram stored as B[c] = G · ewma(c), so that one frame costs O(1) (see observe)
             self._b = list(self._pi)
             self._g = 1.0
             self._m_label = 1.0
