@@ -4,6 +4,7 @@ at camera resolutions, and against the 224-px model's cascade.
     python benchmarks/preprocess.py --json docs/preprocess.json            # timing tables
     python benchmarks/preprocess.py --artifact224 runs/cam/model.edgeexit  # + the cascade at 1080p
     python benchmarks/preprocess.py --accuracy /tmp/run/model.edgeexit     # + the shrink's accuracy effect
+    python benchmarks/preprocess.py --predict runs/x/model.edgeexit        # + whole predict, area vs bilinear
 
 1. Timing. Two models (28-px gray, 224-px RGB) x four frames (the model's own size, 640x480,
    1280x720, 1920x1080, uint8 BGR as OpenCV captures them) x four ways to make the network's float
@@ -147,8 +148,57 @@ def cascade_at_1080p(artifact: Path, rounds: int) -> dict:
     return out
 
 
-def accuracy(artifact: Path, factors=(2, 2.5, 3, 4, 5.5, 8), noise: float = 12.0, limit: int = 10000) -> list[dict]:
-    """The full model's accuracy on test images shown larger than its input, per resize."""
+def whole_predict(artifact: Path, rounds: int) -> list[dict]:
+    """`Cascade.predict` on uint8 BGR frames of each size, the frame shrunk by area and by the older
+    bilinear resize (the same cascade, its preprocessor swapped), interleaved: median preprocessing,
+    cascade and total ms (the issue's before/after table)."""
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.preprocessing import Preprocessor
+
+    base = Cascade.load(artifact, backend="onnxruntime", input_order="BGR")
+    views = {}
+    for method in ("area", "bilinear"):
+        view = base.derive()
+        view.preprocess = Preprocessor({**base.preprocessing.to_dict(), "resize": method}, "BGR")
+        views[method] = view
+    h, w = base.preprocess.height, base.preprocess.width
+    rng = np.random.default_rng(3)
+    rows = []
+    for fw, fh in [(w, h), *SIZES]:
+        frame = rng.integers(0, 256, (fh, fw, 3), dtype=np.uint8)
+        order = list(views)
+        got = {m: {"pre": [], "casc": [], "total": []} for m in order}
+        for m in order:
+            views[m].predict(frame)
+        shuffle = random.Random(4)
+        for _ in range(rounds):
+            shuffle.shuffle(order)
+            for m in order:
+                t = time.perf_counter()
+                p = views[m].predict(frame)
+                got[m]["total"].append((time.perf_counter() - t) * 1e3)
+                got[m]["pre"].append(p.preprocess_ms)
+                got[m]["casc"].append(p.latency_ms)
+        row = {"frame": f"{fw}x{fh}"}
+        for m in views:
+            row[f"{m}: preprocess ms"] = round(float(np.median(got[m]["pre"])), 3)
+            row[f"{m}: cascade ms"] = round(float(np.median(got[m]["casc"])), 3)
+            row[f"{m}: whole predict ms"] = round(float(np.median(got[m]["total"])), 3)
+        rows.append(row)
+        print(json.dumps(row))
+    base.close()
+    return rows
+
+
+def accuracy(
+    artifact: Path, factors=(2, 2.5, 3, 4, 5.5, 8), noise: float = 12.0, limit: int = 10000, upscale: str = "bilinear"
+) -> list[dict]:
+    """The full model's accuracy on test images shown larger than its input, per resize. ``upscale``:
+    how the larger image is made from the 28-px one: "bilinear" (smooth; a bilinear sample at the
+    right phase recovers the original pixels exactly, which favours the bilinear resize) or "nearest"
+    (each original pixel a k x k patch), both aligned with the model's grid, which a point sample at
+    the right phase undoes; or "camera": the object off the grid (rotated up to 4 degrees, scaled
+    k +- 5 %, shifted by a sub-pixel offset, bicubic), as a camera sees it."""
     from PIL import Image
 
     from edgeexit.data import load_dataset
@@ -168,7 +218,18 @@ def accuracy(artifact: Path, factors=(2, 2.5, 3, 4, 5.5, 8), noise: float = 12.0
         size = round(28 * k)
         correct = {m: np.zeros(len(images), bool) for m in pres}
         for i, img in enumerate(images):
-            big = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR), np.float32)
+            if upscale == "camera":
+                # an object the camera sees off the training grid: a small rotation, a sub-pixel offset
+                # and a scale a few percent off k, resampled bicubically (an inverse affine map)
+                theta, zoom = np.deg2rad(rng.uniform(-4, 4)), k * rng.uniform(0.95, 1.05)
+                c, s_ = np.cos(theta) / zoom, np.sin(theta) / zoom
+                cx = 14 - (c * size / 2 - s_ * size / 2) + rng.uniform(-0.5, 0.5)
+                cy = 14 - (s_ * size / 2 + c * size / 2) + rng.uniform(-0.5, 0.5)
+                big = Image.fromarray(img).transform((size, size), Image.AFFINE, (c, -s_, cx, s_, c, cy), Image.BICUBIC)
+                big = np.asarray(big, np.float32)
+            else:
+                how = Image.BILINEAR if upscale == "bilinear" else Image.NEAREST
+                big = np.asarray(Image.fromarray(img).resize((size, size), how), np.float32)
             big = np.clip(big + rng.normal(0, noise, big.shape), 0, 255).astype(np.uint8)
             for m, pre in pres.items():
                 x = pre(big)
@@ -177,7 +238,7 @@ def accuracy(artifact: Path, factors=(2, 2.5, 3, 4, 5.5, 8), noise: float = 12.0
         boot = np.random.default_rng(1).integers(0, len(d), (2000, len(d)))
         lo, hi = np.percentile(d[boot].mean(axis=1), [2.5, 97.5]) * 100
         row = {
-            "shown at": f"{size}x{size} ({k}x)",
+            "shown at": f"{size}x{size} ({k}x, {upscale} upscale, noise sd {noise:g})",
             "area %": round(100 * correct["area"].mean(), 2),
             "bilinear %": round(100 * correct["bilinear"].mean(), 2),
             "area - bilinear pt": [round(100 * d.mean(), 2), round(float(lo), 2), round(float(hi), 2)],
@@ -193,7 +254,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--artifact224", type=Path, help="a 224-px RGB artifact: time its cascade at 1080p")
     ap.add_argument("--accuracy", type=Path, help="a 28-px Fashion-MNIST artifact: the shrink's accuracy effect")
+    ap.add_argument("--predict", type=Path, help="an artifact: whole Cascade.predict per frame size, area vs bilinear")
     ap.add_argument("--accuracy-images", type=int, default=10000)
+    ap.add_argument("--upscale", choices=["bilinear", "nearest", "camera", "all"], default="all")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -211,8 +274,11 @@ def main() -> None:
         result["timing"] = timing(args.rounds)
     if args.artifact224:
         result["cascade_1080p"] = cascade_at_1080p(args.artifact224, max(20, args.rounds // 4))
+    if args.predict:
+        result["whole_predict"] = whole_predict(args.predict, max(20, args.rounds // 4))
     if args.accuracy:
-        result["accuracy"] = accuracy(args.accuracy, limit=args.accuracy_images)
+        ups = ["bilinear", "nearest", "camera"] if args.upscale == "all" else [args.upscale]
+        result["accuracy"] = [r for u in ups for r in accuracy(args.accuracy, limit=args.accuracy_images, upscale=u)]
     if args.json:
         from edgeexit.util import atomic_write_text
 

@@ -22,19 +22,22 @@ from edgeexit.runtime.artifact import Preprocessing
 _F32 = np.dtype(np.float32)
 
 
+def _taps(pos: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps along one axis of length ``n`` at positions ``pos`` (clipped to the axis): the
+    two source indices around each position and the float32 weight of the second."""
+    pos = np.clip(pos, 0, n - 1)
+    i0 = np.floor(pos).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n - 1), (pos - i0).astype(np.float32)
+
+
 def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """HxWxC float32 bilinear resize with half-pixel centres (align_corners=False)."""
     h, w = img.shape[:2]
     if (h, w) == (out_h, out_w):
         return img
-    ys = np.clip((np.arange(out_h) + 0.5) * h / out_h - 0.5, 0, h - 1)
-    xs = np.clip((np.arange(out_w) + 0.5) * w / out_w - 0.5, 0, w - 1)
-    y0 = np.floor(ys).astype(np.int64)
-    x0 = np.floor(xs).astype(np.int64)
-    y1 = np.minimum(y0 + 1, h - 1)
-    x1 = np.minimum(x0 + 1, w - 1)
-    wy = (ys - y0).astype(np.float32)[:, None, None]
-    wx = (xs - x0).astype(np.float32)[None, :, None]
+    y0, y1, wy = _taps((np.arange(out_h) + 0.5) * h / out_h - 0.5, h)
+    x0, x1, wx = _taps((np.arange(out_w) + 0.5) * w / out_w - 0.5, w)
+    wy, wx = wy[:, None, None], wx[None, :, None]
     top = img[y0][:, x0] * (1 - wx) + img[y0][:, x1] * wx
     bottom = img[y1][:, x0] * (1 - wx) + img[y1][:, x1] * wx
     return top * (1 - wy) + bottom * wy
@@ -119,15 +122,9 @@ def _col_sums(acc: np.ndarray, fx: int, ox: int, blocks: int, dtype) -> np.ndarr
 def _bilinear_at(img: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """HxWxC float32 sampled bilinearly at row positions ``ys`` and column positions ``xs`` (clipped),
     as two 1-D passes: rows first (whole-row gathers), then columns."""
-    h, w = img.shape[:2]
-    ys = np.clip(ys, 0, h - 1)
-    xs = np.clip(xs, 0, w - 1)
-    y0 = np.floor(ys).astype(np.intp)
-    x0 = np.floor(xs).astype(np.intp)
-    y1 = np.minimum(y0 + 1, h - 1)
-    x1 = np.minimum(x0 + 1, w - 1)
-    wy = (ys - y0).astype(np.float32)[:, None, None]
-    wx = (xs - x0).astype(np.float32)[None, :, None]
+    y0, y1, wy = _taps(ys, img.shape[0])
+    x0, x1, wx = _taps(xs, img.shape[1])
+    wy, wx = wy[:, None, None], wx[None, :, None]
     rows = np.take(img, y0, axis=0) * (1 - wy) + np.take(img, y1, axis=0) * wy
     return np.take(rows, x0, axis=1) * (1 - wx) + np.take(rows, x1, axis=1) * wx
 
