@@ -1,4 +1,4 @@
-"""Camera models at 224 px (issue 14): resize equality, checkpoint normalisation, the whole flow."""
+"""Camera models at 224 px: resize equality, checkpoint normalisation, the whole flow."""
 
 from __future__ import annotations
 

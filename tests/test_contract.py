@@ -1,5 +1,5 @@
 """The typed artifact contract (runtime/artifact.py), the one budget grammar, export's option table,
-the generated docs/cli.md, and the trainer's lr schedule and backbone lr groups (issue 24)."""
+the generated docs/cli.md, and the trainer's lr schedule and backbone lr groups."""
 
 from __future__ import annotations
 

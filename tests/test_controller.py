@@ -1,4 +1,4 @@
-"""BudgetController with injected latencies (no clock, no model): issue 21."""
+"""BudgetController with injected latencies (no clock, no model)."""
 
 from __future__ import annotations
 

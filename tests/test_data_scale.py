@@ -1,4 +1,4 @@
-"""The ImageFolder data path at scale (issue 23): torchrun ranks share one decoded cache (one rank
+"""The ImageFolder data path at scale: torchrun ranks share one decoded cache (one rank
 decodes, the others wait), and the benchmark's memory probe sums the whole process tree."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`edgeexit doctor` (issue 27): what this machine can run, and whether an artifact runs here."""
+"""`edgeexit doctor`: what this machine can run, and whether an artifact runs here."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Device fingerprint pieces of the GPU path (issue 22: D10, D13, D18); no GPU needed."""
+"""Device fingerprint pieces of the GPU path (the GPU without torch or TensorRT, nvpmodel, arm64
+CPUs); no GPU needed."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A GPU's rules in the SIMULATED CUDA / TensorRT of tests/fake_gpu.py, and edgeexit's TensorRT
-backend held to them (issue 22, review S1-S3, S9, S12, S15, D20).
+backend held to them (the rules each test names are in tests/fake_gpu.py's docstring).
 
 A simulation, not a GPU: the first tests show that each rule is enforced (so a breach in edgeexit
 would fail a test); the rest run the real `TensorRTBackend` through `Cascade` under those rules,
@@ -288,7 +288,7 @@ def test_s9_d19_an_invalidated_capture_falls_back_for_that_unit_and_bucket_then_
     rt.on_capture_begin.append(camera_thread)
     frames, _ = test_frames
     assert _pairs(c.predict_batch(frames[:64])) == reference[:64]
-    assert not c.runner._graph_failed and c.runner._graphs  # D19: the non-blocking stream is untouched
+    assert not c.runner._graph_failed and c.runner._graphs  # the non-blocking stream is untouched
     c.close()
 
     from edgeexit.runtime.backends import cuda
@@ -329,7 +329,7 @@ def test_s15_close_with_work_still_queued_faults_nothing(built, monkeypatch, tes
 
 @pytest.mark.parametrize("integrated", [False, True])
 def test_gpu_checks_cudart_smoke_step_passes_under_the_simulations_rules(monkeypatch, integrated):
-    """benchmarks/gpu_check.py's cudart step (D21) is the first thing a real GPU runs: its own
+    """benchmarks/gpu_check.py's cudart step is the first thing a real GPU runs: its own
     logic (syncs, kinds, capture, pinned and mapped staging) must hold under the strict fake."""
     import sys
     from pathlib import Path
@@ -379,11 +379,11 @@ def test_d24_d25_the_requested_precision_picks_the_engines_and_no_precision_mean
     install(monkeypatch, version="10.3.0")
     manifest = load_manifest(built["10.3.0"])  # fp32 engines only
     assert tensorrt_usable(manifest, "fp32")[0] and tensorrt_usable(manifest)[0]
-    ok, why = tensorrt_usable(manifest, "int8")  # D24: auto then passes TensorRT over
+    ok, why = tensorrt_usable(manifest, "int8")  # no int8 engines: auto passes TensorRT over
     assert not ok and "no int8 TensorRT engines" in why
     units = json.loads((built["10.3.0"] / "manifest.json").read_text())["units"]
     for u in units:
         u["engines"].insert(0, {**u["engines"][0], "precision": "fp16"})  # fp16 listed first
     parsed = parse_units(built["10.3.0"], units)
-    assert {select_engine(u, None).precision for u in parsed} == {"fp32"}  # D25
+    assert {select_engine(u, None).precision for u in parsed} == {"fp32"}  # no precision asked: the fp32 engines
     assert {select_engine(u, "fp16").precision for u in parsed} == {"fp16"}

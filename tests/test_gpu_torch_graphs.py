@@ -1,4 +1,4 @@
-"""The torch backend's CUDA-graph path (issue 22, D22) on the CPU, with a SIMULATED torch.cuda.
+"""The torch backend's CUDA-graph path on the CPU, with a SIMULATED torch.cuda.
 
 What is simulated: only the torch.cuda pieces `_capture` calls (Stream, stream(), current_stream,
 graph_pool_handle, CUDAGraph). The fake CUDAGraph records every aten op run between capture_begin

@@ -1,4 +1,4 @@
-"""Hostile files and careless hands (issue 10): every case is a clear error, with nothing executed,
+"""Hostile files and careless hands: every case is a clear error, with nothing executed,
 nothing read or written outside where it belongs, and nothing lost. One test per case; the table
 in docs/lab-notebook.md §3 maps each to the behaviour before the fix.
 """

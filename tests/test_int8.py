@@ -1,4 +1,4 @@
-"""INT8 units (issue 12, first part): Q/DQ export, accuracy parity, and the runtime running them."""
+"""INT8 units: Q/DQ export, accuracy parity, and the runtime running them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real camera models (issue 14): the ImageNet stem and torchvision ResNet18 weights."""
+"""Real camera models: the ImageNet stem and torchvision ResNet18 weights."""
 
 from __future__ import annotations
 

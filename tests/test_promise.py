@@ -1,4 +1,4 @@
-"""The accuracy promise (issue 15): intervals, and the `--max-drop` guard on exit statistics where
+"""The accuracy promise: intervals, and the `--max-drop` guard on exit statistics where
 the true drop of every plan is known."""
 
 from __future__ import annotations

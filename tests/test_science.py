@@ -1,4 +1,4 @@
-"""benchmarks/science.py (issue 25): the grid's order and shards, resume, label noise, and the report's statistics."""
+"""benchmarks/science.py: the grid's order and shards, resume, label noise, and the report's statistics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Live sources and Streams (issue 27): newest frame only, drops counted, batched predictions equal
+"""Live sources and Streams: newest frame only, drops counted, batched predictions equal
 per-frame ones, faults reported while the other streams go on, no thread left after close()."""
 
 from __future__ import annotations

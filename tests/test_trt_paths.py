@@ -1,4 +1,4 @@
-"""Defects of the GPU path (issue 22, review D1-D25) shown on the SIMULATED TensorRT / CUDA of
+"""Defects of the GPU path shown on the SIMULATED TensorRT / CUDA of
 tests/fake_gpu.py, per API surface (8.6 / 10.x / 11.x), with engines built by the real
 `build_engines`. A simulation: it checks edgeexit's logic and its use of the API, not TensorRT."""
 
@@ -48,7 +48,7 @@ def int8_artifact(tiny_artifact, tmp_path_factory):
 
 
 def test_trt_int8_flavour_has_only_int8_zero_points_equal_to_0(int8_artifact):
-    """D1: read every Q/DQ of every onnx_int8_trt file."""
+    """TensorRT's ONNX parser takes only unquantized biases: read every Q/DQ of every onnx_int8_trt file."""
     from edgeexit.export.quantize import qdq_zero_points
 
     checked = 0
@@ -135,7 +135,8 @@ def test_half_builds_fp16_units_when_strongly_typed_and_fp16_flag_on_86(
 
 
 def test_an_old_timing_cache_from_another_tensorrt_is_not_fed_to_the_builder(monkeypatch, artifact_copy):
-    """D3: re-export after a TensorRT change (the recovery path the error message prescribes)."""
+    """Another TensorRT's timing cache: re-export after a TensorRT change (the recovery path the error
+    message prescribes)."""
     from edgeexit.export.tensorrt import build_engines
 
     install(monkeypatch, version="10.3.0")
@@ -170,7 +171,7 @@ def test_a_refused_timing_cache_is_replaced_by_an_empty_one(monkeypatch, artifac
 def test_a_context_tensorrt_cannot_create_is_an_error_at_load_and_no_graph_in_capture(
     monkeypatch, artifact_copy, test_frames, version
 ):
-    """D5: create_execution_context* returning None."""
+    """create_execution_context* returning None is an error that says so."""
     trt, cudart = install(monkeypatch, version=version)
     add_engines(artifact_copy)
     name = "create_execution_context" if version[0] != "8" else "create_execution_context_without_device_memory"
@@ -189,7 +190,7 @@ def test_a_context_tensorrt_cannot_create_is_an_error_at_load_and_no_graph_in_ca
 
 @pytest.mark.parametrize("version", SURFACES)
 def test_every_context_shares_one_activation_buffer(monkeypatch, artifact_copy, test_frames, version):
-    """D6: many graphs, one activation allocation; no context holds memory of its own."""
+    """Many graphs, one activation allocation (units run serially on one stream); no context holds memory of its own."""
     trt, cudart = install(monkeypatch, version=version)
     add_engines(artifact_copy)
     frames, _ = test_frames
@@ -203,7 +204,7 @@ def test_every_context_shares_one_activation_buffer(monkeypatch, artifact_copy, 
 
 
 def test_static_contexts_would_run_the_device_out_of_memory(monkeypatch, artifact_copy):
-    """The simulation's per-context memory and OOM (what D6 was): TensorRT then returns None."""
+    """The simulation's per-context memory and OOM (why contexts share one buffer): TensorRT then returns None."""
     trt, cudart = install(monkeypatch, version="10.3.0")
     add_engines(artifact_copy)
     eng = trt.Runtime(None).deserialize_cuda_engine((artifact_copy / "seg_01.fp32.engine").read_bytes())
@@ -214,7 +215,7 @@ def test_static_contexts_would_run_the_device_out_of_memory(monkeypatch, artifac
 
 @pytest.mark.parametrize("what", ["dtype", "profile", "names"])
 def test_an_engine_whose_io_is_not_the_manifests_is_refused(monkeypatch, artifact_copy, what):
-    """D11: names, FP32 and the profile max are checked at load."""
+    """An engine's names, FP32 and the profile max are checked at load."""
     trt, _ = install(monkeypatch, version="11.4.0")
     add_engines(artifact_copy, max_batch=32 if what == "profile" else 64)
     m = json.loads((artifact_copy / "manifest.json").read_text())
@@ -237,7 +238,8 @@ def test_an_engine_whose_io_is_not_the_manifests_is_refused(monkeypatch, artifac
 
 
 def test_86_contexts_after_the_first_have_no_profile_until_set(monkeypatch, artifact_copy):
-    """D2, the rule the simulation models (NvInferRuntime.h v8.6.1:2790-2797)."""
+    """TensorRT 8.6 contexts after the first have no profile, the rule the simulation models
+    (NvInferRuntime.h v8.6.1:2790-2797)."""
     trt, cudart = install(monkeypatch, version="8.6.1")
     add_engines(artifact_copy)
     eng = trt.Runtime(None).deserialize_cuda_engine((artifact_copy / "head_01.fp32.engine").read_bytes())
@@ -249,7 +251,7 @@ def test_86_contexts_after_the_first_have_no_profile_until_set(monkeypatch, arti
 
 
 def test_a_driver_older_than_cuda_python_is_named_with_the_fix(monkeypatch, artifact_copy):
-    """D4: cuda-python 13 on a CUDA 12 driver."""
+    """cuda-python 13 on a CUDA 12 driver: a named fix, not cudaErrorInsufficientDriver later."""
     trt, cudart = install(monkeypatch, version="10.3.0")
     add_engines(artifact_copy)
     cudart.driver_version, cudart.runtime_version = 12020, 13000
@@ -269,7 +271,7 @@ def test_tensorrt_11_refuses_nothing_edgeexit_needs(monkeypatch, artifact_copy, 
 
 
 def test_onnxruntime_cuda_that_fell_back_to_the_cpu_is_refused(monkeypatch, artifact_copy):
-    """D9: an onnxruntime whose CUDA EP cannot load runs on the CPU; edgeexit says so."""
+    """An onnxruntime whose CUDA EP cannot load runs on the CPU; edgeexit says so."""
     from edgeexit.runtime.backends import onnxruntime as ortb
 
     monkeypatch.setattr(ortb, "cuda_provider_available", lambda: True)
@@ -286,7 +288,8 @@ def test_the_simulation_is_labelled_as_one():
 
 @pytest.mark.parametrize("version", SURFACES)
 def test_export_format_engine_half_runs_the_engines_before_publishing(monkeypatch, tiny_run, tmp_path, version):
-    """D12 + TensorRT 11: the real `edgeexit export --format engine --half`, against each surface."""
+    """Engines run on parity images before the artifact is published (TensorRT 11 too): the real
+    `edgeexit export --format engine --half`, against each surface."""
     from edgeexit.export.exporter import export_checkpoint
 
     trt, _ = install(monkeypatch, version=version)

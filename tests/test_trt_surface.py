@@ -217,7 +217,7 @@ def test_the_fake_cuda_runtime_uses_only_real_cuda_python_names():
     assert len(names) > 15
     missing = [n for n in names if not hasattr(runtime, n)]
     assert not missing, missing
-    assert not hasattr(fake, "cudaGraphInstantiate")  # D16: edgeexit calls the WithFlags spelling only
+    assert not hasattr(fake, "cudaGraphInstantiate")  # edgeexit calls the WithFlags spelling only
 
 
 def test_the_fake_cuda_runtime_uses_cuda_pythons_values():

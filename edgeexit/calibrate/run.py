@@ -1,6 +1,6 @@
 """`edgeexit calibrate`: profile on this device, collect exit statistics, choose thresholds, verify.
 
-Every stored held-out frame decides (issue 20): the budget mode picks its approach (free optimiser,
+Every stored held-out frame decides: the budget mode picks its approach (free optimiser,
 MSDNet's thresholds, full model) by K-fold cross-fitting and refits the winner on all frames; the
 --max-drop promise is a fixed-sequence test (Learn-then-Test) on all frames. The verification half is
 still run through the real cascade, frame by frame, for the measured latency and a runtime check.

@@ -104,7 +104,7 @@ _DEFAULTS = {"batch": 64, "batch_opt": 1, "workspace": 2.0}
 
 
 def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
-    """Build one TensorRT plan per unit, then run them on the parity images before publishing (D12)."""
+    """Build one TensorRT plan per unit, then run them on the parity images before publishing."""
     from edgeexit.export.tensorrt import build_engines
 
     t0 = time.perf_counter()

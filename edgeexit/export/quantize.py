@@ -1,4 +1,4 @@
-"""INT8 units: static Q/DQ quantization of every unit, calibrated on held-out images (issue 12).
+"""INT8 units: static Q/DQ quantization of every unit, calibrated on held-out images.
 
 Q/DQ ONNX is what ONNX Runtime's INT8 kernels and TensorRT's explicit quantization both consume.
 Weights: per output channel, symmetric INT8. Activations: INT8, ranges calibrated by the chosen
@@ -80,7 +80,7 @@ def quantize_units(folder: Path, units: list[dict], images: np.ndarray, method: 
         "weights": "int8, per output channel, symmetric",
         "activations": "uint8, asymmetric (U8S8)",
         "tensorrt_flavour": "units[].onnx_int8_trt: int8 activations and weights, symmetric, zero points 0, "
-        "bias not quantized (TensorRT's ONNX parser takes only this: D1)",
+        "bias not quantized (TensorRT's ONNX parser takes only this)",
         "method": method,
         "images": int(len(images)),
         "units": {

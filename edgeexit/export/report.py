@@ -68,6 +68,9 @@ def _calibration_lines(artifact, cal: dict) -> list[str]:
         f"measured on {meas.get('samples', '?')} verification frames: accuracy {100 * meas['accuracy']:.2f}%, "
         f"mean {meas.get('mean_ms', meas['latency_ms']):.3f} ms{faster}"
     )
+    covers = _frame_words(cal.get("frame"), artifact)
+    if covers:
+        lines.append(covers)
     cert = cal.get("certifiable")
     if isinstance(cert, dict) and isinstance(cert.get("frontier"), list):
         lines.append(
@@ -77,6 +80,20 @@ def _calibration_lines(artifact, cal: dict) -> list[str]:
     if (artifact.folder / PREVIOUS_NAME).is_file():
         lines.append(f"an earlier calibration is kept: `edgeexit calibrate {artifact.folder} --restore` puts it back")
     return lines
+
+
+def _frame_words(frame, artifact) -> str:
+    """What the budget covers, as calibrate said it: the cascade on network-size frames, or (after
+    --frame-size) the camera's frame with its measured preprocessing."""
+    h, w = artifact.preprocessing.input_size
+    if not isinstance(frame, Mapping) or frame.get("covers") != "frame":
+        return f"the budget covers the cascade on {w}x{h} frames; larger frames add their preprocessing (--frame-size)"
+    size = frame.get("size")
+    pre = frame.get("preprocess")
+    ms = pre.get("mean_ms") if isinstance(pre, Mapping) else None
+    if not (isinstance(size, list | tuple) and len(size) == 2 and _positive(ms)):
+        return ""
+    return f"the budget covers {size[0]}x{size[1]} frames: preprocessing {ms:.3f} ms (mean, measured), then the cascade"
 
 
 def _positive(value) -> bool:

@@ -94,7 +94,7 @@ def build_engines(
                 config.set_flag(trt.BuilderFlag.INT8)
         cache = config.create_timing_cache(cache_bytes)
         if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            # D3: a cache from another TensorRT or GPU; rebuilding from scratch is the recovery path
+            # a timing cache from another TensorRT or GPU; rebuilding from scratch is the recovery path
             log.warning("TensorRT refused the previous timing cache (another TensorRT or GPU?): starting empty")
             cache_bytes = b""
             cache = config.create_timing_cache(b"")

@@ -19,7 +19,7 @@ export (unit files and the manifest's export fields), so a writer can tell that 
 replaced under it (`edgeexit.runtime.manifest.write_manifest`).
 
 The on-disk format is unchanged (schema_version 1): every artifact written by earlier versions of
-schema 1 loads. Readers migrate from the manifest dict to these fields (issue 24).
+schema 1 loads.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def _read(path: str) -> str | None:
 
 
 def cpu_name() -> str:
-    """``model name`` from /proc/cpuinfo; on arm64 (no model name for 64-bit tasks: D18) the board
+    """``model name`` from /proc/cpuinfo; on arm64 (no model name for 64-bit tasks) the board
     model from the device tree (a Jetson's name), else the CPU part id."""
     part = None
     try:
@@ -52,7 +52,7 @@ def jetson_power_mode() -> str | None:
 
 
 def parse_nvpmodel(out: str) -> str | None:
-    """ "NAME / id" from `nvpmodel -q` as jetson_stats reads it (D13): the line "NV Power Mode: NAME"
+    """ "NAME / id" from `nvpmodel -q` as jetson_stats reads it: the line "NV Power Mode: NAME"
     wherever it is (NVPM warnings may come first), and the numeric id on the next line."""
     lines = [line.strip() for line in out.splitlines() if line.strip()]
     for i, line in enumerate(lines):
@@ -94,7 +94,7 @@ def clocks_locked(sysfs: str = "/sys") -> bool | None:
 
 
 def gpu_identity() -> dict | None:
-    """Name and compute capability of GPU 0 without torch or TensorRT (D10): cuda-python when it
+    """Name and compute capability of GPU 0 without torch or TensorRT: cuda-python when it
     works, else nvidia-smi."""
     try:
         from edgeexit.runtime.backends.cuda import cuda_device_info
@@ -128,7 +128,7 @@ def fingerprint(info) -> dict:
     if "compute_capability" in info.extra:
         fp["gpu"] = info.device
         fp["compute_capability"] = info.extra["compute_capability"]
-    elif info.name == "onnxruntime-cuda":  # D10: ORT names no GPU
+    elif info.name == "onnxruntime-cuda":  # ORT names no GPU
         gpu = gpu_identity()
         if gpu:
             fp["gpu"], fp["compute_capability"] = gpu["name"], gpu["compute_capability"]

@@ -287,7 +287,7 @@ def timing_caption(summary: dict) -> str:
     return text
 
 
-# -- live sources (issue 27): a reader thread keeps only the newest frame --------------------------
+# -- live sources: a reader thread keeps only the newest frame ------------------------------------
 
 
 class Frame:

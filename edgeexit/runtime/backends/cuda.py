@@ -49,7 +49,7 @@ def clear_error() -> None:
 
 
 def check_driver() -> None:
-    """D4: cuda-python N links the CUDA N runtime, which needs a driver of CUDA N or newer; say so
+    """cuda-python N links the CUDA N runtime, which needs a driver of CUDA N or newer; say so
     instead of failing later with cudaErrorInsufficientDriver."""
     rt = cudart()
     err, driver = rt.cudaDriverGetVersion()
@@ -79,21 +79,21 @@ def cuda_device_info(index: int = 0) -> dict:
     return {
         "name": name.rstrip("\x00"),
         "compute_capability": f"{props.major}.{props.minor}",
-        # an integrated GPU (Jetson) shares DRAM with the CPU: mapped pinned memory needs no copy (D20)
+        # an integrated GPU (Jetson) shares DRAM with the CPU: mapped pinned memory needs no copy
         "integrated": bool(props.integrated) and bool(props.canMapHostMemory),
     }
 
 
 def create_stream():
     """A non-blocking stream (as TensorRT's samples/common/common.h): work on the legacy default
-    stream from another thread neither serialises with it nor invalidates its captures (D19)."""
+    stream from another thread neither serialises with it nor invalidates its captures."""
     rt = cudart()
     return check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
 
 
 def graph_instantiate(graph):
     """``cudaGraphInstantiateWithFlags(graph, 0)``: the same signature on cuda-python 11.8, 12.x and
-    13.x (D16: 11's ``cudaGraphInstantiate`` takes a char* log buffer that None cannot fill)."""
+    13.x (11's ``cudaGraphInstantiate`` takes a char* log buffer that None cannot fill)."""
     value = check(cudart().cudaGraphInstantiateWithFlags(graph, 0))
     return value[0] if isinstance(value, tuple) else value
 
@@ -124,7 +124,7 @@ class DeviceBuffer:
         self.ptr = int(check(cudart().cudaMalloc(max(1, self.nbytes))))
 
     def close(self, strict: bool = True) -> None:
-        """Free once; ``strict=False`` (teardown) ignores errors so one failure frees the rest (D23)."""
+        """Free once; ``strict=False`` (teardown) ignores errors so one failure frees the rest."""
         if self.ptr:
             ptr, self.ptr = self.ptr, 0
             try:
@@ -135,7 +135,7 @@ class DeviceBuffer:
 
 
 class HostBuffer:
-    """Page-locked host memory (D20): ``cudaMallocHost``, freed with ``cudaFreeHost``. Copies from
+    """Page-locked host memory: ``cudaMallocHost``, freed with ``cudaFreeHost``. Copies from
     and to it are truly asynchronous (a pageable copy is staged and synchronous), so whatever reads
     it must wait for the stream first. ``mapped=True`` (an integrated GPU): ``cudaHostAlloc`` with
     ``cudaHostAllocMapped``, and ``device_ptr`` is the address kernels use for the same bytes (zero

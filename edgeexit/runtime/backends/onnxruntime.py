@@ -126,7 +126,7 @@ class OnnxRuntimeBackend(Runner):
         self._heads: list[tuple[Any, list[str], list[str]]] = []
         for u, path in zip(units, files, strict=True):
             sess = _session(ort, path, self._opts, self._providers)
-            if cuda and "CUDAExecutionProvider" not in sess.get_providers():  # D9: ORT fell back to the CPU
+            if cuda and "CUDAExecutionProvider" not in sess.get_providers():  # ORT fell back to the CPU
                 raise UserError(
                     "onnxruntime-cuda asked for, but ONNX Runtime could not load its CUDA execution provider and "
                     "fell back to the CPU (CUDA/cuDNN libraries missing or of another major): install the "

@@ -11,12 +11,12 @@
   the graph path (``MAX_GRAPHS`` caps it when set). Batch sizes are padded up to a power of two (rows are
   independent), so a unit has at most 7 graphs for batch 1..64. Every context is created WITHOUT
   its own activation memory: all of them share one device buffer sized for the largest engine
-  (units run serially on one stream, which TensorRT allows; D6). A (unit, bucket) whose capture
+  (units run serially on one stream, which TensorRT allows). A (unit, bucket) whose capture
   fails runs plainly from then on (the sticky CUDA error is cleared, as trtexec does).
 - TensorRT 8.6: every context after an engine's first has no optimisation profile (-1) until one
-  is set: each context gets profile 0 explicitly (D2).
-- At load every engine's I/O is checked against the manifest: names, FP32, profile max (D11).
-- Host staging is page-locked (D20): frames go up from a ``cudaMallocHost`` buffer, confidences and
+  is set: each context gets profile 0 explicitly.
+- At load every engine's I/O is checked against the manifest: names, FP32, profile max.
+- Host staging is page-locked: frames go up from a ``cudaMallocHost`` buffer, confidences and
   logits come back into one, so the copies are truly asynchronous and every host read waits for
   the stream (``cudaStreamSynchronize``) first. On an integrated GPU (Jetson:
   ``cudaDeviceProp.integrated``) the frame buffer and every head's confidences are mapped pinned
@@ -51,7 +51,7 @@ ITEMSIZE = 4  # every unit tensor is float32
 # can be, units x buckets x 2 input addresses (a unit reads its predecessor's outputs, or the scratch
 # buffer after compaction); contexts carry no activation memory, so each costs little.
 MAX_GRAPHS: int | None = None
-CAPTURE_ATTEMPTS = 3  # a (unit, bucket) whose capture failed this often runs plainly from then on (D19)
+CAPTURE_ATTEMPTS = 3  # a (unit, bucket) whose capture failed this often runs plainly from then on
 SUPPORTED_TRT = ((8, 6), (12, 0))  # [min, max)
 
 INSTALL_HINT = (
@@ -183,7 +183,7 @@ def check_tensorrt_runs(trt) -> None:
 
 def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
     """Can the TensorRT backend run this artifact (an `Artifact` or a manifest dict from
-    `load_manifest`) here, at ``precision`` when given (D24)? Checks that TensorRT starts (a real
+    `load_manifest`) here, at ``precision`` when given? Checks that TensorRT starts (a real
     `trt.Runtime`, the wheel's CUDA major against the driver's) and that the engines the backend
     would pick were built by this TensorRT for this GPU: `auto` then falls back to the ONNX units
     with the reason instead of failing on stale plans."""
@@ -227,7 +227,7 @@ def select_engine(unit, precision: str | None):
     engines = list(unit.engines)
     if precision is not None:
         engines = [e for e in engines if e.precision == precision]
-    elif any(e.precision == "fp32" for e in engines):  # D25: no --precision means fp32 when built
+    elif any(e.precision == "fp32" for e in engines):  # no --precision means fp32 when fp32 engines were built
         engines = [e for e in engines if e.precision == "fp32"]
     if not engines:
         want = f" {precision}" if precision else ""
@@ -250,7 +250,7 @@ _REBUILD_IO = f"rebuild the engines with `{REBUILD} --force`"
 
 
 def check_engine_io(trt, engine, unit, max_batch: int, path: str) -> None:
-    """D11: the plan's I/O must be what the manifest says (``unit``: an artifact `Unit`): names,
+    """The plan's I/O must be what the manifest says (``unit``: an artifact `Unit`): names,
     FP32, profile max >= manifest max."""
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     want_in, want_out = unit.input_names, unit.output_names
@@ -285,7 +285,7 @@ class _DevTensor:
 class _Resources:
     """Every CUDA and TensorRT object the backend owns; ``free()`` is idempotent, never raises, and
     runs at close, on garbage collection (weakref.finalize, also at interpreter exit) and when
-    ``__init__`` fails part-way. Order (D23): graph execs, then contexts, engines and the runtime,
+    ``__init__`` fails part-way. Order: graph execs, then contexts, engines and the runtime,
     then the memory they used, then the stream."""
 
     def __init__(self) -> None:
@@ -300,7 +300,7 @@ class _Resources:
         from edgeexit.runtime.backends.cuda import cudart
 
         rt = cudart()
-        if self.stream is not None:  # work still queued must finish before what it uses goes (S15)
+        if self.stream is not None:  # work still queued must finish before what it uses goes
             try:
                 rt.cudaStreamSynchronize(self.stream)
             except Exception:  # noqa: BLE001
@@ -340,7 +340,7 @@ class TensorRTBackend(Runner):
         cls, folder: Path, units: Sequence, precision: str | None = None, cuda_graphs: bool = True
     ) -> TensorRTBackend:
         """A backend over units that are not an artifact yet (export runs its engines before
-        publishing them: D12); ``units``: artifact `Unit`s (`parse_units`)."""
+        publishing them); ``units``: artifact `Unit`s (`parse_units`)."""
         runner = cls.__new__(cls)
         runner._open(Path(folder), tuple(units), precision, cuda_graphs)
         return runner
@@ -374,7 +374,7 @@ class TensorRTBackend(Runner):
         from edgeexit.runtime.backends.cuda import DeviceBuffer, HostBuffer
 
         self._trt = trt
-        self.zero_copy = bool(self.device_info["integrated"])  # D20: a Jetson shares DRAM
+        self.zero_copy = bool(self.device_info["integrated"])  # a Jetson's GPU shares DRAM with the CPU
         self._v86 = trt_major(trt.__version__) < 9
         self._logger = trt.Logger(trt.Logger.WARNING)
         check_tensorrt_runs(trt)  # a wheel whose CUDA the driver lacks: a named fix, not a pybind TypeError
@@ -411,7 +411,7 @@ class TensorRTBackend(Runner):
                     "host_conf": host_conf,
                 }
             )
-        # D6: one activation buffer for every context of every engine (serial on one stream)
+        # one activation buffer for every context of every engine: units run serially on one stream
         self._activation_bytes = max(_device_memory_size(u["engine"]) for u in self._res.units)
         self._activations = DeviceBuffer(self._activation_bytes)
         self._res.buffers.append(self._activations)
@@ -420,7 +420,8 @@ class TensorRTBackend(Runner):
         self._allocate_io(units, trt.__version__, built)
 
     def _new_context(self, unit: dict):
-        """A context on the shared activation memory, on profile 0 (D2, D5, D6)."""
+        """A context on the shared activation memory (units run serially on one stream), on profile 0 (TensorRT 8.6
+        leaves a context after an engine's first without a profile until one is set)."""
         trt, engine = self._trt, unit["engine"]
         if hasattr(trt, "ExecutionContextAllocationStrategy") and hasattr(engine, "device_memory_size_v2"):
             ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)

@@ -2,7 +2,7 @@
 
 Rebuilds the network from the artifact's ``weights.pt`` (loaded with ``weights_only=True``).
 
-CUDA graphs (D22): batch sizes are padded up to a power of two (rows are independent; outputs
+CUDA graphs: batch sizes are padded up to a power of two (rows are independent; outputs
 are sliced back), so a unit has at most 7 graphs for batch 1..64, and every graph is captured
 into ONE memory pool (``torch.cuda.graph_pool_handle()``), not a private pool each. Sharing a
 pool is only safe for memory that is dead between replays, so a graph's outputs are not left in
