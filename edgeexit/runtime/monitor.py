@@ -41,6 +41,7 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeGuard, overload
 
 import numpy as np
 
@@ -177,6 +178,14 @@ def reference_statistics(
     return out
 
 
+def _finite(v) -> TypeGuard[float]:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@overload
+def parse_reference(block: None, num_exits: int) -> None: ...
+@overload
+def parse_reference(block: Mapping, num_exits: int) -> dict: ...
 def parse_reference(block, num_exits: int) -> dict | None:
     """The ``drift_reference`` block checked (None when absent); a malformed one raises ValueError."""
     if block is None:
@@ -190,7 +199,7 @@ def parse_reference(block, num_exits: int) -> dict | None:
         if not isinstance(e, Mapping):
             raise ValueError("calibration.drift_reference.exits holds a non-object")
         lo, hi, q = e.get("low"), e.get("high"), e.get("q")
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in (lo, hi, q)):
+        if not (_finite(lo) and _finite(hi) and _finite(q)):
             raise ValueError("calibration.drift_reference.exits needs finite q, low and high")
         if not (0.0 <= lo <= hi <= 1.0):
             raise ValueError("calibration.drift_reference.exits: need 0 <= low <= high <= 1")
@@ -244,7 +253,7 @@ class DriftMonitor:
         self.labels = classes is not None
         ref_th = reference.get("thresholds")
         self._label_thresholds = tuple(float(t) for t in ref_th) if ref_th is not None else None
-        if self.labels:
+        if classes is not None:
             counts = [float(c) for c in classes["counts"]]
             total = sum(counts)
             self._pi = [c / total for c in counts]
@@ -326,7 +335,7 @@ class DriftMonitor:
                 "confidence up": sum(self._m[k:]) / k,
                 "labels": self._m_label if self.labels else 0.0,
             }
-            self.channel = max(parts, key=parts.get)
+            self.channel = max(parts, key=lambda name: parts[name])
         if s > _CAP:  # keeps the numbers finite on an endless run (the alarm is already raised)
             r = _CAP / s
             self._m = [a * r for a in self._m]
