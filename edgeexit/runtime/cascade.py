@@ -257,7 +257,7 @@ class Cascade:
         self.drift: DriftMonitor | None = drift
         if options.first_confidence or drift is not None:
             # the watched hot path, bound on this instance only: a cascade without it runs `_run` untouched
-            self._run = self._run_watched
+            self._run = self._run_watched  # type: ignore[method-assign]  # per instance, on purpose (above)
         self._shared, self._root, self._closed = shared, root, False
         self.runner, self._lock = shared.runner, shared.lock
         self.artifact, self.manifest = shared.artifact, shared.manifest
