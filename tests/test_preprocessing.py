@@ -163,10 +163,18 @@ def test_calibrate_frame_size_budgets_the_frame(artifact_copy):
     assert r["budget_ms"] == pytest.approx(1.5 * (r["full_model"]["predicted_ms"] + pre_ms) - pre_ms)
     stored = Artifact.load(artifact_copy).calibration.block["frame"]  # read back frozen (tuples)
     assert list(stored["size"]) == [1280, 720] and stored["preprocess"]["mean_ms"] == pre_ms
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    shown = CliRunner().invoke(app, ["info", str(artifact_copy)], terminal_width=200)
+    assert shown.exit_code == 0 and "the budget covers 1280x720 frames: preprocessing" in shown.output
     plain = run_calibration(
         artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100,
         iso_accuracy=False, ladder_steps=2)  # fmt: skip
     assert plain["frame"] == {"size": None, "network_size": [28, 28], "covers": "cascade"}
+    shown = CliRunner().invoke(app, ["info", str(artifact_copy)], terminal_width=200)
+    assert "the budget covers the cascade on 28x28 frames" in shown.output
     assert plain["budget_ms"] == pytest.approx(1.5 * plain["full_model"]["predicted_ms"])
 
 
