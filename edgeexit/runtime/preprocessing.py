@@ -115,6 +115,8 @@ def _col_sums(acc: np.ndarray, fx: int, ox: int, blocks: int, dtype) -> np.ndarr
         shift = width * c
         power = power[:, :-shift] + power[:, shift:]
         width *= 2
+    if result is None:  # fx >= 2 has a highest binary digit, and that digit set it
+        raise AssertionError("no block sum for fx >= 2")
     starts = (np.arange(blocks)[:, None] * (fx * c) + np.arange(c)[None, :]).ravel()
     return result[:, starts].reshape(h, blocks, c)
 
