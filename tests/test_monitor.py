@@ -287,3 +287,24 @@ def test_run_refuses_a_bad_alpha_and_says_when_the_monitor_is_unavailable(tiny_a
     res = CliRunner().invoke(app, ["run", str(tiny_artifact), "--source", str(folder), "--quiet"])
     assert res.exit_code == 0, res.output
     assert "drift monitor unavailable" in " ".join(res.output.split())
+
+
+def test_run_samples_a_video_file_every_tenth_frame(calibrated, test_frames, tmp_path):
+    """Neighbouring frames of a video are nearly one image: `run` on a video file read in order gives
+    the monitor every LIVE_EVERY-th frame unless --drift-every says otherwise."""
+    import cv2
+
+    from edgeexit.runtime.monitor import LIVE_EVERY
+
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (28, 28))
+    for img in test_frames[0][:45]:  # 28 x 28 x 1 gray
+        writer.write(cv2.cvtColor(np.ascontiguousarray(img[:, :, 0]), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    out = tmp_path / "run.json"
+    for extra, sampled in (([], 45 // LIVE_EVERY + (45 % LIVE_EVERY > 0)), (["--drift-every", "1"], 45)):
+        res = CliRunner().invoke(app, ["run", str(calibrated), "--source", str(clip), "--quiet", "--json", str(out),
+                                       *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        summary = json.loads(out.read_text())
+        assert summary["frames"] == 45 and summary["drift"]["sampled_frames"] == sampled

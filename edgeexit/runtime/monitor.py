@@ -71,7 +71,8 @@ class DriftUnavailableError(ArtifactError, ValueError):
 class DriftOptions:
     """How the drift monitor runs. ``alpha``: at most one false alarm per ``1/alpha`` sampled frames
     on average. ``every``: sample every ``every``-th frame (1: every frame; None: every frame of a
-    folder or of a video read in order, every `LIVE_EVERY`-th of a camera, URL or ``realtime`` video,
+    folder or of one cascade's calls, every `LIVE_EVERY`-th of a camera, URL or video (`edgeexit run`
+    on a video file read in order asks for `LIVE_EVERY` too),
     whose consecutive frames are nearly the same image while the guarantee wants sampled frames that
     are not). ``labels``: also watch the answered class (label shift)."""
 
