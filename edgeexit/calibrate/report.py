@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def _caption_lines(result: dict) -> list[str]:
 FRONTIER_WORDS = "plans these frames can certify (N× as fast as the full model: at most D pt less accurate): "
 
 
-def speedup(full: dict, plan: dict) -> float:
+def speedup(full: Mapping, plan: Mapping) -> float:
     """The one speed-up figure printed for a plan: the full model's measured mean latency over the
     plan's, both run on the same frames (the console never prints another ratio for the same plan)."""
     return full["mean_ms"] / max(1e-9, plan["mean_ms"])

@@ -62,8 +62,13 @@ def _calibration_lines(artifact, cal: dict) -> list[str]:
         "thresholds: " + ", ".join(f"exit {k} {w}" for k, w in enumerate(threshold_words(cal["thresholds"]), 1)),
     ]
     full = (cal.get("full_model") or {}).get("measured")
-    timed = all(isinstance(d, Mapping) and _positive(d.get("mean_ms")) for d in (full, meas))
-    faster = f"; {speedup(full, meas):.2f}× as fast as the full model" if timed else ""
+    faster = ""
+    if (
+        isinstance(full, Mapping)
+        and isinstance(meas, Mapping)
+        and all(_positive(d.get("mean_ms")) for d in (full, meas))
+    ):
+        faster = f"; {speedup(full, meas):.2f}× as fast as the full model"
     lines.append(
         f"measured on {meas.get('samples', '?')} verification frames: accuracy {100 * meas['accuracy']:.2f}%, "
         f"mean {meas.get('mean_ms', meas['latency_ms']):.3f} ms{faster}"
