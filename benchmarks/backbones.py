@@ -340,7 +340,9 @@ def plot(latency_json: Path, fmnist_json: Path, png: Path) -> None:
             s, c = r["static"], r["cascade"]
             frozen = r["label"] == "frozen-trunk"
             # the median per frame: on a shared CPU the mean carries the other processes' preemptions
-            if not frozen:
+            if frozen:  # the user's network: trained alone, on its final exit only
+                ax.scatter(s["p50_ms"], 100 * s["accuracy"], edgecolors=col, facecolors="none", marker="o", s=40)
+            else:
                 ax.scatter(s["p50_ms"], 100 * s["accuracy"], color=col, marker="o", s=40)
             ax.scatter(c["p50_ms"], 100 * c["accuracy"], color=col, marker="D" if frozen else "*", s=90)
             ax.annotate(
@@ -349,9 +351,10 @@ def plot(latency_json: Path, fmnist_json: Path, png: Path) -> None:
             )  # fmt: skip
         width = next(r["width"] for r in fm if r["backbone"] == name)
         ax.scatter([], [], color=col, marker="s", label=f"{name} (width {width})")
-    ax.scatter([], [], color="gray", marker="o", label="static network (final exit only)")
+    ax.scatter([], [], color="gray", marker="o", label="jointly trained network, final exit only")
     ax.scatter([], [], color="gray", marker="*", label="cascade at --max-drop 0.5pt (joint)")
-    ax.scatter([], [], color="gray", marker="D", label="cascade, --freeze-trunk")
+    ax.scatter([], [], edgecolors="gray", facecolors="none", marker="o", label="the network trained alone")
+    ax.scatter([], [], color="gray", marker="D", label="its cascade, --freeze-trunk")
     ax.set_xscale("log")
     ax.set_xlabel("median latency per frame, ms (ONNX Runtime CPU, 1 thread, batch 1, 28 px; shared CPU)")
     ax.set_ylabel("Fashion-MNIST test accuracy, %")
