@@ -227,9 +227,12 @@ DRIFT_REFERENCE = {
     "drift_reference.thresholds",
     "drift_reference.version",
 }
+# Added since the capture, in both modes: what the budget covers (calibrate --frame-size); without the
+# flag the block is {"size": null, "network_size": [W, H], "covers": "cascade"}.
+FRAME = {"frame", "frame.size", "frame.network_size", "frame.covers", "options.frame_size"}
 BEFORE = {
-    "budget": {"result": BEFORE_COMMON | BEFORE_BUDGET_ONLY | DRIFT_REFERENCE},
-    "max_drop": {"result": BEFORE_COMMON | BEFORE_MAX_DROP_ONLY | DRIFT_REFERENCE},
+    "budget": {"result": BEFORE_COMMON | BEFORE_BUDGET_ONLY | DRIFT_REFERENCE | FRAME},
+    "max_drop": {"result": BEFORE_COMMON | BEFORE_MAX_DROP_ONLY | DRIFT_REFERENCE | FRAME},
 }
 for _mode in BEFORE.values():
     _mode["manifest"] = _manifest_keys(_mode["result"])
