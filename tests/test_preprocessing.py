@@ -11,6 +11,7 @@ from PIL import Image
 from edgeexit.runtime.preprocessing import (
     Preprocessor,
     frame_to_input_uint8,
+    resize_bilinear,
     resize_uint8,
     shrink_area,
     to_gray,
@@ -95,10 +96,24 @@ def test_older_models_keep_the_bilinear_resize_they_were_trained_with():
     for resize in (None, "bilinear"):
         pre = Preprocessor({**block, "resize": resize} if resize else block)
         assert pre.resize == "bilinear"
-        expected = resize_uint8(to_gray(img), 28, 28)
-        np.testing.assert_array_equal(pre._from_uint8(img), pre._lut[0][expected[:, :, 0]][None])
+        # the whole frame converted to float and resized: what models trained before the area shrink saw
+        whole = np.clip(np.rint(resize_bilinear(to_gray(img).astype(np.float32), 28, 28)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(pre._from_uint8(img), pre._lut[0][whole[:, :, 0]][None])
     with pytest.raises(ValueError, match="resize 'lanczos'"):
         Preprocessor({**block, "resize": "lanczos"})
+
+
+@pytest.mark.parametrize("shape", [(1080, 1920, 3), (61, 97, 3), (20, 30, 1), (480, 640, 3)])
+@pytest.mark.parametrize("out", [(28, 28), (224, 224), (50, 40)])
+def test_the_bilinear_resize_gathers_only_what_it_uses_bit_for_bit(shape, out):
+    """The older resize reads only the rows and columns its taps touch: the same float arithmetic on
+    the same pixels as resizing the whole converted frame."""
+    img = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    whole = np.clip(np.rint(resize_bilinear(img.astype(np.float32), *out)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(resize_uint8(img, *out), whole)
+    if shape[2] == 3:
+        gray = np.clip(np.rint(resize_bilinear(to_gray(img).astype(np.float32), *out)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(resize_uint8(img, *out, gray=True), gray)
 
 
 @pytest.mark.parametrize("in_chans,fmt", [(3, "PNG"), (1, "JPEG"), (3, "JPEG")])
