@@ -1,7 +1,7 @@
 """What a camera frame costs before the cascade sees it: edgeexit's preprocessing against OpenCV's,
 at camera resolutions, and against the 224-px model's cascade.
 
-    python benchmarks/preprocess.py --json docs/preprocess.json            # timing tables
+    python benchmarks/preprocess.py --json docs/preprocess.json --before ee369cf   # timing tables
     python benchmarks/preprocess.py --artifact224 runs/cam/model.edgeexit  # + the cascade at 1080p
     python benchmarks/preprocess.py --accuracy /tmp/run/model.edgeexit     # + the shrink's accuracy effect
     python benchmarks/preprocess.py --predict runs/x/model.edgeexit        # + whole predict, area vs bilinear
@@ -51,6 +51,26 @@ def _opencv_pipeline(cv2, interp, in_chans, size, mean, std):
     return run
 
 
+def _old_preprocessor(rev: str):
+    """`Preprocessor` as it was at git revision ``rev`` (the before of a before/after table)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    text = subprocess.run(
+        ["git", "show", f"{rev}:edgeexit/runtime/preprocessing.py"], capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / f"preprocessing_{rev}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Preprocessor
+
+
+BEFORE: str | None = None  # --before REV
+
+
 def _methods(in_chans, size):
     import cv2
 
@@ -58,9 +78,11 @@ def _methods(in_chans, size):
 
     mean, std = [0.5] * in_chans, [0.25] * in_chans
     block = {"in_chans": in_chans, "input_size": list(size), "mean": mean, "std": std}
+    before = {f"edgeexit at {BEFORE}": _old_preprocessor(BEFORE)(block, input_order="BGR")} if BEFORE else {}
     return {
+        **before,
         "edgeexit area": Preprocessor({**block, "resize": "area"}, input_order="BGR"),
-        "edgeexit bilinear (before)": Preprocessor({**block, "resize": "bilinear"}, input_order="BGR"),
+        "edgeexit bilinear (older models)": Preprocessor({**block, "resize": "bilinear"}, input_order="BGR"),
         "OpenCV INTER_AREA": _opencv_pipeline(cv2, cv2.INTER_AREA, in_chans, size, mean, std),
         "OpenCV INTER_LINEAR": _opencv_pipeline(cv2, cv2.INTER_LINEAR, in_chans, size, mean, std),
     }
@@ -161,6 +183,10 @@ def whole_predict(artifact: Path, rounds: int) -> list[dict]:
         view = base.derive()
         view.preprocess = Preprocessor({**base.preprocessing.to_dict(), "resize": method}, "BGR")
         views[method] = view
+    if BEFORE:
+        view = base.derive()
+        view.preprocess = _old_preprocessor(BEFORE)(base.preprocessing.to_dict(), "BGR")
+        views[f"at {BEFORE}"] = view
     h, w = base.preprocess.height, base.preprocess.width
     rng = np.random.default_rng(3)
     rows = []
@@ -258,8 +284,11 @@ def main() -> None:
     ap.add_argument("--accuracy-images", type=int, default=10000)
     ap.add_argument("--upscale", choices=["bilinear", "nearest", "camera", "all"], default="all")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--before", metavar="REV", help="also time Preprocessor as it was at this git revision")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    global BEFORE
+    BEFORE = args.before
     import cv2
     import onnxruntime
 
