@@ -741,6 +741,49 @@ def _parse_drop(text: str) -> float:
     return value
 
 
+RunDriftOpt = Annotated[
+    bool,
+    typer.Option(
+        "--drift/--no-drift",
+        help="Warn when the frames stop looking like the calibration frames (a label-free e-detector per "
+        "stream; docs/design.md).",
+    ),
+]
+RunDriftAlphaOpt = Annotated[
+    float,
+    typer.Option("--drift-alpha", help="At most one false drift alarm per 1/α sampled frames, on average."),
+]
+RunDriftEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--drift-every",
+        help="Give the drift monitor every N-th frame (default: every frame of a folder of images; every 10th "
+        "of a video file, camera or URL, whose neighbouring frames are alike).",
+    ),
+]
+RunJsonlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--jsonl",
+        help="Write one JSON line per frame, flushed as it is classified: source, frame, class, label, "
+        "confidence, exit, preprocess_ms, cascade_ms, total_ms.",
+    ),
+]
+RunBudgetOpt = Annotated[
+    str,
+    typer.Option(
+        help="Hold the mean latency at this budget (5ms, 800us, 0.005s, or 50% of the full model's latency "
+        "calibrate predicted) as the device drifts: moves along the calibration's plans."
+    ),
+]
+RunRealtimeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--realtime", help="Play video files at their frame rate, as a camera would: keep only the newest frame."
+    ),
+]
+
+
 @app.command()
 @command
 def run(
@@ -754,55 +797,20 @@ def run(
     ] = None,
     backend: BackendOpt = "auto",
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after N frames (per stream).")] = None,
-    realtime: Annotated[
-        bool,
-        typer.Option(
-            "--realtime", help="Play video files at their frame rate, as a camera would: keep only the newest frame."
-        ),
-    ] = False,
+    realtime: RunRealtimeOpt = False,
     fps: Annotated[
         float | None, typer.Option(help="Frame rate for --realtime video files (default: the file's).")
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds (live sources).")] = None,
     deadline_ms: Annotated[float | None, typer.Option("--deadline-ms", help="Anytime deadline per frame.")] = None,
-    budget: Annotated[
-        str,
-        typer.Option(
-            help="Hold the mean latency at this budget (5ms, 800us, 0.005s, or 50% of the full model's latency "
-            "calibrate predicted) as the device drifts: moves along the calibration's plans."
-        ),
-    ] = "",
+    budget: RunBudgetOpt = "",
     quiet: Annotated[bool, typer.Option("--quiet", help="No per-frame lines.")] = False,
     precision: PrecisionOpt = None,
     save_video: Annotated[Path | None, typer.Option("--save-video", help="Write annotated frames to an .mp4.")] = None,
-    drift: Annotated[
-        bool,
-        typer.Option(
-            "--drift/--no-drift",
-            help="Warn when the frames stop looking like the calibration frames (a label-free e-detector per "
-            "stream; docs/design.md).",
-        ),
-    ] = True,
-    drift_alpha: Annotated[
-        float,
-        typer.Option("--drift-alpha", help="At most one false drift alarm per 1/α sampled frames, on average."),
-    ] = 1e-4,
-    drift_every: Annotated[
-        int | None,
-        typer.Option(
-            "--drift-every",
-            help="Give the drift monitor every N-th frame (default: every frame of a folder of images; every 10th "
-            "of a video file, camera or URL, whose neighbouring frames are alike).",
-        ),
-    ] = None,
-    jsonl: Annotated[
-        Path | None,
-        typer.Option(
-            "--jsonl",
-            help="Write one JSON line per frame, flushed as it is classified: source, frame, class, label, "
-            "confidence, exit, preprocess_ms, cascade_ms, total_ms.",
-        ),
-    ] = None,
+    drift: RunDriftOpt = True,
+    drift_alpha: RunDriftAlphaOpt = 1e-4,
+    drift_every: RunDriftEveryOpt = None,
+    jsonl: RunJsonlOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Classify frames from folders, videos, cameras or stream URLs with the calibrated cascade.
@@ -815,9 +823,16 @@ def run(
     # OpenCV's own per-try warnings ("can't open camera by index") repeat what the run's reconnect
     # lines say; a user who set OPENCV_LOG_LEVEL keeps theirs
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    _run_job(artifact, source or ["0"], backend, max_frames, realtime, fps, duration, deadline_ms, budget, quiet,
+             precision, save_video, (drift, drift_alpha, drift_every), jsonl, json_out)  # fmt: skip
+
+
+def _run_job(artifact, sources, backend, max_frames, realtime, fps, duration, deadline_ms, budget, quiet,
+             precision, save_video, drift_args, jsonl, json_out) -> None:
+    """`run`'s work, after its options: one source in order, or several as streams."""
     from edgeexit.runtime.sources import JsonLines, run_source, summary_table, wants_streams
 
-    sources = source or ["0"]
+    drift, drift_alpha, drift_every = drift_args
     streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
     # consecutive frames of a video are nearly the same image, which the monitor's guarantee does not
     # allow for (every frame of a held scene gave ~7,000 false alarms per 10^6 where 100 were allowed):
