@@ -623,6 +623,27 @@ def engines(
     _write_json(json_out, gate)
 
 
+FrameSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--frame-size",
+        help="WIDTHxHEIGHT of the frames your app passes (e.g. 1920x1080): their preprocessing is measured "
+        "here and the budget covers it too. Without it the budget covers the cascade on network-size frames.",
+    ),
+]
+RestoreOpt = Annotated[
+    bool,
+    typer.Option(
+        "--restore",
+        help="Put back the calibration the last calibrate replaced (kept in calibration.previous.json); "
+        "the current one is kept there instead.",
+    ),
+]
+VerifyImagesOpt = Annotated[
+    int | None, typer.Option("--verify-images", help="At most N verification images (default: the whole half).")
+]
+
+
 @app.command(cls=_RenamedOptions)
 @command
 def calibrate(
@@ -638,31 +659,15 @@ def calibrate(
     ] = None,
     split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
     images: Annotated[int | None, typer.Option("--images", help="Use at most N images per calibration half.")] = None,
-    verify_images: Annotated[
-        int | None, typer.Option("--verify-images", help="At most N verification images (default: the whole half).")
-    ] = None,
+    verify_images: VerifyImagesOpt = None,
     repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (stops after 1 s once 30 are done).")] = 200,
     policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
     plot: Annotated[
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
     ] = None,
     data_dir: DataDirOpt = None,
-    frame_size: Annotated[
-        str | None,
-        typer.Option(
-            "--frame-size",
-            help="WIDTHxHEIGHT of the frames your app passes (e.g. 1920x1080): their preprocessing is measured "
-            "here and the budget covers it too. Without it the budget covers the cascade on network-size frames.",
-        ),
-    ] = None,
-    restore: Annotated[
-        bool,
-        typer.Option(
-            "--restore",
-            help="Put back the calibration the last calibrate replaced (kept in calibration.previous.json); "
-            "the current one is kept there instead.",
-        ),
-    ] = False,
+    frame_size: FrameSizeOpt = None,
+    restore: RestoreOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Measure latency on this device, then choose exit thresholds: the most accurate within --budget,
