@@ -352,7 +352,7 @@ def summarise(first: np.ndarray, pre: int) -> dict:
     }
 
 
-def main() -> None:  # noqa: C901
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("artifact")
     ap.add_argument("--digits", help="sklearn's digits.csv.gz when scikit-learn is not installed")
@@ -418,7 +418,38 @@ def main() -> None:  # noqa: C901
         f"{(clean_c < ref['exits'][pos]['q']).mean():.4f} ({time.perf_counter() - t0:.0f} s)"
     )
 
-    # -- 1. no drift -------------------------------------------------------------------------------
+    z = float(-_norm_ppf(args.alpha / 2))
+    ctx = (args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng)
+    no_drift = no_drift_rows(*ctx)
+    cells = drift_cells(*ctx)
+
+    # -- 3. overhead -------------------------------------------------------------------------------
+    # a frame the first evaluated exit answers: the shortest path, where a per-frame cost shows most
+    overhead = overhead_block(args, ref, pos, test[int(np.argmax(clean_c))])
+
+    result = {
+        "artifact": args.artifact,
+        "machine": _machine(),
+        "command": "nice -n 10 python benchmarks/drift_warning.py " + " ".join(_argv()),
+        "alpha": args.alpha,
+        "first_evaluated_exit": pos + 1,
+        "reference": ref["exits"][pos],
+        "calibration_confidence_mean_sd": [mu, sd],
+        "windowed_test": {"window": args.window, "z": z},
+        "adwin_delta": args.adwin_delta,
+        "no_drift": no_drift,
+        "drift": {"pre": args.pre, "post": args.post, "cells": cells},
+        "overhead": overhead,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    _write_json(Path(args.json), result)
+    plot(result, args.plot)
+    print(f"wrote {args.json} and {args.plot} ({result['seconds']:.0f} s)")
+
+
+def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng) -> list[dict]:
+    """Part 1: false alarms on in-distribution streams (i.i.d. and video-like), with the baselines'."""
+    # no drift -------------------------------------------------------------------------------
     n = len(test)
     iid = []
     for _ in range(args.streams):
@@ -442,7 +473,6 @@ def main() -> None:  # noqa: C901
     res_video_k = [
         false_alarms_real(ref, opts, pos, c[:: args.hold], y[:: args.hold], plan) for c, y in video
     ]
-    z = float(-_norm_ppf(args.alpha / 2))
 
     def baseline_false(streams) -> dict:
         win = sum(windowed_alarms(c, mu, sd, args.window, z) for c in streams)
@@ -481,7 +511,13 @@ def main() -> None:  # noqa: C901
                f"{r['baselines_false_alarms']['adwin']}" if "baselines_false_alarms" in r else "")  # fmt: skip
         )
 
-    # -- 2. drift ----------------------------------------------------------------------------------
+    return no_drift
+
+
+def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng) -> list[dict]:
+    """Part 2: detection delay per shift and severity, the e-detector against the two baselines."""
+    n = len(test)
+    # drift ----------------------------------------------------------------------------------
     digits = digits_28(args.digits)
     dig_c, dig_y = first_exit_values(view, digits)
     pool = rng.choice(n, 2000, replace=False)
@@ -539,28 +575,7 @@ def main() -> None:  # noqa: C901
                 f"ADWIN {cell['adwin']['median']} ({time.perf_counter() - t0:.0f} s)"
             )
 
-    # -- 3. overhead -------------------------------------------------------------------------------
-    # a frame the first evaluated exit answers: the shortest path, where a per-frame cost shows most
-    overhead = overhead_block(args, ref, pos, test[int(np.argmax(clean_c))])
-
-    result = {
-        "artifact": args.artifact,
-        "machine": _machine(),
-        "command": "nice -n 10 python benchmarks/drift_warning.py " + " ".join(_argv()),
-        "alpha": args.alpha,
-        "first_evaluated_exit": pos + 1,
-        "reference": ref["exits"][pos],
-        "calibration_confidence_mean_sd": [mu, sd],
-        "windowed_test": {"window": args.window, "z": z},
-        "adwin_delta": args.adwin_delta,
-        "no_drift": no_drift,
-        "drift": {"pre": pre, "post": post, "cells": cells},
-        "overhead": overhead,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    _write_json(Path(args.json), result)
-    plot(result, args.plot)
-    print(f"wrote {args.json} and {args.plot} ({result['seconds']:.0f} s)")
+    return cells
 
 
 def statistic_choice(args, view, ref: dict, pos: int) -> dict:

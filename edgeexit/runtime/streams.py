@@ -479,6 +479,22 @@ def streams_table(summary: dict):
     return t
 
 
+def _result_line(r: StreamResult, num_exits: int) -> str:
+    p = r.prediction
+    return (
+        f"{r.source} frame {r.frame_id}: {p.class_name} ({p.confidence:.3f}) exit {p.exit_index}/{num_exits} "
+        f"{p.latency_ms:.3f} ms (+ {p.preprocess_ms:.3f} ms preprocessing), capture to result {r.e2e_ms:.1f} ms"
+    )
+
+
+def _no_frames(summary: dict) -> None:
+    """A run that read nothing from any source is a user error naming each source's last error."""
+    from edgeexit.errors import UserError
+
+    why = "; ".join(f"{s['source']}: {s['last_error'] or s['status']}" for s in summary["streams"])
+    raise UserError(f"no frames read ({why})")
+
+
 def run_streams(  # noqa: C901
     cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err, jsonl=None, drift=None
 ) -> dict:
@@ -491,18 +507,10 @@ def run_streams(  # noqa: C901
     def event(source, kind, message):
         err.print(f"[yellow]{kind}[/]: {escape(message)}", highlight=False)
 
-    streams = Streams(
-        cascade,
-        sources,
-        realtime=realtime,
-        fps=fps,
-        deadline_ms=deadline_ms,
-        max_frames=max_frames,
-        on_event=event,
-        drift=drift,
-        # a run bounded by frames ends even when a source that dropped never comes back
-        reconnect_tries=RECONNECT_TRIES if max_frames is not None else None,
-    )
+    # a run bounded by frames ends even when a source that dropped never comes back
+    tries = RECONNECT_TRIES if max_frames is not None else None
+    streams = Streams(cascade, sources, realtime=realtime, fps=fps, deadline_ms=deadline_ms, max_frames=max_frames,
+                      on_event=event, drift=drift, reconnect_tries=tries)  # fmt: skip
     several = len(streams.sources) > 1
     live = Live(streams_table(streams.summary()), console=out, auto_refresh=False) if several and not quiet else None
     try:
@@ -519,13 +527,7 @@ def run_streams(  # noqa: C901
                             live.update(streams_table(streams.summary()), refresh=True)
                             last = r.result_time
                     elif not quiet:
-                        p = r.prediction
-                        out.print(
-                            f"{r.source} frame {r.frame_id}: {p.class_name} ({p.confidence:.3f}) exit "
-                            f"{p.exit_index}/{cascade.num_exits} {p.latency_ms:.3f} ms (+ {p.preprocess_ms:.3f} ms "
-                            f"preprocessing), capture to result {r.e2e_ms:.1f} ms",
-                            highlight=False,
-                        )
+                        out.print(_result_line(r, cascade.num_exits), highlight=False)
             except KeyboardInterrupt:
                 streams.interrupted = True
     except BaseException:
@@ -537,10 +539,7 @@ def run_streams(  # noqa: C901
         live.update(streams_table(summary), refresh=True)
         live.stop()
     if summary["frames"] == 0 and not streams.interrupted:
-        from edgeexit.errors import UserError
-
-        why = "; ".join(f"{s['source']}: {s['last_error'] or s['status']}" for s in summary["streams"])
-        raise UserError(f"no frames read ({why})")
+        _no_frames(summary)
     if live is None:
         out.print(streams_table(summary))
     if summary["controller"]:
