@@ -138,11 +138,8 @@ class Streams:
         # monitors watch); it follows the cascade's plan and controller
         self._batched = cascade.derive(first_confidence=True) if watch and self.batch else cascade
         # per-frame predict (deadline, or batch=False) reads uint8 frames in each source's order
-        self._per_order = (
-            {order: cascade.derive(input_order=order, first_confidence=watch) for order in self._pre}
-            if not self.batch
-            else {}
-        )
+        orders = () if self.batch else self._pre
+        self._per_order = {order: cascade.derive(input_order=order, first_confidence=watch) for order in orders}
         self._stats = [_StreamStats(cascade.num_exits) for _ in self.sources]
         self._started = False
         self._closed = False
