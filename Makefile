@@ -50,7 +50,7 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 test-fast: $(STAMP) fashion-mnist
-	$(BIN)/python -m pytest -q -m "not slow and not sim" --durations=10
+	$(BIN)/python -m pytest -q -m "not slow and not sim" --durations=20
 
 # On a CUDA machine: torch CUDA (eager + graphs) parity, latency, GPU training throughput, TensorRT
 # and onnxruntime-cuda when present, into gpu-check.json. Elsewhere: one line, exit 0.

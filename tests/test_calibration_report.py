@@ -352,6 +352,7 @@ def test_cli_max_drop_json_and_manifest_keep_every_key(artifact_copy, tmp_path):
     assert "cross_fit" not in r and "latency_correction" not in r
 
 
+@pytest.mark.slow
 def test_iso_accuracy_is_none_when_the_frames_cannot_certify_it(budget_run):
     """400 frames cannot certify 0.5 pt at 95 %: even a plan agreeing with the full model on every frame
     has an upper bound of z·sqrt(2/402)/sqrt(400) ≈ 0.8 pt (the +1 pseudo-counts), so no point is reported

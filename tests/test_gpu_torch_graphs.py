@@ -86,6 +86,7 @@ def fake_cuda(monkeypatch):
     return types.SimpleNamespace(pools=pools, captures=FakeCUDAGraph.captures)
 
 
+@pytest.mark.slow
 def test_graphs_share_one_pool_use_power_of_two_buckets_and_replay_correctly(tiny_artifact, test_frames, fake_cuda):
     from edgeexit.runtime.backends.torch import TorchBackend
     from edgeexit.runtime.manifest import load_manifest

@@ -237,6 +237,7 @@ def test_parallel_decode_equals_inline_decode(tmp_path, monkeypatch):
     assert one.mean == pytest.approx(two.mean)
 
 
+@pytest.mark.slow
 def test_concurrent_processes_decode_once(tmp_path):
     root = folder(tmp_path / "ds", n=40)
     code = (
@@ -255,6 +256,7 @@ def test_concurrent_processes_decode_once(tmp_path):
     assert sum("decoded 80 images" in e for _, e in outs) == 1  # one process decoded, two waited
 
 
+@pytest.mark.slow
 def test_a_mapped_training_set_trains_exactly_as_in_memory(tmp_path, monkeypatch):
     from edgeexit.train.trainer import TrainConfig, train
 

@@ -108,6 +108,7 @@ def test_run_and_bench_take_the_precision(int8_artifact, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["precision"] == "int8"
 
 
+@pytest.mark.slow
 def test_the_nine_exit_layout_trains_exports_and_runs(tmp_path, test_frames):
     """exits=9 (a cheap first exit inside block 1) end to end: train, export with INT8 units,
     calibrate-free cascade with fused exit groups equal to unit by unit, FP32 and INT8."""

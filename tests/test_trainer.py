@@ -30,6 +30,7 @@ def test_checkpoint_contract(tiny_run):
     assert result["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, fashion_test):
     # bit-exact comparisons need a fixed thread count (the contention guard may change it)
     straight = tmp_path / "straight"
