@@ -240,7 +240,7 @@ def test_a_cuda13_tensorrt_on_an_older_driver_is_unusable_with_the_reason(
     add_engines(artifact_copy)
     trt, cudart = install(monkeypatch, version="11.4.0")
     trt.cuda_major, cudart.driver_version = 13, 12080
-    dists = {"tensorrt": ["tensorrt_cu13_bindings"]} if metadata else {}
+    dists = {"tensorrt": ["tensorrt"], "tensorrt_bindings": ["tensorrt_cu13_bindings"]} if metadata else {}
     monkeypatch.setattr(md, "packages_distributions", lambda: dists)
     ok, why = backend.tensorrt_usable(Artifact.load(artifact_copy))
     expect = "CUDA 13 build (tensorrt-cu13)" if metadata else "cannot start here"

@@ -131,15 +131,18 @@ def _engine_precisions(artifact) -> list[list[str]]:
 
 
 def tensorrt_cuda_major() -> int | None:
-    """The CUDA major the installed TensorRT wheel is built for, from its distribution's name
-    (tensorrt-cu12-bindings, tensorrt_cu13_libs, ...); None when unknown (JetPack's apt package has
-    no Python distribution: there the `trt.Runtime` construction is the check)."""
+    """The CUDA major the installed TensorRT wheel is built for, from the names of the distributions
+    that install its packages (``tensorrt``; the bindings wheel's own package is
+    ``tensorrt_bindings``, as in tensorrt_cu12_bindings 11.4.0.106's top_level.txt; the libraries'
+    ``tensorrt_libs``): tensorrt-cu12-bindings, tensorrt_cu13_libs, ... None when unknown (JetPack's
+    apt package has no Python distribution: there the `trt.Runtime` construction is the check)."""
     import importlib.metadata as md
 
     try:
-        names = md.packages_distributions().get("tensorrt", [])
+        packages = md.packages_distributions()
     except Exception:  # noqa: BLE001 - broken metadata elsewhere in site-packages: unknown, not fatal
         return None
+    names = [n for top in ("tensorrt", "tensorrt_bindings", "tensorrt_libs") for n in packages.get(top, [])]
     return cuda_major_of(names)
 
 
