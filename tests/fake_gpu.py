@@ -4,44 +4,44 @@ This checks *our* logic — buffers, addresses, shapes, compaction, graphs, cont
 not TensorRT: an "engine" here is the unit's ONNX file run by ONNX Runtime, and "device memory" is
 host memory behind addresses of its own, so a GPU's rules can be enforced:
 
-- Address spaces (S2/S3): device pointers (cudaMalloc, and the device alias of mapped pinned host
+- Address spaces: device pointers (cudaMalloc, and the device alias of mapped pinned host
   memory) live above ``DEVICE_BASE``, a range no host pointer reaches; every copy is checked
   against its ``kind`` and the bounds of the allocations it touches; TensorRT refuses host
   pointers; a kernel that reads or writes past a buffer faults with the sticky
   ``cudaErrorIllegalAddress``, as on a GPU.
-- Asynchronous execution (S1): copies, TensorRT enqueues and graph launches are queued on their
+- Asynchronous execution: copies, TensorRT enqueues and graph launches are queued on their
   stream and run only at ``cudaStreamSynchronize`` / ``cudaEventSynchronize`` (or a call that is
   synchronous by CUDA's rules: a pageable copy, cudaFree, destroying the stream). Host memory
   read before the sync holds stale data. Pageable host memory behaves as CUDA documents it: an
   H2D copy from it is staged at the call, a D2H copy into it waits for the stream; pinned memory
   (``cudaMallocHost`` / ``cudaHostAlloc``) is read and written when the copy runs.
-- Capture rules (S9): while a stream captures, a synchronous call (cudaMalloc/cudaFree/host
+- Capture rules: while a stream captures, a synchronous call (cudaMalloc/cudaFree/host
   allocation, a pageable copy, syncing the capturing stream) invalidates the capture (ThreadLocal:
   from the capturing thread; Global: from any thread), and so does work on the legacy default
   stream when the capturing stream is a blocking one; ``cudaStreamEndCapture`` then returns
   ``cudaErrorStreamCaptureInvalidated`` and no graph. An engine's first enqueue after a shape
   change does set-up work that capture forbids (hence the warm-up run before capture).
-- Handles (S12): streams, events, graphs and graph execs are objects as in cuda-python
+- Handles: streams, events, graphs and graph execs are objects as in cuda-python
   (``int()`` / ``operator.index`` give the value, equal by value within their type), not ints;
   TensorRT takes the stream as a size_t (``operator.index``), as pybind11 does.
-- Integrated GPUs (D20): ``FakeCudart.integrated`` makes ``cudaDeviceProp.integrated`` 1
+- Integrated GPUs: ``FakeCudart.integrated`` makes ``cudaDeviceProp.integrated`` 1
   (a Jetson): mapped pinned memory is then device-visible through ``cudaHostGetDevicePointer``.
 
-- Builder flags change numerics (S1): an engine built with the FP16 flag (weak typing, 8.6) rounds
+- Builder flags change numerics: an engine built with the FP16 flag (weak typing, 8.6) rounds
   its inputs and outputs to FP16, as the layers the flag covers would; with ``trt.tf32 = True``
   (``install(..., tf32=True)``) every engine rounds its inputs to TF32 (10-bit mantissa), which
   TensorRT enables by default on Ampere and later. Cannot catch: the rounding of intermediate
   layers (only a unit's inputs and outputs are rounded), FP16 accumulation, per-tactic choice. TF32
   is off by default so the data-path tests can compare engines bit-exactly with ONNX Runtime.
-- Driver and flavour (S4): ``trt.cuda_major`` is the CUDA major the "wheel" is built for;
+- Driver and flavour: ``trt.cuda_major`` is the CUDA major the "wheel" is built for;
   ``trt.Builder(...)`` and ``trt.Runtime(...)`` raise the bare pybind11 TypeError real TensorRT
   raises when the driver is older than that. Cannot catch: what the real wheel names (the
   distribution's name is read from package metadata, which the tests stand in for).
-- 256-byte alignment (S6): ``set_tensor_address`` refuses an address that is not a multiple of 256,
+- 256-byte alignment: ``set_tensor_address`` refuses an address that is not a multiple of 256,
   as TensorRT does. Cannot catch: stricter alignment some tactics want.
-- 8.6's ``set_optimization_profile_async`` raises RuntimeError on failure, as the real binding does
-  (S7); from 9 on it returns False.
-- 10.0 (S2): no ``device_memory_size_v2`` and no ``set_device_memory`` (those arrive in 10.1), so
+- 8.6's ``set_optimization_profile_async`` raises RuntimeError on failure, as the real binding does;
+  from 9 on it returns False.
+- 10.0: no ``device_memory_size_v2`` and no ``set_device_memory`` (those arrive in 10.1), so
   the backend's older spelling (``create_execution_context_without_device_memory`` + the
   ``device_memory`` property) is what runs there.
 
@@ -781,7 +781,7 @@ class FakeContext:
             self._needs_setup = False
         if s.capture is not None and eng.name in rt.fail_capture_of:
             return False
-        self.last_stream = stream  # what TensorRT was handed (S12: the tests check it is an int)
+        self.last_stream = stream  # what TensorRT was handed (the tests check it is an int)
         feeds = {n: (self.addresses[n], self.shapes[n]) for n in eng.input_names}
         outs = {n: (self.addresses[n], self._nbytes(n)) for n in eng.output_names}
         memory = (self.device_ptr, eng.activation_bytes) if self.memory == "user" else None
@@ -790,7 +790,7 @@ class FakeContext:
         fp16, tf32 = "FP16" in eng.flags, eng.trt.tf32
 
         def op(feeds=feeds, outs=outs, memory=memory, sess=eng.session):
-            if me() is None:  # S15: the context was destroyed with its work still queued
+            if me() is None:  # the context was destroyed with its work still queued
                 raise _Fault("execution context destroyed before its enqueued work ran")
             if memory is not None:
                 rt.device_memory(*memory)  # the activation memory must still be there
