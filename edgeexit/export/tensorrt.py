@@ -92,14 +92,7 @@ def build_engines(
                 config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
             if int8:
                 config.set_flag(trt.BuilderFlag.INT8)
-        cache = config.create_timing_cache(cache_bytes)
-        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-            # a timing cache from another TensorRT or GPU; rebuilding from scratch is the recovery path
-            log.warning("TensorRT refused the previous timing cache (another TensorRT or GPU?): starting empty")
-            cache_bytes = b""
-            cache = config.create_timing_cache(b"")
-            if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-                raise RuntimeError("TensorRT refused an empty timing cache")
+        cache_bytes = _attach_timing_cache(config, cache_bytes)
         profile = builder.create_optimization_profile()
         shapes = profile_shapes(unit["inputs"], max_batch, opt_batch)
         for name, (mn, opt, mx) in shapes.items():
@@ -117,6 +110,19 @@ def build_engines(
     (out / CACHE_META).write_text(
         json.dumps({"trt_version": trt.__version__, "compute_capability": device["compute_capability"]})
     )
+
+
+def _attach_timing_cache(config, cache_bytes: bytes) -> bytes:
+    """Give ``config`` the shared timing cache; returns the bytes it started from (empty after a refusal)."""
+    cache = config.create_timing_cache(cache_bytes)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a timing cache from another TensorRT or GPU; rebuilding from scratch is the recovery path
+        log.warning("TensorRT refused the previous timing cache (another TensorRT or GPU?): starting empty")
+        cache = config.create_timing_cache(b"")
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            raise RuntimeError("TensorRT refused an empty timing cache")
+        return b""
+    return cache_bytes
 
 
 CACHE_META = "timing.cache.json"
@@ -254,14 +260,11 @@ def build_artifact_engines(
     built in a temporary folder inside it and renamed into place, and the manifest is rewritten
     atomically last, so an interrupted or failed build leaves the artifact as it was. Needs numpy,
     onnxruntime, TensorRT and cuda-python only. Returns the gate's report."""
-    import os
     import shutil
     import tempfile
     import time
 
     from edgeexit.runtime.artifact import Artifact
-    from edgeexit.runtime.manifest import load_calibration_frames, write_manifest
-    from edgeexit.runtime.preprocessing import Preprocessor
 
     _check_options(half, int8, max_batch, opt_batch, workspace_gib)
     precision = "int8" if int8 else ("fp16" if half else "fp32")
@@ -272,38 +275,16 @@ def build_artifact_engines(
     manifest = art.manifest_dict()
     units = manifest["units"]
     key = source_key(precision, trt_major(trt.__version__) >= 10)
-    missing = [u["name"] for u in units if not u.get(key)]
-    if missing:
-        flag = {"fp16": "--half", "int8": "--int8"}.get(precision, "")
-        raise UserError(
-            f"the artifact has no {key} files for {precision} engines ({', '.join(missing[:3])}"
-            f"{', ...' if len(missing) > 3 else ''}): export it with `edgeexit export MODEL.pt {flag}` on a desktop "
-            "(it writes every ONNX flavour; no TensorRT needed there), then copy it here"
-        )
+    _require_flavour(units, key, precision)
     if not force:
         _refuse_current(folder, units, precision, trt.__version__, device)
-    frames = load_calibration_frames(art)
-    if frames is None or len(frames["frames"]) == 0:
-        raise UserError(
-            f"{folder} stores no calibration frames to check the engines on: re-export it with --calib-images N"
-        )
-    images = Preprocessor(art.preprocessing).batch(frames["frames"][:ENGINE_GATE_FRAMES])
-    labels = frames["labels"][:ENGINE_GATE_FRAMES]
+    images, labels = _gate_frames(art)
     tmp = Path(tempfile.mkdtemp(prefix=".engines-", suffix=".partial", dir=folder))
     try:
         new_units = [{**u, "engines": []} for u in units]
         t0 = time.perf_counter()
-        build_engines(
-            folder,
-            new_units,
-            half=half,
-            int8=int8,
-            max_batch=max_batch,
-            opt_batch=opt_batch,
-            workspace_gib=workspace_gib,
-            timing_cache=_artifact_timing_cache(folder),
-            out=tmp,
-        )
+        build_engines(folder, new_units, half=half, int8=int8, max_batch=max_batch, opt_batch=opt_batch,
+                      workspace_gib=workspace_gib, timing_cache=_artifact_timing_cache(folder), out=tmp)  # fmt: skip
         if console is not None:
             console.print(
                 f"  {len(units)} TensorRT {trt.__version__} plans ({precision}, batch 1..{max_batch}) for "
@@ -315,24 +296,58 @@ def build_artifact_engines(
             console.print(f"  {gate_summary(gate)} [dim]({time.perf_counter() - t0:.1f}s)[/]")
         if not gate["passed"]:
             more = len(gate["failures"]) - 1
-            raise RuntimeError(
-                f"TensorRT {precision} engines differ from FP32 beyond tolerance: {gate['failures'][0]}"
-                f"{f' (and {more} more)' if more else ''}: not published"
-            )
-        for u, new in zip(units, new_units, strict=True):
-            (entry,) = new["engines"]
-            final = Path(entry["path"]).name
-            os.replace(folder / entry["path"], folder / final)
-            entry["path"] = final
-            kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
-            u["engines"] = [*kept, entry]
-        for name in ("timing.cache", CACHE_META):
-            os.replace(tmp / name, folder / name)
-        manifest["engine_parity"] = gate
-        write_manifest(folder, manifest)
+            raise RuntimeError(f"TensorRT {precision} engines differ from FP32 beyond tolerance: {gate['failures'][0]}"
+                               f"{f' (and {more} more)' if more else ''}: not published")  # fmt: skip
+        _publish(folder, tmp, manifest, new_units, precision, gate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return gate
+
+
+def _gate_frames(art) -> tuple:
+    """The stored calibration frames (up to ENGINE_GATE_FRAMES) as the network sees them, and labels."""
+    from edgeexit.runtime.manifest import load_calibration_frames
+    from edgeexit.runtime.preprocessing import Preprocessor
+
+    frames = load_calibration_frames(art)
+    if frames is None or len(frames["frames"]) == 0:
+        raise UserError(
+            f"{art.folder} stores no calibration frames to check the engines on: re-export it with --calib-images N"
+        )
+    images = Preprocessor(art.preprocessing).batch(frames["frames"][:ENGINE_GATE_FRAMES])
+    return images, frames["labels"][:ENGINE_GATE_FRAMES]
+
+
+def _require_flavour(units: list[dict], key: str, precision: str) -> None:
+    """Every unit has the ONNX flavour a ``precision`` engine is built from, or a one-line refusal."""
+    missing = [u["name"] for u in units if not u.get(key)]
+    if missing:
+        flag = {"fp16": "--half", "int8": "--int8"}.get(precision, "")
+        raise UserError(
+            f"the artifact has no {key} files for {precision} engines ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): export it with `edgeexit export MODEL.pt {flag}` on a desktop "
+            "(it writes every ONNX flavour; no TensorRT needed there), then copy it here"
+        )
+
+
+def _publish(folder: Path, tmp: Path, manifest: dict, new_units: list[dict], precision: str, gate: dict) -> None:
+    """Gated plans renamed from ``tmp`` into the artifact, then the manifest rewritten (atomically,
+    last): other precisions' engines are kept."""
+    import os
+
+    from edgeexit.runtime.manifest import write_manifest
+
+    for u, new in zip(manifest["units"], new_units, strict=True):
+        (entry,) = new["engines"]
+        final = Path(entry["path"]).name
+        os.replace(folder / entry["path"], folder / final)
+        entry["path"] = final
+        kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
+        u["engines"] = [*kept, entry]
+    for name in ("timing.cache", CACHE_META):
+        os.replace(tmp / name, folder / name)
+    manifest["engine_parity"] = gate
+    write_manifest(folder, manifest)
 
 
 def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, workspace_gib: float) -> None:
