@@ -18,6 +18,7 @@ def int8_artifact(tiny_run, tmp_path_factory):
     return dest
 
 
+@pytest.mark.slow
 def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
     m = load_manifest(int8_artifact)
     q = m["quantization"]
@@ -32,6 +33,7 @@ def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
 
 
+@pytest.mark.slow
 def test_convs_reading_few_channels_stay_fp32(int8_artifact):
     """A conv reading <= 4 channels (the stem on a gray or RGB image; the tiny model's 4-channel first
     stage) stays FP32, measured faster there; every other conv is quantized."""
@@ -56,6 +58,7 @@ def test_convs_reading_few_channels_stay_fp32(int8_artifact):
     )
 
 
+@pytest.mark.slow
 def test_the_runtime_runs_int8_units_close_to_fp32(int8_artifact, test_frames):
     frames, labels = test_frames
     th = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
@@ -80,6 +83,7 @@ def test_int8_is_refused_where_it_does_not_exist(artifact_copy):
         Cascade.load(artifact_copy, backend="torch", precision="int8")
 
 
+@pytest.mark.slow
 def test_run_and_bench_take_the_precision(int8_artifact, tmp_path):
     import json
 

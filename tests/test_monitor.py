@@ -175,6 +175,7 @@ def calibrated(tiny_artifact, tmp_path_factory):
     return dest
 
 
+@pytest.mark.slow
 def test_calibrate_stores_the_reference_from_its_exit_statistics(calibrated):
     from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.plan import CascadePlan
@@ -203,6 +204,7 @@ def test_uncalibrated_artifact_says_the_monitor_is_unavailable(tiny_artifact):
         Cascade.load(tiny_artifact, backend="onnxruntime", drift=True)
 
 
+@pytest.mark.slow
 def test_cascade_feeds_its_monitor_the_first_evaluated_exit(calibrated, test_frames):
     from edgeexit.runtime import Cascade
 
@@ -237,6 +239,7 @@ def _write_pngs(folder, images, scale: float = 1.0):
     return folder
 
 
+@pytest.mark.slow
 def test_streams_give_each_camera_its_own_monitor(calibrated, test_frames, tmp_path):
     from edgeexit.runtime import Cascade, Streams
 
@@ -258,6 +261,7 @@ def test_streams_give_each_camera_its_own_monitor(calibrated, test_frames, tmp_p
     assert len(drift_events) == 1 and drift_events[0][0] == str(dark)
 
 
+@pytest.mark.slow
 def test_run_warns_on_a_darkened_folder(calibrated, test_frames, tmp_path):
     dark = _write_pngs(tmp_path / "dark", test_frames[0][:400], 0.1)
     out = tmp_path / "run.json"

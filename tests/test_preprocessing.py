@@ -160,6 +160,7 @@ def test_prediction_reports_the_frame_apart_from_the_cascade(tiny_artifact):
         assert len({p.preprocess_ms for p in batch}) == 1 and batch[0].preprocess_ms > 0
 
 
+@pytest.mark.slow
 def test_calibrate_frame_size_budgets_the_frame(artifact_copy):
     """--frame-size: preprocessing at that size is measured here and taken off the budget; a share
     budget is of the full model's frame-to-answer time. Without it the block says the budget covers

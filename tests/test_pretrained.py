@@ -57,6 +57,7 @@ def test_init_refuses_what_does_not_fit(tmp_path, seeded_torchvision):
     assert len(load_torchvision_resnet18(model, load_init_file(path))) == len(sd) + 1 - 2  # fc not copied
 
 
+@pytest.mark.slow
 def test_the_imagenet_stem_costs_what_torchvision_costs():
     from edgeexit.models import count_unit_cost, cumulative_exit_flops
 

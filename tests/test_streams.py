@@ -154,6 +154,7 @@ class OrderedSourceFromList:
         pass
 
 
+@pytest.mark.slow
 def test_faults_are_reported_and_the_other_streams_go_on(tiny_artifact, test_frames):
     from edgeexit.runtime import Cascade, Streams
 

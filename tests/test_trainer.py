@@ -77,6 +77,7 @@ def _train_epochs(cfg, stop_after: int):
         trainer.heldout_accuracy, trainer.atomic_torch_save = original, real_save
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_test):
     out = tmp_path / "nan"
     train(tiny_config(out, epochs=1, limit_train=256), progress=False)
