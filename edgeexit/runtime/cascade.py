@@ -45,16 +45,36 @@ from edgeexit.runtime.preprocessing import Preprocessor
 
 @dataclass(slots=True)
 class Prediction:
+    """One frame's answer.
+
+    ``label``/``class_name``: the class (index into the artifact's class names, and its name).
+    ``confidence``: the value the exit's threshold was compared with (the policy's confidence, by
+    default the softmax maximum), in [0, 1]. ``exit_index``: the exit that answered, counted from 1
+    (1 = the cheapest head; ``num_exits`` = the full model). ``latency_ms``: the cascade's time, from
+    the network-size tensor to the answer: what ``calibrate --budget`` budgets. ``preprocess_ms``:
+    the time to turn the frame the app passed (any size, uint8) into that tensor (colour order,
+    shrink, normalisation); it grows with the frame (``calibrate --frame-size WxH`` budgets it too).
+    ``total_ms``: the two together, frame in to answer out. In `predict_batch` the batch's
+    preprocessing is shared equally among its frames. ``unit_latency_ms``: per-unit times, only with
+    ``unit_timing=True``. ``deadline_hit``: True when ``deadline_ms`` stopped the cascade before an
+    exit was confident enough (the answer is then the deepest exit evaluated)."""
+
     label: int
     class_name: str
     confidence: float
     exit_index: int  # 1-based
-    latency_ms: float
+    latency_ms: float  # the cascade alone; preprocessing is preprocess_ms
     unit_latency_ms: dict[str, float] | None = None  # only with unit_timing=True
     deadline_hit: bool = False  # True when a deadline stopped the cascade before a confident exit
+    preprocess_ms: float = 0.0
     # the first evaluated exit's confidence (what the drift monitor watches); only with a drift
     # monitor or CascadeOptions(first_confidence=True), so the default path does not pay for it
     first_confidence: float | None = None
+
+    @property
+    def total_ms(self) -> float:
+        """Frame in to answer out: preprocessing plus the cascade."""
+        return self.preprocess_ms + self.latency_ms
 
 
 class CascadeClosedError(RuntimeError):
@@ -416,18 +436,22 @@ class Cascade:
     def predict(self, frame, deadline_ms: float | None = None) -> Prediction:
         """Classify one frame. With ``deadline_ms``, never start a unit whose measured p95 latency
         would overrun the deadline; return the deepest exit evaluated so far."""
-        t0 = time.perf_counter()
+        t_frame = time.perf_counter()
         x = self.preprocess(frame)[None]
+        t0 = time.perf_counter()
         if deadline_ms is None and self._lean:
             try:
                 pred = self._run(x, self.plan, t0)
             except Exception:
                 self._raise_if_closed()
                 raise
+            pred.preprocess_ms = (t0 - t_frame) * 1e3
             if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
                 self.controller.observe(pred.latency_ms, pred.exit_index)
             return pred
-        return self._predict_locked(x, t0, deadline_ms)
+        pred = self._predict_locked(x, t0, deadline_ms)
+        pred.preprocess_ms = (t0 - t_frame) * 1e3
+        return pred
 
     def _predict_locked(self, x: np.ndarray, t0: float, deadline_ms: float | None) -> Prediction:
         plan = self.plan
@@ -587,12 +611,15 @@ class Cascade:
     # -- batch -----------------------------------------------------------------------------------
     def predict_batch(self, frames) -> list[Prediction]:
         """Classify a batch; samples that exit are dropped before the next unit (compaction)."""
+        t_frames = time.perf_counter()
+        x = self.preprocess.batch(frames)
         t0 = time.perf_counter()
         plan = self.plan
-        out = self._run_batches(self.preprocess.batch(frames), plan, t0)
+        out = self._run_batches(x, plan, t0)
         names = self.class_names
+        pre_ms = (t0 - t_frames) * 1e3 / len(x)
         preds = [
-            Prediction(int(y), names[int(y)], float(c), int(e), float(t))
+            Prediction(int(y), names[int(y)], float(c), int(e), float(t), preprocess_ms=pre_ms)
             for y, c, e, t in zip(out["label"], out["confidence"], out["exit"], out["latency_ms"], strict=True)
         ]
         if "first_confidence" in out:
