@@ -7,6 +7,7 @@ with OpenCV too when present, else with Pillow (RGB).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,6 +229,31 @@ def _emit(jsonl, echo, source: str, index: int, name: str, pred, num_exits: int)
         )
 
 
+class _Video:
+    """The annotated video `run --save-video` writes. A container holds one frame size: a frame of
+    another size (a folder of mixed images) is resized to the first frame's, and that is said once,
+    so no frame is silently lost (OpenCV's writer drops frames whose size differs)."""
+
+    def __init__(self, path, size: tuple[int, int]) -> None:
+        cv2 = _cv2()
+        self.path, self.size, self.resized = path, size, 0
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, size)
+        if not self.writer.isOpened():
+            raise UserError(f"cannot write video {path}")
+
+    def write(self, img: np.ndarray) -> None:
+        if (img.shape[1], img.shape[0]) != self.size:
+            if self.resized == 0:
+                print(f"note: frames of another size than the first ({self.size[0]}x{self.size[1]}) are resized to it "
+                      f"in {self.path}", file=sys.stderr)  # fmt: skip
+            self.resized += 1
+            img = _cv2().resize(img, self.size, interpolation=_cv2().INTER_AREA)
+        self.writer.write(img)
+
+    def release(self) -> None:
+        self.writer.release()
+
+
 def _annotate_and_write(writer, path, frame, pred, order):
     cv2 = _cv2()
     img = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
@@ -235,10 +261,7 @@ def _annotate_and_write(writer, path, frame, pred, order):
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
     img = np.ascontiguousarray(img)
     if writer is None:
-        h, w = img.shape[:2]
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, (w, h))
-        if not writer.isOpened():
-            raise UserError(f"cannot write video {path}")
+        writer = _Video(path, (img.shape[1], img.shape[0]))
     cv2.putText(
         img,
         f"{pred.class_name} e{pred.exit_index} {pred.latency_ms:.1f}ms",
