@@ -43,6 +43,8 @@ def run_quickstart(
     if Path(out).resolve() == Path.cwd().resolve() or Path(out).is_file():
         raise UserError(f"--out {out} must be a folder of its own for the run (e.g. runs/quickstart)")
     _check_out(Path(out), force)
+    test = load_dataset("fashion-mnist", "test", data_dir)  # fail early, with the install hint, if missing
+    _claim(Path(out))
     q = _Quickstart(
         Path(out),
         data_dir,
@@ -50,7 +52,6 @@ def run_quickstart(
         out_console.print if out_console is not None else print,
         console,
     )
-    test = load_dataset("fashion-mnist", "test", data_dir)  # fail early, with the install hint, if missing
     t0 = time.perf_counter()
     _train(q, epochs, width, limit_train)
     _evaluate(q, test)
@@ -68,21 +69,43 @@ def run_quickstart(
 
 
 _RUN_FILES = ("model.pt", "last.pt", "model.edgeexit", "quickstart.json")
+_WRITES = ("model.pt", "last.pt", "model.edgeexit", "eval.json", "budgeted.png", "calibration.json", "quickstart.json")
+# Left in a folder the quickstart made its own: only such a folder's files are replaced with --force.
+MARKER = ".edgeexit-quickstart"
 
 
 def _check_out(out: Path, force: bool) -> None:
-    """Like `train`: a run already in OUT is replaced only with --force; and every file the
-    quickstart writes there must be writable as a regular file, checked before training starts."""
+    """Like `train`: a run already in OUT is replaced only with --force, and only in a folder the
+    quickstart wrote (its marker, or the quickstart.json of an older run): a user's own eval.json or
+    model.pt in OUT is never overwritten. Every file it writes there must be writable as a regular
+    file, and OUT itself a folder or a path to make one at (not a link to nothing), checked before
+    training starts."""
     from edgeexit.errors import UserError
     from edgeexit.util import check_output_path
 
-    found = [name for name in _RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"--out {out} is a link to nothing ({out.readlink()}): give a folder, or a path to make one")
+    owned = (out / MARKER).is_file() or (out / "quickstart.json").is_file()
+    taken = [name for name in _WRITES if (out / name).exists() or (out / name).is_symlink()]
+    if taken and not owned:
+        raise UserError(
+            f"--out {out} holds {', '.join(taken)}, which the quickstart did not write there: choose another --out "
+            "(--force replaces only a quickstart's own run)"
+        )
+    found = [name for name in _RUN_FILES if name in taken]
     if found and not force:
         raise UserError(
             f"--out {out} already holds a run ({', '.join(found)}): add --force to replace it, or choose another --out"
         )
-    for name in ("model.pt", "last.pt", "eval.json", "budgeted.png", "calibration.json", "quickstart.json"):
-        check_output_path(out / name, f"--out {out}:")
+    for name in _WRITES:
+        if name != "model.edgeexit":
+            check_output_path(out / name, f"--out {out}:")
+
+
+def _claim(out: Path) -> None:
+    """Make OUT the quickstart's: the folder and its marker, before anything else is written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `edgeexit quickstart`: --force may replace this folder's run\n")
 
 
 def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -> None:
