@@ -372,6 +372,24 @@ InitOpt = Annotated[
         "implies the fine-tuning recipe. Nothing is downloaded."
     ),
 ]
+BackboneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A torchvision network with exits at its stage boundaries: resnet18/34/50, mobilenet_v2, "
+        "mobilenet_v3_small/large, efficientnet_b0/b1/b2, regnet_y_400mf/800mf (default: the multi-exit "
+        "ResNet18 of --exits/--stem)."
+    ),
+]
+ExitLayoutOpt = Annotated[
+    str, typer.Option("--exit-layout", help="With --backbone: stages (one exit per stage) or dense.")
+]
+FreezeTrunkOpt = Annotated[
+    bool,
+    typer.Option(
+        "--freeze-trunk",
+        help="With --backbone and --init: train only the early exits; the final exit stays your network.",
+    ),
+]
 AdaptThreadsOpt = Annotated[
     bool,
     typer.Option(
@@ -439,24 +457,9 @@ def train(
     stem: StemOpt = None,
     image_size: ImageSizeOpt = None,
     init: InitOpt = None,
-    backbone: Annotated[
-        str | None,
-        typer.Option(
-            help="A torchvision network with exits at its stage boundaries: resnet18/34/50, mobilenet_v2, "
-            "mobilenet_v3_small/large, efficientnet_b0/b1/b2, regnet_y_400mf/800mf (default: the multi-exit "
-            "ResNet18 of --exits/--stem)."
-        ),
-    ] = None,
-    exit_layout: Annotated[
-        str, typer.Option("--exit-layout", help="With --backbone: stages (one exit per stage) or dense.")
-    ] = "stages",
-    freeze_trunk: Annotated[
-        bool,
-        typer.Option(
-            "--freeze-trunk",
-            help="With --backbone and --init: train only the early exits; the final exit stays your network.",
-        ),
-    ] = False,
+    backbone: BackboneOpt = None,
+    exit_layout: ExitLayoutOpt = "stages",
+    freeze_trunk: FreezeTrunkOpt = False,
     data_dir: DataDirOpt = None,
     strict: StrictOpt = False,
     cache_dir: CacheDirOpt = None,

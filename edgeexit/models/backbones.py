@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from edgeexit.models.multiexit import ConfigError, ExitHead
+from edgeexit.models.multiexit import CONFIG_KINDS, MODEL_KINDS, ConfigError, ExitHead
 
 State = tuple[torch.Tensor, ...]
 
@@ -361,6 +361,10 @@ class BackboneNet(nn.Module):
             logits.append(z)
             feats.append(f)
         return logits, feats
+
+
+CONFIG_KINDS["backbone"] = BackboneConfig
+MODEL_KINDS[BackboneConfig] = BackboneNet
 
 
 def build_backbone(config: BackboneConfig | dict) -> BackboneNet:

@@ -64,13 +64,17 @@ class MultiExitConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MultiExitConfig:
-        if d.get("backbone") is not None:  # a torchvision backbone (models.backbones) rebuilds its own way
-            from edgeexit.models.backbones import BackboneConfig
-
-            return BackboneConfig.from_dict(d)
+        for key, kind in CONFIG_KINDS.items():  # another kind of model (a torchvision backbone) rebuilds its own way
+            if d.get(key) is not None:
+                return kind.from_dict(d)
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         return cls(**known)
 
+
+# Other kinds of multi-exit model register themselves here (models.backbones, imported by the
+# package): a config dict holding the key is theirs, and their config type builds their model.
+CONFIG_KINDS: dict[str, type] = {}
+MODEL_KINDS: dict[type, type] = {}
 
 STEMS = ("cifar", "imagenet")
 LAYOUTS = (4, 8, 9)
@@ -329,8 +333,6 @@ def build_model(config: MultiExitConfig | dict) -> MultiExitNet:
     (a config naming a ``backbone``)."""
     if isinstance(config, dict):
         config = MultiExitConfig.from_dict(config)
-    if not isinstance(config, MultiExitConfig):
-        from edgeexit.models.backbones import BackboneNet
-
-        return BackboneNet(config)
+    if type(config) in MODEL_KINDS:
+        return MODEL_KINDS[type(config)](config)
     return MultiExitNet(config)
