@@ -50,7 +50,11 @@ def statistics(artifact: Path, cache: bool = False) -> dict:
             raise SystemExit(f"{artifact}: calibrate it first (its latency table is used)")
         lat = cal["latency"]
         cost = CostModel.from_timings(
-            cascade.num_exits, lat["units"], "mean_ms", lat["decision_ms"], lat["frame_overhead_ms"],
+            cascade.num_exits,
+            lat["units"],
+            "mean_ms",
+            lat["decision_ms"],
+            lat["frame_overhead_ms"],
             lat.get("exit_groups"),
         )
         stored = load_calibration_frames(m)

@@ -470,9 +470,7 @@ def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, 
         imgs = rng.integers(0, 2000, per_stream)
         video.append((v_c[imgs].reshape(-1), v_y[imgs].reshape(-1)))
     res_video = [false_alarms_real(ref, opts, pos, c, y, plan) for c, y in video]
-    res_video_k = [
-        false_alarms_real(ref, opts, pos, c[:: args.hold], y[:: args.hold], plan) for c, y in video
-    ]
+    res_video_k = [false_alarms_real(ref, opts, pos, c[:: args.hold], y[:: args.hold], plan) for c, y in video]
 
     def baseline_false(streams) -> dict:
         win = sum(windowed_alarms(c, mu, sd, args.window, z) for c in streams)
@@ -507,8 +505,12 @@ def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, 
         print(
             f"  {r['streams']}: {r['false_alarms']} false alarms in {r['sampled_frames']:,} sampled frames "
             f"(guarantee: at most {r['allowed_by_guarantee']:.0f} on average)"
-            + (f"; windowed test {r['baselines_false_alarms']['windowed']}, ADWIN "
-               f"{r['baselines_false_alarms']['adwin']}" if "baselines_false_alarms" in r else "")  # fmt: skip
+            + (
+                f"; windowed test {r['baselines_false_alarms']['windowed']}, ADWIN "
+                f"{r['baselines_false_alarms']['adwin']}"
+                if "baselines_false_alarms" in r
+                else ""
+            )  # fmt: skip
         )
 
     return no_drift

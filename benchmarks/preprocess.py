@@ -162,7 +162,8 @@ def cascade_at_1080p(artifact: Path, rounds: int) -> dict:
     for name in views:
         pm, cm = float(np.median(pre[name])), float(np.median(casc[name]))
         out[name] = {
-            "preprocess_ms": round(pm, 4), "cascade_ms": round(cm, 4),
+            "preprocess_ms": round(pm, 4),
+            "cascade_ms": round(cm, 4),
             "preprocess / cascade": round(pm / cm, 4),
         }
         print(name, json.dumps(out[name]))

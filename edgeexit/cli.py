@@ -555,9 +555,7 @@ def export(
     simplify: Annotated[
         bool, typer.Option("--simplify/--no-simplify", help="Simplify each unit with onnxslim.")
     ] = True,
-    parity_images: Annotated[
-        int, typer.Option("--parity-images", help="Held-out images for the parity check.")
-    ] = 256,
+    parity_images: Annotated[int, typer.Option("--parity-images", help="Held-out images for the parity check.")] = 256,
     tolerance: Annotated[float, typer.Option(help="Max abs logit difference ONNX Runtime vs PyTorch.")] = 1e-3,
     force: Annotated[
         bool, typer.Option("--force", help="Replace a previous edgeexit artifact at OUT (never any other folder).")
@@ -835,8 +833,23 @@ def run(
              precision, save_video, (drift, drift_alpha, drift_every), jsonl, json_out)  # fmt: skip
 
 
-def _run_job(artifact, sources, backend, max_frames, realtime, fps, duration, deadline_ms, budget, quiet,
-             precision, save_video, drift_args, jsonl, json_out) -> None:
+def _run_job(
+    artifact,
+    sources,
+    backend,
+    max_frames,
+    realtime,
+    fps,
+    duration,
+    deadline_ms,
+    budget,
+    quiet,
+    precision,
+    save_video,
+    drift_args,
+    jsonl,
+    json_out,
+) -> None:
     """`run`'s work, after its options: one source in order, or several as streams."""
     from edgeexit.runtime.sources import JsonLines, run_source, summary_table, wants_streams
 

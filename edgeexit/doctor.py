@@ -319,9 +319,11 @@ def _camera_line(cams: dict | None) -> str:
     if not cams["found"]:
         where = f"tried {', '.join(map(str, cams['probed']))}" if cams["probed"] else "no /dev/video device"
         return f"Cameras       no camera found ({where}): `run --source N` needs one"
-    return "Cameras       " + ", ".join(
-        f"{c['index']} ({c['width']}×{c['height']})" for c in cams["found"]
-    ) + " (use `run --source INDEX`)"
+    return (
+        "Cameras       "
+        + ", ".join(f"{c['index']} ({c['width']}×{c['height']})" for c in cams["found"])
+        + " (use `run --source INDEX`)"
+    )
 
 
 # -- artifact -----------------------------------------------------------------------------------

@@ -53,8 +53,13 @@ def test_typed_fields_match_the_manifest_on_disk(tiny_artifact):
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("5ms", (5.0, None)), ("800us", (0.8, None)), ("0.005s", (5.0, None)),
-     ("2.5ms", (2.5, None)), ("50%", (None, 0.5))],
+    [
+        ("5ms", (5.0, None)),
+        ("800us", (0.8, None)),
+        ("0.005s", (5.0, None)),
+        ("2.5ms", (2.5, None)),
+        ("50%", (None, 0.5)),
+    ],
 )
 def test_one_budget_grammar(text, expected):
     ms, fraction = parse_budget(text)

@@ -207,8 +207,11 @@ def test_renamed_args_maps_each_old_spelling_and_notes_it_once(capsys):
 
 @pytest.mark.parametrize(
     "old, value, new",
-    [("--limit-train", "0", "--train-images"), ("--limit-eval", "-3", "--eval-images"),
-     ("--limit-train=-7", None, "--train-images")],  # fmt: skip
+    [
+        ("--limit-train", "0", "--train-images"),
+        ("--limit-eval", "-3", "--eval-images"),
+        ("--limit-train=-7", None, "--train-images"),
+    ],  # fmt: skip
 )
 def test_an_old_spelling_still_reaches_its_option(tmp_path, old, value, new):
     """`train --limit-train 0` is `train --train-images 0`: refused naming the new flag, with a note."""
@@ -286,7 +289,7 @@ def test_no_function_is_more_complex_than_pyproject_allows():
     root = PACKAGE.parent
     if subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode != 0:
         pytest.skip("ruff is not installed (the dev extra)")
-    assert 'max-complexity = 12' in (root / "pyproject.toml").read_text()
+    assert "max-complexity = 12" in (root / "pyproject.toml").read_text()
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "C901", "--output-format", "concise",
                           "edgeexit", "benchmarks", "tests"], cwd=root, capture_output=True, text=True)  # fmt: skip
     assert res.returncode == 0, res.stdout

@@ -224,9 +224,7 @@ def test_auto_falls_back_to_onnx_units_on_stale_engines_and_tensorrt_stays_stric
 
 @pytest.mark.sim
 @pytest.mark.parametrize("metadata", [True, False])
-def test_a_cuda13_tensorrt_on_an_older_driver_is_unusable_with_the_reason(
-    monkeypatch, artifact_copy, metadata
-):
+def test_a_cuda13_tensorrt_on_an_older_driver_is_unusable_with_the_reason(monkeypatch, artifact_copy, metadata):
     """tensorrt 11.x from PyPI is the CUDA 13 build; on a driver < 580 its Runtime cannot be made.
     Known from the wheel's distribution name (metadata), or from the Runtime construction itself
     (JetPack's apt package has no distribution name)."""

@@ -139,7 +139,12 @@ class Promise:
 
 
 def certify(
-    conf: np.ndarray, correct: np.ndarray, cost, max_drop: float, confidence: float = 0.95, budget_ms=None,
+    conf: np.ndarray,
+    correct: np.ndarray,
+    cost,
+    max_drop: float,
+    confidence: float = 0.95,
+    budget_ms=None,
     metric: str = "mean",
 ) -> Promise:
     """The cheapest plan whose accuracy drop against the full model is certified <= ``max_drop`` at

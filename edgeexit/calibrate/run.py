@@ -339,8 +339,11 @@ def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float
     for x, need in advice.items():
         say(
             f"  {x}× as fast within {100 * opts.max_drop:.2f} pt "
-            + (f"would need ≈ {need:,} stored frames: re-export with --calib-images {need}"
-               if need else "is out of reach")
+            + (
+                f"would need ≈ {need:,} stored frames: re-export with --calib-images {need}"
+                if need
+                else "is out of reach"
+            )
         )
     _, frontier = optimize(m.conf, m.correct, cost, budget_ms, opts.metric, pairs=False)
     return Choice(chosen, frontier, promise=p, frames_needed=advice)

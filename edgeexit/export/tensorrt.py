@@ -223,8 +223,10 @@ def engine_gate(
         "precision": precision,
         "frames": int(len(images)),
         "reference": "onnxruntime-cpu fp32",
-        "tolerance": {"max_abs_confidence": TOLERANCES[precision].max_abs_confidence,
-                      "max_disagreement": TOLERANCES[precision].max_disagreement},  # fmt: skip
+        "tolerance": {
+            "max_abs_confidence": TOLERANCES[precision].max_abs_confidence,
+            "max_disagreement": TOLERANCES[precision].max_disagreement,
+        },  # fmt: skip
         "runs": {name: c.to_json() for name, c in runs.items()},
         "max_abs_confidence_diff": max(c.to_json()["max_abs_confidence_diff"] for c in runs.values()),
         "min_prediction_agreement": min(c.to_json()["min_prediction_agreement"] for c in runs.values()),

@@ -466,7 +466,6 @@ def _check_class_names(path: Path, manifest: dict) -> None:
         )
 
 
-
 # -- parsing --------------------------------------------------------------------------------------
 def read_manifest_json(folder: Path) -> dict:
     path = folder / MANIFEST_NAME

@@ -235,8 +235,7 @@ def select_engine(unit, precision: str | None):
     if not engines:
         want = f" {precision}" if precision else ""
         raise ArtifactError(
-            f"{unit.name} has no{want} TensorRT engine: build them on this device with "
-            f"{rebuild_hint(None, precision)}"
+            f"{unit.name} has no{want} TensorRT engine: build them on this device with {rebuild_hint(None, precision)}"
         )
     return engines[0]
 
