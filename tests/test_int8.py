@@ -123,10 +123,19 @@ def test_the_nine_exit_layout_trains_exports_and_runs(tmp_path, test_frames):
 
     train(tiny_config(tmp_path / "run", exits=9, limit_train=512), progress=False)
     art = tmp_path / "nine.edgeexit"
-    export_checkpoint(tmp_path / "run" / "model.pt", out=art, parity_samples=64, int8=True, int8_images=64)
+    # a 512-image model is unsure of many frames: its S8S8 TensorRT flavour can lose ~1.3 pt where the
+    # S8U8 units lose under 1; this test is about the 9-exit layout, so 3 pt is the INT8 bar here
+    export_checkpoint(
+        tmp_path / "run" / "model.pt", out=art, parity_samples=64, int8=True, int8_images=64, int8_tolerance=0.03
+    )
     m = load_manifest(art)
     assert len(m["units"]) == 18 and m["model"]["num_exits"] == 9 and m["model"]["config"]["exits"] == 9
     assert m["parity"]["max_abs_logit_diff"] <= m["parity"]["tolerance"] and m["quantization"]["parity"]["passed"]
+    # the TensorRT flavour ran too, judged as the ONNX Runtime INT8 units are (accuracy within --int8-tolerance),
+    # with the comparator's agreement verdict kept beside it
+    trt = m["quantization"]["trt_parity"]
+    assert trt["checked"] and trt["passed"] and trt["max_drop_pt"] <= 3 + 1e-9
+    assert isinstance(trt["agreement_passed"], bool) and len(trt["exits"]) == 9
     assert m["units"][0]["flops"] < m["units"][2]["flops"]  # the first segment is the cheap one
     frames, _ = test_frames
     th = [0.9, 2.0, 0.8, 2.0, 0.7, 2.0, 2.0, 2.0, 0.0]
