@@ -20,7 +20,8 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,7 +45,7 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
         if not m:
             continue
         owner, pid = (m["name"], m["pid"]) if m["name"] is not None else (m["oname"], m["opid"])
-        if (name is not None and owner != name) or _alive(int(pid)) or p.is_symlink():
+        if (name is not None and owner != name) or pid_alive(int(pid)) or p.is_symlink():
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

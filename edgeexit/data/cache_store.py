@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
+from edgeexit.util import pid_alive
 
 CACHE_VERSION = 2  # of the meta's format (folder.CACHE_VERSION is of the key's formula)
 CHUNK_ROWS = 64  # rows per checksum: a damaged chunk is found, and the check streams the file once
@@ -115,16 +116,6 @@ def _lock(dfd: int, folder: Path, key: str, console, root) -> int | None:
     return fd
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True
-    return True
-
-
 def remove_leftovers(dfd: int, folder: Path) -> list[str]:
     """Remove the temporary files of every dead builder in the folder, whatever its key: the
     writer's PID (in the name) is gone and its key's lock is free (so no builder on another node
@@ -134,7 +125,7 @@ def remove_leftovers(dfd: int, folder: Path) -> list[str]:
     removed = []
     for name in os.listdir(dfd):
         m = _TEMP.match(name)
-        if not m or m["name"] is None or _pid_alive(int(m["pid"])):
+        if not m or m["name"] is None or pid_alive(int(m["pid"])):
             continue
         key = m["name"].split(".", 1)[0]
         try:
