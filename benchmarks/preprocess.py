@@ -136,6 +136,25 @@ def timing(rounds: int) -> list[dict]:
     return rows
 
 
+def _interleaved_predicts(views: dict, frame: np.ndarray, rounds: int, seed: int) -> dict[str, dict[str, list]]:
+    """Each cascade view's `predict` on ``frame`` once per round, in a random order per round (after
+    one warm-up call each): per view the preprocess, cascade and whole-call ms of every round."""
+    order = list(views)
+    got = {m: {"pre": [], "casc": [], "total": []} for m in order}
+    for m in order:
+        views[m].predict(frame)
+    shuffle = random.Random(seed)
+    for _ in range(rounds):
+        shuffle.shuffle(order)
+        for m in order:
+            t = time.perf_counter()
+            p = views[m].predict(frame)
+            got[m]["total"].append((time.perf_counter() - t) * 1e3)
+            got[m]["pre"].append(p.preprocess_ms)
+            got[m]["casc"].append(p.latency_ms)
+    return got
+
+
 def cascade_at_1080p(artifact: Path, rounds: int) -> dict:
     from edgeexit.runtime import Cascade
 
@@ -147,17 +166,8 @@ def cascade_at_1080p(artifact: Path, rounds: int) -> dict:
     views = {name: cascade.derive(thresholds=th) for name, th in plans.items()}
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
-    pre, casc = {n: [] for n in views}, {n: [] for n in views}
-    order = list(views)
-    for name in order:
-        views[name].predict(frame)
-    shuffle = random.Random(2)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for name in order:
-            p = views[name].predict(frame)
-            pre[name].append(p.preprocess_ms)
-            casc[name].append(p.latency_ms)
+    got = _interleaved_predicts(views, frame, rounds, seed=2)
+    pre, casc = {n: got[n]["pre"] for n in views}, {n: got[n]["casc"] for n in views}
     out = {}
     for name in views:
         pm, cm = float(np.median(pre[name])), float(np.median(casc[name]))
@@ -193,19 +203,7 @@ def whole_predict(artifact: Path, rounds: int) -> list[dict]:
     rows = []
     for fw, fh in [(w, h), *SIZES]:
         frame = rng.integers(0, 256, (fh, fw, 3), dtype=np.uint8)
-        order = list(views)
-        got = {m: {"pre": [], "casc": [], "total": []} for m in order}
-        for m in order:
-            views[m].predict(frame)
-        shuffle = random.Random(4)
-        for _ in range(rounds):
-            shuffle.shuffle(order)
-            for m in order:
-                t = time.perf_counter()
-                p = views[m].predict(frame)
-                got[m]["total"].append((time.perf_counter() - t) * 1e3)
-                got[m]["pre"].append(p.preprocess_ms)
-                got[m]["casc"].append(p.latency_ms)
+        got = _interleaved_predicts(views, frame, rounds, seed=4)
         row = {"frame": f"{fw}x{fh}"}
         for m in views:
             row[f"{m}: preprocess ms"] = round(float(np.median(got[m]["pre"])), 3)
