@@ -9,14 +9,16 @@ at the cascade's insides.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from edgeexit.runtime.backends.base import HeadOutput, Runner
-from edgeexit.runtime.latency import LatencyStats
+from edgeexit.runtime.latency import LatencyStats, percentile
 from edgeexit.runtime.plan import SKIP, CascadePlan, exit_group_name, head_name, segment_name
 
 Confidence = Callable[[HeadOutput], np.ndarray]  # a head's output → one confidence per row (a policy)
@@ -181,6 +183,186 @@ def fused_frame_overhead_ms(cascade, frame, first_group_p50: float, repeats: int
     cheapest = cascade.derive(CascadePlan.first_exit(cascade.num_exits), fuse=True)
     lat = time_call(lambda: cheapest.predict(frame), cascade.runner.synchronize, repeats, 0.5)["p50_ms"]
     return max(0.0, lat - first_group_p50)
+
+
+# --- A cost model that holds on a busy device: every piece timed in interleaved rounds -----------------------
+
+QUIET_SHARE = 1 / 3  # the fastest third of the rounds estimate the quiet device
+MIN_QUIET_ROUNDS = 3
+INTERRUPTED = 2.0  # a call above this many times its piece's quiet median was interrupted
+
+
+@dataclass(frozen=True)
+class RoundsProfile:
+    """Pieces timed in interleaved rounds: per piece, the `latency_stats` of its calls in the quiet
+    rounds (plus ``spread``: how far load moved it, the (p75 - p25) / p50 of its per-round medians
+    over every round), and ``load``, how busy the device was while they ran."""
+
+    stats: dict[str, dict]
+    load: dict
+    samples: np.ndarray  # (rounds, pieces, calls per round) in ms, the pieces in ``stats``' order
+
+    def pooled(self, other: RoundsProfile) -> RoundsProfile:
+        """Both profiles' rounds summarised as one (the pieces must be the same): a second try on a
+        busy device adds its quiet rounds to the first's. ``cpu_share`` and ``preemptions_per_s`` are
+        averaged over the two tries' time."""
+        a, b = self.load, other.load
+        secs = a["seconds"] + b["seconds"]
+        load = {"seconds": round(secs, 3)}
+        for key in ("cpu_share", "preemptions_per_s"):
+            if key in a and key in b:
+                load[key] = (a[key] * a["seconds"] + b[key] * b["seconds"]) / max(secs, 1e-9)
+        return summarise_rounds(list(self.stats), np.concatenate([self.samples, other.samples]), load)
+
+
+def profile_rounds(
+    calls: Mapping[str, Callable[[], object]],
+    sync: Callable[[], object],
+    rounds: int,
+    per_round: int = 4,
+    warmup: int = 3,
+    max_seconds: float = 30.0,
+    progress: Callable[[int], object] | None = None,
+) -> RoundsProfile:
+    """Time every piece in ``calls`` (name -> a call of it) in ``rounds`` rounds: each round runs
+    every piece ``per_round`` times, the order reversed every other round, so that a burst of load
+    lands on all pieces alike instead of on whichever was being timed. A round's time is the sum of
+    its pieces' medians; the quiet device is what the fastest third of the rounds saw, every piece
+    from the same rounds, so their ratios (a plan to the full model) are ratios of one moment.
+    Stops early after ``max_seconds`` once 8 rounds are done (a large model on a slow device).
+    ``progress(rounds done)`` after each round."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    sync()
+    clock = time.perf_counter
+    samples: list[np.ndarray] = []
+    usage0, wall0 = _usage(), clock()
+    for r in range(rounds):
+        t_round = np.empty((len(names), per_round))
+        order = range(len(names)) if r % 2 == 0 else range(len(names) - 1, -1, -1)
+        for i in order:
+            fn = calls[names[i]]
+            for c in range(per_round):
+                t = clock()
+                fn()
+                sync()
+                t_round[i, c] = (clock() - t) * 1e3
+        samples.append(t_round)
+        if progress is not None:
+            progress(r + 1)
+        if r + 1 >= 8 and clock() - wall0 >= max_seconds:
+            break
+    load = _load(usage0, _usage(), clock() - wall0)
+    return summarise_rounds(names, np.stack(samples), load)
+
+
+def summarise_rounds(names: list[str], samples: np.ndarray, load: dict | None = None) -> RoundsProfile:
+    """``samples`` (rounds, pieces, calls per round) in ms → `RoundsProfile` (see `profile_rounds`);
+    ``load`` gains the round statistics. Rounds of several profiles may be stacked and summarised once."""
+    medians = np.median(samples, axis=2)  # (rounds, pieces)
+    totals = medians.sum(axis=1)
+    n_quiet = min(len(totals), max(MIN_QUIET_ROUNDS, math.ceil(len(totals) * QUIET_SHARE)))
+    quiet = np.argsort(totals, kind="stable")[:n_quiet]
+    stats, interrupted = {}, 0
+    for i, name in enumerate(names):
+        p25, p50, p75 = (percentile(medians[:, i], q) for q in (25, 50, 75))
+        spread = (p75 - p25) / p50 if p50 > 0 else 0.0
+        calm = samples[quiet, i, :].ravel()
+        # a call that took more than twice the piece's quiet median was interrupted (the OS ran something
+        # else): not the piece's cost
+        limit = INTERRUPTED * float(np.median(calm))
+        interrupted += int((samples[:, i, :] > limit).sum())
+        stats[name] = {**latency_stats(calm[calm <= limit]), "spread": spread}
+    q = totals[quiet]
+    rounds = {
+        "rounds": int(len(totals)),
+        "quiet_rounds": int(n_quiet),
+        # a typical round against the quiet ones: 1.0 on a device nobody else uses
+        "slowdown": float(np.median(totals) / q.mean()),
+        # how far the quiet rounds disagree among themselves: the quiet cost's own uncertainty
+        "quiet_spread": float(q.max() / q.min() - 1.0),
+        # the relative standard error of the quiet level (the quiet rounds' sd / mean / sqrt(n)): how
+        # well the quiet cost is known; more rounds (calibrate --repeat) make it smaller
+        "quiet_error": float(q.std(ddof=1) / q.mean() / math.sqrt(len(q))) if len(q) > 1 else 0.0,
+        # calls slowed to more than twice their piece's quiet median, over every round
+        "interrupted_share": interrupted / samples.size,
+    }
+    return RoundsProfile(stats, {**(load or {}), **rounds}, samples)
+
+
+def _usage() -> tuple[float, int | None]:
+    """This process's CPU time and involuntary context switches (preemptions) so far."""
+    try:
+        import resource
+
+        switches: int | None = int(resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw)
+    except (ImportError, OSError):  # not on every platform
+        switches = None
+    return time.process_time(), switches
+
+
+def _load(before: tuple[float, int | None], after: tuple[float, int | None], wall_s: float) -> dict:
+    """What the process got of the wall time: ``cpu_share`` is its CPU time over the wall time (the
+    units run on one thread, so about 1.0 when nothing else wants the core, 0.5 when half the time
+    went to other processes), ``preemptions_per_s`` how often the OS took the core away."""
+    wall_s = max(wall_s, 1e-9)
+    out = {"seconds": round(wall_s, 3), "cpu_share": (after[0] - before[0]) / wall_s}
+    if before[1] is not None and after[1] is not None:
+        out["preemptions_per_s"] = (after[1] - before[1]) / wall_s
+    return out
+
+
+def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Callable[[], None]]:
+    """Everything the cost model adds up, as calls for `profile_rounds`, and a cleanup: every segment
+    and head on a real image; ``decision`` (reading a head's confidence, comparing it); on a runner
+    that fuses, every exit group (segments a..b and head b, the one call the cascade makes per
+    evaluated exit, built in memory); and ``frame``, a whole ``predict`` of the cheapest plan as it
+    runs (fused: one group) or of the plain model unit by unit, from which the per-frame overhead is
+    read. The cleanup forgets the groups and closes the view."""
+    runner, k = cascade.runner, cascade.num_exits
+    states = [runner.from_host(np.ascontiguousarray(image[None], dtype=np.float32))]
+    for pos in range(k):
+        states.append(runner.run_segment(pos, states[-1]))
+    calls: dict[str, Callable[[], object]] = {}
+    for pos in range(k):
+        calls[segment_name(pos)] = lambda pos=pos: runner.run_segment(pos, states[pos])
+        calls[head_name(pos)] = lambda pos=pos: runner.run_head(pos, states[pos + 1][-1])
+    fused = bool(cascade.fuse and runner.info.fuses)
+    if fused:
+        for first in range(k):
+            for last in range(first, k):
+                th = [SKIP] * (k - 1) + [0.0]
+                th[last] = 0.0
+                if first > 0:
+                    th[first - 1] = 0.0
+                runner.prepare(CascadePlan.from_thresholds(th), True, cache=False)  # in memory only
+                calls[exit_group_name(first, last)] = lambda a=first, b=last: runner.run_exit(a, b, states[a])
+        view = cascade.derive(CascadePlan.first_exit(k), fuse=True)
+    else:
+        view = cascade.derive(CascadePlan.full_model(k), fuse=False)
+    calls["frame"] = lambda: view.predict(frame)
+    head = runner.run_head(0, states[1][-1])
+    calls["decision"] = lambda: float(cascade.confidence(head)[0]) >= 0.5  # reading a confidence, comparing it
+
+    def cleanup() -> None:
+        view.close()
+        if fused:
+            runner.forget([cascade.plan])  # K(K+1)/2 groups: keep only what the cascade's own plan uses
+
+    return calls, cleanup
+
+
+def overhead_from(stats: Mapping[str, dict], num_exits: int, fused: bool) -> float:
+    """Per-frame cost outside the units, from `cost_pieces`' timings on the same rounds: the whole
+    ``frame`` predict minus the pieces it ran (medians)."""
+    k = num_exits
+    if fused:
+        inside = stats[exit_group_name(0, 0)]["p50_ms"]
+    else:
+        inside = sum(stats[segment_name(p)]["p50_ms"] for p in range(k)) + stats[head_name(k - 1)]["p50_ms"]
+    return max(0.0, stats["frame"]["p50_ms"] - inside)
 
 
 def verify(cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_correct: bool = False) -> dict:
