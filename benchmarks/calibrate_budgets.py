@@ -69,8 +69,8 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
     from edgeexit.runtime.profiling import verify
 
     cascade = Cascade.load(work, backend=backend)
-    cal = cascade.manifest["calibration"]
-    frames, labels, _ = load_frames(cascade.manifest, None, "heldout", None)
+    cal = cascade.artifact.calibration.to_dict()
+    frames, labels, _ = load_frames(cascade.artifact, None, "heldout", None)
     c, v = split_calibration(np.arange(len(labels)), 0)
     sc = cascade.exit_statistics(cascade.preprocess.batch(frames[c]))
     sv = cascade.exit_statistics(cascade.preprocess.batch(frames[v]))

@@ -44,8 +44,8 @@ def statistics(artifact: Path, cache: bool = False) -> dict:
     cascade = Cascade.load(artifact, backend="onnxruntime")
     saved = artifact.parent / f".{artifact.name}.generalisation-stats.npz"
     try:
-        m = cascade.manifest
-        cal = m.get("calibration")
+        m = cascade.artifact
+        cal = m.calibration.to_dict() if m.calibration is not None else None
         if not cal:
             raise SystemExit(f"{artifact}: calibrate it first (its latency table is used)")
         lat = cal["latency"]

@@ -48,9 +48,9 @@ def main() -> None:
     if not args.artifact:
         return
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.artifact import Artifact
 
-    cal = load_manifest(args.artifact)["calibration"]
+    cal = Artifact.load(args.artifact).calibration.to_dict()
     frame = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     static = Cascade.load(args.artifact, backend="onnxruntime")
     big = 100 * float(cal["full_model"]["predicted_ms"])  # the calibrated plan fits; nothing moves

@@ -241,11 +241,11 @@ def main() -> None:
 
     from edgeexit.data import load_dataset
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.manifest import load_manifest
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.plan import CascadePlan
 
-    manifest = load_manifest(args.artifact)
-    cal = manifest.get("calibration") or {}
+    art = Artifact.load(args.artifact)
+    cal = art.calibration.to_dict() if art.calibration is not None else {}
     if not cal.get("ladder"):
         sys.exit("drift.py: the artifact is not calibrated (run `edgeexit calibrate ... --budget 60%` first)")
     metric = cal.get("metric", "mean")
@@ -260,7 +260,7 @@ def main() -> None:
             budgets["own"] = own_ms
         else:
             budgets[f"{b}%"] = float(b) / 100 * float(cal["full_model"]["predicted_ms"])
-    test = load_dataset(manifest["dataset"], "test")
+    test = load_dataset(art.dataset, "test")
     frames = test.images.permute(0, 2, 3, 1).numpy()
     labels = test.labels.numpy()
 

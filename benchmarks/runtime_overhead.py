@@ -69,6 +69,7 @@ def export_monolithic(artifact: Path) -> Path:
 
 def null_cascade(thresholds, k: int = 8):
     from edgeexit.runtime import Cascade
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.backends import HeadOutput, Runner, RunnerInfo
 
     class NullRunner(Runner):
@@ -99,13 +100,8 @@ def null_cascade(thresholds, k: int = 8):
         def close(self):
             pass
 
-    units = [{"name": f"{kind}_{p + 1:02d}", "kind": kind} for p in range(k) for kind in ("seg", "head")]
-    manifest = {
-        "units": units,
-        "class_names": [str(i) for i in range(10)],
-        "preprocessing": {"in_chans": 1, "input_size": [28, 28], "mean": [0.5], "std": [0.25]},
-    }
-    return Cascade(manifest, NullRunner(), thresholds=thresholds)
+    pre = {"in_chans": 1, "input_size": [28, 28], "mean": [0.5], "std": [0.25]}
+    return Cascade(Artifact.in_memory(k, [str(i) for i in range(10)], pre), NullRunner(), thresholds=thresholds)
 
 
 def null_overhead(rounds: int = 5, calls: int = 20000) -> None:
@@ -155,7 +151,7 @@ def main() -> None:
 
     cascade = Cascade.load(artifact, backend="onnxruntime")
     unfused = cascade.derive(CascadePlan.full_model(cascade.num_exits), fuse=False)
-    frames, labels, _ = load_frames(cascade.manifest, None, "heldout", None)
+    frames, labels, _ = load_frames(cascade.artifact, None, "heldout", None)
     x = cascade.preprocess(frames[0])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1

@@ -295,8 +295,8 @@ def noisy_training_labels(rate: float, seed: int, record: dict):
 ARCH_KEYS = ("exits", "width", "in_chans", "num_classes", "input_size", "stem")
 
 
-def architecture(manifest: dict) -> dict:
-    c = manifest["model"]["config"]
+def architecture(art) -> dict:
+    c = art.model.config
     return {k: c.get(k) for k in ARCH_KEYS}
 
 
@@ -311,7 +311,7 @@ def measure_costmodel(artifact: Path, repeats: int, measured_from: str) -> dict:
 
     t0 = time.perf_counter()
     with Cascade.load(artifact, backend="onnxruntime", threads=1) as cascade:
-        stored = load_calibration_frames(cascade.manifest)
+        stored = load_calibration_frames(cascade.artifact)
         frame = stored["frames"][stored["calibration"][0]]
         x = cascade.preprocess.batch(frame[None])[0]
         profile = cascade.profile(x, repeats=repeats)
@@ -323,7 +323,7 @@ def measure_costmodel(artifact: Path, repeats: int, measured_from: str) -> dict:
             overhead = frame_overhead_ms(cascade, frame, {n: v["p50_ms"] for n, v in profile["units"].items()})
         device = fingerprint(cascade.runner.info)
         k = cascade.num_exits
-        arch = architecture(cascade.manifest)
+        arch = architecture(cascade.artifact)
         agreement = torch_onnx_agreement(cascade, stored)
     payload = {
         "format": COSTMODEL_FORMAT,
@@ -362,7 +362,7 @@ def torch_onnx_agreement(cascade, stored: dict, n: int = 1000) -> dict:
     decide = np.concatenate([stored["calibration"], stored["verification"]])[:n]
     x = cascade.preprocess.batch(stored["frames"][decide])
     onnx = cascade.exit_statistics(x)
-    model = model_from_checkpoint(load_checkpoint(cascade.manifest["model"]["checkpoint"]))
+    model = model_from_checkpoint(load_checkpoint(cascade.artifact.to_json()["model"]["checkpoint"]))
     with torch.no_grad():
         logits, _ = model(torch.from_numpy(x))
         conf, pred = torch.stack(logits, 1).softmax(2).max(2)
@@ -566,11 +566,11 @@ def onnx_statistics(artifact: Path, test_frames: np.ndarray, threads: int) -> di
     from edgeexit.runtime.manifest import load_calibration_frames
 
     with Cascade.load(artifact, backend="onnxruntime", threads=threads, policy="max_softmax") as cascade:
-        stored = load_calibration_frames(cascade.manifest)
+        stored = load_calibration_frames(cascade.artifact)
         decide = np.concatenate([stored["calibration"], stored["verification"]])  # calibrate's order
         held = cascade.exit_statistics(cascade.preprocess.batch(stored["frames"][decide]))
         test = cascade.exit_statistics(cascade.preprocess.batch(test_frames))
-        arch = architecture(cascade.manifest)
+        arch = architecture(cascade.artifact)
     return {"heldout": held, "heldout_labels": stored["labels"][decide], "test": test, "architecture": arch}
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -203,27 +201,19 @@ def _run_budget_ms(artifact: Path, budget: str) -> float | None:
         return None
     from edgeexit.runtime.artifact import Artifact
 
-    cal = Artifact.load(artifact).calibration
-    block = cal.block if cal is not None else {}
-    frame = block.get("frame")
-    frame = frame if isinstance(frame, Mapping) else {}
+    cal = Artifact.load(artifact).calibration  # the frame's preprocessing checked there: a number of ms >= 0
+    frame = cal.frame if cal is not None else None
     frame_ms = 0.0
-    if frame.get("covers") == "frame":
-        metric = "p95_ms" if block.get("metric") == "p95" else "mean_ms"
-        pre = frame.get("preprocess")
-        value = pre.get(metric) if isinstance(pre, Mapping) else None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-            raise UserError(f"{artifact}: calibration.frame.preprocess.{metric} must be a number of ms >= 0, got "
-                            f"{value!r}: calibrate again")  # fmt: skip
-        frame_ms = float(value)
+    if frame is not None and frame.covers_frame and frame.preprocess is not None:
+        frame_ms = frame.preprocess.of(cal.metric) or 0.0
     if fraction is not None:
-        full = (block.get("full_model") or {}).get("predicted_ms")
-        if not isinstance(full, int | float) or isinstance(full, bool) or not full > 0:
+        full = cal.full_model_ms if cal is not None else None
+        if full is None:
             raise UserError(f"--budget {budget} is a share of the full model's latency, which calibrate records: "
                             "calibrate this artifact first, or give a time (5ms)")  # fmt: skip
-        budget_ms = fraction * (float(full) + frame_ms)
+        budget_ms = fraction * (full + frame_ms)
     if frame_ms:
-        size = "x".join(str(v) for v in frame.get("size") or ())
+        size = "x".join(str(v) for v in frame.size)
         if budget_ms - frame_ms <= 0:
             raise UserError(f"--budget {budget} is used up by converting a {size} frame ({frame_ms:.3f} ms when "
                             "calibrated) before the cascade starts: give more time")  # fmt: skip

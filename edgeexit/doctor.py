@@ -394,7 +394,7 @@ def _load_and_run(artifact, backend: str, art) -> dict:
         if calib is not None:
             changes = list(cascade.fingerprint_changes)
             out["calibrated_here"] = not changes
-            out["calibration_device"] = calib.to_dict().get("device")
+            out["calibration_device"] = dict(calib.device) if calib.device is not None else None
             out["calibration_changes"] = changes
     except Exception as e:
         out["load_error"] = str(e).splitlines()[0] if str(e) else type(e).__name__

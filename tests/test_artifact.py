@@ -21,7 +21,7 @@ from edgeexit.cli import app
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import Artifact
-from edgeexit.runtime.manifest import load_calibration_frames, load_manifest
+from edgeexit.runtime.manifest import load_calibration_frames
 
 runner = CliRunner()
 
@@ -78,7 +78,7 @@ def test_a_deeply_nested_field_is_refused_without_recursion(artifact_copy):
     deep = "[" * 100_000 + "]" * 100_000
     (artifact_copy / "manifest.json").write_text(text[:-1].rstrip().rstrip("}") + f', "x": {deep}}}')
     with pytest.raises(ArtifactError, match="nests deeper than"):
-        load_manifest(artifact_copy)
+        Artifact.load(artifact_copy)
     assert cli("info", artifact_copy).exit_code == 2
 
 
@@ -94,7 +94,7 @@ def test_a_truncated_frames_file_is_an_artifact_error(artifact_copy):
     data = (artifact_copy / "calibration" / "frames.npz").read_bytes()
     _rewrite_frames(artifact_copy, data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="not a calibration-frames file"):
-        load_calibration_frames(load_manifest(artifact_copy))
+        load_calibration_frames(Artifact.load(artifact_copy))
 
 
 def test_a_pickled_frames_member_is_refused(artifact_copy):
@@ -103,7 +103,7 @@ def test_a_pickled_frames_member_is_refused(artifact_copy):
     np.savez(buf, frames=objs, labels=np.zeros(4, np.int64), calibration=np.arange(2), verification=np.arange(2, 4))
     _rewrite_frames(artifact_copy, buf.getvalue())
     with pytest.raises(ArtifactError, match="not a calibration-frames file"):
-        load_calibration_frames(load_manifest(artifact_copy))
+        load_calibration_frames(Artifact.load(artifact_copy))
 
 
 def _stored(artifact):
@@ -127,7 +127,7 @@ def test_stored_frames_that_do_not_fit_the_model_are_refused(artifact_copy, chan
     np.savez_compressed(buf, **d)
     _rewrite_frames(artifact_copy, buf.getvalue())
     with pytest.raises(ArtifactError, match=match):
-        load_calibration_frames(load_manifest(artifact_copy))
+        load_calibration_frames(Artifact.load(artifact_copy))
     res = cli("calibrate", artifact_copy, "--budget", "50%", "--backend", "onnxruntime")
     assert res.exit_code == 2, res.output
 
@@ -225,7 +225,7 @@ def test_a_zip_bomb_as_frames_is_refused_unread(artifact_copy):
     assert len(data) < 1_000_000
     _rewrite_frames(artifact_copy, data)
     with pytest.raises(ArtifactError, match="decompression bomb"):
-        load_calibration_frames(load_manifest(artifact_copy))
+        load_calibration_frames(Artifact.load(artifact_copy))
 
 
 def test_a_fifo_as_frames_is_refused_without_blocking(artifact_copy):
@@ -236,6 +236,6 @@ def test_a_fifo_as_frames_is_refused_without_blocking(artifact_copy):
     signal.alarm(20)
     try:
         with pytest.raises(ArtifactError, match="FIFO"):
-            load_calibration_frames(load_manifest(artifact_copy))
+            load_calibration_frames(Artifact.load(artifact_copy))
     finally:
         signal.alarm(0)

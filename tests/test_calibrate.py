@@ -6,7 +6,7 @@ import pytest
 from edgeexit.calibrate.run import run_calibration
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
-from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.artifact import Artifact
 
 # Every test here calibrates (or reads the module's calibration): profiling, the fused exit groups and
 # the interleaved verification take tens of seconds of CPU each. `make test-fast` leaves them out.
@@ -35,7 +35,7 @@ def test_calibration_result_and_manifest(calibrated):
     assert result["predicted"]["latency_ms"] <= result["budget_ms"] + 1e-9
     assert 0 < result["measured"]["accuracy"] <= 1 and result["measured"]["latency_ms"] > 0
     assert result["data"]["calibration_images"] == 300 and result["data"]["verification_images"] == 200
-    m = load_manifest(dest)
+    m = Artifact.load(dest).to_json()
     cal = m["calibration"]
     assert cal["thresholds"] == result["thresholds"] and cal["backend"] == "onnxruntime-cpu"
     assert set(cal["latency"]["units"]) == {u["name"] for u in m["units"]}
@@ -70,7 +70,7 @@ def test_infeasible_budget_is_exit_2_naming_the_minimum(artifact_copy):
         run_calibration(
             artifact_copy, budget_ms=1e-4, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False
         )
-    assert load_manifest(artifact_copy)["calibration"] is None
+    assert Artifact.load(artifact_copy).to_json()["calibration"] is None
 
 
 def test_generous_budget_keeps_final_exit_accuracy(artifact_copy):
@@ -134,7 +134,7 @@ def test_max_drop_chooses_a_guarded_plan_and_reports_intervals(artifact_copy, tm
         r["full_model"]["measured"]["accuracy"] - r["measured"]["accuracy"]
     )
     # Bonferroni over the few exit families only, not over every plan tested
-    z = load_manifest(artifact_copy)["calibration"]["max_drop"]["z"]
+    z = Artifact.load(artifact_copy).to_json()["calibration"]["max_drop"]["z"]
     assert 1.645 < z < 2.7
     # both constraints: an impossible pair is exit 2 naming the one that cannot be met
     res = CliRunner().invoke(app, [*args[:-2], "--repeats", "30", "--budget", "1%", "--max-drop", "0pt"])
@@ -148,7 +148,7 @@ def test_calibrate_runs_on_the_device_without_torch_or_the_dataset(artifact_copy
     import subprocess
     import sys
 
-    m = load_manifest(artifact_copy)
+    m = Artifact.load(artifact_copy).to_json()
     frames = m["calibration_frames"]
     assert frames["count"] == 600 and frames["calibration"] == 300 and frames["verification"] == 300
     code = (
@@ -173,7 +173,7 @@ def test_calibrate_runs_on_the_device_without_torch_or_the_dataset(artifact_copy
     from edgeexit.runtime.manifest import load_calibration_frames
 
     with pytest.raises(ArtifactError, match="sha256"):
-        load_calibration_frames(load_manifest(artifact_copy))
+        load_calibration_frames(Artifact.load(artifact_copy))
 
 
 @pytest.mark.parametrize("steps", [1, 0, -3, 201])

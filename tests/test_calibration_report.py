@@ -12,8 +12,7 @@ import pytest
 from edgeexit.calibrate.optimizer import CostModel
 from edgeexit.calibrate.options import CalibrationOptions, OptionError
 from edgeexit.calibrate.run import ISO_ACCURACY_DROP, run_calibration
-from edgeexit.runtime.artifact import Calibration, parse_calibration
-from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.artifact import Artifact, Calibration
 
 # The key paths of `run_calibration`'s result (= `calibrate --json`) before the report became typed,
 # captured from a real tiny calibration at commit cc79ee8 (budget mode, --max-drop mode; the iso-accuracy
@@ -308,7 +307,7 @@ def budget_run(tiny_artifact, tmp_path_factory):
 def test_budget_mode_keeps_every_key_of_the_result_and_the_manifest_block(budget_run):
     dest, result = budget_run
     assert_same_keys(result, BEFORE["budget"]["result"])
-    cal = load_manifest(dest)["calibration"]
+    cal = Artifact.load(dest).to_json()["calibration"]
     assert_same_keys(cal, BEFORE["budget"]["manifest"])
     # the manifest block is the result without the artifact path and the plot, plus the stamp
     assert set(cal) == (set(result) - {"artifact", "frontier", "msdnet_curve", "plot"}) | {"created", "backend"}
@@ -318,7 +317,7 @@ def test_budget_mode_keeps_every_key_of_the_result_and_the_manifest_block(budget
 @pytest.mark.slow
 def test_the_manifest_block_parses_as_the_runtime_calibration(budget_run):
     dest, result = budget_run
-    cal = parse_calibration(load_manifest(dest)["calibration"], 8)
+    cal = Artifact.load(dest).calibration
     assert isinstance(cal, Calibration) and cal.backend == "onnxruntime-cpu"
     assert list(cal.thresholds) == result["thresholds"]
     assert len(cal.ladder) == 16 == len(result["ladder"])
@@ -343,7 +342,7 @@ def test_cli_max_drop_json_and_manifest_keep_every_key(artifact_copy, tmp_path):
     assert res.exit_code == 0, res.output
     r = json.loads(out.read_text())
     assert_same_keys(r, BEFORE["max_drop"]["result"])
-    assert_same_keys(load_manifest(artifact_copy)["calibration"], BEFORE["max_drop"]["manifest"])
+    assert_same_keys(Artifact.load(artifact_copy).to_json()["calibration"], BEFORE["max_drop"]["manifest"])
     promise = r["max_drop"]
     assert promise["verified_drop"] == pytest.approx(
         r["full_model"]["measured"]["accuracy"] - r["measured"]["accuracy"]
@@ -395,7 +394,7 @@ def test_iso_accuracy_point_is_within_its_tolerance_and_faster(artifact_copy, mo
     speedup = full["predicted_ms"] / iso["predicted"]["latency_ms"]
     reach = [p for p in r["certifiable"]["frontier"] if p["speedup"] >= speedup - 0.02 - 1e-9]
     assert reach and min(p["certified_drop"] for p in reach) <= tol + 1e-12
-    assert load_manifest(artifact_copy)["calibration"]["iso_accuracy"] == iso
+    assert Artifact.load(artifact_copy).to_json()["calibration"]["iso_accuracy"] == iso
 
 
 @pytest.mark.slow
@@ -433,7 +432,7 @@ def test_a_cascade_slower_than_predicted_is_refitted_and_reported(artifact_copy,
         assert r["predicted"]["latency_ms"] < lc["first_measured_ms"] / lc["ratio"] + 1e-9
     else:
         assert lc["refit"] is False
-    assert load_manifest(artifact_copy)["calibration"]["latency_correction"] == lc
+    assert Artifact.load(artifact_copy).to_json()["calibration"]["latency_correction"] == lc
 
 
 @pytest.mark.parametrize(

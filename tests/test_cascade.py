@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from edgeexit.cli import app
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import Cascade
+from edgeexit.runtime.artifact import Artifact
 from edgeexit.runtime.cascade import CascadeClosedError
-from edgeexit.runtime.manifest import load_manifest, write_manifest
+from edgeexit.runtime.manifest import write_calibration
 
 runner = CliRunner()
 
@@ -39,6 +40,33 @@ def test_predict_batch_takes_the_dtypes_predict_takes(artifact_copy, test_frames
             c.predict_batch(x.astype(dtype))
         with pytest.raises(ValueError, match="unsupported dtype"):
             c.predict_arrays(x.astype(dtype))
+
+
+def manifest_reads(monkeypatch) -> list[str]:
+    """Records, from here on, every read of a manifest.json and every typed build of one."""
+    from pathlib import Path
+
+    from edgeexit.runtime import artifact
+
+    calls: list[str] = []
+    read_text, build = Path.read_text, artifact._build
+
+    def counted_read(self, *a, **kw):
+        if self.name == "manifest.json":
+            calls.append("read")
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", counted_read)
+    monkeypatch.setattr(artifact, "_build", lambda folder, m: calls.append("build") or build(folder, m))
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["auto", "onnxruntime", "torch"])
+def test_a_load_reads_and_checks_the_manifest_once_on_every_backend(artifact_copy, backend, monkeypatch):
+    calls = manifest_reads(monkeypatch)
+    with Cascade.load(artifact_copy, backend=backend) as c:
+        assert c.artifact.num_exits == 8
+    assert calls == ["read", "build"]
 
 
 def test_one_out_of_range_value_in_a_normalised_frame_is_refused(artifact_copy, test_frames):
@@ -81,16 +109,14 @@ def test_calibration_is_not_written_into_an_artifact_replaced_meanwhile(artifact
     """A calibrate finishing after `export --force` replaced its artifact writes nothing."""
     from edgeexit.export.exporter import export_checkpoint
 
-    manifest = load_manifest(artifact_copy)  # what calibrate holds while it works
+    art = Artifact.load(artifact_copy)  # what calibrate holds while it works
     export_checkpoint(tiny_run[0] / "model.pt", out=artifact_copy, force=True, parity_samples=16, calib_images=0)
     fresh = (artifact_copy / "manifest.json").read_text()
-    manifest["calibration"] = {"thresholds": [0.5] * 8}
     with pytest.raises(ArtifactError, match="replaced by another export"):
-        write_manifest(artifact_copy, manifest)
+        write_calibration(art, {"thresholds": [0.5] * 8})
     assert (artifact_copy / "manifest.json").read_text() == fresh
-    again = load_manifest(artifact_copy)  # the same export, read again: writes
-    again["calibration"] = None
-    write_manifest(artifact_copy, again)
+    write_calibration(Artifact.load(artifact_copy), {"thresholds": [0.5] * 8})  # the same export, read again
+    assert Artifact.load(artifact_copy).calibration.thresholds == (0.5,) * 8
 
 
 # -- closing and concurrency -------------------------------------------------------------------------
@@ -163,7 +189,7 @@ def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_fram
         stop.set()
         t.join(30)
     assert not errors and count[0] > 0
-    assert Cascade.load(artifact_copy, backend="onnxruntime").manifest["calibration"]["thresholds"]
+    assert Cascade.load(artifact_copy, backend="onnxruntime").artifact.calibration.thresholds
 
 
 # -- unbounded memory --------------------------------------------------------------------------------
@@ -184,7 +210,7 @@ def test_bench_batch_is_bounded_by_every_units_outputs(artifact_copy):
 
     c = Cascade.load(artifact_copy, backend="onnxruntime")
     limit = _memory_batch_limit(c)
-    every_output = sum(int(np.prod(o["shape"][1:])) for u in c.manifest["units"] for o in u["outputs"])
+    every_output = sum(int(np.prod(o.shape[1:])) for u in c.artifact.units for o in u.outputs)
     with open("/proc/meminfo") as f:
         avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     assert limit * every_output * 4 * 4 <= avail / 4 * 1.2

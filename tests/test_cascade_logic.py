@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgeexit.runtime import Cascade
+from edgeexit.runtime import Cascade, CascadeOptions
+from edgeexit.runtime.artifact import Artifact
 from edgeexit.runtime.backends import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.plan import SKIP, CascadePlan, segment_groups
 from edgeexit.runtime.policies import margin, softmax
@@ -57,17 +58,10 @@ class ScriptedRunner(Runner):
         self.calls.append(("close",))
 
 
-def manifest(k: int = K) -> dict:
-    units = [
-        {"name": n, "kind": kind}
-        for p in range(k)
-        for n, kind in ((f"seg_{p + 1:02d}", "segment"), (f"head_{p + 1:02d}", "head"))
-    ]
-    return {
-        "units": units,
-        "class_names": [f"c{i}" for i in range(C)],
-        "preprocessing": {"in_chans": 1, "input_size": [1, 1], "mean": [0.0], "std": [1e-3]},  # ids up to 1000
-    }
+def manifest(k: int = K, calibration: dict | None = None) -> Artifact:
+    """The artifact a scripted runner stands for: ``k`` exits, ``C`` classes, 1x1 frames."""
+    pre = {"in_chans": 1, "input_size": [1, 1], "mean": [0.0], "std": [1e-3]}  # ids up to 1000
+    return Artifact.in_memory(k, [f"c{i}" for i in range(C)], pre, calibration)
 
 
 def scripted_logits(n: int = 64, seed: int = 0) -> np.ndarray:
@@ -81,7 +75,8 @@ def frame(i: int) -> np.ndarray:
 
 def cascade(thresholds, logits=None, **kw) -> tuple[Cascade, ScriptedRunner]:
     runner = ScriptedRunner(scripted_logits() if logits is None else logits, **kw.pop("runner", {}))
-    return Cascade(manifest(), runner, thresholds=thresholds, **kw), runner
+    owns = kw.pop("owns_runner", False)
+    return Cascade(manifest(), runner, thresholds, CascadeOptions(**kw), owns_runner=owns), runner
 
 
 def expected(logits, thresholds, policy=None):
@@ -232,16 +227,18 @@ class SlowRunner(ScriptedRunner):
         return state
 
 
-def ladder_manifest() -> dict:
-    m = manifest()
+def ladder_calibration() -> dict:
     rows = [  # exit 1 (1 segment), exit 2 (2 segments), the full model (4 segments); 1 ms per segment
         {"thresholds": [0.0, 0.0, 0.0, 0.0], "predicted_ms": 1.0, "predicted_accuracy": 0.80},
         {"thresholds": [SKIP, 0.0, 0.0, 0.0], "predicted_ms": 2.0, "predicted_accuracy": 0.85},
         {"thresholds": [SKIP, 0.0, 0.0, 0.0], "predicted_ms": 2.0, "predicted_accuracy": 0.85},
         {"thresholds": [SKIP, SKIP, SKIP, 0.0], "predicted_ms": 4.0, "predicted_accuracy": 0.90},
     ]
-    m["calibration"] = {"thresholds": [SKIP, SKIP, SKIP, 0.0], "ladder": rows}
-    return m
+    return {"thresholds": [SKIP, SKIP, SKIP, 0.0], "ladder": rows}
+
+
+def ladder_manifest(**calibration) -> Artifact:
+    return manifest(calibration={**ladder_calibration(), **calibration})
 
 
 class ClockRunner(SlowRunner):
@@ -268,7 +265,7 @@ def test_the_budget_controller_moves_down_when_the_device_slows_and_back_up_when
 
     runner = ClockRunner(0.001)
     monkeypatch.setattr(cascade_module, "time", types.SimpleNamespace(perf_counter=runner.perf_counter))
-    c = Cascade(ladder_manifest(), runner, budget_ms=2.8)
+    c = Cascade(ladder_manifest(), runner, options=CascadeOptions(budget_ms=2.8))
     assert len(c.controller.ladder) == 3 and c.plan.evaluated_exits[0] == 2  # start: best predicted to fit
     first_exits = {c.predict(frame(0)).exit_index for _ in range(200)}
     assert first_exits == {2}
@@ -289,17 +286,15 @@ def test_without_a_budget_nothing_moves_and_a_missing_ladder_is_an_error():
 
     c = Cascade(ladder_manifest(), SlowRunner(0.0))
     assert c.controller is None and c.plan == CascadePlan.full_model(K)
-    m = manifest()
-    m["calibration"] = {"thresholds": [SKIP, SKIP, SKIP, 0.0]}
+    m = manifest(calibration={"thresholds": [SKIP, SKIP, SKIP, 0.0]})
     with pytest.raises(ArtifactError, match="ladder"):
-        Cascade(m, SlowRunner(0.0), budget_ms=2.0)
+        Cascade(m, SlowRunner(0.0), options=CascadeOptions(budget_ms=2.0))
     with pytest.raises(ValueError, match="budget_ms"):
-        Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=float("nan"))
+        Cascade(ladder_manifest(), SlowRunner(0.0), options=CascadeOptions(budget_ms=float("nan")))
 
 
 def test_a_different_device_is_named_once_at_load():
-    m = ladder_manifest()
-    m["calibration"]["device"] = {"backend": "scripted", "cpu": "Some Other CPU", "device": "cpu"}
+    m = ladder_manifest(device={"backend": "scripted", "cpu": "Some Other CPU", "device": "cpu"})
     with pytest.warns(RuntimeWarning, match="cpu: calibrated 'Some Other CPU'"):
         c = Cascade(m, SlowRunner(0.0))
     assert any(change.startswith("cpu:") for change in c.fingerprint_changes)

@@ -40,21 +40,20 @@ def test_options_are_frozen_checked_at_construction_and_replaced_not_mutated():
             CascadeOptions(**bad)
 
 
-def test_keyword_options_are_the_same_as_an_options_object_and_unknown_ones_are_named():
-    by_kw = Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, unit_timing=True, fuse=False)
+def test_a_cascade_takes_one_options_object_and_an_artifact():
     typed = Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, CascadeOptions(unit_timing=True, fuse=False))
-    assert by_kw.options == typed.options == CascadeOptions(policy="max_softmax", unit_timing=True, fuse=False)
-    mixed = Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, CascadeOptions(fuse=False), policy="margin")
-    assert (mixed.options.fuse, mixed.policy_name) == (False, "margin")
-    assert set(by_kw.predict(frame(3)).unit_latency_ms) == set(typed.predict(frame(3)).unit_latency_ms)
-    with pytest.raises(TypeError, match="unknown option polcy"):
-        Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, polcy="margin")
+    assert typed.options == CascadeOptions(policy="max_softmax", unit_timing=True, fuse=False)
+    assert "seg_01" in typed.predict(frame(3)).unit_latency_ms  # unfused: each unit timed by its name
+    with pytest.raises(TypeError, match="unit_timing"):
+        Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, unit_timing=True)  # the field, not a keyword
     with pytest.raises(TypeError, match="options must be a CascadeOptions"):
         Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, {"fuse": False})
+    with pytest.raises(TypeError, match="must be an Artifact"):
+        Cascade({"units": [], "class_names": ["a"]}, ScriptedRunner(scripted_logits()), TH)
 
 
 def test_a_view_is_built_from_the_options_of_its_parent():
-    c = Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, policy="margin", unit_timing=True)
+    c = Cascade(manifest(), ScriptedRunner(scripted_logits()), TH, CascadeOptions(policy="margin", unit_timing=True))
     view = c.derive(CascadePlan.first_exit(K), fuse=False, input_order="BGR")
     assert view.options == c.options.replace(fuse=False, input_order="BGR")
     assert c.options.fuse and c.options.input_order == "RGB"  # the parent is untouched
@@ -94,12 +93,11 @@ def test_a_runner_handed_in_stays_the_callers_unless_owns_runner():
 def test_a_failing_constructor_closes_the_runner_only_when_it_owns_it():
     from edgeexit.errors import ArtifactError
 
-    m = manifest()
-    m["calibration"] = {"thresholds": [SKIP, SKIP, SKIP, 0.0]}  # no ladder: budget_ms must fail
+    m = manifest(calibration={"thresholds": [SKIP, SKIP, SKIP, 0.0]})  # no ladder: budget_ms must fail
     for owns in (False, True):
         runner = ScriptedRunner(scripted_logits())
         with pytest.raises(ArtifactError, match="ladder"):
-            Cascade(m, runner, budget_ms=2.0, owns_runner=owns)
+            Cascade(m, runner, options=CascadeOptions(budget_ms=2.0), owns_runner=owns)
         assert (("close",) in runner.calls) is owns
 
 
@@ -129,7 +127,7 @@ def test_load_owns_its_runner_and_a_borrowed_runner_outlives_the_borrower(tiny_a
 # -- the budget controller and views ---------------------------------------------------------------
 def test_a_view_without_thresholds_follows_the_controller_it_feeds():
     runner = SlowRunner(0.001)
-    c = Cascade(ladder_manifest(), runner, budget_ms=2.8)
+    c = Cascade(ladder_manifest(), runner, options=CascadeOptions(budget_ms=2.8))
     assert c.plan is c.controller.plan and c.plan.evaluated_exits[0] == 2  # _controller's initial plan
     view = c.derive(fuse=False)  # e.g. `run` deriving a view for a source's channel order
     own = c.derive([SKIP, SKIP, SKIP, 0.0])
@@ -142,7 +140,7 @@ def test_a_view_without_thresholds_follows_the_controller_it_feeds():
 
 
 def test_the_controller_window_is_an_option():
-    assert Cascade(ladder_manifest(), SlowRunner(0.0), budget_ms=2.8).controller.window == 64  # default
+    assert Cascade(ladder_manifest(), SlowRunner(0.0), options=CascadeOptions(budget_ms=2.8)).controller.window == 64
     c = Cascade(ladder_manifest(), SlowRunner(0.0), options=CascadeOptions(budget_ms=2.8, budget_window=np.int64(8)))
     assert c.controller.window == 8 and c.options.budget_window == 8
 

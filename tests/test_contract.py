@@ -19,7 +19,9 @@ NEW_TOP_KEYS = ("calibration_frames", "quantization", "fp16", "engine_parity", "
 
 def test_an_artifact_in_the_earlier_manifest_shape_still_loads_and_runs(tiny_artifact, tmp_path, test_frames):
     """An early schema-1 manifest: none of the later optional fields (engines, tap, costs, parity per
-    unit, stored frames, quantization, fp16, weights) and no tensor dtypes."""
+    unit, stored frames, quantization, fp16, weights, the resize and channel order), no tensor dtypes,
+    and a calibration from before the measured ladder (no metric, reference, exit times, frame or drift
+    reference): it loads, runs, and holds a budget on the ladder's predictions."""
     old = tmp_path / "old.edgeexit"
     shutil.copytree(tiny_artifact, old, ignore=shutil.ignore_patterns("fused", "calibration", "weights.pt"))
     m = json.loads((old / "manifest.json").read_text())
@@ -30,10 +32,25 @@ def test_an_artifact_in_the_earlier_manifest_shape_still_loads_and_runs(tiny_art
             u.pop(key, None)
         for t in (*u["inputs"], *u["outputs"]):
             t.pop("dtype", None)
+    for key in ("channel_order", "resize"):
+        m["preprocessing"].pop(key, None)
+    full, skip = [2.0] * 7 + [0.0], [0.5] * 7 + [0.0]
+    m["calibration"] = {
+        "thresholds": skip, "policy": "max_softmax", "predicted": {"mean_ms": 0.5, "accuracy": 0.8},
+        "measured": {"mean_ms": 0.6, "p95_ms": 0.9, "accuracy": 0.8},
+        "ladder": [{"thresholds": skip, "predicted_ms": 0.5, "predicted_accuracy": 0.8},
+                   {"thresholds": full, "predicted_ms": 1.0, "predicted_accuracy": 0.82}],
+    }  # fmt: skip
     (old / "manifest.json").write_text(json.dumps(m))
     art = Artifact.load(old)
     assert art.weights is None and art.calibration_frames is None and art.units[0].flops is None
     assert [u.name for u in art.segments] == [f"seg_{p + 1:02d}" for p in range(art.num_exits)]
+    cal = art.calibration
+    assert cal.metric == "mean" and cal.reference is None and cal.frame is None and cal.drift_reference is None
+    assert cal.measured.mean_ms == 0.6 and all(r.measured is None for r in cal.ladder)
+    with Cascade.load(old, backend="onnxruntime", budget_ms=5.0) as held:
+        state = held.controller.state()  # the calibrated plan anchored on its verification run, the rest predicted
+        assert state["plans"] == 2 and state["measured_rungs"] == 1 and state["calibrated_index"] is not None
     frames, _ = test_frames
     with Cascade.load(old, backend="onnxruntime") as new_shape, Cascade.load(tiny_artifact, backend="onnxruntime") as c:
         a = [p.label for p in new_shape.predict_batch(frames[:32])]
@@ -91,10 +108,8 @@ def test_export_refuses_engine_options_with_onnx_and_names_the_flag():
     with pytest.raises(UserError, match="--batch must be within"):
         ExportOptions(format="engine", batch=0)
     assert ExportOptions(format="engine", batch=8).batch == 8
-    old = ExportOptions.from_kwargs(fmt="engine", max_batch=16, opt_batch=4, workspace_gib=1.0)
-    assert (old.format, old.batch, old.batch_opt, old.workspace) == ("engine", 16, 4, 1.0)
-    with pytest.raises(TypeError, match="one option"):
-        ExportOptions.from_kwargs(fmt="onnx", format="onnx")
+    with pytest.raises(TypeError, match="max_batch"):  # the field is the flag: --batch is `batch`
+        ExportOptions(format="engine", max_batch=16)
 
 
 def test_docs_cli_md_is_what_the_code_says():

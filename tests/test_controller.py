@@ -8,7 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from edgeexit.runtime.controller import BudgetController, Rung, build_ladder
+from edgeexit.runtime.artifact import LadderRung, parse_calibration
+from edgeexit.runtime.controller import BudgetController, Rung, build_ladder, calibrated_ladder
 
 # five rungs, cheapest first; rung 3 is the calibrated plan (measured 1.0 ms)
 COSTS = [0.40, 0.55, 0.70, 1.00, 1.30]
@@ -145,12 +146,8 @@ def test_p95_metric_and_bad_arguments():
 
 
 def test_the_calibrated_plan_is_a_rung_even_if_the_ladder_lacks_it():
-    rows = [
-        {"thresholds": [0.5], "predicted_ms": 0.4, "predicted_accuracy": 0.8},
-        {"thresholds": [0.9], "predicted_ms": 1.0, "predicted_accuracy": 0.86},
-    ]
-    cal = {"thresholds": [0.8], "predicted_ms": 0.9, "predicted_accuracy": 0.85}
-    lad = build_ladder(rows, tuple, cal)
+    rows = [LadderRung((0.5,), 0.4, 0.8), LadderRung((0.9,), 1.0, 0.86)]
+    lad = build_ladder(rows, tuple, LadderRung((0.8,), 0.9, 0.85))
     assert [r.plan for r in lad] == [(0.5,), (0.8,), (0.9,)] and lad[1].calibrated
 
 
@@ -220,16 +217,17 @@ def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
     """Every rung, the chosen plan and the full model run interleaved on the same moments; the scale is
     the interleaved run's speed pooled with the verification run's (frame-weighted, through the exit mix);
     a controller built from the result anchors "quiet" on that reference."""
-    from test_cascade_logic import SlowRunner, frame, ladder_manifest
+    from test_cascade_logic import SlowRunner, frame, ladder_calibration, ladder_manifest
 
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.controller import controller_for, measure_ladder
 
+    cal = ladder_calibration()
     c = Cascade(ladder_manifest(), SlowRunner(0.001))
-    rows = [dict(r) for r in c.manifest["calibration"]["ladder"]]
+    rows = [dict(r) for r in cal["ladder"]]
     # the verification run (90 frames, all leaving at exit 4) said 2 ms: a lucky moment, 2x faster
     verified = {"mean_ms": 2.0, "p95_ms": 2.5, "samples": 90, "exit_shares": [0.0, 0.0, 0.0, 1.0]}
-    chosen = {"thresholds": c.manifest["calibration"]["thresholds"], "measured": dict(verified)}
+    chosen = {"thresholds": cal["thresholds"], "measured": dict(verified)}
     frames = np.stack([frame(0)] * 30)
     measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
     inter, ref = chosen["measured"]["interleaved"], chosen["measured"]["reference"]
@@ -252,11 +250,13 @@ def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
         assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
     assert chosen["measured"]["exit_ms"][3] == pytest.approx(ref["mean_ms"], rel=0.01)
     assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
-    lad = build_ladder(rows, tuple, dict(chosen, predicted_ms=2.0, predicted_accuracy=0.9))
+    block = {"thresholds": chosen["thresholds"], "predicted": {"mean_ms": 2.0, "accuracy": 0.9}, "ladder": rows}
+    cal = parse_calibration({**block, "measured": chosen["measured"]}, 4)
+    lad = calibrated_ladder(cal, tuple)
     assert [r.measured_ms is not None for r in lad] == [True] * len(lad)
     anchor = next(r for r in lad if r.calibrated)
     assert anchor.measured_ms["mean_ms"] == pytest.approx(ref["mean_ms"])
-    ctl = controller_for({"metric": "mean", "measured": chosen["measured"]}, lad, budget_ms=ref["mean_ms"])
+    ctl = controller_for(cal, lad, budget_ms=ref["mean_ms"])
     assert ctl.quiet_ms[ctl.anchor] == pytest.approx(ref["mean_ms"])
     assert ctl.index == ctl.anchor  # B = the plan's own reference latency: the calibrated plan runs
     # a verification run that cannot be compared (an exit the interleaved run never saw) pools nothing
@@ -286,12 +286,12 @@ def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():
         }  # fmt: skip
         for i, m in enumerate(bad)
     ]
-    lad = build_ladder(rows, tuple, None)
+    lad = build_ladder(parse_calibration({"ladder": rows}, 1).ladder, tuple)
     assert all(r.measured_ms is None and r.exit_ms is None for r in lad)
     ctl = BudgetController(lad, 0.7, window=8)
     assert ctl.quiet_ms == [r.predicted_ms for r in lad]  # no calibrated anchor: bias 1
     good = dict(rows[0], measured={"mean_ms": 0.3, "p95_ms": 0.4}, exit_ms=[0.25, "x", None, -1.0])
-    (rung,) = build_ladder([good], tuple, None)
+    (rung,) = build_ladder(parse_calibration({"ladder": [good]}, 1).ladder, tuple)
     assert rung.measured_ms == {"mean_ms": 0.3, "p95_ms": 0.4} and rung.exit_ms == (0.25, None, None, None)
     with pytest.raises(ValueError, match="window"):
         BudgetController(lad, 0.7, window=2)
@@ -315,12 +315,10 @@ def test_hostile_reference_and_noise_fields_fall_back_to_the_verification_run():
         "fast",
         None,
     ):
-        ctl = controller_for({"metric": "mean", "measured": {**verified, "reference": ref}}, lad, budget_ms=1.1)
+        cal = parse_calibration({"metric": "mean", "measured": {**verified, "reference": ref}}, 4)
+        ctl = controller_for(cal, lad, budget_ms=1.1)
         assert ctl.quiet_ms[ctl.anchor] == pytest.approx(1.1) and 0.01 <= ctl.sigma_q <= 0.5
         assert ctl.index == ctl.anchor  # B = the verification run's latency: the calibrated plan
-    huge = controller_for(
-        {"metric": "mean", "measured": {**verified, "reference": {**verified, "block_sd": 1e6, "block_frames": 50}}},
-        lad,
-        budget_ms=1.1,
-    )
+    block = {"metric": "mean", "measured": {**verified, "reference": {**verified, "block_sd": 1e6, "block_frames": 50}}}
+    huge = controller_for(parse_calibration(block, 4), lad, budget_ms=1.1)
     assert huge.sigma_q == 0.5  # an absurd spread is capped, not trusted

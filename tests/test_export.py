@@ -11,13 +11,13 @@ from conftest import normalised
 from edgeexit.errors import UserError
 from edgeexit.export.exporter import export_checkpoint
 from edgeexit.export.tensorrt import engine_entry, engine_filename, profile_shapes
+from edgeexit.runtime.artifact import Artifact
 from edgeexit.runtime.backends.tensorrt import INSTALL_HINT, check_engine_compatible
-from edgeexit.runtime.manifest import load_manifest
 from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def test_sixteen_units_pass_the_checker_and_manifest_follows_the_contract(tiny_artifact):
-    m = load_manifest(tiny_artifact)
+    m = Artifact.load(tiny_artifact).to_json()
     assert [u["name"] for u in m["units"]][:4] == ["seg_01", "head_01", "seg_02", "head_02"]
     assert len(m["units"]) == 16 and m["schema_version"] == 1
     for u in m["units"]:
@@ -45,7 +45,7 @@ def test_sixteen_units_pass_the_checker_and_manifest_follows_the_contract(tiny_a
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_chained_onnxruntime_reproduces_pytorch_on_1000_real_test_images(tiny_artifact, tiny_run, fashion_test, batch):
     model = model_from_checkpoint(load_checkpoint(tiny_run[0] / "model.pt"))
-    m = load_manifest(tiny_artifact)
+    m = Artifact.load(tiny_artifact).to_json()
     # one intra-op thread, as the runtime's sessions: ORT's default pool spin-waits against torch's OpenMP
     # threads in this process (measured: 4x to 20x slower on the 2-core box) without changing any logit
     opts = ort.SessionOptions()
@@ -153,13 +153,13 @@ def test_engine_format_without_tensorrt_says_how_to_get_it(tiny_run, tmp_path):
     except ImportError:
         pass
     with pytest.raises(UserError) as e:
-        export_checkpoint(tiny_run[0] / "model.pt", out=tmp_path / "e.edgeexit", fmt="engine")
+        export_checkpoint(tiny_run[0] / "model.pt", out=tmp_path / "e.edgeexit", format="engine")
     assert str(e.value) == INSTALL_HINT and "JetPack" in INSTALL_HINT
     assert not (tmp_path / "e.edgeexit").exists()
 
 
 def test_tensorrt_profiles_entries_and_compatibility(tiny_artifact):
-    m = load_manifest(tiny_artifact)
+    m = Artifact.load(tiny_artifact).to_json()
     seg2 = m["units"][2]
     shapes = profile_shapes(seg2["inputs"], max_batch=32, opt_batch=8)
     c, h, w = seg2["inputs"][0]["shape"][1:]
@@ -189,7 +189,7 @@ def test_engines_build_and_run_with_tensorrt(tiny_run, tmp_path):
         reason="TensorRT is not installed (NVIDIA index or JetPack only); engine building runs on a GPU machine",
     )
     dest = tmp_path / "trt.edgeexit"
-    manifest, _ = export_checkpoint(tiny_run[0] / "model.pt", out=dest, fmt="engine", half=False, max_batch=8)
+    manifest, _ = export_checkpoint(tiny_run[0] / "model.pt", out=dest, format="engine", half=False, batch=8)
     assert all(len(u["engines"]) == 1 for u in manifest["units"])
 
 
@@ -209,7 +209,7 @@ def test_unknown_schema_version_says_what_to_do(artifact_copy):
     m["schema_version"] = 99
     (artifact_copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="schema_version 99.*upgrade edgeexit or re-export"):
-        load_manifest(artifact_copy)
+        Artifact.load(artifact_copy)
     shutil.rmtree(artifact_copy)
     with pytest.raises(UserError, match="does not exist"):
-        load_manifest(artifact_copy)
+        Artifact.load(artifact_copy)

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeexit.cli import app
-from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.artifact import Artifact
 
 
 def cli(*args: str):
@@ -48,7 +48,7 @@ def test_a_budget_without_a_unit_is_refused_naming_both_readings(command, tiny_a
     assert len(errors) == 1 and "5ms" in errors[0] and "5%" in errors[0] and "no unit" in errors[0], res.output
     assert "Traceback" not in res.output
     if command == "calibrate":
-        assert load_manifest(tiny_artifact)["calibration"] is None  # nothing was measured or written
+        assert Artifact.load(tiny_artifact).to_json()["calibration"] is None  # nothing was measured or written
 
 
 @pytest.mark.slow  # a real calibration of the tiny artifact (about 50 s on the loaded 2-core VM)
@@ -89,7 +89,7 @@ def test_a_budget_above_the_full_model_is_said_loudly(artifact_copy):
     res = cli("calibrate", artifact_copy, "--budget", "1000ms", *CALIBRATE)
     assert res.exit_code == 0, res.output
     text = words(res.output)
-    full_ms = load_manifest(artifact_copy)["calibration"]["full_model"]["predicted_ms"]
+    full_ms = Artifact.load(artifact_copy).to_json()["calibration"]["full_model"]["predicted_ms"]
     assert f"warning: the budget 1000.000 ms is above the full model's {full_ms:.3f} ms" in text
     assert "limits nothing" in text and "no speed-up" in text and "--budget 60%" in text
 
@@ -99,7 +99,7 @@ def test_recalibration_says_what_it_replaces_and_restore_puts_it_back(calibrated
     first_dir, first, _ = calibrated
     dest = tmp_path / "model.edgeexit"
     shutil.copytree(first_dir, dest)
-    before = load_manifest(dest)["calibration"]
+    before = Artifact.load(dest).to_json()["calibration"]
     res = cli("calibrate", dest, "--max-drop", "5pt", *CALIBRATE)
     assert res.exit_code == 0, res.output
     text = words(res.output)
@@ -112,7 +112,7 @@ def test_recalibration_says_what_it_replaces_and_restore_puts_it_back(calibrated
     assert f"{goal}; thresholds {old_words}" in text
     assert "--restore" in text and "fixed-sequence" not in text and "× the full model" not in text
     assert "promise (--max-drop 5.00 pt at 95%)" in text and "95% confidence" in text
-    second = load_manifest(dest)["calibration"]
+    second = Artifact.load(dest).to_json()["calibration"]
     assert second["max_drop"]["max_drop"] == pytest.approx(0.05)
     saved = json.loads((dest / "calibration.previous.json").read_text())
     assert saved["calibration"] == before
@@ -120,7 +120,7 @@ def test_recalibration_says_what_it_replaces_and_restore_puts_it_back(calibrated
     res = cli("calibrate", dest, "--restore")
     assert res.exit_code == 0, res.output
     assert "restored: calibrated" in words(res.output) and "--max-drop 5.00 pt" in words(res.output)
-    assert load_manifest(dest)["calibration"] == before
+    assert Artifact.load(dest).to_json()["calibration"] == before
     assert json.loads((dest / "calibration.previous.json").read_text())["calibration"] == second
     assert "an earlier calibration is kept" in words(cli("info", dest).output)
     res = cli("calibrate", dest, "--restore", "--budget", "5ms")

@@ -52,6 +52,29 @@ def _load(built, monkeypatch, version="10.3.0", integrated=False, **kw):
     return Cascade.load(built[version], backend="tensorrt", thresholds=TH, **kw), trt, cudart
 
 
+@pytest.mark.parametrize("backend", ["tensorrt", "auto"])
+def test_a_tensorrt_load_reads_and_checks_the_manifest_once(built, monkeypatch, backend):
+    """auto asks whether the engines run here and the backend opens them: both from the one parse."""
+    from pathlib import Path
+
+    from edgeexit.runtime import artifact
+
+    install(monkeypatch, version="10.3.0")
+    calls: list[str] = []
+    read_text, build = Path.read_text, artifact._build
+
+    def counted_read(self, *a, **kw):
+        if self.name == "manifest.json":
+            calls.append("read")
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", counted_read)
+    monkeypatch.setattr(artifact, "_build", lambda folder, m: calls.append("build") or build(folder, m))
+    with Cascade.load(built["10.3.0"], backend=backend, thresholds=TH) as c:
+        assert c.runner.info.name == "tensorrt"
+    assert calls == ["read", "build"]
+
+
 def _pairs(preds):
     return [(p.label, p.exit_index) for p in preds]
 
@@ -372,14 +395,13 @@ def test_s14_two_threads_predicting_on_one_cascade_get_the_reference_answers(
 def test_d24_d25_the_requested_precision_picks_the_engines_and_no_precision_means_fp32(built, monkeypatch):
     import json
 
-    from edgeexit.runtime.artifact import parse_units
+    from edgeexit.runtime.artifact import Artifact, parse_units
     from edgeexit.runtime.backends.tensorrt import select_engine, tensorrt_usable
-    from edgeexit.runtime.manifest import load_manifest
 
     install(monkeypatch, version="10.3.0")
-    manifest = load_manifest(built["10.3.0"])  # fp32 engines only
-    assert tensorrt_usable(manifest, "fp32")[0] and tensorrt_usable(manifest)[0]
-    ok, why = tensorrt_usable(manifest, "int8")  # no int8 engines: auto passes TensorRT over
+    art = Artifact.load(built["10.3.0"])  # fp32 engines only
+    assert tensorrt_usable(art, "fp32")[0] and tensorrt_usable(art)[0]
+    ok, why = tensorrt_usable(art, "int8")  # no int8 engines: auto passes TensorRT over
     assert not ok and "no int8 TensorRT engines" in why
     units = json.loads((built["10.3.0"] / "manifest.json").read_text())["units"]
     for u in units:

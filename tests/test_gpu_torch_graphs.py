@@ -88,14 +88,14 @@ def fake_cuda(monkeypatch):
 
 @pytest.mark.slow
 def test_graphs_share_one_pool_use_power_of_two_buckets_and_replay_correctly(tiny_artifact, test_frames, fake_cuda):
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.backends.torch import TorchBackend
-    from edgeexit.runtime.manifest import load_manifest
 
-    be = TorchBackend(load_manifest(tiny_artifact), device="cpu")
+    be = TorchBackend(Artifact.load(tiny_artifact), device="cpu")
     be.use_graphs = True
     th = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]  # compaction at several exits: many batch sizes
     eager = Cascade.load(tiny_artifact, backend="torch", thresholds=th)
-    graphed = Cascade(eager.manifest, be, thresholds=th)
+    graphed = Cascade(eager.artifact, be, thresholds=th)
     frames, _ = test_frames
     for start, size in ((0, 1), (1, 3), (4, 64), (68, 5), (73, 33), (106, 7)):
         batch = frames[start : start + size]
@@ -113,11 +113,11 @@ def test_graphs_share_one_pool_use_power_of_two_buckets_and_replay_correctly(tin
 
 
 def test_a_padded_graph_returns_only_the_callers_rows(tiny_artifact, fake_cuda):
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.backends.torch import TorchBackend, bucket
-    from edgeexit.runtime.manifest import load_manifest
 
     assert [bucket(n) for n in (1, 2, 3, 5, 33, 64)] == [1, 2, 4, 8, 64, 64]
-    be = TorchBackend(load_manifest(tiny_artifact), device="cpu")
+    be = TorchBackend(Artifact.load(tiny_artifact), device="cpu")
     be.use_graphs = True
     x = np.random.default_rng(0).normal(size=(5, 1, 28, 28)).astype(np.float32)
     state = be.run_segment(0, be.from_host(x))

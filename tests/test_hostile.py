@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from edgeexit.cli import app
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import Cascade
-from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.artifact import Artifact
 
 runner = CliRunner()
 K = 8
@@ -60,7 +60,7 @@ def test_a_symlinked_unit_that_leads_outside_is_refused(artifact_copy):
     (artifact_copy / "seg_02.onnx").unlink()
     os.symlink(outside, artifact_copy / "seg_02.onnx")
     with pytest.raises(ArtifactError, match="resolves outside"):
-        load_manifest(artifact_copy)
+        Artifact.load(artifact_copy)
 
 
 def test_the_torch_backend_weights_must_be_inside(artifact_copy):
@@ -137,7 +137,7 @@ def test_json_writer_writes_non_finite_numbers_as_null_and_names_them(capsys):
 
 def test_deadlines_must_be_numbers_at_least_zero(artifact_copy, test_frames):
     c = Cascade.load(artifact_copy, backend="onnxruntime")
-    c.set_unit_latency({u["name"]: 0.1 for u in c.manifest["units"]})
+    c.set_unit_latency({u.name: 0.1 for u in c.artifact.units})
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="deadline_ms must be a number >= 0"):
             c.predict(test_frames[0][0], deadline_ms=bad)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgeexit.runtime import Cascade
-from edgeexit.runtime.manifest import load_manifest
+from edgeexit.runtime.artifact import Artifact
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def int8_artifact(tiny_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
-    m = load_manifest(int8_artifact)
+    m = Artifact.load(int8_artifact).to_json()
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["images"] == 128 and q["parity"]["passed"]
     assert len(q["parity"]["exits"]) == 8 and q["parity"]["images"] == 472  # the other held-out images
@@ -41,7 +41,7 @@ def test_convs_reading_few_channels_stay_fp32(int8_artifact):
 
     from edgeexit.export.quantize import narrow_input_convs
 
-    segments = [u for u in load_manifest(int8_artifact)["units"] if u["kind"] == "segment"]
+    segments = [u for u in Artifact.load(int8_artifact).to_json()["units"] if u["kind"] == "segment"]
     for unit in (segments[0], segments[3]):  # tiny model: 1 -> 4 -> 4 channels, then 8 channels
         fp32 = onnx.load(str(int8_artifact / unit["onnx"])).graph
         widths = {t.name: t.dims[1] for t in fp32.initializer if len(t.dims) == 4}
@@ -128,7 +128,7 @@ def test_the_nine_exit_layout_trains_exports_and_runs(tmp_path, test_frames):
     export_checkpoint(
         tmp_path / "run" / "model.pt", out=art, parity_samples=64, int8=True, int8_images=64, int8_tolerance=0.03
     )
-    m = load_manifest(art)
+    m = Artifact.load(art).to_json()
     assert len(m["units"]) == 18 and m["model"]["num_exits"] == 9 and m["model"]["config"]["exits"] == 9
     assert m["parity"]["max_abs_logit_diff"] <= m["parity"]["tolerance"] and m["quantization"]["parity"]["passed"]
     # the TensorRT flavour ran too, judged as the ONNX Runtime INT8 units are (accuracy within --int8-tolerance),

@@ -178,15 +178,13 @@ def test_deadline_returns_the_best_exit_in_time(tiny_artifact, test_frames):
         c.predict(frames[0], deadline_ms=5)
     # Pretend every unit takes 10 ms at p95 (the real ones take ~0.05 ms, so only a >5 ms stall of
     # this machine could change the outcome). A pair is only started if elapsed + its p95 fits.
-    c.set_unit_latency({u["name"]: 10.0 for u in c.manifest["units"]})
+    c.set_unit_latency({u.name: 10.0 for u in c.artifact.units})
     c.set_thresholds([1.5] * (K - 1) + [0.0])  # exits 1-7 skipped...
     p = c.predict(frames[0], deadline_ms=15)
     assert p.deadline_hit and p.exit_index == 1  # ...but head 1 runs anyway: nothing else could answer in time
     # Segment k "takes" 10·k ms at p95 and heads nothing: with heads evaluated and (practically)
     # nobody confident enough, the deepest pair started is the last one whose p95 fits what is left.
-    c.set_unit_latency(
-        {u["name"]: 10.0 * u["exit_index"] if u["kind"] == "segment" else 0.0 for u in c.manifest["units"]}
-    )
+    c.set_unit_latency({u.name: 10.0 * u.exit_index if u.kind == "segment" else 0.0 for u in c.artifact.units})
     c.set_thresholds([1.0] * (K - 1) + [0.0])
     assert c.predict(frames[0], deadline_ms=25).exit_index == 2
     assert c.predict(frames[0], deadline_ms=45).exit_index == 4
@@ -334,10 +332,10 @@ def test_fused_exits_give_the_same_predictions(artifact_copy, test_frames):
 def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monkeypatch):
     """The CUDA-graph cache logic of the torch backend, with capture simulated on the CPU: replays
     equal eager results, the cache is capped, and a unit that cannot be captured is not retried."""
+    from edgeexit.runtime.artifact import Artifact
     from edgeexit.runtime.backends.torch import TorchBackend
-    from edgeexit.runtime.manifest import load_manifest
 
-    be = TorchBackend(load_manifest(tiny_artifact), device="cpu")
+    be = TorchBackend(Artifact.load(tiny_artifact), device="cpu")
     be.use_graphs, be.max_graphs = True, 6
     captures = []
 
@@ -358,7 +356,7 @@ def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monk
     monkeypatch.setattr(be, "_capture", fake_capture)
     full = [2.0] * (K - 1) + [0.0]  # every segment and the last head run
     eager = Cascade.load(tiny_artifact, backend="torch", thresholds=full)
-    graphed = Cascade(eager.manifest, be, thresholds=full)
+    graphed = Cascade(eager.artifact, be, thresholds=full)
     frames, _ = test_frames
     for batch in (1, 3, 1, 5):
         a = eager.predict_batch(frames[:batch])

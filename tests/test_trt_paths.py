@@ -297,7 +297,7 @@ def test_export_format_engine_half_runs_the_engines_before_publishing(monkeypatc
     trt, _ = install(monkeypatch, version=version)
     dest = tmp_path / "trt.edgeexit"
     m, _ = export_checkpoint(
-        tiny_run[0] / "model.pt", out=dest, fmt="engine", half=True, max_batch=16, parity_samples=256, calib_images=0
+        tiny_run[0] / "model.pt", out=dest, format="engine", half=True, batch=16, parity_samples=256, calib_images=0
     )
     assert all(u["engines"][0]["precision"] == "fp16" for u in m["units"])
     assert m["fp16"]["max_abs_logit_diff"] < 0.05

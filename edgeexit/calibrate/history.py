@@ -71,9 +71,9 @@ def keep_previous(artifact) -> dict | None:
     none, nothing is written)."""
     from edgeexit.util import atomic_write_json
 
-    old = artifact.manifest_dict().get("calibration")
-    if not isinstance(old, dict):
+    if artifact.calibration is None:
         return None
+    old = artifact.calibration.to_dict()
     atomic_write_json(
         Path(artifact.folder) / PREVIOUS_NAME,
         {
@@ -107,7 +107,7 @@ def restore(folder: str | Path) -> tuple[dict, dict | None]:
         raise UserError(f"{path} is not a saved calibration ({e}): nothing was changed") from None
     if saved.get("content_id") not in (None, art.content_id):
         raise UserError(f"{path} was saved for another export of {folder} (its units changed): nothing was changed")
-    current = art.manifest_dict().get("calibration")
+    current = art.calibration.to_dict() if art.calibration is not None else None
     if isinstance(current, dict):
         atomic_write_json(
             path,

@@ -4,19 +4,20 @@ when the frames stored in the artifact are not what is asked for)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from edgeexit.errors import UserError
 
+if TYPE_CHECKING:
+    from edgeexit.runtime.artifact import Artifact
 
-def load_frames(artifact, data: str | None, split: str, data_dir: str | None):
-    """(uint8 HWC frames, labels) of the chosen split (``heldout``: the one the checkpoint held out;
-    else the test split), and the dataset's name. ``artifact``: an `Artifact` or a manifest dict
-    from `load_manifest`."""
+
+def load_frames(art: Artifact, data: str | None, split: str, data_dir: str | None):
+    """(uint8 HWC frames, labels) of the chosen split of ``art``'s dataset (``heldout``: the one the
+    checkpoint held out; else the test split), and the dataset's name."""
     from edgeexit.data import load_dataset
     from edgeexit.data.datasets import load_heldout
-    from edgeexit.runtime.artifact import as_artifact
 
-    art = as_artifact(artifact)
     name = data or art.dataset
     if not name:
         raise UserError("the artifact records no dataset: pass --data")

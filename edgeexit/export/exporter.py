@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeexit import __version__
 from edgeexit.errors import UserError
-from edgeexit.runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION
+from edgeexit.runtime.artifact import MANIFEST_NAME, SCHEMA_VERSION
 from edgeexit.util import atomic_write_json, esc, remove_stale_temps, temp_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -35,7 +35,7 @@ def _stage(console, text: str, t0: float) -> None:
 @dataclass(frozen=True)
 class ExportOptions:
     """Every option of `edgeexit export`, validated in one place. Field ``x_y`` is the flag ``--x-y``
-    (errors name the flag). Python callers may still use the earlier names (`ALIASES`)."""
+    (errors name the flag)."""
 
     out: str | os.PathLike | None = None
     format: str = "onnx"
@@ -87,18 +87,6 @@ class ExportOptions:
                 "add --format engine, or leave them out"
             )
 
-    @classmethod
-    def from_kwargs(cls, **options) -> ExportOptions:
-        """``ExportOptions(**options)`` with the earlier Python names (fmt, max_batch, ...) accepted."""
-        for old, new in ALIASES.items():
-            if old in options:
-                if new in options:
-                    raise TypeError(f"export options {old!r} and {new!r} are one option: give one")
-                options[new] = options.pop(old)
-        return cls(**options)
-
-
-ALIASES = {"fmt": "format", "max_batch": "batch", "opt_batch": "batch_opt", "workspace_gib": "workspace"}
 ENGINE_ONLY = ("batch", "batch_opt", "workspace")  # refused with --format onnx (Ultralytics' validate_args)
 _DEFAULTS = {"batch": 64, "batch_opt": 1, "workspace": 2.0}
 
@@ -128,7 +116,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
     from edgeexit.data.datasets import load_heldout
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
-    opts = ExportOptions.from_kwargs(**options)
+    opts = ExportOptions(**options)
     t_start = time.perf_counter()
     checkpoint = Path(checkpoint)
     if opts.format == "engine":

@@ -274,7 +274,7 @@ def build_artifact_engines(
     folder = art.folder
     trt = import_tensorrt()
     device = gpu_fingerprint()
-    manifest = art.manifest_dict()
+    manifest = art.to_json()
     units = manifest["units"]
     key = source_key(precision, trt_major(trt.__version__) >= 10)
     _require_flavour(units, key, precision)
@@ -300,7 +300,7 @@ def build_artifact_engines(
             more = len(gate["failures"]) - 1
             raise RuntimeError(f"TensorRT {precision} engines differ from FP32 beyond tolerance: {gate['failures'][0]}"
                                f"{f' (and {more} more)' if more else ''}: not published")  # fmt: skip
-        _publish(folder, tmp, manifest, new_units, precision, gate)
+        _publish(art, tmp, manifest, new_units, precision, gate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return gate
@@ -332,10 +332,11 @@ def _require_flavour(units: list[dict], key: str, precision: str) -> None:
         )
 
 
-def _publish(folder: Path, tmp: Path, manifest: dict, new_units: list[dict], precision: str, gate: dict) -> None:
-    """Gated plans renamed from ``tmp`` into the artifact, then the manifest rewritten (atomically,
-    last): other precisions' engines are kept."""
+def _publish(art, tmp: Path, manifest: dict, new_units: list[dict], precision: str, gate: dict) -> None:
+    """Gated plans renamed from ``tmp`` into the artifact ``art``, then the manifest rewritten
+    (atomically, last): other precisions' engines are kept."""
     import os
+    folder = art.folder
 
     from edgeexit.runtime.manifest import write_manifest
 
@@ -349,7 +350,7 @@ def _publish(folder: Path, tmp: Path, manifest: dict, new_units: list[dict], pre
     for name in ("timing.cache", CACHE_META):
         os.replace(tmp / name, folder / name)
     manifest["engine_parity"] = gate
-    write_manifest(folder, manifest)
+    write_manifest(art, manifest)
 
 
 def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, workspace_gib: float) -> None:

@@ -28,7 +28,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -84,6 +84,11 @@ class Unit:
         return path
 
     @property
+    def exit_index(self) -> int:
+        """The exit this unit belongs to, counted from 1 (as ``Prediction.exit_index``)."""
+        return self.position + 1
+
+    @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
@@ -128,10 +133,41 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class MeasuredLatency:
+    """A latency calibrate measured on the device, what the budget controller compares against. Each
+    figure is a finite number of ms or None (not measured, or not a number: never trusted)."""
+
+    mean_ms: float | None
+    p95_ms: float | None
+    frames: int | None = None
+    block_sd: float | None = None  # relative block-to-block sd of the slowdown: calibration's own noise
+    block_frames: int | None = None  # frames per block of that sd
+
+    def of(self, metric: str) -> float | None:
+        """The figure the controller holds for ``metric`` (mean or p95)."""
+        return self.p95_ms if metric == "p95" else self.mean_ms
+
+    @property
+    def complete(self) -> bool:
+        return self.mean_ms is not None and self.p95_ms is not None
+
+
+@dataclass(frozen=True)
 class LadderRung:
     thresholds: tuple[float, ...]
     predicted_ms: float
     predicted_accuracy: float
+    measured: MeasuredLatency | None = None  # run for real by calibrate (None: a prediction only)
+    exit_ms: tuple[float | None, ...] | None = None  # mean latency per exit position taken (None: unseen)
+
+
+@dataclass(frozen=True)
+class FrameCost:
+    """What calibrate --frame-size measured before the cascade: the camera frame's preprocessing."""
+
+    size: tuple[int, ...]
+    covers_frame: bool  # the budget covers the whole frame (preprocessing, then the cascade)
+    preprocess: MeasuredLatency | None
 
 
 @dataclass(frozen=True)
@@ -145,6 +181,14 @@ class Calibration:
     predicted: Mapping | None = None  # what calibrate predicted for the chosen plan (accuracy, mean_ms, ...)
     # the drift monitor's reference (runtime/monitor.py): None in calibrations made before it existed
     drift_reference: Mapping | None = None
+    metric: str = "mean"  # what the budget holds: the mean or the p95 latency
+    predicted_ms: float | None = None  # the calibrated plan's predicted mean latency
+    predicted_accuracy: float | None = None
+    full_model_ms: float | None = None  # the full model's predicted latency (`run --budget 50%`)
+    measured: MeasuredLatency | None = None  # the calibrated plan's verification run
+    reference: MeasuredLatency | None = None  # the same plan on the ladder's scale (measured interleaved)
+    exit_ms: tuple[float | None, ...] | None = None  # its mean latency per exit taken, on that scale
+    frame: FrameCost | None = None
     block: Mapping = field(default_factory=dict, compare=False, repr=False)  # the whole block, read-only
 
     def to_dict(self) -> dict:
@@ -223,105 +267,85 @@ class Artifact:
         """The manifest as it is on disk (a fresh dict: what `info --json` prints)."""
         return json.loads(json.dumps(_thaw(self.manifest)))
 
-    def manifest_dict(self) -> dict:
-        """The manifest as a fresh mutable dict (what readers not yet migrated use), with the
-        private keys ``_folder`` and ``_content_id`` that `write_manifest` drops."""
-        out = json.loads(json.dumps(_thaw(self.manifest)))
-        out.update(_folder=str(self.folder), _content_id=self.content_id)
-        return out
-
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Artifact:
         folder = Path(folder)
         raw = read_manifest_json(folder)
-        check_manifest_dict(folder, raw)  # the field checks of earlier rounds, messages kept
         return _build(folder, raw)
 
     @classmethod
-    def parse(cls, folder: str | os.PathLike, manifest: Mapping) -> Artifact:
-        """The same checks and build as `load`, on a manifest already in memory (its private
-        ``_`` keys ignored)."""
-        folder = Path(folder)
-        raw = json.loads(json.dumps(_thaw({k: v for k, v in manifest.items() if not str(k).startswith("_")})))
-        check_manifest_dict(folder, raw)
-        return _build(folder, raw)
+    def in_memory(
+        cls,
+        num_exits: int,
+        class_names: Sequence[str],
+        preprocessing: Mapping,
+        calibration: Mapping | None = None,
+    ) -> Artifact:
+        """An artifact without a folder or files: what a `Cascade` over a runner of your own reads
+        (a simulated device, a test, a benchmark of the cascade itself). ``preprocessing`` and
+        ``calibration`` are manifest blocks, checked as `load` checks them."""
+        if not (_int(num_exits) and num_exits >= 1):
+            raise ArtifactError(f"an artifact needs at least one exit, got {num_exits!r}")
+        names = tuple(class_names)
+        if not (names and all(isinstance(n, str) for n in names)):
+            raise ArtifactError("class_names must be a non-empty list of strings")
+        bad = _Bad("in-memory artifact")
+        units = tuple(
+            Unit(name, "segment" if name.startswith("seg_") else "head", i // 2, (), (), MappingProxyType({}))
+            for i, name in enumerate(unit_names(num_exits))
+        )
+        raw = {
+            "schema_version": SCHEMA_VERSION,
+            "class_names": list(names),
+            "preprocessing": _thaw(preprocessing),
+            "units": [{"name": u.name, "kind": u.kind} for u in units],
+            "calibration": _thaw(calibration),
+        }
+        return cls(
+            folder=Path("."),
+            schema_version=SCHEMA_VERSION,
+            model=ModelInfo(num_exits=num_exits, num_classes=len(names), config=MappingProxyType({})),
+            preprocessing=_preprocessing(raw["preprocessing"], bad),
+            class_names=names,
+            units=units,
+            calibration=_calibration(raw["calibration"], num_exits, bad),
+            calibration_frames=None,
+            weights=None,
+            content_id="",
+            manifest=_freeze(raw),
+        )
 
 
-def as_artifact(manifest) -> Artifact:
-    """An `Artifact` from an Artifact (itself) or a manifest dict from `load_manifest` (with its
-    ``_folder``): what the Python API accepted before the typed contract keeps working."""
-    if isinstance(manifest, Artifact):
-        return manifest
-    if isinstance(manifest, Mapping) and isinstance(manifest.get("_folder"), str):
-        return Artifact.parse(manifest["_folder"], manifest)
-    got = type(manifest).__name__
-    raise TypeError(f"expected an Artifact (Artifact.load) or a manifest from load_manifest, got {got}")
+class _Bad:
+    """The ArtifactError of one field, ``<where>: <field> <what>; <fix>``: every check below says
+    where, which field, what is wrong and how to get a good one."""
 
+    def __init__(self, where: str | Path) -> None:
+        self.where = where
 
-def _field_error(where: str):
-    def bad(field_name: str, what: str, fix: str = "re-export the model"):
-        return ArtifactError(f"{where}: {field_name} {what}; {fix}")
-
-    return bad
+    def __call__(self, field_name: str, what: str, fix: str = "re-export the model") -> ArtifactError:
+        return ArtifactError(f"{self.where}: {field_name} {what}; {fix}")
 
 
 def parse_preprocessing(p: Mapping, where: str = "manifest") -> Preprocessing:
     """A preprocessing block (in_chans, input_size, mean, std) as `Preprocessing`."""
-    return _preprocessing(_thaw(p), _field_error(where))
+    return _preprocessing(_thaw(p), _Bad(where))
 
 
 def parse_calibration(cal: Mapping | None, num_exits: int, where: str = "manifest") -> Calibration | None:
     """A calibration block as `Calibration` (None stays None)."""
-    return _calibration(_thaw(cal) if cal is not None else None, num_exits, _field_error(where))
-
-
-def runtime_fields(manifest: Mapping) -> tuple[int, tuple[str, ...], Preprocessing, Calibration | None]:
-    """(exits, class names, preprocessing, calibration) of an in-memory manifest with no files (a
-    `Cascade` over a runner of your own: units, class_names, preprocessing, calibration)."""
-    try:
-        k = len(manifest["units"]) // 2
-        names = tuple(manifest["class_names"])
-        pre = parse_preprocessing(manifest["preprocessing"])
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(
-            f"a manifest needs units, class_names and preprocessing ({type(e).__name__}: {e})"
-        ) from None
-    return k, names, pre, parse_calibration(manifest.get("calibration"), k)
+    return _calibration(_thaw(cal) if cal is not None else None, num_exits, _Bad(where))
 
 
 def parse_units(folder: str | os.PathLike, units: list) -> tuple[Unit, ...]:
     """Unit entries (the manifest's ``units``, or what export is writing) as `Unit`s, files resolved
     inside ``folder``."""
     folder = Path(folder)
-    bad = _field_error(str(folder))
+    bad = _Bad(folder)
     return tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(units))
 
 
-# -- the field checks on the parsed JSON ------------------------------------------------------------
-def check_manifest_dict(folder: Path, manifest: dict) -> None:
-    """The field checks on the parsed JSON (before the typed build in runtime/artifact.py).
-
-    A manifest is data from whoever made the artifact: every file it names must resolve inside
-    the artifact folder (symlinks resolved), and the preprocessing and class names must make sense
-    for the model, so a tampered or careless manifest fails here rather than giving silent garbage."""
-    path = folder / MANIFEST_NAME
-    missing = [k for k in REQUIRED if k not in manifest]
-    if missing:
-        raise ArtifactError(f"{path} lacks {', '.join(missing)}: re-export the model")
-    version = manifest["schema_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version > SCHEMA_VERSION or version < 1:
-        raise ArtifactError(
-            f"{path} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
-            "upgrade edgeexit or re-export with this version"
-        )
-    if not isinstance(manifest["model"], dict):
-        raise ArtifactError(f"{path}: model must be an object; re-export the model")
-    _check_units(path, folder, manifest)
-    _check_preprocessing(path, manifest["preprocessing"])
-    _check_class_names(path, manifest)
-    _check_calibration(path, manifest)
-
-
+# -- the build: each field checked where it becomes a field --------------------------------------
 def artifact_file(folder: str | os.PathLike, name) -> Path:
     """``folder/name`` for a file a manifest names, refusing anything that leaves the artifact:
     an absolute path, ``..``, or a symlink (anywhere on the way) that resolves outside."""
@@ -338,132 +362,6 @@ def artifact_file(folder: str | os.PathLike, name) -> Path:
     if not path.resolve().is_relative_to(folder.resolve()):
         raise ArtifactError(f"{path} resolves outside the artifact {folder} (a symlink?): re-export the model")
     return path
-
-
-def _check_units(path: Path, folder: Path, manifest: dict) -> None:
-    units = manifest["units"]
-    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
-        raise ArtifactError(f"{path}: units must be a list of objects; re-export the model")
-    names = [u.get("name") for u in units]
-    k = len(names) // 2
-    if k == 0 or names != unit_names(k):
-        raise ArtifactError(f"{path}: units must be seg_01, head_01, ... in order; found {names}")
-    for u in units:
-        _check_unit_io(path, u)
-        onnx_path = artifact_file(folder, u.get("onnx"))
-        if not onnx_path.is_file():
-            raise ArtifactError(f"{onnx_path} is missing: re-export the model")
-        if "onnx_int8" in u:
-            artifact_file(folder, u["onnx_int8"])
-        engines = u.get("engines") or []
-        if not isinstance(engines, list):
-            raise ArtifactError(f"{path}: unit {u['name']} engines must be a list; re-export the model")
-        for engine in engines:
-            artifact_file(folder, engine.get("path") if isinstance(engine, dict) else None)
-    if "weights" in manifest:
-        artifact_file(folder, manifest["weights"])
-    frames = manifest.get("calibration_frames")
-    if frames is not None:
-        if not isinstance(frames, dict):
-            raise ArtifactError(f"{path}: calibration_frames must be an object; re-export the model")
-        artifact_file(folder, frames.get("path"))
-
-
-def _check_unit_io(path: Path, u: dict) -> None:
-    kind = "segment" if u["name"].startswith("seg_") else "head"
-    if u.get("kind") != kind:
-        raise ArtifactError(f"{path}: unit {u['name']} must have kind '{kind}'; re-export the model")
-    for key in ("inputs", "outputs"):
-        io = u.get(key)
-        ok = (
-            isinstance(io, list)
-            and io
-            and all(
-                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list) for t in io
-            )
-        )
-        if not ok:
-            raise ArtifactError(
-                f"{path}: unit {u['name']} {key} must list {{name, shape}} objects; re-export the model"
-            )
-
-
-def _check_calibration(path: Path, manifest: dict) -> None:
-    """A calibration block that the runtime would trip over later is refused now."""
-    from edgeexit.runtime.policies import POLICIES
-
-    cal = manifest.get("calibration")
-    if cal is None:
-        return
-
-    def bad(what: str):
-        return ArtifactError(f"{path}: calibration {what}; run `edgeexit calibrate` again")
-
-    if not isinstance(cal, dict):
-        raise bad("is not an object")
-    th = cal.get("thresholds")
-    k = len(manifest["units"]) // 2
-    if th is not None and not (isinstance(th, list) and len(th) == k and all(_finite(t) for t in th)):
-        raise bad(f"thresholds must be {k} finite numbers, got {th!r}")
-    ladder = cal.get("ladder")
-    if ladder is not None and not (
-        isinstance(ladder, list)
-        and all(
-            isinstance(r, dict)
-            and isinstance(r.get("thresholds"), list)
-            and len(r["thresholds"]) == k
-            and all(_finite(t) for t in r["thresholds"])
-            and _finite(r.get("predicted_ms"))
-            and _finite(r.get("predicted_accuracy"))
-            for r in ladder
-        )
-    ):
-        raise bad(f"ladder must list {{thresholds ({k} numbers), predicted_ms, predicted_accuracy}} objects")
-    policy = cal.get("policy", "max_softmax")
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise bad(f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}")
-    table = (cal.get("latency") or {}).get("units") if isinstance(cal.get("latency"), dict | None) else None
-    if table is not None:
-        names = unit_names(k)
-        if not (
-            isinstance(table, dict)
-            and all(isinstance(table.get(n), dict) and _finite(table[n].get("p95_ms")) for n in names)
-        ):
-            raise bad("latency.units must give p95_ms for every unit")
-
-
-def _check_preprocessing(path: Path, pre) -> None:
-    def bad(what: str):
-        return ArtifactError(f"{path}: preprocessing {what}; re-export the model")
-
-    if not isinstance(pre, dict):
-        raise bad("is not an object")
-    chans = pre.get("in_chans")
-    if chans not in (1, 3):
-        raise bad(f"in_chans must be 1 or 3, got {chans!r}")
-    size = pre.get("input_size")
-    if not (isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and 1 <= v <= 8192 for v in size)):
-        raise bad(f"input_size must be [H, W] with 1..8192 pixels each, got {size!r}")
-    for key, positive in (("mean", False), ("std", True)):
-        v = pre.get(key)
-        numbers = v if isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v) else None
-        if numbers is None or (positive and not all(x > 0 for x in numbers)):
-            need = "positive finite numbers" if positive else "finite numbers"
-            raise bad(f"{key} must be {chans} {need} (one per channel), got {v!r}")
-
-
-def _check_class_names(path: Path, manifest: dict) -> None:
-    names = manifest["class_names"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise ArtifactError(f"{path}: class_names must be a non-empty list of strings; re-export the model")
-    try:
-        classes = manifest["units"][1]["outputs"][0]["shape"][1]
-    except (KeyError, IndexError, TypeError):
-        return  # an artifact without recorded shapes: nothing to compare with
-    if isinstance(classes, int) and classes != len(names):
-        raise ArtifactError(
-            f"{path}: {len(names)} class_names but the model has {classes} classes; re-export the model"
-        )
 
 
 # -- parsing --------------------------------------------------------------------------------------
@@ -542,22 +440,24 @@ def _int(x) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _finite(x) -> bool:
+def _finite(x) -> TypeGuard[int | float]:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _build(folder: Path, m: dict) -> Artifact:
-    where = folder / MANIFEST_NAME
-
-    def bad(field_name: str, what: str, fix: str = "re-export the model"):
-        return ArtifactError(f"{where}: {field_name} {what}; {fix}")
-
-    k = len(m["units"]) // 2
-    pre = _preprocessing(m["preprocessing"], bad)
-    units = tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(m["units"]))
-    model = _model(m["model"], k, bad, lambda declared: _check_wiring(units, pre, declared, len(m["class_names"]), bad))
+    """The typed artifact of the parsed manifest ``m``: every field checked once, where it becomes a
+    field. A manifest is data from whoever made the artifact: every file it names must resolve inside
+    the folder (symlinks resolved), and the preprocessing and class names must make sense for the
+    model, so a tampered or careless manifest fails here rather than giving silent garbage."""
+    bad = _Bad(folder / MANIFEST_NAME)
+    _check_header(m, bad)
+    units = _units(folder, m["units"], bad)
+    k = len(units) // 2
     weights = artifact_file(folder, m["weights"]) if "weights" in m else None
     frames = _frames(folder, m.get("calibration_frames"), bad)
+    pre = _preprocessing(m["preprocessing"], bad)
+    names = _class_names(m["class_names"], units, bad)
+    model = _model(m["model"], k, bad, lambda declared: _check_wiring(units, pre, declared, len(names), bad))
     _check_unique(folder, units, weights, frames)
     calibration = _calibration(m.get("calibration"), k, bad)
     return Artifact(
@@ -565,7 +465,7 @@ def _build(folder: Path, m: dict) -> Artifact:
         schema_version=m["schema_version"],
         model=model,
         preprocessing=pre,
-        class_names=tuple(m["class_names"]),
+        class_names=names,
         units=units,
         calibration=calibration,
         calibration_frames=frames,
@@ -575,9 +475,45 @@ def _build(folder: Path, m: dict) -> Artifact:
     )
 
 
-def _preprocessing(p: dict, bad) -> Preprocessing:
+def _check_header(m: dict, bad: _Bad) -> None:
+    missing = [key for key in REQUIRED if key not in m]
+    if missing:
+        raise ArtifactError(f"{bad.where} lacks {', '.join(missing)}: re-export the model")
+    version = m["schema_version"]
+    if not _int(version) or version > SCHEMA_VERSION or version < 1:
+        raise ArtifactError(
+            f"{bad.where} has schema_version {version!r}; this edgeexit reads 1..{SCHEMA_VERSION}: "
+            "upgrade edgeexit or re-export with this version"
+        )
+    if not isinstance(m["model"], dict):
+        raise bad("model", "must be an object")
+
+
+def _units(folder: Path, units, bad: _Bad) -> tuple[Unit, ...]:
+    if not isinstance(units, list) or not all(isinstance(u, dict) for u in units):
+        raise bad("units", "must be a list of objects")
+    names = [u.get("name") for u in units]
+    if len(names) < 2 or names != unit_names(len(names) // 2):
+        raise ArtifactError(f"{bad.where}: units must be seg_01, head_01, ... in order; found {names}")
+    return tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(units))
+
+
+def _class_names(names, units: tuple[Unit, ...], bad: _Bad) -> tuple[str, ...]:
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise bad("class_names", "must be a non-empty list of strings")
+    shape = units[1].outputs[0].shape
+    classes = shape[1] if len(shape) > 1 else None  # a head without recorded classes: nothing to compare
+    if classes is not None and classes != len(names):
+        raise ArtifactError(
+            f"{bad.where}: {len(names)} class_names but the model has {classes} classes; re-export the model"
+        )
+    return tuple(names)
+
+
+def _preprocessing(p, bad: _Bad) -> Preprocessing:
     import numpy as np
 
+    _check_preprocessing_fields(p, bad)
     mean = np.asarray(p["mean"], dtype=np.float64)
     std = np.asarray(p["std"], dtype=np.float64)
     with np.errstate(all="ignore"):
@@ -603,6 +539,23 @@ def _preprocessing(p: dict, bad) -> Preprocessing:
         channel_order=order,
         resize=resize,
     )
+
+
+def _check_preprocessing_fields(p, bad: _Bad) -> None:
+    if not isinstance(p, dict):
+        raise bad("preprocessing", "is not an object")
+    chans = p.get("in_chans")
+    if chans not in (1, 3):
+        raise bad("preprocessing", f"in_chans must be 1 or 3, got {chans!r}")
+    size = p.get("input_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_int(v) and 1 <= v <= 8192 for v in size)):
+        raise bad("preprocessing", f"input_size must be [H, W] with 1..8192 pixels each, got {size!r}")
+    for key, positive in (("mean", False), ("std", True)):
+        v = p.get(key)
+        numbers = v if isinstance(v, list) and len(v) == chans and all(_finite(x) for x in v) else None
+        if numbers is None or (positive and not all(x > 0 for x in numbers)):
+            need = "positive finite numbers" if positive else "finite numbers"
+            raise bad("preprocessing", f"{key} must be {chans} {need} (one per channel), got {v!r}")
 
 
 # Largest |(pixel - mean) / std| for a pixel in [0, 1] that an artifact may imply. Training clamps a
@@ -634,21 +587,29 @@ def _tensor(t: dict, where: str, bad) -> TensorSpec:
     return TensorSpec(t["name"], tuple(shape), dtype)
 
 
-def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
+def _unit(folder: Path, u: dict, index: int, bad: _Bad) -> Unit:
     name = u["name"]
+    kind = "segment" if name.startswith("seg_") else "head"
+    if u.get("kind") != kind:
+        raise bad(f"unit {name}", f"must have kind '{kind}'")
+    for key in ("inputs", "outputs"):
+        io = u.get(key)
+        if not (isinstance(io, list) and io and all(_is_tensor_entry(t) for t in io)):
+            raise bad(f"unit {name} {key}", "must list {name, shape} objects")
     inputs = tuple(_tensor(t, f"units[{name}].inputs[{i}]", bad) for i, t in enumerate(u["inputs"]))
     outputs = tuple(_tensor(t, f"units[{name}].outputs[{i}]", bad) for i, t in enumerate(u["outputs"]))
-    files = {"fp32": artifact_file(folder, u["onnx"])}
+    files = {"fp32": artifact_file(folder, u.get("onnx"))}
+    if not files["fp32"].is_file():
+        raise ArtifactError(f"{files['fp32']} is missing: re-export the model")
     for precision, key in (("int8", "onnx_int8"), ("int8_trt", "onnx_int8_trt"), ("fp16", "onnx_fp16")):
-        if u.get(key) is not None:
+        if u.get(key) is not None or key == "onnx_int8" and key in u:  # onnx_int8 null: a file name, refused
             files[precision] = artifact_file(folder, u[key])
     engines = u.get("engines") or []
     if not isinstance(engines, list):
-        raise bad(f"units[{name}].engines", f"must be a list, got {type(engines).__name__}")
+        raise bad(f"unit {name} engines", "must be a list")
     parsed = []
     for i, e in enumerate(engines):
-        if not isinstance(e, dict):
-            raise bad(f"units[{name}].engines[{i}]", "must be an object")
+        path = artifact_file(folder, e.get("path") if isinstance(e, dict) else None)
         if e.get("precision") not in PRECISIONS:
             raise bad(
                 f"units[{name}].engines[{i}].precision",
@@ -659,10 +620,14 @@ def _unit(folder: Path, u: dict, index: int, bad) -> Unit:
             if e.get(key) is not None and not isinstance(e[key], str):
                 raise bad(f"units[{name}].engines[{i}].{key}", f"must be a string, got {e[key]!r}",
                           "rebuild the engines (edgeexit export --format engine)")  # fmt: skip
-        parsed.append(Engine(artifact_file(folder, e.get("path")), e["precision"], _freeze(e)))
+        parsed.append(Engine(path, e["precision"], _freeze(e)))
     stats = {key: u.get(key) for key in ("flops", "params", "parity_max_abs_diff")}
     stats = {key: v if _finite(v) else None for key, v in stats.items()}
     return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats)
+
+
+def _is_tensor_entry(t) -> bool:
+    return isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
 
 
 def _model(model: dict, k: int, bad, wiring: Callable[[_DeclaredModel], int]) -> ModelInfo:
@@ -760,9 +725,12 @@ def _check_wiring(units, pre: Preprocessing, model: _DeclaredModel, n_names: int
     return classes
 
 
-def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
-    if not info:
+def _frames(folder: Path, info, bad: _Bad) -> CalibrationFrames | None:
+    if info is None:
         return None
+    if not isinstance(info, dict):
+        raise bad("calibration_frames", "must be an object")
+    path = artifact_file(folder, info.get("path"))
     sha = info.get("sha256")
     if not (isinstance(sha, str) and len(sha) == 64):
         raise bad("calibration_frames.sha256", f"must be a sha256 hex digest, got {sha!r}")
@@ -772,7 +740,7 @@ def _frames(folder: Path, info, bad) -> CalibrationFrames | None:
     shape = info.get("shape")
     if shape is not None and not (isinstance(shape, list) and all(_int(v) and v >= 1 for v in shape)):
         raise bad("calibration_frames.shape", f"must list positive integers, got {shape!r}")
-    return CalibrationFrames(artifact_file(folder, info.get("path")), sha, count, tuple(shape) if shape else None)
+    return CalibrationFrames(path, sha, count, tuple(shape) if shape else None)
 
 
 def _check_unique(folder: Path, units, weights, frames) -> None:
@@ -795,33 +763,28 @@ def _check_unique(folder: Path, units, weights, frames) -> None:
         seen.setdefault(key, (owner, what))
 
 
-def _calibration(cal, k: int, bad) -> Calibration | None:
-    from edgeexit.runtime.policies import POLICIES
-
+def _calibration(cal, k: int, bad: _Bad) -> Calibration | None:
+    """The calibration block, typed; a block the runtime would trip over later is refused now."""
     if cal is None:
         return None
     fix = "run `edgeexit calibrate` again"
-    policy = cal.get("policy", "max_softmax")
-    if not isinstance(policy, str) or policy not in POLICIES:
-        raise bad("calibration.policy", f"{policy!r} is not one of {', '.join(POLICIES)}", fix)
+    policy = _check_plans(cal, k, bad, fix)
     backend = cal.get("backend")
     if backend is not None and not isinstance(backend, str):
         raise bad("calibration.backend", f"must be a string, got {backend!r}", fix)
     ladder = cal.get("ladder")
-    if ladder is not None and not isinstance(ladder, list):
-        raise bad("calibration.ladder", f"must be a list, got {type(ladder).__name__}", fix)
-    rungs = tuple(
-        LadderRung(tuple(float(t) for t in r["thresholds"]), float(r["predicted_ms"]), float(r["predicted_accuracy"]))
-        for r in ladder or []
-    )
+    rungs = tuple(_rung(r) for r in ladder or [])
     latency = cal.get("latency")
     if latency is not None and not isinstance(latency, dict):
         raise bad("calibration.latency", f"must be an object, got {type(latency).__name__}", fix)
     table = (latency or {}).get("units")
     p95 = None
     if table is not None:
-        if not isinstance(table, dict):
-            raise bad("calibration.latency.units", "must be an object", fix)
+        if not (
+            isinstance(table, dict)
+            and all(isinstance(table.get(n), dict) and _finite(table[n].get("p95_ms")) for n in unit_names(k))
+        ):
+            raise bad("calibration", "latency.units must give p95_ms for every unit", fix)
         p95 = MappingProxyType({n: float(table[n]["p95_ms"]) for n in unit_names(k)})
     device = cal.get("device")
     if device is not None and not isinstance(device, dict):
@@ -837,6 +800,8 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
             parse_reference(drift, k)
         except ValueError as e:
             raise bad("calibration.drift_reference", f"is malformed ({e})", fix) from None
+    measured = cal.get("measured") or {}
+    metric = "p95" if cal.get("metric") == "p95" else "mean"
     return Calibration(
         thresholds=tuple(float(t) for t in th) if th is not None else None,
         policy=policy,
@@ -846,7 +811,106 @@ def _calibration(cal, k: int, bad) -> Calibration | None:
         device=_freeze(device) if device is not None else None,
         predicted=_freeze(predicted) if isinstance(predicted, dict) else None,
         drift_reference=_freeze(drift) if drift is not None else None,
+        metric=metric,
+        predicted_ms=_positive_or_none((predicted or {}).get("mean_ms")),
+        predicted_accuracy=float(acc) if _finite(acc := (predicted or {}).get("accuracy")) else 0.0,
+        full_model_ms=_positive_or_none((cal.get("full_model") or {}).get("predicted_ms")),
+        measured=_measured_latency(measured),
+        reference=_measured_latency(measured.get("reference")),
+        exit_ms=_exit_ms(measured.get("exit_ms")),
+        frame=_frame_cost(cal.get("frame"), metric, bad, fix),
         block=_freeze(cal),
+    )
+
+
+def _positive_or_none(x) -> float | None:
+    return float(x) if _finite(x) and x > 0 else None
+
+
+def _measured_latency(m) -> MeasuredLatency | None:
+    """A measured latency block; figures that are not positive finite numbers read as not measured
+    (a manifest is an input: a NaN or a string never reaches the controller)."""
+    if not isinstance(m, dict):
+        return None
+    frames, block = m.get("frames"), m.get("block_frames")
+    return MeasuredLatency(
+        mean_ms=_positive_or_none(m.get("mean_ms")),
+        p95_ms=_positive_or_none(m.get("p95_ms")),
+        frames=frames if _int(frames) and frames > 0 else None,
+        block_sd=_positive_or_none(m.get("block_sd")),
+        block_frames=block if _int(block) and block > 0 else None,
+    )
+
+
+def _exit_ms(values) -> tuple[float | None, ...] | None:
+    if not (isinstance(values, list) and values):
+        return None
+    return tuple(_positive_or_none(v) for v in values)
+
+
+def _rung(r: dict) -> LadderRung:
+    measured = _measured_latency(r.get("measured"))
+    if measured is not None and not measured.complete:
+        measured = None  # a rung is measured with both figures, or it is a prediction
+    return LadderRung(
+        tuple(float(t) for t in r["thresholds"]),
+        float(r["predicted_ms"]),
+        float(r["predicted_accuracy"]),
+        measured,
+        _exit_ms(r.get("exit_ms")) if measured is not None else None,
+    )
+
+
+def _frame_cost(frame, metric: str, bad: _Bad, fix: str) -> FrameCost | None:
+    """calibrate --frame-size's record: the frame size and its measured preprocessing (what `run
+    --budget` takes from the budget before the cascade: a number of ms >= 0 when the budget covers the
+    frame)."""
+    if not isinstance(frame, dict):
+        return None
+    covers = frame.get("covers") == "frame"
+    pre = frame.get("preprocess")
+    pre = pre if isinstance(pre, dict) else {}
+    key = "p95_ms" if metric == "p95" else "mean_ms"
+    if covers and not (_finite(pre.get(key)) and pre[key] >= 0):
+        raise bad(
+            f"calibration.frame.preprocess.{key}", f"must be a number of ms >= 0, got {_short(pre.get(key))}", fix
+        )
+    size = frame.get("size")
+    size = tuple(size) if isinstance(size, list) and all(_int(v) and v > 0 for v in size) else ()
+    mean, p95 = (float(v) if _finite(v := pre.get(k)) and v >= 0 else None for k in ("mean_ms", "p95_ms"))
+    return FrameCost(size, covers, MeasuredLatency(mean, p95) if covers else None)
+
+
+def _check_plans(cal, k: int, bad: _Bad, fix: str) -> str:
+    """The calibrated thresholds, the ladder of plans and the policy; returns the policy."""
+    from edgeexit.runtime.policies import POLICIES
+
+    if not isinstance(cal, dict):
+        raise bad("calibration", "is not an object", fix)
+    th = cal.get("thresholds")
+    if th is not None and not (isinstance(th, list) and len(th) == k and all(_finite(t) for t in th)):
+        raise bad("calibration", f"thresholds must be {k} finite numbers, got {th!r}", fix)
+    ladder = cal.get("ladder")
+    if ladder is not None and not (isinstance(ladder, list) and all(_is_rung(r, k) for r in ladder)):
+        raise bad(
+            "calibration",
+            f"ladder must list {{thresholds ({k} numbers), predicted_ms, predicted_accuracy}} objects",
+            fix,
+        )
+    policy = cal.get("policy", "max_softmax")
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise bad("calibration", f"policy {cal.get('policy')!r} is not one of {', '.join(POLICIES)}", fix)
+    return policy
+
+
+def _is_rung(r, k: int) -> bool:
+    return (
+        isinstance(r, dict)
+        and isinstance(r.get("thresholds"), list)
+        and len(r["thresholds"]) == k
+        and all(_finite(t) for t in r["thresholds"])
+        and _finite(r.get("predicted_ms"))
+        and _finite(r.get("predicted_accuracy"))
     )
 
 
@@ -912,13 +976,14 @@ def content_id(folder: Path, m: dict) -> str:
     return h.hexdigest()[:16]
 
 
-def check_weights_config(manifest: Mapping, blob, where: Path) -> None:
-    """``weights.pt`` (the torch backend's) must hold the model the manifest describes: a config
-    asking for width 20 while the manifest says 0.25 would build a model hundreds of times larger."""
+def check_weights_config(expected_config: Mapping, blob, where: Path) -> None:
+    """``weights.pt`` (the torch backend's) must hold the model the manifest describes
+    (``expected_config``: `ModelInfo.config`): a config asking for width 20 while the manifest says
+    0.25 would build a model hundreds of times larger."""
     config = blob.get("config") if isinstance(blob, dict) else None
     if not isinstance(config, dict) or not isinstance(blob.get("state_dict"), dict):
         raise ArtifactError(f"{where} is not an edgeexit weights file (config and state_dict); re-export the model")
-    expected = _thaw(manifest["model"]["config"])
+    expected = _thaw(expected_config)
     diff = [key for key in sorted(set(expected) | set(config), key=str) if expected.get(key) != config.get(key)]
     if diff:
         key = diff[0]

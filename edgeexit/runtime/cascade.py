@@ -12,7 +12,7 @@ unit runs is the business of a `Runner` (runtime/backends/base.py). `Cascade` jo
   verification and profiling, without touching the cascade a camera thread is using. How a view
   runs is one frozen `CascadeOptions`; what views share (runner, lock, lifetime) is one `_Shared`.
 - Ownership follows Polygraphy: `Cascade.load` creates its runner and `close` frees it; a runner
-  handed to `Cascade(manifest, runner)` stays the caller's unless ``owns_runner=True``.
+  handed to `Cascade(artifact, runner)` stays the caller's unless ``owns_runner=True``.
 - Calibration's services (`exit_statistics`, `profile`, `set_unit_latency`) are functions over a
   runner and a plan in runtime/profiling.py; the methods here delegate to them.
 """
@@ -33,7 +33,7 @@ import numpy as np
 
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import profiling
-from edgeexit.runtime.artifact import Artifact, as_artifact, runtime_fields
+from edgeexit.runtime.artifact import Artifact, Calibration
 from edgeexit.runtime.backends import BackendOptions, Runner, choose_backend, create_backend
 from edgeexit.runtime.backends.options import option_names
 from edgeexit.runtime.monitor import DriftMonitor, monitor_for
@@ -135,8 +135,8 @@ _OPTION_FIELDS = frozenset(f.name for f in fields(CascadeOptions))
 
 
 def _with(options: CascadeOptions | None, changes: Mapping, where: str = "Cascade()") -> CascadeOptions:
-    """``options`` (default: `CascadeOptions()`) with option fields given by keyword (the earlier,
-    still accepted spelling: ``Cascade(manifest, runner, unit_timing=True)``)."""
+    """``options`` (default: `CascadeOptions()`) with option fields given by keyword
+    (``Cascade.load(path, unit_timing=True)``)."""
     if options is None:
         options = CascadeOptions()
     elif not isinstance(options, CascadeOptions):
@@ -162,7 +162,6 @@ class _Shared:
         "backend_choice",
         "views",
         "artifact",
-        "manifest",
         "num_exits",
         "class_names",
         "preprocessing",
@@ -170,10 +169,15 @@ class _Shared:
         "fingerprint_changes",
     )
 
-    def __init__(self, manifest, runner: Runner, owns_runner: bool) -> None:
-        self.artifact, self.num_exits, class_names, self.preprocessing, self.calibration = _contract(manifest)
-        self.manifest = self.artifact.manifest_dict() if self.artifact is not None else manifest
-        self.class_names = list(class_names)
+    def __init__(self, artifact: Artifact, runner: Runner, owns_runner: bool) -> None:
+        if not isinstance(artifact, Artifact):
+            raise TypeError(
+                "artifact must be an Artifact (Artifact.load, or Artifact.in_memory for a runner of your own), "
+                f"got {type(artifact).__name__}"
+            )
+        self.artifact, self.num_exits = artifact, artifact.num_exits
+        self.preprocessing, self.calibration = artifact.preprocessing, artifact.calibration
+        self.class_names = list(artifact.class_names)
         self.runner, self.owns_runner, self.closed = runner, bool(owns_runner), False
         # Runners that are not thread safe (TensorRT, torch with CUDA graphs) get one caller at a time.
         self.lock = nullcontext() if runner.thread_safe else threading.RLock()
@@ -215,19 +219,16 @@ class Cascade:
 
     def __init__(
         self,
-        manifest: Artifact | Mapping,
+        artifact: Artifact,
         runner: Runner,
         thresholds=None,
         options: CascadeOptions | None = None,
         *,
         owns_runner: bool = False,
         drift=None,
-        **option_fields,
     ) -> None:
-        """``manifest``: the `Artifact` (`Artifact.load`), or a manifest dict: one from
-        `load_manifest`, or an in-memory one (units, class_names, preprocessing, calibration) for a
-        runner of your own. ``options``: `CascadeOptions`; its fields are also accepted by keyword
-        (``policy=``, ``input_order=``, ``fuse=``, ``unit_timing=``, ``budget_ms=``, ``budget_window=``).
+        """``artifact``: the `Artifact` (`Artifact.load`; `Artifact.in_memory` for a runner of your
+        own). ``options``: `CascadeOptions` (policy, input_order, fuse, unit_timing, budget_ms, ...).
         ``owns_runner``: whether `close` (or a failure here) closes ``runner``. Polygraphy's rule: a
         runner handed in stays the caller's (False, the default); `Cascade.load` creates and owns one.
         ``drift``: True or a `DriftOptions` to watch the frames for drift from the calibration
@@ -236,8 +237,8 @@ class Cascade:
         if not isinstance(runner, Runner):
             raise TypeError(f"runner must implement edgeexit.runtime.backends.Runner, got {type(runner).__name__}")
         try:
-            options = _with(options, option_fields)
-            shared = _Shared(manifest, runner, owns_runner)
+            options = _with(options, {})
+            shared = _Shared(artifact, runner, owns_runner)
             cal = shared.calibration
             if options.policy is None:
                 options = options.replace(policy=cal.policy if cal is not None else "max_softmax")
@@ -248,9 +249,7 @@ class Cascade:
                 latency = profiling.unit_latency_table(CascadePlan.full_model(shared.num_exits), cal.latency_p95_ms)
             controller = None
             if options.budget_ms is not None:  # it picks the plan to start on
-                controller, thresholds = _controller(
-                    cal.to_dict() if cal is not None else {}, options, options.budget_ms, shared.num_exits
-                )
+                controller, thresholds = _controller(cal, options, options.budget_ms, shared.num_exits)
             monitor = None
             drift_options = as_drift_options(drift)
             if drift_options is not None:
@@ -280,7 +279,7 @@ class Cascade:
             self._run = self._run_watched  # type: ignore[method-assign]  # per instance, on purpose (above)
         self._shared, self._root, self._closed = shared, root, False
         self.runner, self._lock = shared.runner, shared.lock
-        self.artifact, self.manifest = shared.artifact, shared.manifest
+        self.artifact = shared.artifact
         self.num_exits, self.class_names = shared.num_exits, shared.class_names
         self.fingerprint_changes = shared.fingerprint_changes
         self.options = options
@@ -736,26 +735,18 @@ class Cascade:
         self.close()
 
 
-def _controller(calib: dict, options: CascadeOptions, budget_ms: float, num_exits: int):
+def _controller(cal: Calibration | None, options: CascadeOptions, budget_ms: float, num_exits: int):
     """The budget controller over the calibration's ladder, and the plan it starts on. Its ``apply``
     assigns every switch to the views `_init_view` registers (the controller swaps the plan itself,
     under its lock, so two threads never undo a switch)."""
-    from edgeexit.runtime.controller import build_ladder, controller_for
+    from edgeexit.runtime.controller import calibrated_ladder, controller_for
 
-    rows = calib.get("ladder")
-    if not rows:
+    if cal is None or not cal.ladder:
         raise ArtifactError(
             "budget_ms needs the calibration's ladder of plans: run `edgeexit calibrate` with this edgeexit"
         )
-    pred = calib.get("predicted") or {}
-    chosen = None  # the calibrated plan: a rung of its own, its measured latency the quiet anchor
-    if calib.get("thresholds") is not None and isinstance(pred.get("mean_ms"), int | float):
-        meas = calib.get("measured") or {}
-        chosen = {"thresholds": calib["thresholds"], "predicted_ms": pred["mean_ms"],
-                  "predicted_accuracy": pred.get("accuracy", 0.0), "measured": meas,
-                  "exit_ms": meas.get("exit_ms")}  # fmt: skip
-    ladder = build_ladder(rows, lambda th: CascadePlan.from_thresholds(th, num_exits), chosen)
-    controller = controller_for(calib, ladder, budget_ms, apply=_PlanFollowers(), window=options.budget_window)
+    ladder = calibrated_ladder(cal, lambda th: CascadePlan.from_thresholds(th, num_exits))
+    controller = controller_for(cal, ladder, budget_ms, apply=_PlanFollowers(), window=options.budget_window)
     return controller, controller.plan
 
 
@@ -764,16 +755,6 @@ def one_by_one(runner: Runner, first_pos: int, last_pos: int, state: tuple) -> t
     for pos in range(first_pos, last_pos + 1):
         state = runner.run_segment(pos, state)
     return state
-
-
-def _contract(manifest):
-    """(artifact or None, number of exits, class names, `Preprocessing`, `Calibration` or None)."""
-    if isinstance(manifest, Artifact) or (isinstance(manifest, Mapping) and "_folder" in manifest):
-        art = as_artifact(manifest)
-        return art, art.num_exits, art.class_names, art.preprocessing, art.calibration
-    if not isinstance(manifest, Mapping):
-        raise TypeError(f"manifest must be an Artifact or a manifest dict, got {type(manifest).__name__}")
-    return (None, *runtime_fields(manifest))
 
 
 _FINGERPRINT_KEYS = (

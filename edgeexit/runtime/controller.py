@@ -1,5 +1,6 @@
-"""Holding a latency budget while the device drifts (the controller needs only the standard library
-and runtime.latency's percentile; measure_ladder runs the cascade through runtime.profiling).
+"""Holding a latency budget while the device drifts (the controller needs only the standard library,
+runtime.latency's percentile and the typed calibration of runtime.artifact; measure_ladder runs the
+cascade through runtime.profiling).
 
 A calibration is a snapshot: a Jetson that throttles, a camera pipeline sharing the CPU or a
 second app thread makes every unit slower, and fixed thresholds then overrun their budget exactly
@@ -50,9 +51,11 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
+from edgeexit.runtime.artifact import Calibration, LadderRung
 from edgeexit.runtime.latency import LatencyStats, percentile
 
 _sqrt = math.sqrt
@@ -68,42 +71,23 @@ class Rung:
     exit_ms: tuple | None = None  # mean latency per exit position (0-based) taken, measured; None: unseen
 
 
-def _measured(row: dict) -> tuple[dict | None, tuple | None]:
-    meas = row.get("measured")
-    if isinstance(meas, dict) and isinstance(meas.get("reference"), dict):
-        meas = meas["reference"]  # the chosen plan on the rungs' scale (measure_ladder)
-    good = (
-        meas
-        if isinstance(meas, dict)
-        and all(
-            isinstance(meas.get(k), int | float) and math.isfinite(meas[k]) and meas[k] > 0
-            for k in ("mean_ms", "p95_ms")
-        )
-        else None
-    )
-    ex = row.get("exit_ms")
-    exits = None
-    if good is not None and isinstance(ex, list) and ex:
-        exits = tuple(float(v) if isinstance(v, int | float) and math.isfinite(v) and v > 0 else None for v in ex)
-    return ({"mean_ms": float(good["mean_ms"]), "p95_ms": float(good["p95_ms"])} if good is not None else None), exits
+def build_ladder(rows: Sequence[LadderRung], make_plan, calibrated: LadderRung | None = None) -> list[Rung]:
+    """Distinct plans from the calibration's ladder, cheapest first, each more accurate than the last
+    (a plan that costs more and is not more accurate is never worth moving to). ``calibrated``: the
+    calibration's own choice, always kept. Rungs carry what `measure_ladder` measured, where it did."""
 
-
-def build_ladder(rows: list[dict], make_plan, calibrated: dict | None = None) -> list[Rung]:
-    """Distinct plans from the manifest's ladder, cheapest first, each more accurate than the last
-    (a plan that costs more and is not more accurate is never worth moving to). ``calibrated``:
-    ``{thresholds, predicted_ms, predicted_accuracy[, measured, exit_ms]}`` of the calibration's own
-    choice, always kept. Rows (and ``calibrated``) may carry what `measure_ladder` measured."""
-
-    def to_rung(row: dict, is_calibrated: bool) -> Rung:
-        meas, exits = _measured(row)
-        plan = make_plan(row["thresholds"])
-        return Rung(plan, float(row["predicted_ms"]), float(row["predicted_accuracy"]), is_calibrated, meas, exits)
+    def to_rung(row: LadderRung, is_calibrated: bool) -> Rung:
+        meas = row.measured
+        measured = {"mean_ms": meas.mean_ms, "p95_ms": meas.p95_ms} if meas is not None and meas.complete else None
+        exits = row.exit_ms if measured is not None else None
+        plan = make_plan(row.thresholds)
+        return Rung(plan, row.predicted_ms, row.predicted_accuracy, is_calibrated, measured, exits)
 
     rungs: dict[tuple, Rung] = {}
     if calibrated is not None:
-        rungs[tuple(calibrated["thresholds"])] = to_rung(calibrated, True)
+        rungs[tuple(calibrated.thresholds)] = to_rung(calibrated, True)
     for row in rows:
-        rungs.setdefault(tuple(row["thresholds"]), to_rung(row, False))
+        rungs.setdefault(tuple(row.thresholds), to_rung(row, False))
     every_measured = all(r.measured_ms is not None for r in rungs.values())
 
     def cost(r: Rung) -> float:  # rank by what was measured when every rung was
@@ -405,35 +389,39 @@ class BudgetController:
         }
 
 
-def controller_for(calib: dict, ladder: list[Rung], budget_ms: float, apply=None, window: int | None = None):
-    """A controller seeded from a manifest's calibration block: the calibrated plan's measured
-    latency (its ``reference`` on the ladder's scale when calibrate measured one, else the
-    verification run) and its spread (the block-to-block sd calibrate measured, else one guessed
-    from the frame p95)."""
-    metric = calib.get("metric", "mean")
-    if metric not in ("mean", "p95"):
-        metric = "mean"
+def calibrated_ladder(calibration: Calibration, make_plan) -> list[Rung]:
+    """The controller's ladder of a calibration: its rungs and the calibrated plan (a rung of its own,
+    measured on the ladder's scale when calibrate measured that: its quiet anchor)."""
+    cal = calibration
+    chosen = None
+    if cal.thresholds is not None and cal.predicted_ms is not None:
+        measured = cal.reference if cal.reference is not None else cal.measured
+        chosen = LadderRung(cal.thresholds, cal.predicted_ms, cal.predicted_accuracy or 0.0, measured, cal.exit_ms)
+    return build_ladder(cal.ladder, make_plan, chosen)
+
+
+def controller_for(calibration: Calibration, ladder: list[Rung], budget_ms: float, apply=None, window=None):
+    """A controller seeded from a calibration: the calibrated plan's measured latency (its
+    ``reference`` on the ladder's scale when calibrate measured one, else the verification run) and
+    its spread (the block-to-block sd calibrate measured, else one guessed from the frame p95)."""
     # 64 frames: on a shared CPU a 32-frame window's slowdown has a sd of ~8 % (white noise the envelope and
     # the margin then pay for twice); a step is still answered within 16-64 frames (the trip)
     w = window or 64
-    meas = calib.get("measured") or {}
-    ref = meas.get("reference")
-    if isinstance(ref, dict) and _positive(ref.get("mean_ms")) and _positive(ref.get("p95_ms")):
+    meas = calibration.measured
+    ref = calibration.reference
+    if ref is not None and ref.complete:
         meas = ref  # a broken reference falls back to the verification run
-    measured = meas.get("mean_ms" if metric == "mean" else "p95_ms")
     noise = None
-    sd, block = meas.get("block_sd"), meas.get("block_frames")
-    mean, p95 = meas.get("mean_ms"), meas.get("p95_ms")
-    if _positive(sd) and _positive(block):
-        noise = min(0.5, sd * math.sqrt(block / w))  # block-mean sd -> window-mean sd
-    elif _positive(mean) and _positive(p95) and p95 > mean:
-        noise = (p95 - mean) / 1.645 / math.sqrt(w) / mean  # frame sd -> window-mean sd, relative
+    if meas is not None and meas.block_sd is not None and meas.block_frames is not None:
+        noise = min(0.5, meas.block_sd * math.sqrt(meas.block_frames / w))  # block-mean sd -> window-mean sd
+    elif meas is not None and meas.mean_ms is not None and meas.p95_ms is not None and meas.p95_ms > meas.mean_ms:
+        noise = (meas.p95_ms - meas.mean_ms) / 1.645 / math.sqrt(w) / meas.mean_ms  # frame sd -> window-mean sd
     return BudgetController(
         ladder,
         budget_ms,
         window=w,
-        metric=metric,
-        measured_ms=float(measured) if _positive(measured) else None,
+        metric=calibration.metric,
+        measured_ms=meas.of(calibration.metric) if meas is not None else None,
         noise=noise,
         apply=apply,
     )

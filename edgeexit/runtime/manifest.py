@@ -1,36 +1,16 @@
-"""Reading and writing NAME.edgeexit/manifest.json and the frames it names (json + pathlib + numpy).
+"""Writing NAME.edgeexit/manifest.json, and the stored frames it names (json + pathlib + numpy).
 
 The parse and every check live in runtime/artifact.py (`Artifact.load`); this module is the I/O
-around it: the dict view `load_manifest` gives older callers, `write_manifest` / `write_calibration`
-(atomic, refusing to write into an artifact another export replaced), and the stored frames."""
+around it: `write_calibration` / `write_manifest` (atomic, refusing to write into an artifact
+another export replaced) and the stored frames."""
 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from edgeexit.errors import ArtifactError
-from edgeexit.runtime.artifact import (  # noqa: F401 - the contract's names, importable from here as before
-    MANIFEST_NAME,
-    SCHEMA_VERSION,
-    Artifact,
-    artifact_file,
-    as_artifact,
-    check_manifest_dict,
-    content_id,
-    read_manifest_json,
-)
-
-
-def load_manifest(artifact: str | os.PathLike) -> dict:
-    """Load and check a manifest; every problem is an ArtifactError saying what to rebuild.
-
-    The one parse is `edgeexit.runtime.artifact.Artifact.load` (typed, every field and file it
-    names checked); this returns its manifest as a mutable dict for the readers that use one, with
-    ``_folder`` and ``_content_id`` (which `write_manifest` checks and drops)."""
-    return Artifact.load(artifact).manifest_dict()
-
+from edgeexit.runtime.artifact import MANIFEST_NAME, Artifact, content_id, read_manifest_json
 
 MAX_FRAMES_BYTES = 2 << 30  # the stored file (compressed)
 MAX_FRAMES_EXPANDED = 4 << 30  # what its members may expand to, at most (less: count x shape)
@@ -65,10 +45,10 @@ def _check_npz_members(path: Path, data: bytes, count: int | None, shape: tuple 
             )
 
 
-def load_calibration_frames(artifact) -> dict | None:
+def load_calibration_frames(art: Artifact) -> dict | None:
     """The held-out images `edgeexit export` stored in the artifact (numpy only; checked against the
     manifest's sha256): frames (N, H, W, C) uint8, labels, and the calibration/verification indices.
-    None when the artifact has none. ``artifact``: an `Artifact` or a manifest dict from `load_manifest`."""
+    None when the artifact has none."""
     import hashlib
     import io
 
@@ -76,7 +56,6 @@ def load_calibration_frames(artifact) -> dict | None:
 
     from edgeexit.util import check_input_file
 
-    art = as_artifact(artifact)
     info = art.calibration_frames
     if info is None:
         return None
@@ -143,32 +122,29 @@ def _check_frames(art, path, out: dict) -> None:
         )
 
 
-def write_calibration(artifact, calibration: dict) -> None:
-    """Write ``calibration`` as the manifest's calibration block of ``artifact`` (the `Artifact` it
-    was calibrated from), refusing to when another export replaced the artifact meanwhile."""
-    manifest = artifact.manifest_dict()
+def write_calibration(art: Artifact, calibration: dict | None) -> None:
+    """Write ``calibration`` as the manifest's calibration block of ``art`` (the `Artifact` it was
+    calibrated from), refusing to when another export replaced the artifact meanwhile."""
+    manifest = art.to_json()
     manifest["calibration"] = calibration
-    write_manifest(artifact.folder, manifest)
+    write_manifest(art, manifest)
 
 
-def write_manifest(artifact: str | os.PathLike, manifest: dict) -> None:
-    """Write ``manifest`` into the artifact, atomically. A manifest read by `load_manifest` carries the
-    content id of the export it came from: when the artifact on disk is another export now (an
-    `export --force` replaced it while a calibrate ran), nothing is written and an ArtifactError says
-    so, rather than writing the old model's calibration into the new artifact."""
+def write_manifest(art: Artifact, manifest: dict) -> None:
+    """Write ``manifest`` into the folder of ``art`` (the `Artifact` it was made from), atomically.
+    When the folder holds another export now (an `export --force` replaced it while a calibrate ran:
+    its ``content_id`` changed), nothing is written and an ArtifactError says so, rather than writing
+    the old model's calibration into the new artifact."""
     from edgeexit.util import atomic_write_json
 
-    expected = manifest.get("_content_id")
-    if expected is not None:
-        folder = Path(artifact)
-        try:
-            now = content_id(folder, read_manifest_json(folder))
-        except ArtifactError:
-            now = None
-        if now != expected:
-            raise ArtifactError(
-                f"{folder} was replaced by another export while this job ran (its units changed): nothing "
-                "was written; run the job again on the new artifact"
-            )
-    clean = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    atomic_write_json(Path(artifact) / MANIFEST_NAME, clean)
+    folder = art.folder
+    try:
+        now = content_id(folder, read_manifest_json(folder))
+    except ArtifactError:
+        now = None
+    if now != art.content_id:
+        raise ArtifactError(
+            f"{folder} was replaced by another export while this job ran (its units changed): nothing "
+            "was written; run the job again on the new artifact"
+        )
+    atomic_write_json(folder / MANIFEST_NAME, manifest)

@@ -5,6 +5,8 @@ Heavy libraries are imported inside each backend module, only when that backend 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.backends.options import (
     BackendOptions,
@@ -13,6 +15,9 @@ from edgeexit.runtime.backends.options import (
     TorchOptions,
     backend_options,
 )
+
+if TYPE_CHECKING:
+    from edgeexit.runtime.artifact import Artifact
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
 
@@ -31,15 +36,7 @@ __all__ = [
 ]
 
 
-def _for_dict_backend(artifact):
-    """The manifest dict for the backends that still read one (tensorrt, torch: helper A converts
-    them to `Artifact` fields); an Artifact passes through once they take one."""
-    from edgeexit.runtime.artifact import Artifact
-
-    return artifact.manifest_dict() if isinstance(artifact, Artifact) else artifact
-
-
-def choose_backend(artifact, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
+def choose_backend(artifact: Artifact, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
     """The backend to use and why: 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu and
     says why it passed over the ones before (e.g. why not TensorRT, or no engines of ``precision``)."""
     from edgeexit.errors import UserError
@@ -50,7 +47,7 @@ def choose_backend(artifact, backend: str = "auto", precision: str | None = None
         return ("onnxruntime-cpu" if backend == "onnxruntime" else backend), "asked for"
     from edgeexit.runtime.backends.tensorrt import tensorrt_usable
 
-    ok, why = tensorrt_usable(_for_dict_backend(artifact), precision)
+    ok, why = tensorrt_usable(artifact, precision)
     if ok:
         return "tensorrt", why
     if precision == "fp16":  # only TensorRT runs fp16: no backend to fall back to, say why
@@ -65,13 +62,12 @@ def choose_backend(artifact, backend: str = "auto", precision: str | None = None
     return "onnxruntime-cpu", f"auto, not tensorrt: {why}; no CUDA execution provider in onnxruntime"
 
 
-def create_backend(artifact, backend: str = "auto", options: BackendOptions | None = None, **changes) -> Runner:
-    """Instantiate a backend by name (see `choose_backend` for 'auto') over ``artifact`` (an
-    `Artifact`, or a manifest dict from `load_manifest`). ``options``: that backend's typed options
-    (`OnnxRuntimeOptions`, `TorchOptions`, `TensorRTOptions`); ``changes``: options by keyword."""
-    from edgeexit.runtime.artifact import as_artifact
-
-    artifact = as_artifact(artifact)
+def create_backend(
+    artifact: Artifact, backend: str = "auto", options: BackendOptions | None = None, **changes
+) -> Runner:
+    """Instantiate a backend by name (see `choose_backend` for 'auto') over ``artifact``.
+    ``options``: that backend's typed options (`OnnxRuntimeOptions`, `TorchOptions`,
+    `TensorRTOptions`); ``changes``: the same options by keyword (``Cascade.load(path, precision="int8")``)."""
     precision = options.precision if options is not None else changes.get("precision")
     backend, _ = choose_backend(artifact, backend, precision)
     kw = backend_options(backend, options, **changes).constructor_kwargs()
@@ -82,7 +78,7 @@ def create_backend(artifact, backend: str = "auto", options: BackendOptions | No
     if backend == "torch":
         from edgeexit.runtime.backends.torch import TorchBackend
 
-        return TorchBackend(_for_dict_backend(artifact), **kw)
+        return TorchBackend(artifact, **kw)
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
 
-    return TensorRTBackend(_for_dict_backend(artifact), **kw)
+    return TensorRTBackend(artifact, **kw)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeexit.errors import ArtifactError, UserError
-from edgeexit.runtime.artifact import Unit
+from edgeexit.runtime.artifact import Artifact, Unit
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
 
@@ -66,18 +66,16 @@ class OnnxRuntimeBackend(Runner):
 
     def __init__(
         self,
-        artifact,
+        artifact: Artifact,
         cuda: bool = False,
         threads: int | None = 1,
         io_binding: bool | None = None,
         precision: str = "fp32",
     ) -> None:
-        """``artifact``: an `Artifact` (or a manifest dict from `load_manifest`). ``threads``: ONNX
+        """``threads``: ONNX
         Runtime intra-op threads. 1 by default: batch-1 units are tiny, and on a 2-core CPU a 2-thread
         pool made latency heavy-tailed (mean 4 ms, p95 17 ms vs 0.67 / 0.77 ms with 1 thread;
         docs/lab-notebook.md §3). Pass None for ONNX Runtime's default, or more for big batches."""
-        from edgeexit.runtime.artifact import as_artifact
-
         if precision not in ("fp32", "int8"):
             raise UserError(
                 f"precision must be fp32 or int8 for ONNX Runtime, got '{precision}'"
@@ -89,7 +87,6 @@ class OnnxRuntimeBackend(Runner):
                 "unfused, slower than fp32): run int8 on TensorRT (`edgeexit engines ARTIFACT --int8`) or "
                 "on the CPU (--backend onnxruntime-cpu)"
             )
-        artifact = as_artifact(artifact)
         self._open(artifact.folder, artifact.units, precision, cuda, threads, io_binding)
 
     @classmethod

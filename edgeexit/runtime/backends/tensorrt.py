@@ -39,12 +39,15 @@ import operator
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edgeexit.errors import UserError
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+
+if TYPE_CHECKING:
+    from edgeexit.runtime.artifact import Artifact
 
 ITEMSIZE = 4  # every unit tensor is float32
 # Captured graphs (and their contexts) kept at most; beyond, units run plainly. None: every key there
@@ -119,17 +122,6 @@ def check_engine_compatible(entry: Mapping, trt_version: str, device: dict, fold
         )
 
 
-def _engine_precisions(artifact) -> list[list[str]]:
-    """The precisions of each unit's engines: from the typed `Artifact` (or a manifest dict from
-    `load_manifest`); a bare probe without a folder (doctor asks whether TensorRT would run engines
-    at all) is read as the raw entries it is."""
-    from edgeexit.runtime.artifact import Artifact, as_artifact
-
-    if isinstance(artifact, Artifact) or "_folder" in artifact:
-        return [[e.precision for e in u.engines] for u in as_artifact(artifact).units]
-    return [[e.get("precision") for e in u.get("engines") or []] for u in artifact["units"]]
-
-
 def tensorrt_cuda_major() -> int | None:
     """The CUDA major the installed TensorRT wheel is built for, from the names of the distributions
     that install its packages (``tensorrt``; the bindings wheel's own package is
@@ -184,13 +176,12 @@ def check_tensorrt_runs(trt) -> None:
         ) from None
 
 
-def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
-    """Can the TensorRT backend run this artifact (an `Artifact` or a manifest dict from
-    `load_manifest`) here, at ``precision`` when given? Checks that TensorRT starts (a real
-    `trt.Runtime`, the wheel's CUDA major against the driver's) and that the engines the backend
-    would pick were built by this TensorRT for this GPU: `auto` then falls back to the ONNX units
-    with the reason instead of failing on stale plans."""
-    per_unit = _engine_precisions(artifact)
+def tensorrt_usable(artifact: Artifact, precision: str | None = None) -> tuple[bool, str]:
+    """Can the TensorRT backend run this artifact here, at ``precision`` when given? Checks that
+    TensorRT starts (a real `trt.Runtime`, the wheel's CUDA major against the driver's) and that the
+    engines the backend would pick were built by this TensorRT for this GPU: `auto` then falls back
+    to the ONNX units with the reason instead of failing on stale plans."""
+    per_unit = [[e.precision for e in u.engines] for u in artifact.units]
     if not any(per_unit):
         return False, f"the artifact has no TensorRT engines (build them on this device with `{REBUILD}`)"
     if precision is not None and not all(precision in unit for unit in per_unit):
@@ -208,14 +199,10 @@ def tensorrt_usable(artifact, precision: str | None = None) -> tuple[bool, str]:
     return True, "engines present and built for this TensorRT and GPU"
 
 
-def _selected_entries(artifact, precision: str | None) -> list[Mapping]:
-    """The manifest entries of the engines `select_engine` would load (none for a bare probe)."""
-    from edgeexit.runtime.artifact import Artifact, as_artifact
-
-    if not (isinstance(artifact, Artifact) or "_folder" in artifact):
-        return []
+def _selected_entries(artifact: Artifact, precision: str | None) -> list[Mapping]:
+    """The manifest entries of the engines `select_engine` would load."""
     out = []
-    for u in as_artifact(artifact).units:
+    for u in artifact.units:
         try:
             out.append(select_engine(u, precision).info)
         except Exception:  # noqa: BLE001 - a unit without such an engine: the precision check above said so
@@ -330,11 +317,7 @@ class _Resources:
 class TensorRTBackend(Runner):
     thread_safe = False  # an execution context runs one inference at a time; the Cascade locks
 
-    def __init__(self, artifact, precision: str | None = None, cuda_graphs: bool = True) -> None:
-        """``artifact``: an `Artifact` (or a manifest dict from `load_manifest`)."""
-        from edgeexit.runtime.artifact import as_artifact
-
-        artifact = as_artifact(artifact)
+    def __init__(self, artifact: Artifact, precision: str | None = None, cuda_graphs: bool = True) -> None:
         self._open(artifact.folder, artifact.units, precision, cuda_graphs)
 
     @classmethod

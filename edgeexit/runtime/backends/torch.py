@@ -15,15 +15,15 @@ from __future__ import annotations
 import numpy as np
 
 from edgeexit.errors import ArtifactError
+from edgeexit.runtime.artifact import Artifact, artifact_file
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
-from edgeexit.runtime.manifest import artifact_file
 
 
 class TorchBackend(Runner):
     def __init__(
         self,
-        artifact,
+        artifact: Artifact,
         device: str | None = None,
         cuda_graphs: bool = True,
         max_graphs: int = 64,
@@ -36,16 +36,15 @@ class TorchBackend(Runner):
         import torch
 
         from edgeexit.models import MultiExitConfig, build_model
-        from edgeexit.runtime.artifact import as_artifact, check_weights_config
+        from edgeexit.runtime.artifact import check_weights_config
         from edgeexit.util import load_untrusted
 
         self.torch = torch
-        artifact = as_artifact(artifact)  # an Artifact, or a manifest dict from load_manifest
         path = artifact.weights or artifact_file(artifact.folder, "weights.pt")
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the torch backend needs the weights; re-export the model")
         blob = load_untrusted(path, "weights file")
-        check_weights_config(artifact.manifest, blob, path)  # before anything is built from it
+        check_weights_config(artifact.model.config, blob, path)  # before anything is built from it
         model = build_model(MultiExitConfig.from_dict(blob["config"]))
         model.load_state_dict(blob["state_dict"])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
