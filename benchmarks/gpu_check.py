@@ -144,32 +144,25 @@ def test_frames(data_dir: str | None, n: int = 1000):
 
 
 def parity(artifact: str, frames, labels, backend: str, **options) -> dict:
-    """``backend`` vs ONNX Runtime CPU FP32, judged: per exit, max |Δconfidence| and prediction
-    agreement against the engine gate's tolerance for the precision (edgeexit.runtime.compare:
-    fp32 includes TF32); a miss is listed in ``failures`` and fails the step."""
+    """``backend`` vs ONNX Runtime CPU FP32, judged by the engine gate's comparator
+    (edgeexit.runtime.compare.compare_exits, the tolerance of the precision: fp32 includes TF32):
+    per exit, max |Δconfidence| and prediction agreement; a miss is listed in ``failures`` and
+    fails the step."""
     import numpy as np
 
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.compare import TOLERANCES, clopper_pearson
+    from edgeexit.runtime.compare import compare_exits
 
     ref = Cascade.load(artifact, backend="onnxruntime", thresholds=TH, fuse=False)
     other = Cascade.load(artifact, backend=backend, thresholds=TH, **options)
-    out: dict = {"failures": []}
-    a = ref.exit_statistics(ref.preprocess.batch(frames))
-    b = other.exit_statistics(other.preprocess.batch(frames), batch_size=64)
+    images, precision = ref.preprocess.batch(frames), options.get("precision") or "fp32"
+    c = compare_exits(ref.runner, other.runner, images, labels, num_exits=ref.num_exits, tolerance=precision)
+    out: dict = {"failures": list(c.failures), "tolerance": c.tolerance.to_json()}
     out["per_exit"] = {
-        "prediction_agreement": [float(x) for x in (a["prediction"] == b["prediction"]).mean(0)],
-        "max_abs_confidence_diff": [float(x) for x in np.abs(a["confidence"] - b["confidence"]).max(0)],
+        "prediction_agreement": [e.prediction_agreement for e in c.exits],
+        "max_abs_confidence_diff": [e.max_abs_confidence_diff for e in c.exits],
+        "disagreement_upper": [e.disagreement_upper for e in c.exits],
     }
-    tol = TOLERANCES[options.get("precision") or "fp32"]
-    out["tolerance"] = {"max_abs_confidence": tol.max_abs_confidence, "max_disagreement": tol.max_disagreement}
-    n = len(frames)
-    for pos, (agree, dconf) in enumerate(zip(*out["per_exit"].values(), strict=True)):
-        if not dconf <= tol.max_abs_confidence:
-            out["failures"].append(f"exit {pos + 1}: max |Δconfidence| {dconf:.3g} > {tol.max_abs_confidence:g}")
-        lower, _ = clopper_pearson(round((1 - agree) * n), n)
-        if lower > tol.max_disagreement:
-            out["failures"].append(f"exit {pos + 1}: agreement {agree:.4f}, disagreement ≥ {100 * lower:.2f} % at 95 %")
     for batch in (1, 64):
         a, b = [], []
         for s in range(0, len(frames), batch):

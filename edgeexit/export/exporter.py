@@ -256,17 +256,17 @@ def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOpti
     t0 = time.perf_counter()
     sample = heldout.subset(np.arange(min(opts.parity_samples, len(heldout))))
     images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
-    parity = check_parity(model, tmp, units, images)
-    parity.update({"split": "held-out", "tolerance": opts.tolerance, "runtime": "onnxruntime-cpu"})
+    parity = check_parity(model, tmp, units, images, opts.tolerance)
+    parity.update({"split": "held-out", "runtime": "onnxruntime-cpu"})
     for u, d in zip(units, parity["units"], strict=True):
         u["parity_max_abs_diff"] = d["max_abs_diff"]
     _stage(
         console,
         f"parity on {len(images)} held-out images: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
-        f"predictions agree {min(e['prediction_agreement'] for e in parity['exits']):.4f}",
+        f"predictions agree {parity['min_prediction_agreement']:.4f}",
         t0,
     )
-    if parity["max_abs_logit_diff"] > opts.tolerance:
+    if not parity["passed"]:
         worst = max(parity["exits"], key=lambda e: e["max_abs_logit_diff"])
         raise RuntimeError(
             f"parity check failed: exit {worst['exit']} differs by "
@@ -332,22 +332,12 @@ def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, consol
         )
     from edgeexit.export.tensorrt import trt_int8_parity
 
-    trt_parity = trt_int8_parity(tmp, units, images[rest], heldout.labels[rest].numpy())
-    if trt_parity.get("checked"):
-        # the TensorRT flavour ships under the rule the ONNX Runtime INT8 units pass: each exit's accuracy
-        # within --int8-tolerance of FP32 on the same images. The comparator's agreement verdict is kept in
-        # the manifest: a briefly trained, unsure model flips predictions without losing accuracy, and the
-        # device's engine gate judges the built engines by it again.
-        drops = [e["reference_accuracy"] - e["candidate_accuracy"] for e in trt_parity["exits"]]
-        worst = int(np.argmax(drops))
-        trt_parity["agreement_passed"] = trt_parity["passed"]
-        trt_parity["max_drop_pt"] = 100 * drops[worst]
-        trt_parity["passed"] = drops[worst] <= opts.int8_tolerance
-        if not trt_parity["passed"]:
-            raise RuntimeError(
-                f"the TensorRT INT8 units (onnx_int8_trt) lose {100 * drops[worst]:.2f} pt at exit {worst + 1} > "
-                f"{100 * opts.int8_tolerance:.2f} pt; try --int8-method entropy or percentile, or more --int8-images"
-            )
+    trt_parity = trt_int8_parity(tmp, units, images[rest], heldout.labels[rest].numpy(), opts.int8_tolerance)
+    if trt_parity.get("checked") and not trt_parity["passed"]:
+        raise RuntimeError(
+            f"the TensorRT INT8 units (onnx_int8_trt) fail: {trt_parity['failures'][0]}; "
+            "try --int8-method entropy or percentile, or more --int8-images"
+        )
     return {**settings, "parity": parity, "trt_parity": trt_parity}
 
 
@@ -360,15 +350,17 @@ def _held_out_images(heldout, n: int):
 
 
 def _write_fp16(tmp: Path, units: list[dict], heldout, opts: ExportOptions, console) -> dict:
-    """--half: FP16 ONNX segments (what a strongly typed TensorRT builds), checked against FP32 in
-    ONNX Runtime on the parity images."""
+    """--half: FP16 ONNX segments (what a strongly typed TensorRT builds), compared with FP32 in
+    ONNX Runtime on the parity images (recorded, not enforced: the device's engine gate enforces)."""
     from edgeexit.export.onnx_units import fp16_parity, write_fp16_units
 
     t0 = time.perf_counter()
     write_fp16_units(tmp, units)
     images, labels = _held_out_images(heldout, opts.parity_samples)
     parity = fp16_parity(tmp, units, images, labels)
-    _stage(console, f"FP16 units: max |Δlogit| {parity['max_abs_logit_diff']:.2e} vs FP32 (ONNX Runtime)", t0)
+    verdict = "within the fp16 tolerance" if parity["passed"] else f"beyond the fp16 tolerance: {parity['failures'][0]}"
+    diff = parity["max_abs_logit_diff"]
+    _stage(console, f"FP16 units vs FP32 (ONNX Runtime): max |Δlogit| {diff:.2e}, {verdict}", t0)
     return parity
 
 

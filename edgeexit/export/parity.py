@@ -1,7 +1,9 @@
 """ONNX Runtime (CPU) vs PyTorch on real images: every unit alone, and the chained cascade.
 
-Both run the units through the runtime's own runner (`OnnxRuntimeBackend.for_units` over export's
-temporary folder) and its chain walk (`edgeexit.runtime.chain`), so what is checked is what runs.
+The exits are compared by the one comparator (`edgeexit.runtime.compare.compare_exits`), with the
+units run by the runtime's own runner (`OnnxRuntimeBackend.for_units` over export's temporary
+folder) and the model by `ModelRunner`, so what is checked is what runs. Each unit is also run
+alone on PyTorch's inputs: a unit that is wrong by itself is named even when a later one hides it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import torch
 
 from edgeexit.models import MultiExitNet
 from edgeexit.runtime.artifact import parse_units
+from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from edgeexit.runtime.chain import walk
+from edgeexit.runtime.compare import Tolerance, compare_exits
 from edgeexit.runtime.plan import unit_names
 
 
@@ -23,60 +26,94 @@ def cpu_runner(folder: Path, units: list[dict], precision: str = "fp32") -> Onnx
     return OnnxRuntimeBackend.for_units(folder, parse_units(folder, units), precision)
 
 
-def _torch_chain(model: MultiExitNet, x: np.ndarray) -> list[tuple[tuple, tuple, torch.Tensor, torch.Tensor]]:
-    """PyTorch's (segment inputs, segment outputs, logits, confidence) for every exit of one batch."""
-    out, state = [], (torch.from_numpy(x),)
-    with torch.no_grad():
-        for seg, head in zip(model.segments, model.heads, strict=True):
-            nxt = seg(*state)
-            logits, _ = head(nxt[-1])
-            out.append((state, nxt, logits, torch.softmax(logits, 1).amax(1)))
-            state = nxt
-    return out
+class ModelRunner(Runner):
+    """The in-memory PyTorch model as a `Runner` (CPU, eager, numpy in and out): the reference
+    export compares its ONNX units with, before any artifact exists."""
+
+    def __init__(self, model: MultiExitNet) -> None:
+        self.model = model.eval().cpu()
+        self.info = RunnerInfo(name="torch-cpu", version=torch.__version__, device="cpu")
+        self.thread_safe = True
+
+    def from_host(self, x: np.ndarray) -> tuple:
+        return (x,)
+
+    def run_segment(self, pos: int, state: tuple) -> tuple:
+        with torch.no_grad():
+            out = self.model.segments[pos](*(torch.from_numpy(np.ascontiguousarray(s)) for s in state))
+        return tuple(t.numpy() for t in out)
+
+    def run_head(self, pos: int, tap) -> HeadOutput:
+        with torch.no_grad():
+            logits, _ = self.model.heads[pos](torch.from_numpy(tap))
+        z = logits.numpy()
+        return HeadOutput(torch.softmax(logits, 1).amax(1).numpy(), z)
+
+    def take(self, state: tuple, rows: np.ndarray) -> tuple:
+        return tuple(s[rows] for s in state)
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
-def _unit_diffs(runner, reference, unit_diff: np.ndarray) -> None:
-    """Each unit alone, fed PyTorch's inputs: max |ONNX - PyTorch| of its outputs (in place)."""
-    for pos, (t_in, t_out, t_logits, _) in enumerate(reference):
-        iso = runner.run_segment(pos, tuple(t.numpy() for t in t_in))
-        d = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(iso, t_out, strict=True))
-        unit_diff[2 * pos] = max(unit_diff[2 * pos], d)
-        head = runner.run_head(pos, t_out[-1].numpy())
-        unit_diff[2 * pos + 1] = max(unit_diff[2 * pos + 1], float(np.abs(head.logits() - t_logits.numpy()).max()))
+class UnitByUnit(Runner):
+    """The reference runner, with every unit also run alone by ``candidate`` on the reference's
+    inputs: ``diff`` keeps max |candidate - reference| of each unit's outputs (seg_01, head_01, ...).
+    One walk gives the chained comparison's reference side and the per-unit check."""
+
+    def __init__(self, reference: Runner, candidate: Runner, num_exits: int) -> None:
+        self.reference, self.candidate = reference, candidate
+        self.info, self.thread_safe = reference.info, False
+        self.diff = np.zeros(2 * num_exits)
+
+    def from_host(self, x: np.ndarray) -> tuple:
+        return self.reference.from_host(x)
+
+    def run_segment(self, pos: int, state: tuple) -> tuple:
+        out = self.reference.run_segment(pos, state)
+        alone = self.candidate.run_segment(pos, state)
+        d = max(float(np.abs(a - b).max()) for a, b in zip(alone, out, strict=True))
+        self.diff[2 * pos] = max(self.diff[2 * pos], d)
+        return out
+
+    def run_head(self, pos: int, tap) -> HeadOutput:
+        head = self.reference.run_head(pos, tap)
+        d = float(np.abs(self.candidate.run_head(pos, tap).logits() - head.logits()).max())
+        self.diff[2 * pos + 1] = max(self.diff[2 * pos + 1], d)
+        return head
+
+    def take(self, state: tuple, rows: np.ndarray) -> tuple:
+        return self.reference.take(state, rows)
+
+    def synchronize(self) -> None:
+        self.reference.synchronize()
+
+    def close(self) -> None:
+        pass  # the runners it wraps belong to the caller
 
 
 def check_parity(
-    model: MultiExitNet, folder: Path, units: list[dict], images: np.ndarray, batch_size: int = 64
+    model: MultiExitNet, folder: Path, units: list[dict], images: np.ndarray, tolerance: float, batch_size: int = 64
 ) -> dict:
-    """``images``: normalised float32 (N, C, H, W). Returns per-unit and per-exit differences."""
-    runner = cpu_runner(folder, units)
+    """``images``: normalised float32 (N, C, H, W). The comparison's record (`ExitComparison.to_json`,
+    judged on |Δlogit| <= ``tolerance``) with ``samples``, ``tolerance`` (the number) and ``units``
+    (each unit alone) added."""
     k = model.num_exits
-    unit_diff, logit_diff, conf_diff, agree = np.zeros(2 * k), np.zeros(k), np.zeros(k), np.zeros(k)
-    model = model.eval().cpu()
+    tol = Tolerance(max_abs_logit=tolerance)
+    candidate = cpu_runner(folder, units)
+    reference = UnitByUnit(ModelRunner(model), candidate, k)
     try:
-        for start in range(0, len(images), batch_size):
-            x = np.ascontiguousarray(images[start : start + batch_size])
-            reference = _torch_chain(model, x)
-            _unit_diffs(runner, reference, unit_diff)
-            for pos, _, _, head in walk(runner, runner.from_host(x), k):  # ONNX Runtime all the way
-                t_logits, t_conf = reference[pos][2].numpy(), reference[pos][3].numpy()
-                logit_diff[pos] = max(logit_diff[pos], float(np.abs(head.logits() - t_logits).max()))
-                conf_diff[pos] = max(conf_diff[pos], float(np.abs(head.confidence - t_conf).max()))
-                agree[pos] += float((head.logits().argmax(1) == t_logits.argmax(1)).sum())
+        result = compare_exits(reference, candidate, images, num_exits=k, tolerance=tol, batch_size=batch_size)
     finally:
-        runner.close()
-    n = len(images)
+        candidate.close()
     return {
-        "samples": int(n),
-        "units": [{"name": name, "max_abs_diff": float(d)} for name, d in zip(unit_names(k), unit_diff, strict=True)],
-        "exits": [
-            {
-                "exit": pos + 1,
-                "max_abs_logit_diff": float(logit_diff[pos]),
-                "max_abs_confidence_diff": float(conf_diff[pos]),
-                "prediction_agreement": float(agree[pos] / n),
-            }
-            for pos in range(k)
+        **result.to_json(),
+        "samples": int(len(images)),
+        "tolerance": tolerance,
+        "units": [
+            {"name": name, "max_abs_diff": float(d)} for name, d in zip(unit_names(k), reference.diff, strict=True)
         ],
-        "max_abs_logit_diff": float(logit_diff.max()),
     }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.runtime.chain import chain_outputs, walk
+from edgeexit.runtime.chain import walk
 from edgeexit.runtime.plan import segment_name
 
 METHODS = ("minmax", "entropy", "percentile")
@@ -173,29 +173,20 @@ def qdq_zero_points(path: Path) -> list[tuple[str, str, bool]]:
 
 
 def int8_parity(folder: Path, units: list[dict], images: np.ndarray, labels: np.ndarray, tolerance: float) -> dict:
-    """Per-exit accuracy of the chained INT8 units vs the FP32 ones on the same held-out images."""
+    """The chained INT8 units vs the FP32 ones on the same held-out images: the comparison's record
+    (`edgeexit.runtime.compare.ExitComparison.to_json`), judged on each exit's accuracy drop
+    (``tolerance``, a fraction), with ``images`` and ``tolerance_pt`` added."""
     from edgeexit.export.parity import cpu_runner
+    from edgeexit.runtime.compare import Tolerance, compare_exits
 
-    k = len(units) // 2
-    preds = {}
-    for precision in ("fp32", "int8"):
-        runner = cpu_runner(folder, units, precision)
+    tol, k = Tolerance(max_accuracy_drop=tolerance), len(units) // 2
+    reference = cpu_runner(folder, units, "fp32")
+    try:
+        candidate = cpu_runner(folder, units, "int8")
         try:
-            preds[precision] = chain_outputs(runner, images, k)["prediction"]
+            result = compare_exits(reference, candidate, images, labels, num_exits=k, tolerance=tol)
         finally:
-            runner.close()
-    fp32 = (preds["fp32"] == labels[:, None]).mean(0)
-    int8 = (preds["int8"] == labels[:, None]).mean(0)
-    agree = (preds["fp32"] == preds["int8"]).mean(0)
-    exits = [
-        {"exit": p + 1, "fp32_accuracy": float(fp32[p]), "int8_accuracy": float(int8[p]), "agreement": float(agree[p])}
-        for p in range(k)
-    ]
-    worst = max(exits, key=lambda e: e["fp32_accuracy"] - e["int8_accuracy"])
-    return {
-        "images": int(len(images)),
-        "tolerance_pt": 100 * tolerance,
-        "exits": exits,
-        "max_drop_pt": 100 * (worst["fp32_accuracy"] - worst["int8_accuracy"]),
-        "passed": bool(worst["fp32_accuracy"] - worst["int8_accuracy"] <= tolerance + 1e-12),
-    }
+            candidate.close()
+    finally:
+        reference.close()
+    return {**result.to_json(), "images": int(len(images)), "tolerance_pt": 100 * tolerance}

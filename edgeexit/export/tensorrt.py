@@ -223,13 +223,10 @@ def engine_gate(
         "precision": precision,
         "frames": int(len(images)),
         "reference": "onnxruntime-cpu fp32",
-        "tolerance": {
-            "max_abs_confidence": TOLERANCES[precision].max_abs_confidence,
-            "max_disagreement": TOLERANCES[precision].max_disagreement,
-        },  # fmt: skip
+        "tolerance": TOLERANCES[precision].to_json(),
         "runs": {name: c.to_json() for name, c in runs.items()},
-        "max_abs_confidence_diff": max(c.to_json()["max_abs_confidence_diff"] for c in runs.values()),
-        "min_prediction_agreement": min(c.to_json()["min_prediction_agreement"] for c in runs.values()),
+        "max_abs_confidence_diff": max(c.max_abs_confidence_diff for c in runs.values()),
+        "min_prediction_agreement": min(c.min_prediction_agreement for c in runs.values()),
         "failures": failures,
         "passed": not failures,
     }
@@ -385,27 +382,38 @@ def _artifact_timing_cache(folder: Path) -> Path | None:
     return path if path.is_file() and not path.is_symlink() else None
 
 
-def trt_int8_parity(folder: Path, units: list[dict], images, labels) -> dict:
+def trt_int8_parity(folder: Path, units: list[dict], images, labels, tolerance: float) -> dict:
     """The TensorRT INT8 flavour (``onnx_int8_trt``: symmetric S8S8 Q/DQ, what `engines --int8`
-    builds from) run by ONNX Runtime on the CPU against the FP32 units, exit by exit, with the int8
-    tolerance of `edgeexit.runtime.compare`: an artifact never ships a TensorRT flavour nobody ran.
-    ONNX Runtime is not TensorRT (other kernels, other fusions): on the device the engine gate
-    compares the built engines again."""
+    builds from) run by ONNX Runtime on the CPU against the FP32 units, exit by exit: an artifact
+    never ships a TensorRT flavour nobody ran. Judged under the rule the ONNX Runtime INT8 units
+    pass (each exit's accuracy within ``tolerance`` of FP32: ``passed``), with the engine gate's
+    int8 agreement verdict recorded beside it (``agreement_passed``): a briefly trained, unsure
+    model flips predictions without losing accuracy. ONNX Runtime is not TensorRT (other kernels,
+    other fusions): on the device the engine gate compares the built engines again."""
     from edgeexit.runtime.artifact import parse_units
     from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from edgeexit.runtime.compare import MIN_FRAMES, compare_exits
+    from edgeexit.runtime.compare import MIN_FRAMES, Tolerance, compare_exits
 
     if len(images) < MIN_FRAMES:
         why = f"{len(images)} held-out images, fewer than the {MIN_FRAMES} a comparison needs"
         return {"checked": False, "why": why}
     parsed = parse_units(folder, units)
+    tol = Tolerance(max_accuracy_drop=tolerance)
     reference = OnnxRuntimeBackend.for_units(folder, parsed, "fp32")
     try:
         candidate = OnnxRuntimeBackend.for_units(folder, parsed, "int8_trt")
         try:
-            result = compare_exits(reference, candidate, images, labels, num_exits=len(units) // 2, tolerance="int8")
+            result = compare_exits(reference, candidate, images, labels, num_exits=len(units) // 2, tolerance=tol)
         finally:
             candidate.close()
     finally:
         reference.close()
-    return {"checked": True, "flavour": "onnx_int8_trt", "runtime": "onnxruntime-cpu", **result.to_json()}
+    agreement = result.judged("int8")
+    return {
+        "checked": True,
+        "flavour": "onnx_int8_trt",
+        "runtime": "onnxruntime-cpu",
+        **result.to_json(),
+        "agreement_passed": agreement.passed,
+        "agreement_failures": list(agreement.failures),
+    }
