@@ -40,15 +40,26 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeexit.runtime.monitor import BET_GAPS, LABEL_MIX, LABEL_RATE, DriftMonitor, DriftOptions, _bets
+from edgeexit.runtime.monitor import (
+    BET_GAPS,
+    LABEL_MIX,
+    LABEL_RATE,
+    LEVEL_EVERY,
+    DriftMonitor,
+    DriftOptions,
+    _bets,
+    frame_levels,
+)
 
 # --- per-image values from the real cascade ---------------------------------------------------------------
 
 
-def first_exit_values(view, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(first evaluated exit's confidence, answered class) of every uint8 frame, from the cascade."""
-    out = view.predict_arrays(view.preprocess.batch(frames))
-    return out["first_confidence"].astype(np.float64), out["label"].astype(np.int64)
+def first_exit_values(view, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first evaluated exit's confidence, answered class, input brightness `input_level`) of every
+    uint8 frame, from the cascade and its preprocessing."""
+    x = view.preprocess.batch(frames)
+    out = view.predict_arrays(x)
+    return out["first_confidence"].astype(np.float64), out["label"].astype(np.int64), frame_levels(x)[0]
 
 
 def digits_28(path: str | None) -> np.ndarray:
@@ -124,47 +135,54 @@ PRIOR_CLASSES = (0, 6)  # T-shirt/top and shirt: the answered classes of the pri
 # --- the three detectors, vectorised over streams ------------------------------------------------------------
 
 
-@np.errstate(over="ignore")
-def e_detector_delays(ref: dict, pos: int, conf: np.ndarray, label: np.ndarray | None, alpha: float) -> np.ndarray:
-    """First alarm (1-based sampled frame, 0: none) of each stream (rows) under the same arithmetic as
-    `DriftMonitor` (labels watched: the calibrated plan runs; ``label`` None: the confidence channel
-    alone, as ``DriftOptions(labels=False)``), all streams at once."""
-    e = ref["exits"][pos]
-    hi, lo = float(e["high"]), float(e["low"])
+def _factor_rows(block: dict) -> tuple[float, np.ndarray, np.ndarray]:
+    """(q, e-values for x = 0, e-values for x = 1) of one binary statistic's ten bets, as `DriftMonitor`."""
+    hi, lo = float(block["high"]), float(block["low"])
     lu, ld = np.array(_bets(hi, True)), np.array(_bets(lo, False))
     f0 = np.concatenate([1 - lu * hi, 1 + ld * lo])
     f1 = np.concatenate([1 + lu * (1 - hi), 1 - ld * (1 - lo)])
+    return float(block["q"]), f0, f1
+
+
+@np.errstate(over="ignore")
+def e_detector_delays(
+    ref: dict, pos: int, conf: np.ndarray, label: np.ndarray | None, alpha: float, level: np.ndarray | None = None
+) -> np.ndarray:
+    """First alarm (1-based sampled frame, 0: none) of each stream (rows) under the same arithmetic as
+    `DriftMonitor`, all streams at once. ``label`` None: no label channel (``DriftOptions(labels=False)``);
+    ``level`` None: no input-brightness channel (a reference without it); with it, the level is read on
+    every `LEVEL_EVERY`-th frame. After an alarm a CUSUM may overflow to inf: only the first alarm counts."""
+    q, f0, f1 = _factor_rows(ref["exits"][pos])
     k = len(BET_GAPS)
-    q = float(e["q"])
     r, t_len = conf.shape
     m = np.ones((r, 2 * k))
     first = np.zeros(r, np.int64)
-    if label is None:
-        for t in range(t_len):
-            m = np.maximum(m, 1.0) * np.where((conf[:, t] < q)[:, None], f1, f0)
-            new = (1 / 2 / k * m.sum(axis=1) >= 1 / alpha) & (first == 0)
-            first[new] = t + 1
-        return first
-    counts = np.asarray(ref["classes"]["counts"], np.float64)
-    pi, chi = counts / counts.sum(), np.asarray(ref["classes"]["high"], np.float64)
-    ml = np.ones(r)
-    b = np.tile(pi, (r, 1))
-    g = np.ones(r)
-    w = 1 / 3
-    rows = np.arange(r)
-    for t in range(t_len):  # after an alarm the label CUSUM may overflow to inf: only the first alarm counts
-        x = (conf[:, t] < q)[:, None]
-        m = np.maximum(m, 1.0) * np.where(x, f1, f0)
-        y = label[:, t]
-        p_hat = (1 - LABEL_MIX) * pi[y] + LABEL_MIX * b[rows, y] / g
-        ml = np.maximum(ml, 1.0) * (p_hat / chi[y])
-        g = g / (1 - LABEL_RATE)
-        b[rows, y] += LABEL_RATE * g
-        big = g > 1e100
-        if big.any():
-            b[big] /= g[big, None]
-            g[big] = 1.0
-        s = w / k * m.sum(axis=1) + w * ml
+    if level is not None:
+        lq, l0, l1 = _factor_rows(ref["level"])
+        mlev = np.ones((r, 2 * k))
+    lev_sum = np.full(r, 2.0 * k) if level is not None else np.zeros(r)
+    w = 1 / (2 + (2 if level is not None else 0) + (1 if label is not None else 0))
+    if label is not None:
+        counts = np.asarray(ref["classes"]["counts"], np.float64)
+        pi, chi = counts / counts.sum(), np.asarray(ref["classes"]["high"], np.float64)
+        ml, b, g, rows = np.ones(r), np.tile(pi, (r, 1)), np.ones(r), np.arange(r)
+    for t in range(t_len):
+        m = np.maximum(m, 1.0) * np.where((conf[:, t] < q)[:, None], f1, f0)
+        if level is not None and (t + 1) % LEVEL_EVERY == 0:
+            mlev = np.maximum(mlev, 1.0) * np.where((level[:, t] < lq)[:, None], l1, l0)
+            lev_sum = mlev.sum(axis=1)
+        s = w / k * (m.sum(axis=1) + lev_sum)
+        if label is not None:
+            y = label[:, t]
+            p_hat = (1 - LABEL_MIX) * pi[y] + LABEL_MIX * b[rows, y] / g
+            ml = np.maximum(ml, 1.0) * (p_hat / chi[y])
+            g = g / (1 - LABEL_RATE)
+            b[rows, y] += LABEL_RATE * g
+            big = g > 1e100
+            if big.any():
+                b[big] /= g[big, None]
+                g[big] = 1.0
+            s = s + w * ml
         new = (s >= 1 / alpha) & (first == 0)
         first[new] = t + 1
     return first
@@ -222,12 +240,14 @@ def adwin_alarms(x: np.ndarray, delta: float) -> list[int]:
 # --- 1: no drift ----------------------------------------------------------------------------------------------
 
 
-def false_alarms_real(ref: dict, options: DriftOptions, pos: int, conf: np.ndarray, label: np.ndarray, plan):
+def false_alarms_real(
+    ref: dict, options: DriftOptions, pos: int, conf: np.ndarray, label: np.ndarray, plan, level: np.ndarray
+):
     """The real `DriftMonitor` over one stream, restarted after each alarm: (alarms, sampled frames)."""
     alarms, sampled = 0, 0
     m = DriftMonitor(ref, options)
-    for c, y in zip(conf.tolist(), label.tolist(), strict=True):
-        if m.observe(pos, c, y, plan):
+    for c, y, v in zip(conf.tolist(), label.tolist(), level.tolist(), strict=True):
+        if m.observe(pos, c, y, plan, level=v):
             alarms += 1
             sampled += m.sampled
             m = DriftMonitor(ref, options)
@@ -265,37 +285,45 @@ class _NoOp:
             return False
 
 
-def observe_ns(ref: dict, pos: int, frames: int, rounds: int = 30) -> dict:
+def observe_ns(ref: dict, pos: int, values: tuple, xs: list, frames: int, rounds: int = 30) -> dict:
     """CPU ns (this thread's CPU time, so time the scheduler gives to other processes does not count)
-    per call of `DriftMonitor.observe` (labels on) and of a no-op locked call, the bare loop
-    subtracted; rounds interleaved in a random order, the fastest round of each kept (on a shared
-    machine the fastest round is the one least disturbed by the others' work)."""
+    per call of `DriftMonitor.observe` (labels watched, and the input brightness where the reference
+    has it) and of a no-op locked call, the bare loop subtracted; rounds interleaved in a random order,
+    the fastest round of each kept (on a shared machine the fastest round is the one least disturbed
+    by the others' work). ``values``: real (confidence, class) pairs, so that the monitor stays out
+    of alarm as on a camera that looks like calibration; ``xs``: real network inputs, a few reused
+    (hot in the cache, as the input a cascade just computed is)."""
     rng = random.Random(0)
-    conf = [rng.random() for _ in range(frames)]
-    lab = [rng.randrange(10) for _ in range(frames)]
-    monitor = DriftMonitor(ref, DriftOptions())
-    calls = {"observe": monitor.observe, "noop": _NoOp().observe}
+    conf, lab = (np.resize(v, frames).tolist() for v in values)
+    x_of = [xs[i % len(xs)] for i in range(frames)]
+    calls = {"observe": lambda: DriftMonitor(ref, DriftOptions()).observe, "noop": lambda: _NoOp().observe}
     best = {"observe": math.inf, "noop": math.inf, "bare": math.inf}
     for _ in range(rounds):
         for name in rng.sample(list(best), 3):
-            t0 = time.thread_time_ns()
             if name == "bare":
-                for _c, _y in zip(conf, lab, strict=True):
+                t0 = time.thread_time_ns()
+                for _c, _y, _x in zip(conf, lab, x_of, strict=True):
                     pass
             else:
-                f = calls[name]
-                for c, y in zip(conf, lab, strict=True):
-                    f(pos, c, y)
+                f = calls[name]()
+                t0 = time.thread_time_ns()
+                for c, y, x in zip(conf, lab, x_of, strict=True):
+                    f(pos, c, y, None, x)
             best[name] = min(best[name], (time.thread_time_ns() - t0) / frames)
     return {
         "observe_ns": best["observe"] - best["bare"],
         "noop_locked_call_ns": best["noop"] - best["bare"],
+        "input_level_read": "level" in ref,
         "rounds": rounds,
         "calls_per_round": frames,
     }
 
 
-def predict_overhead(artifact: str, frame: np.ndarray, rounds: int, per_round: int) -> dict:
+def predict_overhead(artifact: str, frames: np.ndarray, rounds: int, per_round: int) -> dict:
+    """`Cascade.predict` with the monitor against without it and against a twin without it (A/A),
+    rounds in a random order. Each round every cascade classifies the same ``per_round`` test images
+    (a fresh random draw per round): in-distribution frames, so the monitor is out of alarm and the
+    paths are the calibrated plan's mix of exits."""
     from edgeexit.runtime import Cascade
 
     cascades = {
@@ -304,19 +332,21 @@ def predict_overhead(artifact: str, frame: np.ndarray, rounds: int, per_round: i
         "drift": Cascade.load(artifact, backend="onnxruntime", drift=True),
     }
     for c in cascades.values():
-        for _ in range(100):
-            c.predict(frame)
+        for f in frames[:100]:
+            c.predict(f)
     rng = np.random.default_rng(1)
     ab, aa, per = [], [], {}
     for _ in range(rounds):
+        batch = list(frames[rng.choice(len(frames), per_round, replace=False)])
         for name in rng.permutation(list(cascades)):
             c = cascades[name]
             t0 = time.perf_counter()
-            for _ in range(per_round):
-                c.predict(frame)
+            for f in batch:
+                c.predict(f)
             per[name] = (time.perf_counter() - t0) / per_round
         ab.append(per["drift"] - per["plain"])
         aa.append(per["twin"] - per["plain"])
+    state = cascades["drift"].drift.state()
     for c in cascades.values():
         c.close()
 
@@ -332,6 +362,8 @@ def predict_overhead(artifact: str, frame: np.ndarray, rounds: int, per_round: i
         "plain_ms_per_frame": 1e3 * per["plain"],
         "drift_minus_plain": ci(ab),
         "aa_twin_minus_plain": ci(aa),
+        "monitor_alarm_during_measurement": state["alarm"],
+        "monitor_sampled_frames": state["sampled_frames"],
     }
 
 
@@ -367,6 +399,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=100, help="the windowed test's window")
     ap.add_argument("--adwin-delta", type=float, default=0.002)
     ap.add_argument("--overhead-rounds", type=int, default=20)
+    ap.add_argument("--overhead-frames", type=int, default=200, help="frames per cascade per overhead round")
     ap.add_argument("--overhead-only", action="store_true", help="re-measure part 3 only, into --json")
     ap.add_argument(
         "--statistic-only",
@@ -398,8 +431,7 @@ def main() -> None:
         result = json.loads(Path(args.json).read_text())
         ds = load_dataset("fashion-mnist", "test")
         frames = ds.images[:2000].permute(0, 2, 3, 1).numpy()
-        conf, _ = first_exit_values(view, frames)
-        result["overhead"] = overhead_block(args, ref, pos, frames[int(np.argmax(conf))])
+        result["overhead"] = overhead_block(args, ref, pos, frames)
         _write_json(Path(args.json), result)
         return
     opts = DriftOptions(alpha=args.alpha)
@@ -408,9 +440,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
 
     t0 = time.perf_counter()
-    clean_c, clean_y = first_exit_values(view, test)
+    clean_c, clean_y, clean_l = first_exit_values(view, test)
     stored = load_calibration_frames(cascade.artifact)
-    cal_c, _ = first_exit_values(view, stored["frames"])
+    cal_c, _, _ = first_exit_values(view, stored["frames"])
     mu, sd = float(cal_c.mean()), float(cal_c.std())
     print(
         f"exit {pos + 1} is the first evaluated; q = {ref['exits'][pos]['q']:.4f}, calibration below-q rate "
@@ -419,13 +451,12 @@ def main() -> None:
     )
 
     z = float(-_norm_ppf(args.alpha / 2))
-    ctx = (args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng)
+    ctx = (args, ref, opts, pos, plan, view, test, clean_c, clean_y, clean_l, mu, sd, z, rng)
     no_drift = no_drift_rows(*ctx)
     cells = drift_cells(*ctx)
 
     # -- 3. overhead -------------------------------------------------------------------------------
-    # a frame the first evaluated exit answers: the shortest path, where a per-frame cost shows most
-    overhead = overhead_block(args, ref, pos, test[int(np.argmax(clean_c))])
+    overhead = overhead_block(args, ref, pos, test[:2000])
 
     result = {
         "artifact": args.artifact,
@@ -447,7 +478,7 @@ def main() -> None:
     print(f"wrote {args.json} and {args.plot} ({result['seconds']:.0f} s)")
 
 
-def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng) -> list[dict]:
+def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, clean_l, mu, sd, z, rng) -> list[dict]:
     """Part 1: false alarms on in-distribution streams (i.i.d. and video-like), with the baselines'."""
     # no drift -------------------------------------------------------------------------------
     n = len(test)
@@ -456,21 +487,21 @@ def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, 
         idx = np.concatenate([rng.permutation(n) for _ in range(math.ceil(args.frames / n))])[: args.frames]
         iid.append(idx)
     t0 = time.perf_counter()
-    res_iid = [false_alarms_real(ref, opts, pos, clean_c[i], clean_y[i], plan) for i in iid]
+    res_iid = [false_alarms_real(ref, opts, pos, clean_c[i], clean_y[i], plan, clean_l[i]) for i in iid]
     t_real = time.perf_counter() - t0
     # video-like: 2,000 images, each held `hold` frames, every held frame a noisy copy (sigma 4)
     base = rng.choice(n, 2000, replace=False)
     held = np.repeat(test[base][:, None], args.hold, axis=1).astype(np.float32)
     held = np.clip(np.rint(held + rng.normal(0, 4, held.shape)), 0, 255).astype(np.uint8)
-    v_c, v_y = first_exit_values(view, held.reshape(-1, 28, 28, 1))
-    v_c, v_y = v_c.reshape(2000, args.hold), v_y.reshape(2000, args.hold)
+    v_c, v_y, v_l = (v.reshape(2000, args.hold) for v in first_exit_values(view, held.reshape(-1, 28, 28, 1)))
     video = []
     per_stream = args.frames * 2 // args.hold
     for _ in range(args.video_streams):
         imgs = rng.integers(0, 2000, per_stream)
-        video.append((v_c[imgs].reshape(-1), v_y[imgs].reshape(-1)))
-    res_video = [false_alarms_real(ref, opts, pos, c, y, plan) for c, y in video]
-    res_video_k = [false_alarms_real(ref, opts, pos, c[:: args.hold], y[:: args.hold], plan) for c, y in video]
+        video.append((v_c[imgs].reshape(-1), v_y[imgs].reshape(-1), v_l[imgs].reshape(-1)))
+    res_video = [false_alarms_real(ref, opts, pos, c, y, plan, lv) for c, y, lv in video]
+    h = args.hold
+    res_video_k = [false_alarms_real(ref, opts, pos, c[::h], y[::h], plan, lv[::h]) for c, y, lv in video]
 
     def baseline_false(streams) -> dict:
         win = sum(windowed_alarms(c, mu, sd, args.window, z) for c in streams)
@@ -479,7 +510,7 @@ def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, 
 
     t0 = time.perf_counter()
     base_iid = baseline_false([clean_c[i] for i in iid])
-    base_video = baseline_false([c for c, _ in video])
+    base_video = baseline_false([c for c, _, _ in video])
     t_base = time.perf_counter() - t0
 
     def row(res, name, every) -> dict:
@@ -516,12 +547,13 @@ def no_drift_rows(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, 
     return no_drift
 
 
-def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd, z, rng) -> list[dict]:
+def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, clean_l, mu, sd, z, rng) -> list[dict]:
     """Part 2: detection delay per shift and severity, the e-detector against the two baselines."""
     n = len(test)
     # drift ----------------------------------------------------------------------------------
     digits = digits_28(args.digits)
-    dig_c, dig_y = first_exit_values(view, digits)
+    dig_c, dig_y, dig_l = first_exit_values(view, digits)
+    has_level = "level" in ref
     pool = rng.choice(n, 2000, replace=False)
     r_s, pre, post = args.drift_streams, args.pre, args.post
     cells = []
@@ -531,28 +563,29 @@ def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd
             t0 = time.perf_counter()
             if name == "class prior (two classes)":
                 keep = np.flatnonzero(np.isin(clean_y, PRIOR_CLASSES))
-                s_c, s_y = clean_c[keep], clean_y[keep]
+                s_c, s_y, s_l = clean_c[keep], clean_y[keep], clean_l[keep]
             elif name == "out of distribution (digits)":
-                s_c, s_y = dig_c, dig_y
+                s_c, s_y, s_l = dig_c, dig_y, dig_l
             else:
-                s_c, s_y = first_exit_values(view, shifted(name, level, test[pool], rng))
+                s_c, s_y, s_l = first_exit_values(view, shifted(name, level, test[pool], rng))
             mix = (0.5, 1.0)[level] if name in MIXED else 1.0
-            conf = np.empty((r_s, pre + post))
-            lab = np.empty((r_s, pre + post), np.int64)
             a = rng.integers(0, n, (r_s, pre))
-            conf[:, :pre], lab[:, :pre] = clean_c[a], clean_y[a]
             take_shift = rng.random((r_s, post)) < mix
             b = rng.integers(0, len(s_c), (r_s, post))
             c_in = rng.integers(0, n, (r_s, post))
-            conf[:, pre:] = np.where(take_shift, s_c[b], clean_c[c_in])
-            lab[:, pre:] = np.where(take_shift, s_y[b], clean_y[c_in])
-            first_e = e_detector_delays(ref, pos, conf, lab, args.alpha)
+            conf, lab, lev = (
+                np.concatenate([clean[a], np.where(take_shift, shift[b], clean[c_in])], axis=1)
+                for clean, shift in ((clean_c, s_c), (clean_y, s_y), (clean_l, s_l))
+            )
+            first_e = e_detector_delays(ref, pos, conf, lab, args.alpha, lev if has_level else None)
+            first_e_old = e_detector_delays(ref, pos, conf, lab, args.alpha) if has_level else first_e
             if not checked:  # the vectorised copy must alarm where the real monitor does
                 for i in range(3):
                     m = DriftMonitor(ref, opts)
                     t_real_alarm = 0
-                    for t, (cc, yy) in enumerate(zip(conf[i].tolist(), lab[i].tolist(), strict=True), 1):
-                        if m.observe(pos, cc, yy, plan):
+                    streams_i = zip(conf[i].tolist(), lab[i].tolist(), lev[i].tolist(), strict=True)
+                    for t, (cc, yy, vv) in enumerate(streams_i, 1):
+                        if m.observe(pos, cc, yy, plan, level=vv):
                             t_real_alarm = t
                             break
                     assert t_real_alarm == first_e[i], (t_real_alarm, first_e[i])
@@ -564,8 +597,10 @@ def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd
                 "severity": ("moderate", "strong")[level],
                 "shifted_below_q": float((s_c < ref["exits"][pos]["q"]).mean()),
                 "shifted_mean_confidence": float(s_c.mean()),
+                "shifted_below_level_q": float((s_l < ref["level"]["q"]).mean()) if has_level else None,
                 "mix": mix,
                 "e_detector": summarise(first_e, pre),
+                "e_detector_without_level": summarise(first_e_old, pre),
                 "windowed": summarise(first_w, pre),
                 "adwin": summarise(first_a, pre),
             }
@@ -573,7 +608,8 @@ def drift_cells(args, ref, opts, pos, plan, view, test, clean_c, clean_y, mu, sd
             e = cell["e_detector"]
             print(
                 f"  {name:32s} {cell['severity']:8s} below-q {cell['shifted_below_q']:.3f}: e-detector median "
-                f"{e['median']} p90 {e['p90']} detected {e['detected']:.2f}; windowed {cell['windowed']['median']}; "
+                f"{e['median']} p90 {e['p90']} detected {e['detected']:.2f} (without the level channel "
+                f"{cell['e_detector_without_level']['median']}); windowed {cell['windowed']['median']}; "
                 f"ADWIN {cell['adwin']['median']} ({time.perf_counter() - t0:.0f} s)"
             )
 
@@ -591,9 +627,9 @@ def statistic_choice(args, view, ref: dict, pos: int) -> dict:
     rng = np.random.default_rng(0)
     ds = load_dataset("fashion-mnist", "test")
     test = ds.images.permute(0, 2, 3, 1).numpy()
-    clean_c, clean_y = first_exit_values(view, test)
-    cal_c, _ = first_exit_values(view, load_calibration_frames(view.artifact)["frames"])
-    digits_c, _ = first_exit_values(view, digits_28(args.digits))
+    clean_c, clean_y, _ = first_exit_values(view, test)
+    cal_c, _, _ = first_exit_values(view, load_calibration_frames(view.artifact)["frames"])
+    digits_c, _, _ = first_exit_values(view, digits_28(args.digits))
     pool = rng.choice(len(test), 2000, replace=False)
     shifted_c = {}
     for name in SHIFTS:
@@ -627,14 +663,23 @@ def statistic_choice(args, view, ref: dict, pos: int) -> dict:
     return out
 
 
-def overhead_block(args, ref: dict, pos: int, frame: np.ndarray) -> dict:
-    ns = observe_ns(ref, pos, 20_000)
-    overhead = predict_overhead(args.artifact, frame, args.overhead_rounds, 200)
+def overhead_block(args, ref: dict, pos: int, frames: np.ndarray) -> dict:
+    """Part 3 on ``frames`` (uint8 test images): `observe` alone, then whole `Cascade.predict`."""
+    from edgeexit.runtime import Cascade
+
+    with Cascade.load(args.artifact, backend="onnxruntime") as c:
+        view = c.derive(first_confidence=True)
+        conf, lab, _ = first_exit_values(view, frames)
+        xs = [c.preprocess(f)[None] for f in frames[:64]]
+    ns = observe_ns(ref, pos, (conf, lab), xs, 20_000, rounds=args.overhead_rounds)
+    overhead = predict_overhead(args.artifact, frames, args.overhead_rounds, args.overhead_frames)
     print(
         f"overhead: DriftMonitor.observe {ns['observe_ns']:.0f} CPU ns per frame (a no-op locked call "
         f"{ns['noop_locked_call_ns']:.0f} ns); Cascade.predict drift - plain "
         f"{overhead['drift_minus_plain']['median_us']:+.2f} us {overhead['drift_minus_plain']['ci95_us']}, "
-        f"A/A {overhead['aa_twin_minus_plain']['median_us']:+.2f} us {overhead['aa_twin_minus_plain']['ci95_us']}"
+        f"A/A {overhead['aa_twin_minus_plain']['median_us']:+.2f} us {overhead['aa_twin_minus_plain']['ci95_us']} "
+        f"(plain {overhead['plain_ms_per_frame']:.3f} ms a frame; monitor in alarm: "
+        f"{overhead['monitor_alarm_during_measurement']})"
     )
     return {**ns, **overhead}
 

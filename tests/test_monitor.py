@@ -14,10 +14,14 @@ from typer.testing import CliRunner
 
 from edgeexit.cli import app
 from edgeexit.runtime.monitor import (
+    BET_GAPS,
+    LEVEL_EVERY,
     DriftMonitor,
     DriftOptions,
     DriftUnavailableError,
     clopper_pearson,
+    frame_levels,
+    input_level,
     parse_reference,
     reference_statistics,
 )
@@ -154,6 +158,135 @@ def test_reference_statistics_from_exit_confidences():
     assert parse_reference(json.loads(json.dumps(ref)), 3)["frames"] == 1000
 
 
+def _plain_e_detector(ref: dict, alpha: float, every: int, stream) -> list[tuple[float, bool]]:
+    """The e-detector written as plainly as the mathematics reads, for comparison with the monitor's
+    fast update: every bet's CUSUM M = max(1, M) · E in a list; the label channel's moving histogram
+    h kept whole (h <- (1 - eta) h + eta e_y after each frame); the input level read on every
+    LEVEL_EVERY-th sampled frame. Returns (statistic, alarm) after each sampled frame."""
+    eta, mix = 1 / 64, 0.5
+
+    def bets(lo: float, hi: float) -> list[tuple[float, float, bool]]:
+        out = []
+        for bound, upper in ((hi, True), (lo, False)):
+            p = min(max(bound, 1e-6), 1 - 1e-6)
+            cap = 0.9 / p if upper else 0.9 / (1 - p)
+            out += [(min(g / (p * (1 - p)), cap), bound, upper) for g in BET_GAPS]
+        return out
+
+    def step(m: list[float], grid, x: float) -> list[float]:
+        return [max(1.0, a) * (1 + lam * ((x - b) if up else (b - x))) for a, (lam, b, up) in zip(m, grid, strict=True)]
+
+    k = len(BET_GAPS)
+    conf_grid = [bets(e["low"], e["high"]) for e in ref["exits"]]
+    level = ref.get("level")
+    level_grid = bets(level["low"], level["high"]) if level else None
+    counts = np.asarray(ref["classes"]["counts"], float)
+    pi, high = counts / counts.sum(), np.asarray(ref["classes"]["high"])
+    h = pi.copy()
+    w = 1 / ((4 if level else 2) + 1)
+    mc, mlev, mlab = [1.0] * 2 * k, [1.0] * 2 * k, 1.0
+    out, alarm, sampled = [], False, 0
+    for t, (pos, c, y, lev) in enumerate(stream):
+        if t % every:
+            continue
+        sampled += 1
+        mc = step(mc, conf_grid[pos], float(c < ref["exits"][pos]["q"]))
+        if level and sampled % LEVEL_EVERY == 0:
+            mlev = step(mlev, level_grid, float(lev < level["q"]))
+        mlab = max(1.0, mlab) * ((1 - mix) * pi[y] + mix * h[y]) / high[y]
+        h = (1 - eta) * h
+        h[y] += eta
+        s = w / k * (sum(mc) + (sum(mlev) if level else 0.0)) + w * mlab
+        alarm = s >= 1 / alpha
+        out.append((s, alarm))
+        if alarm:  # the first alarm is what is compared
+            break
+    return out
+
+
+@pytest.mark.parametrize("with_level, every", [(True, 1), (False, 1), (True, 3)])
+def test_fast_update_gives_the_plain_e_processes_values(with_level, every):
+    """The monitor's written-out update against `_plain_e_detector` on a seeded random stream that
+    drifts half way (less confident, darker, two classes): the same statistic after every sampled
+    frame (to rounding) and the alarm on the same frame."""
+    rng = np.random.default_rng(7)
+    lo, hi = clopper_pearson(2500, 5000, 1e-3)
+    ref = _reference(lo, hi, exits=2, classes=10)
+    if with_level:
+        ref = parse_reference({**ref, "level": {"q": 0.3, "below": 2500, "low": lo, "high": hi, "stride": 1}}, 2)
+    n = 4000
+    late = np.arange(n) >= n // 2
+    conf = np.where(late, rng.random(n) * 0.8, rng.random(n))
+    level = np.where(late, rng.normal(0.1, 0.2, n), rng.normal(0.3, 0.2, n))
+    labels = np.where(late, rng.integers(0, 2, n), rng.integers(0, 10, n))
+    pos = rng.integers(0, 2, n)
+    stream = list(zip(pos.tolist(), conf.tolist(), labels.tolist(), level.tolist(), strict=True))
+    plain = _plain_e_detector(ref, 1e-4, every, stream)
+    m = DriftMonitor(ref, DriftOptions(alpha=1e-4, every=every))
+    got = []
+    for t, (p, c, y, lev) in enumerate(stream):
+        alarm = m.observe(p, c, y, level=lev)
+        if t % every == 0:
+            got.append((m.statistic, alarm))
+        if alarm:
+            break
+    assert len(got) > 10 and got[-1][1] and not got[-2][1]  # the stream alarms, after the change
+    assert m.first_alarm_sample == len(got) and (len(got) - 1) * every < n and m.first_alarm_sample > n // 2 // every
+    assert [a for _, a in got] == [a for _, a in plain[: len(got)]]
+    np.testing.assert_allclose([s for s, _ in got], [s for s, _ in plain[: len(got)]], rtol=1e-9)
+
+
+def test_input_level_channel_alarms_on_darker_frames_and_older_references_still_monitor():
+    """Confidence and classes as at calibration, the input darker: the level channel alarms (it reads
+    every LEVEL_EVERY-th sampled frame); a reference without the level block (calibrated before it)
+    monitors with the channels it has and does not alarm on the same frames."""
+    rng = np.random.default_rng(5)
+    lo, hi = clopper_pearson(2500, 5000, 1e-3)
+    base = _reference(lo, hi, classes=10)
+    with_level = parse_reference({**base, "level": {"q": 0.0, "below": 2500, "low": lo, "high": hi, "stride": 1}}, 1)
+    n = 3000
+    conf, labels = rng.random(n).tolist(), rng.integers(0, 10, n).tolist()
+    frames = rng.normal(-0.3, 0.1, (n, 1, 4, 4)).astype(np.float32)  # below the median brightness 0
+    m = DriftMonitor(with_level, DriftOptions(alpha=1e-4))
+    t = next((i for i in range(n) if m.observe(0, conf[i], labels[i], x=frames[i][None])), None)
+    assert t is not None and t < 100 * LEVEL_EVERY and m.channel == "input darker"
+    assert m.state()["input_level_watched"] is True
+    old = DriftMonitor(base, DriftOptions(alpha=1e-4))
+    assert not any(old.observe(0, conf[i], labels[i], x=frames[i][None]) for i in range(n))
+    assert old.state()["input_level_watched"] is False and old.state()["sampled_frames"] == n
+    # no input and no level given: that frame's level is not read (e-value 1), the rest goes on
+    quiet = DriftMonitor(with_level, DriftOptions(alpha=1e-4))
+    assert not any(quiet.observe(0, conf[i], labels[i]) for i in range(n))
+
+
+def test_input_level_and_its_reference():
+    rng = np.random.default_rng(4)
+    x = rng.random((50, 3, 40, 40)).astype(np.float32)
+    levels, stride = frame_levels(x)
+    assert stride == 3 * 40 * 40 // 1024 == 4
+    assert levels[7] == pytest.approx(float(x[7].reshape(-1)[::4].mean()), rel=1e-5)
+    assert input_level(x[7][None], stride) == levels[7]  # one frame or a batch's row: the same value
+    small = rng.random((5, 1, 28, 28)).astype(np.float32)
+    assert frame_levels(small)[1] == 1 and input_level(small[0], 1) == pytest.approx(float(small[0].mean()), rel=1e-5)
+    ref = reference_statistics(rng.random((50, 2)), None, 3, [0.9, 0.0], levels=(levels, stride))
+    lev = ref["level"]
+    assert lev["q"] == pytest.approx(np.median(levels)) and lev["below"] == int((levels < lev["q"]).sum())
+    assert lev["stride"] == 4 and lev["low"] < lev["below"] / 50 < lev["high"]
+    assert parse_reference(json.loads(json.dumps(ref)), 2)["level"]["stride"] == 4
+    for bad, match in (({**lev, "stride": 0}, "stride must be"), ({**lev, "low": 0.9, "high": 0.1}, "low <= high")):
+        with pytest.raises(ValueError, match=match):
+            parse_reference({**ref, "level": bad}, 2)
+
+
+def test_a_long_alarm_keeps_finite_numbers():
+    """After the alarm the statistic keeps moving but is scaled down above its cap: finite forever."""
+    m = DriftMonitor(_reference(0.45, 0.55, classes=3), DriftOptions(alpha=1e-4))
+    for _ in range(20_000):
+        m.observe(0, 0.1, 0)
+    s = m.state()
+    assert s["alarm"] and s["first_alarm_frame"] < 100 and math.isfinite(s["statistic"]) and s["statistic"] >= 1e4
+
+
 # --- wiring, on a real tiny artifact --------------------------------------------------------------------------
 
 
@@ -195,6 +328,18 @@ def test_calibrate_stores_the_reference_from_its_exit_statistics(calibrated):
     answered = pred[np.arange(len(conf)), plan.exit_positions(conf)]
     assert list(ref["classes"]["counts"]) == np.bincount(answered, minlength=len(art.class_names)).tolist()
     assert list(ref["thresholds"]) == plan.to_list()
+    # the input brightness of the same frames, preprocessed as the runtime does
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.manifest import load_calibration_frames
+
+    stored = load_calibration_frames(art)
+    cal_idx = stored["calibration"]  # the fixture keeps the first 100 verification frames (verify_limit)
+    idx = np.concatenate([cal_idx, stored["verification"][: len(conf) - len(cal_idx)]])
+    with Cascade.load(calibrated, backend="onnxruntime") as c:
+        levels, stride = frame_levels(c.preprocess.batch(stored["frames"][idx]))
+    lev = ref["level"]
+    assert lev["stride"] == stride and lev["q"] == pytest.approx(float(np.quantile(levels, 0.5)))
+    assert lev["below"] == int((levels < lev["q"]).sum()) and lev["low"] <= lev["below"] / len(conf) <= lev["high"]
 
 
 def test_uncalibrated_artifact_says_the_monitor_is_unavailable(tiny_artifact):

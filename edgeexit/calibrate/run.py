@@ -486,14 +486,18 @@ def _assemble(
 
 def _drift_reference(s: _Session, m: Measurements, plan: CascadePlan) -> dict | None:
     """What the runtime's drift monitor compares a camera's frames with (runtime/monitor.py): the
-    exit confidences of every stored frame on the units and precision calibrated here, and the
-    classes the chosen plan answers."""
-    from edgeexit.runtime.monitor import reference_statistics
+    exit confidences of every stored frame on the units and precision calibrated here, the classes
+    the chosen plan answers, and each frame's brightness as the network sees it (its preprocessed
+    input, read in chunks so a large input size holds one chunk at a time)."""
+    from edgeexit.runtime.monitor import frame_levels, reference_statistics
 
     answered = None
     if m.prediction is not None:
         answered = m.prediction[np.arange(m.num_frames), plan.exit_positions(m.conf)]
-    return reference_statistics(m.conf, answered, len(s.cascade.class_names), plan.to_list())
+    idx = s.decide_idx
+    chunks = [frame_levels(s.cascade.preprocess.batch(s.frames[idx[i : i + 256]])) for i in range(0, len(idx), 256)]
+    levels = (np.concatenate([c[0] for c in chunks]), chunks[0][1])
+    return reference_statistics(m.conf, answered, len(s.cascade.class_names), plan.to_list(), levels=levels)
 
 
 def _write(s: _Session, opts: CalibrationOptions, report: CalibrationReport, say) -> CalibrationReport:

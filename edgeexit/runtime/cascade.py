@@ -36,7 +36,7 @@ from edgeexit.runtime import profiling
 from edgeexit.runtime.artifact import Artifact, Calibration
 from edgeexit.runtime.backends import BackendOptions, Runner, choose_backend, create_backend
 from edgeexit.runtime.backends.options import option_names
-from edgeexit.runtime.monitor import DriftMonitor, monitor_for
+from edgeexit.runtime.monitor import DriftMonitor, input_level, monitor_for
 from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.plan import CascadePlan, head_name
 from edgeexit.runtime.policies import get_policy
@@ -70,6 +70,9 @@ class Prediction:
     # the first evaluated exit's confidence (what the drift monitor watches); only with a drift
     # monitor or CascadeOptions(first_confidence=True), so the default path does not pay for it
     first_confidence: float | None = None
+    # the network input's brightness (runtime/monitor.py `input_level`), on a watching view without a
+    # monitor of its own (Streams feeds each camera's monitor from the predictions)
+    input_level: float | None = None
 
     @property
     def total_ms(self) -> float:
@@ -274,6 +277,11 @@ class Cascade:
     ):
         """Every field of a view, in one place: `__init__` and `derive` both come here."""
         self.drift: DriftMonitor | None = drift
+        # a watching view without its own monitor reports each frame's input brightness, when the
+        # calibration's reference watches it (with a monitor, the monitor reads it on its own frames)
+        ref = getattr(shared.calibration, "drift_reference", None) if drift is None else None
+        level = ref.get("level") if ref is not None and options.first_confidence else None
+        self._level_stride: int | None = int(level["stride"]) if level is not None else None
         if options.first_confidence or drift is not None:
             # the watched hot path, bound on this instance only: a cascade without it runs `_run` untouched
             self._run = self._run_watched  # type: ignore[method-assign]  # per instance, on purpose (above)
@@ -528,8 +536,11 @@ class Cascade:
                 label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
                 pred = Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
                 pred.first_confidence = first
-                if self.drift is not None:
-                    self.drift.observe(first_pos, first, label, plan)
+                drift = self.drift
+                if drift is not None:
+                    drift.observe(first_pos, first, label, plan, x)
+                elif self._level_stride is not None:
+                    pred.input_level = input_level(x, self._level_stride)
                 return pred
         raise AssertionError("unreachable: the last exit always accepts")
 
@@ -546,7 +557,7 @@ class Cascade:
             head = runner.run_head(pos, state[-1])
             conf = float(self.confidence(head)[0])
             units_ms[head_name(pos)] = (clock() - t2) * 1e3
-            watched = watched or (pos, conf)
+            watched = watched or (pos, conf, x)
             if plan.accepts(pos, conf):
                 return self._prediction(pos, conf, head, t0, units_ms, watched=watched, plan=plan)
         raise AssertionError("unreachable: the last exit always accepts")
@@ -583,14 +594,14 @@ class Cascade:
             head = runner.run_head(pos, state[-1])
             conf = float(self.confidence(head)[0])
             if pos == first_pos:
-                watched = (pos, conf)
+                watched = (pos, conf, x)
             if plan.accepts(pos, conf):
                 return self._prediction(pos, conf, head, t0, units_ms, watched=watched, plan=plan)
             best = (pos, conf, head)
         raise AssertionError("unreachable: the last exit always accepts")
 
     def _prediction(self, pos, conf, head, t0, units_ms, deadline_hit=False, watched=None, plan=None) -> Prediction:
-        """``watched``: (position, confidence) of the first evaluated exit, when it ran."""
+        """``watched``: (position, confidence, network input) of the first evaluated exit, when it ran."""
         label = int(np.argmax(head.logits()[0]))
         pred = Prediction(
             label,
@@ -604,7 +615,9 @@ class Cascade:
         if watched is not None and self.options.first_confidence:
             pred.first_confidence = watched[1]
             if self.drift is not None:
-                self.drift.observe(watched[0], watched[1], label, plan)
+                self.drift.observe(watched[0], watched[1], label, plan, watched[2])
+            elif self._level_stride is not None:
+                pred.input_level = input_level(watched[2], self._level_stride)
         return pred
 
     # -- batch -----------------------------------------------------------------------------------
@@ -622,11 +635,13 @@ class Cascade:
             for y, c, e, t in zip(out["label"], out["confidence"], out["exit"], out["latency_ms"], strict=True)
         ]
         if "first_confidence" in out:
-            first_pos, drift = plan.groups[0][1], self.drift
-            for p, c in zip(preds, out["first_confidence"].tolist(), strict=True):
+            first_pos, drift, stride = plan.groups[0][1], self.drift, self._level_stride
+            for p, c, row in zip(preds, out["first_confidence"].tolist(), x, strict=True):
                 p.first_confidence = c
                 if drift is not None:
-                    drift.observe(first_pos, c, p.label, plan)
+                    drift.observe(first_pos, c, p.label, plan, row)
+                elif stride is not None:
+                    p.input_level = input_level(row, stride)
         return preds
 
     def predict_arrays(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -344,7 +344,8 @@ class Streams:
                 continue
             monitor = self.drift[i]
             before = monitor.alarm  # every frame is watched; only the first alarm is an event
-            if monitor.observe(first_pos, pred.first_confidence, pred.label, plan) and not before:
+            alarm = monitor.observe(first_pos, pred.first_confidence, pred.label, plan, level=pred.input_level)
+            if alarm and not before:
                 self._record(self.sources[i].source, "drift", alarm_message(self.sources[i].source, monitor.state()))
 
     def _bad_frame(self, i: int, e: Exception) -> None:
