@@ -388,7 +388,34 @@ AdaptThreadsOpt = Annotated[
     ),
 ]
 MethodOpt = Annotated[
-    str, typer.Option(help="ce (every exit on the labels; the default, docs/results.md §8), sd, byot, or mlcsd.")
+    str,
+    typer.Option(
+        help="ce (every exit on the labels; the default, docs/results.md), sd, byot, mlcsd, or l2w (CE with "
+        "meta-learned sample weights for the exits a --target-budget cascade hands each image)."
+    ),
+]
+TwoStageOpt = Annotated[
+    float | None,
+    typer.Option("--two-stage", help="Epochs of trunk + final exit only before training every exit (any method)."),
+]
+GradientEquilibriumOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-equilibrium", help="The trunk gets the mean, not the sum, of the exits' gradients (IMTA)."
+    ),
+]
+DistillGateOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--distill-gate", help="sd/byot/mlcsd: distil only on batches whose teacher's mean confidence is this."
+    ),
+]
+TargetBudgetOpt = Annotated[
+    str | None,
+    typer.Option("--target-budget", help="l2w: the budget the weights train for, a share of the full model (50%)."),
+]
+MetaIntervalOpt = Annotated[
+    int | None, typer.Option("--meta-interval", help="l2w: steps between updates of the weight net (default 10).")
 ]
 TeacherWeightsOpt = Annotated[
     str | None,
@@ -456,6 +483,11 @@ def train(
     dist_timeout: Annotated[
         float, typer.Option(help="torchrun: minutes the processes wait for each other (torch's default: 30).")
     ] = 5.0,
+    two_stage: TwoStageOpt = None,
+    gradient_equilibrium: GradientEquilibriumOpt = False,
+    distill_gate: DistillGateOpt = None,
+    target_budget: TargetBudgetOpt = None,
+    meta_interval: MetaIntervalOpt = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Train a multi-exit ResNet18 (or a torchvision --backbone) with MLCSD or a baseline; writes OUT/model.pt.
@@ -463,8 +495,7 @@ def train(
     Example: edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 2 --out runs/x
     """
     _check_training(json_out, device, width, out)
-    from edgeexit.train.trainer import TrainConfig, TrainingError
-    from edgeexit.train.trainer import train as run_train
+    from edgeexit.train.trainer import TrainConfig
 
     options = dict(  # each flag under its TrainConfig / Recipe / LossConfig name (validated once there)
         exits=exits, width=width, epochs=epochs, batch_size=batch_size, lr=lr, teacher_weights=teacher_weights,
@@ -472,14 +503,31 @@ def train(
         limit_train=train_images, limit_eval=eval_images, seed=seed, device=device, out=out, resume=resume,
         force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
         strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout, dist_timeout_min=dist_timeout,
-        freeze_trunk=freeze_trunk)  # fmt: skip
-    cfg = TrainConfig.from_recipe(data, method, **options)
+        freeze_trunk=freeze_trunk, two_stage=two_stage, gradient_equilibrium=gradient_equilibrium or None,
+        distill_gate=distill_gate, meta_interval=meta_interval,
+        target_budget=None if target_budget is None else _parse_share("--target-budget", target_budget))  # fmt: skip
+    _train_and_report(TrainConfig.from_recipe(data, method, **options), out, json_out)
+
+
+def _train_and_report(cfg, out: Path, json_out: Path | None) -> None:
+    from edgeexit.train.trainer import TrainingError
+    from edgeexit.train.trainer import train as run_train
+
     try:
         result = run_train(cfg, console=console)
     except TrainingError as e:
         _fail(1, str(e))
     if result["rank"] == 0:
         _report_training(result, out, json_out)
+
+
+def _parse_share(name: str, text: str) -> float:
+    """'50%' or '0.5' -> 0.5 (the range is checked where the option is defined)."""
+    t = text.strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise UserError(f"cannot read {name} '{text}': write it like 50% or 0.5") from None
 
 
 def _report_training(result: dict, out: Path, json_out: Path | None) -> None:
@@ -633,30 +681,6 @@ RestoreOpt = Annotated[
 VerifyImagesOpt = Annotated[
     int | None, typer.Option("--verify-images", help="At most N verification images (default: the whole half).")
 ]
-ProfileRepeatsOpt = Annotated[
-    int,
-    typer.Option(
-        help="Timed calls per piece of the cost model, in interleaved rounds of 4 (at least 24 rounds); "
-        "the quietest third of the rounds sets the costs."
-    ),
-]
-RepeatOpt = Annotated[
-    int,
-    typer.Option(
-        "--repeat",
-        help="Profile up to N times while the device is too busy to trust a profile (other processes on "
-        "the cores: the fastest profiling rounds disagree), pooling the tries' rounds. calibrate says how "
-        "busy the device was either way.",
-    ),
-]
-AcceptLoadOpt = Annotated[
-    bool,
-    typer.Option(
-        "--accept-load",
-        help="Write the plan even when the device stayed too busy to calibrate reliably; the report's "
-        "load block records it. Better: calibrate when the device is as quiet as it runs.",
-    ),
-]
 
 
 @app.command(cls=_RenamedOptions)
@@ -675,15 +699,13 @@ def calibrate(
     split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
     images: Annotated[int | None, typer.Option("--images", help="Use at most N images per calibration half.")] = None,
     verify_images: VerifyImagesOpt = None,
-    repeats: ProfileRepeatsOpt = 200,
+    repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (stops after 1 s once 30 are done).")] = 200,
     policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
     plot: Annotated[
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
     ] = None,
     data_dir: DataDirOpt = None,
     frame_size: FrameSizeOpt = None,
-    repeat: RepeatOpt = 1,
-    accept_load: AcceptLoadOpt = False,
     restore: RestoreOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
@@ -713,9 +735,8 @@ def calibrate(
             frame_size=parse_frame_size(frame_size) if frame_size else None,
             max_drop=_parse_drop(max_drop) if max_drop else None, precision=precision, metric=metric, backend=backend,
             data=data, split=split,
-            limit=images, verify_limit=verify_images, repeats=repeats, policy=policy, repeat=repeat,
-            accept_load=accept_load, data_dir=str(data_dir) if data_dir else None, plot=plot,
-            console=console)  # fmt: skip
+            limit=images, verify_limit=verify_images, repeats=repeats, policy=policy,
+            data_dir=str(data_dir) if data_dir else None, plot=plot, console=console)  # fmt: skip
     out_console.print(calibration_table(result))
     _write_json(json_out, result)
 

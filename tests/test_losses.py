@@ -133,3 +133,142 @@ def test_distill_warmup_ramps_the_distillation_terms_linearly_then_holds(method)
     none = build_task(method, model(), cfg)  # recipe default: no warm-up
     none.set_progress(0.0)
     assert none.distill_scale == 1.0
+
+
+# --- l2w, gradient equilibrium, the two-stage start, the distillation gate ------------------------------
+
+
+def _one_sgd_step(method, **cfg):
+    task = build_task(method, model(), LossConfig(**cfg))
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x, y = batch()
+    out = task(x, y)
+    opt.zero_grad()
+    out["loss"].backward()
+    opt.step()
+    return task, out["loss"].detach(), [p.detach().clone() for p in task.model.parameters()]
+
+
+def test_l2w_at_initialisation_is_exactly_ce():
+    """Same seed: the same loss and, after one SGD step, bit-identical parameters (every weight is 1)."""
+    _, ce_loss, ce_params = _one_sgd_step("ce")
+    task, l2w_loss, l2w_params = _one_sgd_step("l2w")
+    assert torch.equal(ce_loss, l2w_loss)
+    assert all(torch.equal(a, b) for a, b in zip(ce_params, l2w_params, strict=True))
+    x, y = batch()
+    assert torch.equal(task(x, y)["sample_weights"], torch.ones(16, 8))
+
+
+def test_l2w_meta_step_learns_the_weights_and_leaves_the_model_alone():
+    task = build_task("l2w", model(), LossConfig(meta_epsilon=1.0))
+    x, y = batch()
+    xm, ym = batch(seed=1)
+    state = {k: v.clone() for k, v in task.model.state_dict().items()}  # weights and BatchNorm statistics
+    meta_loss = task.meta_step(x, y, xm, ym, lr=0.1)
+    assert torch.isfinite(meta_loss)
+    assert all(torch.equal(state[k], v) for k, v in task.model.state_dict().items())
+    assert all(p.grad is None for p in task.model.parameters())
+    w = task(x, y)["sample_weights"]
+    assert not torch.equal(w, torch.ones_like(w))  # the weight net moved off its CE start
+    torch.testing.assert_close(w.mean(dim=0), torch.ones(8))  # each exit's total weight stays the batch size
+    # the trainer's optimizer leaves the weight net to the meta step
+    assert {id(p) for p in task.meta_parameters()} == {id(p) for p in task.weight_net.parameters()}
+    assert task.meta_due(9) and not task.meta_due(8)  # every meta_interval (10) steps
+
+
+def test_budget_exit_distribution_meets_the_budget_and_assigns_by_confidence():
+    from edgeexit.train.meta import assign_exits, exit_distribution
+
+    costs = [0.2, 0.35, 0.5, 0.7, 1.0]
+    shares = exit_distribution(costs, 0.5)
+    assert abs(sum(shares) - 1) < 1e-9 and abs(sum(p * c for p, c in zip(shares, costs, strict=True)) - 0.5) < 1e-6
+    assert exit_distribution(costs, 0.1) == [1.0, 0, 0, 0, 0] and exit_distribution(costs, 1.0)[-1] == 1.0
+    conf = torch.rand(200, 5, generator=torch.Generator().manual_seed(0))
+    exit_of = assign_exits(conf, shares)
+    counts = torch.bincount(exit_of, minlength=5).tolist()
+    assert counts == [round(sum(shares[: k + 1]) * 200) - round(sum(shares[:k]) * 200) for k in range(5)]
+    # exit 0 took the most confident images at exit 0: a threshold at a quantile of its confidences
+    assert conf[exit_of == 0, 0].min() >= conf[exit_of != 0, 0].max()
+
+
+def _segment_grads(task, losses_of):
+    """Per segment, the gradient of the parameters it runs (a block split across two segments counts
+    each half in its own) for the loss losses_of(logits, labels), from a fresh pass."""
+    from edgeexit.models.multiexit import _own_parameters
+
+    x, y = batch()
+    task.zero_grad(set_to_none=True)
+    logits, _ = task.run_model(x)
+    losses_of(logits, y).backward()
+    grads = []
+    for seg in task.model.segments:
+        own = _own_parameters(task.model, seg)
+        grads.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in own]))
+    return grads
+
+
+@pytest.mark.parametrize("exits", [4, 8])
+def test_gradient_equilibrium_gives_each_segment_the_mean_of_its_exits_gradients(exits):
+    """Segment j of K receives (1 / (K - j)) x the sum of the gradients of exits j..K-1 (heads unchanged)."""
+    torch.manual_seed(0)
+    net = build_model(MultiExitConfig(exits=exits, width=0.0625, in_chans=1, num_classes=10, input_size=[28, 28]))
+    plain, ge = build_task("ce", net, LossConfig()), build_task("ce", net, LossConfig(gradient_equilibrium=True))
+    net.eval()  # BatchNorm with running statistics: both passes see the same function
+    per_exit = [
+        _segment_grads(plain, lambda z, y, k=k: F.cross_entropy(z[k], y)) for k in range(exits)
+    ]  # per exit k, per segment j
+    got = _segment_grads(ge, lambda z, y: sum(F.cross_entropy(zk, y) for zk in z))
+    for j in range(exits):
+        want = sum(per_exit[k][j] for k in range(j, exits)) / (exits - j)
+        torch.testing.assert_close(got[j], want, rtol=1e-4, atol=1e-7)
+    # and the forward values are those of the plain model
+    x, _ = batch()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(plain.run_model(x)[0], ge.run_model(x)[0], strict=True))
+
+
+@pytest.mark.parametrize("method", ["ce", "l2w", "mlcsd"])
+def test_two_stage_first_stage_trains_trunk_and_final_exit_only(method):
+    task = build_task(method, model(), LossConfig(two_stage=1.0, gradient_equilibrium=True))
+    opt = torch.optim.SGD(task.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    early = {k: v.clone() for k, v in task.model.heads[:-1].state_dict().items()}
+    trunk = [p.detach().clone() for p in task.model.segments.parameters()]
+    for step in range(2):
+        task.set_progress(0.5 * step)  # still inside stage one
+        out = task(*batch(seed=step))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        assert len(out["logits"]) == 1 and not task.meta_due(9)
+    # early heads: weights and BatchNorm statistics as they were (they were not run)
+    assert all(torch.equal(early[k], v) for k, v in task.model.heads[:-1].state_dict().items())
+    assert all(not torch.equal(a, b) for a, b in zip(trunk, task.model.segments.parameters(), strict=True))
+    task.set_progress(1.0)  # stage two: every exit again
+    assert len(task(*batch())["logits"]) == 8
+
+
+def test_distill_gate_keeps_distillation_off_until_the_teacher_is_confident():
+    x, y = batch()
+    ce = build_task("ce", model(), LossConfig())(x, y)["loss"]
+    # an untrained final exit is far below 0.99 confidence: SD with the gate is CE exactly
+    gated = build_task("sd", model(), LossConfig(alpha=1.0, distill_gate=0.99))(x, y)["loss"]
+    assert torch.equal(gated, ce)
+    opened = build_task("sd", model(), LossConfig(alpha=1.0, distill_gate=0.01))(x, y)["loss"]
+    assert opened > ce
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        ({"distill_gate": 1.0}, "distill_gate"),
+        ({"target_budget": 0.0}, "target_budget"),
+        ({"two_stage": -1}, "two_stage"),
+        ({"meta_interval": 0}, "meta_interval"),
+    ],
+)
+def test_new_loss_options_are_checked(overrides, field):
+    from edgeexit.models.multiexit import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        LossConfig(**overrides)
+    assert info.value.field == field

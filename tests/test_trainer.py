@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -100,6 +101,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_tes
         ({"width": float("nan")}, "--width must be a positive number"),
         ({"exits": 5}, "--exits must be 4, 8 or 9"),
         ({"teacher_weights": "magic"}, "--teacher-weights"),
+        ({"two_stage": 1}, "--two-stage 1 leaves no joint training in 1 epochs"),
+        ({"distill_gate": 0.5, "method": "ce"}, "--distill-gate gates distillation"),
+        ({"distill_gate": 1.5}, "--distill-gate must be within"),
+        ({"target_budget": 0.0, "method": "l2w"}, "--target-budget must be within"),
+        ({"meta_interval": 0, "method": "l2w"}, "--meta-interval must be a whole number"),
     ],
 )
 def test_out_of_range_options_are_refused_before_training(tmp_path, overrides, match):
@@ -178,3 +184,73 @@ def test_contention_guard_drops_to_one_thread_while_others_run_and_recovers():
     # alone (2 = our own threads): keep 2; three checks with others running: 1; then 3 quiet checks: 2
     assert seen == [2, 2, 2, 1, 1, 1, 1, 1, 2, 2]
     assert guard.switches == 2
+
+
+@pytest.mark.slow
+def test_l2w_trains_with_meta_steps_and_resumes_its_meta_optimizer(tmp_path, fashion_test):
+    """A real (tiny) l2w run: meta steps happen (Adam's state is saved in last.pt) and --resume restores it."""
+    from edgeexit.train import trainer
+
+    out = tmp_path / "l2w"
+    cfg = tiny_config(out, method="l2w", epochs=2, limit_train=256, meta_interval=2, adapt_threads=False)
+    _train_epochs(cfg, stop_after=1)
+    state = load_checkpoint(out / "last.pt")["train_state"]
+    meta = state["meta_optimizer"]
+    assert meta["state"] and all(int(v["step"]) == 2 for v in meta["state"].values())  # 4 steps, every 2nd
+    assert not any(k.startswith("weight_net") for k in load_checkpoint(out / "model.pt")["state_dict"])
+    seen = []
+    real_setup = trainer._setup
+
+    def setup_and_look(cfg):
+        run = real_setup(cfg)
+        seen.append(copy.deepcopy(run.task.meta_opt.state_dict()))
+        return run
+
+    cfg.resume = True
+    trainer._setup = setup_and_look
+    try:
+        result = train(cfg, progress=False)
+    finally:
+        trainer._setup = real_setup
+    assert all(int(v["step"]) == 2 for v in seen[0]["state"].values())  # restored before epoch 2
+    assert result["history"][-1]["epoch"] == 2 and result["best_val_average"] > 0.1
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+                                      "regnet_y_400mf"])  # fmt: skip
+def test_two_stage_leaves_every_backbones_early_heads_alone_in_stage_one(backbone):
+    """The trainer's optimizer and task on a torchvision backbone: in stage one the early heads (weights
+    and BatchNorm statistics) do not change while the trunk and the final exit do."""
+    from edgeexit.models.backbones import BackboneConfig, BackboneNet
+    from edgeexit.train.losses import LossConfig, build_task
+    from edgeexit.train.recipes import get_recipe
+    from edgeexit.train.trainer import _optimizer
+
+    torch.manual_seed(0)
+    net = BackboneNet(BackboneConfig(backbone=backbone, width=0.25, in_chans=1, input_size=[28, 28]))
+    task = build_task("ce", net, LossConfig(two_stage=1.0, gradient_equilibrium=True))
+    opt = _optimizer(task, net, get_recipe("fashion-mnist", "ce"))
+    early = {k: v.clone() for k, v in net.heads[:-1].state_dict().items()}
+    final = [p.detach().clone() for p in net.heads[-1].parameters()]
+    first = [p.detach().clone() for p in net.segments[0].parameters()]
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    task.train()
+    for step in range(2):
+        task.set_progress(0.4 * step)
+        opt.zero_grad(set_to_none=True)
+        task(x, y)["loss"].backward()
+        opt.step()
+    assert all(torch.equal(early[k], v) for k, v in net.heads[:-1].state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(final, net.heads[-1].parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(first, net.segments[0].parameters(), strict=True))
+    task.set_progress(1.0)
+    assert len(task(x, y)["logits"]) == net.num_exits > 2
+
+
+def test_two_stage_and_freeze_trunk_are_refused_together(tmp_path):
+    init = tmp_path / "w.pt"
+    init.write_bytes(b"")
+    with pytest.raises(UserError, match="--two-stage trains the trunk first"):
+        tiny_config(tmp_path / "x", method="ce", epochs=2, backbone="resnet18", exits=None, init=str(init),
+                    freeze_trunk=True, two_stage=1)  # fmt: skip

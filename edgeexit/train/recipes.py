@@ -17,6 +17,7 @@ METHOD_LOSS = {
     "sd": LossConfig(temperature=4.0, alpha=1.0, beta=0.0, gamma=1.0),
     "byot": LossConfig(temperature=3.0, alpha=0.3, beta=0.03, gamma=1.0),
     "mlcsd": LossConfig(temperature=4.0, alpha=5.0, beta=10.0, gamma=1.0),
+    "l2w": LossConfig(temperature=4.0, alpha=0.0, beta=0.0, gamma=1.0),  # CE's, plus the meta weighting
 }
 
 

@@ -172,10 +172,12 @@ def _check_backbone_options(cfg: TrainConfig) -> None:
         raise UserError(f"unknown --backbone '{cfg.backbone}': use one of {', '.join(BACKBONES)}")
     if cfg.exit_layout not in LAYOUTS:
         raise UserError(f"--exit-layout must be {' or '.join(LAYOUTS)}, got '{cfg.exit_layout}'")
-    if cfg.method not in ("ce", "sd"):
+    if cfg.method not in ("ce", "sd", "l2w"):
         # byot and mlcsd mix every exit's pooled features, which need one size at every exit; a
         # backbone's early heads are narrower than its final features
-        raise UserError(f"--method {cfg.method} is for the ResNet18 layouts; with --backbone use ce or sd")
+        raise UserError(f"--method {cfg.method} is for the ResNet18 layouts; with --backbone use ce, sd or l2w")
+    if cfg.freeze_trunk and cfg.recipe.loss.two_stage:
+        raise UserError("--two-stage trains the trunk first, which --freeze-trunk keeps as loaded: pass one of them")
     if cfg.freeze_trunk and cfg.init is None:
         raise UserError("--freeze-trunk adds exits to a network you trained: pass its state_dict with --init FILE")
 
@@ -193,6 +195,12 @@ def _check_numbers(cfg: TrainConfig) -> None:
     for name, v in (("alpha", loss.alpha), ("beta", loss.beta), ("gamma", loss.gamma)):
         if not (math.isfinite(v) and v >= 0):
             raise UserError(f"{flag(name)} must be a number >= 0, got {v}")
+    if loss.two_stage and loss.two_stage >= r.epochs:
+        raise UserError(
+            f"--two-stage {loss.two_stage:g} leaves no joint training in {r.epochs} epochs: use fewer than --epochs"
+        )
+    if loss.distill_gate and cfg.method not in ("sd", "byot", "mlcsd"):
+        raise UserError(f"--distill-gate gates distillation (sd, byot, mlcsd); --method {cfg.method} distils nothing")
 
 
 def lr_at(recipe: Recipe, epoch_progress: float) -> float:
@@ -355,8 +363,11 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
     labels = ts.labels.to(run.device)
     module = run.task
     if run.world > 1:
+        loss = r.loss  # stage one leaves the early heads out; l2w's weight net gets no gradient from the loss
         module = torch.nn.parallel.DistributedDataParallel(
-            run.task, device_ids=[run.device.index] if run.device.type == "cuda" else None
+            run.task,
+            device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=loss.two_stage > 0 or bool(run.task.meta_parameters()),
         )
     per_rank = len(run.train_set) // run.world
     steps = per_rank // r.batch_size
@@ -444,9 +455,12 @@ def _optimizer(task, model, r: Recipe) -> torch.optim.Optimizer:
     """SGD with weight decay on weights only; the backbone's groups carry ``lr_scale`` (a pretrained
     backbone learns slower than fresh heads)."""
     backbone = {id(p) for p in model.segments.parameters()}
+    own = {id(p) for p in task.meta_parameters()}  # a meta-learning task updates these itself
     groups = []
     for in_backbone in (True, False):
-        params = [p for p in task.parameters() if p.requires_grad and (id(p) in backbone) == in_backbone]
+        params = [
+            p for p in task.parameters() if p.requires_grad and id(p) not in own and (id(p) in backbone) == in_backbone
+        ]
         scale = r.backbone_lr_scale if in_backbone else 1.0
         groups += [
             {"params": [p for p in params if p.ndim > 1], "weight_decay": r.weight_decay, "lr_scale": scale},
@@ -467,6 +481,8 @@ def _resume(run: _Run) -> None:
     _check_same_split(last, ckpt, run.split)
     run.task.load_state_dict(ts["task"])
     run.opt.load_state_dict(ts["optimizer"])
+    if ts.get("meta_optimizer") is not None and hasattr(run.task, "meta_opt"):
+        run.task.meta_opt.load_state_dict(ts["meta_optimizer"])
     run.start_epoch, run.best, run.history = int(ts["epoch"]), float(ts["best"]), list(ts["history"])
     if run.start_epoch >= run.cfg.recipe.epochs:
         raise UserError(f"{last} already finished {run.start_epoch} epochs; raise --epochs to continue")
@@ -543,6 +559,8 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     gen = torch.Generator().manual_seed(run.cfg.seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=gen)[run.rank * per_rank : (run.rank + 1) * per_rank]
     perm = perm.to(device) if images is not None else perm  # each rank reads only its own shard
+    # meta batches (l2w) from their own stream: the training batches stay those of every other method
+    meta_gen = torch.Generator().manual_seed((run.cfg.seed * 100_003 + epoch) * 7 + run.rank + META_STREAM)
     run.task.train()
     guard = None
     if run.cfg.adapt_threads and device.type == "cpu":
@@ -551,19 +569,13 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     t0, seen, loss_sum = time.perf_counter(), 0, 0.0
     for step in range(steps):
         idx = perm[step * r.batch_size : (step + 1) * r.batch_size]
-        if images is not None:
-            xb = images[idx]
-        else:
-            xb = run.train_set.take(idx).to(device, non_blocking=True)
-            idx = idx.to(device)
-        if r.augment and r.crop == "resized":
-            xb = random_resized_crop(xb, gen, flip=r.flip)
-        elif r.augment:
-            xb = augment(xb, gen, pad=r.pad, flip=r.flip)
-        xb = normalize(xb, run.train_set.mean, run.train_set.std)
-        if device.type == "cuda":
-            xb = xb.contiguous(memory_format=torch.channels_last)
+        xb, idx = _batch(run, images, idx, gen)
         loss = _step(run, module, xb, labels[idx], epoch, step, steps)
+        if run.task.meta_due(epoch * steps + step):
+            midx = torch.randint(0, n, (r.batch_size,), generator=meta_gen)
+            midx = midx.to(device) if images is not None else midx
+            xm, midx = _batch(run, images, midx, meta_gen)
+            run.task.meta_step(xb, labels[idx], xm, labels[midx], run.opt.param_groups[0]["lr"])
         seen += len(idx)
         if guard is not None:  # a read of /proc/loadavg: microseconds against a training step
             guard.check()
@@ -578,6 +590,27 @@ def _train_epoch(run: _Run, module, prog, epoch: int, images, labels, steps: int
     if guard is not None and guard.reduced:
         torch.set_num_threads(guard.full)
     return bar, loss_sum, time.perf_counter() - t0, seen
+
+
+META_STREAM = 0x4D57
+
+
+def _batch(run: _Run, images, idx, gen) -> tuple:
+    """The training images ``idx`` on the device, augmented (from ``gen``) and normalised; and ``idx`` there."""
+    r, device = run.cfg.recipe, run.device
+    if images is not None:
+        xb = images[idx]
+    else:
+        xb = run.train_set.take(idx).to(device, non_blocking=True)
+        idx = idx.to(device)
+    if r.augment and r.crop == "resized":
+        xb = random_resized_crop(xb, gen, flip=r.flip)
+    elif r.augment:
+        xb = augment(xb, gen, pad=r.pad, flip=r.flip)
+    xb = normalize(xb, run.train_set.mean, run.train_set.std)
+    if device.type == "cuda":
+        xb = xb.contiguous(memory_format=torch.channels_last)
+    return xb, idx
 
 
 def _step(run: _Run, module, xb, yb, epoch: int, step: int, steps: int):
@@ -634,6 +667,7 @@ def _end_epoch(run: _Run, prog, bar, epoch: int, loss: float, epoch_time: float)
     state = {
         "task": {k: v.detach().cpu().clone() for k, v in run.task.state_dict().items()},
         "optimizer": run.opt.state_dict(),
+        "meta_optimizer": run.task.meta_opt.state_dict() if hasattr(run.task, "meta_opt") else None,
         "epoch": epoch + 1,
         "best": run.best,
         "history": run.history,
