@@ -681,6 +681,30 @@ RestoreOpt = Annotated[
 VerifyImagesOpt = Annotated[
     int | None, typer.Option("--verify-images", help="At most N verification images (default: the whole half).")
 ]
+ProfileRepeatsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Timed calls per piece of the cost model, in interleaved rounds of 4 (at least 24 rounds); "
+        "the quietest third of the rounds sets the costs."
+    ),
+]
+RepeatOpt = Annotated[
+    int,
+    typer.Option(
+        "--repeat",
+        help="Profile up to N times while the device is too busy to trust a profile (other processes on "
+        "the cores: the fastest profiling rounds disagree), pooling the tries' rounds. calibrate says how "
+        "busy the device was either way.",
+    ),
+]
+AcceptLoadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--accept-load",
+        help="Write the plan even when the device stayed too busy to calibrate reliably; the report's "
+        "load block records it. Better: calibrate when the device is as quiet as it runs.",
+    ),
+]
 
 
 @app.command(cls=_RenamedOptions)
@@ -699,13 +723,15 @@ def calibrate(
     split: Annotated[str, typer.Option(help="heldout (the training run's held-out split) or test.")] = "heldout",
     images: Annotated[int | None, typer.Option("--images", help="Use at most N images per calibration half.")] = None,
     verify_images: VerifyImagesOpt = None,
-    repeats: Annotated[int, typer.Option(help="Timing repetitions per unit (stops after 1 s once 30 are done).")] = 200,
+    repeats: ProfileRepeatsOpt = 200,
     policy: Annotated[str, typer.Option(help="Confidence: max_softmax, margin or entropy.")] = "max_softmax",
     plot: Annotated[
         Path | None, typer.Option(help="PNG of accuracy vs latency (default: ARTIFACT/calibration.png).")
     ] = None,
     data_dir: DataDirOpt = None,
     frame_size: FrameSizeOpt = None,
+    repeat: RepeatOpt = 1,
+    accept_load: AcceptLoadOpt = False,
     restore: RestoreOpt = False,
     json_out: JsonOpt = None,
 ) -> None:
@@ -735,8 +761,9 @@ def calibrate(
             frame_size=parse_frame_size(frame_size) if frame_size else None,
             max_drop=_parse_drop(max_drop) if max_drop else None, precision=precision, metric=metric, backend=backend,
             data=data, split=split,
-            limit=images, verify_limit=verify_images, repeats=repeats, policy=policy,
-            data_dir=str(data_dir) if data_dir else None, plot=plot, console=console)  # fmt: skip
+            limit=images, verify_limit=verify_images, repeats=repeats, policy=policy, repeat=repeat,
+            accept_load=accept_load, data_dir=str(data_dir) if data_dir else None, plot=plot,
+            console=console)  # fmt: skip
     out_console.print(calibration_table(result))
     _write_json(json_out, result)
 

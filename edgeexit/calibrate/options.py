@@ -25,6 +25,7 @@ CLI_NAMES = {
     "verify_limit": "--verify-limit",
     "repeats": "--repeats",
     "frame_size": "--frame-size",
+    "repeat": "--repeat",
 }
 
 
@@ -77,6 +78,8 @@ class CalibrationOptions:
     # (width, height) of the frames the app hands the cascade: the budget then covers their
     # preprocessing too; None: the budget covers the cascade on network-size frames
     frame_size: tuple[int, int] | None = None
+    repeat: int = 1  # profiles taken at most while the device is too busy to trust one (their rounds pooled)
+    accept_load: bool = False  # write the plan even when the device stayed too busy (the report says so)
 
     def __post_init__(self) -> None:  # noqa: C901
         from edgeexit.runtime.policies import POLICIES
@@ -115,6 +118,8 @@ class CalibrationOptions:
                 raise OptionError(name, f"must be at least 20, got {v}")
         if self.repeats < 1:
             raise OptionError("repeats", f"must be at least 1, got {self.repeats}")
+        if not 1 <= self.repeat <= 100:
+            raise OptionError("repeat", f"must be within 1..100, got {self.repeat}")
         if self.frame_size is not None and not (
             len(self.frame_size) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_FRAME_SIDE for v in self.frame_size)
         ):

@@ -65,6 +65,16 @@ def _caption_lines(result: dict) -> list[str]:
     ]
     if result.get("decided_by"):
         lines.append(f"decided by {result['decided_by']}")
+    if result.get("load"):
+        from edgeexit.calibrate.load import describe
+
+        accepted = " (written with --accept-load)" if result["load"].get("accepted") else ""
+        lines.append(f"device load while profiling: {describe(result['load'])}{accepted}")
+    if result["measured"].get("fraction_of_full") is not None:
+        lines.append(
+            f"measured share of the full model (the two run interleaved): "
+            f"{100 * result['measured']['fraction_of_full']:.1f}%"
+        )
     promise = result.get("max_drop")
     if promise:
         lines.append(

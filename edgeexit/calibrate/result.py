@@ -33,6 +33,7 @@ class Measurements:
     conf: np.ndarray  # (frames, exits): exit statistics of every deciding frame (calibration + verification)
     correct: np.ndarray  # (frames, exits) bool
     prediction: np.ndarray | None = None  # (frames, exits) class per exit (the drift monitor's class shares)
+    load: dict | None = None  # how busy the device was while profiling (calibrate/load.py)
 
     @property
     def num_frames(self) -> int:
@@ -139,6 +140,8 @@ class Verification:
     iso: IsoAccuracy | None  # None: not asked for, or nothing faster than the full model certified
     correction: LatencyCorrection | None
     note: str | None
+    # the chosen plan's measured latency (--metric) over the full model's, the two run interleaved
+    fraction_of_full: float | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,9 @@ class CalibrationReport:
     # what the budget covers: the cascade on network-size frames, or (--frame-size) the frame, with the
     # preprocessing cost measured at that size (calibrate/run.py `_frame_cost`)
     frame: dict | None = None
+    # how busy the device was while profiling (calibrate/load.py): cpu_share, preemptions_per_s, the
+    # rounds' slowdown and quiet_spread, the verdict; None in reports built without a profile
+    load: dict | None = None
 
     @property
     def verified_drop(self) -> float:
@@ -232,6 +238,8 @@ class CalibrationReport:
             "exit_ms": self.ladder.chosen_exit_ms,
             "ladder_scale": self.ladder.scale,
         }
+        if v.fraction_of_full is not None:
+            measured["fraction_of_full"] = v.fraction_of_full
         out = {
             "budget_ms": self.budget_ms,
             "metric": o.metric,
@@ -267,6 +275,8 @@ class CalibrationReport:
             out["drift_reference"] = self.drift_reference
         if self.frame is not None:
             out["frame"] = self.frame
+        if self.load is not None:
+            out["load"] = self.load
         out["seconds"] = self.seconds
         return out
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeexit.calibrate.load import describe as describe_load
+from edgeexit.calibrate.load import too_busy_message, verdict
 from edgeexit.calibrate.optimizer import CostModel, Solution, cross_fitted, msdnet_baseline, optimize
 from edgeexit.calibrate.options import CalibrationOptions
 from edgeexit.calibrate.promise import Promise
@@ -43,13 +45,8 @@ from edgeexit.runtime.artifact import LadderRung
 from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.latency import LatencyStats
 from edgeexit.runtime.manifest import write_calibration
-from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, exit_group_name
-from edgeexit.runtime.profiling import (
-    frame_overhead_ms,
-    fused_frame_overhead_ms,
-    profile_exit_groups,
-    verify_together,
-)
+from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
+from edgeexit.runtime.profiling import RoundsProfile, cost_pieces, overhead_from, profile_rounds, verify_together
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
@@ -94,7 +91,7 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
     say = console.print if console is not None else (lambda *a, **k: None)
     s = _open(Path(artifact), opts, say)
     try:
-        m = _measure(s, opts, console)
+        m = _measure(s, opts, console, say)
         cost = m.cost(opts.metric)
         frame = _frame_cost(s, opts, say)
         budget_ms = _budget(opts, cost, say, frame)
@@ -149,36 +146,67 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     return _Session(folder, cascade, frames, labels, name, calib_idx, verify_idx)
 
 
-def _measure(s: _Session, opts: CalibrationOptions, console) -> Measurements:
-    """Unit latencies, per-frame overhead and exit statistics (cached beside the manifest)."""
+def _measure(s: _Session, opts: CalibrationOptions, console, say) -> Measurements:
+    """Unit latencies, per-frame overhead, how busy the device was, and exit statistics (cached beside
+    the manifest)."""
     from rich.progress import Progress
 
     cascade = s.cascade
     x_calib = cascade.preprocess.batch(s.frames[s.decide_idx])
-    groups = None
+    k, fused = cascade.num_exits, bool(cascade.fuse and cascade.runner.info.fuses)
     with Progress(console=console, transient=True, disable=console is None) as prog:
-        task = prog.add_task("profiling units", total=cascade.num_exits)
-        profile = cascade.profile(x_calib[0], repeats=opts.repeats, progress=lambda k: prog.update(task, completed=k))
-        p50 = {n: v["p50_ms"] for n, v in profile["units"].items()}
-        if cascade.fuse and cascade.runner.info.fuses:  # what runs is timed: each evaluated exit's call
-            k = cascade.num_exits
-            task = prog.add_task("profiling fused exit groups", total=k)
-            groups = profile_exit_groups(
-                cascade, x_calib[0], opts.repeats, progress=lambda n: prog.update(task, completed=n)
-            )
-            first = groups[exit_group_name(0, 0)]["p50_ms"]
-            overhead_ms = fused_frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], first)
-        else:
-            overhead_ms = frame_overhead_ms(cascade, s.frames[s.calib_idx[0]], p50)
+        rounds = _profile(s, opts, x_calib[0], prog, say)
+        stats = rounds.stats
+        units = {n: stats[n] for n in (f(p) for p in range(k) for f in (segment_name, head_name))}
+        # on a runner that fuses, what runs is timed: each evaluated exit's one call
+        groups = {n: v for n, v in stats.items() if "+" in n} if fused else None
+        overhead_ms = overhead_from(stats, k, fused)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
             f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
             f"{len(s.verify_idx)}|all|"
             f"{cascade.artifact.created}".encode()
         ).hexdigest()[:12]
-        stats = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
-    correct = stats["prediction"] == s.labels[s.decide_idx][:, None]
-    return Measurements(profile, groups, overhead_ms, stats["confidence"], correct, stats["prediction"])
+        ex = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
+    correct = ex["prediction"] == s.labels[s.decide_idx][:, None]
+    profile = {"batch": 1, "units": units, "decision": stats["decision"]}
+    return Measurements(profile, groups, overhead_ms, ex["confidence"], correct, ex["prediction"], rounds.load)
+
+
+PER_ROUND = 4  # calls of each piece per profiling round (--repeats calls in all, in rounds of these)
+MIN_ROUNDS = 24  # 8 quiet rounds at least: the quiet level known well enough to judge
+RETRY_PAUSE_S = 2.0  # between two profiles of a busy device (--repeat): a burst of load may pass
+
+
+def _profile(s: _Session, opts: CalibrationOptions, image: np.ndarray, prog, say) -> RoundsProfile:
+    """Every piece of the cost model timed in interleaved rounds (`profile_rounds`), up to --repeat
+    times while the device is too busy for the profile to be trusted (the tries' rounds pooled); too
+    busy after the last try is a UserError unless --accept-load. The load is said either way."""
+    cascade = s.cascade
+    calls, cleanup = cost_pieces(cascade, image, s.frames[s.calib_idx[0]])
+    rounds = max(MIN_ROUNDS, -(-opts.repeats // PER_ROUND))
+    prof: RoundsProfile | None = None
+    try:
+        for attempt in range(1, opts.repeat + 1):
+            task = prog.add_task(f"profiling {len(calls)} pieces in {rounds} rounds", total=rounds)
+            p = profile_rounds(calls, cascade.runner.synchronize, rounds, PER_ROUND,
+                               progress=lambda n, task=task: prog.update(task, completed=n))  # fmt: skip
+            prof = p if prof is None else prof.pooled(p)
+            level, reasons = verdict(prof.load)
+            if level != "too busy" or attempt == opts.repeat:
+                break
+            say(f"  the device is too busy ({'; '.join(reasons)}): profiling again ({attempt + 1}/{opts.repeat})")
+            time.sleep(RETRY_PAUSE_S)
+    finally:
+        cleanup()
+    assert prof is not None
+    # accepted: written although too busy (--accept-load)
+    load = {**prof.load, "verdict": level, "profiles": attempt, "accepted": level == "too busy"}
+    if level == "too busy" and not opts.accept_load:
+        raise UserError(too_busy_message(load, reasons, attempt))
+    colour = {"quiet": "green", "busy": "yellow"}.get(level, "bold red")
+    say(f"  device load while profiling: [{colour}]{esc(describe_load(load))}[/]")
+    return RoundsProfile(prof.stats, load, prof.samples)
 
 
 def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
@@ -370,39 +398,58 @@ def _verify(
     iso_point = None
     if opts.iso_accuracy and iso.thresholds is not None:
         iso_point = IsoAccuracy(s.run(m.evaluate(cost, iso.thresholds, opts.metric)), iso.drop_bound, ISO_ACCURACY_DROP)
-    correction = None
-    if choice.crossfit is not None:
-        chosen, correction = _hold_measured(s, m, opts, cost, budget_ms, chosen, choice.crossfit.chosen, say)
-    return Verification(chosen, full, baseline, iso_point, correction, note)
+    correction, approach = None, choice.crossfit.chosen if choice.crossfit is not None else None
+    if approach is not None:
+        chosen, correction, share = _hold_measured(s, m, opts, cost, budget_ms, chosen, full, approach, say)
+    else:
+        share = chosen.measured[f"{opts.metric}_ms"] / full.measured[f"{opts.metric}_ms"]
+    return Verification(chosen, full, baseline, iso_point, correction, note, share)
+
+
+REFIT_TOLERANCE = 1.03  # a plan measured above budget x this is refitted
+REFITS = 2
 
 
 def _hold_measured(
-    s: _Session, m: Measurements, opts, cost: CostModel, budget_ms: float, chosen: Verified, approach: str, say
-) -> tuple[Verified, LatencyCorrection | None]:
-    """The cost model adds timings of pieces profiled one at a time; a cascade alternating between
-    them can run slower (measured: 1.2x on an AVX-512 Xeon for 6 evaluated exits, within a few % on an
-    EPYC). When the real cascade overruns the budget by more than 3 %, refit the same approach at the
-    budget scaled by measured/predicted and run it again: the budget holds for what runs."""
+    s: _Session, m: Measurements, opts, cost: CostModel, budget_ms: float, chosen: Verified, full: Verified,
+    approach: str, say,
+) -> tuple[Verified, LatencyCorrection | None, float]:  # fmt: skip
+    """Hold the budget for what runs (returns the plan, the correction if one was needed, and the plan's
+    measured share of the full model). The plan and the full model ran interleaved, on the same moments:
+    the plan's measured share of the full model, times the cost model's (quiet) full model, is what the
+    plan costs on the quiet device, whatever the load while it was measured. The cost model adds up
+    pieces profiled apart, and a cascade alternating between them can run slower (1.2x measured on an
+    AVX-512 Xeon for 6 evaluated exits); when the plan overruns the budget that way by more than 3 %,
+    the same approach is refitted at the budget scaled by measured/predicted and measured again against
+    the full model, at most twice: the budget holds as a share of the full model."""
     from edgeexit.calibrate.optimizer import APPROACHES
 
-    measured, predicted = chosen.measured[f"{opts.metric}_ms"], getattr(chosen.solution, f"{opts.metric}_ms")
-    if not opts.limited or measured <= budget_ms * 1.03 or predicted <= 0:
-        return chosen, None
-    ratio = measured / predicted
-    if budget_ms / ratio < cost.min_ms():  # nothing cheaper to refit to: keep the plan, say so in the report
-        return chosen, LatencyCorrection(ratio, measured, None)
-    try:
-        th = APPROACHES[approach](m.conf, m.correct, cost, budget_ms / ratio, opts.metric)
-    except UserError:
-        th = None
-    if th is None:
-        return chosen, None
-    fixed = s.run(m.evaluate(cost, th, opts.metric))
-    say(
-        f"  the real cascade ran {ratio:.2f}x the cost model ({measured:.3f} ms > budget {budget_ms:.3f} ms): "
-        f"refitted at {budget_ms / ratio:.3f} ms predicted, measured {fixed.measured[f'{opts.metric}_ms']:.3f} ms"
-    )
-    return fixed, LatencyCorrection(ratio, measured, chosen.thresholds)
+    key, full_pred = f"{opts.metric}_ms", cost.full_ms()
+    first, correction, current, now_full = chosen, None, chosen, full
+    for _ in range(REFITS):
+        quiet_ms = current.measured[key] / now_full.measured[key] * full_pred
+        predicted = getattr(current.solution, key)
+        if not opts.limited or quiet_ms <= budget_ms * REFIT_TOLERANCE or predicted <= 0:
+            break
+        ratio = quiet_ms / predicted
+        if correction is None:
+            correction = LatencyCorrection(ratio, quiet_ms, None)
+        target = budget_ms / ratio
+        try:
+            th = APPROACHES[approach](m.conf, m.correct, cost, target, opts.metric)
+        except UserError:
+            th = None
+        if th is None:  # nothing cheaper to refit to: keep the plan, say so in the report
+            break
+        current, now_full = s.run_together([m.evaluate(cost, th, opts.metric), full.solution])
+        correction = LatencyCorrection(correction.ratio, correction.first_measured_ms, first.thresholds)
+        say(
+            f"  the plan ran {ratio:.2f}x the cost model against the full model on the same moments "
+            f"({quiet_ms:.3f} ms quiet-equivalent > budget {budget_ms:.3f} ms): refitted at "
+            f"{target:.3f} ms predicted, measured "
+            f"{current.measured[key] / now_full.measured[key] * full_pred:.3f} ms quiet-equivalent"
+        )
+    return current, correction, current.measured[key] / now_full.measured[key]
 
 
 def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen: Verified, console) -> Ladder:
@@ -471,6 +518,7 @@ def _assemble(
         drop=paired_drop(m.correct[:, -1], correct),
         device=fingerprint(s.cascade.runner.info),
         latency=m.latency_block(),
+        load=m.load,
         data={
             "dataset": s.dataset,
             "split": opts.split,
