@@ -366,8 +366,8 @@ BackboneOpt = Annotated[
     str | None,
     typer.Option(
         help="A torchvision network with exits at its stage boundaries: resnet18/34/50, mobilenet_v2, "
-        "mobilenet_v3_small/large, efficientnet_b0/b1/b2, regnet_y_400mf/800mf (default: the multi-exit "
-        "ResNet18 of --exits/--stem)."
+        "mobilenet_v3_small/large, efficientnet_b0/b1/b2, regnet_y_400mf/800mf, convnext_tiny (default: "
+        "the multi-exit ResNet18 of --exits/--stem)."
     ),
 ]
 ExitLayoutOpt = Annotated[

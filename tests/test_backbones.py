@@ -18,7 +18,7 @@ from edgeexit.errors import UserError
 from edgeexit.models.backbones import BACKBONES, BackboneConfig, BackboneNet, torchvision_network
 
 SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
-# One architecture per family (six families), at widths that keep each test to seconds
+# One architecture per family (seven families), at widths that keep each test to seconds
 FAMILIES = {
     "resnet18": 0.125,
     "mobilenet_v2": 0.25,
@@ -26,6 +26,7 @@ FAMILIES = {
     "efficientnet_b0": 0.25,
     "regnet_y_400mf": 0.25,
     "resnet50": 0.0625,
+    "convnext_tiny": 0.0625,  # LayerNorm (ONNX LayerNormalization, which TensorRT 8.6 imports) and GELU
 }
 
 
@@ -231,22 +232,31 @@ def test_an_operator_tensorrt_86_cannot_import_is_named_at_export(tmp_path):
     from edgeexit.export.onnx_units import check_trt86_ops, export_units
 
     m = BackboneNet(BackboneConfig(backbone="mobilenet_v3_small", width=0.25, in_chans=1, input_size=[28, 28]))
-    # a LayerNorm over channels inside the last segment (what ConvNeXt has): opset 17's LayerNormalization
-    m.segments[-1].blocks.append(_ChannelNorm(m.feat_dim))
-    with pytest.raises(UserError, match=r"seg_04\.onnx: LayerNormalization"):
+    # a determinant inside the last segment: ONNX's Det, which TensorRT 8.6's parser does not import
+    m.segments[-1].blocks.append(_DetGain())
+    with pytest.raises(UserError, match=r"seg_04\.onnx: Det"):
         export_units(m.eval(), tmp_path, opset=17)
-    units = export_units(m.eval(), tmp_path, opset=18)  # TensorRT 10 imports it: no error
-    with pytest.raises(UserError, match="LayerNormalization"):
+    units = export_units(m.eval(), tmp_path, opset=18)  # beyond 8.6's opsets: not judged by its operator set
+    with pytest.raises(UserError, match="Det"):
         check_trt86_ops(tmp_path, units)
 
 
-class _ChannelNorm(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(c)
+def test_convnext_layernorm_exports_for_tensorrt_86(tmp_path):
+    """ConvNeXt's LayerNorm becomes ONNX LayerNormalization at opset 17, inside TensorRT 8.6's set."""
+    import onnx
 
+    from edgeexit.export.onnx_units import export_units, unsupported_ops
+
+    m = BackboneNet(BackboneConfig(backbone="convnext_tiny", width=0.0625, in_chans=1, input_size=[28, 28]))
+    units = export_units(m.eval(), tmp_path, opset=17)  # raises on an operator outside 8.6's set
+    ops = {n.op_type for u in units for n in onnx.load(str(tmp_path / u["onnx"])).graph.node}
+    assert "LayerNormalization" in ops
+    assert all(unsupported_ops(tmp_path / u["onnx"]) == [] for u in units)
+
+
+class _DetGain(torch.nn.Module):
     def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x * torch.linalg.det(x[:, 0, :2, :2]).reshape(-1, 1, 1, 1)
 
 
 def test_init_with_another_width_names_the_key(tmp_path):

@@ -81,17 +81,19 @@ def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: b
     return units
 
 
-# ONNX operators TensorRT 8.6's parser imports, from onnx-tensorrt's operator matrix for 8.5 (opset <= 17;
-# 8.6 imports a superset). LayerNormalization is not among them: a ConvNeXt's LayerNorm exported at
-# opset 17 would fail on the device, so the export names it instead.
+# ONNX operators TensorRT 8.6's parser imports (opset <= 17): the "Y" rows of onnx-tensorrt's operator
+# matrix for 8.6 (docs/operators.md on its release/8.6-GA branch). LayerNormalization is one (FP32 and
+# FP16; 8.5 had none), so a ConvNeXt's LayerNorm exported at opset 17 builds. An operator outside the
+# set would fail on the device, so the export names it instead.
 TRT86_MAX_OPSET = 17
 TRT86_OPS = frozenset(
     """Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil
     Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
     DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
     GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater GreaterOrEqual
-    GridSample GRU HardSwish HardSigmoid Identity If ImageScaler InstanceNormalization IsNaN LeakyRelu Less
-    LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool MatMul Max MaxPool Mean
+    GridSample GroupNormalization GRU HardSwish HardSigmoid Identity If ImageScaler InstanceNormalization
+    IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization
+    LpPool MatMul Max MaxPool Mean
     MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
     ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform
     RandomUniformLike Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean

@@ -40,6 +40,7 @@ BACKBONES = {
     "efficientnet_b2": "efficientnet",
     "regnet_y_400mf": "regnet",
     "regnet_y_800mf": "regnet",
+    "convnext_tiny": "convnext",
 }
 LAYOUTS = ("stages", "dense")
 SMALL_INPUT_BELOW = 64  # px: inputs smaller than this get the reduced-stride stem
@@ -106,6 +107,8 @@ def torchvision_network(name: str, width: float = 1.0, num_classes: int = 1000) 
 
         setting, last = _mobilenet_v3_conf(name, width_mult=width)
         return MobileNetV3(setting, last, num_classes=num_classes)
+    if family == "convnext":
+        return _convnext(width, num_classes)
     if family == "efficientnet":
         from torchvision.models.efficientnet import EfficientNet, _efficientnet_conf
 
@@ -126,6 +129,16 @@ def torchvision_network(name: str, width: float = 1.0, num_classes: int = 1000) 
         widths = [max(g, round(w * width / g) * g) for g, w in zip(groups, p.widths, strict=True)]
         p = BlockParams(p.depths, widths, groups, p.bottleneck_multipliers, p.strides, p.se_ratio)
     return RegNet(p, stem_width=_divisible(32 * width), num_classes=num_classes)
+
+
+def _convnext(width: float, num_classes: int) -> nn.Module:
+    """torchvision's convnext_tiny (channels 96-768, depths 3-3-9-3, stochastic depth 0.1)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    c = [96, 192, 384, 768] if width == 1.0 else [_divisible(ch * width) for ch in (96, 192, 384, 768)]
+    setting = [CNBlockConfig(c[0], c[1], 3), CNBlockConfig(c[1], c[2], 3), CNBlockConfig(c[2], c[3], 9),
+               CNBlockConfig(c[3], None, 3)]  # fmt: skip
+    return ConvNeXt(setting, stochastic_depth_prob=0.1, num_classes=num_classes)
 
 
 def _resnet(name: str, width: float, num_classes: int) -> nn.Module:
@@ -237,6 +250,12 @@ def split_network(net: nn.Module, family: str) -> tuple[list[nn.Module], nn.Modu
         f = net.features
         blocks = [f[0]] + [b for stage in f[1:-1] for b in stage] + [f[-1]]
         return blocks, net.avgpool, net.classifier
+    if family == "convnext":
+        # features alternate stem/downsampling and stages; the classifier is (LayerNorm2d, Flatten,
+        # Linear) on the pooled 4-D map: the norm joins the pooling so the head's features are what
+        # the Linear layer reads, computed exactly as torchvision's forward does
+        blocks = [b for i, part in enumerate(net.features) for b in (part if i % 2 else [part])]
+        return blocks, nn.Sequential(net.avgpool, net.classifier[0]), net.classifier[2]
     raise ValueError(f"unknown family {family}")
 
 
