@@ -1,0 +1,275 @@
+"""Calibration on a busy device: the same artifacts calibrated again and again beside other work.
+
+    # 1. calibrate: every model x condition x repeat x budget, appended to --out as it goes
+    python benchmarks/calibration_under_load.py calibrate --models 4=runs/e4/model.edgeexit \\
+        8=runs/e8/model.edgeexit 9=runs/e9/model.edgeexit --conditions quiet busy1 busy2 bursty --repeats 2
+    # 2. measure every plan found, interleaved with the full model and MSDNet's family, on test images
+    python benchmarks/calibration_under_load.py measure --out docs/calibration_under_load.json
+
+Conditions (the load processes are started and stopped by this script, each a Python spin loop):
+quiet = nothing added; busy1 / busy2 = one / two processes spinning all the time; bursty = one
+process spinning 0.5 s, sleeping 0.5 s. Each calibration is `run_calibration` on a fresh copy of the
+artifact (its stored frames, 5,000 held-out images; the exit-statistics cache copied along, so only
+profiling, choosing and verifying run), with --accept-load so that every plan a user could have been
+given is seen, with its load verdict.
+
+`measure` runs every distinct plan, the full model and MSDNet plans spanning the same costs on
+--test-images test images through the real cascade, frame by frame, interleaved in blocks (the
+same moments of the device): a plan's *latency ratio* is its mean latency over the full model's.
+Test accuracy is exact, from the exit statistics of all 10,000 test images. "MSDNet at the same
+cost" interpolates the MSDNet plans' test accuracy at the plan's measured ratio.
+
+`--label` tags the calibrations (e.g. "before" for an older checkout run with PYTHONPATH pointing at
+it: the script only uses run_calibration's options that every version has, plus accept_load when
+the version has it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SPIN = "while True: pass"
+BURSTY = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.5: pass\n    time.sleep(0.5)"
+LOADS = {"quiet": [], "busy1": [SPIN], "busy2": [SPIN, SPIN], "bursty": [BURSTY]}
+
+
+def _read(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["calibrations"] if path.is_file() else []
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def _start(condition: str) -> list[subprocess.Popen]:
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for code in LOADS[condition]]
+    time.sleep(1.0 if procs else 0.0)
+    return procs
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+
+
+def _calibrate_one(artifact: str, fraction: float, args) -> dict:
+    from edgeexit.calibrate.run import run_calibration
+
+    work = Path(tempfile.mkdtemp(prefix="cul")) / "m.edgeexit"
+    shutil.copytree(artifact, work)
+    kw = {"budget_fraction": fraction, "backend": "onnxruntime", "iso_accuracy": False, "ladder_steps": 2,
+          "verify_limit": args.verify_images, "limit": args.images}  # fmt: skip
+    if "accept_load" in inspect.signature(run_calibration).parameters or _has_option("accept_load"):
+        kw["accept_load"] = True
+    t = time.perf_counter()
+    try:
+        r = run_calibration(work, **kw)
+        for stats in work.glob("calibration_stats.*.npz"):  # the exit statistics, for the next copies
+            if not (Path(artifact) / stats.name).exists():
+                shutil.copy2(stats, Path(artifact) / stats.name)
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
+    return {
+        "seconds": time.perf_counter() - t,
+        "thresholds": r["thresholds"],
+        "full_predicted_ms": r["full_model"]["predicted_ms"],
+        "predicted_ms": r["predicted"]["mean_ms"],
+        "predicted_accuracy": r["predicted"]["accuracy"],
+        "calibrate_fraction_of_full": r["measured"].get("fraction_of_full"),
+        "chosen": (r.get("cross_fit") or {}).get("chosen"),
+        "load": r.get("load"),
+        "correction": r.get("latency_correction"),
+    }
+
+
+def _has_option(name: str) -> bool:
+    try:
+        from edgeexit.calibrate.options import CalibrationOptions
+    except ImportError:
+        return False
+    return name in CalibrationOptions.__dataclass_fields__
+
+
+def calibrate(args) -> None:
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {"calibrations": []}
+    models = dict(m.split("=", 1) for m in args.models)
+    for name, path in models.items():
+        for condition in args.conditions:
+            for rep in range(args.first_repeat, args.first_repeat + args.repeats):
+                procs = _start(condition)
+                try:
+                    for f in args.budgets:
+                        row = {"label": args.label, "model": name, "condition": condition, "repeat": rep,
+                               "budget": f, "time": time.strftime("%H:%M:%S"),
+                               "loadavg": os.getloadavg()[0], **_calibrate_one(path, f, args)}  # fmt: skip
+                        doc["calibrations"].append(row)
+                        _write(out, doc)
+                        v = (row["load"] or {}).get("verdict", "-")
+                        print(f"{args.label} {name} {condition} #{rep} {100 * f:.0f}%: "
+                              f"predicted {row['predicted_ms'] / row['full_predicted_ms']:.3f} of full "
+                              f"({row['full_predicted_ms']:.3f} ms), calibrate's measured share "
+                              f"{row['calibrate_fraction_of_full']}, load {v}, {row['seconds']:.0f} s",
+                              flush=True)  # fmt: skip
+                finally:
+                    _stop(procs)
+                if args.pause:
+                    time.sleep(args.pause)
+
+
+def _msdnet_span(conf, k: int, n: int = 8) -> list:
+    """MSDNet plans whose share of frames reaching the last exit spans cheap to dear."""
+    import numpy as np
+
+    from edgeexit.runtime.plan import MSDNET_QS, CascadePlan
+
+    plans = [CascadePlan.msdnet(conf, q) for q in MSDNET_QS]
+    last = [float((p.exit_positions(conf) == k - 1).mean()) for p in plans]
+    picks = sorted({int(np.argmin([abs(v - t) for v in last])) for t in np.linspace(0.0, 0.9, n)})
+    return [plans[i] for i in picks]
+
+
+def measure(args) -> None:
+    import numpy as np
+
+    from edgeexit.data.frames import load_frames
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.plan import CascadePlan
+    from edgeexit.runtime.profiling import verify_together
+
+    out = Path(args.out)
+    doc = json.loads(out.read_text())
+    rows = doc["calibrations"]
+    models = dict(m.split("=", 1) for m in args.models)
+    doc["measured"] = doc.get("measured", {})
+    for name, path in models.items():
+        c = Cascade.load(path, backend="onnxruntime")
+        k = c.num_exits
+        frames, labels, _ = load_frames(c.artifact, None, "test", None)
+        stats = c.exit_statistics(c.preprocess.batch(frames))
+        conf, correct = stats["confidence"], stats["prediction"] == labels[:, None]
+        plans = {tuple(r["thresholds"]) for r in rows if r["model"] == name}
+        msd = _msdnet_span(conf, k)
+        full = CascadePlan.full_model(k)
+        order = [full] + [CascadePlan.from_thresholds(list(t)) for t in sorted(plans)] + msd
+        n = min(args.test_images, len(frames))
+        t = time.perf_counter()
+        runs = verify_together(c, frames[:n], labels[:n], order, block=25)
+        full_ms = runs[0]["mean_ms"]
+
+        def acc(plan, conf=conf, correct=correct) -> float:
+            return float(correct[np.arange(len(conf)), plan.exit_positions(conf)].mean())
+
+        doc["measured"][name] = {
+            "test_images_timed": n,
+            "seconds": time.perf_counter() - t,
+            "full_ms": full_ms,
+            "full_accuracy": acc(full),
+            "plans": {json.dumps(list(p.to_list())): {"ratio": m["mean_ms"] / full_ms, "accuracy": acc(p)}
+                      for p, m in zip(order[1 : 1 + len(plans)], runs[1 : 1 + len(plans)], strict=True)},
+            "msdnet": [{"ratio": m["mean_ms"] / full_ms, "accuracy": acc(p)}
+                       for p, m in zip(msd, runs[1 + len(plans) :], strict=True)],
+        }  # fmt: skip
+        c.close()
+        _write(out, doc)
+        print(f"measured {name}: {len(plans)} plans + {len(msd)} MSDNet on {n} test images", flush=True)
+    summary(doc)
+
+
+def _msdnet_at(points: list[dict], ratio: float) -> float | None:
+    import numpy as np
+
+    pts = sorted((p["ratio"], p["accuracy"]) for p in points)
+    # MSDNet's best accuracy at or below that cost, linearly interpolated along its upper hull
+    best, hull = -1.0, []
+    for r, a in pts:
+        if a > best:
+            hull.append((r, a))
+            best = a
+    xs, ys = zip(*hull, strict=True)
+    if ratio < xs[0]:
+        return None
+    return float(np.interp(ratio, xs, ys))
+
+
+def summary(doc: dict) -> None:
+    import numpy as np
+
+    rows, meas = doc["calibrations"], doc.get("measured", {})
+    print("\n| code | model | condition | budget | n | load verdicts | full model predicted ms (min-max) | "
+          "latency ratio min / max (interleaved, test) | ratio / asked, worst | test accuracy spread pt | "
+          "vs MSDNet at that cost pt (worst) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    keys = sorted({(r["label"], r["model"], r["condition"], r["budget"]) for r in rows},
+                  key=lambda x: (x[0], int(x[1]), list(LOADS).index(x[2]), x[3]))  # fmt: skip
+    for label, model, cond, f in keys:
+        rs = [r for r in rows if (r["label"], r["model"], r["condition"], r["budget"]) == (label, model, cond, f)]
+        m = meas.get(model)
+        fulls = [r["full_predicted_ms"] for r in rs]
+        verdicts = ",".join(sorted({(r["load"] or {}).get("verdict", "-") for r in rs}))
+        if m is None:
+            continue
+        pl = [m["plans"][json.dumps(r["thresholds"])] for r in rs]
+        ratios, accs = [p["ratio"] for p in pl], [100 * p["accuracy"] for p in pl]
+        gaps = [100 * (p["accuracy"] - (_msdnet_at(m["msdnet"], p["ratio"]) or np.nan)) for p in pl]
+        print(f"| {label} | {model} | {cond} | {100 * f:.0f}% | {len(rs)} | {verdicts} | "
+              f"{min(fulls):.3f}-{max(fulls):.3f} | {min(ratios):.2f} / {max(ratios):.2f} | "
+              f"{max(ratios) / f:.2f} | {max(accs) - min(accs):.2f} | {np.nanmin(gaps):+.2f} |")  # fmt: skip
+    _inversions(rows, meas)
+
+
+def _inversions(rows: list[dict], meas: dict) -> None:
+    """Within one model, code and condition, over the calibrations made in the same repeat: a larger
+    budget whose plan measured cheaper than a smaller budget's."""
+    groups: dict = {}
+    for r in rows:
+        if r["model"] in meas:
+            key = (r["label"], r["model"], r["condition"], r["repeat"])
+            groups.setdefault(key, []).append((r["budget"], meas[r["model"]]["plans"][json.dumps(r["thresholds"])]))
+    bad = []
+    for key, v in groups.items():
+        ladder = [p["ratio"] for _, p in sorted(v, key=lambda x: x[0])]
+        if any(b < a - 0.02 for a, b in zip(ladder, ladder[1:], strict=False)):
+            bad.append(key)
+    print(f"\ninversions (a larger budget's plan measured > 2 pt of the full model cheaper, same repeat): "
+          f"{len(bad)} of {len(groups)} ladders {bad}")  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", choices=["calibrate", "measure", "summary"])
+    ap.add_argument("--models", nargs="+", default=[])
+    ap.add_argument("--conditions", nargs="+", default=list(LOADS), choices=list(LOADS))
+    ap.add_argument("--budgets", nargs="+", type=float, default=[0.4, 0.6, 0.8])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--verify-images", type=int, default=500)
+    ap.add_argument("--images", type=int, default=None, help="calibration images (default: all stored)")
+    ap.add_argument("--test-images", type=int, default=2000)
+    ap.add_argument("--first-repeat", type=int, default=0, help="number of the first repeat (to add repeats)")
+    ap.add_argument("--pause", type=float, default=0.0, help="seconds between repeats")
+    ap.add_argument("--label", default="after")
+    ap.add_argument("--out", default="docs/calibration_under_load.json")
+    args = ap.parse_args()
+    if args.step == "calibrate":
+        calibrate(args)
+    elif args.step == "measure":
+        measure(args)
+    else:
+        summary(json.loads(Path(args.out).read_text()))
+
+
+if __name__ == "__main__":
+    main()
