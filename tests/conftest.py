@@ -15,6 +15,26 @@ import pytest
 from edgeexit.errors import UserError
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_click_command_per_app():
+    """typer's CliRunner rebuilds the Click command from the Typer app on every ``invoke``,
+    inspecting every command's signature again: most of the time of a CLI test that stops at a
+    refusal. The app does not change during a run, so each app's command is built once."""
+    import typer.testing
+
+    build = typer.testing._get_command
+    built: dict[int, tuple] = {}  # id(app) -> (app, command); the app is kept so its id stays unique
+
+    def cached(app):
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))
+        return built[id(app)][1]
+
+    typer.testing._get_command = cached
+    yield
+    typer.testing._get_command = build
+
+
 @pytest.fixture(scope="session")
 def fashion_test():
     from edgeexit.data import load_dataset

@@ -139,6 +139,7 @@ def _random_bn_stats(net):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
+@pytest.mark.slow  # a training run per backbone
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "resnet18"])
 def test_freeze_trunk_final_exit_is_bit_identical_to_the_users_network(backbone, tmp_path, fashion_test):
     """The user's network (torchvision, 10 classes, its own BN statistics) goes in with --init; after
@@ -228,6 +229,7 @@ def test_stages_are_measured_and_exits_sit_at_their_ends():
     assert small.segments[0](torch.zeros(1, 3, 32, 32))[0].shape[-1] == 32  # the stride-1 stem
 
 
+@pytest.mark.slow  # two exports of a MobileNet
 def test_an_operator_tensorrt_86_cannot_import_is_named_at_export(tmp_path):
     from edgeexit.export.onnx_units import check_trt86_ops, export_units
 

@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 NO_TORCH = (
     "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"  # import torch fails
     "from edgeexit.cli import app\n"
@@ -42,6 +44,7 @@ def test_doctor_onnx_artifact_runs_here(artifact_copy):
     assert d["artifact"]["engines"] == [] and d["torch_imported"] is False
 
 
+@pytest.mark.slow  # two doctor processes on an artifact with foreign engines
 def test_doctor_refuses_engines_built_for_another_gpu(artifact_copy):
     manifest_path = artifact_copy / "manifest.json"
     m = json.loads(manifest_path.read_text())

@@ -136,6 +136,7 @@ def test_restore_without_an_earlier_calibration_is_exit_2(artifact_copy):
 # --- run: a camera that never opens, per-frame JSON lines, preprocessing broken out ---------------------
 
 
+@pytest.mark.slow  # `edgeexit run` waits out the real open backoff, about 4 s a case
 @pytest.mark.parametrize("source", ["0", "7", "http://127.0.0.1:9/none.mjpg"])
 def test_a_camera_or_url_that_never_opens_ends_the_run_with_exit_2(tiny_artifact, source):
     import time

@@ -438,6 +438,7 @@ def test_run_refuses_a_bad_alpha_and_says_when_the_monitor_is_unavailable(tiny_a
     assert "drift monitor unavailable" in " ".join(res.output.split())
 
 
+@pytest.mark.slow  # a calibration, then run on a video file
 def test_run_samples_a_video_file_every_tenth_frame(calibrated, test_frames, tmp_path):
     """Neighbouring frames of a video are nearly one image: `run` on a video file read in order gives
     the monitor every LIVE_EVERY-th frame unless --drift-every says otherwise."""

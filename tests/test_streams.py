@@ -279,6 +279,7 @@ def test_run_several_sources_json_has_streams(tmp_path, tiny_artifact, test_fram
     assert d["frames"] == sum(s["frames"] for s in d["streams"])
 
 
+@pytest.mark.slow  # a real `edgeexit run` process, interrupted after 1.5 s of a video
 def test_ctrl_c_ends_with_the_summary(tmp_path, tiny_artifact, test_frames):
     pytest.importorskip("cv2")
     frames, _ = gray_frames(test_frames, 600)
@@ -308,6 +309,7 @@ def test_ctrl_c_ends_with_the_summary(tmp_path, tiny_artifact, test_frames):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.slow  # a real HTTP camera that goes away for a second and comes back
 def test_mjpeg_over_http_loopback(tiny_artifact, test_frames):
     """A real stream over 127.0.0.1: a tiny MJPEG-over-HTTP server; OpenCV (FFmpeg) reads it, and
     the source reconnects when the server goes away and comes back."""
@@ -390,6 +392,7 @@ class MjpegServer:
             self.httpd = None
 
 
+@pytest.mark.slow  # three cameras in real time, twice
 def test_batch_window_gathers_the_other_cameras_frames(tiny_artifact, test_frames):
     """Cameras with independent phases give ticks of one frame; a batch window waits for the others."""
     from edgeexit.runtime import Cascade, Streams

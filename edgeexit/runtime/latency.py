@@ -23,6 +23,14 @@ def percentile(samples_ms, q: float) -> float:
     return float(np.percentile(a, q))
 
 
+def percentile_along(samples_ms, q: float, axis: int) -> np.ndarray:
+    """`percentile` of ``samples_ms`` along ``axis`` (the median of each round: ``q=50, axis=-1``)."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("a percentile needs at least one sample")
+    return np.percentile(a, q, axis=axis)
+
+
 @dataclass(frozen=True)
 class LatencyStats:
     """``n`` latencies summarised: mean, p50, p95, p99 and max, in milliseconds."""

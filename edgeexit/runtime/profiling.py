@@ -13,12 +13,13 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
 
 from edgeexit.runtime.backends.base import HeadOutput, Runner
-from edgeexit.runtime.latency import LatencyStats, percentile
+from edgeexit.runtime.latency import LatencyStats, percentile, percentile_along
 from edgeexit.runtime.plan import SKIP, CascadePlan, exit_group_name, head_name, segment_name
 
 Confidence = Callable[[HeadOutput], np.ndarray]  # a head's output → one confidence per row (a policy)
@@ -261,7 +262,7 @@ def profile_rounds(
 def summarise_rounds(names: list[str], samples: np.ndarray, load: dict | None = None) -> RoundsProfile:
     """``samples`` (rounds, pieces, calls per round) in ms → `RoundsProfile` (see `profile_rounds`);
     ``load`` gains the round statistics. Rounds of several profiles may be stacked and summarised once."""
-    medians = np.median(samples, axis=2)  # (rounds, pieces)
+    medians = percentile_along(samples, 50, axis=2)  # (rounds, pieces)
     totals = medians.sum(axis=1)
     n_quiet = min(len(totals), max(MIN_QUIET_ROUNDS, math.ceil(len(totals) * QUIET_SHARE)))
     quiet = np.argsort(totals, kind="stable")[:n_quiet]
@@ -272,7 +273,7 @@ def summarise_rounds(names: list[str], samples: np.ndarray, load: dict | None = 
         calm = samples[quiet, i, :].ravel()
         # a call that took more than twice the piece's quiet median was interrupted (the OS ran something
         # else): not the piece's cost
-        limit = INTERRUPTED * float(np.median(calm))
+        limit = INTERRUPTED * percentile(calm, 50)
         interrupted += int((samples[:, i, :] > limit).sum())
         stats[name] = {**latency_stats(calm[calm <= limit]), "spread": spread}
     q = totals[quiet]
@@ -280,7 +281,7 @@ def summarise_rounds(names: list[str], samples: np.ndarray, load: dict | None = 
         "rounds": int(len(totals)),
         "quiet_rounds": int(n_quiet),
         # a typical round against the quiet ones: 1.0 on a device nobody else uses
-        "slowdown": float(np.median(totals) / q.mean()),
+        "slowdown": percentile(totals, 50) / float(q.mean()),
         # how far the quiet rounds disagree among themselves: the quiet cost's own uncertainty
         "quiet_spread": float(q.max() / q.min() - 1.0),
         # the relative standard error of the quiet level (the quiet rounds' sd / mean / sqrt(n)): how
@@ -327,8 +328,8 @@ def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Ca
         states.append(runner.run_segment(pos, states[-1]))
     calls: dict[str, Callable[[], object]] = {}
     for pos in range(k):
-        calls[segment_name(pos)] = lambda pos=pos: runner.run_segment(pos, states[pos])
-        calls[head_name(pos)] = lambda pos=pos: runner.run_head(pos, states[pos + 1][-1])
+        calls[segment_name(pos)] = partial(runner.run_segment, pos, states[pos])
+        calls[head_name(pos)] = partial(runner.run_head, pos, states[pos + 1][-1])
     fused = bool(cascade.fuse and runner.info.fuses)
     if fused:
         for first in range(k):
@@ -338,7 +339,7 @@ def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Ca
                 if first > 0:
                     th[first - 1] = 0.0
                 runner.prepare(CascadePlan.from_thresholds(th), True, cache=False)  # in memory only
-                calls[exit_group_name(first, last)] = lambda a=first, b=last: runner.run_exit(a, b, states[a])
+                calls[exit_group_name(first, last)] = partial(runner.run_exit, first, last, states[first])
         view = cascade.derive(CascadePlan.first_exit(k), fuse=True)
     else:
         view = cascade.derive(CascadePlan.full_model(k), fuse=False)
