@@ -8,6 +8,16 @@
 
 One cell of the grid: ``run --regimes low-data --methods mlcsd --seeds 0``.
 
+Can anything beat CE on the cascade? (six methods, ten seeds, two small regimes; four 1-thread shards):
+
+    python benchmarks/science.py run --out runs/cascade --regime-set cascade --seeds 0 1 2 3 4 5 6 7 8 9 \
+        --statistics torch --shard 1/4 &    # ... to 4/4
+    python benchmarks/science.py throughput --regime-set cascade --json docs/cascade_throughput.json  # quiet cores
+    python benchmarks/science.py report --out runs/cascade --json docs/cascade.json --md docs/cascade_table.md
+
+``report`` sets every method against CE (paired by seed), adds the speed-up ``calibrate --max-drop 0.5pt``
+certifies on the held-out frames, and each method's training seconds per run and throughput against CE.
+
 **run.** Every (regime, method, seed) writes ``OUT/<regime>/<method>/seed<k>.json`` (write-then-rename)
 when it is complete; a rerun skips finished runs (and refuses one recorded with another config), and a
 run interrupted mid-training resumes from its ``last.pt``. The grid is seed-major (seed 0 of every cell,
@@ -72,8 +82,19 @@ METHODS = {
     "mlcsd": ("mlcsd", {}),
     "mlcsd-frozen": ("mlcsd", {"teacher_weights": "frozen"}),
     "mlcsd-a5": ("mlcsd", {"alpha": 5.0}),
+    # Methods that might beat CE on the cascade. ce-2stage: the first fifth of the epochs trains the trunk
+    # and the final exit only (TWO_STAGE_SHARE); mlcsd-frozen-gate: the best distillation method of the
+    # earlier grid, distilling only on batches whose teachers' mean confidence reaches 0.8.
+    "ce-ge": ("ce", {"gradient_equilibrium": True}),
+    "l2w": ("l2w", {}),
+    "l2w-ge": ("l2w", {"gradient_equilibrium": True}),
+    "ce-2stage": ("ce", {"two_stage": "share"}),
+    "mlcsd-frozen-gate": ("mlcsd", {"teacher_weights": "frozen", "distill_gate": 0.8}),
 }
 FIVE = ("ce", "sd", "byot", "mlcsd", "mlcsd-frozen")
+SIX = ("ce", "ce-ge", "l2w", "l2w-ge", "ce-2stage", "mlcsd-frozen-gate")
+TWO_STAGE_SHARE = 0.2
+MAX_DROP = 0.005  # the --max-drop 0.5pt promise whose certified speed-up the report compares
 STATISTICS = {
     "onnx": "ONNX Runtime units through the runtime's Cascade.exit_statistics (max-softmax), on the artifact's "
     "stored held-out frames and the test split",
@@ -101,6 +122,7 @@ class Regime:
     test_images: int | None = None
     parity_images: int = 256  # export's ONNX-vs-PyTorch parity check (the product's default)
     methods: tuple[str, ...] = FIVE
+    selection_images: int | None = None  # held-out images the trainer selects the best epoch on (None: all)
 
 
 _SMOKE = dict(
@@ -122,12 +144,19 @@ REGIME_SETS: dict[str, dict[str, Regime]] = {
         "low-data": Regime(images=5000, epochs=3),
         "label-noise": Regime(images=12000, epochs=1, noise=0.2),
     },
+    # Can any method beat CE on the cascade? Ten seeds of six methods in about 90 minutes of a share of the
+    # 2-core CPU that other work was also using: two small regimes (one of 5 epochs), an 800-image held-out
+    # split (calibration; model selection on its first 400), 1,500 test images.
+    "cascade": {
+        "five-epochs": Regime(images=500, epochs=5, heldout=800, test_images=1500, selection_images=400, methods=SIX),
+        "one-epoch": Regime(images=2000, epochs=1, heldout=800, test_images=1500, selection_images=400, methods=SIX),
+    },
     "smoke": {
         "smoke": Regime(**_SMOKE),
         "smoke-noise": Regime(**_SMOKE, noise=0.2),
     },
 }
-_INT_FIELDS = ("images", "epochs", "exits", "heldout", "test_images", "parity_images")
+_INT_FIELDS = ("images", "epochs", "exits", "heldout", "test_images", "parity_images", "selection_images")
 
 
 def apply_override(regimes: dict[str, Regime], text: str) -> dict[str, Regime]:
@@ -210,13 +239,19 @@ def shard(cells: list[Cell], spec: str | None) -> list[Cell]:
     return cells[k - 1 :: n]
 
 
+def method_loss(method: str, r: Regime) -> dict:
+    """The method's loss overrides for regime ``r`` (a two-stage start as a share of its epochs)."""
+    _, loss = METHODS[method]
+    return {k: (TWO_STAGE_SHARE * r.epochs if v == "share" else v) for k, v in loss.items()}
+
+
 def run_config(regime_name: str, r: Regime, method: str, seed: int, threads: int) -> dict:
     """The exact configuration of one run (what a rerun must match to count as the same run)."""
     from edgeexit.train.trainer import TrainConfig
 
-    base, loss = METHODS[method]
+    base, _ = METHODS[method]
     cfg = TrainConfig.from_recipe("fashion-mnist", base, out="unused", epochs=r.epochs, width=r.width, exits=r.exits)
-    lc = replace(cfg.recipe.loss, **loss)
+    lc = replace(cfg.recipe.loss, **method_loss(method, r))
     return {
         "regime": regime_name,
         "method": method,
@@ -232,16 +267,30 @@ def run_config(regime_name: str, r: Regime, method: str, seed: int, threads: int
         "heldout": r.heldout,
         "test_images": r.test_images,
         "parity_images": r.parity_images,
+        **({"selection_images": r.selection_images} if r.selection_images is not None else {}),
         "alpha": lc.alpha,
         "beta": lc.beta,
         "gamma": lc.gamma,
         "temperature": lc.temperature,
         "teacher_weights": lc.teacher_weights,
+        **_new_options(lc, base),
         "lr": cfg.recipe.lr,
         "batch_size": cfg.recipe.batch_size,
         "schedule": cfg.recipe.schedule,
         "threads": threads,
     }
+
+
+def _new_options(lc, base: str) -> dict:
+    """The training options added after the first grid, recorded only where set (or, for l2w, used): a
+    run of that grid, which had none of them, still matches its config."""
+    out = {k: getattr(lc, k) for k, off in NEW_OPTIONS if getattr(lc, k) != off}
+    if base == "l2w":
+        out.update({k: getattr(lc, k) for k in ("target_budget", "meta_interval", "meta_epsilon", "meta_lr")})
+    return out
+
+
+NEW_OPTIONS = (("gradient_equilibrium", False), ("two_stage", 0.0), ("distill_gate", 0.0))
 
 
 # --- label noise -------------------------------------------------------------------------------------------
@@ -491,7 +540,8 @@ def _train(cell: Cell, r: Regime, config: dict, work: Path, threads: int) -> tup
     from edgeexit.util import atomic_write_json
 
     atomic_write_json(stamp, config)
-    base, loss = METHODS[cell.method]
+    base, _ = METHODS[cell.method]
+    loss = method_loss(cell.method, r)
     cfg = TrainConfig.from_recipe(
         "fashion-mnist",
         base,
@@ -502,6 +552,7 @@ def _train(cell: Cell, r: Regime, config: dict, work: Path, threads: int) -> tup
         width=r.width,
         exits=r.exits,
         val_size=r.heldout,
+        limit_eval=r.selection_images,
         resume=resume,
         force=not resume,
         adapt_threads=False,  # a fixed thread count: results do not depend on the load of the machine
@@ -615,6 +666,7 @@ def calibrated_cascade(stats: dict, test_labels: np.ndarray, costmodel: dict) ->
     return {
         "budgets": budgets,
         "accuracy": {f"{round(100 * b['fraction'])}": b["test_accuracy"] for b in budgets},
+        "max_drop": max_drop_promise(conf, correct, t_conf, t_correct, cost),
         "full_ms": full_ms,
         "min_ms": cost.min_ms(),
         "final_exit_test_accuracy": float(t_correct[:, -1].mean()),
@@ -622,6 +674,27 @@ def calibrated_cascade(stats: dict, test_labels: np.ndarray, costmodel: dict) ->
         "cost_model": "shared: OUT/costmodel.json, measured once; every run and method uses the same costs",
         "heldout_frames": int(len(conf)),
         "test_images": int(len(test_labels)),
+    }
+
+
+def max_drop_promise(conf, correct, t_conf, t_correct, cost) -> dict:
+    """``calibrate --max-drop 0.5pt`` on the held-out frames (the product's `certify`: fixed-sequence tests
+    at 95 %): the speed-up over the full model it certifies, and that plan's accuracy drop on test."""
+    from edgeexit.calibrate.optimizer import evaluate
+    from edgeexit.calibrate.promise import certify
+
+    p = certify(conf, correct, cost, MAX_DROP, 0.95)
+    full = float(t_correct[:, -1].mean())
+    if p.thresholds is None:  # only the full model is certified
+        return {"max_drop": MAX_DROP, "speedup": 1.0, "latency_ms": cost.full_ms(), "test_drop": 0.0}
+    test = evaluate(t_conf, t_correct, cost, p.thresholds, "mean")
+    return {
+        "max_drop": MAX_DROP,
+        "speedup": float(cost.full_ms() / p.latency_ms),
+        "latency_ms": p.latency_ms,
+        "drop_bound": p.drop_bound,
+        "test_drop": full - float(test.accuracy),
+        "family": list(p.family or []),
     }
 
 
@@ -835,12 +908,25 @@ def verdict(mean: float, half: float | None) -> str:
     return "tie"
 
 
+def _speedup(r: dict) -> float | None:
+    md = r["cascade"].get("max_drop")
+    return None if md is None else md["speedup"]
+
+
 METRICS = (
     ("average exit", lambda r: float(np.mean(r["exit_accuracy"]))),
     ("final exit", lambda r: r["exit_accuracy"][-1]),
     *((f"cascade {p}%", lambda r, p=p: r["cascade"]["accuracy"].get(str(p))) for p in BUDGET_PCTS),
+    ("speed-up @0.5pt", _speedup),  # a ratio, not an accuracy (see _cell)
 )
+RATIO_METRICS = ("speed-up @0.5pt",)
 COMPARISONS = (("mlcsd", "sd"), ("mlcsd", "ce"))
+
+
+def comparisons(methods) -> list[tuple[str, str]]:
+    """The first grid's two questions, then every other method against CE."""
+    pairs = [(a, b) for a, b in COMPARISONS if a in methods and b in methods]
+    return pairs + [(m, "ce") for m in methods if m != "ce" and "ce" in methods and (m, "ce") not in pairs]
 
 
 def load_runs(out: Path) -> list[dict]:
@@ -873,9 +959,7 @@ def summarise(runs: list[dict]) -> dict:
         for m, rs in methods.items():
             cells[m] = {name: mean_interval(list(_values(rs, f).values())) for name, f in METRICS}
         pairs = {}
-        for a, b in COMPARISONS:
-            if a not in methods or b not in methods:
-                continue
+        for a, b in comparisons(list(methods)):
             row = {}
             for name, f in METRICS:
                 va, vb = _values(methods[a], f), _values(methods[b], f)
@@ -884,15 +968,42 @@ def summarise(runs: list[dict]) -> dict:
                 row[name] = {"mean": mean, "half": half, "n": n, "seeds": seeds, "verdict": verdict(mean, half)}
             pairs[f"{a} - {b}"] = row
         config = methods[next(iter(methods))][0]["config"]
-        out[regime] = {"methods": cells, "paired": pairs, "config": config}
+        out[regime] = {"methods": cells, "paired": pairs, "config": config, "training": training_cost(methods)}
     return out
 
 
-def _pct(mean: float | None, half: float | None, n: int, signed: bool = False) -> str:
+def training_cost(methods: dict[str, list[dict]]) -> dict:
+    """Per method: training seconds per run (mean ± 95 % half-width), images/s, and the throughput against CE
+    paired by seed (CE's seconds over the method's: a run-to-run ratio under whatever load each run saw)."""
+    out = {}
+    ce = {r["seed"]: r["seconds"]["train"] for r in methods.get("ce", []) if not r["seconds"].get("training_resumed")}
+    for m, rs in methods.items():
+        fresh = [r for r in rs if not r["seconds"].get("training_resumed") and r["seconds"]["train"] > 0]
+        secs = [r["seconds"]["train"] for r in fresh]
+        seen = [(r["config"]["images"] or 55000) * r["config"]["epochs"] / r["seconds"]["train"] for r in fresh]
+        ratios = [ce[r["seed"]] / r["seconds"]["train"] for r in fresh if r["seed"] in ce]
+        mean, half, n = mean_interval(secs)
+        out[m] = {
+            "train_s": {"mean": mean, "half_width_95": half, "n": n},
+            "images_per_s": float(np.mean(seen)) if seen else None,
+            "throughput_vs_ce": float(np.exp(np.mean(np.log(ratios)))) if ratios else None,  # geometric mean
+            "paired_with_ce": len(ratios),
+        }
+    return out
+
+
+def _pct(mean: float | None, half: float | None, n: int, signed: bool = False, scale: float = 100) -> str:
     if mean is None:
         return "–"
-    s = f"{100 * mean:+.2f}" if signed else f"{100 * mean:.2f}"
-    return f"{s} (n=1)" if half is None else f"{s} ± {100 * half:.2f}"
+    s = f"{scale * mean:+.2f}" if signed else f"{scale * mean:.2f}"
+    return f"{s} (n=1)" if half is None else f"{s} ± {scale * half:.2f}"
+
+
+def _cell(name: str, v: tuple) -> str:
+    """A metric's mean ± half-width: accuracies in %, ratios (the speed-up) as ×."""
+    if name in RATIO_METRICS:
+        return _pct(*v, scale=1) + ("" if v[0] is None else " ×")
+    return _pct(*v)
 
 
 def markdown(summary: dict, costmodel: dict | None, cost_models_used: list[str] | None = None) -> str:
@@ -926,7 +1037,7 @@ def markdown(summary: dict, costmodel: dict | None, cost_models_used: list[str] 
         lines += ["| method | seeds | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
         for m, cells in s["methods"].items():
             n = max(v[2] for v in cells.values())
-            lines.append(f"| {m} | {n} | " + " | ".join(_pct(*cells[k]) for k in names) + " |")
+            lines.append(f"| {m} | {n} | " + " | ".join(_cell(k, cells[k]) for k in names) + " |")
         if s["paired"]:
             lines += ["", "| paired difference (pt) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
             for label, row in s["paired"].items():
@@ -938,11 +1049,32 @@ def markdown(summary: dict, costmodel: dict | None, cost_models_used: list[str] 
                     elif d["half"] is None:
                         cells.append(f"{100 * d['mean']:+.2f} (n=1) n/a")
                     else:
-                        lo, hi = 100 * (d["mean"] - d["half"]), 100 * (d["mean"] + d["half"])
-                        cells.append(f"{100 * d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] **{d['verdict']}**")
+                        sc = 1 if k in RATIO_METRICS else 100
+                        lo, hi = sc * (d["mean"] - d["half"]), sc * (d["mean"] + d["half"])
+                        cells.append(f"{sc * d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] **{d['verdict']}**")
                 lines.append(f"| {label.replace(' - ', ' − ')} (n={row[names[0]]['n']}) | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_training_lines(s.get("training") or {}), ""]
     return "\n".join(lines)
+
+
+def _training_lines(cost: dict) -> list[str]:
+    if not cost:
+        return []
+    lines = [
+        "| training | runs | seconds per run | images/s | throughput vs CE (paired by seed) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, c in cost.items():
+        t = c["train_s"]
+        secs = (
+            "–"
+            if t["mean"] is None
+            else f"{t['mean']:.0f}" + ("" if t["half_width_95"] is None else f" ± {t['half_width_95']:.0f}")
+        )
+        ips = "–" if c["images_per_s"] is None else f"{c['images_per_s']:.0f}"
+        ratio = "–" if c["throughput_vs_ce"] is None else f"{c['throughput_vs_ce']:.2f}× (n={c['paired_with_ce']})"
+        lines.append(f"| {m} | {t['n']} | {secs} | {ips} | {ratio} |")
+    return lines
 
 
 def plot(summary: dict, path: str) -> bool:
@@ -997,6 +1129,7 @@ def cmd_report(args) -> int:
                     for m, cells in s["methods"].items()
                 },
                 "paired": s["paired"],
+                "training": s["training"],
             }
             for regime, s in summary.items()
         },
@@ -1012,6 +1145,77 @@ def cmd_report(args) -> int:
             print(f"plot: {args.plot}")
         else:
             print("matplotlib is not installed: no plot")
+    return 0
+
+
+def _method_stepper(method: str, regime: Regime, seed: int = 0):
+    """``run(n, start)``: n training steps of ``method`` as the trainer takes them (l2w's meta steps every
+    meta_interval; a two-stage start's share of the steps in stage one) on random Fashion-MNIST-shaped batches."""
+    import torch
+
+    from edgeexit.models import MultiExitConfig, build_model
+    from edgeexit.train.losses import build_task
+    from edgeexit.train.trainer import TrainConfig, _optimizer
+
+    base, _ = METHODS[method]
+    loss = method_loss(method, regime)
+    cfg = TrainConfig.from_recipe("fashion-mnist", base, out="unused", epochs=regime.epochs, width=regime.width,
+                                  exits=regime.exits, **loss)  # fmt: skip
+    r = cfg.recipe
+    torch.manual_seed(seed)
+    model = build_model(MultiExitConfig(exits=r.exits, width=r.width, in_chans=1, num_classes=10, input_size=[28, 28]))
+    task = build_task(base, model, r.loss)
+    opt = _optimizer(task, model, r)
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.randn(8, r.batch_size, 1, 28, 28, generator=g)
+    ys = torch.randint(0, 10, (8, r.batch_size), generator=g)
+
+    def run(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            task.set_progress(regime.epochs * ((i % 100) / 100))  # stage one for the first share of every 100
+            x, y = xs[i % 8], ys[i % 8]
+            out = task(x, y)
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            opt.step()
+            if task.meta_due(i):
+                task.meta_step(x, y, xs[(i + 1) % 8], ys[(i + 1) % 8], 0.02)
+
+    return run
+
+
+def cmd_throughput(args) -> int:
+    """Training images/s of each method, interleaved: every round times ``--steps`` steps of each method in
+    turn (1 thread), so each method's ratio to CE is read within a round, then summarised over rounds."""
+    import torch
+
+    from edgeexit.util import atomic_write_json
+
+    torch.set_num_threads(1)
+    regimes = REGIME_SETS[args.regime_set]
+    regime = regimes[args.regime] if args.regime else next(iter(regimes.values()))
+    methods = args.methods or list(regime.methods)
+    steppers = {m: _method_stepper(m, regime) for m in methods}
+    for run in steppers.values():  # warm-up (allocator, first meta step)
+        run(args.steps // 2 + 10, 0)
+    rows: dict[str, list[float]] = {m: [] for m in methods}
+    batch = 32
+    for k in range(args.rounds):
+        order = methods if k % 2 == 0 else methods[::-1]
+        for m in order:
+            t0 = time.perf_counter()
+            steppers[m](args.steps, k * args.steps)
+            rows[m].append(args.steps * batch / (time.perf_counter() - t0))
+    out = {"regime": regime.__dict__ | {"methods": list(regime.methods)}, "steps_per_round": args.steps,
+           "rounds": args.rounds, "threads": 1, "loadavg_at_end": list(os.getloadavg()), "methods": {}}  # fmt: skip
+    for m in methods:
+        ratio = [a / b for a, b in zip(rows[m], rows.get("ce", rows[m]), strict=True)]
+        mean, half, n = mean_interval(ratio)
+        out["methods"][m] = {"images_per_s": rows[m], "median_images_per_s": float(np.median(rows[m])),
+                             "vs_ce": {"mean": mean, "half_width_95": half, "n": n}}  # fmt: skip
+        print(f"{m:20s} {np.median(rows[m]):7.1f} img/s   vs ce {mean:.3f} ± {half or 0:.3f} (n={n})")
+    if args.json:
+        atomic_write_json(args.json, out)
     return 0
 
 
@@ -1041,6 +1245,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cm.add_argument("--checkpoint", required=True, help="a model.pt of the grid's architecture")
     cm.add_argument("--repeats", type=int, default=200)
     cm.add_argument("--force", action="store_true", help="replace an existing OUT/costmodel.json")
+    tp = sub.add_parser("throughput", help="training images/s of each method against CE, interleaved (quiet cores!)")
+    tp.add_argument("--regime-set", default="cascade", choices=sorted(REGIME_SETS))
+    tp.add_argument("--regime", help="the regime whose recipe and methods are timed (default: the set's first)")
+    tp.add_argument("--methods", nargs="+", help=f"of {', '.join(METHODS)} (default: the regime's own)")
+    tp.add_argument("--steps", type=int, default=20, help="steps per method per round")
+    tp.add_argument("--rounds", type=int, default=5)
+    tp.add_argument("--json")
     rep = sub.add_parser("report", help="collect the finished runs into JSON, a markdown table and a plot")
     rep.add_argument("--out", default="runs/science")
     rep.add_argument("--json")
@@ -1057,7 +1268,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: edgeexit is not importable: run with the project's .venv", file=sys.stderr)
         return 2
     try:
-        return {"run": cmd_run, "report": cmd_report, "costmodel": cmd_costmodel}[args.command](args)
+        commands = {"run": cmd_run, "report": cmd_report, "costmodel": cmd_costmodel, "throughput": cmd_throughput}
+        return commands[args.command](args)
     except (ScienceError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -225,3 +225,50 @@ def test_shards_then_resume_skip_finished(science, tmp_path, capsys):
     # a finished run recorded with another config is refused, not silently reused
     assert science.main([*base, "--override", "smoke:epochs=2"]) == 2
     assert "was run with epochs=1" in capsys.readouterr().err
+
+
+def test_report_sets_every_method_against_ce_with_speedup_and_training_cost(science, tmp_path):
+    """A partial grid (l2w has 2 seeds of CE's 3): each method − CE paired by the seeds both have, the
+    --max-drop speed-up as a ratio, and training seconds with the throughput against CE per seed."""
+    out = tmp_path / "science"
+    c50 = {"ce": [0.80, 0.82, 0.81], "l2w": [0.81, 0.83], "ce-ge": [0.79, 0.80, 0.80]}
+    speed = {"ce": [1.10, 1.20, 1.15], "l2w": [1.30, 1.40], "ce-ge": [1.10, 1.20, 1.15]}
+    train_s = {"ce": [10.0, 12.0, 11.0], "l2w": [15.0, 18.0], "ce-ge": [10.0, 12.0, 11.0]}
+    for method, values in c50.items():
+        for seed, v in enumerate(values):
+            _fake_run(out, "five", method, seed, [0.5, 0.9], {"40": None, "50": v, "70": 0.9})
+            path = out / "five" / method / f"seed{seed}.json"
+            run = json.loads(path.read_text())
+            run["cascade"]["max_drop"] = {"max_drop": 0.005, "speedup": speed[method][seed]}
+            run["seconds"] = {"train": train_s[method][seed], "training_resumed": False}
+            path.write_text(json.dumps(run))
+    js, md = tmp_path / "s.json", tmp_path / "s.md"
+    assert science.main(["report", "--out", str(out), "--json", str(js), "--md", str(md)]) == 0
+    doc = json.loads(js.read_text())["summary"]["five"]
+    assert set(doc["paired"]) == {"l2w - ce", "ce-ge - ce"}
+    row = doc["paired"]["l2w - ce"]
+    assert row["cascade 50%"]["n"] == 2 and row["cascade 50%"]["mean"] == pytest.approx(0.01)
+    assert row["speed-up @0.5pt"]["mean"] == pytest.approx(0.2) and row["speed-up @0.5pt"]["verdict"] == "win"
+    cost = doc["training"]["l2w"]
+    assert cost["throughput_vs_ce"] == pytest.approx(math.sqrt(10 / 15 * 12 / 18)) and cost["paired_with_ce"] == 2
+    assert cost["images_per_s"] == pytest.approx(np.mean([5000 * 2 / 15, 5000 * 2 / 18]))
+    text = md.read_text()
+    assert "1.15 ± " in text and " ×" in text  # the speed-up is a ratio, not a percentage
+    assert "| l2w | 2 | 16 ± " in text and "0.67× (n=2)" in text
+
+
+def test_cascade_set_has_six_methods_ten_seed_regimes_and_records_the_new_options(science):
+    cascade = science.REGIME_SETS["cascade"]
+    assert max(r.epochs for r in cascade.values()) >= 5 and len(cascade) >= 2
+    assert all(set(r.methods) == {"ce", "ce-ge", "l2w", "l2w-ge", "ce-2stage", "mlcsd-frozen-gate"} for r in
+               cascade.values())  # fmt: skip
+    five = cascade["five-epochs"]
+    cfg = science.run_config("five-epochs", five, "ce-2stage", 0, 1)
+    assert cfg["two_stage"] == pytest.approx(0.2 * five.epochs) and "gradient_equilibrium" not in cfg
+    cfg = science.run_config("five-epochs", five, "l2w-ge", 0, 1)
+    assert cfg["train_method"] == "l2w" and cfg["gradient_equilibrium"] is True and cfg["target_budget"] == 0.5
+    cfg = science.run_config("five-epochs", five, "mlcsd-frozen-gate", 0, 1)
+    assert (cfg["teacher_weights"], cfg["distill_gate"]) == ("frozen", 0.8)
+    # a run of the earlier grid, which had none of the new options, still matches its config
+    old = science.run_config("low-data", science.REGIME_SETS["session"]["low-data"], "ce", 0, 1)
+    assert not {"gradient_equilibrium", "two_stage", "distill_gate", "target_budget", "selection_images"} & set(old)
