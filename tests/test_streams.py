@@ -228,6 +228,7 @@ def _write_video(path: Path, frames, fps=30.0):
     w.release()
 
 
+@pytest.mark.slow  # a one-second video played in real time
 def test_realtime_video_is_played_at_its_frame_rate(tmp_path, tiny_artifact, test_frames):
     pytest.importorskip("cv2")
     from edgeexit.runtime import Cascade, Streams
@@ -419,6 +420,7 @@ def test_batch_window_gathers_the_other_cameras_frames(tiny_artifact, test_frame
     assert batches[0.0] < 1.6 and batches[30.0] > 2.3, batches
 
 
+@pytest.mark.slow  # a real HTTP camera at 60 fps on 127.0.0.1
 def test_a_real_http_camera_gives_the_newest_frame_not_a_backlog(test_frames):
     """OpenCV's FFmpeg reading an HTTP MJPEG camera on 127.0.0.1 at 60 fps: while the app takes
     nothing the reader keeps only the newest frame and counts the others as dropped."""
