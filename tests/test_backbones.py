@@ -30,12 +30,12 @@ FAMILIES = {
 }
 
 
-def _train(out, backbone, width, limit_train=256, **kw):
+def _train(out, backbone, width, limit_train=256, epochs=1, **kw):
     from edgeexit.train.trainer import TrainConfig, train
 
     kw = {"batch_size": 64, **kw}
     cfg = TrainConfig.from_recipe(
-        "fashion-mnist", "ce", out=str(out), epochs=1, limit_train=limit_train, limit_eval=200,
+        "fashion-mnist", "ce", out=str(out), epochs=epochs, limit_train=limit_train, limit_eval=200,
         backbone=backbone, width=width, adapt_threads=False, **kw,
     )  # fmt: skip
     cfg.recipe = replace(cfg.recipe, val_size=600)
@@ -129,6 +129,23 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
     preds = c.predict_batch(frames[:200])
     assert {p.exit_index for p in preds} <= set(r["evaluated_exits"])
     c.close()
+
+
+@pytest.mark.slow  # two short epochs
+def test_two_stage_trains_a_backbone_trunk_first_then_every_exit(tmp_path):
+    """--two-stage 1 on RegNetY: epoch 1 trains the trunk and the network's own classifier only (the
+    early heads keep their initial weights, so they classify no better than chance), epoch 2 trains
+    every exit (each early exit then well above chance)."""
+    torch.set_num_threads(1)
+    result = _train(
+        tmp_path / "run", "regnet_y_400mf", 0.25, limit_train=2048, epochs=2, batch_size=32, lr=0.05, two_stage=1
+    )  # fmt: skip
+    first, second = (h["val_exit_accuracy"] for h in result["history"])
+    assert first[-1] > 0.5  # the network itself learned in stage one
+    assert max(first[:-1]) < 0.3  # the early heads did not
+    assert all(b > a + 0.2 for a, b in zip(first[:-1], second[:-1], strict=True)), (first, second)
+    ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert ckpt["config"]["backbone"] == "regnet_y_400mf"
 
 
 def _random_bn_stats(net):
