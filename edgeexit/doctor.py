@@ -432,8 +432,7 @@ def diagnose(artifact=None) -> dict:
         from edgeexit.runtime.backends import choose_backend
 
         # with no artifact: what auto would pick for an artifact that has engines
-        probe = {"units": [{"engines": [{}]}]}
-        name, why = choose_backend(probe, "auto")
+        name, why = choose_backend(None, "auto")
         report["auto_backend"] = name
         report["auto_why"] = why
         ort_ok = report["onnxruntime"]["version"] is not None

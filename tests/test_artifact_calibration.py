@@ -65,6 +65,33 @@ def test_a_well_typed_block_still_loads_and_drives_the_budget(artifact_copy):
     assert c.controller.budget_ms == 5.0
 
 
+def test_the_typed_block_is_what_the_controller_and_run_budget_read(artifact_copy):
+    """metric, the full model, the verification run, its ladder-scale reference and the rungs'
+    measurements are fields; a figure that is not a positive number reads as not measured."""
+    reference = {"mean_ms": 0.9, "p95_ms": 1.2, "frames": 300, "block_sd": 0.04, "block_frames": 50}
+    rungs = [dict(LADDER[0], measured={"mean_ms": 1.9, "p95_ms": 2.4}, exit_ms=[None] * 7 + [1.9]),
+             dict(LADDER[1], measured={"mean_ms": -1.0, "p95_ms": 1.0}, exit_ms=[1.0] * 8)]  # fmt: skip
+    calibrated(artifact_copy, metric="p95", ladder=rungs,
+               measured={"mean_ms": 1.1, "p95_ms": 1.4, "reference": reference})  # fmt: skip
+    cal = Artifact.load(artifact_copy).calibration
+    assert (cal.metric, cal.full_model_ms, cal.predicted_ms, cal.predicted_accuracy) == ("p95", 2.0, 1.0, 0.7)
+    assert cal.measured.of("p95") == 1.4 and cal.reference.of("p95") == 1.2 and cal.reference.block_frames == 50
+    assert cal.ladder[0].measured.mean_ms == 1.9 and cal.ladder[0].exit_ms[-1] == 1.9
+    assert cal.ladder[1].measured is None and cal.ladder[1].exit_ms is None  # -1 ms: not a measurement
+
+
+def test_calibration_is_checked_before_it_is_written(artifact_copy):
+    from edgeexit.runtime.manifest import write_calibration
+
+    before = (artifact_copy / "manifest.json").read_text()
+    with pytest.raises(ArtifactError, match=r"calibration thresholds must be 8 finite numbers"):
+        write_calibration(Artifact.load(artifact_copy), {"thresholds": [0.5] * 3})
+    assert (artifact_copy / "manifest.json").read_text() == before
+    block = {"thresholds": [0.5] * 7 + [0.0], "predicted": {"mean_ms": float("nan")}}  # NaN: written as null
+    write_calibration(Artifact.load(artifact_copy), block)
+    assert Artifact.load(artifact_copy).calibration.predicted_ms is None
+
+
 @pytest.mark.parametrize("value", [8.7, 87, ["8", "7"]])
 def test_engine_fingerprints_of_another_type_are_refused_naming_the_field(artifact_copy, value):
     from test_hostile import edit_manifest
@@ -76,3 +103,16 @@ def test_engine_fingerprints_of_another_type_are_refused_naming_the_field(artifa
         Artifact.load(artifact_copy)
     res = runner.invoke(app, ["doctor", str(artifact_copy)])
     assert res.exit_code == 2 and "compute_capability must be a string" in res.output.replace("\n", ""), res.output
+
+
+def test_an_engine_batch_profile_is_a_positive_batch_or_refused_naming_the_field(artifact_copy):
+    from test_hostile import edit_manifest
+
+    (artifact_copy / "seg_01.fp32.engine").write_bytes(b"\0" * 16)
+    engine = {"path": "seg_01.fp32.engine", "precision": "fp32", "batch_profile": {"min": 1, "opt": 1, "max": 8}}
+    edit_manifest(artifact_copy, lambda m: m["units"][0].update(engines=[engine]))
+    assert Artifact.load(artifact_copy).units[0].engines[0].max_batch == 8
+    engine["batch_profile"]["max"] = "8"
+    edit_manifest(artifact_copy, lambda m: m["units"][0].update(engines=[engine]))
+    with pytest.raises(ArtifactError, match=r"units\[seg_01\]\.engines\[0\]\.batch_profile\.max must be a positive"):
+        Artifact.load(artifact_copy)

@@ -244,6 +244,10 @@ def test_run_budget_has_calibrates_meaning(artifact_copy):
     with pytest.raises(UserError, match="used up by converting a 1920x1080 frame"):
         _run_budget_ms(artifact_copy, "1ms")
     block["frame"]["preprocess"]["mean_ms"] = "abc"
-    write_calibration(Artifact.load(artifact_copy), {**(manifest.get("calibration") or {}), **block})
+    with pytest.raises(UserError, match="calibration.frame.preprocess.mean_ms must be a number"):
+        write_calibration(Artifact.load(artifact_copy), {**(manifest.get("calibration") or {}), **block})
+    from test_hostile import edit_manifest  # a hostile manifest on disk: refused when read, one line
+
+    edit_manifest(artifact_copy, lambda m: m["calibration"]["frame"]["preprocess"].update(mean_ms="abc"))
     with pytest.raises(UserError, match="calibration.frame.preprocess.mean_ms must be a number"):
         _run_budget_ms(artifact_copy, "5ms")

@@ -21,7 +21,7 @@ import numpy as np
 
 from edgeexit import __version__
 from edgeexit.errors import UserError
-from edgeexit.runtime.artifact import MANIFEST_NAME, SCHEMA_VERSION
+from edgeexit.runtime.artifact import MANIFEST_NAME, SCHEMA_VERSION, Artifact
 from edgeexit.util import atomic_write_json, esc, remove_stale_temps, temp_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -154,6 +154,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             },
         )
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
+        Artifact.load(tmp)  # the reader checks what was written, before anything is published
         _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

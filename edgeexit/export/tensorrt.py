@@ -271,8 +271,7 @@ def build_artifact_engines(
     folder = art.folder
     trt = import_tensorrt()
     device = gpu_fingerprint()
-    manifest = art.to_json()
-    units = manifest["units"]
+    units = art.to_json()["units"]  # the unit entries `build_engines` and the gate take
     key = source_key(precision, trt_major(trt.__version__) >= 10)
     _require_flavour(units, key, precision)
     if not force:
@@ -297,7 +296,7 @@ def build_artifact_engines(
             more = len(gate["failures"]) - 1
             raise RuntimeError(f"TensorRT {precision} engines differ from FP32 beyond tolerance: {gate['failures'][0]}"
                                f"{f' (and {more} more)' if more else ''}: not published")  # fmt: skip
-        _publish(art, tmp, manifest, new_units, precision, gate)
+        _publish(art, tmp, new_units, precision, gate)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return gate
@@ -329,25 +328,23 @@ def _require_flavour(units: list[dict], key: str, precision: str) -> None:
         )
 
 
-def _publish(art, tmp: Path, manifest: dict, new_units: list[dict], precision: str, gate: dict) -> None:
+def _publish(art, tmp: Path, new_units: list[dict], precision: str, gate: dict) -> None:
     """Gated plans renamed from ``tmp`` into the artifact ``art``, then the manifest rewritten
     (atomically, last): other precisions' engines are kept."""
     import os
-    folder = art.folder
 
     from edgeexit.runtime.manifest import write_manifest
 
-    for u, new in zip(manifest["units"], new_units, strict=True):
+    folder = art.folder
+    entries = []
+    for new in new_units:
         (entry,) = new["engines"]
         final = Path(entry["path"]).name
         os.replace(folder / entry["path"], folder / final)
-        entry["path"] = final
-        kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
-        u["engines"] = [*kept, entry]
+        entries.append({**entry, "path": final})
     for name in ("timing.cache", CACHE_META):
         os.replace(tmp / name, folder / name)
-    manifest["engine_parity"] = gate
-    write_manifest(art, manifest)
+    write_manifest(art, art.with_engines(precision, entries, gate).to_json())
 
 
 def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, workspace_gib: float) -> None:

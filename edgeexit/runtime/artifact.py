@@ -57,6 +57,7 @@ class Engine:
     path: Path
     precision: str
     info: Mapping = field(default_factory=dict, compare=False)  # TensorRT version, device, shapes
+    max_batch: int | None = None  # the optimisation profile's largest batch (None: not recorded)
 
 
 @dataclass(frozen=True)
@@ -264,8 +265,27 @@ class Artifact:
         return self.manifest.get("dataset")
 
     def to_json(self) -> dict:
-        """The manifest as it is on disk (a fresh dict: what `info --json` prints)."""
+        """The manifest as it is on disk (a fresh dict: what `info --json` prints and what
+        `write_manifest` writes)."""
         return json.loads(json.dumps(_thaw(self.manifest)))
+
+    def with_calibration(self, block: Mapping | None) -> Artifact:
+        """This artifact with ``block`` as its calibration (None: uncalibrated), checked as `load`
+        checks it: what calibrate writes is what the next load reads."""
+        m = _thaw(self.manifest)
+        m["calibration"] = _thaw(block) if block is not None else None
+        return _build(self.folder, _as_written(m))
+
+    def with_engines(self, precision: str, entries: Sequence[Mapping], engine_parity: Mapping) -> Artifact:
+        """This artifact with ``entries`` (one TensorRT engine entry per unit, in unit order) as its
+        ``precision`` engines, the other precisions' kept, and the gate they passed recorded as
+        ``engine_parity``; checked as `load` checks it."""
+        m = _thaw(self.manifest)
+        for u, entry in zip(m["units"], entries, strict=True):
+            kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
+            u["engines"] = [*kept, _thaw(entry)]
+        m["engine_parity"] = _thaw(engine_parity)
+        return _build(self.folder, _as_written(m))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> Artifact:
@@ -426,6 +446,14 @@ def _freeze(obj):
     if isinstance(obj, list):
         return tuple(_freeze(v) for v in obj)
     return obj
+
+
+def _as_written(obj):
+    """``obj`` as the manifest writer stores it (`edgeexit.util.strict_json`): a NaN or an infinity
+    as null, numpy numbers as floats, so what is checked before writing is what the next load reads."""
+    from edgeexit.util import _finite_tree
+
+    return json.loads(json.dumps(_finite_tree(obj, "", [])))
 
 
 def _thaw(obj):
@@ -609,21 +637,25 @@ def _unit(folder: Path, u: dict, index: int, bad: _Bad) -> Unit:
         raise bad(f"unit {name} engines", "must be a list")
     parsed = []
     for i, e in enumerate(engines):
-        path = artifact_file(folder, e.get("path") if isinstance(e, dict) else None)
-        if e.get("precision") not in PRECISIONS:
-            raise bad(
-                f"units[{name}].engines[{i}].precision",
-                f"must be one of {', '.join(PRECISIONS)}, got {e.get('precision')!r}",
-                "rebuild the engines (edgeexit export --format engine)",
-            )
-        for key in ("trt_version", "device_name", "compute_capability"):  # compared and sorted as strings
-            if e.get(key) is not None and not isinstance(e[key], str):
-                raise bad(f"units[{name}].engines[{i}].{key}", f"must be a string, got {e[key]!r}",
-                          "rebuild the engines (edgeexit export --format engine)")  # fmt: skip
-        parsed.append(Engine(path, e["precision"], _freeze(e)))
+        parsed.append(_engine(folder, e, f"units[{name}].engines[{i}]", bad))
     stats = {key: u.get(key) for key in ("flops", "params", "parity_max_abs_diff")}
     stats = {key: v if _finite(v) else None for key, v in stats.items()}
     return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats)
+
+
+def _engine(folder: Path, e, where: str, bad: _Bad) -> Engine:
+    rebuild = "rebuild the engines (edgeexit export --format engine)"
+    path = artifact_file(folder, e.get("path") if isinstance(e, dict) else None)
+    if e.get("precision") not in PRECISIONS:
+        raise bad(f"{where}.precision", f"must be one of {', '.join(PRECISIONS)}, got {e.get('precision')!r}", rebuild)
+    for key in ("trt_version", "device_name", "compute_capability"):  # compared and sorted as strings
+        if e.get(key) is not None and not isinstance(e[key], str):
+            raise bad(f"{where}.{key}", f"must be a string, got {e[key]!r}", rebuild)
+    profile = e.get("batch_profile")
+    top = profile.get("max") if isinstance(profile, dict) else None
+    if profile is not None and not (_int(top) and top >= 1):
+        raise bad(f"{where}.batch_profile.max", f"must be a positive batch size, got {_short(top)}", rebuild)
+    return Engine(path, e["precision"], _freeze(e), top)
 
 
 def _is_tensor_entry(t) -> bool:

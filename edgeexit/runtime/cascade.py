@@ -291,7 +291,6 @@ class Cascade:
         self.num_exits, self.class_names = shared.num_exits, shared.class_names
         self.fingerprint_changes = shared.fingerprint_changes
         self.options = options
-        self.policy_name = options.policy
         policy_fn = get_policy(options.policy or "max_softmax")  # a root's options name it (`__init__`)
         self._policy = None if options.policy == "max_softmax" else policy_fn
         self._fuse, self._unit_timing = options.fuse, options.unit_timing  # read by the hot paths

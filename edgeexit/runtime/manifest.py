@@ -125,9 +125,7 @@ def _check_frames(art, path, out: dict) -> None:
 def write_calibration(art: Artifact, calibration: dict | None) -> None:
     """Write ``calibration`` as the manifest's calibration block of ``art`` (the `Artifact` it was
     calibrated from), refusing to when another export replaced the artifact meanwhile."""
-    manifest = art.to_json()
-    manifest["calibration"] = calibration
-    write_manifest(art, manifest)
+    write_manifest(art, art.with_calibration(calibration).to_json())
 
 
 def write_manifest(art: Artifact, manifest: dict) -> None:

@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 
-def choose_backend(artifact: Artifact, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
+def choose_backend(artifact: Artifact | None, backend: str = "auto", precision: str | None = None) -> tuple[str, str]:
     """The backend to use and why: 'auto' picks tensorrt > onnxruntime-cuda > onnxruntime-cpu and
-    says why it passed over the ones before (e.g. why not TensorRT, or no engines of ``precision``)."""
+    says why it passed over the ones before (e.g. why not TensorRT, or no engines of ``precision``).
+    ``artifact`` None: what auto would pick for an artifact with engines (doctor without one)."""
     from edgeexit.errors import UserError
 
     if backend not in BACKENDS:

@@ -176,15 +176,16 @@ def check_tensorrt_runs(trt) -> None:
         ) from None
 
 
-def tensorrt_usable(artifact: Artifact, precision: str | None = None) -> tuple[bool, str]:
+def tensorrt_usable(artifact: Artifact | None, precision: str | None = None) -> tuple[bool, str]:
     """Can the TensorRT backend run this artifact here, at ``precision`` when given? Checks that
     TensorRT starts (a real `trt.Runtime`, the wheel's CUDA major against the driver's) and that the
     engines the backend would pick were built by this TensorRT for this GPU: `auto` then falls back
-    to the ONNX units with the reason instead of failing on stale plans."""
-    per_unit = [[e.precision for e in u.engines] for u in artifact.units]
+    to the ONNX units with the reason instead of failing on stale plans. ``artifact`` None: would
+    TensorRT run engines here at all (doctor without an artifact)."""
+    per_unit = [[e.precision for e in u.engines] for u in artifact.units] if artifact is not None else [["any"]]
     if not any(per_unit):
         return False, f"the artifact has no TensorRT engines (build them on this device with `{REBUILD}`)"
-    if precision is not None and not all(precision in unit for unit in per_unit):
+    if artifact is not None and precision is not None and not all(precision in unit for unit in per_unit):
         return False, f"the artifact has no {precision} TensorRT engines (`{REBUILD}`)"
     try:
         trt = import_tensorrt()
@@ -192,7 +193,7 @@ def tensorrt_usable(artifact: Artifact, precision: str | None = None) -> tuple[b
 
         device = cuda_device_info()
         check_tensorrt_runs(trt)
-        for entry in _selected_entries(artifact, precision):
+        for entry in _selected_entries(artifact, precision) if artifact is not None else []:
             check_engine_compatible(entry, trt.__version__, device)
     except Exception as e:  # any reason at all: say it, and let auto pick the next backend
         return False, f"TensorRT unusable here: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
@@ -372,7 +373,11 @@ class TensorRTBackend(Runner):
             engine = self._res.runtime.deserialize_cuda_engine(entry.path.read_bytes())
             if engine is None:
                 raise RuntimeError(f"TensorRT could not load {entry.path.name}")
-            max_batch = int(entry.info["batch_profile"]["max"])  # no typed field for the profile yet
+            max_batch = entry.max_batch
+            if max_batch is None:
+                raise UserError(
+                    f"{entry.path.name} records no batch profile: rebuild the engines with {rebuild_hint()}"
+                )
             check_engine_io(trt, engine, u, max_batch, entry.path.name)
             outputs, host_conf = {}, None
             for o in u.outputs:
