@@ -333,7 +333,10 @@ def _train_spec(spec: dict, work: Path, images: int, epochs: int) -> str:
         base = _train(work / f"{name}-w{w:g}-alone", name, w, images, epochs, gamma=0.0)
         user = work / f"{name}-w{w:g}-alone.pth"  # its torchvision state_dict, as the user would have it
         torch.save(model_from_checkpoint(load_checkpoint(base)).network.state_dict(), user)
-        _train(work / spec["key"], name, w, images, epochs, init=str(user), freeze_trunk=True)
+        # --init implies the fine-tuning recipe (ImageNet normalisation, augmentation): this network was
+        # trained on the dataset's normalisation without augmentation, so the heads train on what it saw
+        _train(work / spec["key"], name, w, images, epochs, init=str(user), freeze_trunk=True,
+               normalize="dataset", augment=False, lr=0.02, warmup_epochs=0.1)  # fmt: skip
     print(f"trained {spec['key']} in {time.perf_counter() - t0:.0f} s", flush=True)
     return spec["key"]
 
