@@ -280,7 +280,7 @@ class _NoOp:
 
         self._lock = threading.Lock()
 
-    def observe(self, pos, c, y, plan=None) -> bool:
+    def observe(self, pos, c, y, plan=None, x=None) -> bool:
         with self._lock:
             return False
 
