@@ -87,6 +87,7 @@ class ExportOptions:
                 "add --format engine, or leave them out"
             )
 
+
 ENGINE_ONLY = ("batch", "batch_opt", "workspace")  # refused with --format onnx (Ultralytics' validate_args)
 _DEFAULTS = {"batch": 64, "batch_opt": 1, "workspace": 2.0}
 
