@@ -225,7 +225,7 @@ def test_bad_backbone_options_are_one_line_errors(kw, message, tmp_path):
 def test_mlcsd_is_refused_with_a_backbone(tmp_path):
     from edgeexit.train.trainer import TrainConfig
 
-    with pytest.raises(UserError, match="with --backbone use ce or sd"):
+    with pytest.raises(UserError, match="is for the ResNet18 layouts; with --backbone use ce, sd"):
         TrainConfig.from_recipe("fashion-mnist", "mlcsd", out=str(tmp_path / "r"), backbone="mobilenet_v2")
 
 
