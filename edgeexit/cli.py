@@ -203,16 +203,15 @@ def _run_budget_ms(artifact: Path, budget: str) -> float | None:
 
     cal = Artifact.load(artifact).calibration  # the frame's preprocessing checked there: a number of ms >= 0
     frame = cal.frame if cal is not None else None
-    frame_ms = 0.0
-    if frame is not None and frame.covers_frame and frame.preprocess is not None:
-        frame_ms = frame.preprocess.of(cal.metric) or 0.0
+    pre = frame.preprocess if frame is not None and frame.covers_frame else None
+    frame_ms = (pre.of(cal.metric) or 0.0) if pre is not None and cal is not None else 0.0
     if fraction is not None:
         full = cal.full_model_ms if cal is not None else None
         if full is None:
             raise UserError(f"--budget {budget} is a share of the full model's latency, which calibrate records: "
                             "calibrate this artifact first, or give a time (5ms)")  # fmt: skip
         budget_ms = fraction * (full + frame_ms)
-    if frame_ms:
+    if frame_ms and frame is not None:
         size = "x".join(str(v) for v in frame.size)
         if budget_ms - frame_ms <= 0:
             raise UserError(f"--budget {budget} is used up by converting a {size} frame ({frame_ms:.3f} ms when "
