@@ -14,8 +14,9 @@ profiling, choosing and verifying run), with --accept-load so that every plan a 
 given is seen, with its load verdict.
 
 `measure` runs every distinct plan, the full model and MSDNet plans spanning the same costs on
---test-images test images through the real cascade, frame by frame, interleaved in blocks (the
-same moments of the device): a plan's *latency ratio* is its mean latency over the full model's.
+--test-images test images through the real cascade, frame by frame, interleaved in blocks of 25 (the
+same moments of the device): a plan's *latency ratio* is the median over blocks of its block mean
+over the full model's.
 Test accuracy is exact, from the exit statistics of all 10,000 test images. "MSDNet at the same
 cost" interpolates the MSDNet plans' test accuracy at the plan's measured ratio.
 
@@ -76,7 +77,10 @@ def _calibrate_one(artifact: str, fraction: float, args) -> dict:
         kw["accept_load"] = True
     t = time.perf_counter()
     try:
-        r = run_calibration(work, **kw)
+        try:
+            r = run_calibration(work, **kw)
+        except Exception as e:  # noqa: BLE001 - a calibration that fails is a result too (its message kept)
+            return {"seconds": time.perf_counter() - t, "error": str(e), "thresholds": None, "load": None}
         for stats in work.glob("calibration_stats.*.npz"):  # the exit statistics, for the next copies
             if not (Path(artifact) / stats.name).exists():
                 shutil.copy2(stats, Path(artifact) / stats.name)
@@ -119,6 +123,9 @@ def calibrate(args) -> None:
                         doc["calibrations"].append(row)
                         _write(out, doc)
                         v = (row["load"] or {}).get("verdict", "-")
+                        if row["thresholds"] is None:
+                            print(f"{args.label} {name} {condition} #{rep} {100 * f:.0f}%: {row['error']}", flush=True)
+                            continue
                         print(f"{args.label} {name} {condition} #{rep} {100 * f:.0f}%: "
                               f"predicted {row['predicted_ms'] / row['full_predicted_ms']:.3f} of full "
                               f"({row['full_predicted_ms']:.3f} ms), calibrate's measured share "
@@ -161,7 +168,7 @@ def measure(args) -> None:
         frames, labels, _ = load_frames(c.artifact, None, "test", None)
         stats = c.exit_statistics(c.preprocess.batch(frames))
         conf, correct = stats["confidence"], stats["prediction"] == labels[:, None]
-        plans = {tuple(r["thresholds"]) for r in rows if r["model"] == name}
+        plans = {tuple(r["thresholds"]) for r in rows if r["model"] == name and r["thresholds"] is not None}
         msd = _msdnet_span(conf, k)
         full = CascadePlan.full_model(k)
         order = [full] + [CascadePlan.from_thresholds(list(t)) for t in sorted(plans)] + msd
@@ -169,6 +176,9 @@ def measure(args) -> None:
         t = time.perf_counter()
         runs = verify_together(c, frames[:n], labels[:n], order, block=25)
         full_ms = runs[0]["mean_ms"]
+
+        def share(m, full=runs[0]) -> float:  # the median over interleaved blocks of the block ratio
+            return float(np.median(np.divide(m["block_ms"], full["block_ms"])))
 
         def acc(plan, conf=conf, correct=correct) -> float:
             return float(correct[np.arange(len(conf)), plan.exit_positions(conf)].mean())
@@ -178,9 +188,9 @@ def measure(args) -> None:
             "seconds": time.perf_counter() - t,
             "full_ms": full_ms,
             "full_accuracy": acc(full),
-            "plans": {json.dumps(list(p.to_list())): {"ratio": m["mean_ms"] / full_ms, "accuracy": acc(p)}
+            "plans": {json.dumps(list(p.to_list())): {"ratio": share(m), "accuracy": acc(p)}
                       for p, m in zip(order[1 : 1 + len(plans)], runs[1 : 1 + len(plans)], strict=True)},
-            "msdnet": [{"ratio": m["mean_ms"] / full_ms, "accuracy": acc(p)}
+            "msdnet": [{"ratio": share(m), "accuracy": acc(p)}
                        for p, m in zip(msd, runs[1 + len(plans) :], strict=True)],
         }  # fmt: skip
         c.close()
@@ -216,16 +226,20 @@ def summary(doc: dict) -> None:
     keys = sorted({(r["label"], r["model"], r["condition"], r["budget"]) for r in rows},
                   key=lambda x: (x[0], int(x[1]), list(LOADS).index(x[2]), x[3]))  # fmt: skip
     for label, model, cond, f in keys:
-        rs = [r for r in rows if (r["label"], r["model"], r["condition"], r["budget"]) == (label, model, cond, f)]
+        every = [r for r in rows if (r["label"], r["model"], r["condition"], r["budget"]) == (label, model, cond, f)]
+        rs = [r for r in every if r["thresholds"] is not None]
+        failed = len(every) - len(rs)
         m = meas.get(model)
         fulls = [r["full_predicted_ms"] for r in rs]
         verdicts = ",".join(sorted({(r["load"] or {}).get("verdict", "-") for r in rs}))
-        if m is None:
+        if m is None or not rs:
+            print(f"| {label} | {model} | {cond} | {100 * f:.0f}% | {len(every)} | every calibration failed |")
             continue
         pl = [m["plans"][json.dumps(r["thresholds"])] for r in rs]
         ratios, accs = [p["ratio"] for p in pl], [100 * p["accuracy"] for p in pl]
         gaps = [100 * (p["accuracy"] - (_msdnet_at(m["msdnet"], p["ratio"]) or np.nan)) for p in pl]
-        print(f"| {label} | {model} | {cond} | {100 * f:.0f}% | {len(rs)} | {verdicts} | "
+        print(f"| {label} | {model} | {cond} | {100 * f:.0f}% | {len(rs)}{f' ({failed} failed)' if failed else ''} | "
+              f"{verdicts} | "
               f"{min(fulls):.3f}-{max(fulls):.3f} | {min(ratios):.2f} / {max(ratios):.2f} | "
               f"{max(ratios) / f:.2f} | {max(accs) - min(accs):.2f} | {np.nanmin(gaps):+.2f} |")  # fmt: skip
     _inversions(rows, meas)
@@ -236,7 +250,7 @@ def _inversions(rows: list[dict], meas: dict) -> None:
     budget whose plan measured cheaper than a smaller budget's."""
     groups: dict = {}
     for r in rows:
-        if r["model"] in meas:
+        if r["model"] in meas and r["thresholds"] is not None:
             key = (r["label"], r["model"], r["condition"], r["repeat"])
             groups.setdefault(key, []).append((r["budget"], meas[r["model"]]["plans"][json.dumps(r["thresholds"])]))
     bad = []

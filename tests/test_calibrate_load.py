@@ -132,3 +132,14 @@ def test_a_larger_budget_never_chooses_a_cheaper_plan(calibrated):
         fit = cross_fitted(stats["confidence"], correct, cost, share * cost.full_ms() + 1e-9)
         costs.append(fit.solution.mean_ms)
     assert all(b >= a - 1e-9 for a, b in zip(costs, costs[1:], strict=False)), costs
+
+
+def test_a_plans_share_of_the_full_model_is_the_median_of_its_interleaved_blocks():
+    """A burst of other work that landed on one of the plan's blocks (5 ms instead of 1) moves one
+    block's ratio, not the share: the plan costs half the full model; the means say it costs as much."""
+    from edgeexit.calibrate.result import Verified
+
+    plan = Verified(None, {"mean_ms": 2.0}, (1.0, 1.0, 5.0, 1.0))
+    full = Verified(None, {"mean_ms": 2.0}, (2.0, 2.0, 2.0, 2.0))
+    assert plan.share_of(full, "mean_ms") == pytest.approx(0.5)
+    assert Verified(None, {"mean_ms": 2.0}).share_of(full, "mean_ms") == pytest.approx(1.0)  # no blocks: the means

@@ -78,6 +78,16 @@ class Verified:
 
     solution: Solution  # the plan and what the cost model predicted for it on the stored frames
     measured: dict  # `MEASURED` of `verify`
+    block_ms: tuple[float, ...] = ()  # mean latency per interleaved block (`verify_together`)
+
+    def share_of(self, other: Verified, key: str) -> float:
+        """This plan's latency over ``other``'s, the two run interleaved: the median over blocks of the
+        ratio of their block means (a burst of other work that hit one plan's block moves one ratio,
+        not the answer); the ratio of ``key`` when the blocks are not known."""
+        n = min(len(self.block_ms), len(other.block_ms))
+        if n == 0:
+            return self.measured[key] / other.measured[key]
+        return float(np.median([a / b for a, b in zip(self.block_ms[:n], other.block_ms[:n], strict=True)]))
 
     @property
     def thresholds(self) -> list[float]:

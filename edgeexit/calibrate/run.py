@@ -77,7 +77,10 @@ class _Session:
         moments of the device, so that their latencies (the speed-up over the full model) compare."""
         x, y = self.frames[self.verify_idx], self.labels[self.verify_idx]
         runs = verify_together(self.cascade, x, y, [sol.plan for sol in solutions])
-        return [Verified(sol, {k: m[k] for k in MEASURED}) for sol, m in zip(solutions, runs, strict=True)]
+        return [
+            Verified(sol, {k: m[k] for k in MEASURED}, tuple(m.get("block_ms", ())))
+            for sol, m in zip(solutions, runs, strict=True)
+        ]
 
 
 # --- The run --------------------------------------------------------------------------------------------------
@@ -402,7 +405,7 @@ def _verify(
     if approach is not None:
         chosen, correction, share = _hold_measured(s, m, opts, cost, budget_ms, chosen, full, approach, say)
     else:
-        share = chosen.measured[f"{opts.metric}_ms"] / full.measured[f"{opts.metric}_ms"]
+        share = chosen.share_of(full, f"{opts.metric}_ms")
     return Verification(chosen, full, baseline, iso_point, correction, note, share)
 
 
@@ -427,7 +430,7 @@ def _hold_measured(
     key, full_pred = f"{opts.metric}_ms", cost.full_ms()
     first, correction, current, now_full = chosen, None, chosen, full
     for _ in range(REFITS):
-        quiet_ms = current.measured[key] / now_full.measured[key] * full_pred
+        quiet_ms = current.share_of(now_full, key) * full_pred
         predicted = getattr(current.solution, key)
         if not opts.limited or quiet_ms <= budget_ms * REFIT_TOLERANCE or predicted <= 0:
             break
@@ -447,9 +450,9 @@ def _hold_measured(
             f"  the plan ran {ratio:.2f}x the cost model against the full model on the same moments "
             f"({quiet_ms:.3f} ms quiet-equivalent > budget {budget_ms:.3f} ms): refitted at "
             f"{target:.3f} ms predicted, measured "
-            f"{current.measured[key] / now_full.measured[key] * full_pred:.3f} ms quiet-equivalent"
+            f"{current.share_of(now_full, key) * full_pred:.3f} ms quiet-equivalent"
         )
-    return current, correction, current.measured[key] / now_full.measured[key]
+    return current, correction, current.share_of(now_full, key)
 
 
 def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen: Verified, console) -> Ladder:

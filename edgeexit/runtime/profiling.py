@@ -379,13 +379,18 @@ def verify_together(
     """`verify` for several plans on the same moments (`predict_interleaved`). On a shared or
     throttling device the speed wanders by tens of percent over seconds (measured on this project's
     2-vCPU VM: ±30 %), so two plans timed one after the other compare two moments of the device, not
-    two plans; interleaved, a speed-up is a speed-up. Accuracy and exits do not depend on the order."""
+    two plans; interleaved, a speed-up is a speed-up. Accuracy and exits do not depend on the order.
+    Each result also has ``block_ms``, the mean latency of every block of ``block`` frames."""
     runs = predict_interleaved(cascade, frames, plans, block)
     out = []
     for preds in runs:
         lat = [p.latency_ms for p in preds]
         correct = [p.label == y for p, y in zip(preds, labels, strict=True)]
-        out.append(_verified(lat, correct, [p.exit_index for p in preds], cascade.num_exits, keep_correct))
+        v = _verified(lat, correct, [p.exit_index for p in preds], cascade.num_exits, keep_correct)
+        # each block's mean: the blocks ran on the same moments for every plan, so a ratio of two plans'
+        # blocks is free of the device's drift between blocks
+        v["block_ms"] = [float(np.mean(lat[i : i + block])) for i in range(0, len(lat), block)]
+        out.append(v)
     return out
 
 
