@@ -216,3 +216,42 @@ def test_bench_batch_is_bounded_by_every_units_outputs(artifact_copy):
     assert limit * every_output * 4 * 4 <= avail / 4 * 1.2
     res = cli("bench", artifact_copy, "--backend", "onnxruntime", "--batch", str(limit * 2))
     assert res.exit_code == 2 and "--batch must be within 1.." in res.output
+
+
+def _poison_head(artifact, exit_index: int, value: float) -> None:
+    """Every weight of one exit's head set to ``value`` (NaN or infinity), as an overflowing FP16
+    engine or a diverged checkpoint would leave it."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = artifact / f"head_{exit_index:02d}.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f":
+            init.CopyFrom(numpy_helper.from_array(np.full_like(arr, value), init.name))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_answer_is_an_error_never_a_class(artifact_copy, test_frames, tmp_path, value):
+    from PIL import Image
+
+    from edgeexit.runtime.cascade import NonFiniteOutputError
+
+    frames, _ = test_frames
+    _poison_head(artifact_copy, 8, value)
+    with Cascade.load(artifact_copy, backend="onnxruntime") as cascade:  # no thresholds: exit 8 answers
+        with pytest.raises(NonFiniteOutputError, match="exit 8 answered this frame with a non-finite"):
+            cascade.predict(frames[0])
+        with pytest.raises(NonFiniteOutputError, match=r"exit 8 answered 3 frame\(s\) of the batch"):
+            cascade.predict_batch(frames[:3])
+        # the earlier exits are intact: a plan that answers at exit 2 still classifies
+        cascade.set_thresholds([0.0] + [1.0] * 7)
+        assert cascade.predict(frames[0]).exit_index == 1
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    Image.fromarray(frames[0][:, :, 0]).save(folder / "a.png")
+    res = CliRunner().invoke(app, ["run", str(artifact_copy), "--source", str(folder), "--backend", "onnxruntime"])
+    assert res.exit_code == 2, res.output
+    assert "non-finite confidence" in res.output and "Traceback" not in res.output

@@ -88,6 +88,27 @@ class LatencyTableMissingError(ArtifactError, ValueError):
     """``deadline_ms`` on a cascade without per-unit latencies for its backend (a user error: exit 2)."""
 
 
+class NonFiniteOutputError(ArtifactError, ArithmeticError):
+    """The answering exit's confidence is NaN or infinite: its logits hold a NaN or an infinity. No
+    class can be trusted then (NumPy's argmax picks the first NaN), so the frame gets an error, never
+    a silent class 0. On a device the usual cause is an FP16 engine whose activations overflow
+    (FP16 stops at 65504); weights holding NaN are the other."""
+
+    def __init__(self, exit_index: int, backend: str, frames: int = 1) -> None:
+        where = f"{frames} frame(s) of the batch" if frames > 1 else "this frame"
+        super().__init__(
+            f"exit {exit_index} answered {where} with a non-finite confidence (its logits hold NaN or "
+            f"infinity) on the {backend} backend: on an FP16 engine this is activation overflow, so "
+            "rebuild the engines in FP32 (edgeexit engines ... --precision fp32); otherwise the model's "
+            "weights hold NaN: re-export from a checkpoint that evaluates cleanly"
+        )
+        self.exit_index = exit_index
+
+
+def _finite(value: float) -> bool:
+    return -math.inf < value < math.inf  # False for NaN too: one chained comparison on the hot path
+
+
 @dataclass(frozen=True, slots=True)
 class CascadeOptions:
     """How a cascade runs, apart from its runner and thresholds. Frozen and checked when built: a
@@ -451,11 +472,15 @@ class Cascade:
             except Exception:
                 self._raise_if_closed()
                 raise
+            if not _finite(pred.confidence):
+                raise NonFiniteOutputError(pred.exit_index, self.backend_name)
             pred.preprocess_ms = (t0 - t_frame) * 1e3
             if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
                 self.controller.observe(pred.latency_ms, pred.exit_index)
             return pred
         pred = self._predict_locked(x, t0, deadline_ms)
+        if not _finite(pred.confidence):
+            raise NonFiniteOutputError(pred.exit_index, self.backend_name)
         pred.preprocess_ms = (t0 - t_frame) * 1e3
         return pred
 
@@ -627,6 +652,9 @@ class Cascade:
         t0 = time.perf_counter()
         plan = self.plan
         out = self._run_batches(x, plan, t0)
+        bad = ~np.isfinite(out["confidence"])
+        if bad.any():
+            raise NonFiniteOutputError(int(out["exit"][bad][0]), self.backend_name, frames=int(bad.sum()))
         names = self.class_names
         pre_ms = (t0 - t_frames) * 1e3 / len(x)
         preds = [
