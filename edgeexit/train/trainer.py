@@ -455,7 +455,8 @@ def _optimizer(task, model, r: Recipe) -> torch.optim.Optimizer:
     """SGD with weight decay on weights only; the backbone's groups carry ``lr_scale`` (a pretrained
     backbone learns slower than fresh heads)."""
     backbone = {id(p) for p in model.segments.parameters()}
-    own = {id(p) for p in task.meta_parameters()}  # a meta-learning task updates these itself
+    # a meta-learning task updates these itself; any module may be the task (a bare model: none)
+    own = {id(p) for p in getattr(task, "meta_parameters", list)()}
     groups = []
     for in_backbone in (True, False):
         params = [
