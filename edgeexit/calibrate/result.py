@@ -17,6 +17,7 @@ from edgeexit.calibrate.optimizer import CostModel, CrossFit, Solution, evaluate
 from edgeexit.calibrate.options import CalibrationOptions
 from edgeexit.calibrate.promise import DropEstimate, Promise
 from edgeexit.runtime.artifact import LadderRung
+from edgeexit.runtime.latency import percentile
 from edgeexit.runtime.plan import CascadePlan
 
 # What the report keeps of `edgeexit.runtime.profiling.verify` for every plan it ran.
@@ -87,7 +88,7 @@ class Verified:
         n = min(len(self.block_ms), len(other.block_ms))
         if n == 0:
             return self.measured[key] / other.measured[key]
-        return float(np.median([a / b for a, b in zip(self.block_ms[:n], other.block_ms[:n], strict=True)]))
+        return percentile([a / b for a, b in zip(self.block_ms[:n], other.block_ms[:n], strict=True)], 50)
 
     @property
     def thresholds(self) -> list[float]:
