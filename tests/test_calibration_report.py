@@ -225,6 +225,13 @@ DRIFT_REFERENCE = {
     "drift_reference.statistic",
     "drift_reference.thresholds",
     "drift_reference.version",
+    # the input-brightness channel: the network input's median level and its Clopper-Pearson bounds
+    "drift_reference.level",
+    "drift_reference.level.below",
+    "drift_reference.level.high",
+    "drift_reference.level.low",
+    "drift_reference.level.q",
+    "drift_reference.level.stride",
 }
 # Added since the capture, in both modes: what the budget covers (calibrate --frame-size); without the
 # flag the block is {"size": null, "network_size": [W, H], "covers": "cascade"}.
