@@ -15,9 +15,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from edgeexit.models.multiexit import MultiExitNet
 
 
 class WeightNet(nn.Module):
@@ -40,7 +44,7 @@ def centred_weights(w: torch.Tensor, epsilon: float) -> torch.Tensor:
     return 1.0 + epsilon * (w - w.mean(dim=0, keepdim=True))
 
 
-def exit_costs(model: nn.Module) -> list[float]:
+def exit_costs(model: MultiExitNet) -> list[float]:
     """Each exit's cumulative FLOPs (every earlier head evaluated) as a fraction of the full model's."""
     from edgeexit.models import count_unit_cost, cumulative_exit_flops
 
