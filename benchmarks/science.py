@@ -345,8 +345,10 @@ ARCH_KEYS = ("exits", "width", "in_chans", "num_classes", "input_size", "stem")
 
 
 def architecture(art) -> dict:
+    """The keys that fix the network's cost, as JSON holds them (a typed config's tuples become lists),
+    so a grid's runs compare equal to the cost model written in costmodel.json."""
     c = art.model.config
-    return {k: c.get(k) for k in ARCH_KEYS}
+    return json.loads(json.dumps({k: c.get(k) for k in ARCH_KEYS}))
 
 
 def measure_costmodel(artifact: Path, repeats: int, measured_from: str) -> dict:
@@ -604,7 +606,7 @@ def evaluate_run(checkpoint: Path, test_images: int | None) -> tuple[dict, dict,
         "heldout": {k: out_val[k][decide] for k in ("confidence", "prediction")},
         "heldout_labels": out_val["labels"][decide],
         "test": {k: out_test[k] for k in ("confidence", "prediction")},
-        "architecture": {k: ckpt["config"].get(k) for k in ARCH_KEYS},
+        "architecture": json.loads(json.dumps({k: ckpt["config"].get(k) for k in ARCH_KEYS})),
     }
     frames = test.images.permute(0, 2, 3, 1).contiguous().numpy()
     return ev, stats, frames, out_test["labels"]
