@@ -32,7 +32,7 @@ test: $(STAMP) fashion-mnist
 
 # The developer loop, cheapest first: quality (under a second), typecheck (about 35 s cold, a second
 # cached), test-fast (about 2 minutes on a 2-core machine: neither the end-to-end `slow` tests nor the
-# simulated-GPU `sim` tests), then test (everything, about 20 minutes there).
+# simulated-GPU `sim` tests), then test (everything, about 22 minutes there).
 quality: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
