@@ -55,21 +55,10 @@ def _load(built, monkeypatch, version="10.3.0", integrated=False, **kw):
 @pytest.mark.parametrize("backend", ["tensorrt", "auto"])
 def test_a_tensorrt_load_reads_and_checks_the_manifest_once(built, monkeypatch, backend):
     """auto asks whether the engines run here and the backend opens them: both from the one parse."""
-    from pathlib import Path
-
-    from edgeexit.runtime import artifact
+    from test_cascade import manifest_reads
 
     install(monkeypatch, version="10.3.0")
-    calls: list[str] = []
-    read_text, build = Path.read_text, artifact._build
-
-    def counted_read(self, *a, **kw):
-        if self.name == "manifest.json":
-            calls.append("read")
-        return read_text(self, *a, **kw)
-
-    monkeypatch.setattr(Path, "read_text", counted_read)
-    monkeypatch.setattr(artifact, "_build", lambda folder, m: calls.append("build") or build(folder, m))
+    calls = manifest_reads(monkeypatch)
     with Cascade.load(built["10.3.0"], backend=backend, thresholds=TH) as c:
         assert c.runner.info.name == "tensorrt"
     assert calls == ["read", "build"]

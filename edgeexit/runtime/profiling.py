@@ -26,6 +26,16 @@ Confidence = Callable[[HeadOutput], np.ndarray]  # a head's output → one confi
 CHUNK = 256  # frames per call into a runner when a caller gives more
 
 
+def exit_group_plan(k: int, first: int, last: int) -> CascadePlan:
+    """The plan whose fused call runs segments ``first``..``last`` and head ``last``: the exit before
+    ``first`` and exit ``last`` evaluated (the earlier one hands over the state), every other skipped."""
+    th = [SKIP] * (k - 1) + [0.0]
+    th[last] = 0.0
+    if first > 0:
+        th[first - 1] = 0.0
+    return CascadePlan.from_thresholds(th)
+
+
 def latency_stats(samples_ms) -> dict:
     """A unit's timing as profile tables keep it (`LatencyStats`, with ``repeats`` for its ``n``)."""
     s = LatencyStats.from_samples(samples_ms)
@@ -164,11 +174,7 @@ def profile_exit_groups(cascade, image: np.ndarray, repeats: int, min_seconds: f
     groups: dict[str, dict] = {}
     for first in range(k):
         for last in range(first, k):
-            th = [SKIP] * (k - 1) + [0.0]
-            th[last] = 0.0
-            if first > 0:
-                th[first - 1] = 0.0
-            runner.prepare(CascadePlan.from_thresholds(th), True, cache=False)  # built in memory only
+            runner.prepare(exit_group_plan(k, first, last), True, cache=False)  # built in memory only
             groups[exit_group_name(first, last)] = time_call(
                 lambda a=first, b=last: runner.run_exit(a, b, states[a]), runner.synchronize, repeats, min_seconds
             )
@@ -334,11 +340,7 @@ def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Ca
     if fused:
         for first in range(k):
             for last in range(first, k):
-                th = [SKIP] * (k - 1) + [0.0]
-                th[last] = 0.0
-                if first > 0:
-                    th[first - 1] = 0.0
-                runner.prepare(CascadePlan.from_thresholds(th), True, cache=False)  # in memory only
+                runner.prepare(exit_group_plan(k, first, last), True, cache=False)  # in memory only
                 calls[exit_group_name(first, last)] = partial(runner.run_exit, first, last, states[first])
         view = cascade.derive(CascadePlan.first_exit(k), fuse=True)
     else:
