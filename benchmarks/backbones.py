@@ -279,7 +279,7 @@ def _train(out: Path, backbone: str, width: float, images: int, epochs: int, **k
     if (out / "model.pt").is_file():
         return out / "model.pt"
     cfg = TrainConfig.from_recipe(
-        "fashion-mnist", "ce", out=str(out), epochs=epochs, limit_train=images, width=width, backbone=backbone,
+        "fashion-mnist", "ce", out=str(out), epochs=epochs, train_images=images, width=width, backbone=backbone,
         force=True, **kw,
     )  # fmt: skip
     train(cfg, progress=False)
@@ -366,7 +366,7 @@ def fmnist_prepare(specs: list[dict], work: Path, accept_load: bool = False, cal
         if (work / f"{s['key']}.cal.json").is_file():
             continue
         if not (art / "manifest.json").is_file():
-            export_checkpoint(work / s["key"] / "model.pt", out=art, force=True, parity_samples=128)
+            export_checkpoint(work / s["key"] / "model.pt", out=art, force=True, parity_images=128)
         if not calibrate:
             continue
         cal = {}

@@ -29,7 +29,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp()) / "cal.edgeexit"
     shutil.copytree(args.artifact, work)
     cascade = Cascade.load(work, backend=args.backend)
-    b = bench_cascade(cascade, repeats=500, num_images=0)
+    b = bench_cascade(cascade, repeats=500, images=0)
     full_cascade = b["full_cascade_ms"]
     cascade.close()
     print(

@@ -72,7 +72,7 @@ def _calibrate_one(artifact: str, fraction: float, args) -> dict:
     work = Path(tempfile.mkdtemp(prefix="cul")) / "m.edgeexit"
     shutil.copytree(artifact, work)
     kw = {"budget_fraction": fraction, "backend": "onnxruntime", "iso_accuracy": False, "ladder_steps": 2,
-          "verify_limit": args.verify_images, "limit": args.images}  # fmt: skip
+          "verify_images": args.verify_images, "images": args.images}  # fmt: skip
     if "accept_load" in inspect.signature(run_calibration).parameters or _has_option("accept_load"):
         kw["accept_load"] = True
     t = time.perf_counter()

@@ -314,7 +314,7 @@ def main() -> None:
     s.add_argument("--train", action="store_true", help="also time `edgeexit train` with the old and new loader")
     s.add_argument(
         "--train-args",
-        default="--image-size 224 --stem imagenet --width 0.25 --epochs 1 --limit-train 100 --fixed-threads",
+        default="--image-size 224 --stem imagenet --width 0.25 --epochs 1 --train-images 100 --fixed-threads",
     )
     s.add_argument("--json", default=None)
     a = ap.parse_args()

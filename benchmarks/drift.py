@@ -6,7 +6,7 @@ The artifact must be calibrated first (its calibrated plan, measured latency and
 the benchmark does not recalibrate), e.g.
 
     edgeexit train --data fashion-mnist --method mlcsd --exits 8 --width 0.25 --epochs 1 \
-        --limit-train 10000 --out runs/e1
+        --train-images 10000 --out runs/e1
     edgeexit export runs/e1/model.pt --out runs/e1/model.edgeexit
     edgeexit calibrate runs/e1/model.edgeexit --budget 60% --backend onnxruntime
 

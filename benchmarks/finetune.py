@@ -74,9 +74,9 @@ def exit_costs(model_pt: Path, out: Path) -> list[dict]:
     from edgeexit.runtime import Cascade
     from edgeexit.train.checkpoint import load_checkpoint
 
-    manifest, art = export_checkpoint(model_pt, out=out / "model.edgeexit", force=True, parity_samples=8)
+    manifest, art = export_checkpoint(model_pt, out=out / "model.edgeexit", force=True, parity_images=8)
     flops = cumulative_exit_flops(load_checkpoint(model_pt)["units"])
-    b = bench_cascade(Cascade.load(art, backend="onnxruntime"), repeats=100, num_images=0)
+    b = bench_cascade(Cascade.load(art, backend="onnxruntime"), repeats=100, images=0)
     return [
         {"exit": e["exit"], "cumulative_gflops": flops[i] / 1e9, "cumulative_p50_ms": e["cumulative_p50_ms"]}
         for i, e in enumerate(b["exits"])

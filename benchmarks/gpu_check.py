@@ -107,7 +107,7 @@ def get_model(work: Path, data_dir: str | None) -> str:
         data_dir=data_dir,
         epochs=2,
         width=0.25,
-        limit_train=20000,
+        train_images=20000,
         device="cuda",
         force=True,
     )
@@ -186,7 +186,7 @@ def bench(artifact: str, backend: str, data_dir: str | None, **options) -> dict:
     res = {}
     for batch in (1, 64):
         c = Cascade.load(artifact, backend=backend, **options)
-        r = bench_cascade(c, batch=batch, repeats=200, num_images=500 if batch == 1 else 0, data_dir=data_dir)
+        r = bench_cascade(c, batch=batch, repeats=200, images=500 if batch == 1 else 0, data_dir=data_dir)
         res[f"batch_{batch}"] = {
             k: r[k] for k in ("units", "full_cascade_ms", "early_exit_ms", "backbone_and_final_head_ms")
         }

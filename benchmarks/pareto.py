@@ -3,7 +3,7 @@
     python benchmarks/pareto.py runs/quickstart/model.pt --png docs/pareto.png
 
 1. Static baselines, trained with the same recipe as the cascade (Fashion-MNIST fast recipe,
-   --epochs, --limit-train) at several widths: a network used only at its final exit, trained with
+   --epochs, --train-images) at several widths: a network used only at its final exit, trained with
    CE on that exit alone (method ce, γ = 0), exported FP32 and INT8.
 2. The MLCSD model (the given checkpoint) exported FP32 and INT8 and calibrated on each precision
    (ONNX Runtime CPU, 1 thread): the --ladder (32) plans of the calibration ladder are its operating points.
@@ -24,7 +24,7 @@ import numpy as np
 def export(model_pt: Path, out: Path) -> Path:
     from edgeexit.export.exporter import export_checkpoint
 
-    _, art = export_checkpoint(model_pt, out=out, force=True, int8=True, parity_samples=64)
+    _, art = export_checkpoint(model_pt, out=out, force=True, int8=True, parity_images=64)
     return art
 
 
@@ -34,7 +34,7 @@ def train_static(width: float, out: Path, epochs: int, limit: int, reuse: bool =
     if reuse and (out / "model.pt").is_file():
         return out / "model.pt"
     cfg = TrainConfig.from_recipe(
-        "fashion-mnist", "ce", out=str(out), epochs=epochs, width=width, limit_train=limit, gamma=0.0, force=True
+        "fashion-mnist", "ce", out=str(out), epochs=epochs, width=width, train_images=limit, gamma=0.0, force=True
     )
     train(cfg, progress=False)
     return out / "model.pt"
@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("checkpoint", help="the MLCSD model.pt (e.g. runs/quickstart/model.pt)")
     ap.add_argument("--widths", type=float, nargs="+", default=[0.125, 0.1875, 0.25])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--limit-train", type=int, default=20000)
+    ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ladder", type=int, default=32, help="budgets in the calibration ladder (operating points)")
@@ -67,7 +67,7 @@ def main() -> None:
     points = {}  # name -> (cascade, plan)
     for w in args.widths:
         art = export(
-            train_static(w, out / f"static_{w}", args.epochs, args.limit_train, args.reuse),
+            train_static(w, out / f"static_{w}", args.epochs, args.train_images, args.reuse),
             out / f"static_{w}.edgeexit",
         )
         for prec in ("fp32", "int8"):

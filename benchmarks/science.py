@@ -550,11 +550,11 @@ def _train(cell: Cell, r: Regime, config: dict, work: Path, threads: int) -> tup
         out=str(work),
         seed=cell.seed,
         epochs=r.epochs,
-        limit_train=r.images,
+        train_images=r.images,
         width=r.width,
         exits=r.exits,
         val_size=r.heldout,
-        limit_eval=r.selection_images,
+        eval_images=r.selection_images,
         resume=resume,
         force=not resume,
         adapt_threads=False,  # a fixed thread count: results do not depend on the load of the machine
@@ -718,7 +718,7 @@ def run_one(cell: Cell, ctx: Context) -> dict:
     artifact, export_s = work / "model.edgeexit", 0.0
     if ctx.statistics == "onnx" or not ctx.costmodel_path.exists():  # torch: one export, for the cost model
         t0 = time.perf_counter()
-        export_checkpoint(work / "model.pt", out=artifact, force=True, parity_samples=r.parity_images)
+        export_checkpoint(work / "model.pt", out=artifact, force=True, parity_images=r.parity_images)
         export_s = time.perf_counter() - t0
     costmodel = shared_costmodel(ctx.costmodel_path, artifact, ctx.repeats, cell.key, ctx.say)
     t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """CE vs SD vs MLCSD (and optionally BYOT) on Fashion-MNIST with one recipe and several seeds.
 
-    python benchmarks/train_methods.py --epochs 2 --limit-train 20000 --seeds 0 1 --out runs/bench_methods
+    python benchmarks/train_methods.py --epochs 2 --train-images 20000 --seeds 0 1 --out runs/bench_methods
 
 Prints a markdown table (per-exit test accuracy and the average over exits, mean over seeds) and
 writes the raw numbers to OUT/results.json. Model selection uses the held-out split only.
@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ce", "sd", "mlcsd"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--limit-train", type=int, default=20000)
+    ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--out", default="runs/bench_methods")
     args = ap.parse_args()
@@ -42,7 +42,7 @@ def main() -> None:
                 out=str(out),
                 seed=seed,
                 epochs=args.epochs,
-                limit_train=args.limit_train,
+                train_images=args.train_images,
                 width=args.width,
                 exits=8,
                 force=True,

@@ -29,14 +29,14 @@ def _heldout_frames(cascade, n: int, data_dir: str | None):
     return (frames[idx], labels[idx]), None
 
 
-def check_bench_options(cascade, batch: int, repeats: int, num_images: int) -> None:
+def check_bench_options(cascade, batch: int, repeats: int, images: int) -> None:
     """Refuse what cannot run: batches beyond the runner's max batch or a quarter of free memory."""
     from edgeexit.errors import UserError
 
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    if num_images < 0:
-        raise UserError(f"--images must be 0 or more, got {num_images}")
+    if images < 0:
+        raise UserError(f"--images must be 0 or more, got {images}")
     limit = min(cascade.runner.info.max_batch or 1 << 30, _memory_batch_limit(cascade))
     if not 1 <= batch <= limit:
         raise UserError(f"--batch must be within 1..{limit} for this artifact and machine, got {batch}")
@@ -60,11 +60,9 @@ def _memory_batch_limit(cascade) -> int:
     return max(1, available // 4 // per_sample)
 
 
-def bench_cascade(
-    cascade, batch: int = 1, repeats: int = 200, num_images: int = 500, data_dir: str | None = None
-) -> dict:
-    check_bench_options(cascade, batch, repeats, num_images)
-    data, why = _heldout_frames(cascade, num_images, data_dir) if num_images > 0 else (None, "--images 0")
+def bench_cascade(cascade, batch: int = 1, repeats: int = 200, images: int = 500, data_dir: str | None = None) -> dict:
+    check_bench_options(cascade, batch, repeats, images)
+    data, why = _heldout_frames(cascade, images, data_dir) if images > 0 else (None, "--images 0")
     frame = data[0][0] if data is not None else np.zeros((*cascade.preprocess.chw_shape[1:], 3), np.uint8)
     prof = cascade.profile(cascade.preprocess(frame), batch=batch, repeats=repeats)
     units = prof["units"]

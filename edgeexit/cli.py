@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 failure while working, 2 bad usage or bad input (one-li
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
@@ -499,9 +498,9 @@ def train(
     options = dict(  # each flag under its TrainConfig / Recipe / LossConfig name (validated once there)
         exits=exits, width=width, epochs=epochs, batch_size=batch_size, lr=lr, teacher_weights=teacher_weights,
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, val_size=val_size, augment=augment,
-        limit_train=train_images, limit_eval=eval_images, seed=seed, device=device, out=out, resume=resume,
+        train_images=train_images, eval_images=eval_images, seed=seed, device=device, out=out, resume=resume,
         force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
-        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout, dist_timeout_min=dist_timeout,
+        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout, dist_timeout=dist_timeout,
         freeze_trunk=freeze_trunk, two_stage=two_stage, gradient_equilibrium=gradient_equilibrium or None,
         distill_gate=distill_gate, meta_interval=meta_interval,
         target_budget=None if target_budget is None else _parse_share("--target-budget", target_budget))  # fmt: skip
@@ -618,7 +617,7 @@ def export(
 
     options = dict(  # each flag under its own name (ExportOptions validates them, once)
         out=out, format=format, half=half, batch=batch, batch_opt=batch_opt, workspace=workspace, opset=opset,
-        simplify=simplify, parity_samples=parity_images, tolerance=tolerance, force=force, calib_images=calib_images,
+        simplify=simplify, parity_images=parity_images, tolerance=tolerance, force=force, calib_images=calib_images,
         int8=int8, int8_images=int8_images, int8_method=int8_method, int8_tolerance=int8_tolerance,
         data_dir=str(data_dir) if data_dir else None)  # fmt: skip
     manifest, path = export_checkpoint(checkpoint, console=console, **options)
@@ -754,15 +753,14 @@ def calibrate(
     budget_ms, fraction = _parse_budget(budget)
     from edgeexit.calibrate.options import parse_frame_size
 
-    with _calibrate_flags():
-        result = run_calibration(
-            artifact, budget_ms=budget_ms, budget_fraction=fraction, confidence=confidence,
-            frame_size=parse_frame_size(frame_size) if frame_size else None,
-            max_drop=_parse_drop(max_drop) if max_drop else None, precision=precision, metric=metric, backend=backend,
-            data=data, split=split,
-            limit=images, verify_limit=verify_images, repeats=repeats, policy=policy, repeat=repeat,
-            accept_load=accept_load, data_dir=str(data_dir) if data_dir else None, plot=plot,
-            console=console)  # fmt: skip
+    result = run_calibration(
+        artifact, budget_ms=budget_ms, budget_fraction=fraction, confidence=confidence,
+        frame_size=parse_frame_size(frame_size) if frame_size else None,
+        max_drop=_parse_drop(max_drop) if max_drop else None, precision=precision, metric=metric, backend=backend,
+        data=data, split=split,
+        images=images, verify_images=verify_images, repeats=repeats, policy=policy, repeat=repeat,
+        accept_load=accept_load, data_dir=str(data_dir) if data_dir else None, plot=plot,
+        console=console)  # fmt: skip
     out_console.print(calibration_table(result))
     _write_json(json_out, result)
 
@@ -778,23 +776,6 @@ def _restore_calibration(artifact: Path, goal: str) -> None:
         console.print(
             f"kept instead: {describe(replaced)} (--restore again puts it back)",
             markup=False, highlight=False, soft_wrap=True)  # fmt: skip
-
-
-# `CalibrationOptions` fields whose calibrate flag was renamed (the options' own table, CLI_NAMES,
-# keeps their earlier spelling, which still parses): errors name the flag as it is now.
-CALIBRATE_FLAGS = {"limit": "--images", "verify_limit": "--verify-images"}
-
-
-@contextlib.contextmanager
-def _calibrate_flags():
-    from edgeexit.calibrate.options import OptionError
-
-    try:
-        yield
-    except OptionError as e:
-        if e.fields[0] not in CALIBRATE_FLAGS:
-            raise
-        raise UserError(f"{CALIBRATE_FLAGS[e.fields[0]]} {e.problem}") from None
 
 
 def _parse_drop(text: str) -> float:
@@ -1028,7 +1009,7 @@ def bench(
         cascade,
         batch=batch,
         repeats=repeats,
-        num_images=images,
+        images=images,
         data_dir=str(data_dir) if data_dir else None,
     )
     out_console.print(bench_table(result))
@@ -1103,9 +1084,9 @@ def quickstart(
         budget_ms=budget_ms,
         budget_fraction=fraction,
         max_drop=_parse_drop(max_drop),
-        run_images=test_images,
+        test_images=test_images,
         epochs=epochs,
-        limit_train=train_images,
+        train_images=train_images,
         width=width,
         data_dir=str(data_dir) if data_dir else None,
         console=console,

@@ -27,12 +27,12 @@ def run_quickstart(
     budget_fraction: float | None = None,
     max_drop: float | None = 0.005,
     epochs: int = 2,
-    limit_train: int | None = 20000,
+    train_images: int | None = 20000,
     width: float = 0.25,
     data_dir: str | None = None,
     console=None,
     out_console=None,
-    run_images: int = 10000,
+    test_images: int = 10000,
     force: bool = False,
 ) -> dict:
     from edgeexit.data import load_dataset
@@ -53,7 +53,7 @@ def run_quickstart(
         console,
     )
     t0 = time.perf_counter()
-    _train(q, epochs, width, limit_train)
+    _train(q, epochs, width, train_images)
     _evaluate(q, test)
     artifact = _export(q)
     if budget_ms is not None or budget_fraction is not None:
@@ -61,10 +61,10 @@ def run_quickstart(
     elif max_drop is None:
         raise UserError("give the quickstart a promise (--max-drop 0.5pt) or a budget (--budget 60%)")
     cal = _calibrate(q, artifact, budget_ms, budget_fraction, max_drop)
-    measured = _run(q, artifact, test, run_images)
+    measured = _run(q, artifact, test, test_images)
     q.timings["total_s"] = time.perf_counter() - t0
-    summary = _summary(q, artifact, cal, measured, run_images)
-    _panel(q, summary, cal, run_images)
+    summary = _summary(q, artifact, cal, measured, test_images)
+    _panel(q, summary, cal, test_images)
     return summary
 
 
@@ -108,13 +108,13 @@ def _claim(out: Path) -> None:
     (out / MARKER).write_text("written by `edgeexit quickstart`: --force may replace this folder's run\n")
 
 
-def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -> None:
+def _train(q: _Quickstart, epochs: int, width: float, train_images: int | None) -> None:
     from edgeexit.train.trainer import TrainConfig, train
 
     t0 = time.perf_counter()
     q.say(
         f"[bold cyan]1/5 train[/] CE, 8 exits, width {width}, {epochs} epoch(s) on "
-        f"{limit_train or 'all'} Fashion-MNIST images"
+        f"{train_images or 'all'} Fashion-MNIST images"
     )
     cfg = TrainConfig.from_recipe(
         "fashion-mnist",
@@ -124,7 +124,7 @@ def _train(q: _Quickstart, epochs: int, width: float, limit_train: int | None) -
         epochs=epochs,
         width=width,
         exits=8,
-        limit_train=limit_train,
+        train_images=train_images,
         force=True,  # the quickstart's own run folder: a new quickstart replaces the last one
     )
     train(cfg, console=q.console)
@@ -191,15 +191,15 @@ def _calibrate(q: _Quickstart, artifact: Path, budget_ms, budget_fraction, max_d
     return cal
 
 
-def _run(q: _Quickstart, artifact: Path, test, run_images: int) -> dict:
+def _run(q: _Quickstart, artifact: Path, test, test_images: int) -> dict:
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.plan import CascadePlan
     from edgeexit.runtime.profiling import verify_together
 
     t0 = time.perf_counter()
-    q.say(f"[bold cyan]5/5 run[/] the calibrated cascade on {run_images} test images, one frame at a time")
-    frames = test.images[:run_images].permute(0, 2, 3, 1).numpy()
-    labels = test.labels[:run_images].numpy()
+    q.say(f"[bold cyan]5/5 run[/] the calibrated cascade on {test_images} test images, one frame at a time")
+    frames = test.images[:test_images].permute(0, 2, 3, 1).numpy()
+    labels = test.labels[:test_images].numpy()
     with Cascade.load(artifact, backend="onnxruntime") as cascade:
         # both on the same moments (interleaved blocks): the speed-up is not a draw of the device's wander
         calibrated, full = verify_together(
@@ -209,7 +209,7 @@ def _run(q: _Quickstart, artifact: Path, test, run_images: int) -> dict:
     return {"calibrated": calibrated, "full": full}
 
 
-def _summary(q: _Quickstart, artifact: Path, cal: dict, measured: dict, run_images: int) -> dict:
+def _summary(q: _Quickstart, artifact: Path, cal: dict, measured: dict, test_images: int) -> dict:
     from edgeexit.calibrate.promise import paired_drop
     from edgeexit.util import atomic_write_json
 
@@ -221,7 +221,7 @@ def _summary(q: _Quickstart, artifact: Path, cal: dict, measured: dict, run_imag
         "thresholds": cal["thresholds"],
         "evaluated_exits": cal["evaluated_exits"],
         "test": {
-            "images": run_images,
+            "images": test_images,
             "accuracy": calibrated["accuracy"],
             "mean_ms": calibrated["mean_ms"],
             "p95_ms": calibrated["p95_ms"],
@@ -253,7 +253,7 @@ def _goal_line(cal: dict) -> str:
     )
 
 
-def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
+def _panel(q: _Quickstart, summary: dict, cal: dict, test_images: int) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
@@ -269,7 +269,7 @@ def _panel(q: _Quickstart, summary: dict, cal: dict, run_images: int) -> None:
                 _goal_line(cal) + "\n"
                 f"thresholds {esc(f'[{plan}]')} — exits evaluated: "
                 f"{cal['evaluated_exits']}\n"
-                f"test ({run_images} images, one frame at a time): accuracy "
+                f"test ({test_images} images, one frame at a time): accuracy "
                 f"[bold]{100 * test['accuracy']:.2f}%[/], mean [bold]{test['mean_ms']:.3f} ms[/], "
                 f"p95 {test['p95_ms']:.3f} ms\n"
                 f"full model: accuracy {100 * full['accuracy']:.2f}%, mean {full['mean_ms']:.3f} ms → speed-up "

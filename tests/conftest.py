@@ -45,11 +45,11 @@ def fashion_test():
         pytest.fail(f"Fashion-MNIST is required by the suite: {e}")
 
 
-def tiny_config(out: Path, method: str = "mlcsd", epochs: int = 1, limit_train: int = 1024, **kw):
+def tiny_config(out: Path, method: str = "mlcsd", epochs: int = 1, train_images: int = 1024, **kw):
     from edgeexit.train.trainer import TrainConfig
 
     kw = {"width": 0.0625, "batch_size": 64, "lr": 0.05, **kw}
-    cfg = TrainConfig.from_recipe("fashion-mnist", method, out=str(out), epochs=epochs, limit_train=limit_train, **kw)
+    cfg = TrainConfig.from_recipe("fashion-mnist", method, out=str(out), epochs=epochs, train_images=train_images, **kw)
     cfg.recipe = replace(cfg.recipe, val_size=600)
     return cfg
 
@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory, fashion_test):
     from edgeexit.train.trainer import train
 
     out = tmp_path_factory.mktemp("run")
-    result = train(tiny_config(out, epochs=2, limit_train=2048), progress=False)
+    result = train(tiny_config(out, epochs=2, train_images=2048), progress=False)
     return out, result
 
 
@@ -70,7 +70,7 @@ def tiny_artifact(tmp_path_factory, tiny_run):
     from edgeexit.export.exporter import export_checkpoint
 
     dest = tmp_path_factory.mktemp("export") / "model.edgeexit"
-    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=128)
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_images=128)
     return dest
 
 

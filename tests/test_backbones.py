@@ -2,7 +2,7 @@
 
 Each family is trained for a few steps on real Fashion-MNIST at a small width (the small-input
 variant: 28 px, one channel), exported with FP32 parity, INT8 Q/DQ (both flavours) and FP16 units,
-built on the simulated TensorRT 8.6, 10.3 and 11.4 (tests/fake_gpu.py), calibrated and run.
+built on the simulated TensorRT 8.6, 10.3 and 11.4 (tests/fake_gpu/), calibrated and run.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ FAMILIES = {
 }
 
 
-def _train(out, backbone, width, limit_train=256, epochs=1, **kw):
+def _train(out, backbone, width, train_images=256, epochs=1, **kw):
     from edgeexit.train.trainer import TrainConfig, train
 
     kw = {"batch_size": 64, **kw}
     cfg = TrainConfig.from_recipe(
-        "fashion-mnist", "ce", out=str(out), epochs=epochs, limit_train=limit_train, limit_eval=200,
+        "fashion-mnist", "ce", out=str(out), epochs=epochs, train_images=train_images, eval_images=200,
         backbone=backbone, width=width, adapt_threads=False, **kw,
     )  # fmt: skip
     cfg.recipe = replace(cfg.recipe, val_size=600)
@@ -55,7 +55,7 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
     torch.set_num_threads(1)
     # 64 steps at lr 0.05: export gates INT8 on prediction agreement with FP32, which a network of
     # near-tied logits (a few steps) cannot pass
-    result = _train(tmp_path / "run", backbone, FAMILIES[backbone], limit_train=2048, batch_size=32, lr=0.05)
+    result = _train(tmp_path / "run", backbone, FAMILIES[backbone], train_images=2048, batch_size=32, lr=0.05)
     assert len(result["history"]) == 1 and np.isfinite(result["history"][0]["loss"])
     ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert ckpt["config"]["backbone"] == backbone and ckpt["config"]["small_input"] is True
@@ -64,7 +64,7 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
 
     art = tmp_path / "model.edgeexit"
     manifest, _ = export_checkpoint(
-        tmp_path / "run" / "model.pt", out=art, parity_samples=64, calib_images=400, half=True
+        tmp_path / "run" / "model.pt", out=art, parity_images=64, calib_images=400, half=True
     )
     assert manifest["parity"]["max_abs_logit_diff"] <= 1e-3
     assert len(manifest["parity"]["exits"]) == k
@@ -120,7 +120,7 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
         monkeypatch.undo()
 
     r = run_calibration(
-        art, budget_fraction=1.5, backend="onnxruntime", repeats=20, verify_limit=100, iso_accuracy=False,
+        art, budget_fraction=1.5, backend="onnxruntime", repeats=20, verify_images=100, iso_accuracy=False,
         ladder_steps=2,
     )  # fmt: skip
     assert len(r["thresholds"]) == k and r["measured"]["latency_ms"] > 0
@@ -138,7 +138,7 @@ def test_two_stage_trains_a_backbone_trunk_first_then_every_exit(tmp_path):
     every exit (each early exit then well above chance)."""
     torch.set_num_threads(1)
     result = _train(
-        tmp_path / "run", "regnet_y_400mf", 0.25, limit_train=2048, epochs=2, batch_size=32, lr=0.05, two_stage=1
+        tmp_path / "run", "regnet_y_400mf", 0.25, train_images=2048, epochs=2, batch_size=32, lr=0.05, two_stage=1
     )  # fmt: skip
     first, second = (h["val_exit_accuracy"] for h in result["history"])
     assert first[-1] > 0.5  # the network itself learned in stage one

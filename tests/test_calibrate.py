@@ -22,7 +22,7 @@ def calibrated(tiny_artifact, tmp_path_factory):
     dest = tmp_path_factory.mktemp("cal") / "model.edgeexit"
     shutil.copytree(tiny_artifact, dest)
     result = run_calibration(
-        dest, budget_fraction=1.5, backend="onnxruntime", repeats=60, verify_limit=200, iso_accuracy=False
+        dest, budget_fraction=1.5, backend="onnxruntime", repeats=60, verify_images=200, iso_accuracy=False
     )
     return dest, result
 
@@ -68,14 +68,14 @@ def test_skipped_exits_are_not_evaluated(calibrated):
 def test_infeasible_budget_is_exit_2_naming_the_minimum(artifact_copy):
     with pytest.raises(UserError, match=r"below the cheapest possible cascade \(\d+\.\d+ ms"):
         run_calibration(
-            artifact_copy, budget_ms=1e-4, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False
+            artifact_copy, budget_ms=1e-4, backend="onnxruntime", repeats=30, verify_images=50, iso_accuracy=False
         )
     assert Artifact.load(artifact_copy).to_json()["calibration"] is None
 
 
 def test_generous_budget_keeps_final_exit_accuracy(artifact_copy):
     r = run_calibration(
-        artifact_copy, budget_ms=1000.0, backend="onnxruntime", repeats=30, verify_limit=100, iso_accuracy=False
+        artifact_copy, budget_ms=1000.0, backend="onnxruntime", repeats=30, verify_images=100, iso_accuracy=False
     )
     assert "final-exit accuracy" in r["note"]
     assert r["predicted"]["accuracy"] >= r["full_model"]["calibration_accuracy"]

@@ -37,7 +37,7 @@ def test_the_verdict_refuses_only_a_profile_whose_quiet_level_is_unknown():
 def calibrated(tiny_artifact, tmp_path_factory):
     dest = tmp_path_factory.mktemp("load") / "model.edgeexit"
     shutil.copytree(tiny_artifact, dest)
-    r = run_calibration(dest, budget_fraction=1.5, backend="onnxruntime", repeats=40, verify_limit=200,
+    r = run_calibration(dest, budget_fraction=1.5, backend="onnxruntime", repeats=40, verify_images=200,
                         iso_accuracy=False, ladder_steps=2, accept_load=True)  # fmt: skip
     return dest, r
 
@@ -103,7 +103,7 @@ def test_a_percent_budget_holds_as_a_share_of_the_full_model_measured_on_the_sam
     dest, _ = calibrated
     art = tmp_path / "share.edgeexit"
     shutil.copytree(dest, art)
-    res = run_calibration(art, budget_fraction=0.95, backend="onnxruntime", repeats=40, verify_limit=300,
+    res = run_calibration(art, budget_fraction=0.95, backend="onnxruntime", repeats=40, verify_images=300,
                           iso_accuracy=False, ladder_steps=2, accept_load=True)  # fmt: skip
     assert res["budget_ms"] == pytest.approx(0.95 * res["full_model"]["predicted_ms"])
     assert res["measured"]["fraction_of_full"] <= 1.10 * 0.95

@@ -141,8 +141,8 @@ BEFORE_COMMON = {
     "options.confidence",
     "options.data",
     "options.iso_accuracy",
+    "options.images",
     "options.ladder_steps",
-    "options.limit",
     "options.max_drop",
     "options.metric",
     "options.policy",
@@ -150,7 +150,7 @@ BEFORE_COMMON = {
     "options.repeats",
     "options.seed",
     "options.split",
-    "options.verify_limit",
+    "options.verify_images",
     "plot",
     "policy",
     "predicted",
@@ -313,7 +313,7 @@ def assert_same_keys(doc: dict, before: set[str]) -> None:
 def budget_run(tiny_artifact, tmp_path_factory):
     dest = tmp_path_factory.mktemp("report") / "model.edgeexit"
     shutil.copytree(tiny_artifact, dest)
-    result = run_calibration(dest, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100)
+    result = run_calibration(dest, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_images=100)
     return dest, result
 
 
@@ -387,7 +387,7 @@ def test_iso_accuracy_point_is_within_its_tolerance_and_faster(artifact_copy, mo
 
     tol = 0.45
     monkeypatch.setattr(run, "ISO_ACCURACY_DROP", tol)
-    r = run_calibration(artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100)
+    r = run_calibration(artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_images=100)
     iso, full = r["iso_accuracy"], r["full_model"]
     assert iso is not None
     assert iso["max_drop"] == tol and 0 < iso["drop_bound"] <= tol
@@ -441,7 +441,7 @@ def test_a_cascade_slower_than_predicted_is_refitted_and_reported(artifact_copy,
     monkeypatch.setattr(run, "verify_together", slow)
     monkeypatch.setattr(run, "cross_fitted", optimised)
     r = run_calibration(
-        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100, iso_accuracy=False
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_images=100, iso_accuracy=False
     )
     lc = r["latency_correction"]
     assert r["cross_fit"]["chosen"] == "optimised"
@@ -462,8 +462,12 @@ def test_a_cascade_slower_than_predicted_is_refitted_and_reported(artifact_copy,
         ({"max_drop": 1.5}, ("max_drop",), "--max-drop must be within 0pt..100pt, got 1.5"),
         ({"budget_ms": 5.0, "budget_fraction": 0.5}, ("budget_ms", "budget_fraction"), "give one budget"),
         ({}, ("budget_ms", "budget_fraction", "max_drop"), "give --budget (5ms, 50%), --max-drop (0.5pt), or both"),
-        ({"budget_ms": -1.0}, ("budget_ms",), "the budget must be a positive finite number, got -1.0"),
-        ({"budget_fraction": 0.5, "verify_limit": 3}, ("verify_limit",), "--verify-limit must be at least 20, got 3"),
+        ({"budget_ms": -1.0}, ("budget_ms",), "--budget must be a positive finite number, got -1.0"),
+        (
+            {"budget_fraction": 0.5, "verify_images": 3},
+            ("verify_images",),
+            "--verify-images must be at least 20, got 3",
+        ),
         ({"budget_fraction": 0.5, "metric": "p50"}, ("metric",), "--metric must be mean or p95, got 'p50'"),
         ({"budget_fraction": 0.5, "confidence": 1.0}, ("confidence",), "--confidence must be within 0.5..0.999"),
         ({"budget_fraction": 0.5, "ladder_steps": 1}, ("ladder_steps",), "ladder_steps must be within 2..200, got 1"),

@@ -110,7 +110,7 @@ def test_calibration_is_not_written_into_an_artifact_replaced_meanwhile(artifact
     from edgeexit.export.exporter import export_checkpoint
 
     art = Artifact.load(artifact_copy)  # what calibrate holds while it works
-    export_checkpoint(tiny_run[0] / "model.pt", out=artifact_copy, force=True, parity_samples=16, calib_images=0)
+    export_checkpoint(tiny_run[0] / "model.pt", out=artifact_copy, force=True, parity_images=16, calib_images=0)
     fresh = (artifact_copy / "manifest.json").read_text()
     with pytest.raises(ArtifactError, match="replaced by another export"):
         write_calibration(art, {"thresholds": [0.5] * 8})
@@ -183,7 +183,7 @@ def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_fram
     try:
         # the promise mode: no budget that timing noise under the running loop could make infeasible
         run_calibration(
-            artifact_copy, max_drop=0.01, backend="onnxruntime", repeats=5, verify_limit=40, limit=40, ladder_steps=2
+            artifact_copy, max_drop=0.01, backend="onnxruntime", repeats=5, verify_images=40, images=40, ladder_steps=2
         )
     finally:
         stop.set()

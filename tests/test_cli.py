@@ -36,7 +36,7 @@ def test_help_is_fast_and_imports_no_heavy_library():
         (["train", "--data", "cifar10", "--data-dir", "/nonexistent"], "cifar-10-batches-py"),
         (["eval", "/nonexistent/model.pt"], "checkpoint not found"),
         (["export", "/nonexistent/model.pt"], "checkpoint not found"),
-        (["export", "x.pt", "--format", "tflite"], "unknown --format"),
+        (["export", "x.pt", "--format", "tflite"], "--format must be one of onnx, engine"),
         (["calibrate", "/nonexistent.edgeexit", "--budget", "5ms"], "does not exist"),
         (["run", "/nonexistent.edgeexit"], "does not exist"),
         (["info", "/nonexistent.edgeexit"], "does not exist"),

@@ -1,4 +1,4 @@
-"""The device journey as a user walks it, on the SIMULATED TensorRT / CUDA (tests/fake_gpu.py) of
+"""The device journey as a user walks it, on the SIMULATED TensorRT / CUDA (tests/fake_gpu/) of
 each API surface: export on a "desktop" with torch (every ONNX flavour, no engines), copy the
 artifact, then on the "device" — a process where torch, torchvision, onnx, onnxslim and edgeexit's
 dataset and training modules cannot be imported (tests/sim_device.py) — build the engines, calibrate,
@@ -32,7 +32,7 @@ def desktop_artifact(tiny_run, tmp_path_factory):
     dest = tmp_path_factory.mktemp("desktop") / "model.edgeexit"
     m, _ = export_checkpoint(
         tiny_run[0] / "model.pt", out=dest, half=True, int8=True, int8_images=64, int8_tolerance=0.05,
-        parity_samples=64)  # fmt: skip
+        parity_images=64)  # fmt: skip
     assert all(u["onnx_fp16"] and u["onnx_int8_trt"] and not u["engines"] for u in m["units"])
     trt_int8 = m["quantization"]["trt_parity"]  # the TensorRT INT8 flavour ran (ONNX Runtime CPU) before shipping
     assert trt_int8["checked"] and trt_int8["passed"] and len(trt_int8["exits"]) == 8 and trt_int8["frames"] >= 100

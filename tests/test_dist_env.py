@@ -52,7 +52,7 @@ def test_train_refuses_a_stale_world_size_in_one_line(tmp_path):
 @pytest.mark.parametrize("minutes", [0, -1, float("nan"), 1e9])
 def test_dist_timeout_out_of_range_is_refused(minutes):
     with pytest.raises(UserError, match="--dist-timeout must be a number of minutes"):
-        TrainConfig(dist_timeout_min=minutes)
+        TrainConfig(dist_timeout=minutes)
 
 
 def _free_port() -> int:

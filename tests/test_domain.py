@@ -181,6 +181,27 @@ def test_every_image_count_is_spelled_with_images():
     }
 
 
+@pytest.mark.parametrize("command", ["train", "export", "calibrate"])
+def test_each_option_field_is_named_as_its_flag(command):
+    """``--verify-images`` sets ``verify_images``: no table translates between the two. Left out: what
+    is not an option of the job (--json, --restore) and --budget, whose text (5ms or 50%) sets one of
+    two fields."""
+    import dataclasses
+
+    from edgeexit.calibrate.options import CalibrationOptions
+    from edgeexit.export.exporter import ExportOptions
+    from edgeexit.train.losses import LossConfig
+    from edgeexit.train.recipes import Recipe
+    from edgeexit.train.trainer import TrainConfig
+
+    classes = {"train": (TrainConfig, Recipe, LossConfig), "export": (ExportOptions,),
+               "calibrate": (CalibrationOptions,)}  # fmt: skip
+    fields = {f.name for c in classes[command] for f in dataclasses.fields(c)}
+    flags = set(_options(command)) - {"--json", "--restore", "--budget"}
+    assert sorted(f for f in flags if f[2:].replace("-", "_") not in fields) == []
+    assert {"budget_ms", "budget_fraction"} <= fields if command == "calibrate" else True
+
+
 def test_backend_device_and_precision_are_one_definition_each():
     from edgeexit.runtime.backends import BACKENDS
 

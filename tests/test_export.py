@@ -126,7 +126,7 @@ def test_force_replaces_an_artifact_only_when_the_new_one_is_complete(tiny_run, 
 @pytest.mark.slow
 def test_parity_above_tolerance_fails_the_export(tiny_run, tmp_path):
     with pytest.raises(RuntimeError, match="parity check failed"):
-        export_checkpoint(tiny_run[0] / "model.pt", out=tmp_path / "x.edgeexit", tolerance=1e-12, parity_samples=16)
+        export_checkpoint(tiny_run[0] / "model.pt", out=tmp_path / "x.edgeexit", tolerance=1e-12, parity_images=16)
     assert not (tmp_path / "x.edgeexit").exists()
 
 
@@ -141,7 +141,7 @@ def test_bad_checkpoints_and_options(tmp_path):
         export_checkpoint(foreign)
     with pytest.raises(UserError, match="not found"):
         export_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(UserError, match="opset 9"):
+    with pytest.raises(UserError, match="--opset must be within 17..20, got 9"):
         export_checkpoint(foreign, opset=9)
 
 

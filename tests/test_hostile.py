@@ -215,7 +215,7 @@ def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp
     old.mkdir()
     live = tmp_path / f".m.edgeexit.{os.getpid()}.zzz.partial"  # a live run's folder stays
     live.mkdir()
-    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=16)
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_images=16)
     assert not partial.exists() and not old.exists() and live.exists()
     stale = [dest / f".manifest.json.{pid}.x1.tmp", dest / f".calibration.png.{pid}.x2.tmp"]
     for p in stale:
@@ -224,7 +224,7 @@ def test_an_interrupted_runs_leftovers_are_cleaned_by_the_next_run(tiny_run, tmp
 
     # the promise mode: a budget fraction of a tiny model can fall below its cheapest cascade by timing noise
     run_calibration(
-        dest, max_drop=0.01, backend="onnxruntime", repeats=30, verify_limit=50, iso_accuracy=False, ladder_steps=2
+        dest, max_drop=0.01, backend="onnxruntime", repeats=30, verify_images=50, iso_accuracy=False, ladder_steps=2
     )
     assert not any(p.exists() for p in stale)
     assert not [p for p in dest.rglob(".*") if p.name.endswith((".tmp", ".partial"))]
@@ -240,8 +240,8 @@ def test_resume_with_other_settings_names_the_setting(tmp_path):
     from edgeexit.train.trainer import train
 
     out = tmp_path / "r"
-    train(tiny_config(out, epochs=1, limit_train=256), progress=False)
-    cfg = tiny_config(out, epochs=2, limit_train=256, width=0.125, resume=True)
+    train(tiny_config(out, epochs=1, train_images=256), progress=False)
+    cfg = tiny_config(out, epochs=2, train_images=256, width=0.125, resume=True)
     with pytest.raises(UserError, match="trained with --width 0.0625, not 0.125"):
         train(cfg, progress=False)
 

@@ -14,7 +14,7 @@ def int8_artifact(tiny_run, tmp_path_factory):
     from edgeexit.export.exporter import export_checkpoint
 
     dest = tmp_path_factory.mktemp("int8") / "model.edgeexit"
-    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_samples=64, int8=True, int8_images=128)
+    export_checkpoint(tiny_run[0] / "model.pt", out=dest, parity_images=64, int8=True, int8_images=128)
     return dest
 
 
@@ -121,12 +121,12 @@ def test_the_nine_exit_layout_trains_exports_and_runs(tmp_path, test_frames):
     from edgeexit.export.exporter import export_checkpoint
     from edgeexit.train.trainer import train
 
-    train(tiny_config(tmp_path / "run", exits=9, limit_train=512), progress=False)
+    train(tiny_config(tmp_path / "run", exits=9, train_images=512), progress=False)
     art = tmp_path / "nine.edgeexit"
     # a 512-image model is unsure of many frames: its S8S8 TensorRT flavour can lose ~1.3 pt where the
     # S8U8 units lose under 1; this test is about the 9-exit layout, so 3 pt is the INT8 bar here
     export_checkpoint(
-        tmp_path / "run" / "model.pt", out=art, parity_samples=64, int8=True, int8_images=64, int8_tolerance=0.03
+        tmp_path / "run" / "model.pt", out=art, parity_images=64, int8=True, int8_images=64, int8_tolerance=0.03
     )
     m = Artifact.load(art).to_json()
     assert len(m["units"]) == 18 and m["model"]["num_exits"] == 9 and m["model"]["config"]["exits"] == 9

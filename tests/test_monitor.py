@@ -301,7 +301,7 @@ def calibrated(tiny_artifact, tmp_path_factory):
         budget_fraction=1.5,
         backend="onnxruntime",
         repeats=30,
-        verify_limit=100,
+        verify_images=100,
         iso_accuracy=False,
         ladder_steps=2,
     )
@@ -333,7 +333,7 @@ def test_calibrate_stores_the_reference_from_its_exit_statistics(calibrated):
     from edgeexit.runtime.manifest import load_calibration_frames
 
     stored = load_calibration_frames(art)
-    cal_idx = stored["calibration"]  # the fixture keeps the first 100 verification frames (verify_limit)
+    cal_idx = stored["calibration"]  # the fixture keeps the first 100 verification frames (verify_images)
     idx = np.concatenate([cal_idx, stored["verification"][: len(conf) - len(cal_idx)]])
     with Cascade.load(calibrated, backend="onnxruntime") as c:
         levels, stride = frame_levels(c.preprocess.batch(stored["frames"][idx]))

@@ -169,7 +169,7 @@ def test_calibrate_frame_size_budgets_the_frame(artifact_copy):
     from edgeexit.runtime.artifact import Artifact
 
     r = run_calibration(
-        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100,
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_images=100,
         iso_accuracy=False, ladder_steps=2, frame_size=(1280, 720))  # fmt: skip
     frame = r["frame"]
     assert frame["covers"] == "frame" and frame["size"] == [1280, 720] and frame["network_size"] == [28, 28]
@@ -186,7 +186,7 @@ def test_calibrate_frame_size_budgets_the_frame(artifact_copy):
     shown = CliRunner().invoke(app, ["info", str(artifact_copy)], terminal_width=200)
     assert shown.exit_code == 0 and "the budget covers 1280x720 frames: preprocessing" in shown.output
     plain = run_calibration(
-        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_limit=100,
+        artifact_copy, budget_fraction=1.5, backend="onnxruntime", repeats=30, verify_images=100,
         iso_accuracy=False, ladder_steps=2)  # fmt: skip
     assert plain["frame"] == {"size": None, "network_size": [28, 28], "covers": "cascade"}
     shown = CliRunner().invoke(app, ["info", str(artifact_copy)], terminal_width=200)

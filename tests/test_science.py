@@ -175,7 +175,7 @@ def test_label_noise_touches_training_labels_only(science):
     from edgeexit.train import trainer
     from edgeexit.train.trainer import TrainConfig
 
-    cfg = TrainConfig.from_recipe("fashion-mnist", "ce", out="unused", limit_train=2000, val_size=500)
+    cfg = TrainConfig.from_recipe("fashion-mnist", "ce", out="unused", train_images=2000, val_size=500)
     original = trainer.prepare_data
     clean_train, clean_val, _ = original(cfg)
     record: dict = {}

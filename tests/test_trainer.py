@@ -35,9 +35,9 @@ def test_checkpoint_contract(tiny_run):
 def test_resume_continues_exactly(tmp_path, fashion_test):
     # bit-exact comparisons need a fixed thread count (the contention guard may change it)
     straight = tmp_path / "straight"
-    train(tiny_config(straight, epochs=2, limit_train=512, adapt_threads=False), progress=False)
+    train(tiny_config(straight, epochs=2, train_images=512, adapt_threads=False), progress=False)
     resumed = tmp_path / "resumed"
-    cfg = tiny_config(resumed, epochs=2, limit_train=512, adapt_threads=False)
+    cfg = tiny_config(resumed, epochs=2, train_images=512, adapt_threads=False)
     _train_epochs(cfg, stop_after=1)  # the same 2-epoch schedule, interrupted after epoch 1
     cfg.resume = True
     train(cfg, progress=False)
@@ -81,12 +81,12 @@ def _train_epochs(cfg, stop_after: int):
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_test):
     out = tmp_path / "nan"
-    train(tiny_config(out, epochs=1, limit_train=256), progress=False)
+    train(tiny_config(out, epochs=1, train_images=256), progress=False)
     good = (out / "model.pt").read_bytes()
     with pytest.raises(UserError, match="already holds a run"):
-        tiny_config(out, epochs=2, limit_train=256)  # would silently replace model.pt and last.pt
+        tiny_config(out, epochs=2, train_images=256)  # would silently replace model.pt and last.pt
     assert (out / "model.pt").read_bytes() == good
-    cfg = tiny_config(out, epochs=2, limit_train=256, lr=1e30, force=True)
+    cfg = tiny_config(out, epochs=2, train_images=256, lr=1e30, force=True)
     with pytest.raises(TrainingError, match="last good checkpoint"):
         train(cfg, progress=False)
     assert (out / "model.pt").read_bytes() == good
@@ -96,8 +96,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fashion_tes
     "overrides,match",
     [
         ({"epochs": 0}, "--epochs must be at least 1"),
-        ({"limit_train": 0}, "--train-images must be at least 1"),
-        ({"limit_eval": -100}, "--eval-images must be at least 1"),
+        ({"train_images": 0}, "--train-images must be at least 1"),
+        ({"eval_images": -100}, "--eval-images must be at least 1"),
         ({"width": float("nan")}, "--width must be a positive number"),
         ({"exits": 5}, "--exits must be 4, 8 or 9"),
         ({"teacher_weights": "magic"}, "--teacher-weights"),
@@ -141,7 +141,7 @@ def test_two_process_ddp_on_cpu_with_gloo(tmp_path, fashion_test):
         "torch.nn.parallel.DistributedDataParallel = Recorded\n"
         "from conftest import tiny_config\n"
         "from edgeexit.train.trainer import train\n"
-        "r = train(tiny_config({!r}, epochs=1, limit_train=512, device='cpu'), progress=False)\n"
+        "r = train(tiny_config({!r}, epochs=1, train_images=512, device='cpu'), progress=False)\n"
         "open({!r} + str(r['rank']), 'w').write(str(r['world_size']))\n"
         "torch.save({{k: v.detach().clone() for k, v in seen[0].module.named_parameters()}}, "
         "{!r} + str(r['rank']) + '.pt')\n".format(
@@ -192,7 +192,7 @@ def test_l2w_trains_with_meta_steps_and_resumes_its_meta_optimizer(tmp_path, fas
     from edgeexit.train import trainer
 
     out = tmp_path / "l2w"
-    cfg = tiny_config(out, method="l2w", epochs=2, limit_train=256, meta_interval=2, adapt_threads=False)
+    cfg = tiny_config(out, method="l2w", epochs=2, train_images=256, meta_interval=2, adapt_threads=False)
     _train_epochs(cfg, stop_after=1)
     state = load_checkpoint(out / "last.pt")["train_state"]
     meta = state["meta_optimizer"]

@@ -1,5 +1,5 @@
 """Defects of the GPU path shown on the SIMULATED TensorRT / CUDA of
-tests/fake_gpu.py, per API surface (8.6 / 10.x / 11.x), with engines built by the real
+tests/fake_gpu/, per API surface (8.6 / 10.x / 11.x), with engines built by the real
 `build_engines`. A simulation: it checks edgeexit's logic and its use of the API, not TensorRT."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fake_gpu import FakeEngine, add_engines, install
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 
-pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu.py)
+pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu/)
 
 SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
 TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]
@@ -297,7 +297,7 @@ def test_export_format_engine_half_runs_the_engines_before_publishing(monkeypatc
     trt, _ = install(monkeypatch, version=version)
     dest = tmp_path / "trt.edgeexit"
     m, _ = export_checkpoint(
-        tiny_run[0] / "model.pt", out=dest, format="engine", half=True, batch=16, parity_samples=256, calib_images=0
+        tiny_run[0] / "model.pt", out=dest, format="engine", half=True, batch=16, parity_images=256, calib_images=0
     )
     assert all(u["engines"][0]["precision"] == "fp16" for u in m["units"])
     assert m["fp16"]["max_abs_logit_diff"] < 0.05

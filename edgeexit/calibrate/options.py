@@ -1,7 +1,8 @@
 """The options of `edgeexit calibrate`, validated in one place (numpy only).
 
 A bad value raises `OptionError`, which names the `CalibrationOptions` fields at fault; its message is
-phrased with the CLI's names for them (`CLI_NAMES`), which is what `edgeexit calibrate` prints.
+phrased with the flags that set them (each field is named as its flag), which is what `edgeexit calibrate`
+prints.
 """
 
 from __future__ import annotations
@@ -12,21 +13,17 @@ import numpy as np
 
 from edgeexit.errors import UserError
 
-# How the CLI names each option field in messages (fields without a flag keep their own name).
-CLI_NAMES = {
-    "budget_ms": "the budget",
-    "budget_fraction": "the budget",
-    "max_drop": "--max-drop",
-    "confidence": "--confidence",
-    "metric": "--metric",
-    "split": "--split",
-    "policy": "--policy",
-    "limit": "--limit",
-    "verify_limit": "--verify-limit",
-    "repeats": "--repeats",
-    "frame_size": "--frame-size",
-    "repeat": "--repeat",
-}
+
+def flag(field_name: str) -> str:
+    """The `edgeexit calibrate` flag of a `CalibrationOptions` field: ``--`` and the field's name, except
+    the two budget fields, which one flag sets (``--budget 5ms``, ``--budget 50%``), and the fields no
+    flag sets (benchmarks' knobs), which keep their own name."""
+    if field_name.startswith("budget_"):
+        return "--budget"
+    return field_name if field_name in NO_FLAG else "--" + field_name.replace("_", "-")
+
+
+NO_FLAG = {"seed", "iso_accuracy", "ladder_steps"}  # set from Python only (benchmarks, tests)
 
 
 MAX_FRAME_SIDE = 16384  # wider than any camera sensor's frame; larger is a typo
@@ -45,12 +42,12 @@ def parse_frame_size(text: str) -> tuple[int, int]:
 
 class OptionError(UserError):
     """A bad `CalibrationOptions` value: ``fields`` names the fields at fault and ``problem`` says what
-    is wrong with them; the message is that, phrased with the CLI's names (`CLI_NAMES`)."""
+    is wrong with them; the message is that, phrased with the flag that sets the first of them."""
 
     def __init__(self, fields: str | tuple[str, ...], problem: str, message: str | None = None) -> None:
         self.fields = (fields,) if isinstance(fields, str) else tuple(fields)
         self.problem = problem
-        super().__init__(message or f"{CLI_NAMES.get(self.fields[0], self.fields[0])} {problem}")
+        super().__init__(message or f"{flag(self.fields[0])} {problem}")
 
 
 @dataclass(frozen=True)
@@ -63,8 +60,8 @@ class CalibrationOptions:
     backend: str = "auto"
     data: str | None = None
     split: str = "heldout"
-    limit: int | None = None  # calibration images
-    verify_limit: int | None = None
+    images: int | None = None  # at most this many images per calibration half
+    verify_images: int | None = None  # at most this many verification frames
     repeats: int = 200
     policy: str = "max_softmax"
     data_dir: str | None = None
@@ -81,45 +78,21 @@ class CalibrationOptions:
     repeat: int = 1  # profiles taken at most while the device is too busy to trust one (their rounds pooled)
     accept_load: bool = False  # write the plan even when the device stayed too busy (the report says so)
 
-    def __post_init__(self) -> None:  # noqa: C901
-        from edgeexit.runtime.policies import POLICIES
-
-        if self.budget_ms is not None and self.budget_fraction is not None:
-            raise OptionError(
-                ("budget_ms", "budget_fraction"),
-                "both given",
-                "give one budget: in time (5ms) or as a share of the full model (50%), not both",
-            )
-        if self.budget_ms is None and self.budget_fraction is None and self.max_drop is None:
-            raise OptionError(
-                ("budget_ms", "budget_fraction", "max_drop"),
-                "none given",
-                "give --budget (5ms, 50%), --max-drop (0.5pt), or both",
-            )
-        if self.max_drop is not None and not (0 <= self.max_drop < 1):
-            raise OptionError("max_drop", f"must be within 0pt..100pt, got {self.max_drop}")
-        if not 2 <= self.ladder_steps <= 200:
-            raise OptionError("ladder_steps", f"must be within 2..200, got {self.ladder_steps}")
-        if not 0.5 <= self.confidence < 1:
-            raise OptionError("confidence", f"must be within 0.5..0.999, got {self.confidence}")
-        for name in ("budget_ms", "budget_fraction"):
+    def __post_init__(self) -> None:
+        _check_goal(self)
+        for name, (low, high) in _INT_RANGES.items():
             v = getattr(self, name)
-            if v is not None and not (np.isfinite(v) and v > 0):
-                raise OptionError(name, f"must be a positive finite number, got {v}")
-        if self.metric not in ("mean", "p95"):
-            raise OptionError("metric", f"must be mean or p95, got '{self.metric}'")
-        if self.split not in ("heldout", "test"):
-            raise OptionError("split", f"must be heldout or test, got '{self.split}'")
-        if self.policy not in POLICIES:
-            raise OptionError("policy", f"must be one of {', '.join(POLICIES)}, got '{self.policy}'")
-        for name in ("limit", "verify_limit"):
+            if v is None and name in _OPTIONAL:
+                continue
+            if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)):
+                raise OptionError(name, f"must be {f'within {low}..{high}' if high else f'at least {low}'}, got {v!r}")
+        for name, (low, high, shown) in _REAL_RANGES.items():
             v = getattr(self, name)
-            if v is not None and v < 20:
-                raise OptionError(name, f"must be at least 20, got {v}")
-        if self.repeats < 1:
-            raise OptionError("repeats", f"must be at least 1, got {self.repeats}")
-        if not 1 <= self.repeat <= 100:
-            raise OptionError("repeat", f"must be within 1..100, got {self.repeat}")
+            if v is not None and not (_real(v) and low <= v < high):
+                raise OptionError(name, f"must be within {shown}, got {v}")
+        for name, choices in _choices().items():
+            if getattr(self, name) not in choices:
+                raise OptionError(name, f"must be {_one_of(choices)}, got '{getattr(self, name)}'")
         if self.frame_size is not None and not (
             len(self.frame_size) == 2 and all(isinstance(v, int) and 1 <= v <= MAX_FRAME_SIDE for v in self.frame_size)
         ):
@@ -131,3 +104,52 @@ class CalibrationOptions:
     def limited(self) -> bool:
         """A latency budget was given (--budget), in time or as a share of the full model."""
         return self.budget_ms is not None or self.budget_fraction is not None
+
+
+# Range checks, one small table per kind of value (an option missing here takes any value of its type).
+_INT_RANGES = {  # low..high, both included; high None: no upper bound
+    "images": (20, None),
+    "verify_images": (20, None),
+    "repeats": (1, None),
+    "repeat": (1, 100),
+    "ladder_steps": (2, 200),
+}
+_OPTIONAL = {"images", "verify_images"}  # None: every image
+_REAL_RANGES = {  # low <= value < high, and how the range reads in an error
+    "max_drop": (0.0, 1.0, "0pt..100pt"),
+    "confidence": (0.5, 1.0, "0.5..0.999"),
+}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from edgeexit.runtime.policies import POLICIES
+
+    return {"metric": ("mean", "p95"), "split": ("heldout", "test"), "policy": tuple(POLICIES)}
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    return " or ".join(choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+
+
+def _real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _check_goal(o: CalibrationOptions) -> None:
+    """One budget at most (in time or as a share of the full model), and a budget or a promise."""
+    if o.budget_ms is not None and o.budget_fraction is not None:
+        raise OptionError(
+            ("budget_ms", "budget_fraction"),
+            "both given",
+            "give one budget: in time (5ms) or as a share of the full model (50%), not both",
+        )
+    if o.budget_ms is None and o.budget_fraction is None and o.max_drop is None:
+        raise OptionError(
+            ("budget_ms", "budget_fraction", "max_drop"),
+            "none given",
+            "give --budget (5ms, 50%), --max-drop (0.5pt), or both",
+        )
+    for name in ("budget_ms", "budget_fraction"):
+        v = getattr(o, name)
+        if v is not None and not (_real(v) and v > 0):
+            raise OptionError(name, f"must be a positive finite number, got {v}")

@@ -135,8 +135,8 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
     cascade = Cascade.load(folder, backend=opts.backend, policy=opts.policy, **extra)
     try:
         frames, labels, name, calib_idx, verify_idx = _images(cascade.artifact, opts)
-        calib_idx = calib_idx[: opts.limit] if opts.limit else calib_idx
-        verify_idx = verify_idx[: opts.verify_limit] if opts.verify_limit else verify_idx
+        calib_idx = calib_idx[: opts.images] if opts.images else calib_idx
+        verify_idx = verify_idx[: opts.verify_images] if opts.verify_images else verify_idx
         if len(calib_idx) < 20 or len(verify_idx) < 20:
             raise UserError(f"the {opts.split} split has too few images ({len(labels)}) to calibrate and verify")
     except BaseException:

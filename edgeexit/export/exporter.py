@@ -14,7 +14,7 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,7 @@ class ExportOptions:
     workspace: float = 2.0  # GiB
     opset: int = 17
     simplify: bool = True
-    parity_samples: int = 256
+    parity_images: int = 256
     tolerance: float = 1e-3
     force: bool = False
     data_dir: str | None = None
@@ -55,32 +55,24 @@ class ExportOptions:
     int8_method: str = "minmax"
     int8_tolerance: float = 0.01  # largest per-exit accuracy drop INT8 vs FP32 (fraction) before failing
 
-    def __post_init__(self) -> None:  # noqa: C901
+    def __post_init__(self) -> None:
         from edgeexit.export.quantize import METHODS
 
-        if self.int8_method not in METHODS:
-            raise UserError(f"--int8-method must be one of {', '.join(METHODS)}, got '{self.int8_method}'")
-        if not 16 <= self.int8_images <= 10_000:
-            raise UserError(f"--int8-images must be within 16..10000, got {self.int8_images}")
-        if not (math.isfinite(self.int8_tolerance) and 0 <= self.int8_tolerance < 1):
-            raise UserError(f"--int8-tolerance must be within 0..1, got {self.int8_tolerance}")
-        if not 0 <= self.calib_images <= 100_000:
-            raise UserError(f"--calib-images must be within 0..100000, got {self.calib_images}")
-        if self.format not in ("onnx", "engine"):
-            raise UserError(f"unknown --format '{self.format}': use onnx or engine")
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise UserError(f"--opset {self.opset} is not supported: use {MIN_OPSET}..{MAX_OPSET}")
-        if self.parity_samples < 1:
-            raise UserError("--parity-samples must be at least 1: every export is checked against PyTorch")
-        if not 1 <= self.batch <= 4096:
-            raise UserError(f"--batch must be within 1..4096, got {self.batch}")
-        if not 1 <= self.batch_opt <= self.batch:
-            raise UserError(f"--batch-opt must be within 1..--batch ({self.batch}), got {self.batch_opt}")
-        if not (math.isfinite(self.workspace) and self.workspace > 0):
-            raise UserError(f"--workspace must be a positive number of GiB, got {self.workspace}")
-        if not (math.isfinite(self.tolerance) and self.tolerance > 0):
-            raise UserError(f"--tolerance must be a positive number, got {self.tolerance}")
-        engine_only = [f"--{k.replace('_', '-')}" for k in ENGINE_ONLY if getattr(self, k) != _DEFAULTS[k]]
+        choices = {"format": ("onnx", "engine"), "int8_method": METHODS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{_flag(name)} must be one of {', '.join(allowed)}, got '{getattr(self, name)}'")
+        for name, (low, high) in {**_INT_RANGES, "batch_opt": (1, self.batch)}.items():
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= high):
+                raise UserError(f"{_flag(name)} must be within {low}..{high}, got {v!r}")
+        for name, (low, high, low_included) in _REAL_RANGES.items():
+            v = getattr(self, name)
+            above = isinstance(v, int | float) and math.isfinite(v) and (low < v or (low_included and v == low))
+            if not (above and v < high):
+                raise UserError(f"{_flag(name)} must be {_real_range(low, high)}, got {v}")
+        defaults = {f.name: f.default for f in fields(self)}
+        engine_only = [_flag(k) for k in ENGINE_ONLY if getattr(self, k) != defaults[k]]
         if self.format == "onnx" and engine_only:
             raise UserError(
                 f"{', '.join(engine_only)} configure{'s' if len(engine_only) == 1 else ''} the TensorRT engines: "
@@ -88,8 +80,31 @@ class ExportOptions:
             )
 
 
+def _flag(field_name: str) -> str:
+    """An `ExportOptions` field's flag: the field is the flag (``int8_images`` is ``--int8-images``)."""
+    return "--" + field_name.replace("_", "-")
+
+
+# Range checks, one small table per kind of value.
+_INT_RANGES = {  # low..high, both included (--batch-opt: 1..--batch, checked beside them)
+    "int8_images": (16, 10_000),
+    "calib_images": (0, 100_000),
+    "opset": (MIN_OPSET, MAX_OPSET),
+    "parity_images": (1, 1_000_000),
+    "batch": (1, 4096),
+}
+_REAL_RANGES = {  # low < value < high; True: low itself allowed (an INT8 drop of nothing)
+    "int8_tolerance": (0.0, 1.0, True),
+    "workspace": (0.0, math.inf, False),  # GiB
+    "tolerance": (0.0, math.inf, False),
+}
+
+
+def _real_range(low: float, high: float) -> str:
+    return "a positive number" if high == math.inf else f"within {low:g}..{high:g}"
+
+
 ENGINE_ONLY = ("batch", "batch_opt", "workspace")  # refused with --format onnx (Ultralytics' validate_args)
-_DEFAULTS = {"batch": 64, "batch_opt": 1, "workspace": 2.0}
 
 
 def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
@@ -256,7 +271,7 @@ def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOpti
     from edgeexit.export.parity import check_parity
 
     t0 = time.perf_counter()
-    sample = heldout.subset(np.arange(min(opts.parity_samples, len(heldout))))
+    sample = heldout.subset(np.arange(min(opts.parity_images, len(heldout))))
     images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
     parity = check_parity(model, tmp, units, images, opts.tolerance)
     parity.update({"split": "held-out", "runtime": "onnxruntime-cpu"})
@@ -358,7 +373,7 @@ def _write_fp16(tmp: Path, units: list[dict], heldout, opts: ExportOptions, cons
 
     t0 = time.perf_counter()
     write_fp16_units(tmp, units)
-    images, labels = _held_out_images(heldout, opts.parity_samples)
+    images, labels = _held_out_images(heldout, opts.parity_images)
     parity = fp16_parity(tmp, units, images, labels)
     verdict = "within the fp16 tolerance" if parity["passed"] else f"beyond the fp16 tolerance: {parity['failures'][0]}"
     diff = parity["max_abs_logit_diff"]
@@ -373,7 +388,7 @@ def _check_engines(tmp: Path, units: list[dict], heldout, opts: ExportOptions, p
     from edgeexit.export.tensorrt import ENGINE_GATE_FRAMES, engine_gate, gate_summary
 
     t0 = time.perf_counter()
-    n = min(max(opts.parity_samples, opts.calib_images), ENGINE_GATE_FRAMES)
+    n = min(max(opts.parity_images, opts.calib_images), ENGINE_GATE_FRAMES)
     images, labels = _held_out_images(heldout, n)
     check = engine_gate(tmp, units, images, labels, precision)
     _stage(console, gate_summary(check), t0)

@@ -94,7 +94,7 @@ def evaluate(
 
 
 def evaluate_checkpoint(
-    checkpoint, data: str | None = None, limit_eval: int | None = None, device: str = "auto", data_dir=None
+    checkpoint, data: str | None = None, images: int | None = None, device: str = "auto", data_dir=None
 ) -> dict:
     """`edgeexit eval`: the checkpoint on the test split of its dataset (or ``data``), with the
     budgeted curve's thresholds from the held-out split it recorded."""
@@ -104,8 +104,8 @@ def evaluate_checkpoint(
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
     from edgeexit.train.torch_device import resolve_device
 
-    if limit_eval is not None and limit_eval < 1:
-        raise UserError(f"--images must be at least 1, got {limit_eval}")
+    if images is not None and images < 1:
+        raise UserError(f"--images must be at least 1, got {images}")
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt)
     name = data or ckpt.get("dataset") or ckpt.get("split", {}).get("dataset")
@@ -118,8 +118,8 @@ def evaluate_checkpoint(
     # One source of preprocessing truth: the checkpoint's statistics (what the deployed model uses),
     # never the test folder's own mean/std.
     test.mean, test.std = list(ckpt["preprocessing"]["mean"]), list(ckpt["preprocessing"]["std"])
-    if limit_eval:
-        test = test.subset(np.arange(min(limit_eval, len(test))))
+    if images:
+        test = test.subset(np.arange(min(images, len(test))))
     same = ckpt.get("dataset") is not None and canonical_dataset(name) == canonical_dataset(ckpt["dataset"])
     val = load_heldout(ckpt["split"], ddir, name) if same else None
     result = evaluate(model, test, val, device=resolve_device(device))

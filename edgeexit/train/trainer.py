@@ -48,8 +48,8 @@ class TrainConfig:
     out: str = "runs/exp"
     data_dir: str | None = None
     seed: int = 0
-    limit_train: int | None = None
-    limit_eval: int | None = None
+    train_images: int | None = None
+    eval_images: int | None = None
     device: str = "auto"
     resume: bool = False
     force: bool = False  # train into a folder that already holds a run, replacing it
@@ -66,12 +66,12 @@ class TrainConfig:
     freeze_trunk: bool = False  # with --backbone and --init: train only the early exit heads
     # torchrun: how long ranks wait for each other at rendezvous and in collectives (torch's default is
     # 30 min, which a stale WORLD_SIZE in a shell turned into a silent half-hour hang)
-    dist_timeout_min: float = 5.0
+    dist_timeout: float = 5.0
     recipe: Recipe = field(default_factory=Recipe)
 
     def __post_init__(self) -> None:  # paths as plain strings: the config is stored in checkpoints
         self.data = canonical_dataset(self.data)
-        t = self.dist_timeout_min
+        t = self.dist_timeout
         if not (isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 1440):
             raise UserError(f"--dist-timeout must be a number of minutes within (0, 1440], got {t!r}")
         for name in ("out", "data_dir", "cache_dir", "init"):
@@ -133,13 +133,10 @@ class TrainConfig:
             raise UserError(f"{out} already holds a run (model.pt/last.pt): pass --resume to continue it or --force")
 
 
-# The `edgeexit train` flag of each field whose flag is not ``--field-name``.
-FLAGS = {"limit_train": "--train-images", "limit_eval": "--eval-images"}
-
-
 def flag(field_name: str) -> str:
-    """The `edgeexit train` flag of a TrainConfig / Recipe / LossConfig field (what errors name)."""
-    return FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+    """The `edgeexit train` flag of a TrainConfig / Recipe / LossConfig field (what errors name): the
+    field is the flag, ``train_images`` is ``--train-images``."""
+    return "--" + field_name.replace("_", "-")
 
 
 @contextmanager
@@ -185,7 +182,7 @@ def _check_backbone_options(cfg: TrainConfig) -> None:
 def _check_numbers(cfg: TrainConfig) -> None:
     r, loss = cfg.recipe, cfg.recipe.loss
     counts = {"epochs": r.epochs, "batch_size": r.batch_size, "val_size": r.val_size,
-              "limit_train": cfg.limit_train, "limit_eval": cfg.limit_eval}  # fmt: skip
+              "train_images": cfg.train_images, "eval_images": cfg.eval_images}  # fmt: skip
     for name, v in counts.items():
         if v is not None and v < 1:
             raise UserError(f"{flag(name)} must be at least 1, got {v}")
@@ -301,8 +298,8 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
             f"--val-size {val_size} is more than half of the {len(full)} training images: use 1..{len(full) // 2}"
         )
     train_idx, val_idx = split_train_val(len(full), val_size, cfg.seed)
-    if cfg.limit_train:
-        train_idx = train_idx[: cfg.limit_train]
+    if cfg.train_images:
+        train_idx = train_idx[: cfg.train_images]
     split = {
         "val_indices_seed": cfg.seed,
         "val_size": int(val_size),
@@ -392,7 +389,7 @@ def train(cfg: TrainConfig, console=None, progress: bool = True) -> dict:
 
 
 def _setup(cfg: TrainConfig) -> _Run:
-    rank, world = _distributed(cfg.dist_timeout_min)
+    rank, world = _distributed(cfg.dist_timeout)
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -635,7 +632,7 @@ def _step(run: _Run, module, xb, yb, epoch: int, step: int, steps: int):
 def _end_epoch(run: _Run, prog, bar, epoch: int, loss: float, epoch_time: float) -> None:
     """Validate on the held-out split; write model.pt (when best) and last.pt, atomically."""
     cfg = run.cfg
-    val_acc = heldout_accuracy(run.model, run.val_set, cfg.limit_eval, run.device)
+    val_acc = heldout_accuracy(run.model, run.val_set, cfg.eval_images, run.device)
     avg = float(np.mean(val_acc))
     run.history.append(
         {
