@@ -896,7 +896,7 @@ def _run_job(
     json_out,
 ) -> None:
     """`run`'s work, after its options: one source in order, or several as streams."""
-    from edgeexit.runtime.sources import JsonLines, run_source, summary_table, wants_streams
+    from edgeexit.run import JsonLines, run_source, run_streams, summary_table, wants_streams
 
     drift, drift_alpha, drift_every = drift_args
     streamed = wants_streams(sources, realtime, fps, duration, save_video)  # refuses options that do not mix
@@ -914,8 +914,6 @@ def _run_job(
     try:
         with sigterm_as_interrupt():  # SIGTERM ends the run as Ctrl-C does: with the summary and --json
             if streamed:
-                from edgeexit.runtime.streams import run_streams
-
                 args = (realtime, fps, max_frames, deadline_ms, duration, quiet)
                 summary = run_streams(cascade, sources, *args, out_console, console, drift=watch, jsonl=lines)
             else:

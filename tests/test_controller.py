@@ -219,50 +219,57 @@ def test_measure_ladder_runs_every_rung_and_the_full_model_on_one_scale():
     a controller built from the result anchors "quiet" on that reference."""
     from test_cascade_logic import SlowRunner, frame, ladder_calibration, ladder_manifest
 
+    from edgeexit.calibrate.ladder import LadderMeasurement, measure_ladder
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.controller import controller_for, measure_ladder
+    from edgeexit.runtime.controller import controller_for
 
     cal = ladder_calibration()
     c = Cascade(ladder_manifest(), SlowRunner(0.001))
     rows = [dict(r) for r in cal["ladder"]]
     # the verification run (90 frames, all leaving at exit 4) said 2 ms: a lucky moment, 2x faster
     verified = {"mean_ms": 2.0, "p95_ms": 2.5, "samples": 90, "exit_shares": [0.0, 0.0, 0.0, 1.0]}
-    chosen = {"thresholds": cal["thresholds"], "measured": dict(verified)}
     frames = np.stack([frame(0)] * 30)
-    measure_ladder(c, frames, rows, chosen, max_frames=30, block=10)
-    inter, ref = chosen["measured"]["interleaved"], chosen["measured"]["reference"]
-    assert inter["frames"] == 30 and inter["mean_ms"] >= 4.0  # 4 segments of >= 1 ms each, measured
-    assert inter["full_mean_ms"] >= inter["mean_ms"] * 0.9 and inter["speedup"] == pytest.approx(
-        inter["full_mean_ms"] / inter["mean_ms"])  # fmt: skip
-    r_v = 2.0 / inter["mean_ms"]  # the verification run's speed relative to the interleaved run
+    rung_thresholds = [r["thresholds"] for r in rows]
+    got = measure_ladder(c, frames, cal["thresholds"], rung_thresholds, verified, max_frames=30, block=10)
+    assert isinstance(got, LadderMeasurement) and verified["mean_ms"] == 2.0  # a value; the inputs unchanged
+    inter, ref = got.interleaved, got.reference
+    assert inter.frames == 30 and inter.mean_ms >= 4.0  # 4 segments of >= 1 ms each, measured
+    assert got.full_mean_ms >= inter.mean_ms * 0.9 and got.speedup == pytest.approx(got.full_mean_ms / inter.mean_ms)
+    r_v = 2.0 / inter.mean_ms  # the verification run's speed relative to the interleaved run
     scale = (90 * r_v + 30) / 120
-    assert chosen["measured"]["ladder_scale"] == pytest.approx(scale)
-    assert ref["mean_ms"] == pytest.approx(scale * inter["mean_ms"]) and ref["frames"] == 120
-    assert ref["block_sd"] is not None and 0 <= ref["block_sd"] < 0.5  # 3 blocks of one steady runner
+    assert got.scale == pytest.approx(scale)
+    assert ref.mean_ms == pytest.approx(scale * inter.mean_ms) and ref.frames == 120
+    assert got.block_frames == 10 and got.block_sd is not None and 0 <= got.block_sd < 0.5  # 3 steady blocks
+    assert len(got.rungs) == len(rows)
     means = []
-    for row, segments in zip(rows, (1, 2, 2, 4), strict=True):
-        assert row["measured"]["frames"] == 30
-        means.append(row["measured"]["mean_ms"] / segments)
+    for rung, segments in zip(got.rungs, (1, 2, 2, 4), strict=True):
+        assert rung.frames == 30 and rung.latency() == {"mean_ms": rung.mean_ms, "p95_ms": rung.p95_ms, "frames": 30}
+        means.append(rung.mean_ms / segments)
     assert max(means) < 1.6 * min(means)  # cost per segment alike: each rung measured for what it runs
-    assert rows[3]["measured"]["mean_ms"] == pytest.approx(ref["mean_ms"], rel=0.25)  # the chosen plan's rung
-    for row in rows:  # nobody is confident: every frame leaves at the plan's first evaluated exit
-        taken = [v for v in row["exit_ms"] if v is not None]
-        assert len(taken) == 1 and taken[0] == pytest.approx(row["measured"]["mean_ms"])
-    assert chosen["measured"]["exit_ms"][3] == pytest.approx(ref["mean_ms"], rel=0.01)
+    assert got.rungs[3].mean_ms == pytest.approx(ref.mean_ms, rel=0.25)  # the chosen plan's rung
+    for rung in got.rungs:  # nobody is confident: every frame leaves at the plan's first evaluated exit
+        taken = [v for v in rung.exit_ms if v is not None]
+        assert len(taken) == 1 and taken[0] == pytest.approx(rung.mean_ms)
+    assert ref.exit_ms[3] == pytest.approx(ref.mean_ms, rel=0.01)
     assert not c.closed and c.plan == c.plan  # the cascade itself is untouched and open
-    block = {"thresholds": chosen["thresholds"], "predicted": {"mean_ms": 2.0, "accuracy": 0.9}, "ladder": rows}
-    cal = parse_calibration({**block, "measured": chosen["measured"]}, 4)
-    lad = calibrated_ladder(cal, tuple)
+    # the runtime reads a reference on the rows' scale as the calibrated plan's quiet anchor
+    for row, rung in zip(rows, got.rungs, strict=True):
+        row["measured"], row["exit_ms"] = rung.latency(), list(rung.exit_ms)
+    reference = {**ref.latency(), "block_frames": got.block_frames, "block_sd": got.block_sd}
+    measured = {**verified, "reference": reference, "exit_ms": list(ref.exit_ms), "ladder_scale": got.scale}
+    block = {"thresholds": cal["thresholds"], "predicted": {"mean_ms": 2.0, "accuracy": 0.9}, "ladder": rows}
+    parsed = parse_calibration({**block, "measured": measured}, 4)
+    lad = calibrated_ladder(parsed, tuple)
     assert [r.measured_ms is not None for r in lad] == [True] * len(lad)
     anchor = next(r for r in lad if r.calibrated)
-    assert anchor.measured_ms["mean_ms"] == pytest.approx(ref["mean_ms"])
-    ctl = controller_for(cal, lad, budget_ms=ref["mean_ms"])
-    assert ctl.quiet_ms[ctl.anchor] == pytest.approx(ref["mean_ms"])
+    assert anchor.measured_ms["mean_ms"] == pytest.approx(ref.mean_ms)
+    ctl = controller_for(parsed, lad, budget_ms=ref.mean_ms)
+    assert ctl.quiet_ms[ctl.anchor] == pytest.approx(ref.mean_ms)
     assert ctl.index == ctl.anchor  # B = the plan's own reference latency: the calibrated plan runs
     # a verification run that cannot be compared (an exit the interleaved run never saw) pools nothing
-    odd = {"thresholds": chosen["thresholds"], "measured": dict(verified, exit_shares=[1.0, 0.0, 0.0, 0.0])}
-    measure_ladder(c, frames, [dict(r) for r in rows], odd, max_frames=30, block=10)
-    assert odd["measured"]["ladder_scale"] == 1.0 and odd["measured"]["reference"]["frames"] == 30
+    odd = dict(verified, exit_shares=[1.0, 0.0, 0.0, 0.0])
+    got = measure_ladder(c, frames, cal["thresholds"], rung_thresholds, odd, max_frames=30, block=10)
+    assert got.scale == 1.0 and got.reference.frames == 30
 
 
 def test_hostile_measurements_in_a_ladder_fall_back_to_the_prediction():

@@ -224,7 +224,7 @@ def test_run_jsonl_over_several_streams_and_their_preprocessing(tiny_artifact, t
 
 def test_jsonl_lines_are_on_disk_as_each_frame_is_written(tiny_artifact, test_frames, tmp_path):
     from edgeexit.runtime import Cascade
-    from edgeexit.runtime.sources import JsonLines
+    from edgeexit.run import JsonLines
 
     cascade = Cascade.load(tiny_artifact, backend="onnxruntime")
     path = tmp_path / "live.jsonl"

@@ -1,6 +1,6 @@
 """Graceful ends: SIGTERM (systemd, `docker stop`) and SIGINT (Ctrl-C) end `edgeexit run` with its
 summary printed and its --json written, an ordered video included (util.sigterm_as_interrupt makes
-SIGTERM what Ctrl-C is; runtime.sources.run_source ends on either with what it answered). Decode
+SIGTERM what Ctrl-C is; edgeexit.run.run_source ends on either with what it answered). Decode
 workers run in a process group of their own and ignore SIGINT, so a Ctrl-C during the parallel
 decode is reported once by the parent, with no traceback from any worker."""
 

@@ -462,24 +462,21 @@ def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen:
     against these measured costs (and per-exit latencies), not the cost model's."""
     from rich.progress import Progress
 
+    from edgeexit.calibrate.ladder import measure_ladder
     from edgeexit.calibrate.optimizer import plan_ladder
-    from edgeexit.runtime.controller import measure_ladder
 
     plans = plan_ladder(m.conf, m.correct, cost, cost.min_ms(), cost.all_exits_ms(), opts.ladder_steps, opts.metric)
     rungs = [(b, LadderRung(tuple(sol.plan.to_list()), sol.mean_ms, sol.accuracy)) for b, sol in plans]
-    # measure_ladder writes its measurements into these dicts (the controller's row format)
-    rows = [{"thresholds": list(r.thresholds)} for _, r in rungs]
-    anchor = {"thresholds": chosen.thresholds, "measured": dict(chosen.measured)}
     frames = s.frames[s.verify_idx]
     n = min(len(frames), 600)
     with Progress(console=console, transient=True, disable=console is None) as prog:
-        task = prog.add_task(f"measuring {len(rows) + 1} plans of the ladder", total=n)
-        measure_ladder(s.cascade, frames, rows, anchor, opts.metric, max_frames=n,
-                       progress=lambda k: prog.update(task, completed=k))  # fmt: skip
+        task = prog.add_task(f"measuring {len(rungs) + 1} plans of the ladder", total=n)
+        timed = measure_ladder(s.cascade, frames, chosen.thresholds, [r.thresholds for _, r in rungs], chosen.measured,
+                               max_frames=n, progress=lambda k: prog.update(task, completed=k))  # fmt: skip
     return Ladder(
-        tuple(MeasuredRung(b, r, row["measured"], row["exit_ms"]) for (b, r), row in zip(rungs, rows, strict=True)),
-        anchor["measured"]["exit_ms"],
-        anchor["measured"]["ladder_scale"],
+        tuple(MeasuredRung(b, r, t.latency(), list(t.exit_ms)) for (b, r), t in zip(rungs, timed.rungs, strict=True)),
+        list(timed.reference.exit_ms),
+        timed.scale,
     )
 
 

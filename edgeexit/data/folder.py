@@ -186,7 +186,7 @@ def decode_file(path: str, size: list[int], in_chans: int) -> np.ndarray:
     from PIL import Image
 
     from edgeexit.runtime.preprocessing import DEFAULT_RESIZE, frame_to_input_uint8
-    from edgeexit.runtime.sources import _to_uint8 as to_uint8  # the run-time conversion itself
+    from edgeexit.runtime.sources import to_uint8  # the run-time conversion itself
 
     try:
         if os.path.getsize(path) == 0:

@@ -1,6 +1,5 @@
 """Holding a latency budget while the device drifts (the controller needs only the standard library,
-runtime.latency's percentile and the typed calibration of runtime.artifact; measure_ladder runs the
-cascade through runtime.profiling).
+runtime.latency's percentile and the typed calibration of runtime.artifact; it never runs the cascade).
 
 A calibration is a snapshot: a Jetson that throttles, a camera pipeline sharing the CPU or a
 second app thread makes every unit slower, and fixed thresholds then overrun their budget exactly
@@ -8,7 +7,7 @@ when it matters. `BudgetController` moves between pre-computed plans (SPINN / Ed
 calibration's *ladder* (the most accurate plan at ≥ 16 budgets) plus the calibrated plan itself.
 
 **What calibration measured, per rung.** `calibrate` runs every rung for real on the verification
-frames, interleaved with the chosen plan and the full model (`measure_ladder`), and stores each
+frames, interleaved with the chosen plan and the full model (calibrate/ladder.py), and stores each
 rung's quiet latency (mean and p95) and its mean latency per exit taken, all measured on the same
 moments: on a shared VM the speed wanders by ±30 % over seconds, so a plan timed alone (the
 verification run) is one moment's sample, not the reference. The controller compares against those
@@ -53,10 +52,9 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
 
 from edgeexit.runtime.artifact import Calibration, LadderRung
-from edgeexit.runtime.latency import LatencyStats, percentile
+from edgeexit.runtime.latency import percentile
 
 _sqrt = math.sqrt
 
@@ -74,7 +72,7 @@ class Rung:
 def build_ladder(rows: Sequence[LadderRung], make_plan, calibrated: LadderRung | None = None) -> list[Rung]:
     """Distinct plans from the calibration's ladder, cheapest first, each more accurate than the last
     (a plan that costs more and is not more accurate is never worth moving to). ``calibrated``: the
-    calibration's own choice, always kept. Rungs carry what `measure_ladder` measured, where it did."""
+    calibration's own choice, always kept. Rungs carry what calibrate measured, where it did."""
 
     def to_rung(row: LadderRung, is_calibrated: bool) -> Rung:
         meas = row.measured
@@ -102,82 +100,6 @@ def build_ladder(rows: Sequence[LadderRung], make_plan, calibrated: LadderRung |
         elif not ladder or rung.predicted_accuracy > ladder[-1].predicted_accuracy:
             ladder.append(rung)
     return ladder
-
-
-def measure_ladder(cascade, frames, rows: list[dict], chosen: dict, metric: str = "mean", max_frames: int = 600,
-                   block: int = 50, progress=None) -> None:  # fmt: skip
-    """Run every ladder rung, the chosen plan and the full model for real, frame by frame (the camera
-    path), on up to ``max_frames`` of ``frames``, interleaved in blocks so that the device's drift
-    during calibration touches all of them alike (on a shared or throttling device the speed wanders
-    by tens of percent over seconds: plans timed one after the other are compared across moments).
-
-    Writes into every row ``measured`` ({mean_ms, p95_ms, frames}) and ``exit_ms`` (mean latency per
-    exit position taken; None where no frame left there), and into ``chosen["measured"]``:
-    ``interleaved`` (the raw run: {mean_ms, p95_ms, frames, full_mean_ms, speedup}, the chosen plan and
-    the full model on the same moments), ``reference`` ({mean_ms, p95_ms, frames, block_frames,
-    block_sd}: the chosen plan on the scale every row is written in; ``block_sd`` the relative
-    block-to-block sd of its slowdown, the noise of calibration conditions), ``exit_ms`` and
-    ``ladder_scale``. The scale: the interleaved run's speed pooled with the verification run's
-    (``chosen["measured"]``, frame-weighted, compared through the exit mix), because both are samples
-    of one wandering device; relative costs come from the interleaved run alone. The result is the
-    budget controller's quiet reference. ``cascade`` is not changed."""
-    from edgeexit.runtime.plan import CascadePlan
-    from edgeexit.runtime.profiling import predict_interleaved
-
-    k = cascade.num_exits
-    frames = frames[: max(1, min(len(frames), max_frames))]
-    plans = [chosen["thresholds"], CascadePlan.full_model(k)] + [r["thresholds"] for r in rows]
-    runs = predict_interleaved(cascade, frames, plans, block, warmup=10, progress=progress)
-    lat = [[p.latency_ms for p in preds] for preds in runs]
-    exits = [[p.exit_index - 1 for p in preds] for preds in runs]
-
-    def summary(j: int, scale: float = 1.0) -> tuple[dict, list]:
-        s = LatencyStats.from_samples(lat[j])
-        per = []
-        for pos in range(k):
-            xs = [t for t, e in zip(lat[j], exits[j], strict=True) if e == pos]
-            per.append(scale * sum(xs) / len(xs) if xs else None)
-        return {"mean_ms": scale * s.mean_ms, "p95_ms": scale * s.p95_ms, "frames": s.n}, per
-
-    own, own_exits = summary(0)
-    # the chosen plan's slowdown per block (its frames' latency over what their exits cost on average)
-    expected = [own_exits[e] for e in exits[0]]
-    ratios = []
-    for s in range(0, len(lat[0]), block):
-        num, den = sum(lat[0][s : s + block]), sum(expected[s : s + block])
-        if den > 0:
-            ratios.append(num / den)
-    m = sum(ratios) / len(ratios)
-    block_sd = math.sqrt(sum((r - m) ** 2 for r in ratios) / (len(ratios) - 1)) / m if len(ratios) > 1 else None
-    full_mean = summary(1)[0]["mean_ms"]
-    anchor = chosen.get("measured") or {}
-    scale, pooled = _pooled_scale(anchor, own_exits, len(lat[0]))
-    anchor["interleaved"] = {**own, "full_mean_ms": full_mean, "speedup": full_mean / own["mean_ms"]}
-    ref, anchor["exit_ms"] = summary(0, scale)
-    ref["frames"] = pooled
-    anchor["reference"] = {**ref, "block_frames": block, "block_sd": block_sd}
-    anchor["ladder_scale"] = scale
-    chosen["measured"] = anchor
-    for j, row in enumerate(rows, start=2):
-        row["measured"], row["exit_ms"] = summary(j, scale)
-
-
-def _pooled_scale(verified: dict, exit_ms: list, frames: int) -> tuple[float, int]:
-    """The factor from the interleaved run's speed to the speed of both runs of the chosen plan
-    pooled (frame-weighted): the verification run met other moments of the device. Its speed relative
-    to the interleaved run is its mean latency over what its exit mix costs at the interleaved run's
-    per-exit latencies. Returns (factor, frames pooled); (1, ``frames``) when the verification run
-    cannot be compared (no mix, an exit unseen)."""
-    mean, n, shares = verified.get("mean_ms"), verified.get("samples"), verified.get("exit_shares")
-    if not (_positive(mean) and _positive(n) and isinstance(shares, list) and len(shares) == len(exit_ms)):
-        return 1.0, frames
-    if any(_positive(sh) and exit_ms[e] is None for e, sh in enumerate(shares)):
-        return 1.0, frames
-    expected = sum(sh * exit_ms[e] for e, sh in enumerate(shares) if _positive(sh))
-    if not expected > 0:
-        return 1.0, frames
-    n = int(n)
-    return (n * (mean / expected) + frames) / (n + frames), n + frames
 
 
 class BudgetController:
@@ -425,7 +347,3 @@ def controller_for(calibration: Calibration, ladder: list[Rung], budget_ms: floa
         noise=noise,
         apply=apply,
     )
-
-
-def _positive(x) -> TypeGuard[int | float]:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0

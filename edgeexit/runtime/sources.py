@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.latency import run_summary
-from edgeexit.runtime.monitor import alarm_message
 
 # The one list of image file suffixes: folder sources here, and ImageFolder datasets (edgeexit.data.folder).
 IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif"})
 
 
-def _cv2():
+def import_cv2():
+    """OpenCV, or a one-line user error naming the extra that installs it."""
     try:
         import cv2
     except ImportError:
@@ -42,7 +41,7 @@ def iter_frames(source: str) -> tuple[Iterator[tuple[str, np.ndarray]], str]:
         return _image_files(files), "RGB"
     cam = camera_index(source)
     if cam is not None or path.is_file():
-        cv2 = _cv2()
+        cv2 = import_cv2()
         cap = cv2.VideoCapture(cam if cam is not None else str(path))
         if not cap.isOpened():
             what = f"camera {source}" if cam is not None else f"video {path}"
@@ -62,7 +61,6 @@ def _image_files(files) -> Iterator[tuple[str, np.ndarray]]:
     """A folder's frames by the input rules training applies (util.check_input_file): a FIFO, socket
     or device named like an image is never opened, and it, or a file that is not a usable image (corrupt,
     32-bit, a decompression bomb), is skipped with one line on stderr instead of blocking or ending the run."""
-    import sys
     import warnings
 
     from PIL import Image
@@ -76,7 +74,7 @@ def _image_files(files) -> Iterator[tuple[str, np.ndarray]]:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(p) as im:
-                    frame = _to_uint8(p, im)
+                    frame = to_uint8(p, im)
         except (UserError, OSError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
             skipped += 1
             if skipped <= SHOW_SKIPPED:
@@ -88,8 +86,10 @@ def _image_files(files) -> Iterator[tuple[str, np.ndarray]]:
         print(f"... and {skipped - SHOW_SKIPPED} more files skipped", file=sys.stderr)
 
 
-def _to_uint8(path: Path, im) -> np.ndarray:
-    """8-bit gray or RGB; 16-bit gray is scaled (not clipped) to 8 bits; other deep modes are refused."""
+def to_uint8(path: Path, im) -> np.ndarray:
+    """A PIL image as the uint8 frame `run` classifies: 8-bit gray or RGB; 16-bit gray is scaled (not
+    clipped) to 8 bits; other deep modes are refused. ImageFolder training decodes through it too
+    (data/folder.py), so a model trains on the frames it will be run on."""
     if im.mode in ("L", "RGB"):
         return np.asarray(im)
     if im.mode.startswith("I;16"):
@@ -110,204 +110,6 @@ def _capture(cap, first) -> Iterator[tuple[str, np.ndarray]]:
                 break
     finally:
         cap.release()
-
-
-class JsonLines:
-    """`edgeexit run --jsonl FILE`: one JSON object per classified frame, each line flushed as it is
-    written, so that a harness reading the file (or ``tail -f``) sees every frame when it is done and a
-    killed run leaves every line it finished. ``cascade_ms`` is `Prediction.latency_ms` (the cascade
-    alone), ``preprocess_ms`` the frame-to-tensor time, ``total_ms`` the two together."""
-
-    def __init__(self, path) -> None:
-        from edgeexit.util import check_output_path
-
-        self.path = check_output_path(path, "--jsonl")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")  # closed by close()
-        self.lines = 0
-
-    def write(self, source: str, frame_index: int, pred, **extra) -> None:
-        import json
-
-        record = {
-            "source": source,
-            "frame": frame_index,
-            "class": pred.class_name,
-            "label": pred.label,
-            "confidence": round(float(pred.confidence), 6),
-            "exit": pred.exit_index,
-            "preprocess_ms": round(float(pred.preprocess_ms), 4),
-            "cascade_ms": round(float(pred.latency_ms), 4),
-            "total_ms": round(float(pred.preprocess_ms + pred.latency_ms), 4),
-            **({"deadline_hit": True} if pred.deadline_hit else {}),
-            **extra,
-        }
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        self.lines += 1
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> JsonLines:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def run_source(
-    cascade,
-    source: str,
-    max_frames: int | None = None,
-    deadline_ms: float | None = None,
-    save_video=None,
-    echo=None,
-    jsonl: JsonLines | None = None,
-    warn=None,
-) -> dict:
-    """`edgeexit run` on one folder or video, every frame in order. A cascade loaded with ``drift``
-    watches the frames; ``warn(message)`` is called once, at its first alarm."""
-    if max_frames is not None and max_frames < 1:
-        raise UserError(f"--max-frames must be at least 1, got {max_frames}")
-    if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms >= 0):
-        raise UserError(f"--deadline-ms must be a finite number of milliseconds >= 0, got {deadline_ms}")
-    frames, order = iter_frames(source)
-    cascade = cascade.derive(input_order=order)
-    writer = None
-    exits: dict[str, int] = {str(k): 0 for k in range(1, cascade.num_exits + 1)}
-    latencies, preprocess, n, t_start = [], [], 0, time.perf_counter()
-    drift, warned, interrupted = cascade.drift, False, False
-    try:
-        for name, frame in frames:
-            pred = cascade.predict(frame, deadline_ms=deadline_ms)
-            n += 1
-            if drift is not None and not warned and drift.alarm:
-                warned = True
-                if warn is not None:
-                    warn(alarm_message(source, drift.state()))
-            exits[str(pred.exit_index)] += 1
-            latencies.append(pred.latency_ms)
-            preprocess.append(pred.preprocess_ms)
-            _emit(jsonl, echo, source, n - 1, name, pred, cascade.num_exits)
-            if save_video is not None:
-                writer = _annotate_and_write(writer, save_video, frame, pred, order)
-            if max_frames and n >= max_frames:
-                break
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under util.sigterm_as_interrupt: the frames so far are the run
-        if n == 0:
-            raise
-        interrupted = True
-    finally:
-        if writer is not None:
-            writer.release()  # the video holds every frame answered, interrupted or not
-    if n == 0:
-        raise UserError(f"no frames read from {source}")
-    return {
-        "frames": n,
-        "exit_histogram": exits,
-        "latency_ms": run_summary(latencies),  # the cascade alone (Prediction.latency_ms)
-        "preprocess_ms": run_summary(preprocess),
-        "total_ms": run_summary(np.add(latencies, preprocess)),
-        "backend": cascade.backend_name,
-        "controller": cascade.controller.state() if cascade.controller is not None else None,
-        "wall_s": time.perf_counter() - t_start,
-        "source": source,
-        "drift": drift.state() if drift is not None else None,
-        "interrupted": interrupted,
-    }
-
-
-def _emit(jsonl, echo, source: str, index: int, name: str, pred, num_exits: int) -> None:
-    if jsonl is not None:
-        jsonl.write(source, index, pred, name=name)
-    if echo is not None:
-        echo(
-            f"{name}: {pred.class_name} ({pred.confidence:.3f}) exit {pred.exit_index}/{num_exits} "
-            f"{pred.latency_ms:.3f} ms (+ {pred.preprocess_ms:.3f} ms preprocessing)",
-            highlight=False,
-        )
-
-
-class _Video:
-    """The annotated video `run --save-video` writes. A container holds one frame size: a frame of
-    another size (a folder of mixed images) is resized to the first frame's, and that is said once,
-    so no frame is silently lost (OpenCV's writer drops frames whose size differs)."""
-
-    def __init__(self, path, size: tuple[int, int]) -> None:
-        cv2 = _cv2()
-        self.path, self.size, self.resized = path, size, 0
-        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, size)
-        if not self.writer.isOpened():
-            raise UserError(f"cannot write video {path}")
-
-    def write(self, img: np.ndarray) -> None:
-        if (img.shape[1], img.shape[0]) != self.size:
-            if self.resized == 0:
-                print(f"note: frames of another size than the first ({self.size[0]}x{self.size[1]}) are resized to it "
-                      f"in {self.path}", file=sys.stderr)  # fmt: skip
-            self.resized += 1
-            img = _cv2().resize(img, self.size, interpolation=_cv2().INTER_AREA)
-        self.writer.write(img)
-
-    def release(self) -> None:
-        self.writer.release()
-
-
-def _annotate_and_write(writer, path, frame, pred, order):
-    cv2 = _cv2()
-    img = frame if frame.ndim == 3 else cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    if order == "RGB":
-        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    img = np.ascontiguousarray(img)
-    if writer is None:
-        writer = _Video(path, (img.shape[1], img.shape[0]))
-    cv2.putText(
-        img,
-        f"{pred.class_name} e{pred.exit_index} {pred.latency_ms:.1f}ms",
-        (2, 12),
-        cv2.FONT_HERSHEY_SIMPLEX,
-        0.35,
-        (0, 255, 0),
-        1,
-    )
-    writer.write(img)
-    return writer
-
-
-def summary_table(summary: dict):
-    from rich.table import Table
-
-    ended = " (interrupted)" if summary.get("interrupted") else ""
-    t = Table(title=f"{summary['frames']} frames on {summary['backend']}{ended}")
-    t.add_column("exit", justify="right")
-    t.add_column("frames", justify="right")
-    t.add_column("share", justify="right")
-    for k, v in summary["exit_histogram"].items():
-        t.add_row(k, str(v), f"{100 * v / summary['frames']:.1f}%")
-    t.caption = timing_caption(summary)
-    ctrl = summary.get("controller")
-    if ctrl:
-        t.caption += (
-            f"\nbudget {ctrl['budget_ms']:.3f} ms held by the controller: "
-            f"plan {ctrl['plan_index'] + 1}/{ctrl['plans']} "
-            f"(predicted {ctrl['predicted_ms']:.3f} ms), device slowdown {ctrl['slowdown']:.2f}×, "
-            f"{ctrl['switches']} plan switches"
-        )
-    return t
-
-
-def timing_caption(summary: dict) -> str:
-    """'cascade mean … p95 …; preprocessing mean …; frame in to answer out mean … p95 …' (the last two
-    when the summary has them)."""
-    lat = summary["latency_ms"]
-    text = f"cascade mean {lat['mean']:.3f} ms, p50 {lat['p50']:.3f} ms, p95 {lat['p95']:.3f} ms"
-    pre, total = summary.get("preprocess_ms"), summary.get("total_ms")
-    if pre and pre.get("mean") is not None:
-        text += f"; preprocessing mean {pre['mean']:.3f} ms, p95 {pre['p95']:.3f} ms"
-    if total and total.get("mean") is not None:
-        text += f"; frame in to answer out mean {total['mean']:.3f} ms, p95 {total['p95']:.3f} ms"
-    return text
 
 
 # -- live sources: a reader thread keeps only the newest frame ------------------------------------
@@ -454,7 +256,7 @@ class LiveSource:
                 pass
 
     def _open_cv2(self):
-        cv2 = _cv2()
+        cv2 = import_cv2()
         cam = camera_index(self.source)
         src = cam if cam is not None else self.source
         params = []
@@ -662,18 +464,6 @@ def check_pace(fps, duration_s) -> None:
         isinstance(duration_s, int | float) and math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S
     ):
         raise UserError(f"--duration must be a positive finite number of seconds, got {duration_s}")
-
-
-def wants_streams(sources: list[str], realtime: bool, fps, duration_s, save_video) -> bool:
-    """Whether `edgeexit run` goes through Streams (several, live or --realtime sources); refuses
-    the options that do not mix."""
-    check_pace(fps, duration_s)
-    streamed = len(sources) > 1 or realtime or duration_s is not None or any(is_live(s) for s in sources)
-    if streamed and save_video is not None:
-        raise UserError("--save-video takes one folder or video file read in order, not live or several sources")
-    if fps is not None and not realtime:
-        raise UserError("--fps paces a video file played with --realtime; add --realtime")
-    return streamed
 
 
 def open_source(

@@ -40,7 +40,7 @@ from edgeexit.runtime.latency import run_summary
 from edgeexit.runtime.monitor import alarm_message, monitor_for
 from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.preprocessing import Preprocessor
-from edgeexit.runtime.sources import RECONNECT_TRIES, open_source
+from edgeexit.runtime.sources import open_source
 
 if TYPE_CHECKING:
     from edgeexit.runtime.cascade import Prediction
@@ -440,108 +440,3 @@ class Streams:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def streams_table(summary: dict):
-    """A rich table: one row per stream."""
-    from rich.table import Table
-
-    t = Table(title=f"{len(summary['streams'])} streams on {summary['backend']}, {summary['wall_s']:.1f} s")
-    for col in ("source", "status", "frames", "dropped", "fps", "e2e p50", "e2e p95", "e2e max", "infer p95", "exits"):
-        t.add_column(col, justify="left" if col in ("source", "status", "exits") else "right", no_wrap=col != "exits")
-
-    def ms(v):
-        return "-" if v is None else f"{v:.1f}"
-
-    for s in summary["streams"]:
-        e2e, inf = s["e2e_latency_ms"], s["inference_latency_ms"]
-        hist = " ".join(f"{k}:{v}" for k, v in s["exit_histogram"].items() if v)
-        name = s["source"] if len(s["source"]) <= 28 else "…" + s["source"][-27:]
-        t.add_row(
-            name,
-            s["status"],
-            str(s["frames"]),
-            f"{s['dropped']} ({100 * s['drop_rate']:.0f}%)",
-            f"{s['fps']:.1f}",
-            ms(e2e["p50"]),
-            ms(e2e["p95"]),
-            ms(e2e["max"]),
-            ms(inf["p95"]),
-            hist,
-        )
-    t.caption = (
-        f"{summary['frames']} frames, {summary['fps']:.1f} frames/s in all; "
-        f"{'batched' if summary['batched'] else 'frame by frame'}, mean batch {summary['mean_batch']:.2f}; "
-        "latency in ms (e2e: capture to result)"
-    )
-    return t
-
-
-def _result_line(r: StreamResult, num_exits: int) -> str:
-    p = r.prediction
-    return (
-        f"{r.source} frame {r.frame_id}: {p.class_name} ({p.confidence:.3f}) exit {p.exit_index}/{num_exits} "
-        f"{p.latency_ms:.3f} ms (+ {p.preprocess_ms:.3f} ms preprocessing), capture to result {r.e2e_ms:.1f} ms"
-    )
-
-
-def _no_frames(summary: dict) -> None:
-    """A run that read nothing from any source is a user error naming each source's last error."""
-    from edgeexit.errors import UserError
-
-    why = "; ".join(f"{s['source']}: {s['last_error'] or s['status']}" for s in summary["streams"])
-    raise UserError(f"no frames read ({why})")
-
-
-def run_streams(  # noqa: C901
-    cascade, sources, realtime, fps, max_frames, deadline_ms, duration_s, quiet, out, err, jsonl=None, drift=None
-) -> dict:
-    """`edgeexit run` over live or several sources: one line per result for one stream, a live
-    rich table for several; Ctrl-C ends the run with its summary (``interrupted``). ``jsonl``: a
-    `runtime.sources.JsonLines` that gets one line per result."""
-    from rich.live import Live
-    from rich.markup import escape
-
-    def event(source, kind, message):
-        err.print(f"[yellow]{kind}[/]: {escape(message)}", highlight=False)
-
-    # a run bounded by frames ends even when a source that dropped never comes back
-    tries = RECONNECT_TRIES if max_frames is not None else None
-    streams = Streams(cascade, sources, realtime=realtime, fps=fps, deadline_ms=deadline_ms, max_frames=max_frames,
-                      on_event=event, drift=drift, reconnect_tries=tries)  # fmt: skip
-    several = len(streams.sources) > 1
-    live = Live(streams_table(streams.summary()), console=out, auto_refresh=False) if several and not quiet else None
-    try:
-        with streams:
-            if live is not None:
-                live.start()
-            last = 0.0
-            try:
-                for r in streams.results(duration_s):
-                    if jsonl is not None:
-                        jsonl.write(r.source, r.frame_id, r.prediction, capture_to_result_ms=round(r.e2e_ms, 3))
-                    if live is not None:
-                        if r.result_time - last > 0.5:
-                            live.update(streams_table(streams.summary()), refresh=True)
-                            last = r.result_time
-                    elif not quiet:
-                        out.print(_result_line(r, cascade.num_exits), highlight=False)
-            except KeyboardInterrupt:
-                streams.interrupted = True
-    except BaseException:
-        if live is not None:
-            live.stop()
-        raise
-    summary = streams.summary()
-    if live is not None:
-        live.update(streams_table(summary), refresh=True)
-        live.stop()
-    if summary["frames"] == 0 and not streams.interrupted:
-        _no_frames(summary)
-    if live is None:
-        out.print(streams_table(summary))
-    if summary["controller"]:
-        from edgeexit.runtime.sources import summary_table
-
-        out.print(summary_table(summary))
-    return summary
