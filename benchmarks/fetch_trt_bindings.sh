@@ -1,7 +1,7 @@
 #!/bin/sh
 # Fetch TensorRT's Python *bindings* wheels (no TensorRT libraries: nothing here can run them) into
 # the git-ignored build/trt-wheels/, unpacked, so tests/test_trt_surface.py can read each version's
-# tensorrt.so string table and check the simulated API surfaces (tests/fake_gpu.py) against it.
+# tensorrt.so string table and check the simulated API surfaces (tests/fake_gpu/) against it.
 set -e
 cd "$(dirname "$0")/.."
 PIP="${PIP:-.venv/bin/pip}"

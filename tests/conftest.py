@@ -6,6 +6,9 @@ datasets are built here in their real on-disk formats by the tests that need the
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +91,32 @@ def test_frames(fashion_test):
     """1,000 real test images as uint8 HxWx1 frames, with labels."""
     n = 1000
     return fashion_test.images[:n].permute(0, 2, 3, 1).numpy(), fashion_test.labels[:n].numpy()
+
+
+def cli(*args):
+    """`edgeexit ARGS` run in-process by typer's CliRunner; a traceback in its output fails the test."""
+    from typer.testing import CliRunner
+
+    from edgeexit.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in res.output, res.output
+    return res
+
+
+def edit_manifest(artifact: Path, change) -> None:
+    """Apply ``change`` (a function of the parsed manifest) to the artifact's manifest.json on disk."""
+    path = artifact / "manifest.json"
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited and been reaped (a writer that died)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 def normalised(ds, n=None):

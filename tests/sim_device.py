@@ -1,12 +1,12 @@
 """`edgeexit` as on a Jetson set up by the README: the SIMULATED TensorRT and CUDA of
-tests/fake_gpu.py installed, and torch, torchvision, onnx, onnxslim and edgeexit's dataset and
+tests/fake_gpu/ installed, and torch, torchvision, onnx, onnxslim and edgeexit's dataset and
 training modules made unimportable (a meta-path blocker, and ``None`` in ``sys.modules``).
 
     python tests/sim_device.py TRT_VERSION [--integrated] -- edgeexit ARGS...
 
 Every import the blocker refused is printed to stderr at exit (``sim-device: blocked imports: ...``),
 so a test can tell "never imported" from "imported, failed and fell back". What it cannot catch:
-everything fake_gpu.py's docstring lists, and imports of other heavy modules not named in BLOCKED.
+everything the docstring of tests/fake_gpu/__init__.py lists, and imports of other heavy modules not named in BLOCKED.
 """
 
 from __future__ import annotations

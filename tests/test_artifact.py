@@ -14,22 +14,12 @@ import signal
 
 import numpy as np
 import pytest
-from test_hostile import edit_manifest  # the first hostile-input file's helpers
-from typer.testing import CliRunner
+from conftest import cli, edit_manifest
 
-from edgeexit.cli import app
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import Artifact
 from edgeexit.runtime.manifest import load_calibration_frames
-
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 # -- malformed artifacts: one validated parse --------------------------------------------------------

@@ -6,6 +6,7 @@ the right kind, or the artifact is refused naming the field — in the API (`Art
 from __future__ import annotations
 
 import pytest
+from conftest import edit_manifest
 from typer.testing import CliRunner
 
 from edgeexit.cli import app
@@ -22,8 +23,6 @@ LADDER = [
 
 
 def calibrated(artifact, **fields):
-    from test_hostile import edit_manifest
-
     block = {"thresholds": [0.9] * 7 + [0.0], "ladder": LADDER, "predicted": {"mean_ms": 1.0, "accuracy": 0.7},
              "full_model": {"predicted_ms": 2.0}, **fields}  # fmt: skip
     edit_manifest(artifact, lambda m: m.update(calibration=block))
@@ -94,8 +93,6 @@ def test_calibration_is_checked_before_it_is_written(artifact_copy):
 
 @pytest.mark.parametrize("value", [8.7, 87, ["8", "7"]])
 def test_engine_fingerprints_of_another_type_are_refused_naming_the_field(artifact_copy, value):
-    from test_hostile import edit_manifest
-
     (artifact_copy / "seg_01.fp16.engine").write_bytes(b"\0" * 16)
     engine = {"path": "seg_01.fp16.engine", "precision": "fp16", "trt_version": "10.3", "compute_capability": value}
     edit_manifest(artifact_copy, lambda m: m["units"][0].update(engines=[engine]))
@@ -106,8 +103,6 @@ def test_engine_fingerprints_of_another_type_are_refused_naming_the_field(artifa
 
 
 def test_an_engine_batch_profile_is_a_positive_batch_or_refused_naming_the_field(artifact_copy):
-    from test_hostile import edit_manifest
-
     (artifact_copy / "seg_01.fp32.engine").write_bytes(b"\0" * 16)
     engine = {"path": "seg_01.fp32.engine", "precision": "fp32", "batch_profile": {"min": 1, "opt": 1, "max": 8}}
     edit_manifest(artifact_copy, lambda m: m["units"][0].update(engines=[engine]))

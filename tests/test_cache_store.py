@@ -10,13 +10,12 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import dead_pid
 from PIL import Image
 
 from edgeexit.data import cache_store, load_dataset
@@ -52,12 +51,6 @@ def truth(root: Path):
 def only(cache: Path, suffix: str) -> Path:
     (p,) = [p for p in cache.iterdir() if p.name.endswith(suffix) and not p.name.startswith(".")]
     return p
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 def test_a_warm_open_reads_no_row_and_a_verify_request_reads_them_all(tmp_path, cache, capsys, monkeypatch):

@@ -3,9 +3,10 @@ import itertools
 import numpy as np
 import pytest
 
-from edgeexit.calibrate.optimizer import CostModel, evaluate, msdnet_baseline, optimize, parse_budget_ms
+from edgeexit.calibrate.optimizer import CostModel, evaluate, msdnet_baseline, optimize
 from edgeexit.errors import UserError
 from edgeexit.runtime.plan import SKIP, CascadePlan
+from edgeexit.util import parse_budget
 
 
 def synthetic(n, k, seed):
@@ -98,13 +99,14 @@ def test_budget_above_full_cascade_keeps_final_exit_accuracy():
 
 @pytest.mark.parametrize("text,ms", [("5ms", 5.0), ("800us", 0.8), ("0.005s", 5.0), ("2.5ms", 2.5), (" 1e-3 s", 1.0)])
 def test_parse_budget(text, ms):
-    assert parse_budget_ms(text) == pytest.approx(ms)
+    ms_read, fraction = parse_budget(text)
+    assert ms_read == pytest.approx(ms) and fraction is None
 
 
 @pytest.mark.parametrize("text", ["fast", "-1ms", "0ms", "5 parsecs", "5"])
 def test_parse_budget_rejects(text):
     with pytest.raises(UserError):
-        parse_budget_ms(text)
+        parse_budget(text)
 
 
 def test_geometric_thresholds_follow_the_geometric_shares():

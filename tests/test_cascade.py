@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from test_hostile import edit_manifest  # the first hostile-input file's helpers
+from conftest import cli, edit_manifest
 from typer.testing import CliRunner
 
 from edgeexit.cli import app
@@ -19,14 +19,6 @@ from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import Artifact
 from edgeexit.runtime.cascade import CascadeClosedError
 from edgeexit.runtime.manifest import write_calibration
-
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 # -- silent wrong results ----------------------------------------------------------------------------

@@ -15,20 +15,12 @@ import shutil
 import stat
 
 import pytest
-from test_hostile import dead_pid, edit_manifest  # the first hostile-input file's helpers
+from conftest import cli, dead_pid, edit_manifest
 from typer.testing import CliRunner
 
 from edgeexit.cli import app
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
-
-runner = CliRunner()
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output, res.output
-    return res
 
 
 def device_node(path):
@@ -246,9 +238,6 @@ def test_a_cli_json_write_cleans_its_leftovers(artifact_copy, tmp_path):
 
 @pytest.mark.parametrize("source", ["²", "٣", "99999999999999999999", "1024"])
 def test_source_that_is_not_a_camera_index_is_one_line_exit_2(artifact_copy, source):
-    from typer.testing import CliRunner
-
-    from edgeexit.cli import app
 
     res = CliRunner().invoke(app, ["run", str(artifact_copy), "--source", source])
     assert res.exit_code == 2, res.output

@@ -1,5 +1,5 @@
 """`edgeexit engines`, the engine gate's comparator, and what `auto` does with TensorRT that cannot run
-the artifact, on the SIMULATED TensorRT / CUDA of tests/fake_gpu.py (checks edgeexit's logic, not
+the artifact, on the SIMULATED TensorRT / CUDA of tests/fake_gpu/ (checks edgeexit's logic, not
 TensorRT) plus the comparator's statistics on plain numbers."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.py judges its numbers: a parity step whose numbers miss the precision's
 tolerance fails (and the script's exit status with it), run here on the SIMULATED TensorRT of
-tests/fake_gpu.py (it checks the judging, not TensorRT)."""
+tests/fake_gpu/ (it checks the judging, not TensorRT)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""A GPU's rules in the SIMULATED CUDA / TensorRT of tests/fake_gpu.py, and edgeexit's TensorRT
-backend held to them (the rules each test names are in tests/fake_gpu.py's docstring).
+"""A GPU's rules in the SIMULATED CUDA / TensorRT of tests/fake_gpu/, and edgeexit's TensorRT
+backend held to them (the rules each test names are in the docstrings of tests/fake_gpu/).
 
 A simulation, not a GPU: the first tests show that each rule is enforced (so a breach in edgeexit
 would fail a test); the rest run the real `TensorRTBackend` through `Cascade` under those rules,
@@ -18,7 +18,7 @@ from fake_gpu import DEVICE_BASE, CudaError, FakeCudart, add_engines, install
 
 from edgeexit.runtime import Cascade
 
-pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu.py)
+pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu/)
 
 SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
 TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]

@@ -8,39 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from conftest import cli, dead_pid, edit_manifest
 
-from edgeexit.cli import app
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import Artifact
 
-runner = CliRunner()
 K = 8
-
-
-def cli(*args):
-    res = runner.invoke(app, [str(a) for a in args])
-    assert "Traceback" not in res.output
-    return res
-
-
-def edit_manifest(artifact, change):
-    path = artifact / "manifest.json"
-    m = json.loads(path.read_text())
-    change(m)
-    path.write_text(json.dumps(m))
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
 
 
 # -- path escape --------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def test_run_budget_has_calibrates_meaning(artifact_copy):
     block["frame"]["preprocess"]["mean_ms"] = "abc"
     with pytest.raises(UserError, match="calibration.frame.preprocess.mean_ms must be a number"):
         write_calibration(Artifact.load(artifact_copy), {**(manifest.get("calibration") or {}), **block})
-    from test_hostile import edit_manifest  # a hostile manifest on disk: refused when read, one line
+    from conftest import edit_manifest  # a hostile manifest on disk: refused when read, one line
 
     edit_manifest(artifact_copy, lambda m: m["calibration"]["frame"]["preprocess"].update(mean_ms="abc"))
     with pytest.raises(UserError, match="calibration.frame.preprocess.mean_ms must be a number"):

@@ -1,4 +1,4 @@
-"""The real TensorRTBackend, run through Cascade on a SIMULATED TensorRT and CUDA (tests/fake_gpu.py).
+"""The real TensorRTBackend, run through Cascade on a SIMULATED TensorRT and CUDA (tests/fake_gpu/).
 
 A simulation: it checks edgeexit's logic around TensorRT (device buffers, shapes and addresses,
 compaction copies, CUDA graphs and their contexts, the max batch, lifetimes), not TensorRT itself.
@@ -17,7 +17,7 @@ from fake_gpu import add_engines, install
 
 from edgeexit.runtime import Cascade
 
-pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu.py)
+pytestmark = pytest.mark.sim  # the simulated TensorRT/CUDA (tests/fake_gpu/)
 
 K = 8
 TH = [0.9, 2.0, 0.8, 2.0, 0.7, 0.7, 0.6, 0.0]

@@ -24,6 +24,25 @@ def _units(artifact):
     return json.loads((artifact / "manifest.json").read_text())["units"]
 
 
+def _qdq_zero_points(path):
+    """(node, zero-point dtype, all zero) for every QuantizeLinear/DequantizeLinear of ``path``."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            out.append((node.name, "absent (uint8 by the ONNX default)", False))
+            continue
+        zp = init[node.input[2]]
+        out.append((node.name, str(zp.dtype), bool((zp == 0).all())))
+    return out
+
+
 def _save_units(artifact, units):
     m = json.loads((artifact / "manifest.json").read_text())
     m["units"] = units
@@ -49,16 +68,14 @@ def int8_artifact(tiny_artifact, tmp_path_factory):
 
 def test_trt_int8_flavour_has_only_int8_zero_points_equal_to_0(int8_artifact):
     """TensorRT's ONNX parser takes only unquantized biases: read every Q/DQ of every onnx_int8_trt file."""
-    from edgeexit.export.quantize import qdq_zero_points
-
     checked = 0
     for u in _units(int8_artifact):
         if u["kind"] != "segment":
             continue
-        zps = qdq_zero_points(int8_artifact / u["onnx_int8_trt"])
+        zps = _qdq_zero_points(int8_artifact / u["onnx_int8_trt"])
         assert zps and all(dtype == "int8" and zero for _, dtype, zero in zps), (u["name"], zps[:3])
         checked += len(zps)
-        ort = qdq_zero_points(int8_artifact / u["onnx_int8"])  # the U8S8 flavour ONNX Runtime keeps
+        ort = _qdq_zero_points(int8_artifact / u["onnx_int8"])  # the U8S8 flavour ONNX Runtime keeps
         assert any(dtype == "uint8" for _, dtype, _ in ort)
     print(f"onnx_int8_trt: {checked} Q/DQ nodes, zero points all int8 and 0")
     assert checked > 20

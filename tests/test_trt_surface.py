@@ -1,4 +1,4 @@
-"""The SIMULATED TensorRT / cuda-python (tests/fake_gpu.py) anchored to the real API names.
+"""The SIMULATED TensorRT / cuda-python (tests/fake_gpu/) anchored to the real API names.
 
 TensorRT: the real Python bindings of 8.6.1, 10.0.1, 10.3.0 and 11.4.0.106 are on PyPI (without TensorRT's
 libraries); `benchmarks/fetch_trt_bindings.sh` unpacks them into build/trt-wheels/, and each

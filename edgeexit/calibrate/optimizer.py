@@ -38,17 +38,6 @@ from edgeexit.runtime.plan import (
 )
 
 
-def parse_budget_ms(text: str | float) -> float:
-    """'5ms', '800us', '0.005s' (or a bare number of milliseconds) → milliseconds (the one parser is
-    `edgeexit.util.parse_budget`; a percentage is refused here, where no full model is known)."""
-    from edgeexit.util import parse_budget
-
-    ms, fraction = parse_budget(text)
-    if fraction is not None:
-        raise UserError(f"budget '{text}' is a share of the full model's latency: give a time here (5ms)")
-    return ms
-
-
 @dataclass
 class CostModel:
     """Latency of the cascade pieces in ms: per segment, per head, per evaluated-exit decision, per frame."""

@@ -153,25 +153,6 @@ def _quantize_each(folder: Path, units: list[dict], feeds: dict, calib, flavour:
         u["int8_trt_bytes" if trt else "int8_bytes"] = out.stat().st_size
 
 
-def qdq_zero_points(path: Path) -> list[tuple[str, str, bool]]:
-    """(node, zero-point dtype, all zero) for every QuantizeLinear/DequantizeLinear of ``path``."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    init = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    out = []
-    for node in model.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        if len(node.input) < 3 or not node.input[2]:
-            out.append((node.name, "absent (uint8 by the ONNX default)", False))
-            continue
-        zp = init[node.input[2]]
-        out.append((node.name, str(zp.dtype), bool((zp == 0).all())))
-    return out
-
-
 def int8_parity(folder: Path, units: list[dict], images: np.ndarray, labels: np.ndarray, tolerance: float) -> dict:
     """The chained INT8 units vs the FP32 ones on the same held-out images: the comparison's record
     (`edgeexit.runtime.compare.ExitComparison.to_json`), judged on each exit's accuracy drop
