@@ -122,11 +122,23 @@ BEFORE_COMMON = {
     "measured.drop_vs_full",
     "measured.exit_ms",
     "measured.exit_shares",
+    "measured.interleaved",
+    "measured.interleaved.frames",
+    "measured.interleaved.full_mean_ms",
+    "measured.interleaved.mean_ms",
+    "measured.interleaved.p95_ms",
+    "measured.interleaved.speedup",
     "measured.ladder_scale",
     "measured.latency_ms",
     "measured.mean_ms",
     "measured.p50_ms",
     "measured.p95_ms",
+    "measured.reference",
+    "measured.reference.block_frames",
+    "measured.reference.block_sd",
+    "measured.reference.frames",
+    "measured.reference.mean_ms",
+    "measured.reference.p95_ms",
     "measured.samples",
     "metric",
     "msdnet_curve",
@@ -342,6 +354,12 @@ def test_the_manifest_block_parses_as_the_runtime_calibration(budget_run):
     acc = [r.predicted_accuracy for r in cal.ladder]
     assert acc[-1] >= acc[0] and cal.ladder[0].predicted_ms < cal.ladder[-1].predicted_ms
     assert result["measured"]["ladder_scale"] > 0 and len(result["measured"]["exit_ms"]) == 8
+    # the budget controller anchors on the chosen plan as the ladder measured it (pooled, on the rungs'
+    # scale), not on the one contiguous verification run
+    ref, inter = result["measured"]["reference"], result["measured"]["interleaved"]
+    assert cal.reference is not None and cal.reference.complete and cal.reference.mean_ms == ref["mean_ms"]
+    assert cal.reference.block_frames == ref["block_frames"] > 0 and ref["frames"] >= 100
+    assert inter["speedup"] == pytest.approx(inter["full_mean_ms"] / inter["mean_ms"])
 
 
 @pytest.mark.slow

@@ -83,7 +83,9 @@ def test_a_device_without_torch_builds_its_engines_calibrates_runs_and_passes_do
         gate = m["engine_parity"]
         assert gate["passed"] and gate["precision"] == "int8" and gate["frames"] == m["calibration_frames"]["count"]
         assert not list(art.glob(".engines-*"))  # the build folder is gone
-        step("calibrate", art, "--budget", "80%", "--images", "150", "--repeats", "30")
+        # a budget of the whole model: on the simulation every call costs Python time, so the cheapest
+        # cascade is close to the full model and a tighter share can fall below it on a loaded machine
+        step("calibrate", art, "--budget", "100%", "--images", "150", "--repeats", "30")
         assert json.loads((art / "manifest.json").read_text())["calibration"]["backend"] == "tensorrt"
         r = step("run", art, "--source", frame_folder, "--max-frames", "12")
         assert "tensorrt" in r.stdout + r.stderr

@@ -180,6 +180,12 @@ class Ladder:
     rungs: tuple[MeasuredRung, ...]
     chosen_exit_ms: list  # the chosen plan's latency per exit position, on the rungs' scale
     scale: float  # verification-run / interleaved-run latency of the chosen plan
+    # the chosen plan as the interleaved run timed it, beside the full model on the same moments:
+    # {mean_ms, p95_ms, frames, full_mean_ms, speedup}
+    interleaved: dict | None = None
+    # the chosen plan on the rungs' scale, what the budget controller anchors on, with the
+    # block-to-block sd of its slowdown: {mean_ms, p95_ms, frames, block_frames, block_sd}
+    reference: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,9 @@ class CalibrationReport:
             "exit_ms": self.ladder.chosen_exit_ms,
             "ladder_scale": self.ladder.scale,
         }
+        for name in ("interleaved", "reference"):
+            if getattr(self.ladder, name) is not None:
+                measured[name] = getattr(self.ladder, name)
         if v.fraction_of_full is not None:
             measured["fraction_of_full"] = v.fraction_of_full
         out = {

@@ -473,10 +473,16 @@ def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen:
         task = prog.add_task(f"measuring {len(rungs) + 1} plans of the ladder", total=n)
         timed = measure_ladder(s.cascade, frames, chosen.thresholds, [r.thresholds for _, r in rungs], chosen.measured,
                                max_frames=n, progress=lambda k: prog.update(task, completed=k))  # fmt: skip
+    reference = {**timed.reference.latency(), "block_frames": timed.block_frames}
+    if timed.block_sd is not None:
+        reference["block_sd"] = timed.block_sd
+    interleaved = {**timed.interleaved.latency(), "full_mean_ms": timed.full_mean_ms, "speedup": timed.speedup}
     return Ladder(
         tuple(MeasuredRung(b, r, t.latency(), list(t.exit_ms)) for (b, r), t in zip(rungs, timed.rungs, strict=True)),
         list(timed.reference.exit_ms),
         timed.scale,
+        interleaved=interleaved,
+        reference=reference,
     )
 
 
