@@ -72,8 +72,8 @@ def iso_sweep(work: Path, backend: str, full: dict) -> None:
     cal = cascade.artifact.calibration.to_dict()
     frames, labels, _ = load_frames(cascade.artifact, None, "heldout", None)
     c, v = split_calibration(np.arange(len(labels)), 0)
-    sc = cascade.exit_statistics(cascade.preprocess.batch(frames[c]))
-    sv = cascade.exit_statistics(cascade.preprocess.batch(frames[v]))
+    sc = cascade.exit_statistics(cascade.preprocessor.batch(frames[c]))
+    sv = cascade.exit_statistics(cascade.preprocessor.batch(frames[v]))
     cc, cv = sc["prediction"] == labels[c][:, None], sv["prediction"] == labels[v][:, None]
     u, k = cal["latency"]["units"], cascade.num_exits
     cost = CostModel(

@@ -63,7 +63,7 @@ def statistics(artifact: Path, cache: bool = False) -> dict:
         z = dict(np.load(saved)) if cache and saved.is_file() else {}
         for name, (f, y) in {"stored": (stored["frames"], stored["labels"]), "test": (tf, tl)}.items():
             if f"{name}_conf" not in z:
-                st = cascade.exit_statistics(cascade.preprocess.batch(f))
+                st = cascade.exit_statistics(cascade.preprocessor.batch(f))
                 z[f"{name}_conf"], z[f"{name}_pred"] = st["confidence"], st["prediction"]
             out[name] = (z[f"{name}_conf"], z[f"{name}_pred"] == y[:, None], f, y)
         if cache:

@@ -166,7 +166,7 @@ def measure(args) -> None:
         c = Cascade.load(path, backend="onnxruntime")
         k = c.num_exits
         frames, labels, _ = load_frames(c.artifact, None, "test", None)
-        stats = c.exit_statistics(c.preprocess.batch(frames))
+        stats = c.exit_statistics(c.preprocessor.batch(frames))
         conf, correct = stats["confidence"], stats["prediction"] == labels[:, None]
         plans = {tuple(r["thresholds"]) for r in rows if r["model"] == name and r["thresholds"] is not None}
         msd = _msdnet_span(conf, k)

@@ -57,7 +57,7 @@ from edgeexit.runtime.monitor import (
 def first_exit_values(view, frames: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(first evaluated exit's confidence, answered class, input brightness `input_level`) of every
     uint8 frame, from the cascade and its preprocessing."""
-    x = view.preprocess.batch(frames)
+    x = view.preprocessor.batch(frames)
     out = view.predict_arrays(x)
     return out["first_confidence"].astype(np.float64), out["label"].astype(np.int64), frame_levels(x)[0]
 
@@ -421,7 +421,7 @@ def main() -> None:
     view = cascade.derive(first_confidence=True)
     plan = cascade.plan
     pos = plan.groups[0][1]
-    ref = parse_reference(cascade.calibration.to_dict()["drift_reference"], cascade.num_exits)
+    ref = parse_reference(cascade.artifact.calibration.to_dict()["drift_reference"], cascade.num_exits)
     if args.statistic_only:
         result = json.loads(Path(args.json).read_text())
         result["statistic_choice"] = statistic_choice(args, view, ref, pos)
@@ -670,7 +670,7 @@ def overhead_block(args, ref: dict, pos: int, frames: np.ndarray) -> dict:
     with Cascade.load(args.artifact, backend="onnxruntime") as c:
         view = c.derive(first_confidence=True)
         conf, lab, _ = first_exit_values(view, frames)
-        xs = [c.preprocess(f)[None] for f in frames[:64]]
+        xs = [c.preprocessor(f)[None] for f in frames[:64]]
     ns = observe_ns(ref, pos, (conf, lab), xs, 20_000, rounds=args.overhead_rounds)
     overhead = predict_overhead(args.artifact, frames, args.overhead_rounds, args.overhead_frames)
     print(

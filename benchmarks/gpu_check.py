@@ -155,7 +155,7 @@ def parity(artifact: str, frames, labels, backend: str, **options) -> dict:
 
     ref = Cascade.load(artifact, backend="onnxruntime", thresholds=TH, fuse=False)
     other = Cascade.load(artifact, backend=backend, thresholds=TH, **options)
-    images, precision = ref.preprocess.batch(frames), options.get("precision") or "fp32"
+    images, precision = ref.preprocessor.batch(frames), options.get("precision") or "fp32"
     c = compare_exits(ref.runner, other.runner, images, labels, num_exits=ref.num_exits, tolerance=precision)
     out: dict = {"failures": list(c.failures), "tolerance": c.tolerance.to_json()}
     out["per_exit"] = {

@@ -161,8 +161,8 @@ def cascade_at_1080p(artifact: Path, rounds: int) -> dict:
     cascade = Cascade.load(artifact, backend="onnxruntime", input_order="BGR")
     k = cascade.num_exits
     plans = {"full model": [2.0] * (k - 1) + [0.0], "first exit only": [0.0] + [2.0] * (k - 2) + [0.0]}
-    if cascade.calibration is not None and cascade.calibration.thresholds is not None:
-        plans = {"calibrated plan": list(cascade.calibration.thresholds), **plans}
+    if cascade.artifact.calibration is not None and cascade.artifact.calibration.thresholds is not None:
+        plans = {"calibrated plan": list(cascade.artifact.calibration.thresholds), **plans}
     views = {name: cascade.derive(thresholds=th) for name, th in plans.items()}
     rng = np.random.default_rng(1)
     frame = rng.integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
@@ -192,13 +192,13 @@ def whole_predict(artifact: Path, rounds: int) -> list[dict]:
     views = {}
     for method in ("area", "bilinear"):
         view = base.derive()
-        view.preprocess = Preprocessor({**base.preprocessing.to_dict(), "resize": method}, "BGR")
+        view.preprocessor = Preprocessor({**base.artifact.preprocessing.to_dict(), "resize": method}, "BGR")
         views[method] = view
     if BEFORE:
         view = base.derive()
-        view.preprocess = _old_preprocessor(BEFORE)(base.preprocessing.to_dict(), "BGR")
+        view.preprocessor = _old_preprocessor(BEFORE)(base.artifact.preprocessing.to_dict(), "BGR")
         views[f"at {BEFORE}"] = view
-    h, w = base.preprocess.height, base.preprocess.width
+    h, w = base.preprocessor.height, base.preprocessor.width
     rng = np.random.default_rng(3)
     rows = []
     for fw, fh in [(w, h), *SIZES]:
@@ -235,7 +235,7 @@ def accuracy(
     labels = test.labels[:limit].numpy()
     cascade = Cascade.load(artifact, backend="onnxruntime")
     full = cascade.derive(thresholds=[2.0] * (cascade.num_exits - 1) + [0.0])
-    block = cascade.preprocessing
+    block = cascade.artifact.preprocessing
     pres = {m: Preprocessor({**block.to_dict(), "resize": m}) for m in ("area", "bilinear")}
     rng = np.random.default_rng(0)
     rows = []

@@ -85,7 +85,7 @@ def null_cascade(thresholds, k: int = 8):
         def run_segment(self, pos, state):
             return state
 
-        def run_segments(self, first_pos, last_pos, state):
+        def run_segments(self, first_pos, last_pos, state, fuse=True):
             return state
 
         def run_head(self, pos, tap):
@@ -152,7 +152,7 @@ def main() -> None:
     cascade = Cascade.load(artifact, backend="onnxruntime")
     unfused = cascade.derive(CascadePlan.full_model(cascade.num_exits), fuse=False)
     frames, labels, _ = load_frames(cascade.artifact, None, "heldout", None)
-    x = cascade.preprocess(frames[0])
+    x = cascade.preprocessor(frames[0])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1

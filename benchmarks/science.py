@@ -364,10 +364,10 @@ def measure_costmodel(artifact: Path, repeats: int, measured_from: str) -> dict:
     with Cascade.load(artifact, backend="onnxruntime", threads=1) as cascade:
         stored = load_calibration_frames(cascade.artifact)
         frame = stored["frames"][stored["calibration"][0]]
-        x = cascade.preprocess.batch(frame[None])[0]
+        x = cascade.preprocessor.batch(frame[None])[0]
         profile = cascade.profile(x, repeats=repeats)
         groups = None
-        if cascade.fuse and cascade.runner.info.fuses:
+        if cascade.options.fuse and cascade.runner.info.fuses:
             groups = profile_exit_groups(cascade, x, repeats)
             overhead = fused_frame_overhead_ms(cascade, frame, groups[exit_group_name(0, 0)]["p50_ms"])
         else:
@@ -411,7 +411,7 @@ def torch_onnx_agreement(cascade, stored: dict, n: int = 1000) -> dict:
     from edgeexit.train.checkpoint import load_checkpoint, model_from_checkpoint
 
     decide = np.concatenate([stored["calibration"], stored["verification"]])[:n]
-    x = cascade.preprocess.batch(stored["frames"][decide])
+    x = cascade.preprocessor.batch(stored["frames"][decide])
     onnx = cascade.exit_statistics(x)
     model = model_from_checkpoint(load_checkpoint(cascade.artifact.to_json()["model"]["checkpoint"]))
     with torch.no_grad():
@@ -621,8 +621,8 @@ def onnx_statistics(artifact: Path, test_frames: np.ndarray, threads: int) -> di
     with Cascade.load(artifact, backend="onnxruntime", threads=threads, policy="max_softmax") as cascade:
         stored = load_calibration_frames(cascade.artifact)
         decide = np.concatenate([stored["calibration"], stored["verification"]])  # calibrate's order
-        held = cascade.exit_statistics(cascade.preprocess.batch(stored["frames"][decide]))
-        test = cascade.exit_statistics(cascade.preprocess.batch(test_frames))
+        held = cascade.exit_statistics(cascade.preprocessor.batch(stored["frames"][decide]))
+        test = cascade.exit_statistics(cascade.preprocessor.batch(test_frames))
         arch = architecture(cascade.artifact)
     return {"heldout": held, "heldout_labels": stored["labels"][decide], "test": test, "architecture": arch}
 

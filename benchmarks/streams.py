@@ -192,7 +192,7 @@ def main() -> int:
         n_max = max(counts + [args.overload_streams])
         paths, labels = make_videos(Path(tmp), n_max, int(args.fps * (longest + 5)), args.fps)
         cascade = Cascade.load(args.artifact, backend=args.backend)
-        print(f"backend {cascade.backend_name}; {cascade.backend_info['why']}", flush=True)
+        print(f"backend {cascade.runner.info.name}; {cascade.backend_info['why']}", flush=True)
         for n in counts:
             pair = []
             for batched in (False, True):

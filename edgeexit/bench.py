@@ -48,7 +48,7 @@ def _memory_batch_limit(cascade) -> int:
     which the recorded outputs bound from below), as float32, x4 for the copies in flight and the
     arena's growth, within a quarter of the memory available now."""
     per_sample = sum(u.values_per_sample for u in cascade.artifact.units)
-    per_sample = max(per_sample, int(np.prod(cascade.preprocess.chw_shape))) * 4 * 4
+    per_sample = max(per_sample, int(np.prod(cascade.preprocessor.chw_shape))) * 4 * 4
     available = 8 << 30
     try:
         with open("/proc/meminfo") as f:
@@ -63,8 +63,8 @@ def _memory_batch_limit(cascade) -> int:
 def bench_cascade(cascade, batch: int = 1, repeats: int = 200, images: int = 500, data_dir: str | None = None) -> dict:
     check_bench_options(cascade, batch, repeats, images)
     data, why = _heldout_frames(cascade, images, data_dir) if images > 0 else (None, "--images 0")
-    frame = data[0][0] if data is not None else np.zeros((*cascade.preprocess.chw_shape[1:], 3), np.uint8)
-    prof = cascade.profile(cascade.preprocess(frame), batch=batch, repeats=repeats)
+    frame = data[0][0] if data is not None else np.zeros((*cascade.preprocessor.chw_shape[1:], 3), np.uint8)
+    prof = cascade.profile(cascade.preprocessor(frame), batch=batch, repeats=repeats)
     units = prof["units"]
     cum, per_exit = 0.0, []
     for pos in range(cascade.num_exits):
@@ -96,7 +96,7 @@ def bench_cascade(cascade, batch: int = 1, repeats: int = 200, images: int = 500
 def _cascade_latency(cascade, frame, repeats: int) -> dict:
     """Batch 1: every unit (a cascade where nothing exits) and the plain model (backbone + final head)."""
     runner, num_exits = cascade.runner, cascade.num_exits
-    x1 = cascade.preprocess(frame)[None]
+    x1 = cascade.preprocessor(frame)[None]
 
     def every_unit():
         for _ in walk(runner, runner.from_host(x1), num_exits):

@@ -262,7 +262,7 @@ def _load_cascade(artifact: Path, backend: str, precision: str | None, **options
     from edgeexit.runtime import Cascade
 
     cascade = Cascade.load(artifact, backend=backend, **options, **({"precision": precision} if precision else {}))
-    console.print(f"backend {cascade.backend_name} ({cascade.backend_info['why']})", highlight=False, markup=False)
+    console.print(f"backend {cascade.runner.info.name} ({cascade.backend_info['why']})", highlight=False, markup=False)
     return cascade
 
 

@@ -125,7 +125,7 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
     )  # fmt: skip
     assert len(r["thresholds"]) == k and r["measured"]["latency_ms"] > 0
     c = Cascade.load(art, backend="onnxruntime")
-    assert np.allclose(c.thresholds[:-1], r["thresholds"][:-1])
+    assert np.allclose(c.plan.thresholds[:-1], r["thresholds"][:-1])
     preds = c.predict_batch(frames[:200])
     assert {p.exit_index for p in preds} <= set(r["evaluated_exits"])
     c.close()

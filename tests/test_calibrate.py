@@ -53,7 +53,7 @@ def test_calibration_result_and_manifest(calibrated):
 def test_a_loaded_cascade_uses_the_calibrated_thresholds(calibrated, test_frames):
     dest, result = calibrated
     c = Cascade.load(dest, backend="onnxruntime")
-    assert np.allclose(c.thresholds[:-1], result["thresholds"][:-1])
+    assert np.allclose(c.plan.thresholds[:-1], result["thresholds"][:-1])
     frames, _ = test_frames
     # the calibrated latency table is loaded: a deadline of 0 ms answers from the first exit
     assert all(c.predict(f, deadline_ms=0.0).exit_index == 1 for f in frames[:20])

@@ -124,7 +124,7 @@ def test_a_larger_budget_never_chooses_a_cheaper_plan(calibrated):
                                   lat["exit_groups"])  # fmt: skip
     with Cascade.load(dest, backend="onnxruntime") as c:
         stored = load_calibration_frames(c.artifact)
-        x = c.preprocess.batch(stored["frames"])
+        x = c.preprocessor.batch(stored["frames"])
         stats = c.exit_statistics(x)
     correct = stats["prediction"] == stored["labels"][:, None]
     costs = []

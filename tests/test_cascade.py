@@ -24,7 +24,7 @@ from edgeexit.runtime.manifest import write_calibration
 # -- silent wrong results ----------------------------------------------------------------------------
 def test_predict_batch_takes_the_dtypes_predict_takes(artifact_copy, test_frames):
     c = Cascade.load(artifact_copy, backend="onnxruntime")
-    x = np.stack([c.preprocess(f) for f in test_frames[0][:4]])
+    x = np.stack([c.preprocessor(f) for f in test_frames[0][:4]])
     for dtype in (np.int32, np.bool_, np.int64):
         with pytest.raises(ValueError, match="unsupported dtype"):
             c.predict(x[0].astype(dtype))
@@ -63,7 +63,7 @@ def test_a_load_reads_and_checks_the_manifest_once_on_every_backend(artifact_cop
 
 def test_one_out_of_range_value_in_a_normalised_frame_is_refused(artifact_copy, test_frames):
     c = Cascade.load(artifact_copy, backend="onnxruntime")
-    x = c.preprocess(test_frames[0][0]).copy()
+    x = c.preprocessor(test_frames[0][0]).copy()
     assert c.predict(x).label == c.predict(test_frames[0][0]).label
     x[0, 3, 3] = 50.0
     for call in (c.predict, lambda v: c.predict_batch([v]), lambda v: c.predict_arrays(v[None])):
@@ -115,7 +115,7 @@ def test_calibration_is_not_written_into_an_artifact_replaced_meanwhile(artifact
 def test_every_call_after_close_is_cascade_closed_error(artifact_copy, test_frames):
     c = Cascade.load(artifact_copy, backend="onnxruntime")
     view = c.derive([0.5] * 8)
-    x = c.preprocess(test_frames[0][0])
+    x = c.preprocessor(test_frames[0][0])
     c.close()
     for target in (c, view):
         for call in (
@@ -187,7 +187,7 @@ def test_calibrate_while_run_loops_on_the_same_artifact(artifact_copy, test_fram
 # -- unbounded memory --------------------------------------------------------------------------------
 def test_predict_arrays_runs_in_chunks(artifact_copy, test_frames):
     c = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=[2.0] * 7 + [0.0], fuse=False)
-    x = np.stack([c.preprocess(f) for f in test_frames[0][:600]]).astype(np.float64)
+    x = np.stack([c.preprocessor(f) for f in test_frames[0][:600]]).astype(np.float64)
     sizes = []
     original = c.runner.from_host
     c.runner.from_host = lambda a: (sizes.append(len(a)), original(a))[1]

@@ -36,9 +36,9 @@ class ScriptedRunner(Runner):
         self.calls.append(("segment", pos, len(state[0])))
         return state
 
-    def run_segments(self, first_pos, last_pos, state):
-        if not self.fuses:
-            return super().run_segments(first_pos, last_pos, state)
+    def run_segments(self, first_pos, last_pos, state, fuse=True):
+        if not (self.fuses and fuse):
+            return super().run_segments(first_pos, last_pos, state, fuse)
         self.calls.append(("fused", first_pos, last_pos))
         return state
 
@@ -176,7 +176,7 @@ def test_derive_leaves_the_original_alone_and_does_not_close_the_runner():
     c, runner = cascade([0.9, 0.8, 0.7, 0.0], owns_runner=True)
     view = c.derive(CascadePlan.first_exit(K), fuse=False)
     assert {view.predict(frame(i)).exit_index for i in range(10)} == {1}
-    assert c.plan.thresholds == (0.9, 0.8, 0.7, 0.0) and c.fuse
+    assert c.plan.thresholds == (0.9, 0.8, 0.7, 0.0) and c.options.fuse
     view.close()
     assert ("close",) not in runner.calls
     c.close()

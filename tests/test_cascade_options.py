@@ -165,8 +165,8 @@ def test_load_takes_typed_backend_options_or_the_same_keywords(artifact_copy, te
     typed = Cascade.load(artifact_copy, "onnxruntime", th, backend_options=OnnxRuntimeOptions(io_binding=True))
     by_kw = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, io_binding=True, fuse=False)
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, options=CascadeOptions(fuse=False))
-    assert typed.runner._bind and by_kw.runner._bind and not plain.runner._bind
-    assert not by_kw.fuse and typed.fuse
+    assert typed.runner.io_binding and by_kw.runner.io_binding and not plain.runner.io_binding
+    assert not by_kw.options.fuse and typed.options.fuse
     a, b, c = ([(p.label, p.exit_index) for p in x.predict_batch(frames[:200])] for x in (typed, by_kw, plain))
     assert a == b == c and len({e for _, e in a}) >= 3
     with pytest.raises(TypeError, match="the onnxruntime-cpu backend has no option cuda_graphs"):
@@ -188,7 +188,7 @@ def test_create_backend_takes_the_typed_options(artifact_copy):
 
     runner = create_backend(Artifact.load(artifact_copy), "onnxruntime", OnnxRuntimeOptions(io_binding=True))
     try:
-        assert runner._bind and runner.info.name == "onnxruntime-cpu"
+        assert runner.io_binding and runner.info.name == "onnxruntime-cpu"
     finally:
         runner.close()
 

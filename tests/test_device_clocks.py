@@ -33,11 +33,11 @@ def test_an_orins_gpu_clock_is_seen_by_its_device_tree_name(tmp_path):
 
 
 def test_a_calibration_made_with_pinned_clocks_warns_when_they_scale(monkeypatch):
-    from edgeexit.runtime import cascade, device
+    from edgeexit.runtime import device
     from edgeexit.runtime.backends.base import RunnerInfo
 
     monkeypatch.setattr(device, "jetson_power_mode", lambda: "MAXN / 0")
     monkeypatch.setattr(device, "clocks_locked", lambda: False)
     info = RunnerInfo(name="tensorrt", version="10.3.0", device="Orin", extra={"compute_capability": "8.7"})
     calibrated = {**device.fingerprint(info), "jetson_clocks_locked": True}
-    assert cascade._fingerprint_changes(calibrated, info) == ["jetson_clocks_locked: calibrated True, now False"]
+    assert device.fingerprint_changes(calibrated, info) == ["jetson_clocks_locked: calibrated True, now False"]

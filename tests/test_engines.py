@@ -138,7 +138,7 @@ def test_engines_builds_gates_and_publishes_with_tf32_visible(monkeypatch, artif
     assert new == {f"{u['name']}.fp32.engine" for u in m["units"]} | {"timing.cache", "timing.cache.json"}
     frames, _ = test_frames
     c = Cascade.load(artifact_copy, backend="auto", thresholds=TH)
-    assert c.backend_name == "tensorrt" and len(c.predict_batch(frames[:40])) == 40
+    assert c.runner.info.name == "tensorrt" and len(c.predict_batch(frames[:40])) == 40
 
 
 @pytest.mark.sim
@@ -184,7 +184,7 @@ def test_86_half_keeps_heads_fp32_and_the_simulation_shows_why(monkeypatch, arti
     flags = {src.split(".")[0]: f for src, _, f in trt.built}
     assert all(f == ([] if name.startswith("head_") else ["FP16"]) for name, f in flags.items())
     frames, _ = test_frames
-    images = Cascade.load(artifact_copy, backend="onnxruntime").preprocess.batch(frames[:200])
+    images = Cascade.load(artifact_copy, backend="onnxruntime").preprocessor.batch(frames[:200])
 
     def on_fp16_grid(units) -> float:
         with TensorRTBackend.for_units(artifact_copy, parse_units(artifact_copy, units), "fp16") as b:
@@ -212,14 +212,14 @@ def test_auto_falls_back_to_onnx_units_on_stale_engines_and_tensorrt_stays_stric
     frames, _ = test_frames
     c = Cascade.load(artifact_copy, backend="auto", thresholds=TH)
     why = c.backend_info["why"]
-    assert c.backend_name == "onnxruntime-cpu" and "TensorRT 10.3.0 but this is TensorRT 11.4.0" in why
+    assert c.runner.info.name == "onnxruntime-cpu" and "TensorRT 10.3.0 but this is TensorRT 11.4.0" in why
     assert "edgeexit engines" in why and "\n" not in why
     assert len(c.predict_batch(frames[:20])) == 20
     with pytest.raises(UserError, match=r"TensorRT 10\.3\.0 but this is TensorRT 11\.4\.0.*`edgeexit engines "):
         Cascade.load(artifact_copy, backend="tensorrt", thresholds=TH)
     r = _cli("engines", artifact_copy)  # stale plans are rebuilt without --force
     assert r.exit_code == 0, r.output
-    assert Cascade.load(artifact_copy, backend="auto", thresholds=TH).backend_name == "tensorrt"
+    assert Cascade.load(artifact_copy, backend="auto", thresholds=TH).runner.info.name == "tensorrt"
 
 
 @pytest.mark.sim
@@ -244,7 +244,7 @@ def test_a_cuda13_tensorrt_on_an_older_driver_is_unusable_with_the_reason(monkey
     expect = "CUDA 13 build (tensorrt-cu13)" if metadata else "cannot start here"
     assert not ok and expect in why
     c = Cascade.load(artifact_copy, backend="auto", thresholds=TH)
-    assert c.backend_name == "onnxruntime-cpu" and expect in c.backend_info["why"]
+    assert c.runner.info.name == "onnxruntime-cpu" and expect in c.backend_info["why"]
     with pytest.raises(UserError, match=re.escape(expect)):  # not a bare pybind11 TypeError
         Cascade.load(artifact_copy, backend="tensorrt", thresholds=TH)
     info = tensorrt_info({"venv": False}, {"jetson": False})
@@ -292,9 +292,9 @@ def test_batch_work_keeps_every_unit_and_bucket_on_the_graph_path(monkeypatch, a
     for size in (64, 33, 17, 9, 5, 3, 2, 1, 64, 40, 20, 7):
         c.predict_batch(frames[start : start + size])
         start += size
-    runner = c.runner
-    assert runner._graph_capacity == 16 * 7 * 2
-    assert 64 < len(runner._graphs) <= runner._graph_capacity and not runner._graph_failed
+    stats = c.runner.graph_stats()
+    assert stats.capacity == 16 * 7 * 2
+    assert 64 < stats.count <= stats.capacity and not stats.failed
 
 
 def test_onnx_runtime_refusals_name_where_fp16_and_int8_run(artifact_copy, monkeypatch):

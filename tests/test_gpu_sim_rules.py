@@ -300,7 +300,8 @@ def test_s9_d19_an_invalidated_capture_falls_back_for_that_unit_and_bucket_then_
     rt.on_capture_begin.append(camera_thread)
     frames, _ = test_frames
     assert _pairs(c.predict_batch(frames[:64])) == reference[:64]
-    assert not c.runner._graph_failed and c.runner._graphs  # the non-blocking stream is untouched
+    stats = c.runner.graph_stats()
+    assert not stats.failed and stats.count  # the non-blocking stream is untouched
     c.close()
 
     from edgeexit.runtime.backends import cuda
@@ -310,10 +311,11 @@ def test_s9_d19_an_invalidated_capture_falls_back_for_that_unit_and_bucket_then_
     hits = []
     rt.on_capture_begin[:] = [lambda rt_: (hits.append(1), camera_thread(rt_)) if not hits else None]
     assert _pairs(c.predict_batch(frames[:64])) == reference[:64]
-    assert c.runner._graph_failed == {(0, 64): 1}  # only the capture the camera thread broke
-    assert any(key[0] == 1 for key in c.runner._graphs)  # the next unit captured fine
+    stats = c.runner.graph_stats()
+    assert stats.failed == {("seg_01", 64): 1}  # only the capture the camera thread broke
+    assert any(unit == "head_01" for unit, _ in stats.captured)  # the next unit captured fine
     assert _pairs(c.predict_batch(frames[64:128])) == reference[64:128]
-    assert any(key[:2] == (0, 64) for key in c.runner._graphs)  # retried and captured: recovered
+    assert ("seg_01", 64) in c.runner.graph_stats().captured  # retried and captured: recovered
     assert rt.sticky is None and rt.pending() == 0
 
 
@@ -331,7 +333,7 @@ def test_s12_tensorrt_gets_the_stream_as_an_int_and_cuda_python_the_handle(built
 def test_s15_close_with_work_still_queued_faults_nothing(built, monkeypatch, test_frames):
     c, trt, rt = _load(built, monkeypatch, cuda_graphs=False)
     r = c.runner
-    x = c.preprocess.batch(test_frames[0][:8])
+    x = c.preprocessor.batch(test_frames[0][:8])
     r.run_segment(0, r.from_host(x))  # enqueued, not synchronised
     assert rt.pending() > 0
     c.close()

@@ -164,7 +164,7 @@ def test_frames_that_used_to_be_misread(artifact_copy, test_frames, tmp_path):
     frame = test_frames[0][0]
     with pytest.raises(ValueError, match="one frame\\? wrap it in a list"):
         c.predict_batch(np.repeat(frame, 3, axis=2))  # one HxWx3 frame, not 28 frames
-    x = c.preprocess(frame)
+    x = c.preprocessor(frame)
     with pytest.raises(ValueError, match="NaN"):
         c.predict_arrays(np.stack([x, np.full_like(x, np.nan)]))
     with pytest.raises(ValueError, match="must be normalised"):

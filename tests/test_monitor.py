@@ -336,7 +336,7 @@ def test_calibrate_stores_the_reference_from_its_exit_statistics(calibrated):
     cal_idx = stored["calibration"]  # the fixture keeps the first 100 verification frames (verify_images)
     idx = np.concatenate([cal_idx, stored["verification"][: len(conf) - len(cal_idx)]])
     with Cascade.load(calibrated, backend="onnxruntime") as c:
-        levels, stride = frame_levels(c.preprocess.batch(stored["frames"][idx]))
+        levels, stride = frame_levels(c.preprocessor.batch(stored["frames"][idx]))
     lev = ref["level"]
     assert lev["stride"] == stride and lev["q"] == pytest.approx(float(np.quantile(levels, 0.5)))
     assert lev["below"] == int((levels < lev["q"]).sum()) and lev["low"] <= lev["below"] / len(conf) <= lev["high"]
@@ -357,7 +357,7 @@ def test_cascade_feeds_its_monitor_the_first_evaluated_exit(calibrated, test_fra
     with Cascade.load(calibrated, backend="onnxruntime") as plain:
         assert "_run" not in vars(plain)  # no monitor: the class's hot path, untouched
         assert plain.drift is None and plain.predict(frames[0]).first_confidence is None
-        stats = plain.exit_statistics(plain.preprocess.batch(frames))
+        stats = plain.exit_statistics(plain.preprocessor.batch(frames))
     with Cascade.load(calibrated, backend="onnxruntime", drift=DriftOptions(alpha=1e-3)) as cascade:
         first = cascade.plan.groups[0][1]
         preds = [cascade.predict(f) for f in frames]

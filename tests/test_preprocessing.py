@@ -154,7 +154,7 @@ def test_prediction_reports_the_frame_apart_from_the_cascade(tiny_artifact):
             assert p.preprocess_ms > 0 and p.latency_ms > 0
             assert p.total_ms == pytest.approx(p.preprocess_ms + p.latency_ms)
         # the same answer as the frame converted beforehand: the split changes what is timed, not what runs
-        ready = cascade.preprocess(big)
+        ready = cascade.preprocessor(big)
         assert cascade.predict(ready).label == p_big.label
         batch = cascade.predict_batch([big, big, small])
         assert len({p.preprocess_ms for p in batch}) == 1 and batch[0].preprocess_ms > 0

@@ -362,8 +362,9 @@ def test_torch_backend_graph_bookkeeping_on_cpu(tiny_artifact, test_frames, monk
         a = eager.predict_batch(frames[:batch])
         b = graphed.predict_batch(frames[:batch])
         assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
-    assert len(be._graphs) == 6 and len(captures) == 6  # capped (seg 3 could not be captured)
-    assert ("seg", 2) in be._graph_failed
+    stats = be.graph_stats()
+    assert stats.count == 6 and len(captures) == 6  # capped (seg 3 could not be captured)
+    assert [unit for unit, _ in stats.failed] == ["seg_03"]
 
 
 def test_onnxruntime_io_binding_path_equals_the_plain_path(artifact_copy, test_frames):
@@ -372,7 +373,7 @@ def test_onnxruntime_io_binding_path_equals_the_plain_path(artifact_copy, test_f
     th = [0.9, 2.0, 2.0, 0.8, 2.0, 0.7, 2.0, 0.0]  # fused groups and compaction both happen
     plain = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th)
     bound = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=th, io_binding=True)
-    assert bound.runner._bind and not plain.runner._bind
+    assert bound.runner.io_binding and not plain.runner.io_binding
     a, b = plain.predict_batch(frames[:300]), bound.predict_batch(frames[:300])
     assert [(p.label, p.exit_index) for p in a] == [(p.label, p.exit_index) for p in b]
     assert len({p.exit_index for p in a}) >= 3

@@ -38,7 +38,7 @@ def reference(tiny_artifact, test_frames):
     frames, _ = test_frames
     ort = Cascade.load(tiny_artifact, backend="onnxruntime", thresholds=TH, fuse=False)
     return [(p.label, p.exit_index) for p in ort.predict_batch(frames)], ort.exit_statistics(
-        ort.preprocess.batch(frames)
+        ort.preprocessor.batch(frames)
     )
 
 
@@ -48,7 +48,7 @@ def test_predictions_equal_onnxruntime_at_batch_1_7_and_64(gpu, test_frames, ref
     frames, _ = test_frames
     expected, _ = reference
     c = Cascade.load(artifact, backend="auto", thresholds=TH, cuda_graphs=graphs)
-    assert c.backend_name == "tensorrt" and c.backend_info["max_batch"] == 64
+    assert c.runner.info.name == "tensorrt" and c.backend_info["max_batch"] == 64
     single = [(p.label, p.exit_index) for p in (c.predict(f) for f in frames[:200])]
     assert single == expected[:200]
     for batch in (7, 64):
@@ -58,9 +58,10 @@ def test_predictions_equal_onnxruntime_at_batch_1_7_and_64(gpu, test_frames, ref
         assert got == expected, f"batch {batch}"
     assert len({e for _, e in expected}) > 3  # compaction really happened at several exits
     if graphs:
-        assert c.runner._graphs and trt.live_contexts == K * 2 + len(c.runner._graphs)
+        graphs_kept = c.runner.graph_stats().count
+        assert graphs_kept and trt.live_contexts == K * 2 + graphs_kept
     else:
-        assert not c.runner._graphs
+        assert c.runner.graph_stats().count == 0
 
 
 def test_interleaved_batch_sizes_and_batches_beyond_the_profile(gpu, test_frames, reference):
@@ -77,7 +78,7 @@ def test_interleaved_batch_sizes_and_batches_beyond_the_profile(gpu, test_frames
     assert got == expected[: len(got)]
     big = c.predict_batch(frames[:300])  # 300 > max batch 64: sliced by the cascade
     assert [(p.label, p.exit_index) for p in big] == expected[:300]
-    ours = c.exit_statistics(c.preprocess.batch(frames), batch_size=256)
+    ours = c.exit_statistics(c.preprocessor.batch(frames), batch_size=256)
     assert np.array_equal(ours["prediction"], stats["prediction"])
     np.testing.assert_allclose(ours["confidence"], stats["confidence"], atol=1e-5)
 
@@ -130,12 +131,13 @@ def test_a_unit_that_cannot_be_captured_runs_plainly_and_is_retried_a_bounded_nu
     got = [(p.label, p.exit_index) for p in c.predict_batch(frames[:64])]
     got += [(p.label, p.exit_index) for p in c.predict_batch(frames[64:71])]
     assert got == expected[:71]
-    assert c.runner._graph_failed == {(0, 64): 1, (0, 8): 1}  # keyed by (unit, batch bucket): 7 rows -> 8
-    assert not any(key[0] == 0 for key in c.runner._graphs)
+    stats = c.runner.graph_stats()
+    assert stats.failed == {("seg_01", 64): 1, ("seg_01", 8): 1}  # keyed by (unit, batch bucket): 7 rows -> 8
+    assert not any(unit == "seg_01" for unit, _ in stats.captured)
     assert cudart.last_error_reads == 2
     for start in range(71, 71 + 64 * CAPTURE_ATTEMPTS, 64):  # bucket 64 again and again
         c.predict_batch(frames[start : start + 64])
-    assert c.runner._graph_failed[(0, 64)] == CAPTURE_ATTEMPTS
+    assert c.runner.graph_stats().failed[("seg_01", 64)] == CAPTURE_ATTEMPTS
     assert cudart.last_error_reads == 1 + CAPTURE_ATTEMPTS  # bucket 8 once, bucket 64 no more than allowed
 
 
@@ -144,7 +146,8 @@ def test_graphs_are_instantiated_with_flags_and_the_stream_is_non_blocking(gpu, 
     frames, _ = test_frames
     c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
     assert [(p.label, p.exit_index) for p in c.predict_batch(frames[:64])] == reference[0][:64]
-    assert c.runner._graphs and not c.runner._graph_failed
+    stats = c.runner.graph_stats()
+    assert stats.count and not stats.failed
     assert cudart.stream_flags == cudart.cudaStreamNonBlocking  # no legacy-stream sync can break its capture
     assert not hasattr(cudart, "cudaGraphInstantiate")  # WithFlags only: one signature on 11.8-13
 
@@ -158,7 +161,7 @@ def test_the_graph_cache_is_capped(gpu, test_frames, monkeypatch):
     c = Cascade.load(artifact, backend="tensorrt", thresholds=TH)
     for size in (1, 2, 3, 5, 9, 17, 33):  # 7 buckets: 1, 2, 4, 8, 16, 32, 64
         c.predict_batch(frames[:size])
-    assert len(c.runner._graphs) == 5 and cudart.live()["graph_execs"] == 5
+    assert c.runner.graph_stats().count == 5 and cudart.live()["graph_execs"] == 5
 
 
 def test_compaction_and_readback_copy_runs_of_rows_not_rows(gpu, test_frames):
@@ -196,7 +199,7 @@ def test_auto_says_why_not_tensorrt_and_versions_outside_the_range_are_refused(a
     add_engines(artifact_copy)
     monkeypatch.setattr(sys.modules["tensorrt"], "__version__", "12.0.0")
     c = Cascade.load(artifact_copy, backend="auto")
-    assert c.backend_name == "onnxruntime-cpu" and "12.0.0 is not supported" in c.backend_info["why"]
+    assert c.runner.info.name == "onnxruntime-cpu" and "12.0.0 is not supported" in c.backend_info["why"]
 
 
 def test_gpu_check_on_a_machine_without_a_gpu_says_so_and_exits_0():

@@ -136,7 +136,7 @@ def test_half_builds_fp16_units_when_strongly_typed_and_fp16_flag_on_86(
     _save_units(artifact_copy, units)
     frames, _ = test_frames
     c0 = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=TH, fuse=False)
-    images = c0.preprocess.batch(frames[:128])
+    images = c0.preprocessor.batch(frames[:128])
     par = fp16_parity(artifact_copy, units, images)
     assert par["max_abs_logit_diff"] < 0.05 and par["min_prediction_agreement"] >= 0.97
     trt, _ = install(monkeypatch, version=version)
@@ -202,7 +202,8 @@ def test_a_context_tensorrt_cannot_create_is_an_error_at_load_and_no_graph_in_ca
     frames, _ = test_frames
     ref = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=TH, fuse=False)
     assert [p.label for p in c.predict_batch(frames[:33])] == [p.label for p in ref.predict_batch(frames[:33])]
-    assert not c.runner._graphs and (0, 64) in c.runner._graph_failed
+    stats = c.runner.graph_stats()
+    assert not stats.count and ("seg_01", 64) in stats.failed
 
 
 @pytest.mark.parametrize("version", SURFACES)
@@ -215,9 +216,10 @@ def test_every_context_shares_one_activation_buffer(monkeypatch, artifact_copy, 
     for n in (1, 2, 3, 5, 9, 17, 33, 64):
         c.predict_batch(frames[:n])
     r = c.runner
-    assert len(r._graphs) > 16 and cudart.device_in_use == 0  # no static per-context memory
+    stats = r.graph_stats()
+    assert stats.count > 16 and cudart.device_in_use == 0  # no static per-context memory
     assert all(ctx.memory == "user" and ctx.device_ptr == r._activations.ptr for ctx in r._res.contexts)
-    assert len({key[1] for key in r._graphs}) <= 7  # batch buckets: 1, 2, 4, ..., 64
+    assert len({b for _, b in stats.captured}) <= 7  # batch buckets: 1, 2, 4, ..., 64
 
 
 def test_static_contexts_would_run_the_device_out_of_memory(monkeypatch, artifact_copy):
@@ -277,7 +279,7 @@ def test_a_driver_older_than_cuda_python_is_named_with_the_fix(monkeypatch, arti
     with pytest.raises(UserError, match=r"driver supports CUDA 12\.2.*cuda-python<13"):
         Cascade.load(artifact_copy, backend="tensorrt")
     c = Cascade.load(artifact_copy, backend="auto")
-    assert c.backend_name == "onnxruntime-cpu" and "cuda-python<13" in c.backend_info["why"]
+    assert c.runner.info.name == "onnxruntime-cpu" and "cuda-python<13" in c.backend_info["why"]
 
 
 def test_tensorrt_11_refuses_nothing_edgeexit_needs(monkeypatch, artifact_copy, test_frames):
@@ -285,7 +287,7 @@ def test_tensorrt_11_refuses_nothing_edgeexit_needs(monkeypatch, artifact_copy, 
     assert not hasattr(trt.BuilderFlag, "FP16") and not hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
     add_engines(artifact_copy)
     c = Cascade.load(artifact_copy, backend="auto", thresholds=TH)
-    assert c.backend_name == "tensorrt" and c.backend_info["version"] == "11.4.0"
+    assert c.runner.info.name == "tensorrt" and c.backend_info["version"] == "11.4.0"
     assert len(c.predict_batch(test_frames[0][:5])) == 5
 
 

@@ -143,7 +143,7 @@ def _open(folder: Path, opts: CalibrationOptions, say) -> _Session:
         cascade.close()
         raise
     say(
-        f"[bold]calibrate[/] {esc(str(folder))} on {cascade.backend_name}: {len(calib_idx)} calibration + "
+        f"[bold]calibrate[/] {esc(str(folder))} on {cascade.runner.info.name}: {len(calib_idx)} calibration + "
         f"{len(verify_idx)} verification images ({name} {opts.split})"
     )
     return _Session(folder, cascade, frames, labels, name, calib_idx, verify_idx)
@@ -155,8 +155,8 @@ def _measure(s: _Session, opts: CalibrationOptions, console, say) -> Measurement
     from rich.progress import Progress
 
     cascade = s.cascade
-    x_calib = cascade.preprocess.batch(s.frames[s.decide_idx])
-    k, fused = cascade.num_exits, bool(cascade.fuse and cascade.runner.info.fuses)
+    x_calib = cascade.preprocessor.batch(s.frames[s.decide_idx])
+    k, fused = cascade.num_exits, bool(cascade.options.fuse and cascade.runner.info.fuses)
     with Progress(console=console, transient=True, disable=console is None) as prog:
         rounds = _profile(s, opts, x_calib[0], prog, say)
         stats = rounds.stats
@@ -166,7 +166,7 @@ def _measure(s: _Session, opts: CalibrationOptions, console, say) -> Measurement
         overhead_ms = overhead_from(stats, k, fused)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = hashlib.sha1(
-            f"{cascade.backend_name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
+            f"{cascade.runner.info.name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
             f"{len(s.verify_idx)}|all|"
             f"{cascade.artifact.created}".encode()
         ).hexdigest()[:12]
@@ -229,7 +229,7 @@ def _frame_cost(s: _Session, opts: CalibrationOptions, say) -> dict:
     """The ``frame`` block: what the budget covers. With --frame-size, what preprocessing a frame of
     that size costs on this device, timed in rounds interleaved with the full model on a network-size
     input (each round: one frame converted, one full-model run), so the two compare on the same moments."""
-    pre = s.cascade.preprocess
+    pre = s.cascade.preprocessor
     network = [pre.width, pre.height]
     if opts.frame_size is None:
         say(
@@ -508,7 +508,7 @@ def _assemble(
         msd_curve.append({"q": q, "accuracy": sol.accuracy, "latency_ms": sol.latency_ms})
     return CalibrationReport(
         artifact=str(s.folder),
-        backend=s.cascade.backend_name,
+        backend=s.cascade.runner.info.name,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=round(time.perf_counter() - t_start, 1),
         options=opts,
@@ -549,7 +549,7 @@ def _drift_reference(s: _Session, m: Measurements, plan: CascadePlan) -> dict | 
     if m.prediction is not None:
         answered = m.prediction[np.arange(m.num_frames), plan.exit_positions(m.conf)]
     idx = s.decide_idx
-    chunks = [frame_levels(s.cascade.preprocess.batch(s.frames[idx[i : i + 256]])) for i in range(0, len(idx), 256)]
+    chunks = [frame_levels(s.cascade.preprocessor.batch(s.frames[idx[i : i + 256]])) for i in range(0, len(idx), 256)]
     levels = (np.concatenate([c[0] for c in chunks]), chunks[0][1])
     return reference_statistics(m.conf, answered, len(s.cascade.class_names), plan.to_list(), levels=levels)
 

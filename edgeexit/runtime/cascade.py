@@ -36,6 +36,7 @@ from edgeexit.runtime import profiling
 from edgeexit.runtime.artifact import Artifact, Calibration
 from edgeexit.runtime.backends import BackendOptions, Runner, choose_backend, create_backend
 from edgeexit.runtime.backends.options import option_names
+from edgeexit.runtime.device import fingerprint_changes
 from edgeexit.runtime.monitor import DriftMonitor, input_level, monitor_for
 from edgeexit.runtime.monitor import as_options as as_drift_options
 from edgeexit.runtime.plan import CascadePlan, head_name
@@ -207,7 +208,7 @@ class _Shared:
         self.lock = nullcontext() if runner.thread_safe else threading.RLock()
         self.backend_choice = "a runner given to Cascade()"
         cal = self.calibration
-        self.fingerprint_changes = _fingerprint_changes(cal.device, runner.info) if cal is not None else []
+        self.fingerprint_changes = fingerprint_changes(cal.device, runner.info) if cal is not None else []
         self.views: weakref.WeakSet[Cascade] = weakref.WeakSet()  # to close with the first one
 
 
@@ -315,7 +316,7 @@ class Cascade:
         policy_fn = get_policy(options.policy or "max_softmax")  # a root's options name it (`__init__`)
         self._policy = None if options.policy == "max_softmax" else policy_fn
         self._fuse, self._unit_timing = options.fuse, options.unit_timing  # read by the hot paths
-        self.preprocess = Preprocessor(shared.preprocessing, options.input_order)
+        self.preprocessor = Preprocessor(shared.preprocessing, options.input_order)
         self._unit_p95: profiling.UnitLatency | None = latency
         self.controller = controller
         # predict on a thread-safe runner without timing or controller needs no lock and no bookkeeping
@@ -379,35 +380,9 @@ class Cascade:
         self.plan = plan  # the one assignment every running call relies on
 
     @property
-    def thresholds(self) -> np.ndarray:
-        return np.asarray(self.plan.thresholds)
-
-    @property
-    def preprocessing(self):
-        """The artifact's `Preprocessing` (input size, channels, mean, std): what `Preprocessor` takes."""
-        return self._shared.preprocessing
-
-    @property
-    def calibration(self):
-        """The artifact's typed `Calibration` (runtime/artifact.py), or None when not calibrated."""
-        return self._shared.calibration
-
-    @property
-    def fuse(self) -> bool:
-        return self.options.fuse
-
-    @property
     def owns_runner(self) -> bool:
         """Whether closing this cascade closes its runner (views never do)."""
         return self._root and self._shared.owns_runner
-
-    @property
-    def backend_choice(self) -> str:
-        return self._shared.backend_choice
-
-    @property
-    def backend_name(self) -> str:
-        return self.runner.info.name
 
     @property
     def backend_info(self) -> dict:
@@ -419,7 +394,7 @@ class Cascade:
             "device": info.device,
             "precision": info.precision,
             "max_batch": info.max_batch,
-            "why": self.backend_choice,
+            "why": self._shared.backend_choice,
         }
 
     def set_unit_latency(self, p95_ms: Mapping[str, float]) -> None:
@@ -464,7 +439,7 @@ class Cascade:
         """Classify one frame. With ``deadline_ms``, never start a unit whose measured p95 latency
         would overrun the deadline; return the deepest exit evaluated so far."""
         t_frame = time.perf_counter()
-        x = self.preprocess(frame)[None]
+        x = self.preprocessor(frame)[None]
         t0 = time.perf_counter()
         if deadline_ms is None and self._lean:
             try:
@@ -473,14 +448,14 @@ class Cascade:
                 self._raise_if_closed()
                 raise
             if not _finite(pred.confidence):
-                raise NonFiniteOutputError(pred.exit_index, self.backend_name)
+                raise NonFiniteOutputError(pred.exit_index, self.runner.info.name)
             pred.preprocess_ms = (t0 - t_frame) * 1e3
             if self.controller is not None:  # a switch assigns self.plan (one assignment, as set_thresholds)
                 self.controller.observe(pred.latency_ms, pred.exit_index)
             return pred
         pred = self._predict_locked(x, t0, deadline_ms)
         if not _finite(pred.confidence):
-            raise NonFiniteOutputError(pred.exit_index, self.backend_name)
+            raise NonFiniteOutputError(pred.exit_index, self.runner.info.name)
         pred.preprocess_ms = (t0 - t_frame) * 1e3
         return pred
 
@@ -525,15 +500,10 @@ class Cascade:
         last = self.num_exits - 1
         state = runner.from_host(x)
         for first, pos in plan.groups:
-            if fused:
-                state, head = runner.run_exit(first, pos, state)
-            else:
-                state = one_by_one(runner, first, pos, state)
-                head = runner.run_head(pos, state[-1])
+            state, head = runner.run_exit(first, pos, state, fused)
             conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
             if pos == last or conf >= th[pos]:
-                label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
-                return Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
+                return self._prediction(pos, conf, head, t0)
         raise AssertionError("unreachable: the last exit always accepts")
 
     def _run_watched(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
@@ -546,26 +516,14 @@ class Cascade:
         th = plan.thresholds
         last = self.num_exits - 1
         state = runner.from_host(x)
-        first = None
+        watched = None
         for group, pos in plan.groups:
-            if fused:
-                state, head = runner.run_exit(group, pos, state)
-            else:
-                state = one_by_one(runner, group, pos, state)
-                head = runner.run_head(pos, state[-1])
+            state, head = runner.run_exit(group, pos, state, fused)
             conf = float(head.confidence[0] if policy is None else policy(head.logits())[0])
-            if first is None:
-                first, first_pos = conf, pos
+            if watched is None:
+                watched = (pos, conf, x)
             if pos == last or conf >= th[pos]:
-                label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
-                pred = Prediction(label, self.class_names[label], conf, pos + 1, (time.perf_counter() - t0) * 1e3)
-                pred.first_confidence = first
-                drift = self.drift
-                if drift is not None:
-                    drift.observe(first_pos, first, label, plan, x)
-                elif self._level_stride is not None:
-                    pred.input_level = input_level(x, self._level_stride)
-                return pred
+                return self._prediction(pos, conf, head, t0, watched=watched, plan=plan)
         raise AssertionError("unreachable: the last exit always accepts")
 
     def _run_timed(self, x: np.ndarray, plan: CascadePlan, t0: float) -> Prediction:
@@ -575,7 +533,7 @@ class Cascade:
         watched = None
         for (first, pos), name in zip(plan.groups, plan.group_names, strict=True):
             t = clock()
-            state = runner.run_segments(first, pos, state) if self._fuse else one_by_one(runner, first, pos, state)
+            state = runner.run_segments(first, pos, state, self._fuse)
             t2 = clock()
             units_ms[name] = (t2 - t) * 1e3
             head = runner.run_head(pos, state[-1])
@@ -592,9 +550,10 @@ class Cascade:
         if not deadline_ms >= 0:  # NaN fails this too
             raise ValueError(f"deadline_ms must be a number >= 0 (0: answer from the first exit), got {deadline_ms}")
         if self._unit_p95 is None:
+            backend = self.runner.info.name
             raise LatencyTableMissingError(
-                f"deadline_ms (--deadline-ms) needs per-unit latencies measured on {self.backend_name}: "
-                f"calibrate the artifact on this backend first (`edgeexit calibrate --backend {self.backend_name}`) "
+                f"deadline_ms (--deadline-ms) needs per-unit latencies measured on {backend}: "
+                f"calibrate the artifact on this backend first (`edgeexit calibrate --backend {backend}`) "
                 "or call set_unit_latency()"
             )
         seg_p95, head_p95 = self._unit_p95
@@ -624,9 +583,13 @@ class Cascade:
             best = (pos, conf, head)
         raise AssertionError("unreachable: the last exit always accepts")
 
-    def _prediction(self, pos, conf, head, t0, units_ms, deadline_hit=False, watched=None, plan=None) -> Prediction:
-        """``watched``: (position, confidence, network input) of the first evaluated exit, when it ran."""
-        label = int(np.argmax(head.logits()[0]))
+    def _prediction(
+        self, pos, conf, head, t0, units_ms=None, deadline_hit=False, watched=None, plan=None
+    ) -> Prediction:
+        """The one frame's `Prediction`, whichever walk answered (exit ``pos``, 0-based, with
+        ``head`` of a batch of 1). ``watched``: (position, confidence, network input) of the first
+        evaluated exit, when it ran: kept and fed to the drift monitor on a view that watches."""
+        label = int(head.logits().argmax())  # batch 1: the flat argmax is the class
         pred = Prediction(
             label,
             self.class_names[label],
@@ -648,13 +611,13 @@ class Cascade:
     def predict_batch(self, frames) -> list[Prediction]:
         """Classify a batch; samples that exit are dropped before the next unit (compaction)."""
         t_frames = time.perf_counter()
-        x = self.preprocess.batch(frames)
+        x = self.preprocessor.batch(frames)
         t0 = time.perf_counter()
         plan = self.plan
         out = self._run_batches(x, plan, t0)
         bad = ~np.isfinite(out["confidence"])
         if bad.any():
-            raise NonFiniteOutputError(int(out["exit"][bad][0]), self.backend_name, frames=int(bad.sum()))
+            raise NonFiniteOutputError(int(out["exit"][bad][0]), self.runner.info.name, frames=int(bad.sum()))
         names = self.class_names
         pre_ms = (t0 - t_frames) * 1e3 / len(x)
         preds = [
@@ -686,7 +649,7 @@ class Cascade:
         """Batches larger than a chunk (or than the runner takes at once) run in slices; unchecked
         input is checked and converted slice by slice."""
         if not checked and (not isinstance(x, np.ndarray) or x.ndim != 4 or x.dtype == np.uint8 or len(x) == 0):
-            x, checked = self.preprocess.batch(x), True  # the error for what is not a float batch
+            x, checked = self.preprocessor.batch(x), True  # the error for what is not a float batch
         n, size = len(x), self._batch_size(len(x))
         out = {
             "label": np.zeros(n, dtype=np.int64),
@@ -701,7 +664,7 @@ class Cascade:
                 self._check_open()
                 for start in range(0, n, size):
                     xb = x[start : start + size]
-                    self._run_batch(xb if checked else self.preprocess.batch(xb), plan, t0, out, start)
+                    self._run_batch(xb if checked else self.preprocessor.batch(xb), plan, t0, out, start)
         except Exception:
             self._raise_if_closed()
             raise
@@ -712,11 +675,7 @@ class Cascade:
         active = np.arange(len(x)) + offset
         state = runner.from_host(x)
         for first, pos in plan.groups:
-            if self._fuse:
-                state, head = runner.run_exit(first, pos, state)
-            else:
-                state = one_by_one(runner, first, pos, state)
-                head = runner.run_head(pos, state[-1])
+            state, head = runner.run_exit(first, pos, state, self._fuse)
             conf = self.confidence(head)
             if pos == plan.groups[0][1] and "first_confidence" in out:
                 out["first_confidence"][active] = conf
@@ -790,40 +749,6 @@ def _controller(cal: Calibration | None, options: CascadeOptions, budget_ms: flo
     ladder = calibrated_ladder(cal, lambda th: CascadePlan.from_thresholds(th, num_exits))
     controller = controller_for(cal, ladder, budget_ms, apply=_PlanFollowers(), window=options.budget_window)
     return controller, controller.plan
-
-
-def one_by_one(runner: Runner, first_pos: int, last_pos: int, state: tuple) -> tuple:
-    """Segments first..last as separate calls (fusion off), whatever the runner's `run_segments` does."""
-    for pos in range(first_pos, last_pos + 1):
-        state = runner.run_segment(pos, state)
-    return state
-
-
-_FINGERPRINT_KEYS = (
-    "backend",
-    "backend_version",
-    "precision",
-    "device",
-    "cpu",
-    "gpu",
-    "compute_capability",
-    "jetson_power_mode",
-    "jetson_clocks_locked",  # latency is what calibration promises: pinned vs scaling clocks change it
-)
-
-
-def _fingerprint_changes(calibrated: Mapping | None, info) -> list[str]:
-    """What differs between the calibration's device fingerprint and this one (host name aside)."""
-    if not isinstance(calibrated, Mapping):
-        return []
-    from edgeexit.runtime.device import fingerprint
-
-    now = fingerprint(info)
-    return [
-        f"{k}: calibrated {calibrated.get(k)!r}, now {now.get(k)!r}"
-        for k in _FINGERPRINT_KEYS
-        if (k in calibrated or k in now) and calibrated.get(k) != now.get(k)
-    ]
 
 
 __all__ = ["Cascade", "CascadeClosedError", "LatencyTableMissingError", "Prediction"]

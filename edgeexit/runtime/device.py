@@ -6,6 +6,7 @@ import os
 import platform
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from edgeexit.util import bounded_text, run_probe
@@ -144,3 +145,29 @@ def fingerprint(info) -> dict:
                 fp[key] = value.splitlines()[0][:120]
     # every string here came from the system or a tool: bounded, so a hostile one cannot bloat the manifest
     return {k: bounded_text(v) if isinstance(v, str) else v for k, v in fp.items()}
+
+
+_FINGERPRINT_KEYS = (
+    "backend",
+    "backend_version",
+    "precision",
+    "device",
+    "cpu",
+    "gpu",
+    "compute_capability",
+    "jetson_power_mode",
+    "jetson_clocks_locked",  # latency is what calibration promises: pinned vs scaling clocks change it
+)
+
+
+def fingerprint_changes(calibrated: Mapping | None, info) -> list[str]:
+    """What differs between a calibration's device fingerprint and this device's (`RunnerInfo`
+    ``info``), host name aside: one line per key, empty when nothing does (or nothing was recorded)."""
+    if not isinstance(calibrated, Mapping):
+        return []
+    now = fingerprint(info)
+    return [
+        f"{k}: calibrated {calibrated.get(k)!r}, now {now.get(k)!r}"
+        for k in _FINGERPRINT_KEYS
+        if (k in calibrated or k in now) and calibrated.get(k) != now.get(k)
+    ]

@@ -336,7 +336,7 @@ def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Ca
     for pos in range(k):
         calls[segment_name(pos)] = partial(runner.run_segment, pos, states[pos])
         calls[head_name(pos)] = partial(runner.run_head, pos, states[pos + 1][-1])
-    fused = bool(cascade.fuse and runner.info.fuses)
+    fused = bool(cascade.options.fuse and runner.info.fuses)
     if fused:
         for first in range(k):
             for last in range(first, k):

@@ -130,7 +130,7 @@ class Streams:
         self.events: list[tuple[float, str, str, str]] = []  # (time, source, kind, message)
         self._new_frame = threading.Event()
         self.sources = self._open(sources, realtime, fps)
-        pre = cascade.preprocessing
+        pre = cascade.artifact.preprocessing
         self._pre = {order: Preprocessor(pre, order) for order in {src.order for src in self.sources}}
         self.drift = self._monitors(as_drift_options(drift))
         watch = self.drift is not None
@@ -172,7 +172,7 @@ class Streams:
         if options is None:
             return None
         cascade = self.cascade
-        return [monitor_for(cascade.calibration, cascade.num_exits, options, src.live) for src in self.sources]
+        return [monitor_for(cascade.artifact.calibration, cascade.num_exits, options, src.live) for src in self.sources]
 
     # -- events -----------------------------------------------------------------------------------
     def _reader_event(self, src, kind: str, message: str) -> None:
@@ -408,7 +408,7 @@ class Streams:
             "batched": self.batch,
             "ticks": self.ticks,
             "mean_batch": float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0,
-            "backend": self.cascade.backend_name,
+            "backend": self.cascade.runner.info.name,
             "controller": self.cascade.controller.state() if self.cascade.controller is not None else None,
             "wall_s": wall,
             "source": [s["source"] for s in streams],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.backends.base import GraphStats, HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.backends.options import (
     BackendOptions,
     OnnxRuntimeOptions,
@@ -24,6 +24,7 @@ BACKENDS = ("auto", "tensorrt", "onnxruntime", "onnxruntime-cuda", "onnxruntime-
 __all__ = [
     "BACKENDS",
     "BackendOptions",
+    "GraphStats",
     "HeadOutput",
     "OnnxRuntimeOptions",
     "Runner",

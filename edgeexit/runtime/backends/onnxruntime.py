@@ -148,6 +148,11 @@ class OnnxRuntimeBackend(Runner):
         return self._units
 
     @property
+    def io_binding(self) -> bool:
+        """Whether the state stays as OrtValues on the sessions' device between units (IOBinding)."""
+        return self._bind
+
+    @property
     def fused_groups(self) -> frozenset[tuple[int, int]]:
         """The (first, last) segment groups that run as one graph now (what `prepare` built)."""
         return frozenset(self._fused)
@@ -199,11 +204,11 @@ class OnnxRuntimeBackend(Runner):
         # one assignment: a thread running the cascade sees either no entry or a complete one
         self._fused[(first, last)] = (sess, self._segments[first][1], state_out + self._heads[last][2], len(state_out))
 
-    def run_exit(self, first_pos: int, pos: int, state: tuple) -> tuple[tuple, HeadOutput]:
-        """Segments first..pos and head pos: one call when prepared, else unit by unit."""
-        fused = self._fused.get((first_pos, pos))
+    def run_exit(self, first_pos: int, pos: int, state: tuple, fuse: bool = True) -> tuple[tuple, HeadOutput]:
+        """Segments first..pos and head pos: one call when prepared and ``fuse``, else unit by unit."""
+        fused = self._fused.get((first_pos, pos)) if fuse else None
         if fused is None:
-            return super().run_exit(first_pos, pos, state)
+            return super().run_exit(first_pos, pos, state, fuse)
         sess, names, outs, n = fused
         out = self._run(sess, names, outs, state)
         return out[:n], self._head_output(out[n], out[n + 1])

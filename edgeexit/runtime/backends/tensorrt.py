@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edgeexit.errors import UserError
-from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.backends.base import GraphStats, HeadOutput, Runner, RunnerInfo
 
 if TYPE_CHECKING:
     from edgeexit.runtime.artifact import Artifact
@@ -436,6 +436,7 @@ class TensorRTBackend(Runner):
         self.max_batch = min(unit["max_batch"] for unit in self.units)
         buckets = max(unit["max_batch"] - 1 for unit in self.units).bit_length() + 1
         self._graph_capacity = len(self.units) * buckets * 2
+        self._unit_names = tuple(u.name for u in units)  # what `graph_stats` reports, as the artifact names them
         self._segment_units = [i for i, u in enumerate(units) if u.kind == "segment"]
         self._head_units = [i for i, u in enumerate(units) if u.kind == "head"]
         self._image_rest = tuple(int(d) for d in units[0].inputs[0].shape[1:])
@@ -598,6 +599,15 @@ class TensorRTBackend(Runner):
             copy_rows(dst, t.ptr, rows, t.row_bytes, kind, self.stream)
             out.append(_DevTensor(dst, (len(rows), *t.shape[1:])))
         return tuple(out)
+
+    def graph_stats(self) -> GraphStats:
+        """The CUDA graphs captured so far, per (unit name, batch bucket), and the failed captures."""
+        captured: dict[tuple[str, int], int] = {}
+        for idx, b, _ in self._graphs:
+            key = (self._unit_names[idx], b)
+            captured[key] = captured.get(key, 0) + 1
+        failed = {(self._unit_names[idx], b): n for (idx, b), n in self._graph_failed.items()}
+        return GraphStats.of(captured, failed, MAX_GRAPHS if MAX_GRAPHS is not None else self._graph_capacity)
 
     def synchronize(self) -> None:
         self.check(self.rt.cudaStreamSynchronize(self.stream))

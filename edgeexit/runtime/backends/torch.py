@@ -16,8 +16,9 @@ import numpy as np
 
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime.artifact import Artifact, artifact_file
-from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
+from edgeexit.runtime.backends.base import GraphStats, HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.device import cpu_name
+from edgeexit.runtime.plan import head_name, segment_name
 
 
 class TorchBackend(Runner):
@@ -53,7 +54,7 @@ class TorchBackend(Runner):
         self.use_graphs = cuda_graphs and self.cuda
         self.max_graphs = max_graphs
         self._graphs: dict = {}
-        self._graph_failed: set = set()
+        self._graph_failed: dict = {}  # unit key -> the batch bucket whose capture failed (then eager always)
         # Captured graphs share static buffers and a memory pool: one caller at a time on CUDA (the
         # Cascade serialises callers of a runner that is not thread safe).
         self.thread_safe = not self.use_graphs
@@ -96,7 +97,7 @@ class TorchBackend(Runner):
                     entry = self._capture(fn, padded)
                 except RuntimeError:
                     # Capture is an optimisation: fall back to eager for this unit.
-                    self._graph_failed.add(key)
+                    self._graph_failed[key] = b
                     return tuple(fn(*inputs))
                 self._graphs[gkey] = entry
             graph, static_in, static_out = entry
@@ -143,6 +144,13 @@ class TorchBackend(Runner):
         idx = self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device)
         return tuple(s.index_select(0, idx) for s in state)
 
+    def graph_stats(self) -> GraphStats:
+        """The CUDA graphs captured so far, per (unit name, batch bucket), and the failed captures
+        (a unit whose capture failed runs eagerly from then on)."""
+        captured = {(_unit_name(key), b): 1 for key, b in self._graphs}
+        failed = {(_unit_name(key), b): 1 for key, b in self._graph_failed.items()}
+        return GraphStats.of(captured, failed, self.max_graphs)
+
     def synchronize(self) -> None:
         if self.cuda:
             self.torch.cuda.synchronize(self.device)
@@ -150,6 +158,11 @@ class TorchBackend(Runner):
     def close(self) -> None:
         self._graphs.clear()
         self._pool = None
+
+
+def _unit_name(key: tuple) -> str:
+    kind, pos = key
+    return segment_name(pos) if kind == "seg" else head_name(pos)
 
 
 def bucket(n: int) -> int:
