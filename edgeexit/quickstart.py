@@ -114,7 +114,8 @@ def _train(q: _Quickstart, epochs: int, width: float, train_images: int | None) 
     t0 = time.perf_counter()
     q.say(
         f"[bold cyan]1/5 train[/] CE, 8 exits, width {width}, {epochs} epoch(s) on "
-        f"{train_images or 'all'} Fashion-MNIST images"
+        f"{train_images or 'all'} Fashion-MNIST images (CE: no other method beat it on the calibrated "
+        "cascade over 10 seeds, docs/results.md)"
     )
     cfg = TrainConfig.from_recipe(
         "fashion-mnist",
