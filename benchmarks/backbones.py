@@ -131,9 +131,9 @@ def latency_part(backbones: list[str], rounds: int, size: int, dynamo: bool) -> 
             units = export_units(model, folder, opset=17)
             whole = _export_whole(model.network.eval(), folder / "whole.onnx", False, size)
             dyn = _export_whole(model.network.eval(), folder / "whole_dynamo.onnx", True, size) if dynamo else None
-            sessions = {u["name"]: _session(folder / u["onnx"]) for u in units}
+            sessions = {u.name: _session(u.file()) for u in units}
             whole_s = _session(folder / "whole.onnx")
-            (folder / "fused.onnx").write_bytes(_fused_network(folder, units))
+            (folder / "fused.onnx").write_bytes(_fused_network(units))
             fused_s = _session(folder / "fused.onnx")
             x = np.random.default_rng(0).normal(size=(1, 3, size, size)).astype(np.float32)
             unit_ms, whole_ms, split_ms, fused_ms = _time_interleaved(sessions, whole_s, fused_s, x, k, rounds)
@@ -208,20 +208,12 @@ def _median_ci(values: list[float], resamples: int = 2000) -> list[float]:
     return [round(float(np.percentile(meds, 2.5)), 3), round(float(np.percentile(meds, 97.5)), 3)]
 
 
-def _fused_network(folder: Path, units: list[dict]) -> bytes:
+def _fused_network(units: list) -> bytes:
     """Every segment and the final head as one graph, built by the runtime's fusion (what a plan that
-    skips every early exit runs)."""
-    from types import SimpleNamespace
-
+    skips every early exit runs); ``units``: export's `Unit`s."""
     from edgeexit.runtime.fusion import build_fused
 
-    def unit(u: dict) -> SimpleNamespace:
-        return SimpleNamespace(
-            kind=u["kind"], file=lambda precision="fp32": folder / u["onnx"],
-            input_names=[t["name"] for t in u["inputs"]], output_names=[t["name"] for t in u["outputs"]],
-        )  # fmt: skip
-
-    return build_fused([unit(u) for u in units], 0, len(units) // 2 - 1)
+    return build_fused(units, 0, len(units) // 2 - 1)
 
 
 def _time_interleaved(sessions: dict, whole_s, fused_s, x, k: int, rounds: int) -> tuple[dict, list, list, list]:

@@ -156,6 +156,63 @@ def test_an_artifact_of_an_earlier_version_loads_with_typed_fields(artifact_copy
     with pytest.raises(AttributeError):
         a.model = None  # frozen
     assert Cascade.load(artifact_copy, backend="onnxruntime").num_exits == 8
+    # written back (what calibrate does), an earlier manifest keeps its meaning: absent blocks stay absent
+    written = a.to_json()
+    assert not {"calibration_frames", "quantization", "created"} & set(written)
+    assert written["units"][0]["onnx"] == "seg_01.onnx" and written["units"][0]["inputs"][0]["dtype"] == "float32"
+    assert a.with_calibration(None).units == a.units
+
+
+# -- one artifact model: what is read is what is written ---------------------------------------------
+def _round_trip(folder):
+    """The manifest on disk, and what `Artifact.load` of it writes back."""
+    return json.loads((folder / "manifest.json").read_text()), Artifact.load(folder).to_json()
+
+
+def test_an_exported_artifact_writes_back_the_manifest_on_disk(tiny_artifact):
+    raw, written = _round_trip(tiny_artifact)
+    assert written == raw
+    art = Artifact.load(tiny_artifact)
+    assert [u.to_json(tiny_artifact) for u in art.units] == raw["units"]  # the typed units, serialised
+    assert art.model.to_json() == raw["model"] and art.preprocessing.to_json() == raw["preprocessing"]
+    assert art.calibration_frames.to_json(tiny_artifact) == raw["calibration_frames"]
+    assert art.with_calibration(None).to_json() == raw  # uncalibrated written as uncalibrated
+
+
+def test_every_flavour_engine_and_calibration_round_trips(artifact_copy):
+    """FP16 and INT8 files, TensorRT engine entries and a calibration: each written by the typed model
+    (`Unit.with_file`, `Artifact.with_engines`, `Artifact.with_calibration`) reads back as written."""
+    from edgeexit.export.onnx_units import write_fp16_units
+    from edgeexit.export.tensorrt import engine_entry, engine_filename, profile_shapes
+    from edgeexit.runtime.artifact import Engine
+    from edgeexit.runtime.manifest import write_calibration, write_manifest
+
+    art = Artifact.load(artifact_copy)
+    units = write_fp16_units(artifact_copy, art.units)
+    units = [u.with_file("int8", u.file("fp16"), int8_bytes=1) for u in units]  # a stand-in INT8 file
+    m = {**art.to_json(), "units": [u.to_json(artifact_copy) for u in units]}
+    write_manifest(art, m)
+    raw, written = _round_trip(artifact_copy)
+    assert written == raw and raw["units"][0]["onnx_fp16"] == "seg_01.fp16.onnx"
+    assert raw["units"][0]["int8_bytes"] == 1 and raw["units"][1]["onnx_fp16"] == "head_01.onnx"
+    art = Artifact.load(artifact_copy)
+    device = {"name": "sim", "compute_capability": "8.7"}
+    engines = []
+    for u in art.units:
+        path = artifact_copy / engine_filename(u.name, "fp16")
+        path.write_bytes(b"plan")
+        shapes = profile_shapes([t.to_json() for t in u.inputs], 8)
+        engines.append(Engine(path, "fp16", engine_entry(path.name, "fp16", "10.3.0", device, shapes), 8))
+    write_manifest(art, art.with_engines("fp16", engines, {"passed": True}).to_json())
+    raw, written = _round_trip(artifact_copy)
+    assert written == raw and raw["units"][3]["engines"][0]["path"] == "head_02.fp16.engine"
+    assert raw["engine_parity"] == {"passed": True} and Artifact.load(artifact_copy).units[0].engines[0].max_batch == 8
+    skip = [0.5] * 7 + [0.0]
+    block = {"thresholds": skip, "policy": "max_softmax", "note": "kept whole", "predicted": {"accuracy": 0.8}}
+    art = Artifact.load(artifact_copy)
+    write_calibration(art, art.with_calibration(block).calibration)  # a typed Calibration, written
+    raw, written = _round_trip(artifact_copy)
+    assert written == raw and raw["calibration"] == block and len(raw["units"][0]["engines"]) == 1
 
 
 @pytest.mark.slow

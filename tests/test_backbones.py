@@ -80,12 +80,11 @@ def test_family_trains_exports_builds_calibrates_and_runs(backbone, tmp_path, mo
     pre = manifest["preprocessing"]
     x = (frames.astype(np.float32) / 255 - np.float32(pre["mean"][0])) / np.float32(pre["std"][0])
     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    units = manifest["units"]
-    quantize_units(art, units, x[:256])
+    units, _ = quantize_units(art, manifest["units"], x[:256])
     int8 = int8_parity(art, units, x[256:], labels[256:], 0.05)
     assert int8["passed"], int8["max_drop_pt"]
-    assert all(u.get("onnx_int8") and u.get("onnx_int8_trt") for u in units if u["kind"] == "segment")
-    manifest["units"] = units
+    assert all({"int8", "int8_trt"} <= set(u.files) for u in units if u.kind == "segment")
+    manifest["units"] = [u.to_json(art) for u in units]
     (art / "manifest.json").write_text(json.dumps(manifest))
 
     ref = Cascade.load(art, backend="onnxruntime", thresholds=[0.0] * k, fuse=False)
@@ -268,9 +267,9 @@ def test_convnext_layernorm_exports_for_tensorrt_86(tmp_path):
 
     m = BackboneNet(BackboneConfig(backbone="convnext_tiny", width=0.0625, in_chans=1, input_size=[28, 28]))
     units = export_units(m.eval(), tmp_path, opset=17)  # raises on an operator outside 8.6's set
-    ops = {n.op_type for u in units for n in onnx.load(str(tmp_path / u["onnx"])).graph.node}
+    ops = {n.op_type for u in units for n in onnx.load(str(u.file())).graph.node}
     assert "LayerNormalization" in ops
-    assert all(unsupported_ops(tmp_path / u["onnx"]) == [] for u in units)
+    assert all(unsupported_ops(u.file()) == [] for u in units)
 
 
 class _DetGain(torch.nn.Module):

@@ -35,9 +35,8 @@ def _save_units(artifact, units):
 def _with_fp16(artifact):
     from edgeexit.export.onnx_units import write_fp16_units
 
-    units = _units(artifact)
-    write_fp16_units(artifact, units)
-    _save_units(artifact, units)
+    units = write_fp16_units(artifact, _units(artifact))
+    _save_units(artifact, [u.to_json(artifact) for u in units])
     return artifact
 
 
@@ -173,6 +172,8 @@ def test_engines_that_fail_the_gate_are_not_published(monkeypatch, artifact_copy
 def test_86_half_keeps_heads_fp32_and_the_simulation_shows_why(monkeypatch, artifact_copy, test_frames):
     """Heads built with the FP16 flag put every confidence on FP16's grid (spacing 2^-11 near 1.0);
     `edgeexit engines --half` on 8.6 sets the flags on segments only."""
+    from dataclasses import replace
+
     import edgeexit.export.tensorrt as build
     from edgeexit.runtime.artifact import parse_units
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
@@ -193,11 +194,10 @@ def test_86_half_keeps_heads_fp32_and_the_simulation_shows_why(monkeypatch, arti
 
     units = _units(artifact_copy)
     assert on_fp16_grid(units) < 0.2  # FP32 heads: confidences are FP32 values
-    flagged = [{**u, "kind": "segment", "engines": []} for u in units]  # every unit with the FP16 flag
-    build.build_engines(artifact_copy, flagged, half=True, max_batch=64, workspace_gib=1.0)
-    for u in flagged:
-        u["kind"] = "head" if u["name"].startswith("head_") else "segment"
-    assert on_fp16_grid(flagged) == 1.0
+    as_segments = [replace(u, kind="segment", engines=()) for u in parse_units(artifact_copy, units)]
+    flagged = build.build_engines(artifact_copy, as_segments, half=True, max_batch=64, workspace_gib=1.0)
+    flagged = [replace(u, kind="head" if u.name.startswith("head_") else "segment") for u in flagged]
+    assert on_fp16_grid(flagged) == 1.0  # every unit built with the FP16 flag
 
 
 # -- auto meets TensorRT that cannot run the artifact -----------------------------------------------

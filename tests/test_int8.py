@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ def int8_artifact(tiny_run, tmp_path_factory):
 @pytest.mark.slow
 def test_int8_units_are_written_and_checked_by_accuracy(int8_artifact):
     m = Artifact.load(int8_artifact).to_json()
+    assert m == json.loads((int8_artifact / "manifest.json").read_text())  # the typed INT8 units, read as written
     q = m["quantization"]
     assert q["format"] == "QDQ" and q["images"] == 128 and q["parity"]["passed"]
     assert len(q["parity"]["exits"]) == 8 and q["parity"]["images"] == 472  # the other held-out images

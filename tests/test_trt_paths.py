@@ -59,10 +59,9 @@ def int8_artifact(tiny_artifact, tmp_path_factory):
 
     dst = tmp_path_factory.mktemp("int8") / "a.edgeexit"
     shutil.copytree(tiny_artifact, dst)
-    units = _units(dst)
     images = np.random.default_rng(0).normal(size=(64, 1, 28, 28)).astype(np.float32)
-    quantize_units(dst, units, images)
-    _save_units(dst, units)
+    units, _ = quantize_units(dst, _units(dst), images)
+    _save_units(dst, [u.to_json(dst) for u in units])
     return dst
 
 
@@ -131,9 +130,8 @@ def test_half_builds_fp16_units_when_strongly_typed_and_fp16_flag_on_86(
 ):
     from edgeexit.export.onnx_units import fp16_parity, write_fp16_units
 
-    units = _units(artifact_copy)
-    write_fp16_units(artifact_copy, units)
-    _save_units(artifact_copy, units)
+    units = write_fp16_units(artifact_copy, _units(artifact_copy))
+    _save_units(artifact_copy, [u.to_json(artifact_copy) for u in units])
     frames, _ = test_frames
     c0 = Cascade.load(artifact_copy, backend="onnxruntime", thresholds=TH, fuse=False)
     images = c0.preprocessor.batch(frames[:128])
@@ -160,13 +158,11 @@ def test_an_old_timing_cache_from_another_tensorrt_is_not_fed_to_the_builder(mon
     add_engines(artifact_copy)
     assert (artifact_copy / "timing.cache.json").is_file()
     install(monkeypatch, version="11.4.0")
-    units = _units(artifact_copy)
-    for u in units:
-        u["engines"] = []
-    build_engines(
+    units = [{**u, "engines": []} for u in _units(artifact_copy)]
+    units = build_engines(
         artifact_copy, units, half=False, max_batch=64, workspace_gib=1, timing_cache=artifact_copy / "timing.cache"
     )
-    assert units[0]["engines"][0]["trt_version"] == "11.4.0"
+    assert units[0].engines[0].info["trt_version"] == "11.4.0"
 
 
 def test_a_refused_timing_cache_is_replaced_by_an_empty_one(monkeypatch, artifact_copy, caplog):
@@ -175,13 +171,11 @@ def test_a_refused_timing_cache_is_replaced_by_an_empty_one(monkeypatch, artifac
     install(monkeypatch, version="10.3.0")
     add_engines(artifact_copy)
     (artifact_copy / "timing.cache").write_bytes(b"from another GPU")  # meta still says this TRT+GPU
-    units = _units(artifact_copy)
-    for u in units:
-        u["engines"] = []
-    build_engines(
+    units = [{**u, "engines": []} for u in _units(artifact_copy)]
+    units = build_engines(
         artifact_copy, units, half=False, max_batch=64, workspace_gib=1, timing_cache=artifact_copy / "timing.cache"
     )
-    assert "refused the previous timing cache" in caplog.text and units[-1]["engines"]
+    assert "refused the previous timing cache" in caplog.text and units[-1].engines
 
 
 @pytest.mark.parametrize("version", SURFACES)

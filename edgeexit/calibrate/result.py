@@ -2,8 +2,8 @@
 
 `run.py` runs the stages; each returns one of these frozen values, which the next stage reads and none
 changes: `Measurements` → `Choice` → `Verification` (of `Verified` rows) → `Ladder` → `CalibrationReport`.
-The report's `.manifest_block()` is the manifest's ``calibration`` block (parsed back by
-`edgeexit.runtime.artifact.Calibration`, whose `LadderRung` the ladder reuses) and its `.to_json()` is what
+The report's `.manifest_block()` is the manifest's calibration, typed (`edgeexit.runtime.artifact.Calibration`,
+whose `LadderRung` the ladder reuses, holding the whole block) and its `.to_json()` is what
 `run_calibration` returns and `calibrate --json` writes: both keep every key they had as a dict.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from edgeexit.calibrate.optimizer import CostModel, CrossFit, Solution, evaluate
 from edgeexit.calibrate.options import CalibrationOptions
 from edgeexit.calibrate.promise import DropEstimate, Promise
-from edgeexit.runtime.artifact import LadderRung
+from edgeexit.runtime.artifact import Calibration, LadderRung, parse_calibration
 from edgeexit.runtime.latency import percentile
 from edgeexit.runtime.plan import CascadePlan
 
@@ -226,10 +226,13 @@ class CalibrationReport:
         v = self.verification
         return v.full.measured["accuracy"] - v.chosen.measured["accuracy"]
 
-    def manifest_block(self) -> dict:
-        """The manifest's ``calibration`` block (read back as `edgeexit.runtime.artifact.Calibration`):
-        the report without the artifact's path and the plot, stamped with the time and the backend."""
-        return {**self._body(curves=False), "created": self.created, "backend": self.backend}
+    def manifest_block(self) -> Calibration:
+        """The manifest's calibration, checked and typed as the next load reads it: the report without
+        the artifact's path and the plot, stamped with the time and the backend. Most of the block is
+        calibrate's evidence (options, frontier, cross-fit, iso-accuracy, data, device), which the
+        runtime does not interpret: `Calibration` types what it reads and keeps the block whole."""
+        block = {**self._body(curves=False), "created": self.created, "backend": self.backend}
+        return parse_calibration(block, len(self.verification.chosen.thresholds), where="the calibration report")
 
     def to_json(self) -> dict:
         """What `run_calibration` returns and `calibrate --json` writes: the report with the artifact's

@@ -14,14 +14,14 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from edgeexit import __version__
 from edgeexit.errors import UserError
-from edgeexit.runtime.artifact import MANIFEST_NAME, SCHEMA_VERSION, Artifact
+from edgeexit.runtime.artifact import MANIFEST_NAME, Artifact, Unit
 from edgeexit.util import atomic_write_json, esc, remove_stale_temps, temp_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -107,12 +107,13 @@ def _real_range(low: float, high: float) -> str:
 ENGINE_ONLY = ("batch", "batch_opt", "workspace")  # refused with --format onnx (Ultralytics' validate_args)
 
 
-def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
-    """Build one TensorRT plan per unit, then run them on the parity images before publishing."""
+def _engines(tmp: Path, units: list[Unit], heldout, opts, dest: Path, console) -> tuple[list[Unit], dict]:
+    """Build one TensorRT plan per unit, then run them on the parity images before publishing; the
+    units with their engines, and the check."""
     from edgeexit.export.tensorrt import build_engines
 
     t0 = time.perf_counter()
-    build_engines(
+    units = build_engines(
         tmp,
         units,
         half=opts.half,
@@ -124,7 +125,7 @@ def _engines(tmp: Path, units, heldout, opts, dest: Path, console) -> dict:
     )
     precision = "int8" if opts.int8 else ("fp16" if opts.half else "fp32")
     _stage(console, f"{len(units)} TensorRT plans ({precision}, batch 1..{opts.batch})", t0)
-    return _check_engines(tmp, units, heldout, opts, precision, console)
+    return units, _check_engines(tmp, units, heldout, opts, precision, console)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options) -> tuple[dict, Path]:
@@ -148,15 +149,16 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
             console.print(f"[bold]export[/] {esc(str(checkpoint))} → {esc(str(dest))}")
         units = _write_units(model, ckpt, tmp, opts, console)
         heldout = load_heldout(ckpt["split"], opts.data_dir, ckpt.get("dataset"))
-        parity = _check_parity(model, heldout, tmp, units, opts, console)
+        units, parity = _check_parity(model, heldout, tmp, units, opts, console)
         frames = write_calibration_frames(heldout, tmp, opts.calib_images, ckpt["split"]) if opts.calib_images else None
-        quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else None
-        fp16 = _write_fp16(tmp, units, heldout, opts, console) if opts.half else None
+        units, quantization = _quantize(tmp, units, heldout, opts, console) if opts.int8 else (units, None)
+        units, fp16 = _write_fp16(tmp, units, heldout, opts, console) if opts.half else (units, None)
         _write_weights(ckpt, tmp)
-        engine_check = _engines(tmp, units, heldout, opts, dest, console) if opts.format == "engine" else None
-        manifest = build_manifest(
+        plans = opts.format == "engine"
+        units, engine_check = _engines(tmp, units, heldout, opts, dest, console) if plans else (units, None)
+        blocks = build_manifest(
             ckpt,
-            units,
+            len(units) // 2,
             parity,
             opset=opts.opset,
             simplified=opts.simplify,
@@ -169,13 +171,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, console=None, **options)
                 "engine_parity": engine_check,
             },
         )
-        atomic_write_json(tmp / MANIFEST_NAME, manifest)
-        Artifact.load(tmp)  # the reader checks what was written, before anything is published
+        artifact = Artifact.create(tmp, units, blocks)  # the reader's checks, before anything is written
+        atomic_write_json(tmp / MANIFEST_NAME, artifact.to_json())
+        Artifact.load(tmp)  # and on what was written, before anything is published
         _publish(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest, dest
+    return artifact.to_json(), dest
 
 
 FP16_MAX = 65504.0
@@ -246,7 +249,7 @@ def _check_replaceable(dest: Path, checkpoint: Path) -> None:
         )
 
 
-def _write_units(model, ckpt: dict, tmp: Path, opts: ExportOptions, console) -> list[dict]:
+def _write_units(model, ckpt: dict, tmp: Path, opts: ExportOptions, console) -> list[Unit]:
     from edgeexit.export.onnx_units import export_units
 
     t0 = time.perf_counter()
@@ -255,18 +258,23 @@ def _write_units(model, ckpt: dict, tmp: Path, opts: ExportOptions, console) -> 
         console,
         f"{len(units)} ONNX units written (opset {opts.opset}"
         f"{', simplified with onnxslim' if opts.simplify else ''}, "
-        f"{sum(u['onnx_bytes'] for u in units) / 1e6:.2f} MB)",
+        f"{sum(u.extra['onnx_bytes'] for u in units) / 1e6:.2f} MB)",
         t0,
     )
-    cost = {u["name"]: u for u in ckpt.get("units", [])}
-    for u in units:
-        for key in ("macs", "flops", "params"):
-            u[key] = cost.get(u["name"], {}).get(key)
-    return units
+    cost = {c["name"]: c for c in ckpt.get("units", [])}
+
+    def counted(u: Unit) -> Unit:  # the checkpoint's cost count of the unit (None: it had none)
+        c = cost.get(u.name, {})
+        return replace(u, flops=c.get("flops"), params=c.get("params"), extra={**u.extra, "macs": c.get("macs")})
+
+    return [counted(u) for u in units]
 
 
-def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOptions, console) -> dict:
-    """ONNX Runtime vs PyTorch on held-out images, every unit and exit; fails above the tolerance."""
+def _check_parity(
+    model, heldout, tmp: Path, units: list[Unit], opts: ExportOptions, console
+) -> tuple[list[Unit], dict]:
+    """ONNX Runtime vs PyTorch on held-out images, every unit and exit; fails above the tolerance.
+    The units with their own difference recorded, and the check."""
     from edgeexit.data import normalize
     from edgeexit.export.parity import check_parity
 
@@ -275,8 +283,7 @@ def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOpti
     images = normalize(sample.images, sample.mean, sample.std).numpy().astype(np.float32)
     parity = check_parity(model, tmp, units, images, opts.tolerance)
     parity.update({"split": "held-out", "runtime": "onnxruntime-cpu"})
-    for u, d in zip(units, parity["units"], strict=True):
-        u["parity_max_abs_diff"] = d["max_abs_diff"]
+    units = [replace(u, parity_max_abs_diff=d["max_abs_diff"]) for u, d in zip(units, parity["units"], strict=True)]
     _stage(
         console,
         f"parity on {len(images)} held-out images: max |Δlogit| {parity['max_abs_logit_diff']:.2e}, "
@@ -289,42 +296,30 @@ def _check_parity(model, heldout, tmp: Path, units: list[dict], opts: ExportOpti
             f"parity check failed: exit {worst['exit']} differs by "
             f"{worst['max_abs_logit_diff']:.3g} > tolerance {opts.tolerance}"
         )
-    return parity
-
-
-CALIBRATION_FRAMES = "calibration/frames.npz"
+    return units, parity
 
 
 def write_calibration_frames(heldout, folder: Path, limit: int, split: dict) -> dict:
     """Up to ``limit`` held-out images (uint8 HxWxC, the model's input size) with labels and the
-    calibration/verification halves, so `calibrate` on the device needs neither torch nor the data."""
-    import hashlib
-
+    calibration/verification halves, so `calibrate` on the device needs neither torch nor the data.
+    This picks the images; the file's format is `edgeexit.runtime.manifest.save_calibration_frames`'s,
+    beside the reader."""
     from edgeexit.data import split_calibration
+    from edgeexit.runtime.manifest import save_calibration_frames
 
     n = min(limit, len(heldout))
     idx = np.sort(np.random.default_rng(split.get("val_indices_seed", 0)).permutation(len(heldout))[:n])
     frames = heldout.images[idx].permute(0, 2, 3, 1).contiguous().numpy()
     labels = heldout.labels[idx].numpy().astype(np.int64)
     calib, verify = split_calibration(np.arange(n), 0)
-    path = folder / CALIBRATION_FRAMES
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        np.savez_compressed(f, frames=frames, labels=labels, calibration=calib, verification=verify)
-    return {
-        "path": CALIBRATION_FRAMES,
-        "count": int(n),
-        "calibration": int(len(calib)),
-        "verification": int(len(verify)),
-        "source": f"held-out split of {split.get('dataset')} (val_size {split.get('val_size')}, "
-        f"seed {split.get('val_indices_seed')})",
-        "shape": list(frames.shape[1:]),
-        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "bytes": path.stat().st_size,
-    }
+    source = (
+        f"held-out split of {split.get('dataset')} (val_size {split.get('val_size')}, "
+        f"seed {split.get('val_indices_seed')})"
+    )
+    return save_calibration_frames(folder, frames, labels, calib, verify, source)
 
 
-def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, console) -> dict:
+def _quantize(tmp: Path, units: list[Unit], heldout, opts: ExportOptions, console) -> tuple[list[Unit], dict]:
     """INT8 Q/DQ units calibrated on the first ``int8_images`` held-out images, checked for
     per-exit accuracy against FP32 on up to 1,000 other held-out images."""
     from edgeexit.data import normalize
@@ -333,7 +328,7 @@ def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, consol
     t0 = time.perf_counter()
     n = min(opts.int8_images, len(heldout) // 2)
     images = normalize(heldout.images, heldout.mean, heldout.std).numpy().astype(np.float32)
-    settings = quantize_units(tmp, units, images[:n], opts.int8_method)
+    units, settings = quantize_units(tmp, units, images[:n], opts.int8_method)
     rest = slice(n, n + 1000)
     parity = int8_parity(tmp, units, images[rest], heldout.labels[rest].numpy(), opts.int8_tolerance)
     _stage(
@@ -355,7 +350,7 @@ def _quantize(tmp: Path, units: list[dict], heldout, opts: ExportOptions, consol
             f"the TensorRT INT8 units (onnx_int8_trt) fail: {trt_parity['failures'][0]}; "
             "try --int8-method entropy or percentile, or more --int8-images"
         )
-    return {**settings, "parity": parity, "trt_parity": trt_parity}
+    return units, {**settings, "parity": parity, "trt_parity": trt_parity}
 
 
 def _held_out_images(heldout, n: int):
@@ -366,22 +361,22 @@ def _held_out_images(heldout, n: int):
     return images, sample.labels.numpy()
 
 
-def _write_fp16(tmp: Path, units: list[dict], heldout, opts: ExportOptions, console) -> dict:
+def _write_fp16(tmp: Path, units: list[Unit], heldout, opts: ExportOptions, console) -> tuple[list[Unit], dict]:
     """--half: FP16 ONNX segments (what a strongly typed TensorRT builds), compared with FP32 in
     ONNX Runtime on the parity images (recorded, not enforced: the device's engine gate enforces)."""
     from edgeexit.export.onnx_units import fp16_parity, write_fp16_units
 
     t0 = time.perf_counter()
-    write_fp16_units(tmp, units)
+    units = write_fp16_units(tmp, units)
     images, labels = _held_out_images(heldout, opts.parity_images)
     parity = fp16_parity(tmp, units, images, labels)
     verdict = "within the fp16 tolerance" if parity["passed"] else f"beyond the fp16 tolerance: {parity['failures'][0]}"
     diff = parity["max_abs_logit_diff"]
     _stage(console, f"FP16 units vs FP32 (ONNX Runtime): max |Δlogit| {diff:.2e}, {verdict}", t0)
-    return parity
+    return units, parity
 
 
-def _check_engines(tmp: Path, units: list[dict], heldout, opts: ExportOptions, precision: str, console) -> dict:
+def _check_engines(tmp: Path, units: list[Unit], heldout, opts: ExportOptions, precision: str, console) -> dict:
     """Run the built engines before publishing them: every exit against the FP32 ONNX units on as
     many held-out images as the artifact stores for calibration (at least the parity images),
     with CUDA graphs off and on (`edgeexit.export.tensorrt.engine_gate`)."""
@@ -424,7 +419,7 @@ def _publish(tmp: Path, dest: Path) -> None:
 
 def build_manifest(
     ckpt: dict,
-    units: list[dict],
+    num_exits: int,
     parity: dict,
     *,
     opset: int,
@@ -433,20 +428,20 @@ def build_manifest(
     checkpoint: Path,
     extra: dict | None = None,
 ) -> dict:
-    """manifest.json's content (schema in runtime/artifact.py); ``extra``: calibration_frames,
-    quantization, fp16, engine_parity (None when that step did not run)."""
+    """manifest.json's blocks besides the units (schema in runtime/artifact.py: `Artifact.create`
+    adds the typed units); ``extra``: calibration_frames, quantization, fp16, engine_parity (None
+    when that step did not run)."""
     import onnx
     import onnxruntime
     import torch
 
     return {
-        "schema_version": SCHEMA_VERSION,
         "edgeexit_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {
             "config": ckpt["config"],
             "method": ckpt.get("method"),
-            "num_exits": len(units) // 2,
+            "num_exits": num_exits,
             "checkpoint": str(checkpoint),
             "metrics": {k: v for k, v in ckpt.get("metrics", {}).items() if k != "history"},
         },
@@ -454,7 +449,6 @@ def build_manifest(
         "class_names": ckpt["class_names"],
         "dataset": ckpt.get("dataset") or ckpt["split"].get("dataset"),
         "split": ckpt["split"],
-        "units": units,
         "parity": parity,
         "weights": "weights.pt",
         "export": {

@@ -10,12 +10,15 @@ outputs ``logits`` and ``confidence`` (max softmax), so a GPU backend reads back
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from torch import nn
 
 from edgeexit.models import ExitHead, MultiExitNet, Segment
+from edgeexit.runtime.artifact import TensorSpec, Unit, parse_units
 from edgeexit.runtime.plan import head_name, segment_name
 
 
@@ -51,8 +54,9 @@ def _simplify(path: Path) -> None:
     onnx.save(slim, str(path))
 
 
-def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: bool = True) -> list[dict]:
-    """Write seg_KK.onnx and head_KK.onnx into ``folder``; return the manifest's unit entries."""
+def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: bool = True) -> list[Unit]:
+    """Write seg_KK.onnx and head_KK.onnx into ``folder``; return their `Unit`s (the manifest's
+    entries once serialised), FP32 files only."""
     model = model.eval().cpu()
     cfg = model.config
     example: tuple[torch.Tensor, ...] = (torch.zeros(2, cfg.in_chans, *cfg.input_size),)
@@ -73,8 +77,8 @@ def export_units(model: MultiExitNet, folder: Path, opset: int = 17, simplify: b
             opset,
             simplify,
         )
-        units.append({"name": segment_name(pos), "kind": "segment", "exit_index": pos + 1, **seg, "tap": out_names[-1]})
-        units.append({"name": head_name(pos), "kind": "head", "exit_index": pos + 1, **hd})
+        units.append(_unit(segment_name(pos), "segment", pos, seg, tap=out_names[-1]))
+        units.append(_unit(head_name(pos), "head", pos, hd))
         example, in_names = out_state, out_names
     if opset <= TRT86_MAX_OPSET:
         check_trt86_ops(folder, units)
@@ -112,12 +116,12 @@ def unsupported_ops(path: Path) -> list[str]:
     return sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx") and n.op_type not in TRT86_OPS})
 
 
-def check_trt86_ops(folder: Path, units: list[dict]) -> None:
+def check_trt86_ops(folder: Path, units: list[Unit]) -> None:
     """At export, not on the device: a unit using an operator TensorRT 8.6 does not import is a
     UserError naming the unit and the operators."""
     from edgeexit.errors import UserError
 
-    bad = {u["onnx"]: ops for u in units if (ops := unsupported_ops(folder / u["onnx"]))}
+    bad = {u.file().name: ops for u in units if (ops := unsupported_ops(u.file()))}
     if bad:
         where = "; ".join(f"{name}: {', '.join(ops)}" for name, ops in bad.items())
         raise UserError(
@@ -126,8 +130,21 @@ def check_trt86_ops(folder: Path, units: list[dict]) -> None:
         )
 
 
+def _unit(name: str, kind: str, pos: int, exported: dict, **extra) -> Unit:
+    """The `Unit` of one exported file (``exported``: `_export_unit`'s description)."""
+    return Unit(
+        name,
+        kind,
+        pos,
+        inputs=exported["inputs"],
+        outputs=exported["outputs"],
+        files=MappingProxyType({"fp32": exported["path"]}),
+        extra={"exit_index": pos + 1, "onnx_bytes": exported["onnx_bytes"], "export_s": exported["export_s"], **extra},
+    )
+
+
 def _export_unit(module, args, inputs, outputs, path: Path, opset: int, simplify: bool) -> dict:
-    """One unit to ONNX (dynamic batch), simplified and checked; its I/O description."""
+    """One unit to ONNX (dynamic batch), simplified and checked; its file, tensors, size and time."""
     import onnx
 
     t0 = time.perf_counter()
@@ -149,32 +166,30 @@ def _export_unit(module, args, inputs, outputs, path: Path, opset: int, simplify
     with torch.no_grad():
         res = module(*args)
     return {
-        "onnx": path.name,
-        "inputs": [
-            {"name": n, "shape": [None, *a.shape[1:]], "dtype": "float32"} for n, a in zip(inputs, args, strict=True)
-        ],
-        "outputs": [
-            {"name": n, "shape": [None, *r.shape[1:]], "dtype": "float32"} for n, r in zip(outputs, res, strict=True)
-        ],
+        "path": path,
+        "inputs": tuple(TensorSpec(n, (None, *a.shape[1:])) for n, a in zip(inputs, args, strict=True)),
+        "outputs": tuple(TensorSpec(n, (None, *r.shape[1:])) for n, r in zip(outputs, res, strict=True)),
         "onnx_bytes": path.stat().st_size,
         "export_s": round(time.perf_counter() - t0, 3),
-        "engines": [],
     }
 
 
-def write_fp16_units(folder: Path, units: list[dict]) -> None:
-    """``<segment>.fp16.onnx`` beside every segment, recorded as ``unit['onnx_fp16']``: weights and
-    activations FP16 inside, FP32 at the unit's boundary (a Cast after each input and before each
-    output), so the runtime moves FP32 between units unchanged. Heads stay FP32 whole (their
-    softmax/confidence and logits: thresholds live near 1.0, where FP16 has 2^-11 spacing). A
-    strongly typed TensorRT (>= 10) builds `--half` engines from these files."""
-    for u in units:
-        if u["kind"] == "head":
-            u["onnx_fp16"] = u["onnx"]
+def write_fp16_units(folder: Path, units: Sequence[Unit | Mapping]) -> list[Unit]:
+    """``<segment>.fp16.onnx`` beside every segment; returns the units with it as their ``fp16``
+    file (``onnx_fp16``): weights and activations FP16 inside, FP32 at the unit's boundary (a Cast
+    after each input and before each output), so the runtime moves FP32 between units unchanged.
+    Heads stay FP32 whole (their softmax/confidence and logits: thresholds live near 1.0, where FP16
+    has 2^-11 spacing). A strongly typed TensorRT (>= 10) builds `--half` engines from these files.
+    ``units``: `Unit`s or their manifest entries."""
+    out = []
+    for u in parse_units(folder, units):
+        if u.kind == "head":
+            out.append(u.with_file("fp16", u.file()))
             continue
-        out = folder / f"{u['name']}.fp16.onnx"
-        convert_to_fp16(folder / u["onnx"], out)
-        u["onnx_fp16"] = out.name
+        path = folder / f"{u.name}.fp16.onnx"
+        convert_to_fp16(u.file(), path)
+        out.append(u.with_file("fp16", path))
+    return out
 
 
 def convert_to_fp16(src: Path, dst: Path) -> None:  # noqa: C901
@@ -222,7 +237,7 @@ def convert_to_fp16(src: Path, dst: Path) -> None:  # noqa: C901
     onnx.save(model, str(dst))
 
 
-def fp16_parity(folder: Path, units: list[dict], images, labels=None) -> dict:
+def fp16_parity(folder: Path, units: list[Unit], images, labels=None) -> dict:
     """The FP16 chain vs the FP32 chain in ONNX Runtime (CPU): the comparison's record
     (`edgeexit.runtime.compare.ExitComparison.to_json`, with accuracies given ``labels``), judged
     under the fp16 tolerance the engine gate applies, and recorded, not enforced: ONNX Runtime's

@@ -8,21 +8,22 @@ alone on PyTorch's inputs: a unit that is wrong by itself is named even when a l
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from edgeexit.models import MultiExitNet
-from edgeexit.runtime.artifact import parse_units
+from edgeexit.runtime.artifact import Unit, parse_units
 from edgeexit.runtime.backends.base import HeadOutput, Runner, RunnerInfo
 from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edgeexit.runtime.compare import Tolerance, compare_exits
 from edgeexit.runtime.plan import unit_names
 
 
-def cpu_runner(folder: Path, units: list[dict], precision: str = "fp32") -> OnnxRuntimeBackend:
-    """The CPU runner over units export is writing (``units``: their manifest entries)."""
+def cpu_runner(folder: Path, units: Sequence[Unit | Mapping], precision: str = "fp32") -> OnnxRuntimeBackend:
+    """The CPU runner over units export is writing (`Unit`s, or their manifest entries)."""
     return OnnxRuntimeBackend.for_units(folder, parse_units(folder, units), precision)
 
 
@@ -96,7 +97,7 @@ class UnitByUnit(Runner):
 
 
 def check_parity(
-    model: MultiExitNet, folder: Path, units: list[dict], images: np.ndarray, tolerance: float, batch_size: int = 64
+    model: MultiExitNet, folder: Path, units: list[Unit], images: np.ndarray, tolerance: float, batch_size: int = 64
 ) -> dict:
     """``images``: normalised float32 (N, C, H, W). The comparison's record (`ExitComparison.to_json`,
     judged on |Δlogit| <= ``tolerance``) with ``samples``, ``tolerance`` (the number) and ``units``

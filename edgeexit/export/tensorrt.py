@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from edgeexit.errors import UserError
+from edgeexit.runtime.artifact import FILE_KEYS, Engine, Unit, parse_units
 from edgeexit.runtime.backends.tensorrt import check_tensorrt_runs, import_tensorrt, trt_major
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,7 @@ def gpu_fingerprint() -> dict:
 
 def build_engines(
     folder: Path,
-    units: list[dict],
+    units: Sequence[Unit | Mapping],
     *,
     half: bool,
     max_batch: int,
@@ -64,9 +67,10 @@ def build_engines(
     timing_cache: Path | None = None,
     int8: bool = False,
     out: Path | None = None,
-) -> None:
-    """Build ``<out>/<unit>.<precision>.engine`` for every unit from its ONNX file in ``folder`` and
-    add its entry (path relative to ``folder``) to ``unit['engines']``; ``out`` defaults to ``folder``.
+) -> list[Unit]:
+    """Build ``<out>/<unit>.<precision>.engine`` for every unit (a `Unit` or its manifest entry) from
+    its ONNX file in ``folder``; returns the units with that `Engine` added to their ``engines``
+    (``out`` defaults to ``folder``, and must be inside it).
 
     One timing cache serves every unit; it starts from ``timing_cache`` (a previous export's, e.g.
     the artifact being replaced) when given, and is written to ``out/timing.cache`` for the next."""
@@ -78,38 +82,54 @@ def build_engines(
     builder = trt.Builder(logger)
     precision = "int8" if int8 else ("fp16" if half else "fp32")
     typed = trt_major(trt.__version__) >= 10
-    key = source_key(precision, typed)
-    missing = [u["name"] for u in units if key not in u]
-    if missing:
-        raise UserError(f"{', '.join(missing)} have no {key} file for a {precision} engine")
+    parsed, source = _sources(folder, units, precision, typed)
     cache_bytes = _seed_cache(timing_cache, trt.__version__, device)
-    for unit in units:
-        network, parser = _parse(trt, builder, logger, folder / unit[key], typed)
+    built = []
+    for unit in parsed:
+        network, parser = _parse(trt, builder, logger, unit.file(source), typed)
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-        if not typed and unit["kind"] != "head":  # 8.6: weak typing, precision from the builder flags
+        if not typed and unit.kind != "head":  # 8.6: weak typing, precision from the builder flags
             if half or int8:
                 config.set_flag(trt.BuilderFlag.FP16)  # layers outside Q/DQ pairs may run in FP16
             if int8:
                 config.set_flag(trt.BuilderFlag.INT8)
         cache_bytes = _attach_timing_cache(config, cache_bytes)
         profile = builder.create_optimization_profile()
-        shapes = profile_shapes(unit["inputs"], max_batch, opt_batch)
+        shapes = profile_shapes([t.to_json() for t in unit.inputs], max_batch, opt_batch)
         for name, (mn, opt, mx) in shapes.items():
             profile.set_shape(name, mn, opt, mx)
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise RuntimeError(f"TensorRT failed to build {unit['name']}")
-        path = out / engine_filename(unit["name"], precision)
+            raise RuntimeError(f"TensorRT failed to build {unit.name}")
+        path = out / engine_filename(unit.name, precision)
         path.write_bytes(bytes(plan))
         cache_bytes = bytes(config.get_timing_cache().serialize())
-        rel = path.relative_to(folder).as_posix()
-        unit["engines"].append(engine_entry(rel, precision, trt.__version__, device, shapes))
+        entry = engine_entry(path.relative_to(folder).as_posix(), precision, trt.__version__, device, shapes)
+        engine = Engine(path, precision, entry, entry["batch_profile"]["max"])
+        built.append(replace(unit, engines=(*unit.engines, engine)))
     (out / "timing.cache").write_bytes(cache_bytes)
     (out / CACHE_META).write_text(
         json.dumps({"trt_version": trt.__version__, "compute_capability": device["compute_capability"]})
     )
+    return built
+
+
+_FILE_PRECISION = {key: precision for precision, key in FILE_KEYS.items()}  # onnx_fp16 -> fp16
+
+
+def _sources(
+    folder: Path, units: Sequence[Unit | Mapping], precision: str, typed: bool
+) -> tuple[tuple[Unit, ...], str]:
+    """The units as `Unit`s, and which of their files a ``precision`` engine is built from (every
+    unit must have it)."""
+    key = source_key(precision, typed)
+    parsed = parse_units(folder, units)
+    missing = [u.name for u in parsed if _FILE_PRECISION[key] not in u.files]
+    if missing:
+        raise UserError(f"{', '.join(missing)} have no {key} file for a {precision} engine")
+    return parsed, _FILE_PRECISION[key]
 
 
 def _attach_timing_cache(config, cache_bytes: bytes) -> bytes:
@@ -190,14 +210,13 @@ ENGINE_GATE_FRAMES = 5000  # at most this many stored calibration frames judge t
 
 
 def engine_gate(
-    folder: Path, units: list[dict], images, labels, precision: str, max_frames: int = ENGINE_GATE_FRAMES
+    folder: Path, units: Sequence[Unit | Mapping], images, labels, precision: str, max_frames: int = ENGINE_GATE_FRAMES
 ) -> dict:
     """The built engines RUN before they are published: every exit of the TensorRT backend against
     the FP32 ONNX units in ONNX Runtime (CPU), with `edgeexit.runtime.compare.compare_exits` (max
     |Δconfidence| and prediction agreement with a binomial bound, tolerances per precision), once
     with CUDA graphs off and once with them on (the path calibrate and run use). ``images``:
     preprocessed float32 (N, C, H, W), up to ``max_frames`` of them are used."""
-    from edgeexit.runtime.artifact import parse_units
     from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgeexit.runtime.backends.tensorrt import TensorRTBackend
     from edgeexit.runtime.compare import TOLERANCES, compare_exits
@@ -271,7 +290,7 @@ def build_artifact_engines(
     folder = art.folder
     trt = import_tensorrt()
     device = gpu_fingerprint()
-    units = art.to_json()["units"]  # the unit entries `build_engines` and the gate take
+    units = art.units
     key = source_key(precision, trt_major(trt.__version__) >= 10)
     _require_flavour(units, key, precision)
     if not force:
@@ -279,9 +298,9 @@ def build_artifact_engines(
     images, labels = _gate_frames(art)
     tmp = Path(tempfile.mkdtemp(prefix=".engines-", suffix=".partial", dir=folder))
     try:
-        new_units = [{**u, "engines": []} for u in units]
         t0 = time.perf_counter()
-        build_engines(folder, new_units, half=half, int8=int8, max_batch=max_batch, opt_batch=opt_batch,
+        bare = [replace(u, engines=()) for u in units]
+        new_units = build_engines(folder, bare, half=half, int8=int8, max_batch=max_batch, opt_batch=opt_batch,
                       workspace_gib=workspace_gib, timing_cache=_artifact_timing_cache(folder), out=tmp)  # fmt: skip
         if console is not None:
             console.print(
@@ -316,9 +335,9 @@ def _gate_frames(art) -> tuple:
     return images, frames["labels"][:ENGINE_GATE_FRAMES]
 
 
-def _require_flavour(units: list[dict], key: str, precision: str) -> None:
+def _require_flavour(units: Sequence[Unit], key: str, precision: str) -> None:
     """Every unit has the ONNX flavour a ``precision`` engine is built from, or a one-line refusal."""
-    missing = [u["name"] for u in units if not u.get(key)]
+    missing = [u.name for u in units if _FILE_PRECISION[key] not in u.files]
     if missing:
         flag = {"fp16": "--half", "int8": "--int8"}.get(precision, "")
         raise UserError(
@@ -328,7 +347,7 @@ def _require_flavour(units: list[dict], key: str, precision: str) -> None:
         )
 
 
-def _publish(art, tmp: Path, new_units: list[dict], precision: str, gate: dict) -> None:
+def _publish(art, tmp: Path, new_units: list[Unit], precision: str, gate: dict) -> None:
     """Gated plans renamed from ``tmp`` into the artifact ``art``, then the manifest rewritten
     (atomically, last): other precisions' engines are kept."""
     import os
@@ -336,15 +355,15 @@ def _publish(art, tmp: Path, new_units: list[dict], precision: str, gate: dict) 
     from edgeexit.runtime.manifest import write_manifest
 
     folder = art.folder
-    entries = []
+    engines = []
     for new in new_units:
-        (entry,) = new["engines"]
-        final = Path(entry["path"]).name
-        os.replace(folder / entry["path"], folder / final)
-        entries.append({**entry, "path": final})
+        (engine,) = new.engines
+        final = folder / engine.path.name
+        os.replace(engine.path, final)
+        engines.append(replace(engine, path=final, info={**engine.info, "path": final.name}))
     for name in ("timing.cache", CACHE_META):
         os.replace(tmp / name, folder / name)
-    write_manifest(art, art.with_engines(precision, entries, gate).to_json())
+    write_manifest(art, art.with_engines(precision, engines, gate).to_json())
 
 
 def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, workspace_gib: float) -> None:
@@ -358,12 +377,12 @@ def _check_options(half: bool, int8: bool, max_batch: int, opt_batch: int, works
         raise UserError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
 
 
-def _refuse_current(folder: Path, units: list[dict], precision: str, version: str, device: dict) -> None:
+def _refuse_current(folder: Path, units: Sequence[Unit], precision: str, version: str, device: dict) -> None:
     """Engines of ``precision`` that already run here are rebuilt only with --force; stale ones
     (another TensorRT or GPU) are what this command is for."""
     from edgeexit.runtime.backends.tensorrt import check_engine_compatible
 
-    current = [e for u in units for e in u.get("engines") or [] if e.get("precision") == precision]
+    current = [e.info for u in units for e in u.engines if e.precision == precision]
     if not current:
         return
     try:
@@ -379,7 +398,7 @@ def _artifact_timing_cache(folder: Path) -> Path | None:
     return path if path.is_file() and not path.is_symlink() else None
 
 
-def trt_int8_parity(folder: Path, units: list[dict], images, labels, tolerance: float) -> dict:
+def trt_int8_parity(folder: Path, units: Sequence[Unit], images, labels, tolerance: float) -> dict:
     """The TensorRT INT8 flavour (``onnx_int8_trt``: symmetric S8S8 Q/DQ, what `engines --int8`
     builds from) run by ONNX Runtime on the CPU against the FP32 units, exit by exit: an artifact
     never ships a TensorRT flavour nobody ran. Judged under the rule the ONNX Runtime INT8 units
@@ -387,7 +406,6 @@ def trt_int8_parity(folder: Path, units: list[dict], images, labels, tolerance: 
     int8 agreement verdict recorded beside it (``agreement_passed``): a briefly trained, unsure
     model flips predictions without losing accuracy. ONNX Runtime is not TensorRT (other kernels,
     other fusions): on the device the engine gate compares the built engines again."""
-    from edgeexit.runtime.artifact import parse_units
     from edgeexit.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from edgeexit.runtime.compare import MIN_FRAMES, Tolerance, compare_exits
 

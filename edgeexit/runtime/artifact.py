@@ -18,6 +18,11 @@ Every file the manifest names resolves inside the folder and is named once. Any 
 export (unit files and the manifest's export fields), so a writer can tell that the artifact was
 replaced under it (`edgeexit.runtime.manifest.write_manifest`).
 
+The same values are what is written: export builds `Unit`s and writes `Artifact.create(...).to_json()`;
+calibrate and `edgeexit engines` write `with_calibration(...)` / `with_engines(...)`. Each typed value
+has a ``to_json`` (keys it does not model kept in its ``extra``, written back as read), and
+``Artifact.load(folder).to_json()`` is the manifest on disk.
+
 The on-disk format is unchanged (schema_version 1): every artifact written by earlier versions of
 schema 1 loads.
 """
@@ -29,10 +34,10 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple, TypeGuard
+from typing import NamedTuple, TypeGuard, overload
 
 from edgeexit.errors import ArtifactError
 from edgeexit.runtime.plan import unit_names
@@ -43,6 +48,14 @@ REQUIRED = ("schema_version", "preprocessing", "class_names", "units", "model")
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_JSON_DEPTH = 32
 PRECISIONS = ("fp32", "fp16", "int8")
+# A unit's ONNX file per precision, as the manifest's unit entry names it.
+FILE_KEYS = {"fp32": "onnx", "int8": "onnx_int8", "int8_trt": "onnx_int8_trt", "fp16": "onnx_fp16"}
+_UNIT_STATS = ("flops", "params", "parity_max_abs_diff")
+
+
+def _relative(folder: Path, path: Path) -> str:
+    """A file's name in the manifest: its path inside ``folder``, with forward slashes."""
+    return path.relative_to(folder).as_posix()
 
 
 @dataclass(frozen=True)
@@ -51,13 +64,20 @@ class TensorSpec:
     shape: tuple[int | None, ...]  # None: a dynamic dimension (the batch)
     dtype: str = "float32"
 
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
 
 @dataclass(frozen=True)
 class Engine:
     path: Path
     precision: str
-    info: Mapping = field(default_factory=dict, compare=False)  # TensorRT version, device, shapes
+    info: Mapping = field(default_factory=dict, compare=False)  # the whole entry: TensorRT version, device, shapes
     max_batch: int | None = None  # the optimisation profile's largest batch (None: not recorded)
+
+    def to_json(self, folder: Path) -> dict:
+        """The manifest's entry of this plan (its path relative to the artifact ``folder``)."""
+        return {**_thaw(self.info), "path": _relative(folder, self.path), "precision": self.precision}
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,22 @@ class Unit:
     flops: float | None = None  # from the checkpoint's cost count (None when it had none)
     params: int | None = None
     parity_max_abs_diff: float | None = None  # ONNX Runtime vs PyTorch, this unit alone
+    # what export records beside (exit_index, tap, file sizes, export_s, macs), written back as read
+    extra: Mapping = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self, folder: Path) -> dict:
+        """The manifest's entry of this unit, file names relative to the artifact ``folder``."""
+        out: dict = {"name": self.name, "kind": self.kind}
+        out.update({FILE_KEYS[p]: _relative(folder, path) for p, path in self.files.items()})
+        out["inputs"] = [t.to_json() for t in self.inputs]
+        out["outputs"] = [t.to_json() for t in self.outputs]
+        out["engines"] = [e.to_json(folder) for e in self.engines]
+        out.update({key: getattr(self, key) for key in _UNIT_STATS})
+        return {**out, **_thaw(self.extra)}
+
+    def with_file(self, precision: str, path: Path, **extra) -> Unit:
+        """This unit with ``path`` as its ``precision`` ONNX file (and ``extra`` recorded beside it)."""
+        return replace(self, files=MappingProxyType({**self.files, precision: path}), extra={**self.extra, **extra})
 
     def file(self, precision: str = "fp32") -> Path:
         """The unit's ONNX file of ``precision`` (an ArtifactError naming the export flag when absent)."""
@@ -111,6 +147,7 @@ class Preprocessing:
     std: tuple[float, ...]
     channel_order: str | None = None
     resize: str | None = None
+    extra: Mapping = field(default_factory=dict, compare=False, repr=False)  # other keys, written back as read
 
     def to_dict(self) -> dict:
         return {
@@ -119,6 +156,11 @@ class Preprocessing:
             "mean": list(self.mean),
             "std": list(self.std),
         }
+
+    def to_json(self) -> dict:
+        """The manifest's ``preprocessing`` block."""
+        named = {"channel_order": self.channel_order, "resize": self.resize}
+        return {**self.to_dict(), **{k: v for k, v in named.items() if v is not None}, **_thaw(self.extra)}
 
 
 @dataclass(frozen=True)
@@ -131,6 +173,11 @@ class ModelInfo:
     input_size: tuple[int, int] | None = None
     stem: str | None = None
     method: str | None = None
+    extra: Mapping = field(default_factory=dict, compare=False, repr=False)  # checkpoint, metrics: as read
+
+    def to_json(self) -> dict:
+        """The manifest's ``model`` block."""
+        return {"config": _thaw(self.config), "method": self.method, "num_exits": self.num_exits, **_thaw(self.extra)}
 
 
 @dataclass(frozen=True)
@@ -196,6 +243,12 @@ class Calibration:
         """The block as a fresh mutable dict (what the budget controller and reports read)."""
         return _thaw(self.block)
 
+    def to_json(self) -> dict:
+        """The manifest's ``calibration`` block. The typed fields above are what the runtime reads of
+        it; the block also records calibrate's evidence (options, frontier, cross-fit, iso-accuracy,
+        data, device, ...), which stays one mapping, written back whole."""
+        return _thaw(self.block)
+
 
 @dataclass(frozen=True)
 class CalibrationFrames:
@@ -203,6 +256,16 @@ class CalibrationFrames:
     sha256: str
     count: int | None
     shape: tuple[int, ...] | None
+    extra: Mapping = field(default_factory=dict, compare=False, repr=False)  # the split sizes, source, bytes
+
+    def to_json(self, folder: Path) -> dict:
+        """The manifest's ``calibration_frames`` entry (its path relative to the artifact ``folder``)."""
+        out: dict = {"path": _relative(folder, self.path), "sha256": self.sha256}
+        if self.count is not None:
+            out["count"] = self.count
+        if self.shape is not None:
+            out["shape"] = list(self.shape)
+        return {**out, **_thaw(self.extra)}
 
 
 @dataclass(frozen=True)
@@ -265,26 +328,56 @@ class Artifact:
         return self.manifest.get("dataset")
 
     def to_json(self) -> dict:
-        """The manifest as it is on disk (a fresh dict: what `info --json` prints and what
-        `write_manifest` writes)."""
-        return json.loads(json.dumps(_thaw(self.manifest)))
+        """manifest.json's content (a fresh dict: what export and `write_manifest` write and `info
+        --json` prints): the typed fields serialised, and the blocks the runtime does not interpret
+        (parity, quantization, fp16, engine_parity, export, split, dataset, created) as recorded.
+        ``Artifact.load(folder).to_json()`` is the manifest on disk."""
+        out = _thaw(self.manifest)
+        typed = {
+            "schema_version": self.schema_version,
+            "model": self.model.to_json(),
+            "preprocessing": self.preprocessing.to_json(),
+            "class_names": list(self.class_names),
+            "units": [u.to_json(self.folder) for u in self.units],
+            "calibration": self.calibration.to_json() if self.calibration is not None else None,
+            "calibration_frames": self.calibration_frames.to_json(self.folder) if self.calibration_frames else None,
+            "weights": _relative(self.folder, self.weights) if self.weights is not None else None,
+        }
+        for key, value in typed.items():
+            if value is not None or key in out:  # an absent optional block stays absent
+                out[key] = value
+        return json.loads(json.dumps(out))
 
-    def with_calibration(self, block: Mapping | None) -> Artifact:
-        """This artifact with ``block`` as its calibration (None: uncalibrated), checked as `load`
-        checks it: what calibrate writes is what the next load reads."""
-        m = _thaw(self.manifest)
-        m["calibration"] = _thaw(block) if block is not None else None
-        return _build(self.folder, _as_written(m))
+    @classmethod
+    def create(cls, folder: str | os.PathLike, units: Sequence[Unit], blocks: Mapping) -> Artifact:
+        """A new artifact in ``folder`` from its typed ``units`` and the manifest's other ``blocks``
+        (model, preprocessing, class_names, parity, export, ...), checked as `load` checks it: its
+        `to_json` is the manifest.json export writes."""
+        folder = Path(folder)
+        m = {"schema_version": SCHEMA_VERSION, **_thaw(blocks), "units": [u.to_json(folder) for u in units]}
+        return _build(folder, _as_written(m))
 
-    def with_engines(self, precision: str, entries: Sequence[Mapping], engine_parity: Mapping) -> Artifact:
-        """This artifact with ``entries`` (one TensorRT engine entry per unit, in unit order) as its
-        ``precision`` engines, the other precisions' kept, and the gate they passed recorded as
-        ``engine_parity``; checked as `load` checks it."""
-        m = _thaw(self.manifest)
-        for u, entry in zip(m["units"], entries, strict=True):
-            kept = [e for e in u.get("engines") or [] if e.get("precision") != precision]
-            u["engines"] = [*kept, _thaw(entry)]
-        m["engine_parity"] = _thaw(engine_parity)
+    def with_calibration(self, calibration: Calibration | Mapping | None) -> Artifact:
+        """This artifact with ``calibration`` (a `Calibration` or its block; None: uncalibrated),
+        checked as `load` checks it: what calibrate writes is what the next load reads."""
+        block = calibration.to_json() if isinstance(calibration, Calibration) else calibration
+        return self._rebuilt({**self.to_json(), "calibration": _thaw(block) if block is not None else None})
+
+    def with_engines(self, precision: str, engines: Sequence[Engine | Mapping], engine_parity: Mapping) -> Artifact:
+        """This artifact with ``engines`` (one TensorRT plan per unit, in unit order: an `Engine` or its
+        manifest entry) as its ``precision`` engines, the other precisions' kept, and the gate they
+        passed recorded as ``engine_parity``; checked as `load` checks it."""
+        bad = _Bad(self.folder / MANIFEST_NAME)
+        units = []
+        for u, e in zip(self.units, engines, strict=True):
+            engine = e if isinstance(e, Engine) else _engine(self.folder, _thaw(e), f"units[{u.name}].engines", bad)
+            kept = tuple(old for old in u.engines if old.precision != precision)
+            units.append(replace(u, engines=(*kept, engine)))
+        m = self.to_json()
+        m.update(units=[u.to_json(self.folder) for u in units], engine_parity=_thaw(engine_parity))
+        return self._rebuilt(m)
+
+    def _rebuilt(self, m: dict) -> Artifact:
         return _build(self.folder, _as_written(m))
 
     @classmethod
@@ -352,17 +445,22 @@ def parse_preprocessing(p: Mapping, where: str = "manifest") -> Preprocessing:
     return _preprocessing(_thaw(p), _Bad(where))
 
 
+@overload
+def parse_calibration(cal: Mapping, num_exits: int, where: str = ...) -> Calibration: ...
+@overload
+def parse_calibration(cal: None, num_exits: int, where: str = ...) -> None: ...
 def parse_calibration(cal: Mapping | None, num_exits: int, where: str = "manifest") -> Calibration | None:
-    """A calibration block as `Calibration` (None stays None)."""
-    return _calibration(_thaw(cal) if cal is not None else None, num_exits, _Bad(where))
+    """A calibration block as `Calibration` (None stays None), its values as the manifest writer
+    stores them (numpy numbers as floats, NaN as null)."""
+    return _calibration(_as_written(_thaw(cal)) if cal is not None else None, num_exits, _Bad(where))
 
 
-def parse_units(folder: str | os.PathLike, units: list) -> tuple[Unit, ...]:
-    """Unit entries (the manifest's ``units``, or what export is writing) as `Unit`s, files resolved
-    inside ``folder``."""
+def parse_units(folder: str | os.PathLike, units: Sequence[Unit | Mapping]) -> tuple[Unit, ...]:
+    """Unit entries (the manifest's ``units``) as `Unit`s, files resolved inside ``folder``; a
+    `Unit` (what export is writing) is taken as it is."""
     folder = Path(folder)
     bad = _Bad(folder)
-    return tuple(_unit(folder, u, pos, bad) for pos, u in enumerate(units))
+    return tuple(u if isinstance(u, Unit) else _unit(folder, _thaw(u), pos, bad) for pos, u in enumerate(units))
 
 
 # -- the build: each field checked where it becomes a field --------------------------------------
@@ -566,7 +664,11 @@ def _preprocessing(p, bad: _Bad) -> Preprocessing:
         std=tuple(float(v) for v in p["std"]),
         channel_order=order,
         resize=resize,
+        extra=_freeze({k: v for k, v in p.items() if k not in _PREPROCESSING_KEYS}),
     )
+
+
+_PREPROCESSING_KEYS = ("in_chans", "input_size", "mean", "std", "channel_order", "resize")
 
 
 def _check_preprocessing_fields(p, bad: _Bad) -> None:
@@ -629,8 +731,9 @@ def _unit(folder: Path, u: dict, index: int, bad: _Bad) -> Unit:
     files = {"fp32": artifact_file(folder, u.get("onnx"))}
     if not files["fp32"].is_file():
         raise ArtifactError(f"{files['fp32']} is missing: re-export the model")
-    for precision, key in (("int8", "onnx_int8"), ("int8_trt", "onnx_int8_trt"), ("fp16", "onnx_fp16")):
-        if u.get(key) is not None or key == "onnx_int8" and key in u:  # onnx_int8 null: a file name, refused
+    for precision, key in FILE_KEYS.items():
+        # an onnx_int8 of null names a file and is refused; the other flavours' null is "none"
+        if precision != "fp32" and (u.get(key) is not None or key == "onnx_int8" and key in u):
             files[precision] = artifact_file(folder, u[key])
     engines = u.get("engines") or []
     if not isinstance(engines, list):
@@ -638,9 +741,14 @@ def _unit(folder: Path, u: dict, index: int, bad: _Bad) -> Unit:
     parsed = []
     for i, e in enumerate(engines):
         parsed.append(_engine(folder, e, f"units[{name}].engines[{i}]", bad))
-    stats = {key: u.get(key) for key in ("flops", "params", "parity_max_abs_diff")}
-    stats = {key: v if _finite(v) else None for key, v in stats.items()}
-    return Unit(name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats)
+    stats: dict = {key: v if _finite(v := u.get(key)) else None for key in _UNIT_STATS}
+    extra = _freeze({k: v for k, v in u.items() if k not in _UNIT_KEYS})
+    return Unit(
+        name, u["kind"], index // 2, inputs, outputs, MappingProxyType(files), tuple(parsed), **stats, extra=extra
+    )
+
+
+_UNIT_KEYS = frozenset(("name", "kind", "inputs", "outputs", "engines", *FILE_KEYS.values(), *_UNIT_STATS))
 
 
 def _engine(folder: Path, e, where: str, bad: _Bad) -> Engine:
@@ -697,6 +805,7 @@ def _model(model: dict, k: int, bad, wiring: Callable[[_DeclaredModel], int]) ->
         input_size=input_size,
         stem=config.get("stem"),
         method=model.get("method"),
+        extra=_freeze({key: v for key, v in model.items() if key not in ("config", "method", "num_exits")}),
     )
 
 
@@ -772,7 +881,8 @@ def _frames(folder: Path, info, bad: _Bad) -> CalibrationFrames | None:
     shape = info.get("shape")
     if shape is not None and not (isinstance(shape, list) and all(_int(v) and v >= 1 for v in shape)):
         raise bad("calibration_frames.shape", f"must list positive integers, got {shape!r}")
-    return CalibrationFrames(path, sha, count, tuple(shape) if shape else None)
+    extra = {k: v for k, v in info.items() if k not in ("path", "sha256", "count", "shape")}
+    return CalibrationFrames(path, sha, count, tuple(shape) if shape else None, _freeze(extra))
 
 
 def _check_unique(folder: Path, units, weights, frames) -> None:

@@ -2,18 +2,48 @@
 
 The parse and every check live in runtime/artifact.py (`Artifact.load`); this module is the I/O
 around it: `write_calibration` / `write_manifest` (atomic, refusing to write into an artifact
-another export replaced) and the stored frames."""
+another export replaced) and the stored frames' file, ``calibration/frames.npz``, written by
+`save_calibration_frames` (export) and read by `load_calibration_frames` (calibrate, bench, engines)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from edgeexit.errors import ArtifactError
-from edgeexit.runtime.artifact import MANIFEST_NAME, Artifact, content_id, read_manifest_json
+from edgeexit.runtime.artifact import MANIFEST_NAME, Artifact, Calibration, content_id, read_manifest_json
 
 MAX_FRAMES_BYTES = 2 << 30  # the stored file (compressed)
 MAX_FRAMES_EXPANDED = 4 << 30  # what its members may expand to, at most (less: count x shape)
+CALIBRATION_FRAMES = "calibration/frames.npz"  # inside the artifact
+# its arrays: uint8 (N, H, W, C) frames, their labels, and the calibration / verification indices
+FRAME_MEMBERS = ("frames", "labels", "calibration", "verification")
+
+
+def save_calibration_frames(folder: Path, frames, labels, calibration, verification, source: str) -> dict:
+    """Write ``frames`` (uint8 N x H x W x C, the model's input size), their ``labels`` and the
+    ``calibration`` / ``verification`` index halves as ``folder``/calibration/frames.npz; returns the
+    manifest's ``calibration_frames`` entry (``source``: where the frames come from, in words)."""
+    import hashlib
+
+    import numpy as np
+
+    path = folder / CALIBRATION_FRAMES
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(zip(FRAME_MEMBERS, (frames, labels, calibration, verification), strict=True))
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return {
+        "path": CALIBRATION_FRAMES,
+        "count": int(len(frames)),
+        "calibration": int(len(calibration)),
+        "verification": int(len(verification)),
+        "source": source,
+        "shape": list(frames.shape[1:]),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "bytes": path.stat().st_size,
+    }
 
 
 def _check_npz_members(path: Path, data: bytes, count: int | None, shape: tuple | None) -> None:
@@ -28,7 +58,7 @@ def _check_npz_members(path: Path, data: bytes, count: int | None, shape: tuple 
             members = z.infolist()
     except zipfile.BadZipFile as e:
         raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
-    allowed = {f"{k}.npy" for k in ("frames", "labels", "calibration", "verification")}
+    allowed = {f"{k}.npy" for k in FRAME_MEMBERS}
     limit = MAX_FRAMES_EXPANDED
     if isinstance(count, int) and shape is not None and all(isinstance(v, int) for v in shape):
         limit = min(limit, count * (math.prod(shape) + 3 * 8) + 4 * 4096)
@@ -75,7 +105,7 @@ def load_calibration_frames(art: Artifact) -> dict | None:
     _check_npz_members(path, data, info.count, info.shape)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            out = {k: z[k] for k in ("frames", "labels", "calibration", "verification")}
+            out = {k: z[k] for k in FRAME_MEMBERS}
     except (ValueError, KeyError, OSError, EOFError) as e:
         raise ArtifactError(f"{path} is not a calibration-frames file ({e}): re-export the model") from None
     except Exception as e:  # zipfile.BadZipFile, a truncated member (zlib.error) ...
@@ -122,9 +152,10 @@ def _check_frames(art, path, out: dict) -> None:
         )
 
 
-def write_calibration(art: Artifact, calibration: dict | None) -> None:
-    """Write ``calibration`` as the manifest's calibration block of ``art`` (the `Artifact` it was
-    calibrated from), refusing to when another export replaced the artifact meanwhile."""
+def write_calibration(art: Artifact, calibration: Calibration | Mapping | None) -> None:
+    """Write ``calibration`` (a `Calibration` or its block) as the manifest's calibration of ``art``
+    (the `Artifact` it was calibrated from), refusing to when another export replaced the artifact
+    meanwhile."""
     write_manifest(art, art.with_calibration(calibration).to_json())
 
 

@@ -79,9 +79,9 @@ def add_engines(artifact, version: str = "10.3.0", max_batch: int = 64, precisio
 
     path = artifact / "manifest.json"
     m = json.loads(path.read_text())
-    for u in m["units"]:
-        u["engines"] = []
-    build_engines(
-        artifact, m["units"], half=precision == "fp16", int8=precision == "int8", max_batch=max_batch, workspace_gib=1.0
+    bare = [{**u, "engines": []} for u in m["units"]]
+    units = build_engines(
+        artifact, bare, half=precision == "fp16", int8=precision == "int8", max_batch=max_batch, workspace_gib=1.0
     )
+    m["units"] = [u.to_json(artifact) for u in units]
     path.write_text(json.dumps(m))
