@@ -247,3 +247,10 @@ def test_a_non_finite_answer_is_an_error_never_a_class(artifact_copy, test_frame
     res = CliRunner().invoke(app, ["run", str(artifact_copy), "--source", str(folder), "--backend", "onnxruntime"])
     assert res.exit_code == 2, res.output
     assert "non-finite confidence" in res.output and "Traceback" not in res.output
+    # calibration decides on every exit's confidence: a poisoned exit is refused, not skipped
+    res = CliRunner().invoke(
+        app, ["calibrate", str(artifact_copy), "--budget", "50%", "--backend", "onnxruntime", "--images", "40",
+              "--verify-images", "40", "--repeats", "4", "--accept-load"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "exit 8 answered" in res.output and "frame(s) of" in res.output and "Traceback" not in res.output
+    assert Artifact.load(artifact_copy).calibration is None  # nothing written

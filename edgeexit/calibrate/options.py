@@ -86,10 +86,10 @@ class CalibrationOptions:
                 continue
             if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= (high or v)):
                 raise OptionError(name, f"must be {f'within {low}..{high}' if high else f'at least {low}'}, got {v!r}")
-        for name, (low, high, shown) in _REAL_RANGES.items():
-            v = getattr(self, name)
-            if v is not None and not (_real(v) and low <= v < high):
-                raise OptionError(name, f"must be within {shown}, got {v}")
+        for name, (bottom, top, shown) in _REAL_RANGES.items():
+            x = getattr(self, name)
+            if x is not None and not (_real(x) and bottom <= x < top):
+                raise OptionError(name, f"must be within {shown}, got {x}")
         for name, choices in _choices().items():
             if getattr(self, name) not in choices:
                 raise OptionError(name, f"must be {_one_of(choices)}, got '{getattr(self, name)}'")

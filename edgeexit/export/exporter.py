@@ -66,11 +66,11 @@ class ExportOptions:
             v = getattr(self, name)
             if not (isinstance(v, int) and not isinstance(v, bool) and low <= v <= high):
                 raise UserError(f"{_flag(name)} must be within {low}..{high}, got {v!r}")
-        for name, (low, high, low_included) in _REAL_RANGES.items():
-            v = getattr(self, name)
-            above = isinstance(v, int | float) and math.isfinite(v) and (low < v or (low_included and v == low))
-            if not (above and v < high):
-                raise UserError(f"{_flag(name)} must be {_real_range(low, high)}, got {v}")
+        for name, (bottom, top, bottom_included) in _REAL_RANGES.items():
+            x = getattr(self, name)
+            above = isinstance(x, int | float) and math.isfinite(x) and (bottom < x or (bottom_included and x == bottom))
+            if not (above and x < top):
+                raise UserError(f"{_flag(name)} must be {_real_range(bottom, top)}, got {x}")
         defaults = {f.name: f.default for f in fields(self)}
         engine_only = [_flag(k) for k in ENGINE_ONLY if getattr(self, k) != defaults[k]]
         if self.format == "onnx" and engine_only:

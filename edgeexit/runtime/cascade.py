@@ -95,8 +95,8 @@ class NonFiniteOutputError(ArtifactError, ArithmeticError):
     a silent class 0. On a device the usual cause is an FP16 engine whose activations overflow
     (FP16 stops at 65504); weights holding NaN are the other."""
 
-    def __init__(self, exit_index: int, backend: str, frames: int = 1) -> None:
-        where = f"{frames} frame(s) of the batch" if frames > 1 else "this frame"
+    def __init__(self, exit_index: int, backend: str, frames: int = 1, of: str = "the batch") -> None:
+        where = f"{frames} frame(s) of {of}" if frames > 1 or of != "the batch" else "this frame"
         super().__init__(
             f"exit {exit_index} answered {where} with a non-finite confidence (its logits hold NaN or "
             f"infinity) on the {backend} backend: on an FP16 engine this is activation overflow, so "
@@ -706,7 +706,14 @@ class Cascade:
         """Run every unit on preprocessed images: (N, K) confidences (this cascade's policy) and
         predictions (`profiling.exit_statistics`). Batches respect the runner's max batch."""
         with self._runner_held() as runner:
-            return profiling.exit_statistics(runner, self.plan, x, self.confidence, batch_size, progress)
+            stats = profiling.exit_statistics(runner, self.plan, x, self.confidence, batch_size, progress)
+        # calibration decides on these: a NaN confidence would pass no threshold test and silently
+        # become "never exits here" (or, at the last exit, class 0), so it is an error naming the exit
+        bad = ~np.isfinite(stats["confidence"])
+        if bad.any():
+            pos = int(np.flatnonzero(bad.any(axis=0))[0])
+            raise NonFiniteOutputError(pos + 1, self.runner.info.name, int(bad[:, pos].sum()), of=f"{len(x)} images")
+        return stats
 
     def profile(self, image: np.ndarray, batch: int = 1, repeats: int = 200, min_seconds: float = 1.0, progress=None):
         """Per-unit latency on this device (`profiling.profile_units`)."""
