@@ -223,8 +223,8 @@ def test_run_jsonl_over_several_streams_and_their_preprocessing(tiny_artifact, t
 
 
 def test_jsonl_lines_are_on_disk_as_each_frame_is_written(tiny_artifact, test_frames, tmp_path):
-    from edgeexit.runtime import Cascade
     from edgeexit.run import JsonLines
+    from edgeexit.runtime import Cascade
 
     cascade = Cascade.load(tiny_artifact, backend="onnxruntime")
     path = tmp_path / "live.jsonl"

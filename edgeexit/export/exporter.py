@@ -68,7 +68,8 @@ class ExportOptions:
                 raise UserError(f"{_flag(name)} must be within {low}..{high}, got {v!r}")
         for name, (bottom, top, bottom_included) in _REAL_RANGES.items():
             x = getattr(self, name)
-            above = isinstance(x, int | float) and math.isfinite(x) and (bottom < x or (bottom_included and x == bottom))
+            finite = isinstance(x, int | float) and math.isfinite(x)
+            above = finite and (bottom < x or (bottom_included and x == bottom))
             if not (above and x < top):
                 raise UserError(f"{_flag(name)} must be {_real_range(bottom, top)}, got {x}")
         defaults = {f.name: f.default for f in fields(self)}
