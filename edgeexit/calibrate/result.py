@@ -240,6 +240,24 @@ class CalibrationReport:
         out = {"artifact": self.artifact, **self._body(curves=True)}
         return {**out, "plot": self.plot} if self.plot is not None else out
 
+    def _measured_block(self) -> dict:
+        """The chosen plan as measured: the verification run, its drop, and the ladder's view of it
+        (per-exit latency, the scale, the interleaved run and the reference the controller anchors on)."""
+        v, ladder = self.verification, self.ladder
+        measured = {
+            **v.chosen.measured,
+            "drop_vs_full": self.verified_drop,
+            "exit_ms": ladder.chosen_exit_ms,
+            "ladder_scale": ladder.scale,
+        }
+        if ladder.interleaved is not None:
+            measured["interleaved"] = ladder.interleaved
+        if ladder.reference is not None:
+            measured["reference"] = ladder.reference
+        if v.fraction_of_full is not None:
+            measured["fraction_of_full"] = v.fraction_of_full
+        return measured
+
     def _body(self, curves: bool) -> dict:
         o, v, c = self.options, self.verification, self.choice
         chosen = v.chosen
@@ -252,17 +270,7 @@ class CalibrationReport:
         oof = c.crossfit.out_of_fold.get(c.crossfit.chosen) if c.crossfit is not None else None
         if oof:
             predicted["out_of_fold_accuracy"] = oof["accuracy"]
-        measured = {
-            **chosen.measured,
-            "drop_vs_full": self.verified_drop,
-            "exit_ms": self.ladder.chosen_exit_ms,
-            "ladder_scale": self.ladder.scale,
-        }
-        for name in ("interleaved", "reference"):
-            if getattr(self.ladder, name) is not None:
-                measured[name] = getattr(self.ladder, name)
-        if v.fraction_of_full is not None:
-            measured["fraction_of_full"] = v.fraction_of_full
+        measured = self._measured_block()
         out = {
             "budget_ms": self.budget_ms,
             "metric": o.metric,
