@@ -181,7 +181,7 @@ def _write_json(path: Path | None, payload: dict) -> None:
     from edgeexit.util import atomic_write_text, strict_json
 
     atomic_write_text(path, strict_json(payload))
-    console.print(f"wrote {path}", markup=False, highlight=False)
+    console.print(f"wrote {path}", markup=False, highlight=False, soft_wrap=True)  # a path stays one line
 
 
 def _parse_budget(text: str) -> tuple[float | None, float | None]:
@@ -563,7 +563,7 @@ def eval_(
     out_console.print(eval_table(result))
     if plot:
         budgeted_plot(result, plot)
-        console.print(f"wrote {plot}", markup=False, highlight=False)
+        console.print(f"wrote {plot}", markup=False, highlight=False, soft_wrap=True)
     _write_json(json_out, result)
 
 
@@ -625,7 +625,7 @@ def export(
     from edgeexit.runtime.artifact import Artifact
 
     out_console.print(info_table(Artifact.load(path)))
-    console.print(f"[green]exported[/] {esc(path)}")
+    console.print(f"[green]exported[/] {esc(path)}", soft_wrap=True)
     _write_json(json_out, {"artifact": str(path), "manifest": manifest})
 
 

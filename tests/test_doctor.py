@@ -88,10 +88,12 @@ def test_doctor_on_a_broken_artifact_is_a_one_line_error(tmp_path):
 
 
 def test_doctor_json_takes_a_file_like_every_command_and_dash_prints_it(tmp_path):
-    out = tmp_path / "report.json"
+    out = tmp_path / ("a-folder-name-long-enough-that-the-path-is-wider-than-a-terminal" * 2) / "report.json"
+    out.parent.mkdir()
     res = doctor("--json", out)
     assert res.returncode == 0, res.stderr
-    assert "Python" in res.stdout and f"wrote {out}" in res.stderr  # the text report, and the file as for any --json
+    # the text report, and the file as for any --json, its path on one line whatever its length
+    assert "Python" in res.stdout and f"wrote {out}" in res.stderr
     d = json.loads(out.read_text())
     assert d["ok"] is True and d["auto_backend"] == "onnxruntime-cpu"
     assert d.keys() == json.loads(doctor("--json", "-").stdout).keys()
