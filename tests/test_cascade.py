@@ -254,3 +254,37 @@ def test_a_non_finite_answer_is_an_error_never_a_class(artifact_copy, test_frame
     assert res.exit_code == 2, res.output
     assert "exit 8 answered" in res.output and "frame(s) of" in res.output and "Traceback" not in res.output
     assert Artifact.load(artifact_copy).calibration is None  # nothing written
+
+
+def test_cached_exit_statistics_are_per_precision_and_checked_like_fresh_ones(artifact_copy, test_frames):
+    """calibrate keeps each artifact's exit statistics in a cache file: another precision's units get
+    another file (FP16/INT8 confidences are not FP32's), and a cached NaN is refused as a fresh one is."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from edgeexit.calibrate.options import CalibrationOptions
+    from edgeexit.calibrate.run import _stats_cached, stats_key
+    from edgeexit.runtime.cascade import NonFiniteOutputError
+
+    opts = CalibrationOptions(budget_fraction=0.5)
+    with Cascade.load(artifact_copy, backend="onnxruntime") as fp32:
+        key = stats_key(fp32, opts, "fashion-mnist", 100, 100)
+        int8 = SimpleNamespace(runner=SimpleNamespace(info=replace(fp32.runner.info, precision="int8")),
+                               artifact=fp32.artifact)  # fmt: skip
+        assert stats_key(int8, opts, "fashion-mnist", 100, 100) != key
+        assert stats_key(fp32, opts, "fashion-mnist", 100, 100) == key
+        x = np.stack([fp32.preprocessor(f) for f in test_frames[0][:6]])
+        fresh = _stats_cached(fp32, artifact_copy, key, x)
+        assert fresh["confidence"].shape == (6, 8) and np.isfinite(fresh["confidence"]).all()
+        again = _stats_cached(fp32, artifact_copy, key, x)
+        assert np.array_equal(again["confidence"], fresh["confidence"])
+        poisoned = fresh["confidence"].copy()
+        poisoned[2:4, 3] = np.nan
+        np.savez_compressed(artifact_copy / f"calibration_stats.{key}.npz", confidence=poisoned,
+                            prediction=fresh["prediction"])  # fmt: skip
+        with pytest.raises(NonFiniteOutputError, match=r"exit 4 answered 2 frame\(s\) of 6 images"):
+            _stats_cached(fp32, artifact_copy, key, x)
+        # a file for other frames (another count) is recomputed, not trusted
+        np.savez_compressed(artifact_copy / f"calibration_stats.{key}.npz", confidence=poisoned[:5],
+                            prediction=fresh["prediction"][:5])  # fmt: skip
+        assert np.array_equal(_stats_cached(fp32, artifact_copy, key, x)["confidence"], fresh["confidence"])

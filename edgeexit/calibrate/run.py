@@ -42,6 +42,7 @@ from edgeexit.calibrate.result import (
 from edgeexit.errors import UserError
 from edgeexit.runtime import Cascade
 from edgeexit.runtime.artifact import LadderRung
+from edgeexit.runtime.cascade import check_finite_confidence
 from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.latency import LatencyStats
 from edgeexit.runtime.manifest import write_calibration
@@ -165,11 +166,7 @@ def _measure(s: _Session, opts: CalibrationOptions, console, say) -> Measurement
         groups = {n: v for n, v in stats.items() if "+" in n} if fused else None
         overhead_ms = overhead_from(stats, k, fused)
         task = prog.add_task("exit statistics", total=len(x_calib))
-        key = hashlib.sha1(
-            f"{cascade.runner.info.name}|{opts.policy}|{s.dataset}|{opts.split}|{opts.seed}|{len(s.calib_idx)}|"
-            f"{len(s.verify_idx)}|all|"
-            f"{cascade.artifact.created}".encode()
-        ).hexdigest()[:12]
+        key = stats_key(cascade, opts, s.dataset, len(s.calib_idx), len(s.verify_idx))
         ex = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
     correct = ex["prediction"] == s.labels[s.decide_idx][:, None]
     profile = {"batch": 1, "units": units, "decision": stats["decision"]}
@@ -212,11 +209,28 @@ def _profile(s: _Session, opts: CalibrationOptions, image: np.ndarray, prog, say
     return RoundsProfile(prof.stats, load, prof.samples)
 
 
+def stats_key(cascade: Cascade, opts: CalibrationOptions, dataset, n_calib: int, n_verify: int) -> str:
+    """The name of the exit statistics' cache file. They depend on the units that run (backend and
+    precision: FP16 and INT8 confidences differ from FP32's), the policy and the frames; "v2": files
+    written before the finite check are not reused."""
+    info = cascade.runner.info
+    text = (
+        f"v2|{info.name}|{info.precision}|{opts.policy}|{dataset}|{opts.split}|{opts.seed}|"
+        f"{n_calib}|{n_verify}|all|{cascade.artifact.created}"
+    )
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def _stats_cached(cascade: Cascade, folder: Path, key: str, x: np.ndarray, progress=None) -> dict:
+    """The exit statistics of ``x``, from this artifact's cache file when it holds them for exactly
+    these frames (checked finite as fresh ones are), else computed and stored."""
     path = folder / f"calibration_stats.{key}.npz"
     if path.is_file():
         with np.load(path) as z:
-            return {"confidence": z["confidence"], "prediction": z["prediction"]}
+            cached = {"confidence": z["confidence"], "prediction": z["prediction"]}
+        if cached["confidence"].shape == cached["prediction"].shape == (len(x), cascade.plan.num_exits):
+            check_finite_confidence(cached["confidence"], cascade.runner.info.name)
+            return cached
     stats = cascade.exit_statistics(x, progress=progress)
     atomic_write(path, lambda f: np.savez_compressed(f, **stats))
     return stats

@@ -106,6 +106,16 @@ class NonFiniteOutputError(ArtifactError, ArithmeticError):
         self.exit_index = exit_index
 
 
+def check_finite_confidence(confidence: np.ndarray, backend: str) -> None:
+    """Exit statistics, (N, K) confidences, hold only finite numbers; else `NonFiniteOutputError`
+    naming the first exit at fault. Calibration decides on them: a NaN confidence would pass no
+    threshold test and silently read as "never exits here" (or, at the last exit, class 0)."""
+    bad = ~np.isfinite(confidence)
+    if bad.any():
+        pos = int(np.flatnonzero(bad.any(axis=0))[0])
+        raise NonFiniteOutputError(pos + 1, backend, int(bad[:, pos].sum()), of=f"{len(confidence)} images")
+
+
 def _finite(value: float) -> bool:
     return -math.inf < value < math.inf  # False for NaN too: one chained comparison on the hot path
 
@@ -707,12 +717,7 @@ class Cascade:
         predictions (`profiling.exit_statistics`). Batches respect the runner's max batch."""
         with self._runner_held() as runner:
             stats = profiling.exit_statistics(runner, self.plan, x, self.confidence, batch_size, progress)
-        # calibration decides on these: a NaN confidence would pass no threshold test and silently
-        # become "never exits here" (or, at the last exit, class 0), so it is an error naming the exit
-        bad = ~np.isfinite(stats["confidence"])
-        if bad.any():
-            pos = int(np.flatnonzero(bad.any(axis=0))[0])
-            raise NonFiniteOutputError(pos + 1, self.runner.info.name, int(bad[:, pos].sum()), of=f"{len(x)} images")
+        check_finite_confidence(stats["confidence"], self.runner.info.name)
         return stats
 
     def profile(self, image: np.ndarray, batch: int = 1, repeats: int = 200, min_seconds: float = 1.0, progress=None):

@@ -603,10 +603,10 @@ class TensorRTBackend(Runner):
     def graph_stats(self) -> GraphStats:
         """The CUDA graphs captured so far, per (unit name, batch bucket), and the failed captures."""
         captured: dict[tuple[str, int], int] = {}
-        for idx, b, _ in self._graphs:
+        for idx, b, _ in list(self._graphs):  # a copy: another thread may capture meanwhile
             key = (self._unit_names[idx], b)
             captured[key] = captured.get(key, 0) + 1
-        failed = {(self._unit_names[idx], b): n for (idx, b), n in self._graph_failed.items()}
+        failed = {(self._unit_names[idx], b): n for (idx, b), n in list(self._graph_failed.items())}
         return GraphStats.of(captured, failed, MAX_GRAPHS if MAX_GRAPHS is not None else self._graph_capacity)
 
     def synchronize(self) -> None:

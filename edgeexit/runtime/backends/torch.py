@@ -147,8 +147,8 @@ class TorchBackend(Runner):
     def graph_stats(self) -> GraphStats:
         """The CUDA graphs captured so far, per (unit name, batch bucket), and the failed captures
         (a unit whose capture failed runs eagerly from then on)."""
-        captured = {(_unit_name(key), b): 1 for key, b in self._graphs}
-        failed = {(_unit_name(key), b): 1 for key, b in self._graph_failed.items()}
+        captured = {(_unit_name(key), b): 1 for key, b in list(self._graphs)}  # copies: another thread may capture
+        failed = {(_unit_name(key), b): 1 for key, b in list(self._graph_failed.items())}
         return GraphStats.of(captured, failed, self.max_graphs)
 
     def synchronize(self) -> None:
