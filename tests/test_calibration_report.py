@@ -109,6 +109,7 @@ BEFORE_COMMON = {
     "latency.exit_groups.*.p95_ms",
     "latency.exit_groups.*.p99_ms",
     "latency.exit_groups.*.repeats",
+    "latency.exit_step_ms",
     "latency.frame_overhead_ms",
     "latency.units",
     "latency.units.*",

@@ -121,3 +121,27 @@ def test_pooled_profiles_summarise_every_round_of_both(monkeypatch):
     # the second, quiet profile's rounds are the quiet ones: the costs are the quiet costs
     assert both.stats["a"]["mean_ms"] == pytest.approx(1.0) and both.stats["b"]["mean_ms"] == pytest.approx(0.5)
     assert a.stats["a"]["mean_ms"] > 1.5  # the first alone saw the device slow nearly all the time
+
+
+def test_the_exit_step_is_what_a_whole_predict_costs_beyond_its_pieces():
+    """The every-exit predict, timed on the same rounds as the pieces, costs K - 1 exit steps more than
+    the pieces add up to; the cost model charges one per evaluated exit and takes one out of the
+    per-frame overhead, so it predicts both timed plans (the plain model and every exit) exactly."""
+    from edgeexit.calibrate.optimizer import CostModel
+    from edgeexit.runtime.plan import head_name, segment_name
+    from edgeexit.runtime.profiling import EVERY_EXIT, exit_step_from
+
+    k, seg, head, decision, overhead, step = 4, 1.0, 0.2, 0.01, 0.3, 0.05
+    units = {n: {"p50_ms": v} for p in range(k) for n, v in ((segment_name(p), seg), (head_name(p), head))}
+    stats = {**units, "decision": {"p50_ms": decision}}
+    every = overhead + k * (seg + head + decision) + (k - 1) * step
+    assert exit_step_from(stats, k, False, overhead) == 0.0  # not timed: no correction
+    stats[EVERY_EXIT] = {"p50_ms": every}
+    e = exit_step_from(stats, k, False, overhead)
+    assert e == pytest.approx(step)
+    cost = CostModel.from_timings(k, units, "p50_ms", decision, overhead, None, e)
+    assert cost.all_exits_ms() == pytest.approx(every)
+    assert cost.full_ms() == pytest.approx(overhead + k * seg + head + decision)  # the plain model: unchanged
+    stats[EVERY_EXIT] = {"p50_ms": every - k * step}  # faster than its pieces (noise): no negative step
+    assert exit_step_from(stats, k, False, overhead) == 0.0
+    assert exit_step_from(stats, 1, False, overhead) == 0.0  # one exit: no intermediate step to charge

@@ -58,10 +58,20 @@ class CostModel:
 
     @classmethod
     def from_timings(
-        cls, k: int, units: dict, field: str, decision_ms: float, overhead_ms: float, groups: dict | None = None
+        cls,
+        k: int,
+        units: dict,
+        field: str,
+        decision_ms: float,
+        overhead_ms: float,
+        groups: dict | None = None,
+        exit_step_ms: float = 0.0,
     ) -> CostModel:
         """From profiled latencies (``units``/``groups``: name -> stats, as calibrate stores them in
-        ``calibration.latency``); ``field``: mean_ms or p95_ms."""
+        ``calibration.latency``); ``field``: mean_ms or p95_ms. ``exit_step_ms``: the cascade's own work
+        per evaluated exit (`profiling.exit_step_from`), charged with each decision and taken out of
+        the per-frame overhead (which was measured with one exit step inside)."""
+        decision_ms, overhead_ms = decision_ms + exit_step_ms, max(0.0, overhead_ms - exit_step_ms)
         group_ms = None
         if groups is not None:
             group_ms = np.full((k, k), np.nan)

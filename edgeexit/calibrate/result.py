@@ -35,6 +35,7 @@ class Measurements:
     correct: np.ndarray  # (frames, exits) bool
     prediction: np.ndarray | None = None  # (frames, exits) class per exit (the drift monitor's class shares)
     load: dict | None = None  # how busy the device was while profiling (calibrate/load.py)
+    exit_step_ms: float = 0.0  # the cascade's own work per evaluated exit (`profiling.exit_step_from`)
 
     @property
     def num_frames(self) -> int:
@@ -43,7 +44,8 @@ class Measurements:
     def cost(self, metric: str) -> CostModel:
         field = "mean_ms" if metric == "mean" else "p95_ms"
         units, decision = self.profile["units"], self.profile["decision"][field]
-        return CostModel.from_timings(self.conf.shape[1], units, field, decision, self.overhead_ms, self.groups)
+        k = self.conf.shape[1]
+        return CostModel.from_timings(k, units, field, decision, self.overhead_ms, self.groups, self.exit_step_ms)
 
     def evaluate(self, cost: CostModel, th, metric: str) -> Solution:
         return evaluate(self.conf, self.correct, cost, th, metric)
@@ -58,6 +60,7 @@ class Measurements:
             "units": self.profile["units"],
             "decision_ms": self.profile["decision"]["mean_ms"],
             "frame_overhead_ms": self.overhead_ms,
+            "exit_step_ms": self.exit_step_ms,
             **({"exit_groups": self.groups} if self.groups is not None else {}),
         }
 

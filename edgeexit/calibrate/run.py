@@ -47,7 +47,14 @@ from edgeexit.runtime.device import fingerprint
 from edgeexit.runtime.latency import LatencyStats
 from edgeexit.runtime.manifest import write_calibration
 from edgeexit.runtime.plan import MSDNET_QS, CascadePlan, head_name, segment_name
-from edgeexit.runtime.profiling import RoundsProfile, cost_pieces, overhead_from, profile_rounds, verify_together
+from edgeexit.runtime.profiling import (
+    RoundsProfile,
+    cost_pieces,
+    exit_step_from,
+    overhead_from,
+    profile_rounds,
+    verify_together,
+)
 from edgeexit.util import atomic_write, esc, remove_stale_temps
 
 ISO_ACCURACY_DROP = 0.005  # "within 0.5 pt of the final exit"
@@ -165,12 +172,15 @@ def _measure(s: _Session, opts: CalibrationOptions, console, say) -> Measurement
         # on a runner that fuses, what runs is timed: each evaluated exit's one call
         groups = {n: v for n, v in stats.items() if "+" in n} if fused else None
         overhead_ms = overhead_from(stats, k, fused)
+        exit_step_ms = exit_step_from(stats, k, fused, overhead_ms)
         task = prog.add_task("exit statistics", total=len(x_calib))
         key = stats_key(cascade, opts, s.dataset, len(s.calib_idx), len(s.verify_idx))
         ex = _stats_cached(cascade, s.folder, key, x_calib, progress=lambda n: prog.update(task, completed=n))
     correct = ex["prediction"] == s.labels[s.decide_idx][:, None]
     profile = {"batch": 1, "units": units, "decision": stats["decision"]}
-    return Measurements(profile, groups, overhead_ms, ex["confidence"], correct, ex["prediction"], rounds.load)
+    return Measurements(
+        profile, groups, overhead_ms, ex["confidence"], correct, ex["prediction"], rounds.load, exit_step_ms
+    )
 
 
 PER_ROUND = 4  # calls of each piece per profiling round (--repeats calls in all, in rounds of these)

@@ -346,15 +346,55 @@ def cost_pieces(cascade, image: np.ndarray, frame: np.ndarray) -> tuple[dict, Ca
     else:
         view = cascade.derive(CascadePlan.full_model(k), fuse=False)
     calls["frame"] = lambda: view.predict(frame)
+    every = _every_exit_view(cascade, frame, fused)
+    if every is not None:
+        calls[EVERY_EXIT] = lambda: every.predict(frame)
     head = runner.run_head(0, states[1][-1])
     calls["decision"] = lambda: float(cascade.confidence(head)[0]) >= 0.5  # reading a confidence, comparing it
 
     def cleanup() -> None:
         view.close()
+        if every is not None:
+            every.close()
         if fused:
             runner.forget([cascade.plan])  # K(K+1)/2 groups: keep only what the cascade's own plan uses
 
     return calls, cleanup
+
+
+EVERY_EXIT = "every_exit"  # the cost piece: a whole predict that evaluates every exit and leaves at the last
+
+
+def _every_exit_view(cascade, frame: np.ndarray, fused: bool):
+    """A view of ``cascade`` that evaluates every exit and lets the frame leave only at the last
+    (threshold 1.0: a confidence never exceeds it), or None when this frame reaches 1.0 somewhere
+    (it would leave early, so the piece would not time what it names) or there is one exit."""
+    k = cascade.num_exits
+    if k < 2:
+        return None
+    view = cascade.derive(CascadePlan.from_thresholds([1.0] * (k - 1) + [0.0]), fuse=fused)
+    if view.predict(frame).exit_index != k:
+        view.close()
+        return None
+    return view
+
+
+def exit_step_from(stats: Mapping[str, dict], num_exits: int, fused: bool, overhead_ms: float) -> float:
+    """What each evaluated exit costs beyond its units and the decision piece (the cascade's own
+    per-exit work in ``predict``: the exit step, reading the state, the bookkeeping), from the
+    ``every_exit`` piece timed on the same rounds: its whole predict minus what the cost model adds
+    up for it, shared by its K - 1 intermediate exits (medians; 0 when not timed or not positive).
+    The cost model charges it per evaluated exit and takes it out of the per-frame overhead, which
+    the plain model's predict measured with one exit step inside."""
+    k = num_exits
+    if EVERY_EXIT not in stats or k < 2:
+        return 0.0
+    if fused:
+        inside = sum(stats[exit_group_name(p, p)]["p50_ms"] for p in range(k))
+    else:
+        inside = sum(stats[segment_name(p)]["p50_ms"] + stats[head_name(p)]["p50_ms"] for p in range(k))
+    modelled = overhead_ms + inside + k * stats["decision"]["p50_ms"]
+    return max(0.0, (stats[EVERY_EXIT]["p50_ms"] - modelled) / (k - 1))
 
 
 def overhead_from(stats: Mapping[str, dict], num_exits: int, fused: bool) -> float:
