@@ -125,8 +125,8 @@ def test_pooled_profiles_summarise_every_round_of_both(monkeypatch):
 
 def test_the_exit_step_is_what_a_whole_predict_costs_beyond_its_pieces():
     """The every-exit predict, timed on the same rounds as the pieces, costs K - 1 exit steps more than
-    the pieces add up to; the cost model charges one per evaluated exit and takes one out of the
-    per-frame overhead, so it predicts both timed plans (the plain model and every exit) exactly."""
+    the pieces add up to; the cost model charges one per evaluated exit a frame passes, so it predicts
+    both timed plans (the plain model and every exit) exactly, and leaving early passes fewer."""
     from edgeexit.calibrate.optimizer import CostModel
     from edgeexit.runtime.plan import head_name, segment_name
     from edgeexit.runtime.profiling import EVERY_EXIT, exit_step_from
@@ -142,6 +142,9 @@ def test_the_exit_step_is_what_a_whole_predict_costs_beyond_its_pieces():
     cost = CostModel.from_timings(k, units, "p50_ms", decision, overhead, None, e)
     assert cost.all_exits_ms() == pytest.approx(every)
     assert cost.full_ms() == pytest.approx(overhead + k * seg + head + decision)  # the plain model: unchanged
+    assert cost.min_ms() == pytest.approx(overhead + seg + head + decision)  # leaving at exit 1: no step
+    every_exit = np.ones(k, bool)
+    assert np.diff(cost.exit_costs(every_exit)) == pytest.approx([seg + head + decision + step] * (k - 1))
     stats[EVERY_EXIT] = {"p50_ms": every - k * step}  # faster than its pieces (noise): no negative step
     assert exit_step_from(stats, k, False, overhead) == 0.0
     assert exit_step_from(stats, 1, False, overhead) == 0.0  # one exit: no intermediate step to charge

@@ -49,6 +49,9 @@ class CostModel:
     # On a runner that fuses: group_ms[a, b] = segments a..b and head b run as one call (0-based,
     # a <= b). Then an exit's cost is the sum of the groups the plan makes up to it, not of units.
     group_ms: np.ndarray | None = None
+    # the cascade's own work at an evaluated exit a frame passes without leaving (the exit step, the
+    # state, the bookkeeping in predict), beyond the head and the decision: charged per exit passed
+    exit_step_ms: float = 0.0
 
     def __post_init__(self) -> None:
         self.segment_ms = np.asarray(self.segment_ms, dtype=np.float64)
@@ -69,9 +72,7 @@ class CostModel:
     ) -> CostModel:
         """From profiled latencies (``units``/``groups``: name -> stats, as calibrate stores them in
         ``calibration.latency``); ``field``: mean_ms or p95_ms. ``exit_step_ms``: the cascade's own work
-        per evaluated exit (`profiling.exit_step_from`), charged with each decision and taken out of
-        the per-frame overhead (which was measured with one exit step inside)."""
-        decision_ms, overhead_ms = decision_ms + exit_step_ms, max(0.0, overhead_ms - exit_step_ms)
+        per evaluated exit a frame passes without leaving (`profiling.exit_step_from`)."""
         group_ms = None
         if groups is not None:
             group_ms = np.full((k, k), np.nan)
@@ -84,6 +85,7 @@ class CostModel:
             decision_ms=decision_ms,
             overhead_ms=overhead_ms,
             group_ms=group_ms,
+            exit_step_ms=exit_step_ms,
         )
 
     @property
@@ -95,13 +97,14 @@ class CostModel:
         exit not evaluated: what it would cost if it were, the rest of the plan unchanged)."""
         if self.group_ms is None:
             per = self.segment_ms + np.where(evaluated, self.head_ms + self.decision_ms, 0.0)
-            return self.overhead_ms + np.cumsum(per)
+            passed = np.cumsum(evaluated) - np.asarray(evaluated, dtype=np.int64)  # evaluated exits before
+            return self.overhead_ms + np.cumsum(per) + self.exit_step_ms * passed
         out = np.empty(self.num_exits)
         done, start = self.overhead_ms, 0
         for pos in range(self.num_exits):
             out[pos] = done + self.group_ms[start, pos] + self.decision_ms
             if evaluated[pos]:
-                done, start = out[pos], pos + 1
+                done, start = out[pos] + self.exit_step_ms, pos + 1
         return out
 
     def full_ms(self) -> float:

@@ -384,8 +384,8 @@ def exit_step_from(stats: Mapping[str, dict], num_exits: int, fused: bool, overh
     per-exit work in ``predict``: the exit step, reading the state, the bookkeeping), from the
     ``every_exit`` piece timed on the same rounds: its whole predict minus what the cost model adds
     up for it, shared by its K - 1 intermediate exits (medians; 0 when not timed or not positive).
-    The cost model charges it per evaluated exit and takes it out of the per-frame overhead, which
-    the plain model's predict measured with one exit step inside."""
+    The cost model charges it for every evaluated exit a frame passes without leaving; the plain
+    model and a frame leaving at its first evaluated exit pass none."""
     k = num_exits
     if EVERY_EXIT not in stats or k < 2:
         return 0.0
