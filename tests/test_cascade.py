@@ -238,6 +238,10 @@ def test_a_non_finite_answer_is_an_error_never_a_class(artifact_copy, test_frame
             cascade.predict(frames[0])
         with pytest.raises(NonFiniteOutputError, match=r"exit 8 answered 3 frame\(s\) of the batch"):
             cascade.predict_batch(frames[:3])
+        # calibration's exit statistics refuse it too, naming the exit and how many frames
+        x = np.stack([cascade.preprocessor(f) for f in frames[:5]])
+        with pytest.raises(NonFiniteOutputError, match=r"exit 8 answered 5 frame\(s\) of 5 images"):
+            cascade.exit_statistics(x)
         # the earlier exits are intact: a plan that answers at exit 2 still classifies
         cascade.set_thresholds([0.0] + [1.0] * 7)
         assert cascade.predict(frames[0]).exit_index == 1
@@ -252,7 +256,7 @@ def test_a_non_finite_answer_is_an_error_never_a_class(artifact_copy, test_frame
         app, ["calibrate", str(artifact_copy), "--budget", "50%", "--backend", "onnxruntime", "--images", "40",
               "--verify-images", "40", "--repeats", "4", "--accept-load"])  # fmt: skip
     assert res.exit_code == 2, res.output
-    assert "exit 8 answered" in res.output and "frame(s) of" in res.output and "Traceback" not in res.output
+    assert "exit 8 answered" in res.output and "non-finite" in res.output and "Traceback" not in res.output
     assert Artifact.load(artifact_copy).calibration is None  # nothing written
 
 
