@@ -360,6 +360,15 @@ InitOpt = Annotated[
         "implies the fine-tuning recipe. Nothing is downloaded."
     ),
 ]
+NormalizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--normalize",
+        help="dataset (the training images' mean/std), imagenet (ImageNet's: the default with --init) or MEAN/STD "
+        "on the 0..1 pixel scale, one value or one per channel (0.5/0.25, 0.49,0.48,0.45/0.25,0.24,0.26): what "
+        "your --init network was trained with.",
+    ),
+]
 BackboneOpt = Annotated[
     str | None,
     typer.Option(
@@ -472,6 +481,7 @@ def train(
     stem: StemOpt = None,
     image_size: ImageSizeOpt = None,
     init: InitOpt = None,
+    normalize: NormalizeOpt = None,
     backbone: BackboneOpt = None,
     exit_layout: ExitLayoutOpt = "stages",
     freeze_trunk: FreezeTrunkOpt = False,
@@ -499,10 +509,10 @@ def train(
         exits=exits, width=width, epochs=epochs, batch_size=batch_size, lr=lr, teacher_weights=teacher_weights,
         temperature=temperature, alpha=alpha, beta=beta, gamma=gamma, val_size=val_size, augment=augment,
         train_images=train_images, eval_images=eval_images, seed=seed, device=device, out=out, resume=resume,
-        force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, data_dir=data_dir,
-        strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout, dist_timeout=dist_timeout,
-        freeze_trunk=freeze_trunk, two_stage=two_stage, gradient_equilibrium=gradient_equilibrium or None,
-        distill_gate=distill_gate, meta_interval=meta_interval,
+        force=force, adapt_threads=adapt_threads, stem=stem, image_size=image_size, init=init, normalize=normalize,
+        data_dir=data_dir, strict=strict, cache_dir=cache_dir, backbone=backbone, exit_layout=exit_layout,
+        dist_timeout=dist_timeout, freeze_trunk=freeze_trunk, two_stage=two_stage,
+        gradient_equilibrium=gradient_equilibrium or None, distill_gate=distill_gate, meta_interval=meta_interval,
         target_budget=None if target_budget is None else _parse_share("--target-budget", target_budget))  # fmt: skip
     _train_and_report(TrainConfig.from_recipe(data, method, **options), out, json_out)
 

@@ -16,6 +16,7 @@ import torch
 
 from edgeexit.errors import UserError
 from edgeexit.models.backbones import BACKBONES, BackboneConfig, BackboneNet, torchvision_network
+from edgeexit.models.multiexit import ConfigError
 
 SURFACES = ["8.6.1", "10.3.0", "11.4.0"]
 # One architecture per family (seven families), at widths that keep each test to seconds
@@ -173,9 +174,11 @@ def test_freeze_trunk_final_exit_is_bit_identical_to_the_users_network(backbone,
     path = tmp_path / "user.pth"
     torch.save(user.state_dict(), path)
 
-    _train(tmp_path / "run", backbone, FAMILIES[backbone], init=str(path), freeze_trunk=True)
+    # the statistics the user's network was trained with (not ImageNet's, which --init implies)
+    _train(tmp_path / "run", backbone, FAMILIES[backbone], init=str(path), freeze_trunk=True, normalize="0.29/0.35")
     ckpt = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert ckpt["config"]["freeze_trunk"] is True
+    assert (ckpt["preprocessing"]["mean"], ckpt["preprocessing"]["std"]) == ([0.29], [0.35])
     model = BackboneNet(BackboneConfig.from_dict(ckpt["config"]))
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
@@ -212,6 +215,11 @@ def test_freeze_trunk_refuses_a_classifier_for_other_classes(tmp_path):
         ({"backbone": "resnet18", "exit_layout": "every"}, "--exit-layout must be stages or dense"),
         ({"freeze_trunk": True}, "--freeze-trunk adds exits to a torchvision network"),
         ({"backbone": "resnet18", "freeze_trunk": True}, "pass its state_dict with --init"),
+        ({"normalize": "0.5"}, "--normalize must be dataset, imagenet or MEAN/STD, got '0.5'"),
+        ({"normalize": "0.5/zero"}, "--normalize MEAN/STD must be numbers separated by commas"),
+        ({"normalize": "0.5/0"}, "--normalize standard deviations must be within 0.001..10"),
+        ({"normalize": "0.5,0.4/0.2"}, "--normalize gives 2 means and 1 standard deviations"),
+        ({"normalize": "128/64"}, "--normalize means are on the 0..1 pixel scale"),
     ],
 )
 def test_bad_backbone_options_are_one_line_errors(kw, message, tmp_path):
@@ -219,6 +227,12 @@ def test_bad_backbone_options_are_one_line_errors(kw, message, tmp_path):
 
     with pytest.raises(UserError, match=message):
         TrainConfig.from_recipe("fashion-mnist", "ce", out=str(tmp_path / "r"), **kw)
+
+
+def test_normalize_per_channel_must_match_the_images_channels(tmp_path):
+    with pytest.raises(UserError, match="--normalize gives 3 values per statistic for 1-channel images: give 1$"):
+        _train(tmp_path / "run", "resnet18", 0.125, normalize="0.5,0.5,0.5/0.2,0.2,0.2")
+    assert not (tmp_path / "run" / "model.pt").exists()
 
 
 def test_mlcsd_is_refused_with_a_backbone(tmp_path):
@@ -246,6 +260,42 @@ def test_stages_are_measured_and_exits_sit_at_their_ends():
 
 
 @pytest.mark.slow  # two exports of a MobileNet
+def test_a_head_on_a_wide_tap_is_built_spatial_first_and_costs_under_its_share():
+    """ResNet-50's widening heads on its 256- and 512-channel taps cost 27 % and 20 % of the segments
+    before them (multiply-accumulates at 224 px); built spatial-first they cost under HEAD_SHARE, with
+    features as wide as before. ResNet-18's narrow taps keep the widening heads."""
+    from edgeexit.models.backbones import HEAD_SHARE
+    from edgeexit.models.multiexit import count_unit_cost
+
+    def shares(model):
+        units = count_unit_cost(model)
+        return [h["macs"] / s["macs"] for s, h in zip(units[0::2], units[1::2], strict=True)][:-1]
+
+    cfg = {"backbone": "resnet50", "width": 1.0, "in_chans": 3, "num_classes": 1000, "input_size": [224, 224]}
+    model = BackboneNet(BackboneConfig(**cfg))
+    assert [h.spatial_first for h in model.heads[:-1]] == [True, True, False]
+    assert max(shares(model)) <= HEAD_SHARE
+    assert [h.feat_dim for h in model.heads[:-1]] == [1024, 2048, 2048]
+    wide = BackboneNet(BackboneConfig(**cfg, heads="widen"))
+    assert [round(s, 2) for s in shares(wide)] == [0.27, 0.20, 0.07]
+    narrow = BackboneNet(BackboneConfig(**{**cfg, "backbone": "resnet18"}))
+    assert not any(h.spatial_first for h in narrow.heads[:-1])
+
+
+def test_a_checkpoint_from_before_heads_by_cost_rebuilds_its_widening_heads():
+    """A saved config without ``heads`` (every checkpoint written before the rule) rebuilds exactly the
+    heads it was trained with, so its state_dict loads."""
+    cfg = BackboneConfig(backbone="mobilenet_v3_small", width=0.25, in_chans=1, input_size=[28, 28], heads="widen")
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "heads"}
+    old = BackboneNet(cfg)
+    rebuilt = BackboneNet(BackboneConfig.from_dict(saved))
+    rebuilt.load_state_dict(old.state_dict())  # strict: same modules, same shapes
+    assert not any(h.spatial_first for h in rebuilt.heads[:-1])
+    assert any(h.spatial_first for h in BackboneNet(replace(cfg, heads="by-cost")).heads[:-1])
+    with pytest.raises(ConfigError, match="heads must be by-cost or widen, got 'lean'"):
+        BackboneConfig(backbone="resnet18", heads="lean")
+
+
 def test_an_operator_tensorrt_86_cannot_import_is_named_at_export(tmp_path):
     from edgeexit.export.onnx_units import check_trt86_ops, export_units
 

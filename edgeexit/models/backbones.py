@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from edgeexit.models.multiexit import CONFIG_KINDS, MODEL_KINDS, ConfigError, ExitHead
+from edgeexit.models.multiexit import CONFIG_KINDS, MODEL_KINDS, ConfigError, ExitHead, MacCounter
 
 State = tuple[torch.Tensor, ...]
 
@@ -43,6 +43,11 @@ BACKBONES = {
     "convnext_tiny": "convnext",
 }
 LAYOUTS = ("stages", "dense")
+HEAD_RULES = ("by-cost", "widen")
+# An early head may cost this share of the segment before it (multiply-accumulates) before it is built
+# spatial-first. Measured at 224 px on ONNX Runtime CPU: ResNet-50's widening heads on its 256- and
+# 512-channel taps took 31 % and 25 % of their segments' time (docs/results.md, "Your own backbone").
+HEAD_SHARE = 0.10
 SMALL_INPUT_BELOW = 64  # px: inputs smaller than this get the reduced-stride stem
 
 
@@ -64,6 +69,9 @@ class BackboneConfig:
     small_input: bool | None = None
     layout: str = "stages"  # stages: one exit per stage boundary; dense: also inside long stages
     freeze_trunk: bool = False  # train only the early exit heads; trunk and classifier stay as loaded
+    # how early heads reduce their tap: "widen" (widen while reducing, every head), or "by-cost": a head
+    # that would cost over HEAD_SHARE of the segment before it reduces first, then widens (`head_layouts`)
+    heads: str = "by-cost"
 
     def __post_init__(self) -> None:
         check_backbone(self.backbone)
@@ -74,13 +82,17 @@ class BackboneConfig:
         self.input_size = [int(s) for s in self.input_size]
         if self.small_input is None:
             self.small_input = min(self.input_size) < SMALL_INPUT_BELOW
+        if self.heads not in HEAD_RULES:
+            raise ConfigError("heads", f"must be {' or '.join(HEAD_RULES)}, got '{self.heads}'")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BackboneConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        fields.setdefault("heads", "widen")  # a checkpoint written before heads were chosen by cost
+        return cls(**fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,9 +271,13 @@ def split_network(net: nn.Module, family: str) -> tuple[list[nn.Module], nn.Modu
     raise ValueError(f"unknown family {family}")
 
 
+DRY_RUN_PX = 64
+
+
 @torch.no_grad()
-def block_shapes(blocks: list[nn.Module], in_chans: int, size: int = 64) -> list[tuple[int, int]]:
-    """(output channels, reduction) of every block, measured on one dry run at ``size`` px."""
+def block_shapes(blocks: list[nn.Module], in_chans: int, size: int = DRY_RUN_PX) -> list[tuple[int, int, int]]:
+    """(output channels, reduction, multiply-accumulates) of every block, measured on one dry run at
+    ``size`` px."""
     x = torch.zeros(1, in_chans, size, size)
     shapes = []
     training = [b.training for b in blocks]
@@ -269,19 +285,39 @@ def block_shapes(blocks: list[nn.Module], in_chans: int, size: int = 64) -> list
         b.eval()
     try:
         for b in blocks:
-            x = b(x)
-            shapes.append((int(x.shape[1]), size // int(x.shape[-1])))
+            with MacCounter(b) as macs:
+                x = b(x)
+            shapes.append((int(x.shape[1]), size // int(x.shape[-1]), macs.take()))
     finally:
         for b, t in zip(blocks, training, strict=True):
             b.train(t)
     return shapes
 
 
-def stages_of(shapes: list[tuple[int, int]]) -> list[dict]:
+@torch.no_grad()
+def early_head(shapes: list[tuple[int, int, int]], start: int, end: int, feat: int, config: BackboneConfig):
+    """The exit head after blocks ``start:end``: it widens its tap 4x (up to the network's final
+    width) in stride-2 depthwise-separable steps, then pools, cheap next to the trunk for most taps
+    (widening to the final width, as the ResNet18 heads do, cost MobileNetV2 1.3M parameters per
+    head for its 1280 channels). Under ``heads="by-cost"`` a head whose widening would cost more than
+    HEAD_SHARE of the blocks before it is built spatial-first (`ExitHead`)."""
+    tap, reduction, _ = shapes[end - 1]
+    head = ExitHead(tap, min(feat, 4 * tap), config.num_classes)
+    if config.heads == "widen":
+        return head
+    side = max(1, DRY_RUN_PX // reduction)
+    with MacCounter(head) as macs:
+        head.eval()(torch.zeros(1, tap, side, side))
+    if macs.take() <= HEAD_SHARE * sum(m for _, _, m in shapes[start:end]):
+        return head.train()
+    return ExitHead(tap, min(feat, 4 * tap), config.num_classes, spatial_first=True)
+
+
+def stages_of(shapes: list[tuple[int, int, int]]) -> list[dict]:
     """Consecutive blocks of one reduction form a stage (timm's feature_info: num_chs, reduction,
     and here the block range). The last stage also holds a final 1x1 conv of the same stride."""
     stages: list[dict] = []
-    for i, (ch, red) in enumerate(shapes):
+    for i, (ch, red, _) in enumerate(shapes):
         if stages and stages[-1]["reduction"] == red:
             stages[-1].update(end=i + 1, num_chs=ch)
         else:
@@ -332,11 +368,7 @@ class BackboneNet(nn.Module):
             if i == len(points) - 1:
                 heads.append(ClassifierHead(pool, classifier, feat))
             else:
-                # An early head widens its tap 4x in two stride-2 depthwise-separable steps, then pools:
-                # cheap next to the trunk (widening to the network's final width, as the ResNet18
-                # heads do, cost MobileNetV2 1.3M parameters per head for its 1280 channels).
-                tap = shapes[end - 1][0]
-                heads.append(ExitHead(tap, min(feat, 4 * tap), config.num_classes))
+                heads.append(early_head(shapes, start, end, feat, config))
             start = end
         self.segments = nn.ModuleList(segments)
         self.heads = nn.ModuleList(heads)

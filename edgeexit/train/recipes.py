@@ -5,6 +5,7 @@ A recipe is plain data; CLI flags override any field.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from edgeexit.data.names import canonical_dataset
@@ -41,7 +42,8 @@ class Recipe:
     crop: str = "pad"  # pad: the paper's padded random crop; resized: random-resized-crop (camera photos)
     stem: str = "cifar"  # cifar | imagenet (see models.MultiExitConfig)
     image_size: int | None = None  # ImageFolder training size (None: the stem's natural size)
-    normalize: str = "dataset"  # dataset: the training set's mean/std; imagenet: ImageNet's (pretrained)
+    # dataset: the training set's mean/std; imagenet: ImageNet's (pretrained); or MEAN/STD (see parse_normalize)
+    normalize: str = "dataset"
     backbone_lr_scale: float = 1.0  # the backbone's learning rate relative to the heads'
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -85,6 +87,43 @@ FINETUNE = Recipe(
 )
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_normalize(spec: str) -> tuple[list[float], list[float]] | None:
+    """``--normalize``: None for the named choices (dataset, imagenet), else (mean, std) as given.
+    A network the user trained with its own statistics only predicts as it did when fed the same ones,
+    which --freeze-trunk's promise (the final exit unchanged) depends on."""
+    if spec in ("dataset", "imagenet"):
+        return None
+    parts = spec.split("/")
+    if len(parts) != 2:
+        raise ValueError(f"must be dataset, imagenet or MEAN/STD, got '{spec}'")
+    try:
+        mean, std = ([float(v) for v in part.split(",")] for part in parts)
+    except ValueError:
+        raise ValueError(f"MEAN/STD must be numbers separated by commas, got '{spec}'") from None
+    if len(mean) != len(std):
+        raise ValueError(f"gives {len(mean)} means and {len(std)} standard deviations: give as many of each")
+    if not all(math.isfinite(v) and -1.0 <= v <= 2.0 for v in mean):
+        raise ValueError(f"means are on the 0..1 pixel scale (e.g. 0.485), got {spec.split('/')[0]}")
+    if not all(math.isfinite(v) and 1e-3 <= v <= 10.0 for v in std):
+        raise ValueError(f"standard deviations must be within 0.001..10 (e.g. 0.229), got {spec.split('/')[1]}")
+    return mean, std
+
+
+def normalization_for(spec: str, in_chans: int, dataset_mean: list[float], dataset_std: list[float]):
+    """The (mean, std) a run trains with, per channel."""
+    if spec == "dataset":
+        return list(dataset_mean), list(dataset_std)
+    if spec == "imagenet":  # pretrained weights expect ImageNet's statistics
+        return list(IMAGENET_MEAN[:in_chans]), list(IMAGENET_STD[:in_chans])
+    mean, std = parse_normalize(spec) or ([], [])
+    if len(mean) == 1:
+        return mean * in_chans, std * in_chans
+    if len(mean) != in_chans:
+        counts = "1" if in_chans == 1 else f"1 or {in_chans}"
+        raise ValueError(f"gives {len(mean)} values per statistic for {in_chans}-channel images: give {counts}")
+    return mean, std
 
 
 def get_recipe(dataset: str, method: str, finetune: bool = False) -> Recipe:

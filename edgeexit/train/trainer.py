@@ -32,7 +32,7 @@ from edgeexit.models.multiexit import ConfigError, check_architecture
 from edgeexit.train.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from edgeexit.train.evaluation import anytime_accuracy, exit_outputs
 from edgeexit.train.losses import METHODS, LossConfig, build_task
-from edgeexit.train.recipes import Recipe, get_recipe
+from edgeexit.train.recipes import Recipe, get_recipe, parse_normalize
 from edgeexit.train.torch_device import resolve_device
 from edgeexit.util import ContentionGuard
 
@@ -151,6 +151,10 @@ def _named_flag():
 def _check_model_options(r: Recipe) -> None:
     with _named_flag():  # layouts and stems are checked in models, once (teacher weights: LossConfig)
         check_architecture(r.exits, r.stem)
+    try:
+        parse_normalize(r.normalize)
+    except ValueError as e:
+        raise UserError(f"--normalize {e}") from None
     if r.image_size is not None and not 8 <= r.image_size <= 1024:
         raise UserError(f"--image-size must be within 8..1024, got {r.image_size}")
 
@@ -271,7 +275,7 @@ GPU_RESIDENT_BYTES = 4 << 30
 
 def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageDataset, dict]:
     from edgeexit.models.multiexit import NATURAL_SIZE
-    from edgeexit.train.recipes import IMAGENET_MEAN, IMAGENET_STD
+    from edgeexit.train.recipes import normalization_for
 
     r = cfg.recipe
     size = None
@@ -290,8 +294,10 @@ def prepare_data(cfg: TrainConfig, world: int = 1) -> tuple[ImageDataset, ImageD
         cache_dir=cfg.cache_dir,
         cache="always" if world > 1 and size is not None else "auto",
     )
-    if r.normalize == "imagenet":  # pretrained weights expect ImageNet's statistics
-        full.mean, full.std = list(IMAGENET_MEAN[: full.in_chans]), list(IMAGENET_STD[: full.in_chans])
+    try:
+        full.mean, full.std = normalization_for(r.normalize, full.in_chans, full.mean, full.std)
+    except ValueError as e:
+        raise UserError(f"--normalize {e}") from None
     val_size = cfg.recipe.val_size if cfg.recipe.val_size is not None else max(1, min(5000, len(full) // 5))
     if val_size > len(full) // 2:
         raise UserError(
