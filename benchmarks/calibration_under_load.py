@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 SPIN = "while True: pass"
 BURSTY = "import time\nwhile True:\n    t = time.time()\n    while time.time() - t < 0.5: pass\n    time.sleep(0.5)"
 LOADS = {"quiet": [], "busy1": [SPIN], "busy2": [SPIN, SPIN], "bursty": [BURSTY]}
@@ -96,6 +98,8 @@ def _calibrate_one(artifact: str, fraction: float, args) -> dict:
         "chosen": (r.get("cross_fit") or {}).get("chosen"),
         "load": r.get("load"),
         "correction": r.get("latency_correction"),
+        "budget_ms": r.get("budget_ms"),
+        "latency": r.get("latency"),  # the cost model the plan was chosen on (`bound` re-uses it)
     }
 
 
@@ -262,9 +266,98 @@ def _inversions(rows: list[dict], meas: dict) -> None:
           f"{len(bad)} of {len(groups)} ladders {bad}")  # fmt: skip
 
 
+def _test_statistics(path: str, which: str) -> tuple:
+    """(confidence, correct) per frame and exit: ``which`` = test (every test image) or heldout (the
+    frames stored in the artifact, which calibrate decides on). Cached beside the artifact copy."""
+    import numpy as np
+
+    from edgeexit.data.frames import load_frames
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.manifest import load_calibration_frames
+
+    cache = Path(tempfile.gettempdir()) / f"cul_stats_{abs(hash(os.path.realpath(path)))}_{which}.npz"
+    if cache.is_file():
+        z = np.load(cache)
+        return z["conf"], z["correct"]
+    c = Cascade.load(path, backend="onnxruntime")
+    try:
+        if which == "test":
+            frames, labels, _ = load_frames(c.artifact, None, "test", None)
+        else:
+            stored = load_calibration_frames(c.artifact)
+            frames, labels = stored["frames"], stored["labels"]
+        stats = c.exit_statistics(c.preprocessor.batch(frames))
+    finally:
+        c.close()
+    conf, correct = stats["confidence"], stats["prediction"] == np.asarray(labels)[:, None]
+    np.savez(cache, conf=conf, correct=correct)
+    return conf, correct
+
+
+def bound(args) -> None:
+    """How far each calibrated plan is from the best thresholds found on the test set itself at the same
+    cost (an attainable upper bound: fitted on the frames it is scored on), by the cost model the plan
+    was chosen on; and where that gap comes from: each approach calibrate chooses between (the free
+    optimiser, MSDNet's family), fitted on the stored frames, scored on the test set at the same cost."""
+    import numpy as np
+
+    from edgeexit.calibrate.optimizer import CostModel, cross_fitted, evaluate, msdnet_baseline, optimize
+
+    out = Path(args.out)
+    doc = json.loads(out.read_text())
+    models = dict(m.split("=", 1) for m in args.models)
+    rows = []
+    for r in doc["calibrations"]:
+        if r["model"] not in models or r.get("latency") is None or r["thresholds"] is None:
+            continue
+        conf, correct = _test_statistics(models[r["model"]], "test")
+        held_conf, held_correct = _test_statistics(models[r["model"]], "heldout")
+        cost = CostModel.from_latency_block(r["latency"], conf.shape[1])
+        plan = evaluate(conf, correct, cost, r["thresholds"])
+        best = optimize(conf, correct, cost, plan.latency_ms)[0]
+        msd = msdnet_baseline(conf, correct, cost, plan.latency_ms)
+        fits = cross_fitted(held_conf, held_correct, cost, r["budget_ms"]).fits
+        on_test = {a: None if s is None else evaluate(conf, correct, cost, s.thresholds) for a, s in fits.items()}
+        per_frame = correct[np.arange(len(conf)), _positions(conf, r["thresholds"])].astype(float)
+        oracle = correct[np.arange(len(conf)), _positions(conf, best.thresholds)].astype(float)
+        row = {"model": r["model"], "budget": r["budget"], "repeat": r["repeat"], "condition": r["condition"],
+               "chosen": r["chosen"], "plan_accuracy": plan.accuracy, "plan_ms": plan.latency_ms,
+               "full_ms": cost.full_ms(), "bound_accuracy": best.accuracy, "bound_ms": best.latency_ms,
+               "gap_pt": 100 * (plan.accuracy - best.accuracy), "gap_ci_pt": _paired_ci(per_frame - oracle),
+               "msdnet_accuracy": None if msd is None else msd.accuracy,
+               "approaches_on_test": {a: None if v is None else {"accuracy": v.accuracy, "ms": v.latency_ms}
+                                      for a, v in on_test.items()}}  # fmt: skip
+        rows.append(row)
+        msd_txt = "-" if msd is None else f"{100 * (plan.accuracy - msd.accuracy):+.2f}"
+        appr = ", ".join(f"{a} {100 * v.accuracy:.2f}% at {v.latency_ms / cost.full_ms():.3f}"
+                         for a, v in on_test.items() if v is not None)  # fmt: skip
+        print(
+            f"{r['model']}-exit {100 * r['budget']:.0f}% #{r['repeat']} ({r['chosen']}): plan "
+            f"{100 * plan.accuracy:.2f}% at {plan.latency_ms / cost.full_ms():.3f} of full; test-set bound "
+            f"{100 * best.accuracy:.2f}% (gap {row['gap_pt']:+.2f} pt [{row['gap_ci_pt'][0]:+.2f}, "
+            f"{row['gap_ci_pt'][1]:+.2f}]); vs MSDNet {msd_txt} pt; fitted on stored frames: {appr}",
+            flush=True,
+        )
+    doc["bound"] = rows
+    _write(out, doc)
+
+
+def _positions(conf, thresholds):
+    from edgeexit.runtime.plan import exit_positions
+
+    return exit_positions(conf, np.asarray(thresholds, dtype=np.float64))
+
+
+def _paired_ci(diff, resamples: int = 2000) -> list[float]:
+    """95 % bootstrap interval of the mean of a per-frame difference, in points."""
+    rng = np.random.default_rng(0)
+    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(resamples)]
+    return [float(100 * np.percentile(means, 2.5)), float(100 * np.percentile(means, 97.5))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["calibrate", "measure", "summary"])
+    ap.add_argument("step", choices=["calibrate", "measure", "summary", "bound"])
     ap.add_argument("--models", nargs="+", default=[])
     ap.add_argument("--conditions", nargs="+", default=list(LOADS), choices=list(LOADS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.4, 0.6, 0.8])
@@ -281,6 +374,8 @@ def main() -> None:
         calibrate(args)
     elif args.step == "measure":
         measure(args)
+    elif args.step == "bound":
+        bound(args)
     else:
         summary(json.loads(Path(args.out).read_text()))
 

@@ -28,11 +28,7 @@ from edgeexit.runtime.plan import evaluated_mask, exit_positions
 
 
 def _cost(cal: dict, k: int, step: float) -> CostModel:
-    lat = cal["latency"]
-    field = "mean_ms"
-    return CostModel.from_timings(
-        k, lat["units"], field, lat["decision_ms"], lat["frame_overhead_ms"], lat.get("exit_groups"), step
-    )
+    return CostModel.from_latency_block({**cal["latency"], "exit_step_ms": step}, k)
 
 
 def _predicted(cost: CostModel, conf: np.ndarray, th) -> tuple[float, float]:

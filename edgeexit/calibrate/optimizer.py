@@ -88,6 +88,20 @@ class CostModel:
             exit_step_ms=exit_step_ms,
         )
 
+    @classmethod
+    def from_latency_block(cls, latency: dict, k: int, field: str = "mean_ms") -> CostModel:
+        """From a calibration's ``latency`` block (as the manifest and `run_calibration` hold it); a
+        calibration from before the exit step was measured has none."""
+        return cls.from_timings(
+            k,
+            latency["units"],
+            field,
+            latency["decision_ms"],
+            latency["frame_overhead_ms"],
+            latency.get("exit_groups"),
+            latency.get("exit_step_ms") or 0.0,
+        )
+
     @property
     def num_exits(self) -> int:
         return len(self.segment_ms)

@@ -45,11 +45,8 @@ def _cumulative_ms(result: dict, units: dict, field: str) -> list[float]:
     calibrate used (fused exit groups where the runner fuses, else the units one by one)."""
     from edgeexit.calibrate.optimizer import CostModel
 
-    lat, k = result["latency"], len(result["thresholds"])
-    step = lat.get("exit_step_ms") or 0.0  # calibrations from before it was measured: none
-    cost = CostModel.from_timings(
-        k, units, field, lat["decision_ms"], lat["frame_overhead_ms"], lat.get("exit_groups"), step
-    )
+    k = len(result["thresholds"])
+    cost = CostModel.from_latency_block({**result["latency"], "units": units}, k, field)
     return cost.exit_costs(np.array([(pos + 1) in result["evaluated_exits"] for pos in range(k)])).tolist()
 
 
