@@ -182,3 +182,30 @@ def test_an_absurd_ladder_size_is_refused_with_the_range(steps):
 
     with pytest.raises(UserError, match=r"ladder_steps must be within 2\.\.200"):
         CalibrationOptions(budget_fraction=0.5, ladder_steps=steps)
+
+
+def test_a_recalibration_keeps_the_plan_it_replaces_unless_the_evidence_says_otherwise(artifact_copy):
+    """Calibrating the same artifact again for the same goal gives the same plan: the new profile
+    differs from the old one only by how the device wandered. A previous plan that no longer fits the
+    budget by the new profile is replaced."""
+    from conftest import edit_manifest
+
+    opts = dict(budget_fraction=0.9, backend="onnxruntime", repeats=30, verify_images=100, iso_accuracy=False,
+                ladder_steps=2)  # fmt: skip
+    first = run_calibration(artifact_copy, **opts)
+    assert "kept_previous" not in first
+    again = run_calibration(artifact_copy, **opts)
+    kept = again["kept_previous"]
+    assert kept["thresholds"] == first["thresholds"]
+    assert kept["predicted_ms"] <= again["budget_ms"] * (1 + kept["cost_tolerance"])
+    assert kept["profile_moved"] <= kept["cost_tolerance"]
+    if "latency_correction" not in again:  # (a plan that overran when run is refitted whatever chose it)
+        assert again["thresholds"] == first["thresholds"]
+
+    def full_model(m):  # every early exit skipped: the whole network, over a 90 % budget
+        m["calibration"]["thresholds"] = [2.0] * (len(first["thresholds"]) - 1) + [0.0]
+
+    edit_manifest(artifact_copy, full_model)
+    third = run_calibration(artifact_copy, **opts)
+    assert "kept_previous" not in third
+    assert third["predicted"]["latency_ms"] <= third["budget_ms"] + 1e-9

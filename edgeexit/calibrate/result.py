@@ -74,6 +74,8 @@ class Choice:
     promise: Promise | None = None  # --max-drop: the fixed-sequence test that certified the plan
     frames_needed: dict | None = None  # --max-drop: speed-up -> frames that would certify it (None: out of reach)
     crossfit: CrossFit | None = None  # budget mode: the approach chosen out of fold
+    # budget mode: the evidence for keeping the plan this calibration replaces (`run._keep_previous`)
+    kept_previous: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -298,6 +300,8 @@ class CalibrationReport:
             out["max_drop"] = self._promise_block()
         if c.crossfit is not None:
             out["cross_fit"] = c.crossfit.to_dict()
+        if c.kept_previous is not None:
+            out["kept_previous"] = c.kept_previous
         out.update(device=self.device, latency=self.latency, data=self.data)
         if curves:
             out["frontier"] = [{"accuracy": f.accuracy, "latency_ms": f.latency_ms} for f in c.frontier]

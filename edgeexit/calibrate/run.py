@@ -106,7 +106,7 @@ def run_calibration(artifact, *, console=None, **options) -> dict:
         cost = m.cost(opts.metric)
         frame = _frame_cost(s, opts, say)
         budget_ms = _budget(opts, cost, say, frame)
-        choice = _choose(m, opts, cost, budget_ms, say)
+        choice = _choose(s, m, opts, cost, budget_ms, say)
         iso_promise = _certify(m, opts, cost, ISO_ACCURACY_DROP, None)  # the iso-accuracy point, certifiable
         verification = _verify(s, m, opts, cost, budget_ms, choice, iso_promise, say)
         ladder = _measure_ladder(s, m, opts, cost, verification.chosen, console)
@@ -355,7 +355,7 @@ def _frames_advice(m: Measurements, cost: CostModel, p: Promise, max_drop: float
     }
 
 
-def _choose(m: Measurements, opts: CalibrationOptions, cost: CostModel, budget_ms: float, say) -> Choice:
+def _choose(s: _Session, m: Measurements, opts: CalibrationOptions, cost: CostModel, budget_ms: float, say):
     if opts.max_drop is not None:
         return _choose_within_drop(m, opts, cost, budget_ms, say)
     crossfit = cross_fitted(m.conf, m.correct, cost, budget_ms, opts.metric, seed=opts.seed)
@@ -369,7 +369,60 @@ def _choose(m: Measurements, opts: CalibrationOptions, cost: CostModel, budget_m
             for a, v in crossfit.out_of_fold.items()
         )
     )
+    kept = _keep_previous(s, m, opts, cost, budget_ms, crossfit.solution)
+    if kept is not None:
+        solution, evidence = kept
+        say(
+            f"  [bold]kept the previous plan[/]: by this profile it costs {evidence['predicted_ms']:.3f} ms against "
+            f"the budget {budget_ms:.3f} ms, and this profile prices it and the new best within "
+            f"{100 * evidence['profile_moved']:.1f}% of the previous one (its level known within "
+            f"±{100 * evidence['cost_tolerance']:.1f}%): the device has not changed beyond what the load moves, so "
+            f"the plan does not either (the new best: {100 * evidence['accuracy_gain']:+.2f} pt on the stored frames)"
+        )
+        return Choice(solution, crossfit.frontier, crossfit=crossfit, kept_previous=evidence)
     return Choice(crossfit.solution, crossfit.frontier, crossfit=crossfit)
+
+
+# A recalibration's options that, when equal, make the plan it replaces a candidate for the same goal
+SAME_GOAL = ("budget_ms", "budget_fraction", "metric", "backend", "data", "split", "images", "verify_images",
+             "policy", "seed", "precision", "frame_size", "max_drop")  # fmt: skip
+
+
+def _keep_previous(s: _Session, m: Measurements, opts, cost: CostModel, budget_ms: float, new: Solution):
+    """Keep the plan this calibration replaces when it was chosen for the same goal on the same frames,
+    still fits the budget by this profile within the profile's own uncertainty, and the two profiles
+    price both plans (the old and the new best) alike within that uncertainty: then the plans differ
+    only by how the profile wandered with the load (on a steep accuracy-cost curve a few percent of
+    cost is a point or two of accuracy), and a recalibration that changed the plan would change what
+    the camera does for no reason. A device that changed (a new driver, a unit now dearer) moves a
+    plan's price beyond the uncertainty, and the new best is taken. Returns (its solution, the
+    evidence) or None."""
+    import json
+
+    cal = s.cascade.artifact.calibration
+    if cal is None or cal.thresholds is None or len(cal.thresholds) != m.conf.shape[1]:
+        return None
+    block = cal.to_dict()
+    now = json.loads(json.dumps({k: getattr(opts, k) for k in SAME_GOAL}))
+    if any((block.get("options") or {}).get(k) != now[k] for k in SAME_GOAL) or not block.get("latency"):
+        return None
+    field = "mean_ms" if opts.metric == "mean" else "p95_ms"
+    before = CostModel.from_latency_block(block["latency"], m.conf.shape[1], field)
+    old = m.evaluate(cost, list(cal.thresholds), opts.metric)
+    tolerance = min(2 * float((m.load or {}).get("quiet_error") or 0.01), 0.05)
+
+    def price(c: CostModel, th) -> float:  # a share of the full model for a percent budget, else ms
+        ms = m.evaluate(c, th, opts.metric).latency_ms
+        return ms / c.full_ms() if opts.budget_fraction is not None else ms
+
+    moved = max(abs(price(cost, th) / price(before, th) - 1) for th in (old.thresholds, new.thresholds))
+    if old.latency_ms > budget_ms * (1 + tolerance) or moved > tolerance:
+        return None
+    evidence = {"thresholds": list(cal.thresholds), "predicted_ms": float(old.latency_ms),
+                "cost_tolerance": tolerance, "profile_moved": float(moved),
+                "accuracy_gain": float(new.accuracy - old.accuracy),
+                "new_thresholds": [float(t) for t in new.thresholds]}  # fmt: skip
+    return old, evidence
 
 
 def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float, say) -> Choice:
