@@ -68,11 +68,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait(timeout=10)
 
 
-def _calibrate_one(artifact: str, fraction: float, args) -> dict:
+def _calibrate_one(artifact: str, fraction: float, args, key: str = "") -> dict:
     from edgeexit.calibrate.run import run_calibration
 
-    work = Path(tempfile.mkdtemp(prefix="cul")) / "m.edgeexit"
-    shutil.copytree(artifact, work)
+    if args.in_place:  # one copy per model, condition and budget, calibrated again at every repeat
+        work = Path(tempfile.gettempdir()) / f"cul_in_place_{_digest(artifact, key)}" / "m.edgeexit"
+        if not work.is_dir():
+            shutil.copytree(artifact, work)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="cul")) / "m.edgeexit"
+        shutil.copytree(artifact, work)
     kw = {"budget_fraction": fraction, "backend": "onnxruntime", "iso_accuracy": False, "ladder_steps": 2,
           "verify_images": args.verify_images, "images": args.images}  # fmt: skip
     if "accept_load" in inspect.signature(run_calibration).parameters or _has_option("accept_load"):
@@ -87,7 +92,8 @@ def _calibrate_one(artifact: str, fraction: float, args) -> dict:
             if not (Path(artifact) / stats.name).exists():
                 shutil.copy2(stats, Path(artifact) / stats.name)
     finally:
-        shutil.rmtree(work.parent, ignore_errors=True)
+        if not args.in_place:
+            shutil.rmtree(work.parent, ignore_errors=True)
     return {
         "seconds": time.perf_counter() - t,
         "thresholds": r["thresholds"],
@@ -100,7 +106,14 @@ def _calibrate_one(artifact: str, fraction: float, args) -> dict:
         "correction": r.get("latency_correction"),
         "budget_ms": r.get("budget_ms"),
         "latency": r.get("latency"),  # the cost model the plan was chosen on (`bound` re-uses it)
+        "kept_previous": r.get("kept_previous") is not None,
     }
+
+
+def _digest(path: str, key: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(f"{os.path.realpath(path)}|{key}".encode()).hexdigest()[:12]
 
 
 def _has_option(name: str) -> bool:
@@ -123,7 +136,8 @@ def calibrate(args) -> None:
                     for f in args.budgets:
                         row = {"label": args.label, "model": name, "condition": condition, "repeat": rep,
                                "budget": f, "time": time.strftime("%H:%M:%S"),
-                               "loadavg": os.getloadavg()[0], **_calibrate_one(path, f, args)}  # fmt: skip
+                               "loadavg": os.getloadavg()[0], "in_place": args.in_place,
+                               **_calibrate_one(path, f, args, f"{args.label}/{condition}/{f}")}  # fmt: skip
                         doc["calibrations"].append(row)
                         _write(out, doc)
                         v = (row["load"] or {}).get("verdict", "-")
@@ -275,7 +289,7 @@ def _test_statistics(path: str, which: str) -> tuple:
     from edgeexit.runtime import Cascade
     from edgeexit.runtime.manifest import load_calibration_frames
 
-    cache = Path(tempfile.gettempdir()) / f"cul_stats_{abs(hash(os.path.realpath(path)))}_{which}.npz"
+    cache = Path(tempfile.gettempdir()) / f"cul_stats_{_digest(path, which)}.npz"
     if cache.is_file():
         z = np.load(cache)
         return z["conf"], z["correct"]
@@ -368,6 +382,9 @@ def main() -> None:
     ap.add_argument("--first-repeat", type=int, default=0, help="number of the first repeat (to add repeats)")
     ap.add_argument("--pause", type=float, default=0.0, help="seconds between repeats")
     ap.add_argument("--label", default="after")
+    ap.add_argument("--in-place", action="store_true",
+                    help="calibrate one copy per model, condition and budget again at every repeat (a user "
+                    "recalibrating their artifact), instead of a fresh copy each time")  # fmt: skip
     ap.add_argument("--out", default="docs/calibration_under_load.json")
     args = ap.parse_args()
     if args.step == "calibrate":
