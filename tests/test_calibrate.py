@@ -184,28 +184,32 @@ def test_an_absurd_ladder_size_is_refused_with_the_range(steps):
         CalibrationOptions(budget_fraction=0.5, ladder_steps=steps)
 
 
-def test_a_recalibration_keeps_the_plan_it_replaces_unless_the_evidence_says_otherwise(artifact_copy):
-    """Calibrating the same artifact again for the same goal gives the same plan: the new profile
-    differs from the old one only by how the device wandered. A previous plan that no longer fits the
-    budget by the new profile is replaced."""
+def test_a_recalibration_keeps_the_plan_it_replaces_unless_the_evidence_says_otherwise(artifact_copy, monkeypatch):
+    """Calibrating the same artifact again for the same goal gives the same plan, with the evidence in the
+    report; a previous plan that no longer fits the budget by the new profile is replaced. (The
+    tolerance is widened here so that the test does not depend on how busy the machine running it is;
+    the rule itself is tested on exact costs in test_calibrate_optimizer.py.)"""
     from conftest import edit_manifest
+
+    import edgeexit.calibrate.run as run
 
     opts = dict(budget_fraction=0.9, backend="onnxruntime", repeats=30, verify_images=100, iso_accuracy=False,
                 ladder_steps=2)  # fmt: skip
     first = run_calibration(artifact_copy, **opts)
     assert "kept_previous" not in first
+    monkeypatch.setattr(run, "_keep_tolerance", lambda m: 0.25)
     again = run_calibration(artifact_copy, **opts)
     kept = again["kept_previous"]
-    assert kept["thresholds"] == first["thresholds"]
-    assert kept["predicted_ms"] <= again["budget_ms"] * (1 + kept["cost_tolerance"])
-    assert kept["profile_moved"] <= kept["cost_tolerance"]
+    assert kept["thresholds"] == first["thresholds"] and kept["cost_tolerance"] == 0.25
+    assert kept["predicted_ms"] <= again["budget_ms"] * 1.25 and kept["profile_moved"] <= 0.25
     if "latency_correction" not in again:  # (a plan that overran when run is refitted whatever chose it)
         assert again["thresholds"] == first["thresholds"]
 
-    def full_model(m):  # every early exit skipped: the whole network, over a 90 % budget
+    def full_model(m):  # every early exit skipped: the whole network, 100 % > 90 % x 1.1
         m["calibration"]["thresholds"] = [2.0] * (len(first["thresholds"]) - 1) + [0.0]
 
     edit_manifest(artifact_copy, full_model)
+    monkeypatch.setattr(run, "_keep_tolerance", lambda m: 0.10)
     third = run_calibration(artifact_copy, **opts)
     assert "kept_previous" not in third
     assert third["predicted"]["latency_ms"] <= third["budget_ms"] + 1e-9

@@ -156,3 +156,69 @@ def test_optimizer_matches_brute_force_with_fused_costs(seed):
     sol, _ = optimize(conf, correct, cost, budget)
     assert sol.mean_ms <= budget + 1e-9
     assert sol.accuracy == pytest.approx(best.accuracy, abs=1e-12)
+
+
+def _kept(old_units: dict, new_units: dict, old_th, new_th, budget_fraction=0.6, old_fraction=0.6, quiet_error=0.005):
+    """`calibrate.run._keep_previous` on exact costs: 3 exits, 400 frames, the old calibration's block
+    holding ``old_units`` and this profile ``new_units`` (name -> ms)."""
+    from types import SimpleNamespace
+
+    from edgeexit.calibrate.options import CalibrationOptions
+    from edgeexit.calibrate.result import Measurements
+    from edgeexit.calibrate.run import _keep_previous
+
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.2, 1.0, (400, 3))
+    correct = rng.uniform(size=(400, 3)) < np.array([0.6, 0.75, 0.9])
+
+    def block(units):
+        return {"units": {k: {"mean_ms": v, "p95_ms": v} for k, v in units.items()}, "decision_ms": 0.0,
+                "frame_overhead_ms": 0.0}  # fmt: skip
+
+    opts = CalibrationOptions(budget_fraction=budget_fraction, backend="onnxruntime")
+    old_opts = {**opts.__dict__, "budget_fraction": old_fraction, "frame_size": None}
+    cal = SimpleNamespace(thresholds=tuple(old_th), to_dict=lambda: {"options": old_opts, "latency": block(old_units)})
+    session = SimpleNamespace(cascade=SimpleNamespace(artifact=SimpleNamespace(calibration=cal)))
+    lat = block(new_units)
+    m = Measurements({"units": lat["units"], "decision": {"mean_ms": 0.0}}, None, 0.0, conf, correct,
+                     load={"quiet_error": quiet_error})  # fmt: skip
+    cost = CostModel.from_latency_block(lat, 3)
+    new = evaluate(conf, correct, cost, new_th)
+    return _keep_previous(session, m, opts, cost, budget_fraction * cost.full_ms(), new)
+
+
+UNITS = {"seg_01": 1.0, "head_01": 0.1, "seg_02": 1.0, "head_02": 0.1, "seg_03": 1.0, "head_03": 0.1}
+OLD_PLAN, NEW_PLAN = [0.5, SKIP, 0.0], [SKIP, 0.45, 0.0]
+
+
+def test_a_previous_plan_is_kept_while_the_device_prices_it_alike():
+    slower = {k: 1.3 * v for k, v in UNITS.items()}  # the whole device 30 % slower: shares unchanged
+    kept = _kept(UNITS, slower, OLD_PLAN, NEW_PLAN)
+    assert kept is not None
+    solution, evidence = kept
+    assert list(solution.thresholds[:2]) == OLD_PLAN[:2] and evidence["thresholds"] == OLD_PLAN
+    assert evidence["profile_moved"] < 1e-9 and evidence["cost_tolerance"] == 0.01
+    assert evidence["new_thresholds"] == NEW_PLAN
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"head_01": 0.3}, "a unit the old plan runs is dearer beyond the profile's uncertainty"),
+        ({"seg_01": 3.0}, "the old plan no longer fits the budget"),
+    ],
+)
+def test_a_previous_plan_is_replaced_when_the_device_changed(change, why):
+    assert _kept(UNITS, {**UNITS, **change}, OLD_PLAN, NEW_PLAN) is None, why
+
+
+def test_a_previous_plan_for_another_goal_is_not_kept():
+    assert _kept(UNITS, UNITS, OLD_PLAN, NEW_PLAN, old_fraction=0.5) is None
+    assert _kept(UNITS, UNITS, OLD_PLAN, NEW_PLAN) is not None
+
+
+def test_the_keep_tolerance_follows_the_profiles_uncertainty():
+    # moved 4 %: within twice a 2.5 % quiet error, beyond twice a 0.5 % one
+    dearer = {**UNITS, "head_01": 0.1 + 0.04 * (UNITS["seg_01"] + UNITS["head_01"])}
+    assert _kept(UNITS, dearer, OLD_PLAN, NEW_PLAN, quiet_error=0.025) is not None
+    assert _kept(UNITS, dearer, OLD_PLAN, NEW_PLAN, quiet_error=0.005) is None

@@ -409,7 +409,7 @@ def _keep_previous(s: _Session, m: Measurements, opts, cost: CostModel, budget_m
     field = "mean_ms" if opts.metric == "mean" else "p95_ms"
     before = CostModel.from_latency_block(block["latency"], m.conf.shape[1], field)
     old = m.evaluate(cost, list(cal.thresholds), opts.metric)
-    tolerance = min(2 * float((m.load or {}).get("quiet_error") or 0.01), 0.05)
+    tolerance = _keep_tolerance(m)
 
     def price(c: CostModel, th) -> float:  # a share of the full model for a percent budget, else ms
         ms = m.evaluate(c, th, opts.metric).latency_ms
@@ -421,8 +421,14 @@ def _keep_previous(s: _Session, m: Measurements, opts, cost: CostModel, budget_m
     evidence = {"thresholds": list(cal.thresholds), "predicted_ms": float(old.latency_ms),
                 "cost_tolerance": tolerance, "profile_moved": float(moved),
                 "accuracy_gain": float(new.accuracy - old.accuracy),
-                "new_thresholds": [float(t) for t in new.thresholds]}  # fmt: skip
+                "new_thresholds": new.plan.to_list()}  # fmt: skip
     return old, evidence
+
+
+def _keep_tolerance(m: Measurements) -> float:
+    """How far two profiles of one device may price a plan apart before it counts as a change: twice
+    the relative standard error of this profile's quiet level, at least 1 %, at most 5 %."""
+    return min(max(2 * float((m.load or {}).get("quiet_error") or 0.0), 0.01), 0.05)
 
 
 def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float, say) -> Choice:
