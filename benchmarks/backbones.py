@@ -1,6 +1,7 @@
 """Bring-your-own-backbone benchmark: every torchvision backbone as split units, and as a cascade.
 
     python benchmarks/backbones.py --part latency --no-dynamo --out docs/backbones_latency.json  # quiet CPU
+    python benchmarks/backbones.py --part heads             # spatial-first heads against widening ones (quiet)
     python benchmarks/backbones.py --part fmnist-train      # long: train every network (--jobs at once)
     python benchmarks/backbones.py --part fmnist-prepare    # export; calibrate (quiet CPU)
     python benchmarks/backbones.py --part fmnist            # the interleaved timing (quiet CPU)
@@ -181,6 +182,65 @@ def latency_part(backbones: list[str], rounds: int, size: int, dynamo: bool) -> 
         )
         rows.append(row)
     return rows
+
+
+def heads_part(backbones: list[str], rounds: int, size: int) -> list[dict]:
+    """Every early head the by-cost rule builds spatial-first, against the widening head it replaced and
+    the segment before it: each exported alone (TorchScript, opset 17), timed in interleaved rounds
+    (ONNX Runtime CPU, 1 thread, batch 1, the order rotating), the median over rounds."""
+    import torch
+
+    from edgeexit.models.backbones import BackboneConfig, BackboneNet
+
+    torch.set_num_threads(1)
+    rows = []
+    for name in backbones:
+        cfg = {"backbone": name, "num_classes": 1000, "input_size": [size, size]}
+        model = BackboneNet(BackboneConfig(**cfg)).eval()
+        wide = BackboneNet(BackboneConfig(**cfg, heads="widen")).eval()
+        state = (torch.randn(1, 3, size, size),)
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            for i, head in enumerate(model.heads[:-1]):
+                seg_in = state
+                state = model.segments[i](*state)
+                if head.spatial_first:
+                    pieces = {"segment": (model.segments[i], seg_in), "widen": (wide.heads[i], state),
+                              "spatial-first": (head, state)}  # fmt: skip
+                    rows.append({"backbone": name, "exit": i + 1, "tap_channels": int(state[0].shape[1]),
+                                 **_time_pieces(pieces, Path(tmp) / str(i), rounds)})  # fmt: skip
+                    r = rows[-1]
+                    print(f"{name} head {i + 1} ({r['tap_channels']} ch): " + ", ".join(
+                        f"{w} {v:.2f} ms" for w, v in r["ms"].items()), r["share_of_segment"], flush=True)  # fmt: skip
+    return rows
+
+
+def _time_pieces(pieces: dict, folder: Path, rounds: int) -> dict:
+    """name -> (module, inputs): each exported alone and timed in interleaved rounds (5 calls each per
+    round, their median; the order rotating per round); the median over rounds, and the MACs."""
+    import torch
+
+    from edgeexit.models.multiexit import MacCounter
+
+    folder.mkdir(parents=True)
+    sessions, feeds, macs = {}, {}, {}
+    for what, (module, inputs) in pieces.items():
+        path = folder / f"{what}.onnx"
+        torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=17)
+        sessions[what] = _session(path)
+        feeds[what] = {sessions[what].get_inputs()[0].name: inputs[0].numpy()}
+        with MacCounter(module) as counter:
+            module(*inputs)
+        macs[what] = counter.take()
+    times: dict[str, list[float]] = {w: [] for w in pieces}
+    names = list(pieces)
+    for r in range(rounds):
+        for what in names[r % len(names) :] + names[: r % len(names)]:
+            sess, feed = sessions[what], feeds[what]
+            times[what].append(statistics.median(_ms(lambda: sess.run(None, feed)) for _ in range(5)))  # noqa: B023
+    ms = {w: statistics.median(v) for w, v in times.items()}
+    return {"ms": {w: round(v, 3) for w, v in ms.items()}, "mmacs": {w: round(v / 1e6, 1) for w, v in macs.items()},
+            "share_of_segment": {w: round(ms[w] / ms["segment"], 3) for w in names if w != "segment"},
+            "rounds": rounds, "load_before": _load()}  # fmt: skip
 
 
 def exporters_part(backbones: list[str], size: int) -> list[dict]:
@@ -437,8 +497,11 @@ def _trained_for(work: Path, spec: dict) -> dict:
     """Epochs the checkpoint had when it was written (a run stopped early keeps its best epoch so far)."""
     import torch
 
-    m = torch.load(work / spec["key"] / "model.pt", weights_only=True, map_location="cpu")["metrics"]
-    return {"epoch_of_checkpoint": int(m["epoch"]), "val_exit_accuracy": m["val_exit_accuracy"]}
+    ckpt = torch.load(work / spec["key"] / "model.pt", weights_only=True, map_location="cpu")
+    m, run = ckpt["metrics"], ckpt["train_config"]
+    return {"epoch_of_checkpoint": int(m["epoch"]), "val_exit_accuracy": m["val_exit_accuracy"],
+            "train_images": run.get("train_images"), "epochs": run["recipe"]["epochs"],
+            "method": ckpt["method"]}  # fmt: skip
 
 
 def _against_statics(cascade: dict, statics: list) -> dict:
@@ -581,7 +644,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--part", required=True,
-        choices=["latency", "exporters", "fmnist-train", "fmnist-prepare", "fmnist", "plot", "table"],
+        choices=["latency", "heads", "exporters", "fmnist-train", "fmnist-prepare", "fmnist", "plot", "table"],
     )  # fmt: skip
     p.add_argument("--backbones", nargs="*", help="subset (default: all of the part's)")
     p.add_argument("--rounds", type=int, default=30)
@@ -607,6 +670,9 @@ def main(argv=None) -> None:
     if a.part == "latency":
         rows = latency_part(a.backbones or LATENCY_BACKBONES, a.rounds, a.size, not a.no_dynamo and _has_onnxscript())
         _write(a.out or a.latency_json, {"machine": machine, "size": a.size, "rows": rows})
+    elif a.part == "heads":
+        rows = heads_part(a.backbones or LATENCY_BACKBONES, a.rounds, a.size)
+        _write(a.out or Path("docs/backbones_heads.json"), {"machine": machine, "size": a.size, "rows": rows})
     elif a.part == "exporters":
         rows = exporters_part(a.backbones or LATENCY_BACKBONES, a.size)
         _write(a.out or Path("docs/backbones_exporters.json"), {"machine": machine, "size": a.size, "rows": rows})
@@ -619,8 +685,8 @@ def main(argv=None) -> None:
             fmnist_prepare(trained(specs, a.work), a.work, a.accept_load, not a.export_only)
         else:
             rows = fmnist_time(trained(specs, a.work), a.work, a.test_images)
-            recipe = {"train_images": a.train_images, "epochs": a.epochs, "method": "ce"}
-            _write(a.out or a.fmnist_json, {"machine": machine, "load": _load(), "recipe": recipe, "rows": rows})
+            # (each row holds its own recipe, read from its checkpoint)
+            _write(a.out or a.fmnist_json, {"machine": machine, "load": _load(), "rows": rows})
             for r in rows:
                 _say(r)
     elif a.part == "plot":
