@@ -369,9 +369,46 @@ def _paired_ci(diff, resamples: int = 2000) -> list[float]:
     return [float(100 * np.percentile(means, 2.5)), float(100 * np.percentile(means, 97.5))]
 
 
+def plot(doc: dict, png: str) -> None:
+    """Each calibration's plan: test accuracy against its measured latency ratio (interleaved with the
+    full model), by label (fresh copies / recalibrating one copy), beside MSDNet's plans; the asked
+    budgets as vertical lines. One panel per model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plotting import figure, finish
+
+    meas = doc["measured"]
+    models = sorted(meas, key=int)
+    fig, axes = figure((5.5 * len(models), 4.2))
+    fig.clear()
+    marks = {"fresh": ("o", "tab:blue"), "in-place": ("s", "tab:orange")}
+    for n, model in enumerate(models):
+        ax = fig.add_subplot(1, len(models), n + 1)
+        m = meas[model]
+        msd = sorted((p["ratio"], 100 * p["accuracy"]) for p in m["msdnet"])
+        ax.plot(*zip(*msd, strict=True), "x--", color="grey", label="MSDNet's thresholds (measured)")
+        budgets = sorted({r["budget"] for r in doc["calibrations"] if r["model"] == model})
+        for b in budgets:
+            ax.axvline(b, color="lightgrey", lw=0.8)
+        for label, (marker, color) in marks.items():
+            pts = [m["plans"][json.dumps(r["thresholds"])] for r in doc["calibrations"]
+                   if r["model"] == model and r["label"] == label and r["thresholds"] is not None]  # fmt: skip
+            if pts:
+                ax.scatter([p["ratio"] for p in pts], [100 * p["accuracy"] for p in pts], marker=marker,
+                           facecolors="none", edgecolors=color, label=f"{label}: one calibration's plan")  # fmt: skip
+        ax.set_title(f"{model}-exit model")
+        if n < len(models) - 1:
+            ax.set_xlabel("plan latency / full model (test images, interleaved)")
+            ax.set_ylabel("test accuracy, %")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        else:
+            finish(fig, ax, png, "plan latency / full model (test images, interleaved)", "test accuracy, %")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["calibrate", "measure", "summary", "bound"])
+    ap.add_argument("step", choices=["calibrate", "measure", "summary", "bound", "plot"])
+    ap.add_argument("--png", default="docs/calibration_under_load.png")
     ap.add_argument("--models", nargs="+", default=[])
     ap.add_argument("--conditions", nargs="+", default=list(LOADS), choices=list(LOADS))
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.4, 0.6, 0.8])
@@ -393,6 +430,8 @@ def main() -> None:
         measure(args)
     elif args.step == "bound":
         bound(args)
+    elif args.step == "plot":
+        plot(json.loads(Path(args.out).read_text()), args.png)
     else:
         summary(json.loads(Path(args.out).read_text()))
 

@@ -16,6 +16,7 @@ from edgeexit.runtime.latency import run_summary
 from edgeexit.runtime.monitor import alarm_message
 from edgeexit.runtime.sources import RECONNECT_TRIES, check_pace, import_cv2, is_live, iter_frames
 from edgeexit.runtime.streams import StreamResult, Streams
+from edgeexit.util import interrupt_between_frames
 
 
 def wants_streams(sources: list[str], realtime: bool, fps, duration_s, save_video) -> bool:
@@ -97,22 +98,25 @@ def run_source(
     latencies, preprocess, n, t_start = [], [], 0, time.perf_counter()
     drift, warned, interrupted = cascade.drift, False, False
     try:
-        for name, frame in frames:
-            pred = cascade.predict(frame, deadline_ms=deadline_ms)
-            n += 1
-            if drift is not None and not warned and drift.alarm:
-                warned = True
-                if warn is not None:
-                    warn(alarm_message(source, drift.state()))
-            exits[str(pred.exit_index)] += 1
-            latencies.append(pred.latency_ms)
-            preprocess.append(pred.preprocess_ms)
-            _emit(jsonl, echo, source, n - 1, name, pred, cascade.num_exits)
-            if save_video is not None:
-                writer = _annotate_and_write(writer, save_video, frame, pred, order)
-            if max_frames and n >= max_frames:
-                break
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under util.sigterm_as_interrupt: the frames so far are the run
+        with interrupt_between_frames() as stop:
+            for name, frame in frames:
+                stop.check()
+                pred = cascade.predict(frame, deadline_ms=deadline_ms)
+                n += 1
+                if drift is not None and not warned and drift.alarm:
+                    warned = True
+                    if warn is not None:
+                        warn(alarm_message(source, drift.state()))
+                exits[str(pred.exit_index)] += 1
+                latencies.append(pred.latency_ms)
+                preprocess.append(pred.preprocess_ms)
+                _emit(jsonl, echo, source, n - 1, name, pred, cascade.num_exits)
+                if save_video is not None:
+                    writer = _annotate_and_write(writer, save_video, frame, pred, order)
+                if max_frames and n >= max_frames:
+                    break
+            stop.check()  # a signal during the last frame still marks the run interrupted
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, at a frame boundary: the frames so far are the run
         if n == 0:
             raise
         interrupted = True

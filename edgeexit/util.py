@@ -369,6 +369,39 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+class interrupt_between_frames:  # noqa: N801 — used as a context manager, named like one
+    """While inside (main thread only): Ctrl-C and SIGTERM are noted, not raised where they land, and
+    `check` raises KeyboardInterrupt at the next frame boundary. Raised where it lands, an interrupt can
+    hit a finaliser (an ONNX Runtime session or an array freed mid-frame), where Python prints
+    "Exception ignored in ..." with a traceback and drops it: the run went on as if Ctrl-C had not been
+    pressed. A second signal before the boundary raises at once (a frame source that blocks)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested, self.previous = False, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 class sigterm_as_interrupt:  # noqa: N801 — used as a context manager, named like one
     """While inside: SIGTERM (what systemd, `docker stop` and `kill` send) raises KeyboardInterrupt in
     the main thread, exactly as Ctrl-C does, so that `run` and `Streams` end either way with their

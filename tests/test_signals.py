@@ -117,3 +117,32 @@ def test_ctrl_c_during_the_parallel_decode_is_reported_once_without_worker_trace
     time.sleep(0.5)
     assert not any(Path(f"/proc/{p}").exists() for p in workers)  # the parent stopped its workers
     assert list((tmp_path / "tmp").iterdir()) == []  # and removed their temporary file
+
+
+def _signal_self(sig) -> None:
+    """Send ``sig`` to this process and give its handler the bytecode boundaries to run at."""
+    os.kill(os.getpid(), sig)
+    for _ in range(10_000):
+        pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_landing_in_a_finaliser_is_kept_for_the_frame_boundary(sig):
+    """Raised where it lands, Ctrl-C in a finaliser (an ONNX Runtime session or an array freed mid-frame)
+    is printed as "Exception ignored" and dropped, and the run went on. Under `interrupt_between_frames`
+    it is noted, raised at the next `check` (between frames), and a second one raises at once."""
+    from edgeexit.util import interrupt_between_frames
+
+    class FreedMidFrame:
+        def __del__(self):
+            _signal_self(sig)
+
+    before = signal.getsignal(sig)
+    with interrupt_between_frames() as stop:
+        FreedMidFrame()  # no reference kept: its finaliser runs here, and the signal lands in it
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):  # the second one does not wait for a boundary
+            _signal_self(sig)
+    assert signal.getsignal(sig) is before
