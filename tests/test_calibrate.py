@@ -197,7 +197,7 @@ def test_a_recalibration_keeps_the_plan_it_replaces_unless_the_evidence_says_oth
                 ladder_steps=2)  # fmt: skip
     first = run_calibration(artifact_copy, **opts)
     assert "kept_previous" not in first
-    monkeypatch.setattr(run, "_keep_tolerance", lambda m: 0.25)
+    monkeypatch.setattr(run, "_keep_tolerance", lambda m: (0.25, 0.25))
     again = run_calibration(artifact_copy, **opts)
     kept = again["kept_previous"]
     assert kept["thresholds"] == first["thresholds"] and kept["cost_tolerance"] == 0.25
@@ -209,7 +209,7 @@ def test_a_recalibration_keeps_the_plan_it_replaces_unless_the_evidence_says_oth
         m["calibration"]["thresholds"] = [2.0] * (len(first["thresholds"]) - 1) + [0.0]
 
     edit_manifest(artifact_copy, full_model)
-    monkeypatch.setattr(run, "_keep_tolerance", lambda m: 0.10)
+    monkeypatch.setattr(run, "_keep_tolerance", lambda m: (0.10, 0.10))
     third = run_calibration(artifact_copy, **opts)
     assert "kept_previous" not in third
     assert third["predicted"]["latency_ms"] <= third["budget_ms"] + 1e-9

@@ -158,7 +158,16 @@ def test_optimizer_matches_brute_force_with_fused_costs(seed):
     assert sol.accuracy == pytest.approx(best.accuracy, abs=1e-12)
 
 
-def _kept(old_units: dict, new_units: dict, old_th, new_th, budget_fraction=0.6, old_fraction=0.6, quiet_error=0.005):
+def _kept(
+    old_units: dict,
+    new_units: dict,
+    old_th,
+    new_th,
+    budget_fraction=0.6,
+    old_fraction=0.6,
+    quiet_error=0.005,
+    slowdown=1.0,
+):
     """`calibrate.run._keep_previous` on exact costs: 3 exits, 400 frames, the old calibration's block
     holding ``old_units`` and this profile ``new_units`` (name -> ms)."""
     from types import SimpleNamespace
@@ -181,7 +190,7 @@ def _kept(old_units: dict, new_units: dict, old_th, new_th, budget_fraction=0.6,
     session = SimpleNamespace(cascade=SimpleNamespace(artifact=SimpleNamespace(calibration=cal)))
     lat = block(new_units)
     m = Measurements({"units": lat["units"], "decision": {"mean_ms": 0.0}}, None, 0.0, conf, correct,
-                     load={"quiet_error": quiet_error})  # fmt: skip
+                     load={"quiet_error": quiet_error, "slowdown": slowdown})  # fmt: skip
     cost = CostModel.from_latency_block(lat, 3)
     new = evaluate(conf, correct, cost, new_th)
     return _keep_previous(session, m, opts, cost, budget_fraction * cost.full_ms(), new)
@@ -222,3 +231,16 @@ def test_the_keep_tolerance_follows_the_profiles_uncertainty():
     dearer = {**UNITS, "head_01": 0.1 + 0.04 * (UNITS["seg_01"] + UNITS["head_01"])}
     assert _kept(UNITS, dearer, OLD_PLAN, NEW_PLAN, quiet_error=0.025) is not None
     assert _kept(UNITS, dearer, OLD_PLAN, NEW_PLAN, quiet_error=0.005) is None
+
+
+def test_a_busy_profile_allows_the_wander_measured_between_busy_profiles():
+    from edgeexit.calibrate.run import BUSY_WANDER
+
+    def dearer(share):  # head 1 dearer by ``share`` of what the old plan's first exit costs
+        return {**UNITS, "head_01": 0.1 + share * (UNITS["seg_01"] + UNITS["head_01"])}
+
+    roomy = {"budget_fraction": 0.8, "old_fraction": 0.8}  # the old plan fits either way: only the move counts
+    busy = {"quiet_error": 0.005, "slowdown": 1.4, **roomy}  # a typical round 1.4x the quiet ones: busy
+    assert _kept(UNITS, dearer(0.06), OLD_PLAN, NEW_PLAN, **busy) is not None
+    assert _kept(UNITS, dearer(0.06), OLD_PLAN, NEW_PLAN, **roomy) is None  # the same move on a quiet profile
+    assert _kept(UNITS, dearer(2 * BUSY_WANDER), OLD_PLAN, NEW_PLAN, **busy) is None

@@ -375,9 +375,10 @@ def _choose(s: _Session, m: Measurements, opts: CalibrationOptions, cost: CostMo
         say(
             f"  [bold]kept the previous plan[/]: by this profile it costs {evidence['predicted_ms']:.3f} ms against "
             f"the budget {budget_ms:.3f} ms, and this profile prices it and the new best within "
-            f"{100 * evidence['profile_moved']:.1f}% of the previous one (its level known within "
-            f"±{100 * evidence['cost_tolerance']:.1f}%): the device has not changed beyond what the load moves, so "
-            f"the plan does not either (the new best: {100 * evidence['accuracy_gain']:+.2f} pt on the stored frames)"
+            f"{100 * evidence['profile_moved']:.1f}% of the previous one (two profiles of one device "
+            f"wander up to ±{100 * evidence['wander_tolerance']:.0f}% under this load): the device has not "
+            "changed beyond what the load moves, so the plan does not either (the new best: "
+            f"{100 * evidence['accuracy_gain']:+.2f} pt on the stored frames)"
         )
         return Choice(solution, crossfit.frontier, crossfit=crossfit, kept_previous=evidence)
     return Choice(crossfit.solution, crossfit.frontier, crossfit=crossfit)
@@ -409,26 +410,37 @@ def _keep_previous(s: _Session, m: Measurements, opts, cost: CostModel, budget_m
     field = "mean_ms" if opts.metric == "mean" else "p95_ms"
     before = CostModel.from_latency_block(block["latency"], m.conf.shape[1], field)
     old = m.evaluate(cost, list(cal.thresholds), opts.metric)
-    tolerance = _keep_tolerance(m)
+    fit, wander = _keep_tolerance(m)
 
     def price(c: CostModel, th) -> float:  # a share of the full model for a percent budget, else ms
         ms = m.evaluate(c, th, opts.metric).latency_ms
         return ms / c.full_ms() if opts.budget_fraction is not None else ms
 
     moved = max(abs(price(cost, th) / price(before, th) - 1) for th in (old.thresholds, new.thresholds))
-    if old.latency_ms > budget_ms * (1 + tolerance) or moved > tolerance:
+    if old.latency_ms > budget_ms * (1 + fit) or moved > wander:
         return None
     evidence = {"thresholds": list(cal.thresholds), "predicted_ms": float(old.latency_ms),
-                "cost_tolerance": tolerance, "profile_moved": float(moved),
+                "cost_tolerance": fit, "profile_moved": float(moved), "wander_tolerance": wander,
                 "accuracy_gain": float(new.accuracy - old.accuracy),
                 "new_thresholds": new.plan.to_list()}  # fmt: skip
     return old, evidence
 
 
-def _keep_tolerance(m: Measurements) -> float:
-    """How far two profiles of one device may price a plan apart before it counts as a change: twice
-    the relative standard error of this profile's quiet level, at least 1 %, at most 5 %."""
-    return min(max(2 * float((m.load or {}).get("quiet_error") or 0.0), 0.01), 0.05)
+# Two profiles of one unchanged device, each taken beside two processes spinning on a 2-core VM, priced
+# the same plan up to 11 % apart as a share of the full model, while each reported its quiet level within
+# ±1.4-2.3 % (docs/results.md, "Calibration on a busy device"): the rounds of one profile share the
+# moment's state, so their standard error understates how far the next profile lands.
+BUSY_WANDER = 0.12
+
+
+def _keep_tolerance(m: Measurements) -> tuple[float, float]:
+    """(how far over the budget a kept plan may be priced, how far two profiles may price a plan apart
+    before the device counts as changed): twice the relative standard error of this profile's quiet
+    level (1 % to 5 %) for both; on a profile taken busy, the wander measured between busy profiles."""
+    load = m.load or {}
+    fit = min(max(2 * float(load.get("quiet_error") or 0.0), 0.01), 0.05)
+    busy = verdict(load)[0] != "quiet" if load else False
+    return fit, max(fit, BUSY_WANDER) if busy else fit
 
 
 def _choose_within_drop(m: Measurements, opts, cost: CostModel, budget_ms: float, say) -> Choice:
