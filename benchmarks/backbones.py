@@ -51,6 +51,8 @@ FMNIST = {
     "mobilenet_v3_small": 0.5,
     "efficientnet_b0": 0.25,
     "regnet_y_400mf": 0.25,
+    "mobilenet_v2": 0.5,
+    "convnext_tiny": 0.125,
 }
 
 

@@ -380,7 +380,8 @@ def plot(doc: dict, png: str) -> None:
     models = sorted(meas, key=int)
     fig, axes = figure((5.5 * len(models), 4.2))
     fig.clear()
-    marks = {"fresh": ("o", "tab:blue"), "in-place": ("s", "tab:orange")}
+    marks = {"fresh": ("o", "tab:blue"), "fresh-v2": ("o", "tab:cyan"), "in-place": ("s", "tab:orange"),
+             "in-place-v2": ("D", "tab:red"), "after": ("^", "tab:green")}  # fmt: skip
     for n, model in enumerate(models):
         ax = fig.add_subplot(1, len(models), n + 1)
         m = meas[model]
