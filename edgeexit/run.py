@@ -75,6 +75,13 @@ class JsonLines:
         self.close()
 
 
+def _check_run_options(max_frames: int | None, deadline_ms: float | None) -> None:
+    if max_frames is not None and max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {max_frames}")
+    if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms >= 0):
+        raise UserError(f"--deadline-ms must be a finite number of milliseconds >= 0, got {deadline_ms}")
+
+
 def run_source(
     cascade,
     source: str,
@@ -87,10 +94,7 @@ def run_source(
 ) -> dict:
     """`edgeexit run` on one folder or video, every frame in order. A cascade loaded with ``drift``
     watches the frames; ``warn(message)`` is called once, at its first alarm."""
-    if max_frames is not None and max_frames < 1:
-        raise UserError(f"--max-frames must be at least 1, got {max_frames}")
-    if deadline_ms is not None and not (math.isfinite(deadline_ms) and deadline_ms >= 0):
-        raise UserError(f"--deadline-ms must be a finite number of milliseconds >= 0, got {deadline_ms}")
+    _check_run_options(max_frames, deadline_ms)
     frames, order = iter_frames(source)
     cascade = cascade.derive(input_order=order)
     writer = None
