@@ -244,3 +244,20 @@ def test_a_busy_profile_allows_the_wander_measured_between_busy_profiles():
     assert _kept(UNITS, dearer(0.06), OLD_PLAN, NEW_PLAN, **busy) is not None
     assert _kept(UNITS, dearer(0.06), OLD_PLAN, NEW_PLAN, **roomy) is None  # the same move on a quiet profile
     assert _kept(UNITS, dearer(2 * BUSY_WANDER), OLD_PLAN, NEW_PLAN, **busy) is None
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"head_01": float("nan")},  # a NaN price would pass every comparison
+        {"seg_01": 0.0, "head_01": 0.0, "seg_02": 0.0, "head_02": 0.0, "seg_03": 0.0, "head_03": 0.0},
+        {"seg_01": -1.0},
+    ],
+)
+def test_a_previous_latency_table_that_does_not_price_is_no_evidence(broken):
+    assert _kept({**UNITS, **broken}, UNITS, OLD_PLAN, NEW_PLAN) is None
+
+
+def test_a_previous_latency_table_missing_a_unit_is_no_evidence():
+    """The manifest is a file: a block with a unit missing is not a reason to keep, nor a traceback."""
+    assert _kept({k: v for k, v in UNITS.items() if k != "seg_02"}, UNITS, OLD_PLAN, NEW_PLAN) is None

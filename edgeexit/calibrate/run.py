@@ -408,16 +408,24 @@ def _keep_previous(s: _Session, m: Measurements, opts, cost: CostModel, budget_m
     if any((block.get("options") or {}).get(k) != now[k] for k in SAME_GOAL) or not block.get("latency"):
         return None
     field = "mean_ms" if opts.metric == "mean" else "p95_ms"
-    before = CostModel.from_latency_block(block["latency"], m.conf.shape[1], field)
+    try:  # the old block is a file's word: a latency table that does not read is no evidence
+        before = CostModel.from_latency_block(block["latency"], m.conf.shape[1], field)
+    except (KeyError, TypeError, ValueError):
+        return None
     old = m.evaluate(cost, list(cal.thresholds), opts.metric)
     fit, wander = _keep_tolerance(m)
 
     def price(c: CostModel, th) -> float:  # a share of the full model for a percent budget, else ms
         ms = m.evaluate(c, th, opts.metric).latency_ms
-        return ms / c.full_ms() if opts.budget_fraction is not None else ms
+        return float(np.divide(ms, c.full_ms())) if opts.budget_fraction is not None else ms
 
-    moved = max(abs(price(cost, th) / price(before, th) - 1) for th in (old.thresholds, new.thresholds))
-    if old.latency_ms > budget_ms * (1 + fit) or moved > wander:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # np.max: Python's max drops a NaN that is not first
+        moved = float(
+            np.max([abs(np.divide(price(cost, th), price(before, th)) - 1) for th in (old.thresholds, new.thresholds)])
+        )
+    # (a zero, negative or non-finite old price reads as "changed": NaN would pass any comparison)
+    if not (np.isfinite(moved) and moved <= wander) or old.latency_ms > budget_ms * (1 + fit):
         return None
     evidence = {"thresholds": list(cal.thresholds), "predicted_ms": float(old.latency_ms),
                 "cost_tolerance": fit, "profile_moved": float(moved), "wander_tolerance": wander,
