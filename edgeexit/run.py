@@ -317,21 +317,24 @@ def run_streams(
 
 def _show_results(streams: Streams, duration_s, live, out, quiet: bool, jsonl) -> None:
     """Every result to ``jsonl`` and to the screen: a line each for one stream, the live table (redrawn
-    at most twice a second) for several. Ctrl-C ends the results, and the run is marked interrupted."""
+    at most twice a second) for several. Ctrl-C or SIGTERM stops the streams after the tick under way
+    (raised where it lands, it could hit a finaliser and be dropped), and the run is marked interrupted."""
     num_exits = streams.cascade.num_exits
     last = 0.0
-    try:
-        for r in streams.results(duration_s):
-            if jsonl is not None:
-                jsonl.write(r.source, r.frame_id, r.prediction, capture_to_result_ms=round(r.e2e_ms, 3))
-            if live is not None:
-                if r.result_time - last > 0.5:
-                    live.update(streams_table(streams.summary()), refresh=True)
-                    last = r.result_time
-            elif not quiet:
-                out.print(_result_line(r, num_exits), highlight=False)
-    except KeyboardInterrupt:
-        streams.interrupted = True
+    with interrupt_between_frames(on_signal=streams.stop) as stop:
+        try:
+            for r in streams.results(duration_s):
+                if jsonl is not None:
+                    jsonl.write(r.source, r.frame_id, r.prediction, capture_to_result_ms=round(r.e2e_ms, 3))
+                if live is not None:
+                    if r.result_time - last > 0.5:
+                        live.update(streams_table(streams.summary()), refresh=True)
+                        last = r.result_time
+                elif not quiet:
+                    out.print(_result_line(r, num_exits), highlight=False)
+        except KeyboardInterrupt:  # a second signal, raised at once
+            streams.interrupted = True
+        streams.interrupted = streams.interrupted or stop.requested
 
 
 def _final_summary(streams: Streams, live, out) -> dict:

@@ -374,7 +374,12 @@ class interrupt_between_frames:  # noqa: N801 — used as a context manager, nam
     `check` raises KeyboardInterrupt at the next frame boundary. Raised where it lands, an interrupt can
     hit a finaliser (an ONNX Runtime session or an array freed mid-frame), where Python prints
     "Exception ignored in ..." with a traceback and drops it: the run went on as if Ctrl-C had not been
-    pressed. A second signal before the boundary raises at once (a frame source that blocks)."""
+    pressed. A second signal before the boundary raises at once (a frame source that blocks).
+    ``on_signal`` (called in the handler, so it must only set flags) tells a loop that cannot call
+    `check` itself, such as `Streams.stop`."""
+
+    def __init__(self, on_signal=None) -> None:
+        self.on_signal = on_signal
 
     def __enter__(self):
         import signal
@@ -390,6 +395,8 @@ class interrupt_between_frames:  # noqa: N801 — used as a context manager, nam
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if self.on_signal is not None:
+            self.on_signal()
 
     def check(self) -> None:
         if self.requested:

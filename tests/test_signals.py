@@ -146,3 +146,37 @@ def test_an_interrupt_landing_in_a_finaliser_is_kept_for_the_frame_boundary(sig)
         with pytest.raises(KeyboardInterrupt):  # the second one does not wait for a boundary
             _signal_self(sig)
     assert signal.getsignal(sig) is before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_several_streams_end_at_a_tick_when_the_interrupt_lands_in_a_finaliser(tiny_artifact, test_frames, sig):
+    """The multi-stream loop: a signal landing in a finaliser (here, an object freed while a frame is
+    taken) stops the streams after the tick under way, and the summary says interrupted; raised where
+    it landed, it was printed as "Exception ignored" and every frame was still read."""
+    from io import StringIO
+
+    from rich.console import Console
+    from test_streams import OrderedSourceFromList
+
+    from edgeexit.run import run_streams
+    from edgeexit.runtime import Cascade
+
+    class FreedMidFrame:
+        def __del__(self):
+            _signal_self(sig)
+
+    class SignalledAt(OrderedSourceFromList):
+        def take(self):
+            if self.captured == 20:
+                FreedMidFrame()  # no reference kept: the signal lands in its finaliser
+            return super().take()
+
+    frames = [np.ascontiguousarray(f) for f in test_frames[0][:300]]
+    sources = [SignalledAt("cam0", frames), OrderedSourceFromList("cam1", frames)]
+    console = Console(file=StringIO(), width=120)
+    before = signal.getsignal(sig)
+    with Cascade.load(tiny_artifact, backend="onnxruntime") as cascade:
+        summary = run_streams(cascade, sources, False, None, None, None, None, True, console, console)
+    assert summary["interrupted"] is True
+    assert 20 <= summary["frames"] // 2 < 30, summary["frames"]  # ended within a tick or two, not at 300
+    assert signal.getsignal(sig) is before
