@@ -369,6 +369,191 @@ def _paired_ci(diff, resamples: int = 2000) -> list[float]:
     return [float(100 * np.percentile(means, 2.5)), float(100 * np.percentile(means, 97.5))]
 
 
+ESTIMATORS = ("quiet-rounds", "calls-p25", "calls-p50")
+
+
+def _estimate(names: list[str], samples, how: str) -> dict:
+    """Per piece ``{"mean_ms", "p50_ms"}`` from raw profile samples (rounds, pieces, calls):
+    quiet-rounds = what calibrate uses (`summarise_rounds`); calls-pNN = that percentile of every call."""
+    from edgeexit.runtime.profiling import summarise_rounds
+
+    if how == "quiet-rounds":
+        return {n: {"mean_ms": v["mean_ms"], "p50_ms": v["p50_ms"]}
+                for n, v in summarise_rounds(names, samples).stats.items()}  # fmt: skip
+    q = float(how.split("-p")[1])
+    vals = np.percentile(samples.transpose(1, 0, 2).reshape(len(names), -1), q, axis=1)
+    return {n: {"mean_ms": float(v), "p50_ms": float(v)} for n, v in zip(names, vals, strict=True)}
+
+
+def _cost_from(stats: dict, k: int):
+    from edgeexit.calibrate.optimizer import CostModel
+    from edgeexit.runtime.plan import head_name, segment_name
+    from edgeexit.runtime.profiling import exit_step_from, overhead_from
+
+    overhead = overhead_from(stats, k, False)
+    step = exit_step_from(stats, k, False, overhead)
+    units = {n: stats[n] for n in (f(p) for p in range(k) for f in (segment_name, head_name))}
+    return CostModel.from_timings(k, units, "mean_ms", stats["decision"]["mean_ms"], overhead, None, step)
+
+
+def wander(args) -> None:
+    """How far apart independent profiles of one device price the same plans, per estimator of a
+    piece's quiet cost and per profile length: each profile loads the artifact afresh (as a new
+    calibration does) and times every piece as calibrate does (`profile_rounds`, --rounds rounds); its
+    first 50 rounds and all of them are each summarised by every estimator in ESTIMATORS. For every
+    summary the optimiser then picks the plan at each --budgets share of the full model on the stored
+    frames; afterwards every plan so picked is priced, as a share of the full model, by every summary of
+    the same estimator and length (the wander), and scored on the test images (the accuracy spread)."""
+    from edgeexit.calibrate.optimizer import evaluate, optimize
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.manifest import load_calibration_frames
+    from edgeexit.runtime.profiling import cost_pieces, profile_rounds
+
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    rows = doc.setdefault("wander", [])
+    for key, path in (m.split("=", 1) for m in args.models):
+        held_conf, held_correct = _test_statistics(path, "heldout")
+        conf, correct = _test_statistics(path, "test")
+        k = conf.shape[1]
+        for condition in args.conditions:
+            for rep in range(args.repeats):
+                procs = _start(condition)
+                try:
+                    c = Cascade.load(path, backend="onnxruntime")
+                    try:
+                        frames = load_calibration_frames(c.artifact)["frames"]
+                        calls, cleanup = cost_pieces(c, c.preprocessor.batch(frames[:1])[0], frames[0])
+                        try:
+                            p = profile_rounds(calls, c.runner.synchronize, args.rounds, 4, max_seconds=1e9)
+                        finally:
+                            cleanup()
+                    finally:
+                        c.close()
+                finally:
+                    _stop(procs)
+                names = list(p.stats)
+                for length in sorted({50, args.rounds}):
+                    for how in ESTIMATORS:
+                        stats = _estimate(names, p.samples[:length], how)
+                        cost = _cost_from(stats, k)
+                        full = cost.full_ms()
+                        plans = {}
+                        for b in args.budgets:
+                            sol = optimize(held_conf, held_correct, cost, b * full)[0]
+                            test = evaluate(conf, correct, cost, sol.thresholds)
+                            plans[str(b)] = {"thresholds": [float(t) for t in sol.plan.to_list()],
+                                             "test_accuracy": test.accuracy}  # fmt: skip
+                        rows.append({"model": key, "condition": condition, "repeat": rep, "rounds": length,
+                                     "estimator": how, "stats": stats, "load": p.load, "plans": plans})  # fmt: skip
+                        print(f"{key} {condition} #{rep} {length} rounds {how}: full {full:.3f} ms, " + ", ".join(
+                            f"{100 * float(b):.0f}% {100 * v['test_accuracy']:.2f}%" for b, v in plans.items()),
+                            flush=True)  # fmt: skip
+                _write(out, doc)
+    _wander_summary(doc, dict(m.split("=", 1) for m in args.models))
+
+
+def _wander_summary(doc: dict, models: dict) -> None:
+    from edgeexit.calibrate.optimizer import evaluate
+
+    groups: dict = {}
+    for r in doc.get("wander", []):
+        groups.setdefault((r["model"], r["condition"], r["rounds"], r["estimator"]), []).append(r)
+    for (model, condition, length, how), rs in sorted(groups.items()):
+        if model not in models:
+            continue
+        held_conf, held_correct = _test_statistics(models[model], "heldout")
+        k = held_conf.shape[1]
+        costs = [_cost_from(r["stats"], k) for r in rs]
+        parts = []
+        for b in rs[0]["plans"]:
+            shares = []  # every plan picked at this budget, priced by every profile: its (max - min) / median
+            for r in rs:
+                th = r["plans"][b]["thresholds"]
+                s = [evaluate(held_conf, held_correct, c, th).latency_ms / c.full_ms() for c in costs]
+                shares.append((max(s) - min(s)) / float(np.median(s)))
+            acc = [100 * r["plans"][b]["test_accuracy"] for r in rs]
+            wander_pc, worst_pc, spread = 100 * float(np.median(shares)), 100 * max(shares), max(acc) - min(acc)
+            parts.append(f"{100 * float(b):.0f}%: price wander {wander_pc:.1f}% (worst {worst_pc:.1f}%), "
+                         f"test accuracy spread {spread:.2f} pt")  # fmt: skip
+        print(f"{model}-exit {condition} {length} rounds {how} ({len(rs)} profiles): " + "; ".join(parts))
+
+
+def share_noise(args) -> None:
+    """How noisy calibrate's latency check is beside other work, by two estimators on the same runs:
+    plans of a wander profile (its --budgets shares, optimised on the stored frames) and the full model
+    run interleaved on --verify-images of the stored verification frames, as calibrate's check runs them,
+    --repeats times under each condition; each plan's share of the full model read as the median over
+    blocks of the block-mean ratio (`block`) and as the ratio of quiet means per exit (`quiet`,
+    `profiling.quiet_mean_ms`); then the reference: the same plans on --test-images test images with
+    nothing added, read both ways."""
+    from edgeexit.calibrate.optimizer import optimize
+    from edgeexit.data.frames import load_frames
+    from edgeexit.runtime import Cascade
+    from edgeexit.runtime.manifest import load_calibration_frames
+    from edgeexit.runtime.plan import CascadePlan
+
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.is_file() else {}
+    rows = doc.setdefault("share_noise", [])
+    for key, path in (m.split("=", 1) for m in args.models):
+        held_conf, held_correct = _test_statistics(path, "heldout")
+        w = next(r for r in doc["wander"] if r["model"] == key and r["estimator"] == "quiet-rounds")
+        cost = _cost_from(w["stats"], held_conf.shape[1])
+        plans = [optimize(held_conf, held_correct, cost, b * cost.full_ms())[0].plan.to_list() for b in args.budgets]
+        c = Cascade.load(path, backend="onnxruntime")
+        try:
+            stored = load_calibration_frames(c.artifact)
+            frames = stored["frames"][stored["verification"][: args.verify_images]]
+            plans = [*plans, CascadePlan.full_model(held_conf.shape[1]).to_list()]  # the full model last
+            for condition in args.conditions:
+                for rep in range(args.repeats):
+                    procs = _start(condition)
+                    try:
+                        rows += _read_shares(c, frames, plans, args.budgets, (key, "check", condition, rep))
+                    finally:
+                        _stop(procs)
+            test_frames = load_frames(c.artifact, None, "test", None)[0][: args.test_images]
+            rows += _read_shares(c, test_frames, plans, args.budgets, (key, "reference", "quiet", 0))
+        finally:
+            c.close()
+        _write(out, doc)
+        for b in args.budgets:
+            ref = next(r for r in rows if r["model"] == key and r["label"] == "reference" and r["budget"] == b)
+            for how in ("block", "quiet", "median"):
+                for condition in args.conditions:
+                    v = [r[how] for r in rows if r["model"] == key and r["label"] == "check"
+                         and r["condition"] == condition and r["budget"] == b]  # fmt: skip
+                    print(f"{key}-exit {100 * b:.0f}% {how} {condition}: {len(v)} checks, share {min(v):.3f}-"
+                          f"{max(v):.3f} (sd {np.std(v, ddof=1):.3f}); reference {ref[how]:.3f}; worst / "
+                          f"reference {max(abs(x / ref[how] - 1) for x in v):.1%}")  # fmt: skip
+
+
+def _read_shares(cascade, frames, plans: list, budgets: list, tag: tuple) -> list[dict]:
+    """Each plan's share of the last (the full model), run interleaved on ``frames``, read both ways."""
+    from edgeexit.runtime.profiling import predict_interleaved, quiet_mean_ms
+
+    key, label, condition, rep = tag
+    runs = predict_interleaved(cascade, frames, plans, 50)
+    blocks = [[float(np.mean([p.latency_ms for p in r[i : i + 50]])) for i in range(0, len(r), 50)] for r in runs]
+    quiet = [quiet_mean_ms([p.latency_ms for p in r], [p.exit_index for p in r]) for r in runs]
+    medians = [_exit_median_ms([p.latency_ms for p in r], [p.exit_index for p in r]) for r in runs]
+    rows = []
+    for j, b in enumerate(budgets):
+        block = float(np.median(np.divide(blocks[j], blocks[-1])))
+        rows.append({"model": key, "label": label, "condition": condition, "repeat": rep, "budget": b,
+                     "block": block, "quiet": quiet[j] / quiet[-1], "median": medians[j] / medians[-1]})  # fmt: skip
+        print(f"{key} {label} {condition} #{rep} {100 * b:.0f}%: block {rows[-1]['block']:.3f}, "
+              f"quiet {rows[-1]['quiet']:.3f}, median {rows[-1]['median']:.3f}", flush=True)  # fmt: skip
+    return rows
+
+
+def _exit_median_ms(latency_ms, exit_index) -> float:
+    """Per exit, the median latency of the frames left there, weighted by that exit's share."""
+    lat, exits = np.asarray(latency_ms), np.asarray(exit_index)
+    return float(sum((exits == e).mean() * np.median(lat[exits == e]) for e in np.unique(exits)))
+
+
 def plot(doc: dict, png: str) -> None:
     """Each calibration's plan: test accuracy against its measured latency ratio (interleaved with the
     full model), by label (fresh copies / recalibrating one copy), beside MSDNet's plans; the asked
@@ -408,7 +593,7 @@ def plot(doc: dict, png: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", choices=["calibrate", "measure", "summary", "bound", "plot"])
+    ap.add_argument("step", choices=["calibrate", "measure", "summary", "bound", "plot", "wander", "share-noise"])
     ap.add_argument("--png", default="docs/calibration_under_load.png")
     ap.add_argument("--models", nargs="+", default=[])
     ap.add_argument("--conditions", nargs="+", default=list(LOADS), choices=list(LOADS))
@@ -423,6 +608,7 @@ def main() -> None:
     ap.add_argument("--in-place", action="store_true",
                     help="calibrate one copy per model, condition and budget again at every repeat (a user "
                     "recalibrating their artifact), instead of a fresh copy each time")  # fmt: skip
+    ap.add_argument("--rounds", type=int, default=200, help="wander: rounds per profile")
     ap.add_argument("--out", default="docs/calibration_under_load.json")
     args = ap.parse_args()
     if args.step == "calibrate":
@@ -431,6 +617,10 @@ def main() -> None:
         measure(args)
     elif args.step == "bound":
         bound(args)
+    elif args.step == "wander":
+        wander(args)
+    elif args.step == "share-noise":
+        share_noise(args)
     elif args.step == "plot":
         plot(json.loads(Path(args.out).read_text()), args.png)
     else:

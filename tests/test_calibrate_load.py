@@ -96,6 +96,30 @@ def test_a_device_too_busy_to_trust_is_refused_in_one_line_unless_repeated_or_ac
 
 
 @pytest.mark.slow
+def test_a_busy_profile_is_taken_longer_and_said_so(calibrated, tmp_path, monkeypatch):
+    """With the busy threshold below any real profile's, the first profile reads busy: calibrate takes
+    BUSY_ROUNDS times the rounds (pooled, one profile), says why, and the load block counts them."""
+    from typer.testing import CliRunner
+
+    import edgeexit.calibrate.load as load_rules
+    from edgeexit.calibrate.run import BUSY_ROUNDS
+    from edgeexit.cli import app
+
+    dest, _ = calibrated
+    art = tmp_path / "busy.edgeexit"
+    shutil.copytree(dest, art)
+    monkeypatch.setattr(load_rules, "BUSY_SLOWDOWN", 0.0)
+    out = tmp_path / "c.json"
+    args = ["calibrate", str(art), "--budget", "150%", "--backend", "onnxruntime", "--repeats", "20",
+            "--verify-images", "50", "--json", str(out)]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"the device is busy: profiling {(BUSY_ROUNDS - 1) * MIN_ROUNDS} more rounds" in res.output
+    load = json.loads(out.read_text())["load"]
+    assert load["verdict"] == "busy" and load["profiles"] == 1 and load["rounds"] == BUSY_ROUNDS * MIN_ROUNDS
+
+
+@pytest.mark.slow
 def test_a_percent_budget_holds_as_a_share_of_the_full_model_measured_on_the_same_moments(calibrated, tmp_path):
     """95 % of the full model (the tiny model's cheapest cascade can cost 60-90 % of it): the chosen
     plan, run interleaved with the full model on the verification frames, costs at most 1.10 x that
@@ -143,3 +167,38 @@ def test_a_plans_share_of_the_full_model_is_the_median_of_its_interleaved_blocks
     full = Verified(None, {"mean_ms": 2.0}, (2.0, 2.0, 2.0, 2.0))
     assert plan.share_of(full, "mean_ms") == pytest.approx(0.5)
     assert Verified(None, {"mean_ms": 2.0}).share_of(full, "mean_ms") == pytest.approx(1.0)  # no blocks: the means
+
+
+def test_the_quiet_share_reads_through_preemptions_and_its_interval_holds_the_truth():
+    """A plan that costs 0.4 of the full model (60 % of frames leave at 0.2 ms, 40 % at 0.7 ms; the full
+    model 1.0 ms), run beside other work: a quarter of the frames of both plans hit by a preemption of
+    3-8 ms, in bursts that cover whole blocks for one plan and not the other. The median of block
+    ratios is thrown far off; the quiet share reads what the frames cost without the preemptions within
+    2 %, and its 90 % interval holds it and is narrow (it also carries which frames happened to be run:
+    the blocks are resampled)."""
+    from edgeexit.calibrate.result import Verified
+    from edgeexit.runtime.profiling import quiet_share
+
+    rng = np.random.default_rng(1)
+    n, block = 600, 50
+    exits = np.where(rng.random(n) < 0.6, 1, 8)
+    plan_ms = np.where(exits == 1, 0.2, 0.7) * rng.normal(1, 0.03, n)
+    full_ms = np.full(n, 1.0) * rng.normal(1, 0.03, n)
+    hit_plan = (rng.random(n) < 0.25) | ((np.arange(n) // block) % 4 == 1)  # the plan's blocks 1, 5, 9 all hit
+    hit_full = rng.random(n) < 0.25
+    busy_plan = plan_ms + hit_plan * rng.uniform(3, 8, n)
+    busy_full = full_ms + hit_full * rng.uniform(3, 8, n)
+    blocks = lambda x: tuple(float(x[i : i + block].mean()) for i in range(0, n, block))  # noqa: E731
+    plan = Verified(None, {"mean_ms": 0.0}, blocks(busy_plan), (tuple(busy_plan), tuple(exits)))
+    full = Verified(None, {"mean_ms": 0.0}, blocks(busy_full), (tuple(busy_full), tuple([8] * n)))
+    truth = plan_ms.mean() / full_ms.mean()
+    share, low, high = plan.share_interval(full, "mean_ms")
+    assert share == pytest.approx(truth, rel=0.02)
+    assert low <= truth <= high and high - low < 0.06
+    old = float(np.median(np.divide(blocks(busy_plan), blocks(busy_full))))
+    assert abs(old - truth) > 0.2  # what the block medians read
+    s, lo, hi = quiet_share((plan_ms, exits), (full_ms, np.full(n, 8)))
+    assert s == pytest.approx(truth, rel=0.005) and lo <= truth <= hi and hi - lo < 0.04
+    assert quiet_share((plan_ms[:100], exits[:100]), (full_ms[:100], np.full(100, 8)))[1:] == (
+        pytest.approx(s, rel=0.05),
+    ) * 2  # fewer than 3 blocks: no interval, the point twice

@@ -432,8 +432,46 @@ def verify_together(
         # each block's mean: the blocks ran on the same moments for every plan, so a ratio of two plans'
         # blocks is free of the device's drift between blocks
         v["block_ms"] = [float(np.mean(lat[i : i + block])) for i in range(0, len(lat), block)]
+        v["frame_ms"], v["frame_exit"] = lat, [p.exit_index for p in preds]
         out.append(v)
     return out
+
+
+def quiet_share(a: tuple, b: tuple, block: int = 50, resamples: int = 400, level: float = 0.9) -> tuple:
+    """Plan a's quiet mean latency over plan b's (`quiet_mean_ms`), the two run interleaved on the same
+    frames (``a``, ``b``: (latency_ms, exit_index) per frame, in frame order), and a ``level`` interval:
+    the blocks of ``block`` frames resampled with replacement, the same blocks for both plans (a block
+    is one moment of the device for both). Returns (ratio, low, high)."""
+    (a_ms, a_exit), (b_ms, b_exit) = (tuple(np.asarray(x) for x in p) for p in (a, b))
+    point = quiet_mean_ms(a_ms, a_exit) / quiet_mean_ms(b_ms, b_exit)
+    n = min(len(a_ms), len(b_ms))
+    starts = np.arange(0, n, block)
+    if len(starts) < 3:  # too few blocks to resample: no interval
+        return point, point, point
+    rng = np.random.default_rng(0)  # a fixed seed: the same runs give the same interval
+    ratios = []
+    for _ in range(resamples):
+        pick = np.concatenate([np.arange(s0, min(s0 + block, n)) for s0 in rng.choice(starts, len(starts))])
+        ratios.append(quiet_mean_ms(a_ms[pick], a_exit[pick]) / quiet_mean_ms(b_ms[pick], b_exit[pick]))
+    tail = 100 * (1 - level) / 2
+    return point, float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+
+
+def quiet_mean_ms(latency_ms, exit_index) -> float:
+    """A plan's mean latency on the quiet device, from frames run beside other work: per exit the
+    frames left there, less those slowed to more than INTERRUPTED times that exit's first quartile (the
+    OS ran something else meanwhile: not the plan's cost), weighted by the share of frames that exit
+    took. Every frame leaving at one exit runs the same units, so their latencies sit together and
+    other work only adds to them: the first quartile stands while up to three frames in four are hit. A
+    preemption of a few milliseconds lands on a frame of a fraction of one, so a block mean hit by one
+    moves by tens of percent, and a 50-frame block beside two busy processes is hit more often than not."""
+    lat, exits = np.asarray(latency_ms, dtype=np.float64), np.asarray(exit_index)
+    total = 0.0
+    for e in np.unique(exits):
+        at = lat[exits == e]
+        calm = at[at <= INTERRUPTED * np.percentile(at, 25)]
+        total += len(at) / len(lat) * float(calm.mean())
+    return total
 
 
 def predict_interleaved(cascade, frames, plans: list, block: int = 50, warmup: int = 0, progress=None) -> list[list]:
