@@ -20,6 +20,16 @@ over the full model's.
 Test accuracy is exact, from the exit statistics of all 10,000 test images. "MSDNet at the same
 cost" interpolates the MSDNet plans' test accuracy at the plan's measured ratio.
 
+`wander` (profiles only, no calibration: how far independent profiles price the same plans, per
+estimator and profile length) and then `share-noise` (calibrate's latency check repeated on the same
+plans, read by the old and the new estimator, against a quiet reference on the test images) take the
+same --out; `share-noise` picks its plans from the `wander` profiles:
+
+    python benchmarks/calibration_under_load.py wander --models 8=runs/e8/model.edgeexit --conditions busy2 \
+        --repeats 6 --rounds 200 --out w.json
+    python benchmarks/calibration_under_load.py share-noise --models 8=runs/e8/model.edgeexit \
+        --conditions busy2 quiet --repeats 8 --verify-images 300 --test-images 2000 --out w.json
+
 `--label` tags the calibrations (e.g. "before" for an older checkout run with PYTHONPATH pointing at
 it: the script only uses run_calibration's options that every version has, plus accept_load when
 the version has it).
@@ -520,7 +530,7 @@ def share_noise(args) -> None:
         _write(out, doc)
         for b in args.budgets:
             ref = next(r for r in rows if r["model"] == key and r["label"] == "reference" and r["budget"] == b)
-            for how in ("block", "quiet", "median"):
+            for how in ("block", "quiet", *EXIT_STATS):
                 for condition in args.conditions:
                     v = [r[how] for r in rows if r["model"] == key and r["label"] == "check"
                          and r["condition"] == condition and r["budget"] == b]  # fmt: skip
@@ -537,21 +547,36 @@ def _read_shares(cascade, frames, plans: list, budgets: list, tag: tuple) -> lis
     runs = predict_interleaved(cascade, frames, plans, 50)
     blocks = [[float(np.mean([p.latency_ms for p in r[i : i + 50]])) for i in range(0, len(r), 50)] for r in runs]
     quiet = [quiet_mean_ms([p.latency_ms for p in r], [p.exit_index for p in r]) for r in runs]
-    medians = [_exit_median_ms([p.latency_ms for p in r], [p.exit_index for p in r]) for r in runs]
+    per_exit = {how: [_exit_stat_ms([p.latency_ms for p in r], [p.exit_index for p in r], how) for r in runs]
+                for how in EXIT_STATS}  # fmt: skip
     rows = []
     for j, b in enumerate(budgets):
         block = float(np.median(np.divide(blocks[j], blocks[-1])))
         rows.append({"model": key, "label": label, "condition": condition, "repeat": rep, "budget": b,
-                     "block": block, "quiet": quiet[j] / quiet[-1], "median": medians[j] / medians[-1]})  # fmt: skip
+                     "block": block, "quiet": quiet[j] / quiet[-1],
+                     **{how: v[j] / v[-1] for how, v in per_exit.items()}})  # fmt: skip
         print(f"{key} {label} {condition} #{rep} {100 * b:.0f}%: block {rows[-1]['block']:.3f}, "
-              f"quiet {rows[-1]['quiet']:.3f}, median {rows[-1]['median']:.3f}", flush=True)  # fmt: skip
+              f"quiet {rows[-1]['quiet']:.3f}", flush=True)  # fmt: skip
     return rows
 
 
-def _exit_median_ms(latency_ms, exit_index) -> float:
-    """Per exit, the median latency of the frames left there, weighted by that exit's share."""
+# other per-exit readings of a plan's quiet mean, for comparison: the median, the first quartile, and
+# the mean of the frames within 1.25x the first quartile
+EXIT_STATS = ("median", "p25", "calm1.25")
+
+
+def _exit_stat_ms(latency_ms, exit_index, how: str) -> float:
+    """Per exit, ``how`` of the latencies of the frames left there, weighted by that exit's share."""
     lat, exits = np.asarray(latency_ms), np.asarray(exit_index)
-    return float(sum((exits == e).mean() * np.median(lat[exits == e]) for e in np.unique(exits)))
+
+    def stat(x):
+        if how == "median":
+            return np.median(x)
+        if how == "p25":
+            return np.percentile(x, 25)
+        return x[x <= 1.25 * np.percentile(x, 25)].mean()
+
+    return float(sum((exits == e).mean() * stat(lat[exits == e]) for e in np.unique(exits)))
 
 
 def plot(doc: dict, png: str) -> None:

@@ -97,8 +97,9 @@ def test_a_device_too_busy_to_trust_is_refused_in_one_line_unless_repeated_or_ac
 
 @pytest.mark.slow
 def test_a_busy_profile_is_taken_longer_and_said_so(calibrated, tmp_path, monkeypatch):
-    """With the busy threshold below any real profile's, the first profile reads busy: calibrate takes
-    BUSY_ROUNDS times the rounds (pooled, one profile), says why, and the load block counts them."""
+    """With the CPU-share threshold above any real profile's (as if other processes held the core), the
+    first profile reads busy: calibrate takes BUSY_ROUNDS times the rounds (pooled, one profile), says
+    why, and the load block counts them. A profile busy only by its slow rounds is not extended."""
     from typer.testing import CliRunner
 
     import edgeexit.calibrate.load as load_rules
@@ -108,10 +109,16 @@ def test_a_busy_profile_is_taken_longer_and_said_so(calibrated, tmp_path, monkey
     dest, _ = calibrated
     art = tmp_path / "busy.edgeexit"
     shutil.copytree(dest, art)
-    monkeypatch.setattr(load_rules, "BUSY_SLOWDOWN", 0.0)
     out = tmp_path / "c.json"
     args = ["calibrate", str(art), "--budget", "150%", "--backend", "onnxruntime", "--repeats", "20",
             "--verify-images", "50", "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr(load_rules, "BUSY_SLOWDOWN", 0.0)  # every profile busy by its rounds alone
+    monkeypatch.setattr(load_rules, "BUSY_CPU_SHARE", 0.0)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    load = json.loads(out.read_text())["load"]
+    assert load["verdict"] == "busy" and load["rounds"] == MIN_ROUNDS and "more rounds" not in res.output
+    monkeypatch.setattr(load_rules, "BUSY_CPU_SHARE", 2.0)  # calibrate never had the core to itself
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert f"the device is busy: profiling {(BUSY_ROUNDS - 1) * MIN_ROUNDS} more rounds" in res.output
@@ -199,6 +206,7 @@ def test_the_quiet_share_reads_through_preemptions_and_its_interval_holds_the_tr
     assert abs(old - truth) > 0.2  # what the block medians read
     s, lo, hi = quiet_share((plan_ms, exits), (full_ms, np.full(n, 8)))
     assert s == pytest.approx(truth, rel=0.005) and lo <= truth <= hi and hi - lo < 0.04
-    assert quiet_share((plan_ms[:100], exits[:100]), (full_ms[:100], np.full(100, 8)))[1:] == (
-        pytest.approx(s, rel=0.05),
-    ) * 2  # fewer than 3 blocks: no interval, the point twice
+    assert (
+        quiet_share((plan_ms[:100], exits[:100]), (full_ms[:100], np.full(100, 8)))[1:]
+        == (pytest.approx(s, rel=0.05),) * 2
+    )  # fewer than 3 blocks: no interval, the point twice
