@@ -562,14 +562,19 @@ def _read_shares(cascade, frames, plans: list, budgets: list, tag: tuple) -> lis
 
 # other per-exit readings of a plan's quiet mean, for comparison: the median, the first quartile, and
 # the mean of the frames within 1.25x the first quartile
-EXIT_STATS = ("median", "p25", "calm1.25")
+EXIT_STATS = ("median", "p25", "calm1.25", "calm-abs")
 
 
 def _exit_stat_ms(latency_ms, exit_index, how: str) -> float:
     """Per exit, ``how`` of the latencies of the frames left there, weighted by that exit's share."""
     lat, exits = np.asarray(latency_ms), np.asarray(exit_index)
+    # calm-abs: a frame over its exit's first quartile by more than the cheapest exit's first quartile
+    # was interrupted, the same allowance in milliseconds for every exit
+    allowance = min(np.percentile(lat[exits == e], 25) for e in np.unique(exits))
 
     def stat(x):
+        if how == "calm-abs":
+            return x[x <= np.percentile(x, 25) + allowance].mean()
         if how == "median":
             return np.median(x)
         if how == "p25":
