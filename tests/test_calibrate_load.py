@@ -210,3 +210,7 @@ def test_the_quiet_share_reads_through_preemptions_and_its_interval_holds_the_tr
         quiet_share((plan_ms[:100], exits[:100]), (full_ms[:100], np.full(100, 8)))[1:]
         == (pytest.approx(s, rel=0.05),) * 2
     )  # fewer than 3 blocks: no interval, the point twice
+    # a clock that read 0 ms for every frame of the full model: the block medians judge, not a division by 0
+    zero = Verified(None, {"mean_ms": 0.0}, blocks(full_ms), (tuple(np.zeros(n)), tuple([8] * n)))
+    by_blocks = float(np.median(np.divide(blocks(busy_plan), blocks(full_ms))))
+    assert plan.share_interval(zero, "mean_ms") == (pytest.approx(by_blocks),) * 3

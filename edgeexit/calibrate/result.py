@@ -102,7 +102,10 @@ class Verified:
         that hit one block moves one ratio, not the answer), without an interval; the ratio of ``key``
         when neither is known."""
         if key == "mean_ms" and self.frames is not None and other.frames is not None:
-            return quiet_share(self.frames, other.frames)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = quiet_share(self.frames, other.frames)
+            if all(np.isfinite(share)) and share[0] > 0:  # a clock that read 0 ms leaves the blocks to judge
+                return share
         n = min(len(self.block_ms), len(other.block_ms))
         if n == 0:
             r = self.measured[key] / other.measured[key]

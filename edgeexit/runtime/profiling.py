@@ -443,7 +443,7 @@ def quiet_share(a: tuple, b: tuple, block: int = 50, resamples: int = 400, level
     the blocks of ``block`` frames resampled with replacement, the same blocks for both plans (a block
     is one moment of the device for both). Returns (ratio, low, high)."""
     (a_ms, a_exit), (b_ms, b_exit) = (tuple(np.asarray(x) for x in p) for p in (a, b))
-    point = quiet_mean_ms(a_ms, a_exit) / quiet_mean_ms(b_ms, b_exit)
+    point = float(np.float64(quiet_mean_ms(a_ms, a_exit)) / quiet_mean_ms(b_ms, b_exit))  # 0 ms: inf, not a raise
     n = min(len(a_ms), len(b_ms))
     starts = np.arange(0, n, block)
     if len(starts) < 3:  # too few blocks to resample: no interval
@@ -452,7 +452,7 @@ def quiet_share(a: tuple, b: tuple, block: int = 50, resamples: int = 400, level
     ratios = []
     for _ in range(resamples):
         pick = np.concatenate([np.arange(s0, min(s0 + block, n)) for s0 in rng.choice(starts, len(starts))])
-        ratios.append(quiet_mean_ms(a_ms[pick], a_exit[pick]) / quiet_mean_ms(b_ms[pick], b_exit[pick]))
+        ratios.append(np.float64(quiet_mean_ms(a_ms[pick], a_exit[pick])) / quiet_mean_ms(b_ms[pick], b_exit[pick]))
     tail = 100 * (1 - level) / 2
     return point, float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
 
