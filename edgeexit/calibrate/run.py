@@ -85,7 +85,7 @@ class _Session:
         """Several plans run for real on the verification frames, interleaved in blocks: on the same
         moments of the device, so that their latencies (the speed-up over the full model) compare."""
         x, y = self.frames[self.verify_idx], self.labels[self.verify_idx]
-        runs = verify_together(self.cascade, x, y, [sol.plan for sol in solutions])
+        runs = verify_together(self.cascade, x, y, [sol.plan for sol in solutions], keep_frames=True)
         return [
             Verified(
                 sol, {k: m[k] for k in MEASURED}, tuple(m["block_ms"]), (tuple(m["frame_ms"]), tuple(m["frame_exit"]))

@@ -416,13 +416,20 @@ def verify(cascade, frames: np.ndarray, labels: np.ndarray, thresholds, keep_cor
 
 
 def verify_together(
-    cascade, frames: np.ndarray, labels: np.ndarray, plans: list, keep_correct: bool = False, block: int = 50
+    cascade,
+    frames: np.ndarray,
+    labels: np.ndarray,
+    plans: list,
+    keep_correct: bool = False,
+    block: int = 50,
+    keep_frames: bool = False,
 ) -> list[dict]:
     """`verify` for several plans on the same moments (`predict_interleaved`). On a shared or
     throttling device the speed wanders by tens of percent over seconds (measured on this project's
     2-vCPU VM: ±30 %), so two plans timed one after the other compare two moments of the device, not
     two plans; interleaved, a speed-up is a speed-up. Accuracy and exits do not depend on the order.
-    Each result also has ``block_ms``, the mean latency of every block of ``block`` frames."""
+    Each result also has ``block_ms``, the mean latency of every block of ``block`` frames, and with
+    ``keep_frames`` every frame's latency and exit in order (``frame_ms``, ``frame_exit``: `quiet_share`)."""
     runs = predict_interleaved(cascade, frames, plans, block)
     out = []
     for preds in runs:
@@ -432,7 +439,8 @@ def verify_together(
         # each block's mean: the blocks ran on the same moments for every plan, so a ratio of two plans'
         # blocks is free of the device's drift between blocks
         v["block_ms"] = [float(np.mean(lat[i : i + block])) for i in range(0, len(lat), block)]
-        v["frame_ms"], v["frame_exit"] = lat, [p.exit_index for p in preds]
+        if keep_frames:
+            v["frame_ms"], v["frame_exit"] = lat, [p.exit_index for p in preds]
         out.append(v)
     return out
 
