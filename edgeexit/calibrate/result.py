@@ -97,8 +97,9 @@ class Verified:
         """This plan's latency over ``other``'s, the two run interleaved, with a 90 % interval: for the
         mean, the ratio of their quiet means (`profiling.quiet_share`: per exit, the frames not
         interrupted by other work; beside two busy processes on the 2-core VM, the median of 50-frame
-        block ratios read a plan 0.38-1.16 of the full model over eight checks where this read
-        0.69-0.82, docs/results.md); else the median over blocks of their block-mean ratio (a burst
+        block ratios read one plan 0.34-1.29 of the full model over eight checks where this read
+        0.66-0.77, its quiet reference 0.74: docs/results.md); else the median over blocks of their
+        block-mean ratio (a burst
         that hit one block moves one ratio, not the answer), without an interval; the ratio of ``key``
         when neither is known."""
         if key == "mean_ms" and self.frames is not None and other.frames is not None:

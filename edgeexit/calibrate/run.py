@@ -191,9 +191,9 @@ MIN_ROUNDS = 24  # 8 quiet rounds at least: the quiet level known well enough to
 RETRY_PAUSE_S = 2.0  # between two profiles of a busy device (--repeat): a burst of load may pass
 # A profile taken while other processes held the core (calibrate got less than BUSY_CPU_SHARE of the
 # wall time) is taken this many times as long (its rounds pooled); a slow round alone, which a VM with
-# nothing else running shows too, is not a reason. Beside two spinning
-# processes on the 2-core VM, six profiles of 50 rounds priced the same plans as a share of the full model
-# 6.4-7.6 % apart, of 200 rounds 1.4-3.2 % (docs/results.md, "Calibration on a busy device")
+# nothing else running shows too, is not a reason. Beside two spinning processes on the 2-core VM, six
+# profiles of 50 rounds priced the same plans as a share of the full model 6.4-7.6 % apart, of 200
+# rounds 1.4-3.2 % (docs/results.md, "Calibration on a busy device")
 BUSY_ROUNDS = 4
 
 
