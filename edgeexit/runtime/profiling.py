@@ -462,7 +462,7 @@ def quiet_share(a: tuple, b: tuple, block: int = 50, resamples: int = 400, level
         pick = np.concatenate([np.arange(s0, min(s0 + block, n)) for s0 in rng.choice(starts, len(starts))])
         ratios.append(np.float64(quiet_mean_ms(a_ms[pick], a_exit[pick])) / quiet_mean_ms(b_ms[pick], b_exit[pick]))
     tail = 100 * (1 - level) / 2
-    return point, float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
+    return point, percentile(ratios, tail), percentile(ratios, 100 - tail)
 
 
 def quiet_mean_ms(latency_ms, exit_index) -> float:
@@ -477,7 +477,7 @@ def quiet_mean_ms(latency_ms, exit_index) -> float:
     total = 0.0
     for e in np.unique(exits):
         at = lat[exits == e]
-        calm = at[at <= INTERRUPTED * np.percentile(at, 25)]
+        calm = at[at <= INTERRUPTED * percentile(at, 25)]
         total += len(at) / len(lat) * float(calm.mean())
     return total
 
