@@ -555,8 +555,8 @@ def _hold_measured(
 
     key, full_pred = f"{opts.metric}_ms", cost.full_ms()
     first, correction, current, now_full = chosen, None, chosen, full
+    share, low, _high = current.share_interval(now_full, key)  # a bootstrap: read once per measurement
     for _ in range(REFITS):
-        share, low, _high = current.share_interval(now_full, key)
         quiet_ms, predicted = share * full_pred, getattr(current.solution, key)
         if not opts.limited or low * full_pred <= budget_ms * REFIT_TOLERANCE or predicted <= 0:
             break
@@ -571,14 +571,14 @@ def _hold_measured(
         if th is None:  # nothing cheaper to refit to: keep the plan, say so in the report
             break
         current, now_full = s.run_together([m.evaluate(cost, th, opts.metric), full.solution])
+        share, low, _high = current.share_interval(now_full, key)
         correction = LatencyCorrection(correction.ratio, correction.first_measured_ms, first.thresholds)
         say(
             f"  the plan ran {ratio:.2f}x the cost model against the full model on the same moments "
             f"({quiet_ms:.3f} ms quiet-equivalent > budget {budget_ms:.3f} ms): refitted at "
-            f"{target:.3f} ms predicted, measured "
-            f"{current.share_of(now_full, key) * full_pred:.3f} ms quiet-equivalent"
+            f"{target:.3f} ms predicted, measured {share * full_pred:.3f} ms quiet-equivalent"
         )
-    return current, correction, current.share_of(now_full, key)
+    return current, correction, share
 
 
 def _measure_ladder(s: _Session, m: Measurements, opts, cost: CostModel, chosen: Verified, console) -> Ladder:
